@@ -1,0 +1,54 @@
+# Two commands on a fresh machine: `make run` and `make test`.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+SKYFILL := $(VENV)/bin/skyfill
+STAMP  := $(VENV)/.installed
+DB     ?= data/skyfill.duckdb
+RELAY  ?= wss://bsky.network
+KAFKA  ?=
+
+.PHONY: run test bench status gaps backfill demo kafka-up kafka-down network clean install
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+run: $(STAMP)
+	mkdir -p $(dir $(DB))
+	$(SKYFILL) consume --db $(DB) --relay $(RELAY) $(if $(KAFKA),--kafka-bootstrap $(KAFKA),)
+
+# The local reference PDS + PLC (npm packages, Node 22) used by the end-to-end tests and the demo.
+network: $(STAMP)
+	$(PY) -m tests.network install
+
+test: $(STAMP) network
+	$(PY) -m pytest -q -p no:cacheprovider
+
+bench: $(STAMP)
+	$(PY) -m bench
+
+status: $(STAMP)
+	$(SKYFILL) status --db $(DB)
+
+gaps: $(STAMP)
+	$(SKYFILL) gaps --db $(DB) --start $(START) --end $(END) $(if $(ENQUEUE),--enqueue,)
+
+backfill: $(STAMP)
+	$(SKYFILL) backfill --db $(DB) $(if $(filter queue,$(DIDS)),--from-queue,--dids $(DIDS))
+
+demo: $(STAMP) network
+	$(PY) -m tests.network.demo
+
+kafka-up: $(STAMP)
+	$(PY) -m tests.kafka up
+
+kafka-down: $(STAMP)
+	$(PY) -m tests.kafka down
+
+clean:
+	rm -rf $(VENV) .cache

@@ -1,0 +1,435 @@
+"""The one writer: every byte skyfill stores goes through `Store`.
+
+DuckDB lets one process write a file. Inside that process `Store` serialises writes with a
+lock, so the firehose batches, backfill reconciliations and queue updates never interleave
+inside a transaction. Bulk rows go in as Arrow tables (`INSERT ... SELECT FROM arrow`), never
+`executemany`.
+
+Durability rule: `apply(batch)` commits the batch's effects AND its cursor in one
+transaction, so after a crash the stored cursor never points past an effect that is lost.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import pyarrow as pa
+
+from skyfill.errors import DatabaseLocked, StorageError
+
+from .batch import Batch, RepoRow
+from .states import BackfillStatus, CoverageEnd, SyncState
+
+__all__ = ["Store", "ReconcileCounts", "RecordColumns", "open_store"]
+
+_TS = pa.timestamp("us", tz="UTC")
+
+_RECORD_SCHEMA = pa.schema(
+    [
+        ("did", pa.string()),
+        ("collection", pa.string()),
+        ("rkey", pa.string()),
+        ("cid", pa.string()),
+        ("rev", pa.string()),
+        ("record", pa.string()),
+        ("created_at", pa.string()),
+    ]
+)
+_KEY_SCHEMA = pa.schema([("did", pa.string()), ("collection", pa.string()), ("rkey", pa.string())])
+_REPO_SCHEMA = pa.schema(
+    [
+        ("did", pa.string()),
+        ("rev", pa.string()),
+        ("data_cid", pa.string()),
+        ("commit_cid", pa.string()),
+        ("last_seq", pa.int64()),
+        ("last_event_at", pa.string()),
+        ("handle", pa.string()),
+        ("active", pa.bool_()),
+        ("status", pa.string()),
+        ("sync_state", pa.string()),
+        ("desync_reason", pa.string()),
+        ("desynced_at", _TS),
+        ("first_seen_at", _TS),
+    ]
+)
+_REPO_FIELDS = [f.name for f in _REPO_SCHEMA]
+
+
+@dataclass(frozen=True, slots=True)
+class ReconcileCounts:
+    added: int
+    updated: int
+    deleted: int
+    unchanged: int
+
+
+@dataclass(slots=True)
+class RecordColumns:
+    """Column lists for records being written by a reconciliation (one DID)."""
+
+    collection: list[str]
+    rkey: list[str]
+    cid: list[str]
+    record: list[str | None]
+    created_at: list[str | None]
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _ts_sql(col: str) -> str:
+    # Event times and createdAt arrive as ISO strings; DuckDB parses them vectorised.
+    return f"TRY_CAST({col} AS TIMESTAMPTZ)"
+
+
+class Store:
+    """The DuckDB file and the only code that writes to it."""
+
+    def __init__(self, path: str | Path, *, read_only: bool = False) -> None:
+        self.path = str(path)
+        if self.path != ":memory:" and not read_only:
+            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self._conn = duckdb.connect(self.path, read_only=read_only)
+        except duckdb.IOException as exc:
+            if "lock" in str(exc).lower():
+                raise DatabaseLocked(f"{self.path} is held by another process: {exc}") from exc
+            raise StorageError(f"cannot open {self.path}: {exc}") from exc
+        self._lock = threading.RLock()
+        self.read_only = read_only
+        if not read_only:
+            schema = resources.files("storage").joinpath("schema.sql").read_text()
+            self._conn.execute(schema)
+
+    # -- plumbing -----------------------------------------------------------------------
+
+    @property
+    def conn(self) -> duckdb.DuckDBPyConnection:
+        """The raw connection, for reads. Writers must use the methods of this class."""
+        return self._conn
+
+    def cursor(self) -> duckdb.DuckDBPyConnection:
+        """A new cursor on the same database, for reads from another thread."""
+        return self._conn.cursor()
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _txn(self, body: Callable[[duckdb.DuckDBPyConnection], Any]) -> Any:
+        with self._lock:
+            con = self._conn
+            con.execute("BEGIN TRANSACTION")
+            try:
+                result = body(con)
+            except BaseException as exc:
+                con.execute("ROLLBACK")
+                if isinstance(exc, duckdb.Error):
+                    raise StorageError(str(exc)) from exc
+                raise
+            con.execute("COMMIT")
+            return result
+
+    def fetchall(self, sql: str, params: Iterable[Any] = ()) -> list[tuple[Any, ...]]:
+        with self._lock:
+            return self._conn.execute(sql, list(params)).fetchall()
+
+    # -- firehose batches ---------------------------------------------------------------
+
+    def apply(self, batch: Batch) -> None:
+        """Commit a batch's effects and its cursor atomically."""
+        if batch.is_empty() and batch.coverage is None:
+            return
+        now = _now()
+        puts_cols: dict[str, list[Any]] = {f.name: [] for f in _RECORD_SCHEMA}
+        del_cols: dict[str, list[Any]] = {f.name: [] for f in _KEY_SCHEMA}
+        for (did, collection, rkey), put in batch.records.items():
+            if put is None:
+                del_cols["did"].append(did)
+                del_cols["collection"].append(collection)
+                del_cols["rkey"].append(rkey)
+            else:
+                puts_cols["did"].append(did)
+                puts_cols["collection"].append(collection)
+                puts_cols["rkey"].append(rkey)
+                puts_cols["cid"].append(put.cid)
+                puts_cols["rev"].append(put.rev)
+                puts_cols["record"].append(put.record)
+                puts_cols["created_at"].append(put.created_at)
+
+        def body(con: duckdb.DuckDBPyConnection) -> None:
+            if batch.purged_dids:
+                purged = pa.table({"did": sorted(batch.purged_dids)})
+                con.register("_purged", purged)
+                con.execute("DELETE FROM records WHERE did IN (SELECT did FROM _purged)")
+                con.unregister("_purged")
+            if del_cols["did"]:
+                dels = pa.table(del_cols, schema=_KEY_SCHEMA)
+                con.register("_dels", dels)
+                con.execute(
+                    "DELETE FROM records r USING _dels d "
+                    "WHERE r.did = d.did AND r.collection = d.collection AND r.rkey = d.rkey"
+                )
+                con.unregister("_dels")
+            if puts_cols["did"]:
+                self._upsert_records(con, pa.table(puts_cols, schema=_RECORD_SCHEMA), now)
+            if batch.repos:
+                self._upsert_repos(con, batch.repos.values())
+            if batch.cursor is not None:
+                source, seq = batch.cursor
+                con.execute(
+                    "INSERT INTO cursors VALUES (?, ?, ?) ON CONFLICT (source) DO UPDATE "
+                    "SET seq = excluded.seq, updated_at = excluded.updated_at",
+                    [source, seq, now],
+                )
+            if batch.coverage is not None:
+                c = batch.coverage
+                con.execute(
+                    "UPDATE coverage SET first_seq = coalesce(first_seq, ?), last_seq = ?, "
+                    f"first_event_at = coalesce(first_event_at, {_ts_sql('?::VARCHAR')}), "
+                    f"last_event_at = coalesce({_ts_sql('?::VARCHAR')}, last_event_at) WHERE id = ?",
+                    [c.first_seq, c.last_seq, c.first_event_at, c.last_event_at, c.id],
+                )
+
+        self._txn(body)
+
+    @staticmethod
+    def _upsert_records(con: duckdb.DuckDBPyConnection, table: pa.Table, now: datetime) -> None:
+        con.register("_puts", table)
+        con.execute(
+            "INSERT INTO records "
+            f"SELECT did, collection, rkey, cid, rev, record::JSON, {_ts_sql('created_at')}, ? FROM _puts "
+            "ON CONFLICT (did, collection, rkey) DO UPDATE SET cid = excluded.cid, rev = excluded.rev, "
+            "record = excluded.record, created_at = excluded.created_at, indexed_at = excluded.indexed_at",
+            [now],
+        )
+        con.unregister("_puts")
+
+    @staticmethod
+    def _upsert_repos(con: duckdb.DuckDBPyConnection, rows: Iterable[RepoRow]) -> None:
+        now = _now()
+        cols: dict[str, list[Any]] = {name: [] for name in _REPO_FIELDS}
+        for row in rows:
+            for name in _REPO_FIELDS:
+                cols[name].append(getattr(row, name))
+        cols["first_seen_at"] = [v or now for v in cols["first_seen_at"]]
+        con.register("_repos", pa.table(cols, schema=_REPO_SCHEMA))
+        updates = ", ".join(f"{n} = excluded.{n}" for n in _REPO_FIELDS[1:] if n != "first_seen_at")
+        select = ", ".join(_ts_sql(n) if n == "last_event_at" else n for n in _REPO_FIELDS)
+        con.execute(
+            f"INSERT INTO repos ({', '.join(_REPO_FIELDS)}) SELECT {select} FROM _repos "
+            f"ON CONFLICT (did) DO UPDATE SET {updates}"
+        )
+        con.unregister("_repos")
+
+    # -- cursor, coverage, per-DID state at start-up ---------------------------------------
+
+    def load_cursor(self, source: str) -> int | None:
+        rows = self.fetchall("SELECT seq FROM cursors WHERE source = ?", [source])
+        return rows[0][0] if rows else None
+
+    def start_coverage(self, source: str) -> int:
+        """Open a coverage span for a new consumer run; spans left 'running' by a crash are closed."""
+
+        def body(con: duckdb.DuckDBPyConnection) -> int:
+            con.execute(
+                "UPDATE coverage SET ended = ?, stopped_at = coalesce(last_event_at, started_at) "
+                "WHERE source = ? AND ended = ?",
+                [CoverageEnd.CRASHED.value, source, CoverageEnd.RUNNING.value],
+            )
+            row = con.execute(
+                "INSERT INTO coverage (source, started_at) VALUES (?, ?) RETURNING id", [source, _now()]
+            ).fetchall()
+            return int(row[0][0])
+
+        return int(self._txn(body))
+
+    def end_coverage(self, span_id: int, ended: CoverageEnd) -> None:
+        self._txn(
+            lambda con: con.execute(
+                "UPDATE coverage SET ended = ?, stopped_at = ? WHERE id = ?", [ended.value, _now(), span_id]
+            )
+        )
+
+    def load_repos(self) -> dict[str, RepoRow]:
+        """Every DID's firehose-owned state, for the in-memory tracker at start-up."""
+        with self._lock:
+            table = self._conn.execute(
+                f"SELECT did, rev, data_cid, commit_cid, last_seq, CAST(last_event_at AS VARCHAR), "
+                f"handle, active, status, sync_state, desync_reason, desynced_at, first_seen_at FROM repos"
+            ).fetchall()
+        return {row[0]: RepoRow(*row) for row in table}
+
+    # -- backfill -------------------------------------------------------------------------
+
+    def reconcile(
+        self,
+        did: str,
+        *,
+        rev: str | None,
+        data_cid: str,
+        commit_cid: str,
+        fetched: Mapping[tuple[str, str], str],
+        materialize: Callable[[list[tuple[str, str]]], RecordColumns],
+    ) -> ReconcileCounts:
+        """Make the stored records of `did` equal the fetched repo, in one transaction.
+
+        `fetched` maps (collection, rkey) -> CID for every record of the verified repo.
+        `materialize(keys)` decodes only the records that are missing or changed, so an
+        unchanged repo costs a CID comparison per record and no record decoding.
+        """
+        now = _now()
+
+        def body(con: duckdb.DuckDBPyConnection) -> ReconcileCounts:
+            existing = dict(
+                ((c, k), cid)
+                for c, k, cid in con.execute(
+                    "SELECT collection, rkey, cid FROM records WHERE did = ?", [did]
+                ).fetchall()
+            )
+            changed = [key for key, cid in fetched.items() if existing.get(key) != cid]
+            gone = [key for key in existing if key not in fetched]
+            added = sum(1 for key in changed if key not in existing)
+            if gone:
+                dels = pa.table(
+                    {"did": [did] * len(gone), "collection": [k[0] for k in gone], "rkey": [k[1] for k in gone]},
+                    schema=_KEY_SCHEMA,
+                )
+                con.register("_dels", dels)
+                con.execute(
+                    "DELETE FROM records r USING _dels d "
+                    "WHERE r.did = d.did AND r.collection = d.collection AND r.rkey = d.rkey"
+                )
+                con.unregister("_dels")
+            if changed:
+                cols = materialize(changed)
+                n = len(cols.collection)
+                table = pa.table(
+                    {
+                        "did": [did] * n,
+                        "collection": cols.collection,
+                        "rkey": cols.rkey,
+                        "cid": cols.cid,
+                        "rev": [rev] * n,
+                        "record": cols.record,
+                        "created_at": cols.created_at,
+                    },
+                    schema=_RECORD_SCHEMA,
+                )
+                self._upsert_records(con, table, now)
+            con.execute(
+                "INSERT INTO repos (did, rev, data_cid, commit_cid, sync_state, first_seen_at, "
+                "backfill_status, backfill_attempts, backfilled_at, backfilled_rev) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, 0, ?, ?) ON CONFLICT (did) DO UPDATE SET "
+                "rev = excluded.rev, data_cid = excluded.data_cid, commit_cid = excluded.commit_cid, "
+                "sync_state = excluded.sync_state, desync_reason = NULL, desynced_at = NULL, "
+                "backfill_status = excluded.backfill_status, backfill_error = NULL, backfill_attempts = 0, "
+                "backfill_retry_after = NULL, backfilled_at = excluded.backfilled_at, "
+                "backfilled_rev = excluded.backfilled_rev",
+                [did, rev, data_cid, commit_cid, SyncState.SYNCHRONIZED.value, now,
+                 BackfillStatus.OK.value, now, rev],
+            )
+            con.execute(
+                "UPDATE backfill_queue SET state = 'done', error = NULL, updated_at = ? WHERE did = ?", [now, did]
+            )
+            return ReconcileCounts(
+                added=added, updated=len(changed) - added, deleted=len(gone),
+                unchanged=len(fetched) - len(changed),
+            )
+
+        return self._txn(body)  # type: ignore[no-any-return]
+
+    def record_backfill_failure(
+        self, did: str, *, status: BackfillStatus, error: str, retry_after: datetime | None
+    ) -> None:
+        """Record a failed backfill on the repo row (and its queue entry); never marks it done."""
+        now = _now()
+        terminal = retry_after is None
+        queue_state = "failed" if terminal else "pending"
+
+        def body(con: duckdb.DuckDBPyConnection) -> None:
+            con.execute(
+                "INSERT INTO repos (did, first_seen_at, backfill_status, backfill_error, backfill_attempts, "
+                "backfill_retry_after) VALUES (?, ?, ?, ?, 1, ?) ON CONFLICT (did) DO UPDATE SET "
+                "backfill_status = excluded.backfill_status, backfill_error = excluded.backfill_error, "
+                "backfill_attempts = repos.backfill_attempts + 1, backfill_retry_after = excluded.backfill_retry_after",
+                [did, now, status.value, error, retry_after],
+            )
+            con.execute(
+                "UPDATE backfill_queue SET state = ?, attempts = attempts + 1, retry_after = ?, error = ?, "
+                "updated_at = ? WHERE did = ?",
+                [queue_state, retry_after, error, now, did],
+            )
+
+        self._txn(body)
+
+    def enqueue(self, reasons_by_did: Mapping[str, Iterable[str]]) -> int:
+        """Add DIDs to the backfill queue; a DID already pending gains the new reasons. Returns new rows."""
+        if not reasons_by_did:
+            return 0
+        now = _now()
+        table = pa.table(
+            {
+                "did": list(reasons_by_did),
+                "reasons": [sorted(set(r)) for r in reasons_by_did.values()],
+            },
+            schema=pa.schema([("did", pa.string()), ("reasons", pa.list_(pa.string()))]),
+        )
+
+        def body(con: duckdb.DuckDBPyConnection) -> int:
+            con.register("_q", table)
+            before = con.execute("SELECT count(*) FROM backfill_queue WHERE state IN ('pending','in_progress')").fetchall()[0][0]
+            con.execute(
+                "INSERT INTO backfill_queue (did, reasons, enqueued_at, state, updated_at) "
+                "SELECT did, reasons, ?, 'pending', ? FROM _q ON CONFLICT (did) DO UPDATE SET "
+                "reasons = list_sort(list_distinct(list_concat("
+                "  CASE WHEN backfill_queue.state IN ('pending','in_progress') THEN backfill_queue.reasons ELSE [] END,"
+                "  excluded.reasons))), "
+                "state = CASE WHEN backfill_queue.state = 'in_progress' THEN 'in_progress' ELSE 'pending' END, "
+                "enqueued_at = CASE WHEN backfill_queue.state IN ('pending','in_progress') "
+                "  THEN backfill_queue.enqueued_at ELSE excluded.enqueued_at END, "
+                "attempts = CASE WHEN backfill_queue.state IN ('pending','in_progress') "
+                "  THEN backfill_queue.attempts ELSE 0 END, "
+                "updated_at = excluded.updated_at",
+                [now, now],
+            )
+            con.unregister("_q")
+            after = con.execute("SELECT count(*) FROM backfill_queue WHERE state IN ('pending','in_progress')").fetchall()[0][0]
+            return int(after - before)
+
+        return int(self._txn(body))
+
+    def execute_write(self, sql: str, params: Iterable[Any] = ()) -> None:
+        """A one-statement write (identity cache, queue state) in its own transaction."""
+        self._txn(lambda con: con.execute(sql, list(params)))
+
+    def write_arrow(self, sql: str, name: str, table: pa.Table, params: Iterable[Any] = ()) -> None:
+        """A bulk write from an Arrow table registered as `name`, in its own transaction."""
+
+        def body(con: duckdb.DuckDBPyConnection) -> None:
+            con.register(name, table)
+            try:
+                con.execute(sql, list(params))
+            finally:
+                con.unregister(name)
+
+        self._txn(body)
+
+
+def open_store(path: str | Path, *, read_only: bool = False) -> Store:
+    return Store(path, read_only=read_only)
