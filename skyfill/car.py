@@ -1,0 +1,137 @@
+"""CAR v1 reading without decoding: split a CAR into raw blocks keyed by CID bytes.
+
+Hot path for the firehose: a `#commit` carries a CAR slice of ~5-10 blocks and skyfill needs
+only the commit block and the op record blocks, so blocks are sliced, not decoded. CIDs stay
+as their binary form (bytes) until something needs the string.
+
+Layout: varint(header length) | DAG-CBOR header {version: 1, roots: [cid]} |
+        repeated: varint(len(cid) + len(data)) | cid | data
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Final
+
+import libipld
+
+from .errors import RepoError
+
+__all__ = ["read_car", "cid_to_str", "cid_from_str", "verify_block", "CarError"]
+
+# CIDv1 prefixes of the two codecs atproto uses, both sha2-256 (0x12) with 32-byte digests.
+_DAG_CBOR_PREFIX: Final = b"\x01\x71\x12\x20"
+_RAW_PREFIX: Final = b"\x01\x55\x12\x20"
+_CID_LEN: Final = 36
+
+
+class CarError(RepoError):
+    kind = "car"
+
+
+def _varint(data: bytes, pos: int) -> tuple[int, int]:
+    result = 0
+    shift = 0
+    while True:
+        if pos >= len(data):
+            raise CarError("truncated varint", kind="car_truncated")
+        b = data[pos]
+        pos += 1
+        result |= (b & 0x7F) << shift
+        if not b & 0x80:
+            return result, pos
+        shift += 7
+        if shift > 63:
+            raise CarError("varint too long", kind="car_malformed")
+
+
+def _cid_len(data: bytes, pos: int) -> int:
+    """Length of the binary CID starting at `pos` (fast path for the common 36-byte form)."""
+    prefix = data[pos : pos + 4]
+    if prefix == _DAG_CBOR_PREFIX or prefix == _RAW_PREFIX:
+        return _CID_LEN
+    if data[pos : pos + 2] == b"\x12\x20":  # CIDv0: a bare sha2-256 multihash
+        return 34
+    start = pos
+    version, pos = _varint(data, pos)
+    if version != 1:
+        raise CarError(f"unsupported CID version {version}", kind="car_malformed")
+    _codec, pos = _varint(data, pos)
+    _mh_code, pos = _varint(data, pos)
+    digest_len, pos = _varint(data, pos)
+    return pos + digest_len - start
+
+
+def read_car(data: bytes) -> tuple[list[bytes], dict[bytes, bytes]]:
+    """Split a CAR v1 into (roots, {cid bytes: raw block bytes}) without decoding blocks.
+
+    Raises CarError on a malformed or truncated CAR. A CAR truncated exactly at a block
+    boundary parses; callers find the hole when a needed block is missing.
+    """
+    try:
+        header_len, pos = _varint(data, 0)
+        end = pos + header_len
+        if header_len == 0 or end > len(data):
+            raise CarError("truncated CAR header", kind="car_truncated")
+        header = libipld.decode_dag_cbor(data[pos:end])
+    except ValueError as exc:
+        raise CarError(f"bad CAR header: {exc}", kind="car_malformed") from exc
+    if not isinstance(header, dict) or header.get("version") != 1:
+        raise CarError("not a CAR v1 header", kind="car_malformed")
+    roots = header.get("roots")
+    if not isinstance(roots, list) or not all(isinstance(r, bytes) for r in roots):
+        raise CarError("CAR header has no roots", kind="car_malformed")
+
+    blocks: dict[bytes, bytes] = {}
+    pos = end
+    size = len(data)
+    while pos < size:
+        length, pos = _varint(data, pos)
+        block_end = pos + length
+        if block_end > size:
+            raise CarError("truncated CAR block", kind="car_truncated")
+        clen = _cid_len(data, pos)
+        if clen >= length:
+            raise CarError("CAR block shorter than its CID", kind="car_malformed")
+        blocks[data[pos : pos + clen]] = data[pos + clen : block_end]
+        pos = block_end
+    return roots, blocks
+
+
+def verify_block(cid: bytes, block: bytes) -> bool:
+    """True when `block` hashes to `cid` (sha2-256 CIDs; other hash functions are refused)."""
+    if len(cid) == _CID_LEN:
+        return hashlib.sha256(block).digest() == cid[4:]
+    if len(cid) == 34 and cid[:2] == b"\x12\x20":
+        return hashlib.sha256(block).digest() == cid[2:]
+    return False
+
+
+def cid_to_str(cid: bytes) -> str:
+    """Binary CID -> its canonical string (base32 `bafy...` for CIDv1)."""
+    return libipld.encode_cid(cid)
+
+
+def cid_from_str(cid: str) -> bytes:
+    """String CID -> binary CID (CIDv1 only)."""
+    info = libipld.decode_cid(cid)
+    digest: bytes = info["hash"]["digest"]
+    return (
+        _encode_varint(info["version"])
+        + _encode_varint(info["codec"])
+        + _encode_varint(info["hash"]["code"])
+        + _encode_varint(len(digest))
+        + digest
+    )
+
+
+def _encode_varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        b = n & 0x7F
+        n >>= 7
+        if n:
+            out.append(b | 0x80)
+        else:
+            out.append(b)
+            return bytes(out)
