@@ -1,6 +1,6 @@
 """storage: the DuckDB schema and the one writer all data goes through."""
 
-from .batch import Batch, CoverageSpan, RecordPut, RepoRow
+from .batch import Batch, Change, CoverageSpan, RecordChange, RecordPut, RepoChange, RepoRow
 from .states import TERMINAL_BACKFILL, AccountStatus, BackfillStatus, CoverageEnd, QueueState, SyncState
 from .writer import ReconcileCounts, RecordColumns, Store, open_store
 
@@ -9,6 +9,9 @@ __all__ = [
     "CoverageSpan",
     "RecordPut",
     "RepoRow",
+    "Change",
+    "RecordChange",
+    "RepoChange",
     "Store",
     "open_store",
     "ReconcileCounts",

@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import datetime
 
-__all__ = ["Batch", "RecordPut", "RepoRow", "CoverageSpan"]
+__all__ = ["Batch", "RecordPut", "RepoRow", "CoverageSpan", "RecordChange", "RepoChange", "Change"]
 
 
 @dataclass(slots=True)
@@ -55,6 +55,42 @@ class CoverageSpan:
     last_event_at: str | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class RecordChange:
+    """One record create/update/delete as it happened (unreduced), for publishing downstream."""
+
+    did: str
+    collection: str
+    rkey: str
+    op: str                     # "create" | "update" | "delete"
+    cid: str | None
+    rev: str | None
+    seq: int | None             # firehose seq (None for backfill)
+    time: str | None            # event time (ISO) or the reconcile time for backfill
+    record: str | None          # record JSON text; None for delete
+    source: str                 # "firehose" | "backfill"
+
+
+@dataclass(frozen=True, slots=True)
+class RepoChange:
+    """A change of a repo's state: account status, handle, sync state, head (rev/data)."""
+
+    did: str
+    kind: str                   # "account" | "identity" | "sync" | "desynchronized" | "backfill" | "commit"
+    rev: str | None
+    data_cid: str | None
+    active: bool
+    status: str
+    handle: str | None
+    sync_state: str
+    desync_reason: str | None
+    seq: int | None
+    time: str | None
+    source: str                 # "firehose" | "backfill"
+
+
+Change = RecordChange | RepoChange
+
 RecordKey = tuple[str, str, str]  # (did, collection, rkey)
 
 
@@ -66,6 +102,8 @@ class Batch:
     cursor: tuple[str, int] | None = None        # (source, seq) stored with the effects
     coverage: CoverageSpan | None = None
     events: int = 0                              # events folded into this batch
+    # Unreduced change log in event order, kept only when something publishes it (Kafka).
+    changes: list[Change] | None = None
 
     def put_record(self, did: str, collection: str, rkey: str, put: RecordPut) -> None:
         self.records[(did, collection, rkey)] = put
