@@ -82,6 +82,26 @@ class RecordColumns:
     created_at: list[str | None]
 
 
+def _record_columns(batch: Batch) -> tuple[dict[str, list[Any]], dict[str, list[Any]]]:
+    """Split a reduced batch into upsert columns and delete-key columns."""
+    puts: dict[str, list[Any]] = {f.name: [] for f in _RECORD_SCHEMA}
+    dels: dict[str, list[Any]] = {f.name: [] for f in _KEY_SCHEMA}
+    for (did, collection, rkey), put in batch.records.items():
+        if put is None:
+            dels["did"].append(did)
+            dels["collection"].append(collection)
+            dels["rkey"].append(rkey)
+        else:
+            puts["did"].append(did)
+            puts["collection"].append(collection)
+            puts["rkey"].append(rkey)
+            puts["cid"].append(put.cid)
+            puts["rev"].append(put.rev)
+            puts["record"].append(put.record)
+            puts["created_at"].append(put.created_at)
+    return puts, dels
+
+
 def _now() -> datetime:
     return datetime.now(UTC)
 
@@ -156,57 +176,47 @@ class Store:
         if batch.is_empty() and batch.coverage is None:
             return
         now = _now()
-        puts_cols: dict[str, list[Any]] = {f.name: [] for f in _RECORD_SCHEMA}
-        del_cols: dict[str, list[Any]] = {f.name: [] for f in _KEY_SCHEMA}
-        for (did, collection, rkey), put in batch.records.items():
-            if put is None:
-                del_cols["did"].append(did)
-                del_cols["collection"].append(collection)
-                del_cols["rkey"].append(rkey)
-            else:
-                puts_cols["did"].append(did)
-                puts_cols["collection"].append(collection)
-                puts_cols["rkey"].append(rkey)
-                puts_cols["cid"].append(put.cid)
-                puts_cols["rev"].append(put.rev)
-                puts_cols["record"].append(put.record)
-                puts_cols["created_at"].append(put.created_at)
+        puts_cols, del_cols = _record_columns(batch)
+        self._txn(lambda con: self._apply_in(con, batch, now, puts_cols, del_cols))
 
-        def body(con: duckdb.DuckDBPyConnection) -> None:
-            if batch.purged_dids:
-                purged = pa.table({"did": sorted(batch.purged_dids)})
-                con.register("_purged", purged)
-                con.execute("DELETE FROM records WHERE did IN (SELECT did FROM _purged)")
-                con.unregister("_purged")
-            if del_cols["did"]:
-                dels = pa.table(del_cols, schema=_KEY_SCHEMA)
-                con.register("_dels", dels)
-                con.execute(
-                    "DELETE FROM records r USING _dels d "
-                    "WHERE r.did = d.did AND r.collection = d.collection AND r.rkey = d.rkey"
-                )
-                con.unregister("_dels")
-            if puts_cols["did"]:
-                self._upsert_records(con, pa.table(puts_cols, schema=_RECORD_SCHEMA), now)
-            if batch.repos:
-                self._upsert_repos(con, batch.repos.values())
-            if batch.cursor is not None:
-                source, seq = batch.cursor
-                con.execute(
-                    "INSERT INTO cursors VALUES (?, ?, ?) ON CONFLICT (source) DO UPDATE "
-                    "SET seq = excluded.seq, updated_at = excluded.updated_at",
-                    [source, seq, now],
-                )
-            if batch.coverage is not None:
-                c = batch.coverage
-                con.execute(
-                    "UPDATE coverage SET first_seq = coalesce(first_seq, ?), last_seq = ?, "
-                    f"first_event_at = coalesce(first_event_at, {_ts_sql('?::VARCHAR')}), "
-                    f"last_event_at = coalesce({_ts_sql('?::VARCHAR')}, last_event_at) WHERE id = ?",
-                    [c.first_seq, c.last_seq, c.first_event_at, c.last_event_at, c.id],
-                )
-
-        self._txn(body)
+    def _apply_in(
+        self,
+        con: duckdb.DuckDBPyConnection,
+        batch: Batch,
+        now: datetime,
+        puts_cols: dict[str, list[Any]],
+        del_cols: dict[str, list[Any]],
+    ) -> None:
+        if batch.purged_dids:
+            con.register("_purged", pa.table({"did": sorted(batch.purged_dids)}))
+            con.execute("DELETE FROM records WHERE did IN (SELECT did FROM _purged)")
+            con.unregister("_purged")
+        if del_cols["did"]:
+            con.register("_dels", pa.table(del_cols, schema=_KEY_SCHEMA))
+            con.execute(
+                "DELETE FROM records r USING _dels d "
+                "WHERE r.did = d.did AND r.collection = d.collection AND r.rkey = d.rkey"
+            )
+            con.unregister("_dels")
+        if puts_cols["did"]:
+            self._upsert_records(con, pa.table(puts_cols, schema=_RECORD_SCHEMA), now)
+        if batch.repos:
+            self._upsert_repos(con, batch.repos.values())
+        if batch.cursor is not None:
+            source, seq = batch.cursor
+            con.execute(
+                "INSERT INTO cursors VALUES (?, ?, ?) ON CONFLICT (source) DO UPDATE "
+                "SET seq = excluded.seq, updated_at = excluded.updated_at",
+                [source, seq, now],
+            )
+        if batch.coverage is not None:
+            c = batch.coverage
+            con.execute(
+                "UPDATE coverage SET first_seq = coalesce(first_seq, ?), last_seq = ?, "
+                f"first_event_at = coalesce(first_event_at, {_ts_sql('?::VARCHAR')}), "
+                f"last_event_at = coalesce({_ts_sql('?::VARCHAR')}, last_event_at) WHERE id = ?",
+                [c.first_seq, c.last_seq, c.first_event_at, c.last_event_at, c.id],
+            )
 
     @staticmethod
     def _upsert_records(con: duckdb.DuckDBPyConnection, table: pa.Table, now: datetime) -> None:
@@ -286,12 +296,16 @@ class Store:
         commit_cid: str,
         fetched: Mapping[tuple[str, str], str],
         materialize: Callable[[list[tuple[str, str]]], RecordColumns],
+        after: Batch | None = None,
     ) -> ReconcileCounts:
         """Make the stored records of `did` equal the fetched repo, in one transaction.
 
         `fetched` maps (collection, rkey) -> CID for every record of the verified repo.
         `materialize(keys)` decodes only the records that are missing or changed, so an
         unchanged repo costs a CID comparison per record and no record decoding.
+        `after` (firehose effects newer than the fetched rev, captured while the repo was being
+        fetched) is applied in the same transaction, so the result is never older than what the
+        firehose had already stored.
         """
         now = _now()
 
@@ -347,6 +361,9 @@ class Store:
             con.execute(
                 "UPDATE backfill_queue SET state = 'done', error = NULL, updated_at = ? WHERE did = ?", [now, did]
             )
+            if after is not None:
+                puts_cols, del_cols = _record_columns(after)
+                self._apply_in(con, after, now, puts_cols, del_cols)
             return ReconcileCounts(
                 added=added, updated=len(changed) - added, deleted=len(gone),
                 unchanged=len(fetched) - len(changed),

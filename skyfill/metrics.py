@@ -1,0 +1,63 @@
+"""Every Prometheus metric of skyfill, on one registry. Named skyfill_<subsystem>_<thing>[_total].
+
+Bumped where things happen; served by `skyfill consume --metrics-port`.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+__all__ = ["REGISTRY", "serve", "FIREHOSE_EVENTS", "FIREHOSE_ERRORS", "FIREHOSE_VERDICTS",
+           "FIREHOSE_LAST_SEQ", "FIREHOSE_LAG", "FIREHOSE_CONNECTED", "FIREHOSE_RECONNECTS",
+           "DESYNCHRONIZED", "DESYNCHRONIZED_DIDS", "BATCH_WRITE_SECONDS", "BATCH_EVENTS",
+           "BACKFILL_REPOS", "BACKFILL_RECORDS", "BACKFILL_HOSTS_PARKED", "BACKFILL_REQUESTS"]
+
+REGISTRY = CollectorRegistry(auto_describe=True)
+
+FIREHOSE_EVENTS = Counter(
+    "skyfill_firehose_events_total", "Firehose frames received, by type", ["type"], registry=REGISTRY
+)
+FIREHOSE_ERRORS = Counter(
+    "skyfill_firehose_errors_total", "Bad input skipped, by kind", ["kind"], registry=REGISTRY
+)
+FIREHOSE_VERDICTS = Counter(
+    "skyfill_firehose_verdicts_total", "What the state tracker did with events", ["verdict"], registry=REGISTRY
+)
+FIREHOSE_LAST_SEQ = Gauge("skyfill_firehose_last_seq", "Last seq processed", registry=REGISTRY)
+FIREHOSE_LAG = Gauge(
+    "skyfill_firehose_lag_seconds", "Now minus the time of the last processed event", registry=REGISTRY
+)
+FIREHOSE_CONNECTED = Gauge("skyfill_firehose_connected", "1 while the WebSocket is open", registry=REGISTRY)
+FIREHOSE_RECONNECTS = Counter(
+    "skyfill_firehose_reconnects_total", "Reconnections, by reason", ["reason"], registry=REGISTRY
+)
+DESYNCHRONIZED = Counter(
+    "skyfill_sync_desynchronized_total", "Chains found broken, by reason", ["reason"], registry=REGISTRY
+)
+DESYNCHRONIZED_DIDS = Gauge(
+    "skyfill_sync_desynchronized_dids", "DIDs currently desynchronized", registry=REGISTRY
+)
+BATCH_WRITE_SECONDS = Histogram(
+    "skyfill_storage_batch_write_seconds", "Time to commit one batch to DuckDB",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10), registry=REGISTRY,
+)
+BATCH_EVENTS = Counter(
+    "skyfill_storage_batch_events_total", "Events committed to DuckDB", registry=REGISTRY
+)
+BACKFILL_REPOS = Counter(
+    "skyfill_backfill_repos_total", "Repos backfilled, by outcome", ["outcome"], registry=REGISTRY
+)
+BACKFILL_RECORDS = Counter(
+    "skyfill_backfill_records_total", "Records reconciled, by change", ["change"], registry=REGISTRY
+)
+BACKFILL_HOSTS_PARKED = Gauge(
+    "skyfill_backfill_hosts_parked", "PDS hosts parked by rate limits", registry=REGISTRY
+)
+BACKFILL_REQUESTS = Counter(
+    "skyfill_backfill_requests_total", "HTTP requests to PDS/PLC hosts, by result", ["result"], registry=REGISTRY
+)
+
+
+def serve(port: int, *, addr: str = "127.0.0.1") -> None:
+    """Serve /metrics on `addr:port` from a background thread."""
+    start_http_server(port, addr=addr, registry=REGISTRY)
