@@ -1,0 +1,299 @@
+"""The consumer daemon: firehose bytes -> typed events -> per-DID state -> DuckDB, durably.
+
+Cursor rule: the stored cursor moves only inside the DuckDB transaction that stores the
+effects of every event up to it (storage.Store.apply). Batches are sealed in the event loop
+and written by a worker thread while the next batch fills; at most one write is in flight.
+When Kafka publishing is on, a batch is written only after the broker acknowledged all its
+changes, so neither the cursor nor the mirror ever runs ahead of the topics.
+
+Worked example (kill -9 safety): events 100..180 are processed, batch A (100..150) is
+committed with cursor 150, batch B (151..180) is being written when the process dies.
+On restart the tracker is rebuilt from `repos` (state as of 150) and the stream resumes at
+cursor 150: events 151..180 are applied again on the same state, giving the same rows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import logging
+import signal
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+from skyfill import metrics
+from skyfill.errors import FrameError
+from skyfill.syntax import collection_matcher
+from storage import Batch, CoverageEnd, CoverageSpan, Store
+
+from .changes import changes_for
+from .connection import source_name, stream_frames
+from .events import Account, Commit, Identity, Info, StreamError, Sync
+from .frames import parse_frame
+from .tracker import Tracker, Verdict
+
+__all__ = ["ConsumeConfig", "Daemon", "FutureCursorError"]
+
+log = logging.getLogger(__name__)
+
+
+class FutureCursorError(Exception):
+    """The relay says our cursor is in the future and --strict-cursor forbids skipping ahead."""
+
+
+@dataclass(frozen=True, slots=True)
+class ConsumeConfig:
+    relay: str = "wss://bsky.network"
+    cursor: int | None = None               # overrides the stored cursor
+    collections: tuple[str, ...] = ()
+    strict_cursor: bool = False
+    batch_events: int = 5000                # seal a batch after this many events ...
+    flush_interval: float = 0.5             # ... or this many seconds
+    publish: bool = False                   # keep the unreduced change log for a publisher
+
+
+@dataclass(slots=True)
+class _Capture:
+    """Firehose commits of one DID seen while its repo is being fetched (see DaemonSink)."""
+
+    commits: list[Commit] = field(default_factory=list)
+    desynced: bool = False
+
+
+Publisher = Callable[[list], Awaitable[None]]
+
+
+class Daemon:
+    def __init__(self, store: Store, config: ConsumeConfig, *, publish: Publisher | None = None) -> None:
+        self.store = store
+        self.config = config
+        self.source = source_name(config.relay)
+        self._publish = publish
+        self._want = collection_matcher(config.collections) if config.collections else None
+        self.tracker = Tracker(store.load_repos(), want=self._want)
+        stored = store.load_cursor(self.source)
+        self.last_seq: int | None = config.cursor if config.cursor is not None else stored
+        self.last_time: str | None = None
+        self.stop_event = asyncio.Event()
+        self.flush_lock = asyncio.Lock()
+        self._batch = self._new_batch()
+        self._batch_started = time.monotonic()
+        self._inflight: asyncio.Future[None] | None = None
+        self._span: CoverageSpan | None = None
+        self._restart_from_head = False
+        self._reconnect = False
+        self.captures: dict[str, _Capture] = {}
+        self.committed_seq: int | None = stored
+        self.counts: dict[str, int] = {}
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    def stop(self) -> None:
+        self.stop_event.set()
+
+    async def run(self, *, install_signal_handlers: bool = True) -> None:
+        loop = asyncio.get_running_loop()
+        if install_signal_handlers:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(sig, self.stop)
+        self._span = CoverageSpan(id=await asyncio.to_thread(self.store.start_coverage, self.source))
+        log.info("consuming", extra={"ctx": {"source": self.source, "cursor": self.last_seq,
+                                              "repos": len(self.tracker.rows)}})
+        ended = CoverageEnd.ERROR
+        ticker = asyncio.create_task(self._tick())
+        consume = asyncio.create_task(self._consume())
+        stopper = asyncio.create_task(self.stop_event.wait())
+        try:
+            done, _ = await asyncio.wait({consume, stopper}, return_when=asyncio.FIRST_COMPLETED)
+            if consume in done:
+                consume.result()  # re-raise a fatal error (e.g. strict cursor)
+            else:
+                consume.cancel()
+                try:
+                    await consume
+                except asyncio.CancelledError:
+                    pass
+            ended = CoverageEnd.CLEAN
+        finally:
+            ticker.cancel()
+            stopper.cancel()
+            await self._drain()
+            await asyncio.to_thread(self.store.end_coverage, self._span.id, ended)
+            if install_signal_handlers:
+                for sig in (signal.SIGINT, signal.SIGTERM):
+                    loop.remove_signal_handler(sig)
+            log.info("stopped", extra={"ctx": {"cursor": self.committed_seq, "ended": ended.value}})
+
+    async def _consume(self) -> None:
+        while not self.stop_event.is_set():
+            self._reconnect = False
+            frames = stream_frames(self.config.relay, lambda: self.last_seq, stop=self.stop_event)
+            try:
+                async for data in frames:
+                    self._handle(data)
+                    if len(self._batch.records) + self._batch.events >= self.config.batch_events * 2:
+                        await self._flush()
+                    elif self._batch.events >= self.config.batch_events:
+                        await self._flush(wait=False)
+                    if self._reconnect:
+                        break
+            finally:
+                await frames.aclose()
+            if self._restart_from_head:
+                await self._begin_new_span()
+
+    async def _tick(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.flush_interval / 2)
+            if self._batch.events and time.monotonic() - self._batch_started >= self.config.flush_interval:
+                await self._flush(wait=False)
+            if self.last_time:
+                metrics.FIREHOSE_LAG.set(max(0.0, time.time() - _epoch(self.last_time)))
+
+    # -- events ---------------------------------------------------------------------------
+
+    def _handle(self, data: bytes) -> None:
+        try:
+            event = parse_frame(data, want=self._want)
+        except FrameError as exc:
+            metrics.FIREHOSE_ERRORS.labels(exc.kind).inc()
+            self.counts["error:" + exc.kind] = self.counts.get("error:" + exc.kind, 0) + 1
+            log.warning("bad frame skipped", extra={"ctx": {"kind": exc.kind, "seq": exc.seq, "error": str(exc)}})
+            if exc.seq is not None:
+                self._advance(exc.seq, None)
+            return
+        if isinstance(event, StreamError):
+            self._on_stream_error(event)
+            return
+        if isinstance(event, Info):
+            metrics.FIREHOSE_EVENTS.labels("info").inc()
+            log.warning("relay info", extra={"ctx": {"name": event.name, "message": event.message}})
+            return
+        metrics.FIREHOSE_EVENTS.labels(_type_name(event)).inc()
+        batch = self._batch
+        verdict = self.tracker.apply(event, batch)
+        metrics.FIREHOSE_VERDICTS.labels(verdict.value).inc()
+        self.counts[verdict.value] = self.counts.get(verdict.value, 0) + 1
+        if verdict is Verdict.DESYNCHRONIZED:
+            row = self.tracker.row(event.did)
+            metrics.DESYNCHRONIZED.labels(row.desync_reason if row else "unknown").inc()
+        if verdict in (Verdict.APPLIED, Verdict.DESYNCHRONIZED):
+            capture = self.captures.get(event.did)
+            if capture is not None:
+                if isinstance(event, Commit):
+                    capture.commits.append(event)
+                if verdict is Verdict.DESYNCHRONIZED or isinstance(event, Sync):
+                    capture.desynced = True
+            if batch.changes is not None:
+                batch.changes.extend(changes_for(event, self.tracker.row(event.did), self._want))
+        if verdict is not Verdict.STALE_SEQ:
+            self._advance(event.seq, event.time)
+
+    def _advance(self, seq: int, event_time: str | None) -> None:
+        batch = self._batch
+        batch.events += 1
+        batch.cursor = (self.source, seq)
+        self.last_seq = seq
+        metrics.FIREHOSE_LAST_SEQ.set(seq)
+        span = batch.coverage
+        if span is None:
+            assert self._span is not None
+            span = batch.coverage = CoverageSpan(id=self._span.id)
+        if span.first_seq is None:
+            span.first_seq = seq
+        span.last_seq = seq
+        if event_time is not None:
+            self.last_time = event_time
+            if span.first_event_at is None:
+                span.first_event_at = event_time
+            span.last_event_at = event_time
+
+    def _on_stream_error(self, event: StreamError) -> None:
+        metrics.FIREHOSE_EVENTS.labels("error").inc()
+        if event.error == "FutureCursor":
+            if self.config.strict_cursor:
+                raise FutureCursorError(
+                    f"the relay has no events after cursor {self.last_seq} (FutureCursor: {event.message}); "
+                    "refusing to skip ahead because of --strict-cursor"
+                )
+            log.error(
+                "cursor is ahead of the relay (FutureCursor); restarting from the live head",
+                extra={"ctx": {"cursor": self.last_seq, "message": event.message}},
+            )
+            self._restart_from_head = True
+        else:
+            log.warning("relay error frame; reconnecting from the last processed event",
+                        extra={"ctx": {"error": event.error, "message": event.message, "cursor": self.last_seq}})
+        metrics.FIREHOSE_RECONNECTS.labels(event.error).inc()
+        self._reconnect = True
+
+    async def _begin_new_span(self) -> None:
+        """After FutureCursor: seqs restart lower, so close this coverage span and open another."""
+        await self._drain()
+        assert self._span is not None
+        await asyncio.to_thread(self.store.end_coverage, self._span.id, CoverageEnd.ERROR)
+        self._span = CoverageSpan(id=await asyncio.to_thread(self.store.start_coverage, self.source))
+        self.last_seq = None
+        self.tracker.reset_stream()
+        self._restart_from_head = False
+
+    # -- writing --------------------------------------------------------------------------
+
+    def _new_batch(self) -> Batch:
+        batch = Batch()
+        if self.config.publish:
+            batch.changes = []
+        return batch
+
+    def _seal(self) -> Batch:
+        batch = self._batch
+        # The tracker keeps mutating its live rows; the batch must carry the state as of its cursor.
+        batch.repos = {did: copy.copy(row) for did, row in batch.repos.items()}
+        self._batch = self._new_batch()
+        self._batch_started = time.monotonic()
+        return batch
+
+    async def _flush(self, *, wait: bool = True) -> None:
+        """Seal the current batch and write it; with wait=False return once the write has started."""
+        async with self.flush_lock:
+            if self._inflight is not None:
+                await self._inflight
+                self._inflight = None
+            if self._batch.is_empty():
+                return
+            batch = self._seal()
+            self._inflight = asyncio.ensure_future(self._write(batch))
+        if wait:
+            await self._settle()
+
+    async def _settle(self) -> None:
+        async with self.flush_lock:
+            if self._inflight is not None:
+                await self._inflight
+                self._inflight = None
+
+    async def _drain(self) -> None:
+        await self._flush(wait=True)
+
+    async def _write(self, batch: Batch) -> None:
+        if self._publish is not None and batch.changes:
+            await self._publish(batch.changes)
+        started = time.perf_counter()
+        await asyncio.to_thread(self.store.apply, batch)
+        metrics.BATCH_WRITE_SECONDS.observe(time.perf_counter() - started)
+        metrics.BATCH_EVENTS.inc(batch.events)
+        if batch.cursor is not None:
+            self.committed_seq = batch.cursor[1]
+
+
+def _type_name(event: object) -> str:
+    return {Commit: "commit", Sync: "sync", Identity: "identity", Account: "account"}.get(type(event), "other")
+
+
+def _epoch(iso: str) -> float:
+    try:
+        return datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return datetime.now(UTC).timestamp()

@@ -1,0 +1,100 @@
+"""Reconciling a fetched repo inside the running daemon without losing racing firehose events.
+
+Ordering rule. `begin(did)` starts capturing the DID's applied commits BEFORE the getRepo
+request is sent, so every commit newer than the fetched rev R is captured (the PDS serves a
+repo at least as new as any commit the relay has already delivered). `commit` then, in ONE
+transaction: makes the stored records equal the snapshot at R, and re-applies the captured
+commits whose rev > R. The firehose keeps writing normally meanwhile, so nothing waits on the
+fetch and the cursor never depends on it.
+
+Worked example: the stored head is r5; begin(); the firehose applies r6 (create a/9) and
+r7 (delete a/1); the fetch returns the repo at r6 (has a/1 and a/9). Reconcile to r6, then
+replay r7: a/1 deleted, a/9 kept. Result = the repo at r7, which is also what the tracker
+holds. Had the fetch returned r7, nothing would be replayed.
+
+If the chain broke while capturing (a desynchronized verdict or a #sync), the captured
+commits cannot be trusted to be complete: the snapshot is still applied, but the DID stays
+desynchronized so it is fetched again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+from typing import TYPE_CHECKING, Any
+
+from storage import Batch, RecordPut, ReconcileCounts, SyncState
+
+from .changes import repo_change
+
+if TYPE_CHECKING:
+    from .daemon import Daemon
+
+__all__ = ["DaemonSink"]
+
+
+class DaemonSink:
+    """The daemon-side ReconcileSink (see backfill.backfiller.ReconcileSink)."""
+
+    def __init__(self, daemon: Daemon) -> None:
+        self.daemon = daemon
+
+    async def begin(self, did: str) -> None:
+        from .daemon import _Capture
+
+        self.daemon.captures[did] = _Capture()
+
+    async def abort(self, did: str) -> None:
+        self.daemon.captures.pop(did, None)
+
+    async def commit(self, did: str, snapshot: Any) -> ReconcileCounts:
+        from backfill.repo import materialize
+
+        daemon = self.daemon
+        # Hold the flush lock: no batch write may interleave with the reconcile transaction, and
+        # no batch sealed before this point may be written after it (its repo rows are older).
+        async with daemon.flush_lock:
+            if daemon._inflight is not None:
+                await daemon._inflight
+                daemon._inflight = None
+            capture = daemon.captures.pop(did, None)
+            rev = snapshot.rev
+            replay = Batch()
+            newer = [c for c in (capture.commits if capture else []) if rev is None or c.rev > rev]
+            want = daemon._want
+            for commit in newer:
+                for op in commit.ops:
+                    if want is not None and not want(op.collection):
+                        continue
+                    if op.action == "delete":
+                        replay.delete_record(did, op.collection, op.rkey)
+                    elif op.cid is not None:
+                        replay.put_record(did, op.collection, op.rkey,
+                                          RecordPut(op.cid, commit.rev, op.record, op.created_at))
+            row = daemon.tracker.row(did)
+            broken = capture is None or capture.desynced
+            if row is not None:
+                if row.rev is None or (rev is not None and row.rev <= rev):
+                    row.rev, row.data_cid, row.commit_cid = rev, snapshot.data_cid, snapshot.commit_cid
+                if not broken:
+                    row.sync_state = SyncState.SYNCHRONIZED.value
+                    row.desync_reason = None
+                    row.desynced_at = None
+                replay.put_repo(copy.copy(row))
+            else:
+                daemon.tracker.mark_synchronized(did, rev, snapshot.data_cid, snapshot.commit_cid)
+
+            def run() -> ReconcileCounts:
+                return daemon.store.reconcile(
+                    did, rev=rev, data_cid=snapshot.data_cid, commit_cid=snapshot.commit_cid,
+                    fetched=snapshot.records, materialize=lambda keys: materialize(snapshot, keys),
+                    after=replay,
+                )
+
+            counts = await asyncio.to_thread(run)
+            if daemon.config.publish and daemon._publish is not None:
+                current = daemon.tracker.row(did)
+                if current is not None:
+                    await daemon._publish([repo_change(current, kind="backfill", seq=None, time=None,
+                                                       source="backfill")])
+            return counts

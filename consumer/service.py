@@ -1,0 +1,111 @@
+"""What runs beside the daemon: the Kafka publisher, the in-daemon backfiller, the admin routes.
+
+Wiring lives here so the daemon itself only knows "publish this batch" and "here is a sink".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING, Any
+
+from storage import Store
+from storage.status import status_report
+
+if TYPE_CHECKING:
+    from .daemon import Daemon
+
+__all__ = ["Services"]
+
+log = logging.getLogger(__name__)
+
+
+class Services:
+    def __init__(
+        self, store: Store, *, plc_url: str, allow_private_hosts: bool, kafka_bootstrap: str | None,
+        backfill_interval: float = 5.0,
+    ) -> None:
+        self.store = store
+        self.plc_url = plc_url
+        self.allow_private_hosts = allow_private_hosts
+        self.kafka_bootstrap = kafka_bootstrap
+        self.backfill_interval = backfill_interval
+        self.daemon: Daemon | None = None
+        self._publisher: Any = None
+        self.publish = None
+
+    async def start(self) -> None:
+        if self.kafka_bootstrap:
+            from publish import KafkaPublisher
+
+            self._publisher = KafkaPublisher(self.kafka_bootstrap)
+            await self._publisher.start()
+            self.publish = self._publisher.publish
+
+    def attach(self, daemon: Daemon) -> None:
+        self.daemon = daemon
+
+    async def aclose(self) -> None:
+        if self._publisher is not None:
+            await self._publisher.aclose()
+
+    # -- admin routes ---------------------------------------------------------------------
+
+    def routes(self) -> dict[tuple[str, str], Any]:
+        return {
+            ("GET", "/status"): self._status,
+            ("POST", "/gaps"): self._gaps,
+            ("POST", "/backfill"): self._backfill,
+            ("POST", "/enqueue"): self._enqueue,
+        }
+
+    async def _status(self, _body: dict[str, Any]) -> Any:
+        def read() -> dict[str, Any]:
+            cur = self.store.cursor()
+            try:
+                return status_report(cur)
+            finally:
+                cur.close()
+
+        return await asyncio.to_thread(read)
+
+    async def _enqueue(self, body: dict[str, Any]) -> Any:
+        from skyfill.syntax import is_did
+
+        dids = [d for d in body.get("dids", []) if is_did(d)]
+        reason = str(body.get("reason", "explicit"))
+        added = await asyncio.to_thread(self.store.enqueue, {d: [reason] for d in dids})
+        return {"enqueued": added, "dids": len(dids)}
+
+    async def _gaps(self, body: dict[str, Any]) -> Any:
+        from backfill.remote import gaps_from_request
+
+        return await gaps_from_request(self.store, body, plc_url=self.plc_url,
+                                       allow_private_hosts=self.allow_private_hosts)
+
+    async def _backfill(self, body: dict[str, Any]) -> Any:
+        from backfill.remote import backfill_from_request
+
+        from .resync import DaemonSink
+
+        assert self.daemon is not None
+        return await backfill_from_request(self.store, body, sink=DaemonSink(self.daemon),
+                                           plc_url=self.plc_url, allow_private_hosts=self.allow_private_hosts)
+
+    async def backfill_forever(self) -> None:
+        """`consume --backfill`: keep desynchronized and queued DIDs repaired, like Tap's resyncers."""
+        from backfill.remote import backfill_queue_once
+
+        from .resync import DaemonSink
+
+        assert self.daemon is not None
+        sink = DaemonSink(self.daemon)
+        while True:
+            try:
+                await backfill_queue_once(self.store, sink=sink, plc_url=self.plc_url,
+                                          allow_private_hosts=self.allow_private_hosts)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("background backfill round failed; retrying")
+            await asyncio.sleep(self.backfill_interval)
