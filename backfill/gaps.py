@@ -1,0 +1,317 @@
+"""The gap detector: which DIDs need a backfill for a time window, and why.
+
+Each reason is one DuckDB set query over `repos`, `records`, `coverage` and `identities`;
+Python only merges the DID sets. A DID may carry several reasons.
+
+    desynchronized    the chain broke (sync_state) at or before `end` and no backfill has
+                      repaired it since (backfilled_at is null or older than desynced_at)
+    never_backfilled  active in the window (first_seen_at <= end, last_event_at >= start) and
+                      never reconciled from a full repo
+    downtime          [start, end] overlaps a stretch no consumer run covered (the complement of
+                      the coverage spans); DIDs first seen before such a stretch are audited
+                      against their PDS (head rev moved past the held rev?) or, without an
+                      auditor, flagged when their last event is within `no_audit_margin` of it
+    referenced        DIDs that records created in the window liked, reposted, replied to
+                      (parent and root), quoted or followed, whose repos were never backfilled
+    explicit          DIDs the caller named
+
+Terminal outcomes are not retried by accident: every automatic reason skips DIDs whose last
+backfill ended in a terminal status (RepoTakendown, SignatureFailed, ...), except
+`desynchronized` for accounts whose status is `active` again: a broken chain on an active
+account is new evidence. `explicit` always wins.
+
+Downtime worked example: coverage spans [09:00, 10:00] and [10:00:02, 14:00], window
+[08:00, 12:00] -> downtime [08:00, 09:00] only; the 2 s between the spans is shorter than
+`min_downtime` (the spacing of events across a resumed cursor, not an outage).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from enum import StrEnum
+from typing import Any, Final
+
+import pyarrow as pa
+
+from skyfill.errors import SyntaxError_
+from storage import TERMINAL_BACKFILL, CoverageEnd, Store, SyncState
+
+__all__ = [
+    "Reason",
+    "GapReport",
+    "Auditor",
+    "HeldRevs",
+    "UNKNOWN_HOST",
+    "detect_gaps",
+    "downtime_spans",
+    "is_valid_did",
+]
+
+# Audit input: {pds endpoint: [(did, held rev or None)]}. DIDs whose PDS is not in the
+# identity cache are grouped under UNKNOWN_HOST; the auditor resolves them.
+HeldRevs = Mapping[str, Sequence[tuple[str, str | None]]]
+Auditor = Callable[[HeldRevs], Awaitable[set[str]]]
+UNKNOWN_HOST: Final = ""
+
+DEFAULT_NO_AUDIT_MARGIN: Final = timedelta(hours=24)
+DEFAULT_MIN_DOWNTIME: Final = timedelta(seconds=5)
+
+_DID_RE: Final = re.compile(r"^did:[a-z]+:[a-zA-Z0-9._:%-]*[a-zA-Z0-9._-]$")
+_DID_RE_SQL: Final = "^did:[a-z]+:[a-zA-Z0-9._:%-]*[a-zA-Z0-9._-]$"
+
+
+def is_valid_did(did: str) -> bool:
+    return len(did) <= 2048 and _DID_RE.match(did) is not None
+
+
+class Reason(StrEnum):
+    DESYNCHRONIZED = "desynchronized"
+    NEVER_BACKFILLED = "never_backfilled"
+    DOWNTIME = "downtime"
+    REFERENCED = "referenced"
+    EXPLICIT = "explicit"
+
+
+_ORDER: Final = {r.value: i for i, r in enumerate(Reason)}
+
+
+@dataclass(frozen=True, slots=True)
+class GapReport:
+    start: datetime
+    end: datetime
+    reasons_by_did: dict[str, tuple[str, ...]]
+    counts: dict[str, int]                                  # DIDs per reason (every Reason present)
+    downtime: tuple[tuple[datetime, datetime], ...] = ()    # uncovered stretches of the window
+    audited: bool = False                                   # downtime DIDs were checked against PDSes
+    audit_candidates: int = 0                               # DIDs known before a downtime stretch
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per reason
+
+    @property
+    def total(self) -> int:
+        return len(self.reasons_by_did)
+
+    def to_json(self, *, with_dids: bool = True) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "start": self.start.isoformat(),
+            "end": self.end.isoformat(),
+            "total": self.total,
+            "counts": dict(self.counts),
+            "downtime": [[a.isoformat(), b.isoformat()] for a, b in self.downtime],
+            "audited": self.audited,
+        }
+        if with_dids:
+            out["dids"] = {did: list(reasons) for did, reasons in sorted(self.reasons_by_did.items())}
+        return out
+
+
+_TERMINAL_SQL: Final = "(" + ", ".join(f"'{s.value}'" for s in sorted(TERMINAL_BACKFILL)) + ")"
+
+
+def _not_terminal(alias: str = "") -> str:
+    p = f"{alias}." if alias else ""
+    return f"({p}backfill_status IS NULL OR {p}backfill_status NOT IN {_TERMINAL_SQL})"
+
+
+_DESYNC_SQL: Final = f"""
+SELECT did FROM repos
+WHERE sync_state = '{SyncState.DESYNCHRONIZED.value}'
+  AND (desynced_at IS NULL OR desynced_at <= $end)
+  AND (backfilled_at IS NULL OR desynced_at IS NULL OR backfilled_at < desynced_at)
+  AND (status = 'active' OR {_not_terminal()})
+"""
+
+_NEVER_SQL: Final = f"""
+SELECT did FROM repos
+WHERE first_seen_at <= $end AND last_event_at >= $start
+  AND backfilled_at IS NULL AND active AND {_not_terminal()}
+"""
+
+# One JSON parse per record extracts every path; which path applies depends on the collection
+# (a post has no `subject`, a like no `reply`), the others come back NULL. A like's `$.subject`
+# is an object and comes back as JSON text starting with '{', so only follows pass the 'did:' test.
+_REFERENCED_SQL: Final = f"""
+WITH refs AS (
+    SELECT unnest(json_extract_string(record, [
+        '$.subject', '$.subject.uri', '$.reply.parent.uri', '$.reply.root.uri',
+        '$.embed.record.uri', '$.embed.record.record.uri'])) AS ref
+    FROM records
+    WHERE collection IN ('app.bsky.feed.like', 'app.bsky.feed.repost',
+                         'app.bsky.feed.post', 'app.bsky.graph.follow')
+      AND created_at >= $start AND created_at <= $end
+),
+dids AS (
+    SELECT DISTINCT CASE WHEN starts_with(ref, 'did:') THEN ref ELSE split_part(ref, '/', 3) END AS did
+    FROM refs
+    WHERE starts_with(ref, 'did:') OR starts_with(ref, 'at://did:')
+)
+SELECT d.did FROM dids d LEFT JOIN repos r ON r.did = d.did
+WHERE regexp_full_match(d.did, '{_DID_RE_SQL}') AND length(d.did) <= 2048
+  AND (r.did IS NULL OR (r.backfilled_at IS NULL AND r.active AND {_not_terminal('r')}))
+"""
+
+# DIDs that existed before some downtime stretch; `_gaps(gap_start, gap_end)` is registered.
+_DOWNTIME_CANDIDATES_SQL: Final = f"""
+SELECT r.did, r.rev, coalesce(i.pds, '{UNKNOWN_HOST}') AS pds
+FROM repos r LEFT JOIN identities i ON i.did = r.did
+WHERE r.active AND {_not_terminal('r')}
+  AND r.first_seen_at < (SELECT max(gap_start) FROM _gaps)
+"""
+
+_DOWNTIME_NO_AUDIT_SQL: Final = f"""
+SELECT DISTINCT r.did FROM repos r JOIN _gaps g
+  ON r.first_seen_at < g.gap_start
+ AND r.last_event_at >= g.gap_start - $margin
+ AND r.last_event_at <= g.gap_end + $margin
+WHERE r.active AND {_not_terminal('r')}
+"""
+
+
+def _utc(ts: datetime) -> datetime:
+    return ts.replace(tzinfo=UTC) if ts.tzinfo is None else ts.astimezone(UTC)
+
+
+def downtime_spans(
+    spans: Iterable[tuple[datetime | None, datetime | None, bool]],
+    *,
+    start: datetime,
+    end: datetime,
+    now: datetime,
+    min_downtime: timedelta = DEFAULT_MIN_DOWNTIME,
+) -> list[tuple[datetime, datetime]]:
+    """The parts of [start, min(end, now)] outside every (first_event_at, last_event_at) span.
+
+    A span still running (third item True) covers up to `now`. Stretches shorter than
+    `min_downtime` are not downtime.
+    """
+    end = min(_utc(end), _utc(now))
+    start = _utc(start)
+    covered = sorted(
+        (_utc(a), _utc(now) if running else _utc(b))
+        for a, b, running in spans
+        if a is not None and (b is not None or running)
+    )
+    out: list[tuple[datetime, datetime]] = []
+    cursor = start
+    for a, b in covered:
+        if cursor >= end:
+            break
+        if b <= cursor:
+            continue
+        if a > cursor:
+            out.append((cursor, min(a, end)))
+        cursor = max(cursor, b)
+    if cursor < end:
+        out.append((cursor, end))
+    return [(a, b) for a, b in out if b - a >= min_downtime]
+
+
+def _column(con: Any, sql: str, params: Mapping[str, Any]) -> list[str]:
+    used = {k: v for k, v in params.items() if f"${k}" in sql}  # DuckDB refuses unused names
+    table = con.sql(sql, params=used).to_arrow_table()
+    return table.column(0).to_pylist() if table.num_rows else []
+
+
+async def detect_gaps(
+    store: Store,
+    *,
+    start: datetime,
+    end: datetime,
+    audit: Auditor | None,
+    explicit_dids: Iterable[str] = (),
+    no_audit_margin: timedelta = DEFAULT_NO_AUDIT_MARGIN,
+    min_downtime: timedelta = DEFAULT_MIN_DOWNTIME,
+    now: datetime | None = None,
+) -> GapReport:
+    """Find the DIDs that need a backfill for [start, end] (both inclusive), with their reasons.
+
+    The SQL runs in a worker thread on its own cursor (DuckDB releases the GIL), so a
+    daemon's event loop keeps running; only `audit` talks to the network.
+    """
+    start, end = _utc(start), _utc(end)
+    if end < start:
+        raise ValueError(f"end {end.isoformat()} is before start {start.isoformat()}")
+    explicit = list(dict.fromkeys(explicit_dids))
+    bad = [d for d in explicit if not is_valid_did(d)]
+    if bad:
+        raise SyntaxError_(f"invalid DID(s): {', '.join(bad[:5])}")
+    now = _utc(now or datetime.now(UTC))
+    params = {"start": start, "end": end}
+    timings: dict[str, float] = {}
+    found: dict[str, list[str]] = {r.value: [] for r in Reason}
+    loop = asyncio.get_running_loop()
+
+    def sql_reasons() -> tuple[list[tuple[datetime, datetime]], list[tuple[str, str | None, str]]]:
+        con = store.cursor()
+        try:
+            for reason, sql in (
+                (Reason.DESYNCHRONIZED, _DESYNC_SQL),
+                (Reason.NEVER_BACKFILLED, _NEVER_SQL),
+                (Reason.REFERENCED, _REFERENCED_SQL),
+            ):
+                t0 = loop.time()
+                found[reason.value] = _column(con, sql, params)
+                timings[reason.value] = loop.time() - t0
+            t0 = loop.time()
+            rows = con.execute(
+                "SELECT first_event_at, last_event_at, ended = ? FROM coverage", [CoverageEnd.RUNNING.value]
+            ).fetchall()
+            gaps = downtime_spans(rows, start=start, end=end, now=now, min_downtime=min_downtime)
+            candidates: list[tuple[str, str | None, str]] = []
+            if gaps:
+                con.register(
+                    "_gaps",
+                    pa.table(
+                        {"gap_start": [a for a, _ in gaps], "gap_end": [b for _, b in gaps]},
+                        schema=pa.schema([("gap_start", pa.timestamp("us", tz="UTC")),
+                                          ("gap_end", pa.timestamp("us", tz="UTC"))]),
+                    ),
+                )
+                try:
+                    if audit is None:
+                        found[Reason.DOWNTIME.value] = _column(
+                            con, _DOWNTIME_NO_AUDIT_SQL, {"margin": no_audit_margin}
+                        )
+                    else:
+                        candidates = [
+                            (d, r, p) for d, r, p in con.execute(_DOWNTIME_CANDIDATES_SQL).fetchall()
+                        ]
+                finally:
+                    con.unregister("_gaps")
+            timings[Reason.DOWNTIME.value] = loop.time() - t0
+            return gaps, candidates
+        finally:
+            con.close()
+
+    gaps, candidates = await asyncio.to_thread(sql_reasons)
+    if audit is not None and candidates:
+        t0 = loop.time()
+        by_host: dict[str, list[tuple[str, str | None]]] = {}
+        for did, rev, pds in candidates:
+            by_host.setdefault(pds, []).append((did, rev))
+        wanted = {did for did, _, _ in candidates}
+        moved = await audit(by_host)
+        found[Reason.DOWNTIME.value] = sorted(moved & wanted)
+        timings[Reason.DOWNTIME.value] += loop.time() - t0
+    found[Reason.EXPLICIT.value] = explicit
+
+    merged: dict[str, list[str]] = {}
+    for reason, dids in found.items():
+        for did in dids:
+            merged.setdefault(did, []).append(reason)
+    reasons_by_did = {
+        did: tuple(sorted(set(reasons), key=_ORDER.__getitem__)) for did, reasons in merged.items()
+    }
+    return GapReport(
+        start=start,
+        end=end,
+        reasons_by_did=reasons_by_did,
+        counts={reason: len(set(dids)) for reason, dids in found.items()},
+        downtime=tuple(gaps),
+        audited=audit is not None,
+        audit_candidates=len(candidates),
+        timings=timings,
+    )
