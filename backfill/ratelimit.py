@@ -1,0 +1,218 @@
+"""Per-host politeness: a token bucket, concurrency caps, and parking on rate-limit signals.
+
+A host is PARKED when it says so: a 429 (or 503) with `Retry-After` (seconds or an HTTP date),
+or `RateLimit-Remaining: 0` with `RateLimit-Reset`. While parked, every request to that host
+waits in `slot()` until the park ends; a 429 is backpressure, never a failure of the DID.
+Only a caller's `deadline` turns a wait into RateLimited(retry_at=...), so the caller can
+reschedule the DID without counting an attempt.
+
+`RateLimit-Reset` is read as epoch seconds (what the reference PDS sends); a value below
+1e9 is taken as delta seconds (the IETF draft's form). Parks are capped at `max_park`
+so a hostile header cannot park a host for a year; a 429 parks for at least `min_park`.
+
+Times: parks are epoch seconds (they come from headers and are shown to users); the token
+bucket runs on the monotonic clock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from email.utils import parsedate_to_datetime
+
+from skyfill.errors import RateLimited
+
+__all__ = ["HostLimiter", "LimiterCounters", "parse_retry_after"]
+
+_EPOCH_THRESHOLD = 1e9
+
+
+@dataclass(frozen=True, slots=True)
+class LimiterCounters:
+    requests: int          # slots granted
+    rate_limited: int      # 429 answers seen
+    parks: int             # times a host was parked (or its park extended)
+    hosts: int             # hosts ever seen
+
+
+@dataclass(slots=True)
+class _Host:
+    tokens: float
+    refilled_at: float
+    sem: asyncio.Semaphore
+    parked_until: float = 0.0   # epoch seconds
+    limit: int | None = None    # last RateLimit-Limit seen, for display
+
+
+def parse_retry_after(value: str, *, now: float) -> float | None:
+    """`Retry-After` as an epoch time: delta seconds or an HTTP date. None if unreadable."""
+    value = value.strip()
+    try:
+        return now + max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        return parsedate_to_datetime(value).timestamp()
+    except (TypeError, ValueError, IndexError):
+        return None
+
+
+class HostLimiter:
+    """Token bucket + concurrency cap per host, a global concurrency cap, and host parking."""
+
+    def __init__(
+        self,
+        *,
+        per_host_rps: float = 10.0,
+        per_host_burst: float | None = None,
+        per_host_concurrency: int = 4,
+        global_concurrency: int = 64,
+        min_park: float = 1.0,
+        default_park: float = 5.0,
+        max_park: float = 3600.0,
+    ) -> None:
+        if per_host_rps <= 0 or per_host_concurrency < 1 or global_concurrency < 1:
+            raise ValueError("rates and concurrency caps must be positive")
+        self.per_host_rps = per_host_rps
+        self._burst = per_host_burst if per_host_burst is not None else max(1.0, per_host_rps)
+        self._per_host_concurrency = per_host_concurrency
+        self._global = asyncio.Semaphore(global_concurrency)
+        self._min_park = min_park
+        self._default_park = default_park
+        self._max_park = max_park
+        self._hosts: dict[str, _Host] = {}
+        self._requests = 0
+        self._rate_limited = 0
+        self._parks = 0
+
+    def _host(self, host: str) -> _Host:
+        state = self._hosts.get(host)
+        if state is None:
+            state = _Host(self._burst, time.monotonic(), asyncio.Semaphore(self._per_host_concurrency))
+            self._hosts[host] = state
+        return state
+
+    # -- waiting ---------------------------------------------------------------------------
+
+    async def _wait_unparked(self, state: _Host, host: str, deadline: float | None) -> None:
+        while True:
+            now = time.time()
+            if state.parked_until <= now:
+                return
+            if deadline is not None and state.parked_until > deadline:
+                raise RateLimited(
+                    f"{host} is rate limited until {state.parked_until:.0f}", retry_at=state.parked_until, host=host
+                )
+            # The park may be extended while we sleep: the loop re-reads it.
+            await asyncio.sleep(state.parked_until - now)
+
+    async def _take_token(self, state: _Host) -> None:
+        while True:
+            now = time.monotonic()
+            state.tokens = min(self._burst, state.tokens + (now - state.refilled_at) * self.per_host_rps)
+            state.refilled_at = now
+            if state.tokens >= 1.0:
+                state.tokens -= 1.0
+                return
+            await asyncio.sleep((1.0 - state.tokens) / self.per_host_rps)
+
+    @asynccontextmanager
+    async def slot(self, host: str, *, deadline: float | None = None) -> AsyncIterator[None]:
+        """Hold one request slot for `host`: unparked, within its rate and both caps.
+
+        `deadline` (epoch seconds): if the host stays parked past it, raise RateLimited.
+        """
+        state = self._host(host)
+        while True:
+            await self._wait_unparked(state, host, deadline)
+            await state.sem.acquire()
+            try:
+                await self._take_token(state)
+            except BaseException:
+                state.sem.release()
+                raise
+            if state.parked_until > time.time():  # parked while we queued: queue again
+                state.sem.release()
+                continue
+            try:
+                await self._global.acquire()
+            except BaseException:
+                state.sem.release()
+                raise
+            break
+        self._requests += 1
+        try:
+            yield
+        finally:
+            self._global.release()
+            state.sem.release()
+
+    # -- signals from answers ----------------------------------------------------------------
+
+    def park(self, host: str, until: float) -> None:
+        """Park `host` until `until` (epoch seconds), capped at `max_park` from now."""
+        state = self._host(host)
+        until = min(until, time.time() + self._max_park)
+        if until > state.parked_until:
+            state.parked_until = until
+            self._parks += 1
+
+    def observe(self, host: str, status: int, headers: Mapping[str, str]) -> float | None:
+        """Read an answer's rate-limit signals (lower-case header names). Returns the park end."""
+        now = time.time()
+        state = self._host(host)
+        h = {k.lower(): v for k, v in headers.items()}
+        limit = _int(h.get("ratelimit-limit"))
+        if limit is not None:
+            state.limit = limit
+        until: float | None = None
+        retry_after = h.get("retry-after")
+        if retry_after is not None and status in (429, 503):
+            until = parse_retry_after(retry_after, now=now)
+        reset = _float(h.get("ratelimit-reset"))
+        if reset is not None and reset < _EPOCH_THRESHOLD:
+            reset = now + reset
+        if until is None and reset is not None and (status == 429 or _int(h.get("ratelimit-remaining")) == 0):
+            until = reset
+        if status == 429:
+            self._rate_limited += 1
+            if until is None:
+                until = now + self._default_park
+            until = max(until, now + self._min_park)
+        if until is None or until <= now:
+            return None
+        self.park(host, until)
+        return self._hosts[host].parked_until
+
+    # -- for the progress display ----------------------------------------------------------
+
+    def parked_hosts(self) -> dict[str, float]:
+        """Hosts parked right now -> epoch second the park ends."""
+        now = time.time()
+        return {h: s.parked_until for h, s in self._hosts.items() if s.parked_until > now}
+
+    def counters(self) -> LimiterCounters:
+        return LimiterCounters(
+            requests=self._requests, rate_limited=self._rate_limited, parks=self._parks, hosts=len(self._hosts)
+        )
+
+
+def _int(value: str | None) -> int | None:
+    if value is None:
+        return None
+    try:
+        return int(value.strip())
+    except ValueError:
+        return None
+
+
+def _float(value: str | None) -> float | None:
+    if value is None:
+        return None
+    try:
+        return float(value.strip())
+    except ValueError:
+        return None

@@ -1,0 +1,188 @@
+"""A real HTTP server on 127.0.0.1 whose answers each test scripts, faults included.
+
+    with FaultServer() as srv:
+        srv.script("/xrpc/com.atproto.sync.getRepo", Reply(500), Reply(200, car_bytes))
+        ... client GETs srv.url + path ...
+        assert srv.count("/xrpc/com.atproto.sync.getRepo") == 2
+
+A path's replies are served in order; the last one repeats. A reply can also be a function
+of the request (for pagination). Every request is recorded (method, path, query, headers,
+time) so a test can assert what the client did. Stdlib only; one thread per connection.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from email.utils import formatdate
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+__all__ = [
+    "FaultServer",
+    "Reply",
+    "Seen",
+    "json_reply",
+    "xrpc_error",
+    "redirect",
+    "rate_limited",
+    "http_date",
+]
+
+
+@dataclass(frozen=True)
+class Reply:
+    status: int = 200
+    body: bytes = b""
+    headers: Mapping[str, str] = field(default_factory=dict)
+    delay: float = 0.0                  # seconds of silence before the status line
+    chunked: bool = False               # no Content-Length: stream in 64 KiB chunks
+    content_length: int | None = None   # lie about the length (then close early)
+
+
+@dataclass(frozen=True)
+class Seen:
+    method: str
+    path: str
+    query: dict[str, str]
+    headers: dict[str, str]
+    at: float
+
+
+Handler = Callable[[Seen], Reply]
+
+
+def json_reply(obj: Any, status: int = 200, headers: Mapping[str, str] | None = None) -> Reply:
+    return Reply(status, json.dumps(obj).encode(), {"Content-Type": "application/json", **(headers or {})})
+
+
+def xrpc_error(error: str, message: str = "", status: int = 400) -> Reply:
+    return json_reply({"error": error, "message": message}, status)
+
+
+def redirect(location: str, status: int = 302) -> Reply:
+    return Reply(status, b"", {"Location": location})
+
+
+def http_date(epoch: float) -> str:
+    return formatdate(epoch, usegmt=True)
+
+
+def rate_limited(retry_after: str = "1", *, reset: float | None = None, limit: int = 3000) -> Reply:
+    """A 429 with Retry-After and the RateLimit-* headers the reference PDS sends."""
+    headers = {"Retry-After": retry_after, "RateLimit-Limit": str(limit), "RateLimit-Remaining": "0"}
+    if reset is not None:
+        headers["RateLimit-Reset"] = str(int(reset))
+    return json_reply({"error": "RateLimitExceeded", "message": "slow down"}, 429, headers)
+
+
+class FaultServer:
+    def __init__(self) -> None:
+        self._scripts: dict[str, list[Reply | Handler]] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self.requests: list[Seen] = []
+        server = self
+
+        class _Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def do_GET(self) -> None:  # noqa: N802
+                parts = urlsplit(self.path)
+                seen = Seen(
+                    method="GET",
+                    path=parts.path,
+                    query={k: v[-1] for k, v in parse_qs(parts.query).items()},
+                    headers={k.lower(): v for k, v in self.headers.items()},
+                    at=time.time(),
+                )
+                reply = server._next(seen)
+                if reply.delay and server._stop.wait(reply.delay):
+                    return
+                try:
+                    self._write(reply)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass
+
+            def _write(self, reply: Reply) -> None:
+                self.send_response(reply.status)
+                for k, v in reply.headers.items():
+                    self.send_header(k, v)
+                if reply.chunked:
+                    self.send_header("Transfer-Encoding", "chunked")
+                    self.end_headers()
+                    for i in range(0, len(reply.body), 65536):
+                        chunk = reply.body[i : i + 65536]
+                        self.wfile.write(f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n")
+                    self.wfile.write(b"0\r\n\r\n")
+                    return
+                length = reply.content_length if reply.content_length is not None else len(reply.body)
+                self.send_header("Content-Length", str(length))
+                if reply.content_length is not None:
+                    self.send_header("Connection", "close")
+                    self.close_connection = True
+                self.end_headers()
+                self.wfile.write(reply.body)
+
+        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+        self._httpd.daemon_threads = True
+        self._httpd.block_on_close = False
+        self._thread = threading.Thread(
+            target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05}, name="faultserver", daemon=True
+        )
+
+    # -- scripting ---------------------------------------------------------------------------
+
+    @property
+    def port(self) -> int:
+        return int(self._httpd.server_address[1])
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def script(self, path: str, *replies: Reply | Handler) -> None:
+        """Serve `replies` in order for GETs of `path` (query ignored); the last one repeats."""
+        with self._lock:
+            self._scripts[path] = list(replies)
+
+    def _next(self, seen: Seen) -> Reply:
+        with self._lock:
+            self.requests.append(seen)
+            queue = self._scripts.get(seen.path)
+            if not queue:
+                return xrpc_error("NotFound", f"nothing scripted for {seen.path}", 404)
+            item = queue.pop(0) if len(queue) > 1 else queue[0]
+        return item(seen) if callable(item) else item
+
+    def seen(self, path: str) -> list[Seen]:
+        with self._lock:
+            return [r for r in self.requests if r.path == path]
+
+    def count(self, path: str) -> int:
+        return len(self.seen(path))
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def start(self) -> FaultServer:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()  # releases handlers sleeping in a `delay`
+        self._httpd.shutdown()
+        self._httpd.server_close()
+        self._thread.join(timeout=5)
+
+    def __enter__(self) -> FaultServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
