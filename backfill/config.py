@@ -23,6 +23,8 @@ class BackfillConfig:
     max_car_bytes: int = 512 * 1024 * 1024
     connect_timeout: float = 10.0
     read_timeout: float = 60.0
+    request_retries: int = 3              # 5xx/network retries inside one attempt (client-side)
+    request_backoff: float = 1.0          # first in-attempt retry delay, seconds (doubles, jittered)
     max_attempts: int = 8                 # transient failures before the row is marked Failed
     backoff_min: timedelta = timedelta(minutes=1)
     backoff_max: timedelta = timedelta(hours=1)
@@ -41,6 +43,8 @@ class BackfillConfig:
             raise ConfigError("max_car_bytes must be >= 1024")
         if self.connect_timeout <= 0 or self.read_timeout <= 0:
             raise ConfigError("timeouts must be > 0")
+        if self.request_retries < 0 or self.request_backoff < 0:
+            raise ConfigError("request_retries and request_backoff must be >= 0")
         if self.max_attempts < 1:
             raise ConfigError("max_attempts must be >= 1")
         if self.backoff_min <= timedelta(0) or self.backoff_max < self.backoff_min:

@@ -28,17 +28,24 @@ Downtime worked example: coverage spans [09:00, 10:00] and [10:00:02, 14:00], wi
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import pyarrow as pa
 
-from skyfill.errors import SyntaxError_
+from skyfill.errors import FetchError, IdentityError, SyntaxError_
 from storage import TERMINAL_BACKFILL, CoverageEnd, Store, SyncState
+
+if TYPE_CHECKING:
+    from .identity import Resolver
+    from .pds import PdsClient
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "Reason",
@@ -47,6 +54,7 @@ __all__ = [
     "HeldRevs",
     "UNKNOWN_HOST",
     "detect_gaps",
+    "PdsAuditor",
     "downtime_spans",
     "is_valid_did",
 ]
@@ -315,3 +323,71 @@ async def detect_gaps(
         audit_candidates=len(candidates),
         timings=timings,
     )
+
+
+class PdsAuditor:
+    """An Auditor over the PDS sync endpoints: which held heads did their PDS move past?
+
+    Per host: `listRepos` (paged, 1000 a page) when more than `per_did_threshold` DIDs are
+    held there, else `getLatestCommit` per DID (paging a whole host to check three DIDs costs
+    more). DIDs the listing lacks fall back to `getLatestCommit`. DIDs with no cached PDS are
+    resolved first. Flagged: head rev > held rev, no held rev, an inactive listing (the account
+    changed state while we were away), or any failure to find out (better one backfill too many
+    than a silent hole; the backfill then records the precise outcome).
+    """
+
+    def __init__(
+        self, client: PdsClient, resolver: Resolver, *, per_did_threshold: int = 20, concurrency: int = 16
+    ) -> None:
+        self.client = client
+        self.resolver = resolver
+        self.per_did_threshold = per_did_threshold
+        self._sem = asyncio.Semaphore(concurrency)
+
+    async def __call__(self, held: HeldRevs) -> set[str]:
+        by_host: dict[str, list[tuple[str, str | None]]] = {h: list(v) for h, v in held.items() if h}
+        moved: set[str] = set()
+        unknown = list(held.get(UNKNOWN_HOST, ()))
+
+        async def locate(did: str, rev: str | None) -> None:
+            async with self._sem:
+                try:
+                    ident = await self.resolver.resolve(did)
+                except (IdentityError, FetchError) as exc:
+                    log.info("audit: cannot resolve", extra={"ctx": {"did": did, "error": str(exc)}})
+                    moved.add(did)
+                    return
+            by_host.setdefault(ident.pds, []).append((did, rev))
+
+        await asyncio.gather(*(locate(d, r) for d, r in unknown))
+        await asyncio.gather(*(self._host(pds, rows, moved) for pds, rows in by_host.items()))
+        return moved
+
+    async def _host(self, pds: str, rows: list[tuple[str, str | None]], moved: set[str]) -> None:
+        held = dict(rows)
+        left = dict(held)
+        if len(held) > self.per_did_threshold:
+            try:
+                async for repo in self.client.list_repos(pds):
+                    if repo.did not in left:
+                        continue
+                    rev = left.pop(repo.did)
+                    if not repo.active or rev is None or repo.rev > rev:
+                        moved.add(repo.did)
+                    if not left:
+                        break
+            except FetchError as exc:
+                log.info("audit: listRepos failed, asking per DID", extra={"ctx": {"pds": pds, "error": str(exc)}})
+
+        async def latest(did: str, rev: str | None) -> None:
+            async with self._sem:
+                try:
+                    _, head = await self.client.get_latest_commit(pds, did)
+                except FetchError as exc:
+                    log.info("audit: getLatestCommit failed", extra={"ctx": {"did": did, "error": str(exc)}})
+                    moved.add(did)
+                    return
+            if rev is None or head > rev:
+                moved.add(did)
+
+        await asyncio.gather(*(latest(d, r) for d, r in left.items()))

@@ -1,0 +1,493 @@
+"""The async backfiller: DID -> identity -> getRepo -> verified snapshot -> reconcile.
+
+Outcome rule. Every DID attempted ends in exactly one of:
+    ok          reconciled (the sink's commit returned); repo row rev/data_cid set, synchronized
+    terminal    RepoNotFound / RepoTakendown / RepoSuspended / RepoDeactivated (the PDS said so),
+                InvalidDidDocument, SignatureFailed (after one fresh re-resolve), UnsafeHost,
+                Failed (transient failures reached `max_attempts`, or the repo is over the size cap)
+                -> recorded on the row with no retry_after; the queue never hands it out again
+    retrying    5xx / network / truncated or corrupt CAR / PLC trouble -> row status 'retrying'
+                with a jittered retry_after (1 min doubling to 1 h)
+    deferred    the host is parked by rate limits past our patience: in queue mode the queue row
+                gets retry_after = the park's end and no attempt is counted; in list mode the
+                DID waits for the park (outside the concurrency cap) and goes again
+A fetch failure is never recorded as done: only the sink's commit marks a repo reconciled.
+
+Sink ordering: `sink.begin(did)` runs BEFORE the getRepo request is sent and is always
+paired with exactly one `commit` or `abort`, so a daemon-side sink can capture firehose
+commits that race the fetch (see consumer/resync.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import sys
+import time
+from collections.abc import AsyncIterator, Iterable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any, Protocol
+from urllib.parse import urlsplit
+
+from skyfill import metrics
+from skyfill.crypto import PublicKey, parse_public_key
+from skyfill.errors import (
+    IdentityError,
+    RateLimited,
+    RepoError,
+    RetryableFetchError,
+    SignatureError,
+    SkyfillError,
+    TerminalFetchError,
+    UnsafeHostError,
+)
+from storage import TERMINAL_BACKFILL, BackfillStatus, QueueState, ReconcileCounts, Store
+
+from .config import BackfillConfig
+from .identity import Identity, Resolver
+from .pds import PdsClient
+from .repo import RepoSnapshot, materialize, parse_repo
+
+__all__ = [
+    "Backfiller",
+    "BackfillSummary",
+    "ReconcileSink",
+    "DirectSink",
+    "backoff",
+    "recover_queue",
+    "open_backfiller",
+]
+
+log = logging.getLogger(__name__)
+
+# Wait this long for a parked host inside one request before deferring the DID instead.
+_HOST_PATIENCE = 30.0
+_QUEUE_CLAIM = 500
+
+
+class ReconcileSink(Protocol):
+    """Where a verified snapshot goes. One `begin` per attempt, then exactly one `commit` or `abort`.
+
+    begin(did)             called before the getRepo request is sent (start capturing racing events)
+    commit(did, snapshot)  make storage equal the snapshot (+ anything newer captured); returns counts
+    abort(did)             the attempt failed; drop whatever `begin` set up
+    """
+
+    async def begin(self, did: str) -> None: ...
+
+    async def commit(self, did: str, snapshot: RepoSnapshot) -> ReconcileCounts: ...
+
+    async def abort(self, did: str) -> None: ...
+
+
+class DirectSink:
+    """Standalone sink: no firehose runs in this process, so nothing can race the fetch."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    async def begin(self, did: str) -> None:
+        return None
+
+    async def commit(self, did: str, snapshot: RepoSnapshot) -> ReconcileCounts:
+        def run() -> ReconcileCounts:
+            return self.store.reconcile(
+                did,
+                rev=snapshot.rev,
+                data_cid=snapshot.data_cid,
+                commit_cid=snapshot.commit_cid,
+                fetched=snapshot.records,
+                materialize=lambda keys: materialize(snapshot, keys),
+            )
+
+        return await asyncio.to_thread(run)
+
+    async def abort(self, did: str) -> None:
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class BackfillSummary:
+    repos_ok: int
+    failed: dict[str, int]          # outcome -> repos (terminal statuses, 'retrying', 'deferred')
+    records_added: int
+    records_updated: int
+    records_deleted: int
+    records_unchanged: int
+    elapsed: float                  # seconds
+    hosts_parked: int               # hosts parked by rate limits at some point during the run
+
+    @property
+    def repos_failed(self) -> int:
+        return sum(self.failed.values())
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "repos_ok": self.repos_ok,
+            "repos_failed": self.repos_failed,
+            "failed": dict(sorted(self.failed.items())),
+            "records": {
+                "added": self.records_added,
+                "updated": self.records_updated,
+                "deleted": self.records_deleted,
+                "unchanged": self.records_unchanged,
+            },
+            "elapsed_s": round(self.elapsed, 3),
+            "hosts_parked": self.hosts_parked,
+        }
+
+
+@dataclass(slots=True)
+class _Tally:
+    ok: int = 0
+    failed: dict[str, int] = field(default_factory=dict)
+    added: int = 0
+    updated: int = 0
+    deleted: int = 0
+    unchanged: int = 0
+    parked: set[str] = field(default_factory=set)
+
+    def fail(self, outcome: str) -> None:
+        self.failed[outcome] = self.failed.get(outcome, 0) + 1
+
+    def summary(self, elapsed: float) -> BackfillSummary:
+        return BackfillSummary(
+            repos_ok=self.ok, failed=dict(self.failed), records_added=self.added, records_updated=self.updated,
+            records_deleted=self.deleted, records_unchanged=self.unchanged, elapsed=elapsed,
+            hosts_parked=len(self.parked),
+        )
+
+
+def backoff(attempts: int, *, base: timedelta, cap: timedelta) -> timedelta:
+    """Jittered exponential backoff: attempt 1 -> about `base`, doubling up to `cap` (50-100 %)."""
+    full = min(cap.total_seconds(), base.total_seconds() * 2 ** max(0, attempts - 1))
+    return timedelta(seconds=full * random.uniform(0.5, 1.0))
+
+
+def recover_queue(store: Store) -> int:
+    """Hand queue rows left 'in_progress' by a process that died back to 'pending' (call at start-up)."""
+    rows = store.fetchall("SELECT count(*) FROM backfill_queue WHERE state = ?", [QueueState.IN_PROGRESS.value])
+    store.execute_write(
+        "UPDATE backfill_queue SET state = ?, updated_at = ? WHERE state = ?",
+        [QueueState.PENDING.value, datetime.now(UTC), QueueState.IN_PROGRESS.value],
+    )
+    return int(rows[0][0])
+
+
+class _Deferred(Exception):
+    def __init__(self, retry_at: float) -> None:
+        self.retry_at = retry_at
+
+
+class Backfiller:
+    """Backfills DIDs concurrently: `config.concurrency` repos in flight, host limits in the client."""
+
+    def __init__(
+        self,
+        store: Store,
+        resolver: Resolver,
+        client: PdsClient,
+        sink: ReconcileSink,
+        *,
+        config: BackfillConfig,
+        progress: bool | None = None,
+    ) -> None:
+        self.store = store
+        self.resolver = resolver
+        self.client = client
+        self.sink = sink
+        self.config = config
+        # a progress bar only on a terminal (never in logs or under tests)
+        self._progress = sys.stderr.isatty() if progress is None else progress
+        self._work = asyncio.Semaphore(config.concurrency)
+        self._parked_seen: set[str] = set()
+
+    # -- entry points ------------------------------------------------------------------------
+
+    async def run(self, dids: Iterable[str]) -> BackfillSummary:
+        """Backfill these DIDs (terminal ones included: naming a DID is an explicit request)."""
+        tally = _Tally()
+        started = time.monotonic()
+        async with self._display(tally) as tick:
+            await self._drive(dids, tally, tick, defer=False)
+        return tally.summary(time.monotonic() - started)
+
+    async def run_queue(self) -> BackfillSummary:
+        """Claim pending queue rows whose retry_after has passed, in chunks, until none is due."""
+        tally = _Tally()
+        started = time.monotonic()
+        async with self._display(tally) as tick:
+            while True:
+                claimed = await asyncio.to_thread(self._claim, _QUEUE_CLAIM)
+                if not claimed:
+                    break
+                await self._drive(claimed, tally, tick, defer=True)
+        return tally.summary(time.monotonic() - started)
+
+    def _claim(self, limit: int) -> list[str]:
+        now = datetime.now(UTC)
+        rows: list[str] = []
+
+        def claim(con: Any) -> None:
+            rows.extend(
+                r[0]
+                for r in con.execute(
+                    "UPDATE backfill_queue SET state = ?, updated_at = ? WHERE did IN ("
+                    "  SELECT did FROM backfill_queue WHERE state = ? AND (retry_after IS NULL OR retry_after <= ?)"
+                    "  ORDER BY enqueued_at, did LIMIT ?) RETURNING did",
+                    [QueueState.IN_PROGRESS.value, now, QueueState.PENDING.value, now, limit],
+                ).fetchall()
+            )
+
+        self.store._txn(claim)  # noqa: SLF001 - a claim must be one statement in one transaction
+        return rows
+
+    async def _drive(self, dids: Iterable[str], tally: _Tally, tick: Any, *, defer: bool) -> None:
+        # Bounded: at most 4x concurrency tasks exist; the producer waits for room.
+        room = asyncio.Semaphore(self.config.concurrency * 4)
+        tasks: set[asyncio.Task[None]] = set()
+
+        async def one(did: str) -> None:
+            try:
+                await self._backfill_one(did, tally, defer=defer)
+            finally:
+                room.release()
+                tick()
+
+        for did in dids:
+            await room.acquire()
+            task = asyncio.create_task(one(did))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+        if tasks:
+            await asyncio.gather(*tasks)
+
+    # -- one DID -----------------------------------------------------------------------------
+
+    async def _backfill_one(self, did: str, tally: _Tally, *, defer: bool) -> None:
+        while True:
+            try:
+                async with self._work:
+                    counts = await self._attempt(did)
+            except _Deferred as d:
+                if defer:
+                    await asyncio.to_thread(self._defer, did, d.retry_at)
+                    tally.fail("deferred")
+                    metrics.BACKFILL_REPOS.labels(outcome="deferred").inc()
+                    return
+                # list mode: wait out the park without holding a work slot, then go again
+                await asyncio.sleep(max(0.0, d.retry_at - time.time()))
+                continue
+            except _Outcome as o:
+                await self._record_failure(did, o, tally)
+                return
+            except Exception as exc:  # a bug must not strand the DID 'in_progress' or stop the run
+                log.exception("backfill crashed", extra={"ctx": {"did": did}})
+                await self._record_failure(did, _Outcome(BackfillStatus.RETRYING, f"internal: {exc!r}"), tally)
+                return
+            tally.ok += 1
+            tally.added += counts.added
+            tally.updated += counts.updated
+            tally.deleted += counts.deleted
+            tally.unchanged += counts.unchanged
+            metrics.BACKFILL_REPOS.labels(outcome="ok").inc()
+            for change, n in (("added", counts.added), ("updated", counts.updated), ("deleted", counts.deleted)):
+                if n:
+                    metrics.BACKFILL_RECORDS.labels(change=change).inc(n)
+            return
+
+    async def _attempt(self, did: str) -> ReconcileCounts:
+        """One try. Raises _Outcome (what to record) or _Deferred (rate limited)."""
+        identity = await self._resolve(did, fresh=False)
+        await self.sink.begin(did)
+        committed = False
+        try:
+            snapshot = await self._fetch_and_parse(did, identity)
+            try:
+                counts = await self.sink.commit(did, snapshot)
+            except SkyfillError as exc:
+                raise _Outcome(BackfillStatus.RETRYING, f"storing failed: {exc}") from exc
+            committed = True
+            return counts
+        finally:
+            if not committed:
+                await self.sink.abort(did)
+
+    async def _resolve(self, did: str, *, fresh: bool) -> Identity:
+        try:
+            return await self.resolver.resolve(did, fresh=fresh)
+        except IdentityError as exc:
+            if exc.terminal:
+                raise _Outcome(BackfillStatus.INVALID_DID_DOC, str(exc)) from exc
+            raise _Outcome(BackfillStatus.RETRYING, f"identity: {exc}") from exc
+        except UnsafeHostError as exc:
+            raise _Outcome(BackfillStatus.UNSAFE_HOST, str(exc)) from exc
+
+    def _key(self, identity: Identity) -> PublicKey | None:
+        if not self.config.verify:
+            return None
+        try:
+            return parse_public_key(identity.signing_key)
+        except (IdentityError, ValueError) as exc:
+            raise _Outcome(BackfillStatus.INVALID_DID_DOC, f"signing key: {exc}") from exc
+
+    async def _fetch_and_parse(self, did: str, identity: Identity) -> RepoSnapshot:
+        car = await self._get_repo(did, identity.pds)
+        try:
+            return await self._parse(did, car, self._key(identity))
+        except SignatureError as first:
+            # The key may have rotated since the document was cached: re-resolve once.
+            fresh = await self._resolve(did, fresh=True)
+            if fresh.pds != identity.pds:
+                car = await self._get_repo(did, fresh.pds)
+            try:
+                return await self._parse(did, car, self._key(fresh))
+            except SignatureError as exc:
+                raise _Outcome(BackfillStatus.SIGNATURE_FAILED, str(exc)) from first
+
+    async def _get_repo(self, did: str, pds: str) -> bytes:
+        try:
+            return await self.client.get_repo(pds, did, deadline=time.time() + _HOST_PATIENCE)
+        except TerminalFetchError as exc:
+            try:
+                status = BackfillStatus(exc.outcome)
+            except ValueError:
+                status = BackfillStatus.FAILED
+            raise _Outcome(status, str(exc)) from exc
+        except UnsafeHostError as exc:
+            raise _Outcome(BackfillStatus.UNSAFE_HOST, str(exc)) from exc
+        except RateLimited as exc:
+            self._note_parked()
+            raise _Deferred(exc.retry_at) from exc
+        except RetryableFetchError as exc:
+            raise _Outcome(BackfillStatus.RETRYING, str(exc)) from exc
+        except RepoError as exc:
+            if exc.kind == "too_large":
+                raise _Outcome(BackfillStatus.FAILED, str(exc)) from exc
+            raise _Outcome(BackfillStatus.RETRYING, str(exc)) from exc
+        finally:
+            self._note_parked()
+
+    async def _parse(self, did: str, car: bytes, key: PublicKey | None) -> RepoSnapshot:
+        # CPU-bound (hashing, MST walk, signature): off the event loop.
+        try:
+            return await asyncio.to_thread(parse_repo, car, did=did, key=key)
+        except SignatureError:
+            raise
+        except RepoError as exc:
+            # missing_block = a CAR cut at a block boundary; a bad hash or a broken node may be a
+            # damaged transfer too. None of these is proof the repo is gone: retry with backoff.
+            raise _Outcome(BackfillStatus.RETRYING, f"{exc.kind}: {exc}") from exc
+
+    # -- bookkeeping -------------------------------------------------------------------------
+
+    def _note_parked(self) -> None:
+        parked = self.client.parked_hosts()
+        metrics.BACKFILL_HOSTS_PARKED.set(len(parked))
+        self._parked_seen.update(parked)
+
+    async def _record_failure(self, did: str, outcome: _Outcome, tally: _Tally) -> None:
+        status, error = outcome.status, outcome.message
+        retry_after: datetime | None = None
+        if status is BackfillStatus.RETRYING:
+            attempts = await asyncio.to_thread(self._attempts, did)
+            if attempts + 1 >= self.config.max_attempts:
+                status = BackfillStatus.FAILED
+                error = f"gave up after {attempts + 1} attempts: {error}"
+            else:
+                retry_after = datetime.now(UTC) + backoff(
+                    attempts + 1, base=self.config.backoff_min, cap=self.config.backoff_max
+                )
+        log.warning("backfill failed", extra={"ctx": {"did": did, "status": status.value, "error": error}})
+        tally.fail(status.value)
+        metrics.BACKFILL_REPOS.labels(outcome=status.value).inc()
+        try:
+            await asyncio.to_thread(
+                self.store.record_backfill_failure, did, status=status, error=error[:2000], retry_after=retry_after
+            )
+        except SkyfillError:
+            log.exception("could not record a backfill failure", extra={"ctx": {"did": did}})
+
+    def _attempts(self, did: str) -> int:
+        rows = self.store.fetchall("SELECT backfill_attempts FROM repos WHERE did = ?", [did])
+        return int(rows[0][0]) if rows else 0
+
+    def _defer(self, did: str, retry_at: float) -> None:
+        # Rate limiting is the host's state, not the DID's: no attempt counted, no status written.
+        self.store.execute_write(
+            "UPDATE backfill_queue SET state = ?, retry_after = ?, updated_at = ? WHERE did = ?",
+            [QueueState.PENDING.value, datetime.fromtimestamp(retry_at, UTC), datetime.now(UTC), did],
+        )
+
+    # -- progress ----------------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def _display(self, tally: _Tally) -> AsyncIterator[Any]:
+        self._parked_seen = set()
+        if not self._progress:
+            try:
+                yield lambda: None
+            finally:
+                tally.parked |= self._parked_seen
+            return
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+        with Progress(
+            TextColumn("backfill"),
+            BarColumn(),
+            TextColumn("{task.completed} repos  {task.fields[records]} records  {task.fields[parked]} hosts parked"),
+            TimeElapsedColumn(),
+            transient=False,
+        ) as bar:
+            task = bar.add_task("repos", total=None, records=0, parked=0)
+
+            def tick() -> None:
+                done = tally.ok + sum(tally.failed.values())
+                records = tally.added + tally.updated + tally.deleted + tally.unchanged
+                bar.update(task, completed=done, records=records, parked=len(self.client.parked_hosts()))
+
+            try:
+                yield tick
+            finally:
+                tally.parked |= self._parked_seen
+
+
+@asynccontextmanager
+async def open_backfiller(
+    store: Store, *, config: BackfillConfig, sink: ReconcileSink | None = None, progress: bool | None = None
+) -> AsyncIterator[Backfiller]:
+    """The one place a Backfiller is wired: guarded client, caching resolver, sink (DirectSink default)."""
+    client = PdsClient(
+        connect_timeout=config.connect_timeout,
+        read_timeout=config.read_timeout,
+        max_car_bytes=config.max_car_bytes,
+        per_host_rps=config.per_host_rps,
+        per_host_concurrency=config.per_host_concurrency,
+        global_concurrency=config.concurrency,
+        max_retries=config.request_retries,
+        backoff_base=config.request_backoff,
+        allow_private_hosts=config.allow_private_hosts,
+        # the PLC directory is chosen by the operator, not by a DID document
+        trusted_hosts=[urlsplit(config.plc_url).hostname or ""],
+    )
+    resolver = Resolver(
+        plc_url=config.plc_url, ttl=config.identity_ttl.total_seconds(), client=client, store=store
+    )
+    try:
+        yield Backfiller(store, resolver, client, sink or DirectSink(store), config=config, progress=progress)
+    finally:
+        await resolver.aclose()
+        await client.aclose()
+
+
+class _Outcome(Exception):
+    def __init__(self, status: BackfillStatus, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+assert BackfillStatus.RETRYING not in TERMINAL_BACKFILL

@@ -1,0 +1,326 @@
+"""The backfiller end to end: a real local HTTP server plays the PLC directory and the PDS,
+serving signed repo CARs (bench.data's generator) and scripted faults; the store is a real
+DuckDB file."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from faultserver import FaultServer, Reply, Seen, json_reply, xrpc_error
+
+from backfill.backfiller import open_backfiller, recover_queue
+from backfill.config import BackfillConfig
+from backfill.gaps import PdsAuditor
+from backfill.repo import parse_repo
+from bench.data.identity import Identity, did_document, make_identity
+from bench.data.repo import generate_repo
+from storage import Store
+
+GET_REPO = "/xrpc/com.atproto.sync.getRepo"
+
+
+class World:
+    """DIDs, their documents and repos, served by one FaultServer (PLC at /, PDS at /xrpc)."""
+
+    def __init__(self, srv: FaultServer) -> None:
+        self.srv = srv
+        self.rng = random.Random(7)
+        self.docs: dict[str, Any] = {}
+        self.repos: dict[str, list[Reply]] = {}
+        self.plc_hits: dict[str, int] = {}
+        self.repo_hits: dict[str, int] = {}
+        srv.script(GET_REPO, self._get_repo)
+
+    def account(self, n_records: int = 20) -> tuple[Identity, bytes]:
+        ident = make_identity(self.rng)
+        car = generate_repo(self.rng, did=ident.did, key=ident.secret, n_records=n_records)
+        self.set_doc(ident.did, did_document(ident, self.srv.url))
+        self.repos[ident.did] = [Reply(200, car, {"Content-Type": "application/vnd.ipld.car"})]
+        return ident, car
+
+    def set_doc(self, did: str, doc: Any) -> None:
+        self.docs[did] = doc
+        self.srv.script(f"/{did}", lambda seen: self._plc(did))
+
+    def _plc(self, did: str) -> Reply:
+        self.plc_hits[did] = self.plc_hits.get(did, 0) + 1
+        return json_reply(self.docs[did])
+
+    def _get_repo(self, seen: Seen) -> Reply:
+        did = seen.query.get("did", "")
+        self.repo_hits[did] = self.repo_hits.get(did, 0) + 1
+        replies = self.repos.get(did)
+        if not replies:
+            return xrpc_error("RepoNotFound", "no such repo")
+        return replies.pop(0) if len(replies) > 1 else replies[0]
+
+
+@pytest.fixture
+def srv() -> Iterator[FaultServer]:
+    with FaultServer() as s:
+        yield s
+
+
+@pytest.fixture
+def world(srv: FaultServer) -> World:
+    return World(srv)
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[Store]:
+    s = Store(tmp_path / "bf.duckdb")
+    yield s
+    s.close()
+
+
+def doc_with_wrong_key(did: str, srv: FaultServer, seed: int) -> dict[str, Any]:
+    """A well-formed DID document for `did` whose #atproto key belongs to someone else."""
+    doc = did_document(make_identity(random.Random(seed)), srv.url)
+    doc["id"] = did
+    for vm in doc["verificationMethod"]:
+        vm["controller"] = did
+        vm["id"] = f"{did}#atproto"
+    return doc
+
+
+def config(srv: FaultServer, **kw: Any) -> BackfillConfig:
+    kw.setdefault("request_backoff", 0.01)
+    return BackfillConfig(plc_url=srv.url, allow_private_hosts=True, concurrency=4, **kw)
+
+
+def repo_row(store: Store, did: str) -> dict[str, Any]:
+    cols = ["rev", "data_cid", "sync_state", "backfill_status", "backfill_error", "backfill_attempts",
+            "backfill_retry_after", "backfilled_at"]
+    rows = store.fetchall(f"SELECT {', '.join(cols)} FROM repos WHERE did = ?", [did])
+    assert rows, did
+    return dict(zip(cols, rows[0], strict=True))
+
+
+def stored(store: Store, did: str) -> dict[tuple[str, str], str]:
+    return {(c, k): cid for c, k, cid in store.fetchall(
+        "SELECT collection, rkey, cid FROM records WHERE did = ?", [did])}
+
+
+def block_boundaries(car: bytes) -> list[int]:
+    """Offsets where each CAR section (header, then each block) ends."""
+    def varint(pos: int) -> tuple[int, int]:
+        n = shift = 0
+        while True:
+            b = car[pos]
+            n |= (b & 0x7F) << shift
+            pos += 1
+            if not b & 0x80:
+                return n, pos
+            shift += 7
+
+    out, pos = [], 0
+    while pos < len(car):
+        n, pos = varint(pos)
+        pos += n
+        out.append(pos)
+    return out
+
+
+async def test_reconcile_adds_updates_deletes(store: Store, world: World, srv: FaultServer) -> None:
+    ident, car = world.account(n_records=30)
+    did = ident.did
+    truth = parse_repo(car, did=did, key=None)
+    keys = sorted(truth.records)
+    matching, changed, missing = keys[:10], keys[10:15], keys[15:]
+    vanished = [("app.bsky.feed.like", "3kgone000000a"), ("app.bsky.feed.post", "3kgone000000b")]
+    now = datetime.now(UTC)
+    for key, cid in [(k, truth.records[k]) for k in matching] + [(k, "bafyreistale") for k in changed] + [
+            (k, "bafyreivanished") for k in vanished]:
+        store.execute_write(
+            "INSERT INTO records (did, collection, rkey, cid, record, indexed_at) VALUES (?, ?, ?, ?, '{}', ?)",
+            [did, key[0], key[1], cid, now])
+    store.execute_write(
+        "INSERT INTO repos (did, first_seen_at, sync_state, desynced_at) VALUES (?, ?, 'desynchronized', ?)",
+        [did, now, now])
+
+    async with open_backfiller(store, config=config(srv)) as bf:
+        summary = await bf.run([did])
+
+    assert (summary.repos_ok, summary.records_added, summary.records_updated, summary.records_deleted,
+            summary.records_unchanged) == (1, len(missing), len(changed), len(vanished), len(matching))
+    assert stored(store, did) == truth.records
+    row = repo_row(store, did)
+    assert (row["rev"], row["data_cid"], row["sync_state"], row["backfill_status"]) == (
+        truth.rev, truth.data_cid, "synchronized", "ok")
+    assert row["backfilled_at"] is not None
+    # record bodies were decoded from the CAR, with createdAt
+    bodies = store.fetchall("SELECT count(*) FROM records WHERE did = ? AND record::VARCHAR LIKE '%createdAt%'"
+                            " AND created_at IS NOT NULL", [did])
+    assert bodies[0][0] >= len(missing) + len(changed) - 1  # the profile has no createdAt
+    # a second run changes nothing
+    async with open_backfiller(store, config=config(srv)) as bf:
+        again = await bf.run([did])
+    assert (again.records_added, again.records_updated, again.records_deleted, again.records_unchanged) == (
+        0, 0, 0, len(keys))
+
+
+@pytest.mark.parametrize(
+    ("reply", "status"),
+    [(xrpc_error("RepoTakendown", "gone"), "RepoTakendown"), (xrpc_error("RepoNotFound", "?"), "RepoNotFound"),
+     (xrpc_error("RepoDeactivated", "zzz"), "RepoDeactivated")],
+)
+async def test_terminal_fetch_outcomes_recorded_and_not_retried(
+    store: Store, world: World, srv: FaultServer, reply: Reply, status: str
+) -> None:
+    ident, _ = world.account()
+    world.repos[ident.did] = [reply]
+    store.enqueue({ident.did: ["explicit"]})
+    async with open_backfiller(store, config=config(srv)) as bf:
+        summary = await bf.run_queue()
+        assert summary.failed == {status: 1} and summary.repos_ok == 0
+        row = repo_row(store, ident.did)
+        assert row["backfill_status"] == status and row["backfill_retry_after"] is None
+        assert row["backfilled_at"] is None and row["sync_state"] != "synchronized"
+        assert store.fetchall("SELECT state FROM backfill_queue")[0][0] == "failed"
+        # the queue never hands it out again
+        again = await bf.run_queue()
+    assert again.repos_ok == 0 and again.repos_failed == 0
+    assert world.repo_hits[ident.did] == 1
+
+
+async def test_invalid_did_document_is_terminal(store: Store, world: World, srv: FaultServer) -> None:
+    ident, _ = world.account()
+    doc = dict(world.docs[ident.did])
+    doc["service"] = []  # no #atproto_pds
+    world.set_doc(ident.did, doc)
+    store.enqueue({ident.did: ["explicit"]})
+    async with open_backfiller(store, config=config(srv)) as bf:
+        summary = await bf.run_queue()
+        again = await bf.run_queue()
+    assert again.repos_ok == 0 and again.repos_failed == 0  # nothing left to claim
+    assert summary.failed == {"InvalidDidDocument": 1}
+    assert repo_row(store, ident.did)["backfill_status"] == "InvalidDidDocument"
+    assert world.repo_hits.get(ident.did, 0) == 0
+
+
+async def test_signature_failure_reresolves_once_then_terminal(store: Store, world: World, srv: FaultServer) -> None:
+    ident, _ = world.account()
+    world.set_doc(ident.did, doc_with_wrong_key(ident.did, srv, 99))
+    store.enqueue({ident.did: ["explicit"]})
+    async with open_backfiller(store, config=config(srv)) as bf:
+        summary = await bf.run_queue()
+        assert (await bf.run_queue()).repos_failed == 0
+    assert summary.failed == {"SignatureFailed": 1}
+    assert world.plc_hits[ident.did] == 2  # cached resolve, then exactly one fresh re-resolve
+    row = repo_row(store, ident.did)
+    assert row["backfill_status"] == "SignatureFailed" and row["backfill_retry_after"] is None
+    assert stored(store, ident.did) == {}
+
+
+async def test_rotated_key_recovers_on_fresh_resolve(store: Store, world: World, srv: FaultServer) -> None:
+    ident, car = world.account()
+    good = world.docs[ident.did]
+    wrong = doc_with_wrong_key(ident.did, srv, 5)
+    # the cache holds a stale document with an old key; PLC now serves the current one
+    world.set_doc(ident.did, wrong)
+    async with open_backfiller(store, config=config(srv)) as bf:
+        await bf.resolver.resolve(ident.did)
+        world.set_doc(ident.did, good)
+        summary = await bf.run([ident.did])
+    assert summary.repos_ok == 1
+    assert stored(store, ident.did) == parse_repo(car, did=ident.did, key=None).records
+
+
+async def test_no_verify_skips_signature(store: Store, world: World, srv: FaultServer) -> None:
+    ident, car = world.account()
+    world.set_doc(ident.did, doc_with_wrong_key(ident.did, srv, 5))
+    async with open_backfiller(store, config=config(srv, verify=False)) as bf:
+        summary = await bf.run([ident.did])
+    assert summary.repos_ok == 1
+
+
+async def test_500_then_success(store: Store, world: World, srv: FaultServer) -> None:
+    ident, car = world.account()
+    world.repos[ident.did] = [Reply(500, b"oops"), Reply(503, b"busy")] + world.repos[ident.did]
+    async with open_backfiller(store, config=config(srv)) as bf:
+        summary = await bf.run([ident.did])
+    assert summary.repos_ok == 1 and summary.repos_failed == 0
+    assert world.repo_hits[ident.did] == 3
+    assert repo_row(store, ident.did)["backfill_status"] == "ok"
+
+
+async def test_truncated_car_is_retryable_and_not_done(store: Store, world: World, srv: FaultServer) -> None:
+    ident, car = world.account(n_records=10)
+    cut = block_boundaries(car)[-3]  # ends exactly at a block boundary: the CAR itself parses
+    world.repos[ident.did] = [Reply(200, car[:cut])]
+    store.enqueue({ident.did: ["never_backfilled"]})
+    async with open_backfiller(store, config=config(srv)) as bf:
+        summary = await bf.run_queue()
+    assert summary.failed == {"retrying": 1}
+    row = repo_row(store, ident.did)
+    assert row["backfill_status"] == "retrying" and row["backfilled_at"] is None
+    assert row["backfill_retry_after"] > datetime.now(UTC) + timedelta(seconds=20)
+    assert "missing" in row["backfill_error"]
+    queue = store.fetchall("SELECT state, attempts, retry_after IS NOT NULL FROM backfill_queue")
+    assert queue == [("pending", 1, True)]
+    assert stored(store, ident.did) == {}
+
+    # once retry_after has passed and the PDS serves the whole CAR, the queue completes it
+    world.repos[ident.did] = [Reply(200, car)]
+    store.execute_write("UPDATE backfill_queue SET retry_after = now() - INTERVAL 1 MINUTE")
+    async with open_backfiller(store, config=config(srv)) as bf:
+        summary = await bf.run_queue()
+    assert summary.repos_ok == 1
+    assert store.fetchall("SELECT state FROM backfill_queue") == [("done",)]
+
+
+async def test_transient_failures_end_in_failed(store: Store, world: World, srv: FaultServer) -> None:
+    ident, _ = world.account()
+    world.repos[ident.did] = [Reply(500, b"down")]
+    async with open_backfiller(store, config=config(srv, request_retries=0, max_attempts=2)) as bf:
+        first = await bf.run([ident.did])
+        second = await bf.run([ident.did])
+    assert first.failed == {"retrying": 1} and second.failed == {"Failed": 1}
+    row = repo_row(store, ident.did)
+    assert row["backfill_status"] == "Failed" and row["backfill_retry_after"] is None
+
+
+async def test_run_queue_skips_rows_not_yet_due_and_recovers_stranded(store: Store, world: World,
+                                                                      srv: FaultServer) -> None:
+    a, _ = world.account()
+    b, _ = world.account()
+    store.enqueue({a.did: ["explicit"], b.did: ["explicit"]})
+    store.execute_write("UPDATE backfill_queue SET retry_after = now() + INTERVAL 1 HOUR WHERE did = ?", [a.did])
+    store.execute_write("UPDATE backfill_queue SET state = 'in_progress' WHERE did = ?", [b.did])
+    assert recover_queue(store) == 1
+    async with open_backfiller(store, config=config(srv)) as bf:
+        summary = await bf.run_queue()
+    assert summary.repos_ok == 1
+    assert dict(store.fetchall("SELECT did, state FROM backfill_queue")) == {a.did: "pending", b.did: "done"}
+
+
+async def test_many_dids_concurrently(store: Store, world: World, srv: FaultServer) -> None:
+    accounts = [world.account(n_records=5) for _ in range(12)]
+    async with open_backfiller(store, config=config(srv)) as bf:
+        summary = await bf.run(i.did for i, _ in accounts)
+    assert summary.repos_ok == 12
+    assert store.fetchall("SELECT count(DISTINCT did) FROM records")[0][0] == 12
+
+
+async def test_pds_auditor_flags_moved_heads(store: Store, world: World, srv: FaultServer) -> None:
+    # three accounts on one PDS: one moved past the held rev, one did not, one unknown to listRepos
+    accounts = [world.account(n_records=2)[0] for _ in range(3)]
+    moved, still, unlisted = (i.did for i in accounts)
+    listing = [{"did": moved, "head": "bafyreia", "rev": "3lzzzzzzzzz22", "active": True},
+               {"did": still, "head": "bafyreib", "rev": "3lbbbbbbbbb22", "active": True}]
+    srv.script("/xrpc/com.atproto.sync.listRepos",
+               lambda seen: json_reply({"repos": listing} if "cursor" not in seen.query
+                                       else {"repos": []}))
+    srv.script("/xrpc/com.atproto.sync.getLatestCommit", json_reply({"cid": "bafyreic", "rev": "3lccccccccc22"}))
+    async with open_backfiller(store, config=config(srv)) as bf:
+        audit = PdsAuditor(bf.client, bf.resolver, per_did_threshold=0)
+        held = {"": [(moved, "3laaaaaaaaa22"), (still, "3lbbbbbbbbb22"), (unlisted, "3lccccccccc22")]}
+        assert await audit(held) == {moved}
+        # few DIDs on a host: getLatestCommit per DID instead of paging the whole host
+        audit_small = PdsAuditor(bf.client, bf.resolver, per_did_threshold=10)
+        assert await audit_small({srv.url: [(unlisted, "3laaaaaaaaa22")]}) == {unlisted}
