@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from faultserver import FaultServer, Reply, Seen, json_reply, xrpc_error
+from tests.faultserver import FaultServer, Reply, Seen, json_reply, xrpc_error
 
 from backfill.backfiller import open_backfiller, recover_queue
 from backfill.config import BackfillConfig
