@@ -80,6 +80,15 @@ def rate_limited(retry_after: str = "1", *, reset: float | None = None, limit: i
     return json_reply({"error": "RateLimitExceeded", "message": "slow down"}, 429, headers)
 
 
+class _QuietServer(ThreadingHTTPServer):
+    daemon_threads = True
+    block_on_close = False
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # Clients that hang up (timeouts, aborted oversized downloads) are part of the script.
+        pass
+
+
 class FaultServer:
     def __init__(self) -> None:
         self._scripts: dict[str, list[Reply | Handler]] = {}
@@ -131,9 +140,7 @@ class FaultServer:
                 self.end_headers()
                 self.wfile.write(reply.body)
 
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-        self._httpd.daemon_threads = True
-        self._httpd.block_on_close = False
+        self._httpd = _QuietServer(("127.0.0.1", 0), _Handler)
         self._thread = threading.Thread(
             target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05}, name="faultserver", daemon=True
         )

@@ -20,7 +20,7 @@ from skyfill.errors import (
     TerminalFetchError,
     UnsafeHostError,
 )
-from faultserver import FaultServer, Reply, http_date, json_reply, rate_limited, redirect, xrpc_error
+from tests.faultserver import FaultServer, Reply, http_date, json_reply, rate_limited, redirect, xrpc_error
 
 GET_REPO = "/xrpc/com.atproto.sync.getRepo"
 LIST_REPOS = "/xrpc/com.atproto.sync.listRepos"

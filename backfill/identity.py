@@ -1,0 +1,290 @@
+"""DID -> Identity (PDS endpoint, signing key, handle), cached with a TTL.
+
+did:plc is fetched from `{plc_url}/{did}`; did:web from `https://{host}/.well-known/did.json`
+(`%3A` encodes a port; path-style did:web is not allowed in atproto). Every fetch goes through
+the PdsClient's guarded HTTP (SSRF guard, size cap, retries, per-host rate limits), so a
+did:web host on a private address is refused. http is used for did:web only when
+`allow_private_hosts` is set AND the host is localhost or a loopback literal (tests).
+
+Failures: a bad DID, a document whose `id` differs, no `#atproto_pds` service, no `#atproto`
+key, an unusable endpoint, an unsafe did:web host, 404/410 -> IdentityError(terminal=True).
+Network trouble, 5xx, 429 past patience -> IdentityError(terminal=False).
+
+`signing_key` is always in Multikey form (`z` + base58btc(multicodec + compressed point)),
+checked to be on its curve by `skyfill.crypto.parse_public_key`: legacy
+`EcdsaSecp256k1VerificationKey2019` / `EcdsaSecp256r1VerificationKey2019` keys are converted,
+so `parse_public_key(identity.signing_key)` needs no key type.
+
+Cache: an in-memory dict, backed by the DuckDB `identities` table when a Store is given.
+Rows older than `ttl` are ignored; terminal failures are recorded there with `error` set
+(for diagnosis) but never served from the cache. `fresh=True` skips both caches.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import re
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+import orjson
+
+from skyfill.errors import FetchError, IdentityError, InputError, UnsafeHostError
+from skyfill.crypto import parse_public_key
+from storage import Store
+
+from .pds import PdsClient
+
+__all__ = ["Resolver", "Identity", "is_valid_did"]
+
+_DID_RE = re.compile(r"^did:[a-z]+:[a-zA-Z0-9._:%-]*[a-zA-Z0-9._-]$")
+_PLC_RE = re.compile(r"^did:plc:[a-z2-7]{24}$")
+_HOST_RE = re.compile(r"^(?=.{1,253}$)([a-zA-Z0-9]([a-zA-Z0-9-]{0,61}[a-zA-Z0-9])?)(\.[a-zA-Z0-9]([a-zA-Z0-9-]{0,61}[a-zA-Z0-9])?)*$")
+_DOC_LIMIT = 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    did: str
+    pds: str                 # #atproto_pds service endpoint, validated http(s) URL, no trailing /
+    signing_key: str         # #atproto key, Multikey form ("zQ3s..." K-256, "zDn..." P-256)
+    handle: str | None       # from alsoKnownAs at://, lower-cased, NOT verified bidirectionally
+    doc: dict[str, Any]
+
+
+def is_valid_did(did: str) -> bool:
+    """atproto DID syntax (any method)."""
+    return len(did) <= 2048 and _DID_RE.match(did) is not None
+
+
+class Resolver:
+    def __init__(
+        self,
+        *,
+        plc_url: str = "https://plc.directory",
+        ttl: float = 24 * 3600.0,
+        client: PdsClient | None = None,
+        allow_private_hosts: bool = False,
+        store: Store | None = None,
+    ) -> None:
+        """`client`: share the PdsClient's guarded HTTP and host limits (its `allow_private_hosts`
+        then decides; if `plc_url` is on a private address, put its host in the client's
+        `trusted_hosts`). Without one, the Resolver builds its own client trusting the PLC host."""
+        parts = urlsplit(plc_url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"plc_url must be an http(s) URL: {plc_url!r}")
+        self._plc_url = plc_url.rstrip("/")
+        self._ttl = ttl
+        self._store = store
+        self._owns_client = client is None
+        self._client = client or PdsClient(
+            allow_private_hosts=allow_private_hosts, trusted_hosts=[parts.hostname], max_retries=2
+        )
+        self._allow_private = self._client.http.allow_private_hosts
+        self._memory: dict[str, tuple[Identity, float]] = {}
+
+    async def aclose(self) -> None:
+        if self._owns_client:
+            await self._client.aclose()
+
+    async def __aenter__(self) -> Resolver:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    # -- public ------------------------------------------------------------------------------
+
+    async def resolve(self, did: str, *, fresh: bool = False) -> Identity:
+        if not fresh:
+            cached = self._memory.get(did)
+            if cached is not None and time.time() - cached[1] < self._ttl:
+                return cached[0]
+            stored = await self._load(did)
+            if stored is not None:
+                return stored
+        url = self._doc_url(did)
+        doc = await self._fetch_doc(did, url)
+        try:
+            identity = parse_did_doc(did, doc)
+        except IdentityError as exc:
+            await self._save_error(did, doc, str(exc))
+            raise
+        now = time.time()
+        self._memory[did] = (identity, now)
+        await self._save(identity, now)
+        return identity
+
+    def forget(self, did: str) -> None:
+        self._memory.pop(did, None)
+
+    # -- fetching ----------------------------------------------------------------------------
+
+    def _doc_url(self, did: str) -> str:
+        if not is_valid_did(did):
+            raise IdentityError(f"invalid DID syntax: {did!r}", did=did, terminal=True)
+        if did.startswith("did:plc:"):
+            if not _PLC_RE.match(did):
+                raise IdentityError(f"invalid did:plc: {did!r}", did=did, terminal=True)
+            return f"{self._plc_url}/{did}"
+        if did.startswith("did:web:"):
+            host_port = unquote(did[len("did:web:") :])
+            host, _, port = host_port.partition(":")
+            if ":" in port or not _HOST_RE.match(host) or (port and not (port.isdigit() and 0 < int(port) < 65536)):
+                raise IdentityError(f"unsupported did:web (paths are not allowed): {did!r}", did=did, terminal=True)
+            scheme = "http" if self._allow_private and _is_loopback_name(host) else "https"
+            return f"{scheme}://{host_port.lower()}/.well-known/did.json"
+        raise IdentityError(f"unsupported DID method: {did!r}", did=did, terminal=True)
+
+    async def _fetch_doc(self, did: str, url: str) -> dict[str, Any]:
+        try:
+            result = await self._client.fetch(url, max_bytes=_DOC_LIMIT, did=did, headers={"Accept": "application/json"})
+        except UnsafeHostError as exc:
+            if url.startswith(self._plc_url):
+                raise IdentityError(f"PLC directory refused by the host guard: {exc}", did=did) from exc
+            raise IdentityError(f"did:web host refused: {exc}", did=did, terminal=True) from exc
+        except InputError as exc:
+            raise IdentityError(f"DID document too large: {exc}", did=did, terminal=True) from exc
+        except FetchError as exc:  # RetryableFetchError, RateLimited past patience
+            raise IdentityError(f"cannot fetch DID document: {exc}", did=did) from exc
+        if result.status in (404, 410):
+            raise IdentityError(f"DID document not found (HTTP {result.status})", did=did, terminal=True)
+        if not 200 <= result.status < 300:
+            raise IdentityError(f"HTTP {result.status} fetching DID document", did=did)
+        try:
+            doc = orjson.loads(result.body)
+        except orjson.JSONDecodeError as exc:
+            raise IdentityError("DID document is not JSON", did=did, terminal=True) from exc
+        if not isinstance(doc, dict):
+            raise IdentityError("DID document is not a JSON object", did=did, terminal=True)
+        return doc
+
+    # -- cache -------------------------------------------------------------------------------
+
+    async def _load(self, did: str) -> Identity | None:
+        if self._store is None:
+            return None
+        store = self._store
+        since = datetime.now(UTC) - timedelta(seconds=self._ttl)
+        rows = await asyncio.to_thread(
+            store.fetchall,
+            "SELECT pds, signing_key, handle, doc::VARCHAR, epoch(resolved_at) FROM identities "
+            "WHERE did = ? AND error IS NULL AND resolved_at > ?",
+            [did, since],
+        )
+        if not rows:
+            return None
+        pds, key, handle, doc_json, resolved_at = rows[0]
+        identity = Identity(did=did, pds=pds, signing_key=key, handle=handle, doc=orjson.loads(doc_json))
+        self._memory[did] = (identity, float(resolved_at))
+        return identity
+
+    async def _save(self, identity: Identity, resolved_at: float) -> None:
+        if self._store is None:
+            return
+        await asyncio.to_thread(
+            self._store.execute_write,
+            _UPSERT,
+            [identity.did, identity.pds, identity.signing_key, identity.handle,
+             orjson.dumps(identity.doc).decode(), datetime.fromtimestamp(resolved_at, UTC), None],
+        )
+
+    async def _save_error(self, did: str, doc: dict[str, Any], error: str) -> None:
+        self._memory.pop(did, None)
+        if self._store is None:
+            return
+        await asyncio.to_thread(
+            self._store.execute_write,
+            _UPSERT,
+            [did, None, None, None, orjson.dumps(doc).decode(), datetime.now(UTC), error],
+        )
+
+
+_UPSERT = (
+    "INSERT INTO identities (did, pds, signing_key, handle, doc, resolved_at, error) "
+    "VALUES (?, ?, ?, ?, ?::JSON, ?, ?) ON CONFLICT (did) DO UPDATE SET pds = excluded.pds, "
+    "signing_key = excluded.signing_key, handle = excluded.handle, doc = excluded.doc, "
+    "resolved_at = excluded.resolved_at, error = excluded.error"
+)
+
+
+# -- parsing the document (pure) -----------------------------------------------------------
+
+
+def parse_did_doc(did: str, doc: dict[str, Any]) -> Identity:
+    """Validate a DID document for `did` and extract what skyfill needs. Raises terminal
+    IdentityError for anything unusable."""
+
+    def bad(msg: str) -> IdentityError:
+        return IdentityError(f"{did}: {msg}", did=did, terminal=True)
+
+    if doc.get("id") != did:
+        raise bad(f"document id {doc.get('id')!r} differs")
+    pds = _find(did, doc.get("service"), "#atproto_pds")
+    if pds is None or not isinstance(pds.get("serviceEndpoint"), str):
+        raise bad("no #atproto_pds service")
+    endpoint = _valid_endpoint(pds["serviceEndpoint"])
+    if endpoint is None:
+        raise bad(f"unusable PDS endpoint {pds['serviceEndpoint']!r}")
+    method = _find(did, doc.get("verificationMethod"), "#atproto")
+    if method is None or not isinstance(method.get("publicKeyMultibase"), str):
+        raise bad("no #atproto verification key")
+    key = _multikey(method.get("type"), method["publicKeyMultibase"])
+    if key is None:
+        raise bad(f"unusable #atproto key of type {method.get('type')!r}")
+    handle = None
+    aka = doc.get("alsoKnownAs")
+    if isinstance(aka, list):
+        for name in aka:
+            if isinstance(name, str) and name.startswith("at://") and len(name) > 5:
+                handle = name[5:].lower()
+                break
+    return Identity(did=did, pds=endpoint, signing_key=key, handle=handle, doc=doc)
+
+
+def _find(did: str, entries: object, fragment: str) -> dict[str, Any] | None:
+    if not isinstance(entries, list):
+        return None
+    for entry in entries:
+        if isinstance(entry, dict) and entry.get("id") in (fragment, did + fragment):
+            return entry
+    return None
+
+
+def _valid_endpoint(value: str) -> str | None:
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 - raises on a malformed port
+    except ValueError:
+        return None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return None
+    if parts.username or parts.password or parts.query or parts.fragment:
+        return None
+    if parts.path not in ("", "/"):
+        return None
+    return f"{parts.scheme}://{parts.netloc}"
+
+
+def _multikey(key_type: object, multibase: str) -> str | None:
+    """The key in Multikey form, validated as a point on its curve; None if unusable."""
+    if not isinstance(key_type, str):
+        return None
+    try:
+        key = parse_public_key(multibase, key_type=key_type)
+    except IdentityError:
+        return None
+    return key.did_key().removeprefix("did:key:")
+
+
+def _is_loopback_name(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
