@@ -1,13 +1,18 @@
-"""The backfiller's settings: one frozen value, built once at the boundary (CLI, handler, daemon)."""
+"""The backfiller's settings (one frozen value) and the parsing of user input, done once at the
+boundary (CLI, handler, daemon API)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
+from typing import Final, Literal
 
 from skyfill.errors import ConfigError
+from skyfill.syntax import is_did
 
-__all__ = ["BackfillConfig", "DEFAULT_PLC_URL"]
+__all__ = ["BackfillConfig", "DEFAULT_PLC_URL", "ALL", "parse_when", "parse_window", "parse_dids"]
 
 DEFAULT_PLC_URL = "https://plc.directory"
 
@@ -51,3 +56,59 @@ class BackfillConfig:
             raise ConfigError("need 0 < backoff_min <= backoff_max")
         if self.identity_ttl < timedelta(0):
             raise ConfigError("identity_ttl must be >= 0")
+
+
+def parse_when(value: str, *, end_of_day: bool = False) -> datetime:
+    """`YYYY-MM-DD` or ISO 8601 -> an aware UTC datetime (no zone = UTC).
+
+    A bare date as the END of a window means the end of that day, so `--start 2025-03-10
+    --end 2025-03-10` is the whole of the 10th.
+    """
+    text = value.strip()
+    try:
+        if len(text) == 10:
+            day = date.fromisoformat(text)
+            ts = datetime(day.year, day.month, day.day, tzinfo=UTC)
+            return ts + timedelta(days=1) - timedelta(microseconds=1) if end_of_day else ts
+        ts = datetime.fromisoformat(text.replace("Z", "+00:00") if text.endswith("Z") else text)
+    except ValueError as exc:
+        raise ConfigError(f"not a date (YYYY-MM-DD) or ISO 8601 time: {value!r}") from exc
+    return ts.replace(tzinfo=UTC) if ts.tzinfo is None else ts.astimezone(UTC)
+
+
+def parse_window(start: str, end: str) -> tuple[datetime, datetime]:
+    lo, hi = parse_when(start), parse_when(end, end_of_day=True)
+    if hi < lo:
+        raise ConfigError(f"end {end!r} is before start {start!r}")
+    return lo, hi
+
+
+ALL: Final = "all"
+
+
+def parse_dids(spec: str | Iterable[str]) -> list[str] | Literal["all"]:
+    """`all`, `did1,did2`, `@file` (one DID a line, # comments) or a list -> validated DIDs.
+
+    Raises ConfigError naming the first invalid entries; duplicates are dropped, order kept.
+    """
+    if isinstance(spec, str):
+        text = spec.strip()
+        if text == ALL:
+            return ALL
+        if text.startswith("@"):
+            try:
+                lines = Path(text[1:]).read_text().splitlines()
+            except OSError as exc:
+                raise ConfigError(f"cannot read DID file {text[1:]!r}: {exc}") from exc
+            items = [line.split("#", 1)[0].strip() for line in lines]
+        else:
+            items = [part.strip() for part in text.split(",")]
+    else:
+        items = [str(part).strip() for part in spec]
+    dids = list(dict.fromkeys(d for d in items if d))
+    bad = [d for d in dids if not is_did(d)]
+    if bad:
+        raise ConfigError(f"invalid DID(s): {', '.join(repr(b) for b in bad[:5])}")
+    if not dids:
+        raise ConfigError("no DIDs given")
+    return dids

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -39,6 +38,7 @@ from typing import TYPE_CHECKING, Any, Final
 import pyarrow as pa
 
 from skyfill.errors import FetchError, IdentityError, SyntaxError_
+from skyfill.syntax import is_did
 from storage import TERMINAL_BACKFILL, CoverageEnd, Store, SyncState
 
 if TYPE_CHECKING:
@@ -68,12 +68,11 @@ UNKNOWN_HOST: Final = ""
 DEFAULT_NO_AUDIT_MARGIN: Final = timedelta(hours=24)
 DEFAULT_MIN_DOWNTIME: Final = timedelta(seconds=5)
 
-_DID_RE: Final = re.compile(r"^did:[a-z]+:[a-zA-Z0-9._:%-]*[a-zA-Z0-9._-]$")
 _DID_RE_SQL: Final = "^did:[a-z]+:[a-zA-Z0-9._:%-]*[a-zA-Z0-9._-]$"
 
 
 def is_valid_did(did: str) -> bool:
-    return len(did) <= 2048 and _DID_RE.match(did) is not None
+    return is_did(did)
 
 
 class Reason(StrEnum):
