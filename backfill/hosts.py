@@ -32,6 +32,7 @@ from urllib.parse import urljoin, urlsplit
 import httpcore
 import httpx
 
+from skyfill import metrics
 from skyfill.errors import InputError, RetryableFetchError, UnsafeHostError
 
 from .ratelimit import HostLimiter
@@ -261,16 +262,27 @@ class SafeHttp:
         """
         target = str(httpx.URL(url, params=params)) if params else url
         for _hop in range(self._max_redirects + 1):
-            await check_host(
-                target,
-                allow_private=self.allow_private_hosts,
-                trusted_hosts=self.trusted_hosts,
-                timeout=self._connect_timeout,
-            )
-            host = host_key(target)
-            slot = limiter.slot(host, deadline=deadline) if limiter is not None else contextlib.nullcontext()
-            async with slot:
-                result = await self._send(target, host, max_bytes=max_bytes, headers=headers)
+            try:
+                await check_host(
+                    target,
+                    allow_private=self.allow_private_hosts,
+                    trusted_hosts=self.trusted_hosts,
+                    timeout=self._connect_timeout,
+                )
+                host = host_key(target)
+                slot = limiter.slot(host, deadline=deadline) if limiter is not None else contextlib.nullcontext()
+                async with slot:
+                    result = await self._send(target, host, max_bytes=max_bytes, headers=headers)
+            except UnsafeHostError:
+                metrics.BACKFILL_REQUESTS.labels(result="unsafe").inc()
+                raise
+            except RetryableFetchError:
+                metrics.BACKFILL_REQUESTS.labels(result="network").inc()
+                raise
+            except InputError:
+                metrics.BACKFILL_REQUESTS.labels(result="too_large").inc()
+                raise
+            metrics.BACKFILL_REQUESTS.labels(result=_status_class(result.status)).inc()
             if limiter is not None:
                 limiter.observe(host, result.status, result.headers)
             location = result.headers.get("location")
@@ -306,6 +318,10 @@ class SafeHttp:
             raise RetryableFetchError(f"{url}: {type(exc).__name__}: {exc}", host=host) from exc
         except httpx.HTTPError as exc:
             raise RetryableFetchError(f"{url}: {type(exc).__name__}: {exc}", host=host) from exc
+
+
+def _status_class(status: int) -> str:
+    return "429" if status == 429 else f"{status // 100}xx"
 
 
 async def _read_capped(chunks: AsyncIterator[bytes], limit: int, *, fail: bool, url: str) -> bytes:

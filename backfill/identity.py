@@ -26,6 +26,7 @@ import asyncio
 import ipaddress
 import re
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -70,6 +71,7 @@ class Resolver:
         client: PdsClient | None = None,
         allow_private_hosts: bool = False,
         store: Store | None = None,
+        memory_entries: int = 100_000,
     ) -> None:
         """`client`: share the PdsClient's guarded HTTP and host limits (its `allow_private_hosts`
         then decides; if `plc_url` is on a private address, put its host in the client's
@@ -85,7 +87,9 @@ class Resolver:
             allow_private_hosts=allow_private_hosts, trusted_hosts=[parts.hostname], max_retries=2
         )
         self._allow_private = self._client.http.allow_private_hosts
-        self._memory: dict[str, tuple[Identity, float]] = {}
+        # LRU: a full-network backfill resolves millions of DIDs; memory must not grow with them.
+        self._memory: OrderedDict[str, tuple[Identity, float]] = OrderedDict()
+        self._memory_entries = memory_entries
 
     async def aclose(self) -> None:
         if self._owns_client:
@@ -103,6 +107,7 @@ class Resolver:
         if not fresh:
             cached = self._memory.get(did)
             if cached is not None and time.time() - cached[1] < self._ttl:
+                self._memory.move_to_end(did)
                 return cached[0]
             stored = await self._load(did)
             if stored is not None:
@@ -115,9 +120,15 @@ class Resolver:
             await self._save_error(did, doc, str(exc))
             raise
         now = time.time()
-        self._memory[did] = (identity, now)
+        self._remember(identity, now)
         await self._save(identity, now)
         return identity
+
+    def _remember(self, identity: Identity, resolved_at: float) -> None:
+        self._memory[identity.did] = (identity, resolved_at)
+        self._memory.move_to_end(identity.did)
+        while len(self._memory) > self._memory_entries:
+            self._memory.popitem(last=False)
 
     def forget(self, did: str) -> None:
         self._memory.pop(did, None)
@@ -180,7 +191,7 @@ class Resolver:
             return None
         pds, key, handle, doc_json, resolved_at = rows[0]
         identity = Identity(did=did, pds=pds, signing_key=key, handle=handle, doc=orjson.loads(doc_json))
-        self._memory[did] = (identity, float(resolved_at))
+        self._remember(identity, float(resolved_at))
         return identity
 
     async def _save(self, identity: Identity, resolved_at: float) -> None:

@@ -223,3 +223,15 @@ def test_did_syntax_vectors() -> None:
         for line in (base / name).read_text().splitlines():
             if line.strip() and not line.startswith("#"):
                 assert is_valid_did(line) is expected, line
+
+
+async def test_memory_cache_is_bounded(server: FaultServer, client: PdsClient) -> None:
+    dids = ["did:plc:" + c * 24 for c in "jkl"]
+    for did in dids:
+        server.script(f"/{did}", json_reply(make_doc(did)))
+    async with Resolver(plc_url=server.url, client=client, memory_entries=2) as resolver:
+        for did in dids:
+            await resolver.resolve(did)
+        await resolver.resolve(dids[2])  # still held
+        await resolver.resolve(dids[0])  # evicted first: fetched again
+    assert [server.count(f"/{d}") for d in dids] == [2, 1, 1]

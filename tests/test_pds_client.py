@@ -12,6 +12,7 @@ import pytest
 from backfill.hosts import SafeHttp, check_host, is_unsafe_address
 from backfill.pds import ListedRepo, PdsClient
 from backfill.ratelimit import HostLimiter, parse_retry_after
+from skyfill import metrics
 from skyfill.car import read_car
 from skyfill.errors import (
     RateLimited,
@@ -47,6 +48,11 @@ async def client() -> AsyncIterator[PdsClient]:
         per_host_rps=1000,
     ) as c:
         yield c
+
+
+def _requests_metric(result: str) -> float:
+    value = metrics.REGISTRY.get_sample_value("skyfill_backfill_requests_total", {"result": result})
+    return value or 0.0
 
 
 def _block_boundaries(car: bytes) -> list[int]:
@@ -114,8 +120,10 @@ async def test_unknown_400_is_not_terminal(server: FaultServer, client: PdsClien
 
 async def test_429_parks_the_host_and_retries_after_reset(server: FaultServer, client: PdsClient) -> None:
     reset = time.time() + 1
+    throttled_before = _requests_metric("429")
     server.script(GET_REPO, rate_limited("1", reset=reset), Reply(200, CAR))
     assert await client.get_repo(server.url, DID) == CAR
+    assert _requests_metric("429") == throttled_before + 1
     first, second = server.seen(GET_REPO)
     assert second.at >= first.at + 0.9  # the retry waited for the host's reset
     counters = client.limiter.counters()
