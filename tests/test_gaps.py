@@ -204,3 +204,24 @@ def test_downtime_spans_running_and_empty() -> None:
     assert downtime_spans([(h(-1), h(2), True)], start=h(0), end=h(10), now=h(5)) == []
     assert downtime_spans([(h(1), h(2), False), (h(3), h(20), False)], start=h(0), end=h(10), now=h(30)) == [
         (h(0), h(1)), (h(2), h(3))]
+
+
+def test_cli_gaps_json_and_enqueue(store: Store, tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from skyfill.cli import main
+
+    add_coverage(store, h(-48), h(60))
+    add_repo(store, "did:plc:fresh", first_seen=h(1), last_event=h(5))
+    store.close()
+    args = ["gaps", "--db", store.path, "--start", "2025-03-10", "--end", "2025-03-10", "--no-audit", "--json",
+            "--enqueue", "--dids", "did:web:x.example"]
+    first = CliRunner().invoke(main, args)
+    assert first.exit_code == 0, first.output
+    data = json.loads(first.output)
+    assert data["dids"] == {"did:plc:fresh": ["never_backfilled"], "did:web:x.example": ["explicit"]}
+    assert data["counts"]["never_backfilled"] == 1 and data["enqueued"] == 2
+    again = CliRunner().invoke(main, args)
+    assert json.loads(again.output)["enqueued"] == 0
+    bad = CliRunner().invoke(main, ["gaps", "--db", store.path, "--start", "2025-03-11", "--end", "2025-03-10"])
+    assert bad.exit_code != 0 and "before" in bad.output
