@@ -324,3 +324,20 @@ async def test_pds_auditor_flags_moved_heads(store: Store, world: World, srv: Fa
         # few DIDs on a host: getLatestCommit per DID instead of paging the whole host
         audit_small = PdsAuditor(bf.client, bf.resolver, per_did_threshold=10)
         assert await audit_small({srv.url: [(unlisted, "3laaaaaaaaa22")]}) == {unlisted}
+
+
+async def test_rate_limited_host_defers_without_counting_an_attempt(store: Store, world: World,
+                                                                    srv: FaultServer) -> None:
+    from tests.faultserver import rate_limited
+
+    ident, _ = world.account()
+    world.repos[ident.did] = [rate_limited(retry_after="120")]
+    store.enqueue({ident.did: ["explicit"]})
+    async with open_backfiller(store, config=config(srv)) as bf:
+        summary = await bf.run_queue()
+    assert summary.failed == {"deferred": 1} and summary.hosts_parked == 1
+    state, attempts, retry_after = store.fetchall("SELECT state, attempts, retry_after FROM backfill_queue")[0]
+    assert state == "pending" and attempts == 0
+    assert retry_after > datetime.now(UTC) + timedelta(seconds=60)
+    # a 429 is never a failure of the repo: nothing recorded on its row
+    assert store.fetchall("SELECT count(*) FROM repos WHERE backfill_status IS NOT NULL")[0][0] == 0
