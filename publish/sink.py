@@ -1,0 +1,301 @@
+"""`skyfill sink`: build a DuckDB mirror from the topics alone (the reference subscriber).
+
+Delivery is at-least-once: offsets are committed only after the DuckDB transaction that
+applied the messages has committed, so a crash replays a suffix of each partition. Applying
+is idempotent by (did, collection, rkey, rev):
+- a record message whose rev is older than the stored record's rev (or than the rev of the
+  delete that removed it, kept in `sink_tombstones`) is skipped, so a replayed or duplicated
+  older message never rolls a record back;
+- a record message of a deleted account with a rev at or before the deletion is skipped. The
+  two topics are not ordered against each other, so a create read after the account deletion
+  that purged it must not bring the record back;
+- a repo message older than the stored row, by (rev, seq), is skipped.
+Worked example, one DID, records topic read as  c1(rev 1) u2(rev 2) d3(rev 3) u2(rev 2, a replay):
+    c1 -> put rev 1;  u2 -> put rev 2;  d3 -> delete, tombstone rev 3;  u2 -> 2 < 3, skipped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow as pa
+from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
+from aiokafka.errors import KafkaError
+
+from skyfill import metrics
+from skyfill.errors import PublishError
+from skyfill.records import is_valid_datetime
+from storage import Batch, RecordPut, RepoRow, Store
+
+from .messages import Topics, decode_value
+
+__all__ = ["Sink", "SinkStats"]
+
+log = logging.getLogger(__name__)
+
+_TOMBSTONES_DDL = (
+    "CREATE TABLE IF NOT EXISTS sink_tombstones (did VARCHAR NOT NULL, collection VARCHAR NOT NULL, "
+    "rkey VARCHAR NOT NULL, rev VARCHAR, PRIMARY KEY (did, collection, rkey))"
+)
+_KEYS = pa.schema([("did", pa.string()), ("collection", pa.string()), ("rkey", pa.string())])
+_TOMBS = pa.schema([("did", pa.string()), ("collection", pa.string()), ("rkey", pa.string()), ("rev", pa.string())])
+
+RecordKey = tuple[str, str, str]
+
+
+@dataclass(slots=True)
+class SinkStats:
+    applied: int = 0
+    skipped: int = 0      # older than what is stored: replays and duplicates
+    invalid: int = 0      # not a v1 skyfill message
+
+
+def _older(rev: str | None, than: str | None) -> bool:
+    # TIDs sort as strings; an unknown rev on either side cannot be ordered, so it applies.
+    return rev is not None and than is not None and rev < than
+
+
+@dataclass(slots=True)
+class _RepoSeen:
+    rev: str | None
+    seq: int | None
+    event_at: str | None
+    status: str
+
+
+@dataclass(slots=True)
+class _Fold:
+    """Folds decoded messages into one Batch, against the stored state loaded beforehand."""
+
+    live: dict[RecordKey, str | None]          # stored/pending record rev
+    tombs: dict[RecordKey, str | None]         # rev of the delete that removed the key
+    repos: dict[str, _RepoSeen]
+    batch: Batch = field(default_factory=Batch)
+    new_tombs: dict[RecordKey, str | None] = field(default_factory=dict)
+    stats: SinkStats = field(default_factory=SinkStats)
+
+    def record(self, m: dict[str, Any]) -> None:
+        did, key, rev = m["did"], (m["did"], m["collection"], m["rkey"]), m.get("rev")
+        seen = self.repos.get(did)
+        if seen is not None and seen.status == "deleted" and (rev is None or not _older(seen.rev, rev)):
+            self.stats.skipped += 1
+            return
+        if _older(rev, self.live.get(key)) or _older(rev, self.tombs.get(key)):
+            self.stats.skipped += 1
+            return
+        if m["op"] == "delete":
+            self.batch.delete_record(*key)
+            self.live.pop(key, None)
+            self.tombs[key] = self.new_tombs[key] = rev
+        else:
+            record = m["record"]
+            created = record.get("createdAt") if isinstance(record, dict) else None
+            self.batch.put_record(
+                *key,
+                RecordPut(
+                    cid=m["cid"], rev=rev, record=_dumps(record),
+                    created_at=created if is_valid_datetime(created) else None,
+                ),
+            )
+            self.live[key] = rev
+        self.stats.applied += 1
+
+    def repo(self, m: dict[str, Any]) -> None:
+        did, rev, seq = m["did"], m.get("rev"), m.get("seq")
+        seen = self.repos.get(did)
+        if seen is not None and (
+            _older(rev, seen.rev)
+            or ((rev is None or rev == seen.rev) and seq is not None and seen.seq is not None and seq < seen.seq)
+        ):
+            self.stats.skipped += 1
+            return
+        # A backfill snapshot has no seq/time: keep the firehose position already stored.
+        keep_seq = seq if seq is not None else (seen.seq if seen else None)
+        keep_at = m.get("time") if seq is not None else (seen.event_at if seen else None)
+        self.batch.put_repo(
+            RepoRow(
+                did=did, rev=rev, data_cid=m.get("data_cid"), last_seq=keep_seq, last_event_at=keep_at,
+                handle=m.get("handle"), active=bool(m["active"]), status=m["status"],
+                sync_state=m["sync_state"], desync_reason=m.get("desync_reason"),
+            )
+        )
+        if m["status"] == "deleted":
+            self.batch.purge_did(did)
+            for key in [k for k in self.live if k[0] == did]:
+                del self.live[key]
+        self.repos[did] = _RepoSeen(rev, keep_seq, keep_at, m["status"])
+        self.stats.applied += 1
+
+
+def _dumps(obj: Any) -> str:
+    import orjson
+
+    return orjson.dumps(obj).decode()
+
+
+class Sink:
+    """Consumes the records and repos topics with a consumer group and applies them to `store`."""
+
+    def __init__(
+        self,
+        store: Store,
+        bootstrap: str,
+        *,
+        group_id: str = "skyfill-sink",
+        topics: Topics = Topics(),
+        max_poll_records: int = 5000,
+        client_id: str = "skyfill-sink",
+    ) -> None:
+        self.store = store
+        self.bootstrap = bootstrap
+        self.group_id = group_id
+        self.topics = topics
+        self._max_poll = max_poll_records
+        self._client_id = client_id
+        self._consumer: AIOKafkaConsumer | None = None
+        self.stats = SinkStats()
+
+    async def start(self) -> None:
+        self.store.execute_write(_TOMBSTONES_DDL)
+        consumer = AIOKafkaConsumer(
+            self.topics.records, self.topics.repos,
+            bootstrap_servers=self.bootstrap, group_id=self.group_id, client_id=self._client_id,
+            enable_auto_commit=False, auto_offset_reset="earliest", max_poll_records=self._max_poll,
+        )
+        try:
+            await consumer.start()
+        except KafkaError as exc:
+            await consumer.stop()
+            raise PublishError(f"sink cannot join group {self.group_id} on {self.bootstrap}: {exc!r}") from exc
+        self._consumer = consumer
+
+    async def aclose(self) -> None:
+        consumer, self._consumer = self._consumer, None
+        if consumer is not None:
+            await consumer.stop()
+
+    async def __aenter__(self) -> Sink:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def step(self, *, timeout_ms: int = 1000) -> int:
+        """Poll once, apply what came in one DuckDB transaction, then commit the offsets."""
+        consumer = self._consumer
+        if consumer is None:
+            raise RuntimeError("sink not started")
+        polled = await consumer.getmany(timeout_ms=timeout_ms, max_records=self._max_poll)
+        if not polled:
+            return 0
+        count = sum(len(v) for v in polled.values())
+        await asyncio.to_thread(self._apply, polled)
+        # Only now: a crash before this line replays these messages, which is harmless.
+        await consumer.commit({tp: msgs[-1].offset + 1 for tp, msgs in polled.items()})
+        return count
+
+    async def run(self, *, stop: asyncio.Event | None = None, exit_when_idle: bool = False) -> SinkStats:
+        while stop is None or not stop.is_set():
+            n = await self.step()
+            if n == 0 and exit_when_idle:
+                break
+        return self.stats
+
+    # -- applying ---------------------------------------------------------------------------
+
+    def _apply(self, polled: dict[TopicPartition, list[ConsumerRecord[Any, Any]]]) -> None:
+        records: list[dict[str, Any]] = []
+        repos: list[dict[str, Any]] = []
+        invalid = 0
+        for tp, msgs in polled.items():
+            target = records if tp.topic == self.topics.records else repos
+            for msg in msgs:
+                try:
+                    target.append(decode_value(msg.value))
+                except ValueError as exc:
+                    invalid += 1
+                    log.warning("skipping a message that is not a skyfill v1 message",
+                                extra={"ctx": {"topic": tp.topic, "partition": tp.partition,
+                                               "offset": msg.offset, "error": str(exc)}})
+        fold = self._load(records, repos)
+        # Repo messages first: an account deletion must be known before the records it purged.
+        for m in repos:
+            try:
+                fold.repo(m)
+            except (KeyError, TypeError) as exc:
+                invalid += 1
+                log.warning("skipping a malformed repo message", extra={"ctx": {"error": repr(exc)}})
+        for m in records:
+            try:
+                fold.record(m)
+            except (KeyError, TypeError, AttributeError) as exc:
+                invalid += 1
+                log.warning("skipping a malformed record message", extra={"ctx": {"error": repr(exc)}})
+        if fold.new_tombs:
+            # Committed before the batch: a tombstone without its delete only skips messages
+            # older than that delete, and the delete itself is replayed (offsets not committed).
+            keys = list(fold.new_tombs)
+            self.store.write_arrow(
+                "INSERT INTO sink_tombstones SELECT * FROM _t ON CONFLICT (did, collection, rkey) "
+                "DO UPDATE SET rev = excluded.rev",
+                "_t",
+                pa.table(
+                    {"did": [k[0] for k in keys], "collection": [k[1] for k in keys], "rkey": [k[2] for k in keys],
+                     "rev": [fold.new_tombs[k] for k in keys]},
+                    schema=_TOMBS,
+                ),
+            )
+        self.store.apply(fold.batch)
+        fold.stats.invalid = invalid
+        self.stats.applied += fold.stats.applied
+        self.stats.skipped += fold.stats.skipped
+        self.stats.invalid += invalid
+        metrics.KAFKA_SINK_MESSAGES.labels("applied").inc(fold.stats.applied)
+        metrics.KAFKA_SINK_MESSAGES.labels("skipped").inc(fold.stats.skipped)
+        metrics.KAFKA_SINK_MESSAGES.labels("invalid").inc(invalid)
+
+    def _load(self, records: Iterable[dict[str, Any]], repos: Iterable[dict[str, Any]]) -> _Fold:
+        """Read the stored revs of every key and DID this poll touches."""
+        keys = {(m["did"], m["collection"], m["rkey"]) for m in records if _has_key(m)}
+        dids = sorted({m["did"] for m in records if "did" in m} | {m["did"] for m in repos if "did" in m})
+        live: dict[RecordKey, str | None] = {}
+        tombs: dict[RecordKey, str | None] = {}
+        seen: dict[str, _RepoSeen] = {}
+        cur = self.store.cursor()
+        try:
+            if keys:
+                ks = list(keys)
+                cur.register("_k", pa.table(
+                    {"did": [k[0] for k in ks], "collection": [k[1] for k in ks], "rkey": [k[2] for k in ks]},
+                    schema=_KEYS,
+                ))
+                for did, col, rkey, rev, live_hit, trev, tomb_hit in cur.execute(
+                    "SELECT k.did, k.collection, k.rkey, r.rev, r.did IS NOT NULL, t.rev, t.did IS NOT NULL "
+                    "FROM _k k LEFT JOIN records r USING (did, collection, rkey) "
+                    "LEFT JOIN sink_tombstones t USING (did, collection, rkey)"
+                ).fetchall():
+                    if live_hit:
+                        live[(did, col, rkey)] = rev
+                    if tomb_hit:
+                        tombs[(did, col, rkey)] = trev
+                cur.unregister("_k")
+            if dids:
+                cur.register("_d", pa.table({"did": dids}))
+                for did, rev, seq, at, status in cur.execute(
+                    "SELECT did, rev, last_seq, strftime(last_event_at AT TIME ZONE 'UTC', '%Y-%m-%dT%H:%M:%S.%fZ'), "
+                    "status FROM repos WHERE did IN (SELECT did FROM _d)"
+                ).fetchall():
+                    seen[did] = _RepoSeen(rev, seq, at, status)
+                cur.unregister("_d")
+        finally:
+            cur.close()
+        return _Fold(live=live, tombs=tombs, repos=seen)
+
+
+def _has_key(m: dict[str, Any]) -> bool:
+    return "did" in m and "collection" in m and "rkey" in m
