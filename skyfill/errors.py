@@ -15,7 +15,8 @@
     │   └── UnsafeHostError          loopback/private/link-local/multicast target refused
     ├── StorageError                 DuckDB failure (wrapped at the boundary)
     │   └── DatabaseLocked           another process holds the DuckDB file
-    └── DaemonError                  talking to a running daemon's admin API failed
+    ├── DaemonError                  talking to a running daemon's admin API failed
+    └── PublishError                 the Kafka broker refused a message for good (not an outage)
 
 Lower-level exceptions (websockets, httpx, duckdb, libipld's ValueError) are translated at
 the boundary with ``raise Specific(...) from exc``; callers never see them.
@@ -40,6 +41,7 @@ __all__ = [
     "StorageError",
     "DatabaseLocked",
     "DaemonError",
+    "PublishError",
 ]
 
 
@@ -134,3 +136,7 @@ class DatabaseLocked(StorageError):
 
 class DaemonError(SkyfillError):
     pass
+
+
+class PublishError(SkyfillError):
+    """A non-retriable Kafka error (message too large, authorization). Outages are retried, never raised."""

@@ -10,7 +10,9 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 __all__ = ["REGISTRY", "serve", "FIREHOSE_EVENTS", "FIREHOSE_ERRORS", "FIREHOSE_VERDICTS",
            "FIREHOSE_LAST_SEQ", "FIREHOSE_LAG", "FIREHOSE_CONNECTED", "FIREHOSE_RECONNECTS",
            "DESYNCHRONIZED", "DESYNCHRONIZED_DIDS", "BATCH_WRITE_SECONDS", "BATCH_EVENTS",
-           "BACKFILL_REPOS", "BACKFILL_RECORDS", "BACKFILL_HOSTS_PARKED", "BACKFILL_REQUESTS"]
+           "BACKFILL_REPOS", "BACKFILL_RECORDS", "BACKFILL_HOSTS_PARKED", "BACKFILL_REQUESTS",
+           "KAFKA_CONNECTED", "KAFKA_PUBLISH_RETRIES", "KAFKA_PUBLISHED", "KAFKA_SINK_MESSAGES",
+           "KAFKA_WORKER_REQUESTS"]
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 
@@ -55,6 +57,23 @@ BACKFILL_HOSTS_PARKED = Gauge(
 )
 BACKFILL_REQUESTS = Counter(
     "skyfill_backfill_requests_total", "HTTP requests to PDS/PLC hosts, by result", ["result"], registry=REGISTRY
+)
+
+KAFKA_CONNECTED = Gauge(
+    "skyfill_kafka_connected", "1 while the publisher's last send was acknowledged by the broker", registry=REGISTRY
+)
+KAFKA_PUBLISH_RETRIES = Counter(
+    "skyfill_kafka_publish_retries_total", "Kafka sends retried after a broker error or timeout", registry=REGISTRY
+)
+KAFKA_PUBLISHED = Counter(
+    "skyfill_kafka_published_total", "Messages acknowledged by the broker, by topic", ["topic"], registry=REGISTRY
+)
+KAFKA_SINK_MESSAGES = Counter(
+    "skyfill_kafka_sink_messages_total", "Messages the sink consumed, by result", ["result"], registry=REGISTRY
+)
+KAFKA_WORKER_REQUESTS = Counter(
+    "skyfill_kafka_worker_requests_total", "Backfill requests a worker handled, by result", ["result"],
+    registry=REGISTRY,
 )
 
 
