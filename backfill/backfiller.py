@@ -139,6 +139,15 @@ class BackfillSummary:
             "hosts_parked": self.hosts_parked,
         }
 
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> BackfillSummary:
+        records = data["records"]
+        return cls(
+            repos_ok=data["repos_ok"], failed=dict(data["failed"]), records_added=records["added"],
+            records_updated=records["updated"], records_deleted=records["deleted"],
+            records_unchanged=records["unchanged"], elapsed=data["elapsed_s"], hosts_parked=data["hosts_parked"],
+        )
+
 
 @dataclass(slots=True)
 class _Tally:

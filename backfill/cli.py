@@ -17,6 +17,7 @@ import click
 import orjson
 
 from skyfill.cli import db_option, json_option, option
+from skyfill.daemon_client import call_daemon, find_daemon
 from skyfill.errors import ConfigError, DatabaseLocked, SkyfillError
 from storage import TERMINAL_BACKFILL, Store
 
@@ -141,12 +142,19 @@ def gaps(
         config = BackfillConfig(plc_url=plc_url, allow_private_hosts=allow_private_hosts)
     except ConfigError as exc:
         raise click.BadParameter(str(exc)) from exc
-    with _open(db) as store:
-        try:
-            result = asyncio.run(run_gaps(store, start=lo, end=hi, config=config, audit=not no_audit,
-                                          explicit_dids=explicit, enqueue=enqueue))
-        except SkyfillError as exc:
-            raise click.ClickException(str(exc)) from exc
+    daemon = find_daemon(db)
+    try:
+        if daemon is not None:  # the daemon holds the file: let it do the work
+            result = call_daemon(daemon, "/gaps", {
+                "start": start, "end": end, "enqueue": enqueue, "audit": not no_audit, "dids": explicit,
+                "plc_url": plc_url, "allow_private_hosts": allow_private_hosts,
+            })
+        else:
+            with _open(db) as store:
+                result = asyncio.run(run_gaps(store, start=lo, end=hi, config=config, audit=not no_audit,
+                                              explicit_dids=explicit, enqueue=enqueue))
+    except SkyfillError as exc:
+        raise click.ClickException(str(exc)) from exc
     lines = [f"gaps {result['start']} .. {result['end']}: {result['total']} DIDs"]
     lines += [f"  {reason.value:<17} {result['counts'][reason.value]}" for reason in Reason]
     for a, b in result["downtime"]:
@@ -184,12 +192,21 @@ def backfill(
         )
     except ConfigError as exc:
         raise click.BadParameter(str(exc)) from exc
-    with _open(db) as store:
-        try:
-            summary = asyncio.run(run_backfill(store, dids=dids, from_queue=from_queue, config=config,
-                                               progress=sys.stderr.isatty() and not as_json))
-        except SkyfillError as exc:
-            raise click.ClickException(str(exc)) from exc
+    daemon = find_daemon(db)
+    try:
+        if daemon is not None:  # the daemon holds the file: reconcile through its writer
+            data = call_daemon(daemon, "/backfill", {
+                "dids": dids, "from_queue": from_queue, "plc_url": plc_url, "concurrency": concurrency,
+                "per_host_rps": per_host_rps, "verify": not no_verify, "allow_private_hosts": allow_private_hosts,
+                "max_car_bytes": max_car_bytes, "max_attempts": max_attempts,
+            })
+            summary = BackfillSummary.from_json(data)
+        else:
+            with _open(db) as store:
+                summary = asyncio.run(run_backfill(store, dids=dids, from_queue=from_queue, config=config,
+                                                   progress=sys.stderr.isatty() and not as_json))
+    except SkyfillError as exc:
+        raise click.ClickException(str(exc)) from exc
     _emit(summary.to_json(), as_json, _summary_text(summary))
 
 

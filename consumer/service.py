@@ -78,13 +78,13 @@ class Services:
         return {"enqueued": added, "dids": len(dids)}
 
     async def _gaps(self, body: dict[str, Any]) -> Any:
-        from backfill.remote import gaps_from_request
+        from backfill.api import gaps_from_request
 
         return await gaps_from_request(self.store, body, plc_url=self.plc_url,
                                        allow_private_hosts=self.allow_private_hosts)
 
     async def _backfill(self, body: dict[str, Any]) -> Any:
-        from backfill.remote import backfill_from_request
+        from backfill.api import backfill_from_request
 
         from .resync import DaemonSink
 
@@ -94,7 +94,7 @@ class Services:
 
     async def backfill_forever(self) -> None:
         """`consume --backfill`: keep desynchronized and queued DIDs repaired, like Tap's resyncers."""
-        from backfill.remote import backfill_queue_once
+        from backfill.api import backfill_queue_once
 
         from .resync import DaemonSink
 

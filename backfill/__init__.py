@@ -1,0 +1,35 @@
+"""backfill: fetch whole repos (getRepo), verify them, and reconcile them into storage."""
+
+from .hosts import SafeHttp, check_host
+from .identity import Identity, Resolver
+from .pds import ListedRepo, PdsClient
+from .ratelimit import HostLimiter
+from .repo import RepoSnapshot, materialize, parse_repo
+from .backfiller import Backfiller, BackfillSummary, DirectSink, ReconcileSink, open_backfiller, recover_queue
+from .config import BackfillConfig
+from .gaps import Auditor, GapReport, PdsAuditor, Reason, detect_gaps
+
+__all__ = [
+    "RepoSnapshot",
+    "parse_repo",
+    "materialize",
+    "check_host",
+    "SafeHttp",
+    "HostLimiter",
+    "PdsClient",
+    "ListedRepo",
+    "Resolver",
+    "Identity",
+    "Backfiller",
+    "BackfillSummary",
+    "ReconcileSink",
+    "DirectSink",
+    "open_backfiller",
+    "recover_queue",
+    "BackfillConfig",
+    "detect_gaps",
+    "GapReport",
+    "Reason",
+    "Auditor",
+    "PdsAuditor",
+]
