@@ -18,12 +18,14 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
+from bisect import bisect_left
+from itertools import repeat
 from dataclasses import dataclass, field
 from typing import Any, Final
 
 import libipld
 
-from skyfill.car import CarError, cid_from_str, cid_to_str, read_car
+from skyfill.car import CarError, cid_to_str, read_car
 from skyfill.crypto import PublicKey, verify_signature
 from skyfill.errors import InputError, RepoError, SignatureError
 from skyfill.records import record_json
@@ -38,6 +40,9 @@ _DAG_CBOR_PREFIX: Final = b"\x01\x71\x12\x20"
 _MAX_DEPTH: Final = 130
 # collection (NSID characters) '/' record key (record-key characters); both non-empty.
 _KEY: Final = re.compile(rb"[a-zA-Z0-9.\-]{1,317}/[a-zA-Z0-9._~:\-]{1,512}")
+_COLLECTION: Final = re.compile(r"[a-zA-Z0-9.\-]{1,317}")
+# every byte that may appear in `collection/rkey` keys joined by newlines
+_KEY_CHARS: Final = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.-_~:/\n"
 _TID: Final = re.compile(r"[234567abcdefghij][234567abcdefghijklmnopqrstuvwxyz]{12}")
 
 
@@ -137,69 +142,102 @@ def parse_repo(car: bytes, *, did: str, key: PublicKey | None) -> RepoSnapshot:
 
 
 def _walk(blocks: dict[bytes, bytes], root: bytes, did: str) -> dict[tuple[str, str], str]:
-    records: dict[tuple[str, str], str] = {}
-    collections: dict[bytes, str] = {}   # one str object per collection name
-    last = b""                           # previous key in traversal order
-    encode_cid = libipld.encode_cid
+    # Hot loop: per entry only what cannot be done in bulk (rebuild the key, collect key and
+    # CID); syntax, order, CID shape and presence are then checked over whole lists in C.
+    keys: list[bytes] = []
+    cids: list[bytes] = []
     decode = libipld.decode_dag_cbor
     sha256 = hashlib.sha256
-    key_ok = _KEY.fullmatch
+    get = blocks.get
+    add_key = keys.append
+    add_cid = cids.append
 
     def visit(cid: bytes, depth: int) -> None:
-        nonlocal last
         if depth > _MAX_DEPTH:
             raise _error("MST is deeper than any valid tree", "mst_too_deep", did)
-        raw = blocks.get(cid)
+        if not _is_cid(cid):
+            raise _error("MST link is not a CID", "bad_mst_node", did)
+        raw = get(cid)
         if raw is None:
             raise _error(f"MST node {_cid_str(cid)} is missing from the CAR", "missing_block", did)
-        if cid[:4] != _DAG_CBOR_PREFIX or sha256(raw).digest() != cid[4:]:
+        if sha256(raw).digest() != cid[4:]:
             raise _error(f"MST node does not hash to its CID {_cid_str(cid)}", "bad_block_hash", did)
         try:
             node = decode(raw)
             left = node["l"]
-            entries = node["e"]
+            if left is not None:
+                visit(left, depth + 1)
+            prev = b""
+            for entry in node["e"]:
+                p = entry["p"]
+                if not 0 <= p <= len(prev):
+                    raise _error("MST entry prefix is longer than the previous key", "bad_mst_node", did)
+                prev = prev[:p] + entry["k"]  # TypeError unless k is bytes
+                add_key(prev)
+                add_cid(entry["v"])
+                right = entry["t"]
+                if right is not None:
+                    visit(right, depth + 1)
         except (ValueError, KeyError, TypeError) as exc:
             raise _error(f"MST node {_cid_str(cid)} is malformed: {exc!r}", "bad_mst_node", did) from exc
-        if type(entries) is not list:
-            raise _error("MST node entries are not a list", "bad_mst_node", did)
-        if left is not None:
-            if not _is_cid(left):
-                raise _error("MST node left link is not a CID", "bad_mst_node", did)
-            visit(left, depth + 1)
-        prev = b""
-        for entry in entries:
-            try:
-                p = entry["p"]
-                suffix = entry["k"]
-                value = entry["v"]
-                right = entry["t"]
-            except (KeyError, TypeError) as exc:
-                raise _error(f"MST entry is malformed: {exc!r}", "bad_mst_node", did) from exc
-            if type(p) is not int or not 0 <= p <= len(prev) or type(suffix) is not bytes:
-                raise _error("MST entry has a bad prefix length or key", "bad_mst_node", did)
-            key = prev[:p] + suffix
-            if key_ok(key) is None:
-                raise _error(f"MST key {key[:80]!r} is not collection/rkey", "bad_mst_key", did)
-            if key <= last:
-                raise _error(f"MST keys out of order at {key[:80]!r}", "mst_unsorted", did)
-            if not _is_cid(value):
-                raise _error(f"MST entry {key[:80]!r} has no record CID", "bad_mst_node", did)
-            if value not in blocks:
-                raise _error(f"record block for {key[:80]!r} is missing from the CAR", "missing_block", did)
-            slash = key.index(b"/")
-            coll_bytes = key[:slash]
-            collection = collections.get(coll_bytes)
-            if collection is None:
-                collection = collections[coll_bytes] = coll_bytes.decode("ascii")
-            records[(collection, key[slash + 1 :].decode("ascii"))] = encode_cid(value)
-            prev = last = key
-            if right is not None:
-                if not _is_cid(right):
-                    raise _error("MST entry subtree link is not a CID", "bad_mst_node", did)
-                visit(right, depth + 1)
 
     visit(root, 0)
+    if not keys:
+        return {}
+
+    joined = b"\n".join(keys)
+    if (
+        joined.translate(None, _KEY_CHARS)
+        or b"\n\n" in joined
+        or b"/\n" in joined
+        or joined[-1:] == b"/"
+    ):
+        raise _error(f"MST key {_first_bad_key(keys)!r} is not collection/rkey", "bad_mst_key", did)
+    del joined
+    if not all(map(bytes.__lt__, keys, keys[1:] + [b"\xff"])):
+        bad = next(b for a, b in zip(keys, keys[1:]) if not a < b)
+        raise _error(f"MST keys out of order at {bad[:80]!r}", "mst_unsorted", did)
+    if set(map(type, cids)) != {bytes} or set(map(len, cids)) != {36}:
+        raise _error("MST entry value is not a CID", "bad_mst_node", did)
+    heads = b"".join(cids)
+    if any(heads[i::36] != _DAG_CBOR_PREFIX[i : i + 1] * len(cids) for i in range(4)):
+        raise _error("MST entry value is not a DAG-CBOR sha2-256 CID", "bad_mst_node", did)
+    del heads
+    if not all(map(blocks.__contains__, cids)):
+        gone = next(k for k, c in zip(keys, cids) if c not in blocks)
+        raise _error(f"record block for {gone[:80]!r} is missing from the CAR", "missing_block", did)
+    cid_strs = list(map(libipld.encode_cid, cids))
+    del cids
+
+    # Sorted keys put each collection in one contiguous run: [coll + "/", coll + "0").
+    # Splitting run by run keeps one str per collection instead of one per record.
+    records: dict[tuple[str, str], str] = {}
+    lo, n = 0, len(keys)
+    while lo < n:
+        first = keys[lo]
+        slash = first.find(b"/")
+        coll = first[:slash]
+        collection = coll.decode("ascii")
+        if slash < 0 or not _COLLECTION.fullmatch(collection):
+            raise _error(f"MST key {first[:80]!r} is not collection/rkey", "bad_mst_key", did)
+        hi = bisect_left(keys, coll + b"0", lo)
+        run = b"\n".join(keys[lo:hi])[slash + 1 :].replace(b"\n" + coll + b"/", b"\n")
+        rkeys = run.decode("ascii").split("\n")
+        if (
+            len(rkeys) != hi - lo
+            or b"/" in run
+            or max(map(len, rkeys)) > 512
+            or rkeys.count(".")
+            or rkeys.count("..")
+        ):
+            raise _error(f"MST key under {collection[:80]!r} has an invalid record key", "bad_mst_key", did)
+        records.update(zip(zip(repeat(collection, hi - lo), rkeys), cid_strs[lo:hi]))
+        lo = hi
     return records
+
+
+def _first_bad_key(keys: list[bytes]) -> bytes:
+    return next((k for k in keys if not _KEY.fullmatch(k)), keys[0])[:80]
 
 
 def materialize(snapshot: RepoSnapshot, keys: list[tuple[str, str]]) -> RecordColumns:
@@ -214,7 +252,8 @@ def materialize(snapshot: RepoSnapshot, keys: list[tuple[str, str]]) -> RecordCo
     did = snapshot.did
     for collection, rkey in keys:
         cid = snapshot.records[(collection, rkey)]
-        block = _verified(blocks, cid_from_str(cid), did, f"record {collection}/{rkey}")
+        # the snapshot wrote these strings itself: base32 multibase of the binary CID
+        block = _verified(blocks, libipld.decode_multibase(cid)[1], did, f"record {collection}/{rkey}")
         try:
             text, created_at = record_json(block)
         except InputError as exc:

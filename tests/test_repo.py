@@ -477,6 +477,11 @@ def _hand_built(entries: list[dict[str, Any]], signer: K256Signer, did: str = "d
         ([{"p": 0, "k": b"no-slash-here"}], "bad_mst_key"),
         ([{"p": 0, "k": b"app.bsky.feed.post/a/b"}], "bad_mst_key"),
         ([{"p": 0, "k": b"app.bsky.feed.post/"}], "bad_mst_key"),
+        ([{"p": 0, "k": b"/3k2a"}], "bad_mst_key"),
+        ([{"p": 0, "k": b"app.bsky.feed.post/.."}], "bad_mst_key"),
+        ([{"p": 0, "k": b"app.bsky.feed.post/a\napp.bsky.feed.post/b"}], "bad_mst_key"),
+        ([{"p": 0, "k": b"app.bsky.feed.post/a b"}], "bad_mst_key"),
+        ([{"p": 0, "k": b"app_bsky.feed.post/a"}], "bad_mst_key"),
         ([{"p": 3, "k": b"app.bsky.feed.post/a"}], "bad_mst_node"),  # prefix longer than the previous key
         ([{"p": 0, "k": "app.bsky.feed.post/a"}], "bad_mst_node"),  # key is text, not bytes
     ],
