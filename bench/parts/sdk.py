@@ -1,0 +1,56 @@
+"""`sdk`: the atproto Python SDK on the same frames and repo: the baseline skyfill is compared with."""
+
+from __future__ import annotations
+
+from bench.harness import Context, Row, part, timed_rate
+
+from ._shared import frames, repo
+
+
+@part("sdk")
+def sdk(ctx: Context) -> list[Row]:
+    from atproto import CAR, CID, firehose_models, models, parse_subscribe_repos_message
+
+    data = frames(ctx)
+    commit_type = models.ComAtprotoSyncSubscribeRepos.Commit
+
+    def frames_path() -> None:
+        # the SDK's documented firehose loop, writing nothing
+        for f in data:
+            message = parse_subscribe_repos_message(firehose_models.Frame.from_bytes(f))
+            if not isinstance(message, commit_type):
+                continue
+            car = CAR.from_bytes(message.blocks)
+            for op in message.ops:
+                if op.cid is not None:
+                    models.get_or_create(car.blocks.get(op.cid), strict=False)
+
+    rate, _ = timed_rate(len(data), frames_path)
+
+    _ident, car_bytes = repo(ctx)
+
+    def repo_path() -> None:
+        # the SDK has no MST walker: nested links are raw bytes, blocks are keyed by CID objects
+        car = CAR.from_bytes(car_bytes)
+        blocks = car.blocks
+        link = CID.from_decoded_bytes
+        commit = blocks[car.root]
+        stack = [commit["data"]]
+        found = 0
+        while stack:
+            node = blocks[link(stack.pop())]
+            if node["l"] is not None:
+                stack.append(node["l"])
+            for e in node["e"]:
+                blocks[link(e["v"])]
+                found += 1
+                if e["t"] is not None:
+                    stack.append(e["t"])
+        if found != ctx.sizes.repo_records:
+            raise AssertionError(f"walked {found} records, expected {ctx.sizes.repo_records}")
+
+    repo_rate, _ = timed_rate(ctx.sizes.repo_records, repo_path)
+    return [
+        Row("sdk.frames", rate, "frames/s"),
+        Row("sdk.repo.car_from_bytes_walk", repo_rate, "records/s"),
+    ]
