@@ -459,11 +459,13 @@ def test_missing_record_block_is_missing_block(synthetic: tuple[bytes, dict[str,
     assert info.value.kind == "missing_block"
 
 
-def _hand_built(entries: list[dict[str, Any]], signer: K256Signer, did: str = "did:plc:handhandhandhandhand0000") -> bytes:
+def _hand_built(
+    entries: list[dict[str, Any]], signer: K256Signer, did: str = "did:plc:handhandhandhandhand0000", *, left: Any = None
+) -> bytes:
     """A one-node MST written by hand (entries as given, not validated by any library)."""
     record = cbrrr.encode_dag_cbor(post(1))
     rcid = cbrrr.CID(cid_of(record))
-    node = cbrrr.encode_dag_cbor({"l": None, "e": [{**e, "v": rcid, "t": None} for e in entries]})
+    node = cbrrr.encode_dag_cbor({"l": left, "e": [{"v": rcid, "t": None, **e} for e in entries]})
     unsigned = {"did": did, "version": 3, "data": cbrrr.CID(cid_of(node)), "rev": "3lbbbbbbbbbb2", "prev": None}
     commit = cbrrr.encode_dag_cbor({**unsigned, "sig": signer.sign(cbrrr.encode_dag_cbor(unsigned))})
     return write_car(cid_of(commit), [(cid_of(commit), commit), (cid_of(node), node), (bytes(rcid), record)])
@@ -484,6 +486,12 @@ def _hand_built(entries: list[dict[str, Any]], signer: K256Signer, did: str = "d
         ([{"p": 0, "k": b"app_bsky.feed.post/a"}], "bad_mst_key"),
         ([{"p": 3, "k": b"app.bsky.feed.post/a"}], "bad_mst_node"),  # prefix longer than the previous key
         ([{"p": 0, "k": "app.bsky.feed.post/a"}], "bad_mst_node"),  # key is text, not bytes
+        ([{"p": 0, "k": b"app.bsky.feed.post/a", "t": "bafyreinotacid"}], "bad_mst_node"),
+        ([{"p": 0, "k": b"app.bsky.feed.post/a", "t": 7}], "bad_mst_node"),
+        ([{"p": 0, "k": b"app.bsky.feed.post/a", "v": b"\x01\x71\x12\x20" + b"\x00" * 31}], "bad_mst_node"),
+        ([{"p": 0, "k": b"app.bsky.feed.post/a", "v": None}], "bad_mst_node"),
+        ([{"p": 0, "k": b"app.bsky.feed.post/a", "v": cbrrr.CID(b"\x01\x55\x12\x20" + b"\x00" * 32)}], "bad_mst_node"),
+        ([{"p": 0, "k": b"app.bsky.feed.post/a", "t": cbrrr.CID(b"\x01\x71\x12\x20" + b"\x00" * 32)}], "missing_block"),
     ],
 )
 def test_malformed_mst_is_refused(entries: list[dict[str, Any]], kind: str) -> None:
@@ -491,6 +499,14 @@ def test_malformed_mst_is_refused(entries: list[dict[str, Any]], kind: str) -> N
     with pytest.raises(RepoError) as info:
         parse_repo(_hand_built(entries, signer), did="did:plc:handhandhandhandhand0000", key=signer.public)
     assert info.value.kind == kind
+
+
+def test_left_link_that_is_not_a_cid_is_refused() -> None:
+    signer = K256Signer(7)
+    car = _hand_built([{"p": 0, "k": b"app.bsky.feed.post/a"}], signer, left=12)
+    with pytest.raises(RepoError) as info:
+        parse_repo(car, did="did:plc:handhandhandhandhand0000", key=signer.public)
+    assert info.value.kind == "bad_mst_node"
 
 
 def test_hand_built_valid_node_parses() -> None:
