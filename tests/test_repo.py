@@ -37,7 +37,6 @@ BNEWBOLD_DID = "did:plc:nhxcyu4ewwhl5pqil4dotqjo"
 GREENGROUND_DID = "did:plc:kzcqyc3unb33eh5sxzsfs25z"
 DIVY_DID = "did:plc:fz36gecghqb353ek23nem3ca"
 FAKERMAKER_DID = "did:plc:dpg45vsnuir2vqqqadsn6afg"
-K256_N = 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD0364141
 
 
 # ---- CAR plumbing for tests (independent of skyfill.car) ----------------------------------
@@ -125,7 +124,7 @@ def build_repo(
     signer: K256Signer | P256Signer,
     *,
     rev: str = "3lbbbbbbbbbb2",
-    extra_blocks: list[tuple[bytes, bytes]] = (),  # type: ignore[assignment]
+    extra_blocks: tuple[tuple[bytes, bytes], ...] = (),
 ) -> tuple[bytes, dict[str, str]]:
     """Signed v3 repo CAR holding `records` ({"collection/rkey": record}) and {key: CID str}."""
     bs = MemoryBlockStore()
@@ -181,7 +180,7 @@ def synthetic() -> tuple[bytes, dict[str, str], K256Signer]:
     records["app.bsky.actor.profile/self"] = {"$type": "app.bsky.actor.profile", "displayName": "x"}
     # an unreachable, garbage block: never hashed, never decoded
     junk = (b"\x01\x71\x12\x20" + b"\x00" * 32, b"not cbor at all")
-    car, expected = build_repo(SYNTH_DID, records, signer, extra_blocks=[junk])
+    car, expected = build_repo(SYNTH_DID, records, signer, extra_blocks=(junk,))
     return car, expected, signer
 
 
