@@ -13,7 +13,10 @@ from .messages import (
     repo_change_from,
 )
 from .producer import KafkaPublisher
+from .requests import decode_request, encode_request, enqueue_backfill
+from .sink import Sink, SinkStats
 from .topics import ensure_topics
+from .worker import BackfillOne, BackfillWorker, backfill_one_from
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -28,4 +31,12 @@ __all__ = [
     "repo_change_from",
     "KafkaPublisher",
     "ensure_topics",
+    "Sink",
+    "SinkStats",
+    "BackfillWorker",
+    "BackfillOne",
+    "backfill_one_from",
+    "enqueue_backfill",
+    "encode_request",
+    "decode_request",
 ]
