@@ -46,7 +46,7 @@ def main(log_level: str, log_json: bool) -> None:
 
 # Subcommands live next to the code they drive; a package that is not there yet is skipped
 # so the CLI still works while it is being built.
-for _module in ("consumer.cli", "backfill.cli", "storage.cli", "skyfill.kafka_cli"):
+for _module in ("consumer.cli", "backfill.cli", "storage.cli", "skyfill.kafka_cli", "publish.cli"):
     try:
         _mod = importlib.import_module(_module)
     except ModuleNotFoundError as exc:
