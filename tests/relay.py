@@ -37,14 +37,15 @@ def info_frame(name: str, message: str) -> bytes:
 
 
 class LocalRelay:
-    def __init__(self, frames: Iterable[bytes] = ()) -> None:
+    def __init__(self, frames: Iterable[bytes] = (), *, port: int = 0) -> None:
         self._frames: list[tuple[int | None, bytes]] = [(frame_seq(f), f) for f in frames]
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
         self._clients: set[ServerConnection] = set()
         self._new = asyncio.Condition()
         self.connections: list[str] = []  # the request path of every connection, in order
-        self.port = 0
+        self._closing = False
+        self.port = port
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -54,7 +55,9 @@ class LocalRelay:
         return self
 
     async def _start(self) -> None:
-        self._server = await serve(self._handler, "127.0.0.1", 0, max_size=None, compression=None)
+        self._server = await serve(
+            self._handler, "127.0.0.1", self.port, max_size=None, compression=None, reuse_address=True
+        )
         self.port = self._server.sockets[0].getsockname()[1]
 
     @property
@@ -63,6 +66,9 @@ class LocalRelay:
 
     def stop(self) -> None:
         async def _stop() -> None:
+            async with self._new:
+                self._closing = True
+                self._new.notify_all()
             self._server.close()
             await self._server.wait_closed()
 
@@ -136,8 +142,14 @@ class LocalRelay:
                 pos = next((i for i, (s, _) in enumerate(self._frames) if s is None or s > cursor), len(self._frames))
             while True:
                 async with self._new:
-                    while pos >= len(self._frames):
-                        await self._new.wait()
+                    while pos >= len(self._frames) and not self._closing:
+                        try:
+                            await asyncio.wait_for(self._new.wait(), timeout=0.5)
+                        except asyncio.TimeoutError:
+                            if ws.state.name != "OPEN":  # the subscriber went away
+                                return
+                    if self._closing:
+                        return
                     pending = self._frames[pos:]
                     pos = len(self._frames)
                 for _, frame in pending:

@@ -1,0 +1,298 @@
+"""The consumer daemon end to end: a real local relay (WebSocket) -> `skyfill consume` -> a real DuckDB file.
+
+Frames come from bench.generate.World: signed commits with intact chains. The expected mirror is
+computed independently of skyfill by folding each frame's ops in seq order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import duckdb
+import libipld
+import orjson
+import pytest
+
+from bench.generate.firehose import World
+from consumer.daemon import ConsumeConfig, Daemon, FutureCursorError
+from skyfill.daemon_client import call_daemon, find_daemon
+from storage import Store
+
+from .relay import LocalRelay, error_frame, info_frame
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def expected_mirror(frames: list[bytes]) -> tuple[dict[tuple[str, str, str], str], dict[str, str]]:
+    """(did, collection, rkey) -> cid and did -> rev, by folding the ops of every commit frame."""
+    records: dict[tuple[str, str, str], str] = {}
+    revs: dict[str, str] = {}
+    for frame in frames:
+        header, body = libipld.decode_dag_cbor_multi(frame)
+        if header.get("t") != "#commit":
+            continue
+        for op in body["ops"]:
+            collection, rkey = op["path"].split("/", 1)
+            key = (body["repo"], collection, rkey)
+            if op["action"] == "delete":
+                records.pop(key, None)
+            else:
+                records[key] = libipld.encode_cid(op["cid"])
+        revs[body["repo"]] = body["rev"]
+    return records, revs
+
+
+def mirror_of(db: Path) -> tuple[dict[tuple[str, str, str], str], dict[str, str]]:
+    con = duckdb.connect(str(db), read_only=True)
+    try:
+        records = {(d, c, k): cid for d, c, k, cid in con.execute("SELECT did, collection, rkey, cid FROM records").fetchall()}
+        revs = dict(con.execute("SELECT did, rev FROM repos WHERE rev IS NOT NULL").fetchall())
+    finally:
+        con.close()
+    return records, revs
+
+
+def world_frames(seed: int, n_dids: int, n_frames: int) -> list[bytes]:
+    return list(World(seed, n_dids=n_dids, retain_blocks=False).frames(n_frames))
+
+
+async def consume_until(db: Path, relay: LocalRelay, seq: int, *, timeout: float = 60, **config: object) -> Daemon:
+    store = Store(db)
+    daemon = Daemon(store, ConsumeConfig(relay=relay.url, flush_interval=0.05, **config))  # type: ignore[arg-type]
+    task = asyncio.create_task(daemon.run(install_signal_handlers=False))
+    deadline = time.monotonic() + timeout
+    try:
+        while daemon.committed_seq != seq:
+            if task.done():
+                task.result()
+            if time.monotonic() > deadline:
+                raise AssertionError(f"daemon stuck at {daemon.committed_seq}, wanted {seq}")
+            await asyncio.sleep(0.02)
+    finally:
+        daemon.stop()
+        await asyncio.wait_for(task, 10)
+        store.close()
+    return daemon
+
+
+async def test_mirror_equals_the_fold_of_all_frames(tmp_path: Path) -> None:
+    frames = world_frames(1, 40, 3000)
+    with LocalRelay(frames) as relay:
+        # Start with cursor 0 = the whole retained window, like a first run against a relay.
+        await consume_until(tmp_path / "m.duckdb", relay, relay.head, cursor=0)
+    assert mirror_of(tmp_path / "m.duckdb") == expected_mirror(frames)
+    con = duckdb.connect(str(tmp_path / "m.duckdb"), read_only=True)
+    (seq,) = con.execute("SELECT seq FROM cursors").fetchone()
+    spans = con.execute("SELECT first_seq, last_seq, ended FROM coverage").fetchall()
+    sample = con.execute("SELECT record FROM records WHERE collection = 'app.bsky.feed.like' LIMIT 1").fetchone()
+    con.close()
+    assert seq == relay.head
+    assert spans == [(min(_seqs(frames)), relay.head, "clean")]
+    like = orjson.loads(sample[0])
+    assert like["$type"] == "app.bsky.feed.like" and like["subject"]["uri"].startswith("at://")
+
+
+async def test_restart_resumes_from_stored_cursor_and_applies_nothing_twice(tmp_path: Path) -> None:
+    frames = world_frames(2, 20, 1200)
+    db = tmp_path / "r.duckdb"
+    with LocalRelay(frames[:700]) as relay:
+        await consume_until(db, relay, relay.head, cursor=0)
+        relay.append(frames[700:])
+        await consume_until(db, relay, relay.head)
+        # The second run asked for exactly what came after the first run's stored cursor.
+        assert relay.connections[-1].endswith(f"cursor={_seqs(frames[:700])[-1]}")
+    assert mirror_of(db) == expected_mirror(frames)
+
+
+async def test_bad_frames_are_counted_and_skipped(tmp_path: Path) -> None:
+    frames = world_frames(3, 10, 300)
+    junk = [b"\xa1not cbor at all", libipld.encode_dag_cbor({"op": 1, "t": "#commit"}), info_frame("OutdatedCursor", "old")]
+    mixed = frames[:100] + junk + frames[100:]
+    with LocalRelay(mixed) as relay:
+        daemon = await consume_until(tmp_path / "b.duckdb", relay, relay.head, cursor=0)
+    assert mirror_of(tmp_path / "b.duckdb") == expected_mirror(frames)
+    errors = {k: v for k, v in daemon.counts.items() if k.startswith("error:")}
+    assert sum(errors.values()) == 2, errors
+
+
+async def test_future_cursor_restarts_from_live_head(tmp_path: Path) -> None:
+    frames = world_frames(4, 10, 200)
+    db = tmp_path / "f.duckdb"
+    with LocalRelay(frames[:100]) as relay:
+        await consume_until(db, relay, relay.head, cursor=0)
+        port = relay.port
+    # The relay comes back with its history gone and seqs far lower than our stored cursor
+    # (a relay reset): it answers FutureCursor.
+    renumbered = [_with_seq(f, i + 1) for i, f in enumerate(frames[100:])]
+    with LocalRelay(port=port) as relay:
+        store = Store(db)
+        daemon = Daemon(store, ConsumeConfig(relay=relay.url, flush_interval=0.05))
+        task = asyncio.create_task(daemon.run(install_signal_handlers=False))
+        while not any("cursor" not in c for c in relay.connections):
+            await asyncio.sleep(0.02)
+        relay.append(renumbered)
+        while daemon.committed_seq != len(renumbered):
+            await asyncio.sleep(0.02)
+        daemon.stop()
+        await task
+        store.close()
+    assert relay.connections[0].endswith(f"cursor={_seqs(frames[:100])[-1]}")
+    assert mirror_of(db) == expected_mirror(frames)
+    con = duckdb.connect(str(db), read_only=True)
+    spans = con.execute("SELECT ended FROM coverage ORDER BY id").fetchall()
+    con.close()
+    assert [s for (s,) in spans] == ["clean", "error", "clean"]
+
+
+async def test_strict_cursor_refuses_to_skip_ahead(tmp_path: Path) -> None:
+    frames = world_frames(5, 5, 50)
+    db = tmp_path / "s.duckdb"
+    with LocalRelay(frames) as relay:
+        await consume_until(db, relay, relay.head, cursor=0)
+        port = relay.port
+    with LocalRelay(port=port) as relay:
+        store = Store(db)
+        daemon = Daemon(store, ConsumeConfig(relay=relay.url, strict_cursor=True))
+        with pytest.raises(FutureCursorError):
+            await asyncio.wait_for(daemon.run(install_signal_handlers=False), 10)
+        store.close()
+
+
+async def test_consumer_too_slow_reconnects_from_last_processed_event(tmp_path: Path) -> None:
+    frames = world_frames(6, 10, 400)
+    with LocalRelay(frames[:200]) as relay:
+        store = Store(tmp_path / "t.duckdb")
+        daemon = Daemon(store, ConsumeConfig(relay=relay.url, cursor=0, flush_interval=0.05))
+        task = asyncio.create_task(daemon.run(install_signal_handlers=False))
+        while daemon.last_seq != relay.head:
+            await asyncio.sleep(0.02)
+        await asyncio.to_thread(relay.send_to_all, error_frame("ConsumerTooSlow", "too slow"), close=True)
+        relay.append(frames[200:])
+        while daemon.committed_seq != relay.head:
+            await asyncio.sleep(0.02)
+        daemon.stop()
+        await task
+        store.close()
+        assert len(relay.connections) == 2
+        assert relay.connections[1].endswith(f"cursor={_seqs(frames[:200])[-1]}")
+    assert mirror_of(tmp_path / "t.duckdb") == expected_mirror(frames)
+
+
+# -- the real process: signals, kill -9, the admin API ---------------------------------------
+
+
+def _spawn(db: Path, relay: LocalRelay, *extra: str) -> subprocess.Popen[bytes]:
+    env = {**os.environ, "SKYFILL_LOG_JSON": "1"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "skyfill", "consume", "--db", str(db), "--relay", relay.url,
+         "--flush-interval", "0.05", "--batch-events", "200", *extra],
+        cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )
+
+
+def _wait_for_daemon(db: Path, proc: subprocess.Popen[bytes], timeout: float = 30) -> dict[str, object]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(proc.stderr.read().decode() if proc.stderr else "daemon died")
+        info = find_daemon(db)
+        if info is not None and info["pid"] == proc.pid:
+            return info
+        time.sleep(0.05)
+    raise AssertionError("daemon did not announce itself")
+
+
+def _stored_cursor(info: dict[str, object]) -> int | None:
+    report = call_daemon(info, "/status", timeout=10)
+    return report["cursors"][0]["seq"] if report["cursors"] else None
+
+
+def test_sigterm_flushes_stores_cursor_and_exits_zero(tmp_path: Path) -> None:
+    frames = world_frames(7, 20, 2000)
+    db = tmp_path / "sig.duckdb"
+    with LocalRelay(frames) as relay:
+        proc = _spawn(db, relay, "--cursor", "0")
+        info = _wait_for_daemon(db, proc)
+        deadline = time.monotonic() + 60
+        while _stored_cursor(info) != relay.head:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=10) == 0
+    assert not (tmp_path / "sig.duckdb.daemon.json").exists()
+    assert mirror_of(db) == expected_mirror(frames)
+
+
+def test_kill_9_mid_stream_then_restart_loses_nothing(tmp_path: Path) -> None:
+    frames = world_frames(8, 60, 12000)
+    db = tmp_path / "k.duckdb"
+    with LocalRelay(frames) as relay:
+        proc = _spawn(db, relay, "--cursor", "0")
+        info = _wait_for_daemon(db, proc)
+        deadline = time.monotonic() + 60
+        while (_stored_cursor(info) or 0) < _seqs(frames)[3000]:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        proc.kill()  # SIGKILL: no flush, no goodbye
+        proc.wait(timeout=10)
+        # a stale announcement is left behind; the next run must ignore it and take over
+        proc = _spawn(db, relay)
+        info = _wait_for_daemon(db, proc)
+        deadline = time.monotonic() + 90
+        while _stored_cursor(info) != relay.head:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=10) == 0
+    assert mirror_of(db) == expected_mirror(frames)
+    con = duckdb.connect(str(db), read_only=True)
+    ended = [e for (e,) in con.execute("SELECT ended FROM coverage ORDER BY id").fetchall()]
+    con.close()
+    assert ended == ["crashed", "clean"]
+
+
+def test_status_gaps_and_enqueue_while_consume_runs(tmp_path: Path) -> None:
+    frames = world_frames(9, 15, 500)
+    db = tmp_path / "live.duckdb"
+    with LocalRelay(frames) as relay:
+        proc = _spawn(db, relay, "--cursor", "0")
+        try:
+            info = _wait_for_daemon(db, proc)
+            deadline = time.monotonic() + 30
+            while _stored_cursor(info) != relay.head:
+                assert time.monotonic() < deadline
+                time.sleep(0.1)
+            cli = [sys.executable, "-m", "skyfill"]
+            out = subprocess.run([*cli, "status", "--db", str(db), "--json"], cwd=ROOT, capture_output=True, check=True)
+            report = orjson.loads(out.stdout)
+            assert report["cursors"][0]["seq"] == relay.head
+            assert report["records"]["total"] == len(expected_mirror(frames)[0])
+            assert report["consumer_running"] is True
+            out = subprocess.run(
+                [*cli, "gaps", "--db", str(db), "--start", "2025-05-31", "--end", "2025-06-02", "--no-audit",
+                 "--json", "--enqueue"],
+                cwd=ROOT, capture_output=True, check=True,
+            )
+            gaps = orjson.loads(out.stdout)
+            # every DID seen is active in the window and was never backfilled
+            assert gaps["counts"]["never_backfilled"] == len(expected_mirror(frames)[1])
+            assert gaps["enqueued"] == gaps["total"]
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=10) == 0
+
+
+def _seqs(frames: list[bytes]) -> list[int]:
+    return [libipld.decode_dag_cbor_multi(f)[1]["seq"] for f in frames]
+
+
+def _with_seq(frame: bytes, seq: int) -> bytes:
+    header, body = libipld.decode_dag_cbor_multi(frame)
+    body["seq"] = seq
+    return libipld.encode_dag_cbor(header) + libipld.encode_dag_cbor(body)
