@@ -87,24 +87,28 @@ class Context:
 
 PartFn = Callable[[Context], list[Row]]
 registry: dict[str, PartFn] = {}
+_order: dict[str, int] = {}
 
 
-def part(name: str) -> Callable[[PartFn], PartFn]:
+def part(name: str, *, order: int = 100) -> Callable[[PartFn], PartFn]:
+    """Register a part; `python -m bench` with no names runs all parts by `order`, then name."""
+
     def register(fn: PartFn) -> PartFn:
         if name in registry and registry[name] is not fn:
             raise ValueError(f"benchmark part {name!r} registered twice")
         registry[name] = fn
+        _order[name] = order
         return fn
 
     return register
 
 
 def discover() -> dict[str, PartFn]:
-    """Import every module of `bench.parts` (each registers its parts) and return the registry."""
+    """Import every module of `bench.parts` (each registers its parts); the registry, in run order."""
     package = importlib.import_module("bench.parts")
     for info in pkgutil.iter_modules(package.__path__):
         importlib.import_module(f"bench.parts.{info.name}")
-    return registry
+    return {name: registry[name] for name in sorted(registry, key=lambda n: (_order[n], n))}
 
 
 def timed_rate(count: int, fn: Callable[[], object]) -> tuple[float, float]:

@@ -11,6 +11,7 @@ shortcut). `seq` increases by one per frame across all DIDs.
 from __future__ import annotations
 
 import random
+from bisect import bisect_right
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -263,8 +264,6 @@ class World:
 
 
 def _bisect(cum: Sequence[float], x: float) -> int:
-    from bisect import bisect_right
-
     return min(bisect_right(cum, x), len(cum) - 1)
 
 

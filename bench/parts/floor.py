@@ -10,7 +10,7 @@ from skyfill.car import read_car
 from ._shared import frames, repo, walk_records
 
 
-@part("floor")
+@part("floor", order=20)
 def floor(ctx: Context) -> list[Row]:
     data = frames(ctx)
     decode_multi = libipld.decode_dag_cbor_multi

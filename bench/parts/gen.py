@@ -12,7 +12,7 @@ FRAMES_PER_S_TARGET = 4_000.0
 REPO_RECORDS_PER_S_TARGET = 15_000.0
 
 
-@part("gen")
+@part("gen", order=10)
 def gen(ctx: Context) -> list[Row]:
     sizes = ctx.sizes
     world = World(ctx.seed, n_dids=sizes.n_dids, retain_blocks=False)
