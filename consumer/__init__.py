@@ -1,0 +1,21 @@
+"""consumer: the firehose side of skyfill: frames -> typed events -> per-DID state -> batches."""
+
+from .events import Account, Commit, Event, Identity, Info, Op, StreamError, Sync
+from .frames import FRAME_ERROR_KINDS, MAX_FRAME_SIZE, parse_frame
+from .tracker import Tracker, Verdict
+
+__all__ = [
+    "parse_frame",
+    "MAX_FRAME_SIZE",
+    "FRAME_ERROR_KINDS",
+    "Tracker",
+    "Verdict",
+    "Event",
+    "Commit",
+    "Op",
+    "Sync",
+    "Identity",
+    "Account",
+    "Info",
+    "StreamError",
+]
