@@ -148,6 +148,7 @@ class Sink:
         group_id: str = "skyfill-sink",
         topics: Topics = Topics(),
         max_poll_records: int = 5000,
+        session_timeout_ms: int = 10_000,
         client_id: str = "skyfill-sink",
     ) -> None:
         self.store = store
@@ -156,6 +157,7 @@ class Sink:
         self.topics = topics
         self._max_poll = max_poll_records
         self._client_id = client_id
+        self._session_timeout_ms = session_timeout_ms
         self._consumer: AIOKafkaConsumer | None = None
         self.stats = SinkStats()
 
@@ -165,6 +167,7 @@ class Sink:
             self.topics.records, self.topics.repos,
             bootstrap_servers=self.bootstrap, group_id=self.group_id, client_id=self._client_id,
             enable_auto_commit=False, auto_offset_reset="earliest", max_poll_records=self._max_poll,
+            session_timeout_ms=self._session_timeout_ms, heartbeat_interval_ms=max(100, self._session_timeout_ms // 3),
         )
         try:
             await consumer.start()

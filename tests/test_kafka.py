@@ -31,6 +31,7 @@ from tests.kafka import KafkaBroker
 pytestmark = pytest.mark.kafka
 
 TIME = "2024-05-01T12:00:00.000Z"
+FAST = 3000  # session timeout: Tansu holds a group join for about half of it
 
 
 def _schema(name: str) -> jsonschema.Draft202012Validator:
@@ -294,17 +295,17 @@ async def test_sink_mirror_equals_a_store_fed_directly(kafka_broker: KafkaBroker
 
     # One sink, stopped after its first poll and restarted: resumes from its committed offsets.
     mirror = Store(tmp_path / "mirror.duckdb")
-    sink = Sink(mirror, bs, group_id="mirror", max_poll_records=5)
+    sink = Sink(mirror, bs, group_id="mirror", max_poll_records=5, session_timeout_ms=FAST)
     await sink.start()
     assert await sink.step(timeout_ms=5000) > 0
     await sink.aclose()
-    async with Sink(mirror, bs, group_id="mirror") as sink2:
+    async with Sink(mirror, bs, group_id="mirror", session_timeout_ms=FAST) as sink2:
         await sink2.run(exit_when_idle=True)
         assert sink2.stats.skipped >= 5
     assert _state(mirror) == want
 
     # A second group replays the whole log over the same file: applying is idempotent.
-    async with Sink(mirror, bs, group_id="replay-everything") as sink3:
+    async with Sink(mirror, bs, group_id="replay-everything", session_timeout_ms=FAST) as sink3:
         await sink3.run(exit_when_idle=True)
     assert _state(mirror) == want
     mirror.close()
@@ -355,7 +356,8 @@ async def test_two_workers_split_the_queue_and_a_killed_one_loses_nothing(
 
     shared = Store(tmp_path / "workers.duckdb")
     fake = FakeBackfill(shared, hang_on=dids[len(dids) // 2])
-    workers = {name: BackfillWorker(bs, fake.for_worker(name), topic="q.backfill", group_id="g", concurrency=2)
+    workers = {name: BackfillWorker(bs, fake.for_worker(name), topic="q.backfill", group_id="g", concurrency=2,
+                                  session_timeout_ms=FAST, heartbeat_interval_ms=FAST // 3)
                for name in ("w1", "w2")}
     for w in workers.values():
         await w.start()
@@ -389,7 +391,7 @@ async def test_two_workers_split_the_queue_and_a_killed_one_loses_nothing(
     single_store = Store(tmp_path / "single.duckdb")
     single = FakeBackfill(single_store)
     async with BackfillWorker(bs, single.for_worker("solo"), topic="q.backfill", group_id="single",
-                              concurrency=4) as w:
+                              concurrency=4, session_timeout_ms=FAST, heartbeat_interval_ms=FAST // 3) as w:
         await w.run(exit_when_idle=True)
     assert sorted(set(single.done)) == sorted(dids)
     assert _state(single_store) == state_two
