@@ -1,5 +1,5 @@
 """The backfiller end to end: a real local HTTP server plays the PLC directory and the PDS,
-serving signed repo CARs (bench.data's generator) and scripted faults; the store is a real
+serving signed repo CARs (bench.generate) and scripted faults; the store is a real
 DuckDB file."""
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from backfill.backfiller import open_backfiller, recover_queue
 from backfill.config import BackfillConfig
 from backfill.gaps import PdsAuditor
 from backfill.repo import parse_repo
-from bench.data.identity import Identity, did_document, make_identity
-from bench.data.repo import generate_repo
+from bench.generate.identity import Identity, did_document, make_identity
+from bench.generate.repo import generate_repo
 from storage import Store
 
 GET_REPO = "/xrpc/com.atproto.sync.getRepo"
