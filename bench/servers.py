@@ -270,3 +270,46 @@ class _Handler(BaseHTTPRequestHandler):
 
     def log_message(self, format: str, *args: Any) -> None:  # quiet
         return
+
+
+async def _serve_world(seed: int, n_dids: int, n_frames: int, close_when_done: bool) -> None:
+    """Draw a World, serve its frames and its end-state repos until cancelled."""
+    from .generate import World
+
+    world = World(seed, n_dids=n_dids)
+    frames = list(world.frames(n_frames))
+    repos = {did: world.repo_car(did) for did in world.dids}
+    with RepoServer(repos, world.identities) as http:
+        async with FirehoseServer(frames, close_when_done=close_when_done) as ws:
+            info = {
+                "firehose": ws.url,
+                "pds": http.url,
+                "plc": http.url,
+                "frames": len(frames),
+                "last_seq": world.last_seq,
+                "dids": world.dids,
+            }
+            print(json.dumps(info), flush=True)
+            await asyncio.Event().wait()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m bench.servers [--seed N] [--dids N] [--frames N]`: a local relay + PDS + PLC in
+    its own process (so a benchmarked consumer does not share a GIL with the server). Prints
+    one JSON line with the URLs, then serves until interrupted."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m bench.servers", description=main.__doc__)
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--dids", type=int, default=100)
+    parser.add_argument("--frames", type=int, default=10_000)
+    parser.add_argument("--close-when-done", action="store_true")
+    args = parser.parse_args(argv)
+    try:
+        asyncio.run(_serve_world(args.seed, args.dids, args.frames, args.close_when_done))
+    except KeyboardInterrupt:
+        pass
+
+
+if __name__ == "__main__":
+    main()

@@ -392,3 +392,29 @@ def test_bench_smoke_runs_and_writes_results(tmp_path: Path) -> None:
     for row in doc["rows"]:
         assert set(row) == {"name", "value", "unit", "target", "ok"}
         assert isinstance(row["value"], (int, float)) and row["value"] > 0
+
+
+def test_servers_run_as_their_own_process() -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bench.servers", "--seed", "3", "--dids", "4", "--frames", "30", "--close-when-done"],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        info = json.loads(proc.stdout.readline())
+        from websockets.sync.client import connect
+
+        with connect(info["firehose"], max_size=None) as ws:
+            got = list(ws)
+        assert len(got) == info["frames"] == 30
+        assert decode_frame(got[-1])[1]["seq"] == info["last_seq"]
+        did = info["dids"][0]
+        car = httpx.get(f"{info['pds']}/xrpc/com.atproto.sync.getRepo", params={"did": did}).content
+        assert atmst_records(car)[0]["did"] == did
+        doc = httpx.get(f"{info['plc']}/{did}").json()
+        assert doc["service"][0]["serviceEndpoint"] == info["pds"]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
