@@ -213,16 +213,36 @@ def _stored_cursor(info: dict[str, object]) -> int | None:
     return report["cursors"][0]["seq"] if report["cursors"] else None
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 def test_sigterm_flushes_stores_cursor_and_exits_zero(tmp_path: Path) -> None:
     frames = world_frames(7, 20, 2000)
+    junk = [b"\xa1not cbor"]
     db = tmp_path / "sig.duckdb"
-    with LocalRelay(frames) as relay:
-        proc = _spawn(db, relay, "--cursor", "0")
+    port = _free_port()
+    with LocalRelay(frames[:1000] + junk + frames[1000:]) as relay:
+        proc = _spawn(db, relay, "--cursor", "0", "--metrics-port", str(port))
         info = _wait_for_daemon(db, proc)
         deadline = time.monotonic() + 60
         while _stored_cursor(info) != relay.head:
             assert time.monotonic() < deadline
             time.sleep(0.1)
+        import httpx
+
+        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+        metrics = {line.split(" ")[0]: float(line.split(" ")[1]) for line in text.splitlines()
+                   if line and not line.startswith("#")}
+        assert metrics["skyfill_firehose_last_seq"] == relay.head
+        assert metrics['skyfill_firehose_events_total{type="commit"}'] > 1000
+        assert metrics['skyfill_firehose_errors_total{kind="cbor"}'] == 1
+        assert metrics["skyfill_storage_batch_write_seconds_count"] >= 1
+        assert "skyfill_firehose_lag_seconds" in metrics
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=10) == 0
     assert not (tmp_path / "sig.duckdb.daemon.json").exists()
