@@ -2,7 +2,7 @@
 
 `iter_repo_car` streams a repo of any size: pass 1 draws the records and keeps only
 (key, cid); the MST is bulk-built and the commit signed; pass 2 redraws the same records
-(same sub-seed) and writes their blocks. Memory is the MST plus 2 x 36-byte CIDs per record.
+(same sub-seed) and writes their blocks. Memory: the MST plus one (key, CID) pair per record.
 """
 
 from __future__ import annotations
