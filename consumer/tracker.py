@@ -22,6 +22,7 @@ Rules, in the order they are checked:
 6. #account stores active/status (status deleted -> every record of the DID purged);
    #identity stores the handle when one is given.
 A new DID starts with sync_state unknown: nothing has proven that we hold its whole repo.
+first_seen_at and desynced_at are event times (the `time` of the event), not the wall clock.
 """
 
 from __future__ import annotations

@@ -55,16 +55,26 @@ def wire(message: dict[str, Any]) -> bytes:
     return encode_frame(frame["header"], from_json(frame["body"]))
 
 
-def replay(tracker: Tracker, frames: list[bytes], batch: Batch) -> list[Verdict | str]:
+def replay(
+    tracker: Tracker, frames: list[bytes], batch: Batch, *, changed: list[bool] | None = None
+) -> list[Verdict | str]:
+    """Parse and apply each frame; `changed` collects whether the account's active/status moved."""
     out: list[Verdict | str] = []
     for data in frames:
         try:
             event = parse_frame(data, want=tracker.want)
         except FrameError as exc:
             out.append(exc.kind)
+            if changed is not None:
+                changed.append(False)
             continue
         assert isinstance(event, (Commit, Sync, Identity, Account))
+        row = tracker.row(event.did)
+        before = (row.active, row.status) if row else (True, "active")
         out.append(tracker.apply(event, batch))
+        if changed is not None:
+            row = tracker.row(event.did)
+            changed.append(before != ((row.active, row.status) if row else (True, "active")))
     return out
 
 
@@ -76,9 +86,13 @@ def new_tracker(rows: dict[str, RepoRow] | None = None, **kw: Any) -> Tracker:
 def test_relay_scenario_kept_and_dropped_match_the_flags(name: str) -> None:
     data = scenario(name)
     tracker, batch = new_tracker(), Batch()
-    verdicts = replay(tracker, [wire(m) for m in data["messages"]], batch)
+    changed: list[bool] = []
+    verdicts = replay(tracker, [wire(m) for m in data["messages"]], batch, changed=changed)
     assert verdicts == EXPECTED[name]
     assert [v in KEPT for v in verdicts] == [not m["drop"] for m in data["messages"]]
+    # `update`: the message changed the account's state (active/status)
+    assert changed == [m["update"] for m in data["messages"]]
+    assert not any(m["invalid"] for m in data["messages"])
 
     # Account state after the scenario: the last kept #account wins; none means active.
     (account,) = data["accounts"]
