@@ -56,7 +56,6 @@ __all__ = [
     "detect_gaps",
     "PdsAuditor",
     "downtime_spans",
-    "is_valid_did",
 ]
 
 # Audit input: {pds endpoint: [(did, held rev or None)]}. DIDs whose PDS is not in the
@@ -71,8 +70,6 @@ DEFAULT_MIN_DOWNTIME: Final = timedelta(seconds=5)
 _DID_RE_SQL: Final = "^did:[a-z]+:[a-zA-Z0-9._:%-]*[a-zA-Z0-9._-]$"
 
 
-def is_valid_did(did: str) -> bool:
-    return is_did(did)
 
 
 class Reason(StrEnum):
@@ -242,7 +239,7 @@ async def detect_gaps(
     if end < start:
         raise ValueError(f"end {end.isoformat()} is before start {start.isoformat()}")
     explicit = list(dict.fromkeys(explicit_dids))
-    bad = [d for d in explicit if not is_valid_did(d)]
+    bad = [d for d in explicit if not is_did(d)]
     if bad:
         raise SyntaxError_(f"invalid DID(s): {', '.join(bad[:5])}")
     now = _utc(now or datetime.now(UTC))

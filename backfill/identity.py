@@ -36,13 +36,13 @@ import orjson
 
 from skyfill.errors import FetchError, IdentityError, InputError, UnsafeHostError
 from skyfill.crypto import parse_public_key
+from skyfill.syntax import is_did
 from storage import Store
 
 from .pds import PdsClient
 
-__all__ = ["Resolver", "Identity", "is_valid_did"]
+__all__ = ["Resolver", "Identity"]
 
-_DID_RE = re.compile(r"^did:[a-z]+:[a-zA-Z0-9._:%-]*[a-zA-Z0-9._-]$")
 _PLC_RE = re.compile(r"^did:plc:[a-z2-7]{24}$")
 _HOST_RE = re.compile(r"^(?=.{1,253}$)([a-zA-Z0-9]([a-zA-Z0-9-]{0,61}[a-zA-Z0-9])?)(\.[a-zA-Z0-9]([a-zA-Z0-9-]{0,61}[a-zA-Z0-9])?)*$")
 _DOC_LIMIT = 1024 * 1024
@@ -55,11 +55,6 @@ class Identity:
     signing_key: str         # #atproto key, Multikey form ("zQ3s..." K-256, "zDn..." P-256)
     handle: str | None       # from alsoKnownAs at://, lower-cased, NOT verified bidirectionally
     doc: dict[str, Any]
-
-
-def is_valid_did(did: str) -> bool:
-    """atproto DID syntax (any method)."""
-    return len(did) <= 2048 and _DID_RE.match(did) is not None
 
 
 class Resolver:
@@ -136,7 +131,7 @@ class Resolver:
     # -- fetching ----------------------------------------------------------------------------
 
     def _doc_url(self, did: str) -> str:
-        if not is_valid_did(did):
+        if not is_did(did):
             raise IdentityError(f"invalid DID syntax: {did!r}", did=did, terminal=True)
         if did.startswith("did:plc:"):
             if not _PLC_RE.match(did):

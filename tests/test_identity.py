@@ -11,7 +11,8 @@ import coincurve
 import libipld
 import pytest
 
-from backfill.identity import Identity, Resolver, is_valid_did
+from backfill.identity import Identity, Resolver
+from skyfill.syntax import is_did
 from backfill.pds import PdsClient
 from tests.faultserver import FaultServer, Reply, json_reply
 from skyfill.crypto import parse_public_key
@@ -222,7 +223,7 @@ def test_did_syntax_vectors() -> None:
     for name, expected in (("did_syntax_valid.txt", True), ("did_syntax_invalid.txt", False)):
         for line in (base / name).read_text().splitlines():
             if line.strip() and not line.startswith("#"):
-                assert is_valid_did(line) is expected, line
+                assert is_did(line) is expected, line
 
 
 async def test_memory_cache_is_bounded(server: FaultServer, client: PdsClient) -> None:
