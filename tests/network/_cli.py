@@ -22,7 +22,7 @@ def _up() -> int:
             "pds_url": net.pds_url,
             "plc_url": net.plc_url,
             "admin_password": net.admin_password,
-            "firehose": net.client().subscribe_url(cursor=0),
+            "firehose": f"{net.pds_ws_url}/xrpc/com.atproto.sync.subscribeRepos?cursor=0",
             "start_seconds": round(net.start_seconds or 0.0, 2),
         }
         print(json.dumps(info), flush=True)

@@ -13,6 +13,7 @@ A stamp keyed by the content of package.json + package-lock.json makes a second 
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import shutil
@@ -82,10 +83,21 @@ def _run(cmd: list[str], *, cwd: Path, env: dict[str, str], log: Path) -> None:
 
 
 def install(*, root: Path = CACHE_DIR, force: bool = False) -> NetworkInstall:
-    """Install (or confirm) the network under `root`; idempotent and fast when already done."""
+    """Install (or confirm) the network under `root`; idempotent and fast when already done.
+
+    Holds an exclusive lock on `root`.lock: several test runs share one checkout, and an
+    `npm ci` wipes node_modules under any network another run has started from it.
+    """
+    root.parent.mkdir(parents=True, exist_ok=True)
+    with open(root.with_name(root.name + ".lock"), "wb") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _install_locked(root=root, force=force)
+
+
+def _install_locked(*, root: Path, force: bool) -> NetworkInstall:
     if not force and (done := installed(root=root)) is not None:
         # The launcher is ours, not npm's: refresh it so edits take effect without a reinstall.
-        shutil.copyfile(PACKAGE_DIR / _LAUNCHER, done.launcher)
+        _copy_launcher(done)
         return done
     npm = shutil.which("npm")
     if npm is None:
@@ -106,10 +118,17 @@ def install(*, root: Path = CACHE_DIR, force: bool = False) -> NetworkInstall:
     env["npm_config_nodedir"] = str(target.node_dir)
     env["npm_config_build_from_source"] = "true"  # skip prebuild-install's unreachable download
     _run([npm, "rebuild"], cwd=root, env=env, log=log)
-    shutil.copyfile(PACKAGE_DIR / _LAUNCHER, target.launcher)
+    _copy_launcher(target)
     _run([str(target.node), "-e", "require('better-sqlite3')(':memory:').close()"], cwd=root, env=env, log=log)
     target.stamp.write_text(_fingerprint())
     return target
+
+
+def _copy_launcher(target: NetworkInstall) -> None:
+    # Atomic: another test run may be starting node on the current copy right now.
+    tmp = target.launcher.with_suffix(f".{os.getpid()}.tmp")
+    shutil.copyfile(PACKAGE_DIR / _LAUNCHER, tmp)
+    os.replace(tmp, target.launcher)
 
 
 def main_install() -> int:
