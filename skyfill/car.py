@@ -86,11 +86,21 @@ def read_car(data: bytes) -> tuple[list[bytes], dict[bytes, bytes]]:
     pos = end
     size = len(data)
     while pos < size:
-        length, pos = _varint(data, pos)
+        # Fast paths (hot for the firehose): 1- and 2-byte length varints, 36-byte CIDv1 sha2-256.
+        b0 = data[pos]
+        if b0 < 0x80:
+            length = b0
+            pos += 1
+        elif pos + 1 < size and data[pos + 1] < 0x80:
+            length = (b0 & 0x7F) | (data[pos + 1] << 7)
+            pos += 2
+        else:
+            length, pos = _varint(data, pos)
         block_end = pos + length
         if block_end > size:
             raise CarError("truncated CAR block", kind="car_truncated")
-        clen = _cid_len(data, pos)
+        prefix = data[pos : pos + 4]
+        clen = _CID_LEN if prefix == _DAG_CBOR_PREFIX or prefix == _RAW_PREFIX else _cid_len(data, pos)
         if clen >= length:
             raise CarError("CAR block shorter than its CID", kind="car_malformed")
         blocks[data[pos : pos + clen]] = data[pos + clen : block_end]

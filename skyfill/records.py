@@ -28,13 +28,17 @@ def is_valid_datetime(value: Any) -> bool:
     if not isinstance(value, str) or len(value) > 64 or not _DATETIME.match(value) or value.endswith("-00:00"):
         return False
     # the regex admits month 19 or hour 29: let the calendar have the last word
-    from datetime import datetime
+    from datetime import UTC, datetime
 
+    text = value.replace("Z", "+00:00") if value.endswith("Z") else value
+    # Year 0000 is valid atproto syntax but below Python's datetime range: check it as year
+    # 2000 (also a leap year), then refuse instants before 0000-01-01T00:00Z (a positive offset).
+    year_zero = text.startswith("0000")
     try:
-        datetime.fromisoformat(value.replace("Z", "+00:00") if value.endswith("Z") else value)
+        parsed = datetime.fromisoformat("2000" + text[4:] if year_zero else text)
     except ValueError:
         return False
-    return True
+    return not year_zero or parsed >= datetime(2000, 1, 1, tzinfo=UTC)
 
 
 def record_json(block: bytes) -> tuple[str, str | None]:
