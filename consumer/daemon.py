@@ -145,12 +145,23 @@ class Daemon:
                 await self._begin_new_span()
 
     async def _tick(self) -> None:
+        next_gauge = 0.0
         while True:
             await asyncio.sleep(self.config.flush_interval / 2)
             if self._batch.events and time.monotonic() - self._batch_started >= self.config.flush_interval:
                 await self._flush(wait=False)
             if self.last_time:
                 metrics.FIREHOSE_LAG.set(max(0.0, time.time() - _epoch(self.last_time)))
+            if time.monotonic() >= next_gauge:  # a column scan: every 10 s is plenty
+                next_gauge = time.monotonic() + 10
+                metrics.DESYNCHRONIZED_DIDS.set(await asyncio.to_thread(self._count_desynchronized))
+
+    def _count_desynchronized(self) -> int:
+        cur = self.store.cursor()
+        try:
+            return int(cur.execute("SELECT count(*) FROM repos WHERE sync_state = 'desynchronized'").fetchall()[0][0])
+        finally:
+            cur.close()
 
     # -- events ---------------------------------------------------------------------------
 
