@@ -98,8 +98,11 @@ class Services:
 
         from .resync import DaemonSink
 
+        from backfill.backfiller import recover_queue
+
         assert self.daemon is not None
         sink = DaemonSink(self.daemon)
+        await asyncio.to_thread(recover_queue, self.store)  # claims a crash left 'in_progress'
         while True:
             try:
                 await backfill_queue_once(self.store, sink=sink, plc_url=self.plc_url,
