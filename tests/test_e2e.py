@@ -47,7 +47,7 @@ from tests.network import (
     like_record,
     post_record,
 )
-from tests.oracle import assert_mirror_equals, commit_seq, fetch_truth, head_seq
+from tests.oracle import assert_mirror_equals, commit_seq, fetch_truth, head_seq, mirror_diff
 
 pytestmark = pytest.mark.pds
 
@@ -523,3 +523,24 @@ def test_lambda_handler_modes_reach_equality(
     finally:
         con.close()
 
+
+
+def test_the_oracle_itself_reports_missing_extra_stale_and_rev(
+    pds_client: PdsClient, make_account: MakeAccount, tmp_path: Path
+) -> None:
+    c = pds_client
+    u = make_account("oracle")
+    a, b, d = (post(c, u, t) for t in ("a", "b", "d"))
+    truth = fetch_truth(c, u.did)
+    assert truth.rev == d.commit.rev and dict(truth.records) == {(POST, r.rkey): r.cid for r in (a, b, d)}
+    con = duckdb.connect(str(tmp_path / "o.duckdb"))
+    con.execute("CREATE TABLE records (did VARCHAR, collection VARCHAR, rkey VARCHAR, cid VARCHAR)")
+    con.execute("CREATE TABLE repos (did VARCHAR, rev VARCHAR, status VARCHAR, active BOOLEAN, sync_state VARCHAR)")
+    con.execute("INSERT INTO repos VALUES (?, ?, 'active', true, 'unknown')", [u.did, b.commit.rev])
+    for rkey, cid in ((a.rkey, a.cid), (b.rkey, a.cid), ("3zzzzzzzzzzzz", d.cid)):  # b stale, d missing, one extra
+        con.execute("INSERT INTO records VALUES (?, ?, ?, ?)", [u.did, POST, rkey, cid])
+    con.execute("INSERT INTO records VALUES ('did:plc:someoneelse', ?, 'x', ?)", [POST, a.cid])
+    diff = mirror_diff(con, c, [u.did])
+    assert [line.split()[1] for line in diff] == ["rev", "missing", "extra", "stale", "extra"], diff
+    assert f"{POST}/{d.rkey}" in diff[1] and "did:plc:someoneelse" in diff[4]
+    con.close()
