@@ -1,7 +1,8 @@
 """JSON request bodies (the daemon's admin API, the CLI talking to it) -> the backfill cores.
 
 A body carries the same options as the command line, as plain JSON values:
-    gaps:      {"start", "end", "enqueue", "audit", "dids", "plc_url", "allow_private_hosts"}
+    gaps:      {"start", "end", "enqueue" (bool, "db" or "kafka"), "kafka_bootstrap", "audit", "dids",
+                "plc_url", "allow_private_hosts"}
     backfill:  {"dids" | "from_queue", "concurrency", "per_host_rps", "verify", "max_car_bytes",
                 "max_attempts", "plc_url", "allow_private_hosts"}
 Absent options take the daemon's own settings.
@@ -43,7 +44,12 @@ async def gaps_from_request(
         raise ConfigError("dids=all makes no sense for gaps")
     config = config_from_request(body, plc_url=plc_url, allow_private_hosts=allow_private_hosts)
     return await run_gaps(store, start=start, end=end, config=config, audit=bool(body.get("audit", True)),
-                          explicit_dids=explicit, enqueue=bool(body.get("enqueue", False)))
+                          explicit_dids=explicit, enqueue=_enqueue(body.get("enqueue")),
+                          kafka_bootstrap=body.get("kafka_bootstrap") or None)
+
+
+def _enqueue(value: Any) -> bool | str:
+    return value if isinstance(value, str) else bool(value)
 
 
 async def backfill_from_request(

@@ -25,7 +25,7 @@ import logging
 import random
 import sys
 import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -44,7 +44,7 @@ from skyfill.errors import (
     TerminalFetchError,
     UnsafeHostError,
 )
-from storage import TERMINAL_BACKFILL, BackfillStatus, QueueState, ReconcileCounts, Store
+from storage import TERMINAL_BACKFILL, BackfillStatus, Change, QueueState, ReconcileCounts, Store
 
 from .config import BackfillConfig
 from .identity import Identity, Resolver
@@ -56,6 +56,8 @@ __all__ = [
     "BackfillSummary",
     "ReconcileSink",
     "DirectSink",
+    "Publish",
+    "thread_emitter",
     "backoff",
     "recover_queue",
     "open_backfiller",
@@ -83,16 +85,38 @@ class ReconcileSink(Protocol):
     async def abort(self, did: str) -> None: ...
 
 
-class DirectSink:
-    """Standalone sink: no firehose runs in this process, so nothing can race the fetch."""
+Publish = Callable[[list[Change]], Awaitable[None]]
 
-    def __init__(self, store: Store) -> None:
+
+def thread_emitter(publish: Publish, loop: asyncio.AbstractEventLoop) -> Callable[[list[Change]], None]:
+    """`Store.reconcile(emit=...)` runs in a worker thread: publish on `loop` and block until acked."""
+
+    def emit(changes: list[Change]) -> None:
+        asyncio.run_coroutine_threadsafe(publish(changes), loop).result()
+
+    return emit
+
+
+class DirectSink:
+    """Standalone sink: no firehose runs in this process, so nothing can race the fetch.
+
+    With `publish`, the reconciliation's changes are acknowledged by the broker before the
+    local transaction commits (Store.reconcile's `emit`). `snapshot=True` (backfill workers,
+    whose local store is not the shared mirror) publishes every record of the fetched repo, not
+    the diff against a local copy that may be stale relative to the topics.
+    """
+
+    def __init__(self, store: Store, *, publish: Publish | None = None, snapshot: bool = False) -> None:
         self.store = store
+        self.publish = publish
+        self.snapshot = snapshot
 
     async def begin(self, did: str) -> None:
         return None
 
     async def commit(self, did: str, snapshot: RepoSnapshot) -> ReconcileCounts:
+        emit = thread_emitter(self.publish, asyncio.get_running_loop()) if self.publish is not None else None
+
         def run() -> ReconcileCounts:
             return self.store.reconcile(
                 did,
@@ -101,6 +125,8 @@ class DirectSink:
                 commit_cid=snapshot.commit_cid,
                 fetched=snapshot.records,
                 materialize=lambda keys: materialize(snapshot, keys),
+                emit=emit,
+                snapshot=self.snapshot,
             )
 
         return await asyncio.to_thread(run)

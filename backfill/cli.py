@@ -41,13 +41,20 @@ async def run_gaps(
     config: BackfillConfig,
     audit: bool = True,
     explicit_dids: Iterable[str] = (),
-    enqueue: bool = False,
+    enqueue: bool | str = False,
+    kafka_bootstrap: str | None = None,
 ) -> dict[str, Any]:
-    """Detect gaps for [start, end]; with `enqueue`, store them in the queue (idempotent).
+    """Detect gaps for [start, end]; with `enqueue`, queue them for a backfill.
 
+    `enqueue`: False/None (report only), True or "db" (the DuckDB queue, idempotent: `enqueued`
+    counts new rows), "kafka" (one request per DID on skyfill.backfill at `kafka_bootstrap`, for
+    `skyfill backfill-worker`s: `enqueued` counts acknowledged requests).
     Returns the report as JSON-ready data: counts per reason, downtime stretches, DIDs with
-    their reasons, and `enqueued` (new queue rows; None without `enqueue`).
+    their reasons, and `enqueued` (None without `enqueue`).
     """
+    mode = _enqueue_mode(enqueue)
+    if mode == "kafka" and not kafka_bootstrap:
+        raise ConfigError("--enqueue kafka needs --kafka-bootstrap")
     if audit:
         async with open_backfiller(store, config=config, progress=False) as bf:
             auditor = PdsAuditor(bf.client, bf.resolver)
@@ -55,8 +62,26 @@ async def run_gaps(
     else:
         report = await detect_gaps(store, start=start, end=end, audit=None, explicit_dids=explicit_dids)
     out = report.to_json(with_dids=True)
-    out["enqueued"] = (await asyncio.to_thread(store.enqueue, report.reasons_by_did)) if enqueue else None
+    if mode == "kafka":
+        from publish import enqueue_backfill
+
+        assert kafka_bootstrap is not None
+        out["enqueued"] = await enqueue_backfill(kafka_bootstrap, report.reasons_by_did)
+    elif mode == "db":
+        out["enqueued"] = await asyncio.to_thread(store.enqueue, report.reasons_by_did)
+    else:
+        out["enqueued"] = None
     return out
+
+
+def _enqueue_mode(enqueue: bool | str | None) -> str | None:
+    if enqueue is True:
+        return "db"
+    if enqueue in (False, None, ""):
+        return None
+    if enqueue not in ("db", "kafka"):
+        raise ConfigError(f"enqueue must be db or kafka, not {enqueue!r}")
+    return str(enqueue)
 
 
 def all_dids(store: Store, *, start: datetime | None = None, end: datetime | None = None) -> list[str]:
@@ -83,10 +108,24 @@ async def run_backfill(
     progress: bool | None = None,
     start: datetime | None = None,
     end: datetime | None = None,
+    kafka_bootstrap: str | None = None,
 ) -> BackfillSummary:
-    """Backfill the named DIDs, every known DID (`"all"`, optionally limited to a window), or the queue."""
+    """Backfill the named DIDs, every known DID (`"all"`, optionally limited to a window), or the queue.
+
+    With `kafka_bootstrap` (and no `sink`), every reconciliation's changes are published
+    (`source: backfill`) and acknowledged before the local transaction commits.
+    """
     if from_queue == (dids is not None):
         raise ConfigError("give either DIDs or from_queue")
+    if kafka_bootstrap is not None and sink is None:
+        from publish import KafkaPublisher
+
+        from .backfiller import DirectSink
+
+        async with KafkaPublisher(kafka_bootstrap) as publisher:
+            return await run_backfill(store, dids=dids, config=config, from_queue=from_queue,
+                                      sink=DirectSink(store, publish=publisher.publish), progress=progress,
+                                      start=start, end=end)
     async with open_backfiller(store, config=config, sink=sink, progress=progress) as bf:
         if from_queue:
             await asyncio.to_thread(recover_queue, store)
@@ -123,15 +162,18 @@ _private_option = option(
 @db_option
 @option("--start", required=True, help="Window start: YYYY-MM-DD or ISO 8601 (UTC unless zoned).")
 @option("--end", required=True, help="Window end (inclusive; a bare date means the end of that day).")
-@option("--enqueue", is_flag=True, help="Store the DIDs in the backfill queue (idempotent).")
+@option("--enqueue", type=click.Choice(["db", "kafka"]), is_flag=False, flag_value="db", default=None,
+        help="Queue the DIDs: `db` (default; the DuckDB queue, idempotent) or `kafka` (requests on "
+             "skyfill.backfill for `skyfill backfill-worker`s; needs --kafka-bootstrap).")
+@option("--kafka-bootstrap", default=None, help="Kafka HOST:PORT (for --enqueue kafka).")
 @option("--no-audit", is_flag=True, help="Downtime: flag DIDs active around it instead of asking PDSes.")
 @option("--dids", "dids_spec", default=None, help="Extra DIDs to include: did1,did2 or @file.")
 @_plc_option
 @_private_option
 @json_option
 def gaps(
-    db: str, start: str, end: str, enqueue: bool, no_audit: bool, dids_spec: str | None,
-    plc_url: str, allow_private_hosts: bool, as_json: bool,
+    db: str, start: str, end: str, enqueue: str | None, kafka_bootstrap: str | None, no_audit: bool,
+    dids_spec: str | None, plc_url: str, allow_private_hosts: bool, as_json: bool,
 ) -> None:
     """Which DIDs need a backfill for a window, and why."""
     try:
@@ -140,19 +182,23 @@ def gaps(
         if explicit == ALL:
             raise ConfigError("--dids all makes no sense for gaps")
         config = BackfillConfig(plc_url=plc_url, allow_private_hosts=allow_private_hosts)
+        if enqueue == "kafka" and not kafka_bootstrap:
+            raise ConfigError("--enqueue kafka needs --kafka-bootstrap (or SKYFILL_KAFKA_BOOTSTRAP)")
     except ConfigError as exc:
         raise click.BadParameter(str(exc)) from exc
     daemon = find_daemon(db)
     try:
         if daemon is not None:  # the daemon holds the file: let it do the work
             result = call_daemon(daemon, "/gaps", {
-                "start": start, "end": end, "enqueue": enqueue, "audit": not no_audit, "dids": explicit,
-                "plc_url": plc_url, "allow_private_hosts": allow_private_hosts,
+                "start": start, "end": end, "enqueue": enqueue, "kafka_bootstrap": kafka_bootstrap,
+                "audit": not no_audit, "dids": explicit, "plc_url": plc_url,
+                "allow_private_hosts": allow_private_hosts,
             })
         else:
             with _open(db) as store:
                 result = asyncio.run(run_gaps(store, start=lo, end=hi, config=config, audit=not no_audit,
-                                              explicit_dids=explicit, enqueue=enqueue))
+                                              explicit_dids=explicit, enqueue=enqueue,
+                                              kafka_bootstrap=kafka_bootstrap))
     except SkyfillError as exc:
         raise click.ClickException(str(exc)) from exc
     lines = [f"gaps {result['start']} .. {result['end']}: {result['total']} DIDs"]
@@ -160,7 +206,8 @@ def gaps(
     for a, b in result["downtime"]:
         lines.append(f"  downtime span     {a} .. {b}{'' if result['audited'] else ' (not audited)'}")
     if result["enqueued"] is not None:
-        lines.append(f"  enqueued          {result['enqueued']} new")
+        where = "requests on Kafka" if enqueue == "kafka" else "new"
+        lines.append(f"  enqueued          {result['enqueued']} {where}")
     _emit(result, as_json, "\n".join(lines))
 
 
@@ -176,10 +223,14 @@ def gaps(
 @option("--max-car-bytes", type=click.IntRange(1024), default=512 * 1024 * 1024, show_default=True)
 @option("--max-attempts", type=click.IntRange(1), default=8, show_default=True,
         help="Transient failures before a DID is marked Failed.")
+@option("--kafka-bootstrap", default=None,
+        help="Also publish each reconciliation (source backfill) to Kafka before committing it locally. "
+             "With `skyfill consume` running, its own --kafka-bootstrap applies instead.")
 @json_option
 def backfill(
     db: str, dids_spec: str | None, from_queue: bool, plc_url: str, concurrency: int, per_host_rps: float,
-    no_verify: bool, allow_private_hosts: bool, max_car_bytes: int, max_attempts: int, as_json: bool,
+    no_verify: bool, allow_private_hosts: bool, max_car_bytes: int, max_attempts: int,
+    kafka_bootstrap: str | None, as_json: bool,
 ) -> None:
     """Fetch, verify and reconcile whole repos."""
     if (dids_spec is None) == (not from_queue):
@@ -204,7 +255,8 @@ def backfill(
         else:
             with _open(db) as store:
                 summary = asyncio.run(run_backfill(store, dids=dids, from_queue=from_queue, config=config,
-                                                   progress=sys.stderr.isatty() and not as_json))
+                                                   progress=sys.stderr.isatty() and not as_json,
+                                                   kafka_bootstrap=kafka_bootstrap))
     except SkyfillError as exc:
         raise click.ClickException(str(exc)) from exc
     _emit(summary.to_json(), as_json, _summary_text(summary))

@@ -25,8 +25,6 @@ from typing import TYPE_CHECKING, Any
 
 from storage import Batch, RecordPut, ReconcileCounts, SyncState
 
-from .changes import repo_change
-
 if TYPE_CHECKING:
     from .daemon import Daemon
 
@@ -48,9 +46,13 @@ class DaemonSink:
         self.daemon.captures.pop(did, None)
 
     async def commit(self, did: str, snapshot: Any) -> ReconcileCounts:
+        from backfill.backfiller import thread_emitter
         from backfill.repo import materialize
 
         daemon = self.daemon
+        # Store (and publish) everything applied before begin(): such events are not captured,
+        # and written after the reconcile they would roll its records back to older revs.
+        await daemon._flush(wait=True)
         # Hold the flush lock: no batch write may interleave with the reconcile transaction, and
         # no batch sealed before this point may be written after it (its repo rows are older).
         async with daemon.flush_lock:
@@ -84,17 +86,19 @@ class DaemonSink:
             else:
                 daemon.tracker.mark_synchronized(did, rev, snapshot.data_cid, snapshot.commit_cid)
 
+            # Publishing: the diff (and the repo row) is acknowledged inside the reconcile
+            # transaction, before COMMIT, so the topics never lag the mirror. The flush lock
+            # keeps daemon batches out meanwhile, so per DID the log stays in event order:
+            # batches sealed before (already published), this reconcile, batches after.
+            emit = None
+            if daemon.config.publish and daemon._publish is not None:
+                emit = thread_emitter(daemon._publish, asyncio.get_running_loop())
+
             def run() -> ReconcileCounts:
                 return daemon.store.reconcile(
                     did, rev=rev, data_cid=snapshot.data_cid, commit_cid=snapshot.commit_cid,
                     fetched=snapshot.records, materialize=lambda keys: materialize(snapshot, keys),
-                    after=replay,
+                    after=replay, emit=emit,
                 )
 
-            counts = await asyncio.to_thread(run)
-            if daemon.config.publish and daemon._publish is not None:
-                current = daemon.tracker.row(did)
-                if current is not None:
-                    await daemon._publish([repo_change(current, kind="backfill", seq=None, time=None,
-                                                       source="backfill")])
-            return counts
+            return await asyncio.to_thread(run)

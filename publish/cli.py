@@ -67,14 +67,22 @@ def sink(kafka_bootstrap: str, db: str, group_id: str, records_topic: str, repos
 @option("--concurrency", default=8, show_default=True, type=int, help="Requests in flight per worker.")
 @option("--plc-url", default=None, help="PLC directory (default: the backfiller's).")
 @option("--allow-private-hosts", is_flag=True, help="Allow loopback/private PDS hosts (local networks).")
+@option("--records-topic", default=RECORDS_TOPIC, show_default=True, help="Where results go (for the sink).")
+@option("--repos-topic", default=REPOS_TOPIC, show_default=True)
 @option("--exit-when-idle", is_flag=True, help="Stop once the request topic is drained.")
 def backfill_worker(kafka_bootstrap: str, db: str, group_id: str, topic: str, concurrency: int,
-                    plc_url: str | None, allow_private_hosts: bool, exit_when_idle: bool) -> None:
-    """Join the backfill consumer group; reconcile each requested DID, then commit its offset."""
-    from backfill.backfiller import open_backfiller
+                    plc_url: str | None, allow_private_hosts: bool, records_topic: str, repos_topic: str,
+                    exit_when_idle: bool) -> None:
+    """Join the backfill consumer group: fetch, verify, publish each requested repo, then commit.
+
+    Results go to the records/repos topics as whole-repo snapshots (`source: backfill`) for a
+    shared `skyfill sink`; --db is this worker's working store (bookkeeping), not a mirror.
+    """
+    from backfill.backfiller import DirectSink, open_backfiller
     from backfill.config import BackfillConfig
     from storage import Store
 
+    from .producer import KafkaPublisher
     from .worker import BackfillWorker, backfill_one_from
 
     extra: dict[str, Any] = {"plc_url": plc_url} if plc_url else {}
@@ -82,11 +90,14 @@ def backfill_worker(kafka_bootstrap: str, db: str, group_id: str, topic: str, co
 
     async def main(stop: asyncio.Event) -> None:
         with Store(db) as store:
-            async with open_backfiller(store, config=config, progress=False) as backfiller:
-                worker = BackfillWorker(kafka_bootstrap, backfill_one_from(backfiller), topic=topic,
-                                        group_id=group_id, concurrency=concurrency)
-                async with worker:
-                    done = await worker.run(stop=stop, exit_when_idle=exit_when_idle)
+            async with KafkaPublisher(kafka_bootstrap, records_topic=records_topic,
+                                      repos_topic=repos_topic) as publisher:
+                sink = DirectSink(store, publish=publisher.publish, snapshot=True)
+                async with open_backfiller(store, config=config, sink=sink, progress=False) as backfiller:
+                    worker = BackfillWorker(kafka_bootstrap, backfill_one_from(backfiller), topic=topic,
+                                            group_id=group_id, concurrency=concurrency)
+                    async with worker:
+                        done = await worker.run(stop=stop, exit_when_idle=exit_when_idle)
         click.echo(f"backfilled {done} requested repos")
 
     _run(main)

@@ -85,6 +85,7 @@ def encode_repo(change: RepoChange) -> bytes:
             "seq": change.seq,
             "time": change.time,
             "source": change.source,
+            "snapshot": change.snapshot,
         }
     )
 
@@ -121,5 +122,5 @@ def repo_change_from(obj: dict[str, Any]) -> RepoChange:
         did=obj["did"], kind=obj["kind"], rev=obj.get("rev"), data_cid=obj.get("data_cid"),
         active=bool(obj["active"]), status=obj["status"], handle=obj.get("handle"),
         sync_state=obj["sync_state"], desync_reason=obj.get("desync_reason"), seq=obj.get("seq"),
-        time=obj.get("time"), source=obj["source"],
+        time=obj.get("time"), source=obj["source"], snapshot=bool(obj.get("snapshot", False)),
     )

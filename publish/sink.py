@@ -9,7 +9,13 @@ is idempotent by (did, collection, rkey, rev):
 - a record message of a deleted account with a rev at or before the deletion is skipped. The
   two topics are not ordered against each other, so a create read after the account deletion
   that purged it must not bring the record back;
-- a repo message older than the stored row, by (rev, seq), is skipped.
+- a repo message older than the stored row, by (rev, seq), is skipped;
+- a snapshot (repo message `kind: "backfill"`, `snapshot: true`, rev R; sent by backfill
+  workers, whose record messages at R are the whole repo) deletes every stored record of the
+  DID whose rev is older than R, and from then on record messages of that DID older than R are
+  skipped (`sink_snapshots`). The snapshot's own records at R, and anything newer, stay. The
+  two topics are not ordered, so the repo message may be applied before or after its records:
+  either way the result is the repo at R plus newer changes.
 Worked example, one DID, records topic read as  c1(rev 1) u2(rev 2) d3(rev 3) u2(rev 2, a replay):
     c1 -> put rev 1;  u2 -> put rev 2;  d3 -> delete, tombstone rev 3;  u2 -> 2 < 3, skipped.
 """
@@ -41,6 +47,7 @@ _TOMBSTONES_DDL = (
     "CREATE TABLE IF NOT EXISTS sink_tombstones (did VARCHAR NOT NULL, collection VARCHAR NOT NULL, "
     "rkey VARCHAR NOT NULL, rev VARCHAR, PRIMARY KEY (did, collection, rkey))"
 )
+_SNAPSHOTS_DDL = "CREATE TABLE IF NOT EXISTS sink_snapshots (did VARCHAR PRIMARY KEY, rev VARCHAR NOT NULL)"
 _KEYS = pa.schema([("did", pa.string()), ("collection", pa.string()), ("rkey", pa.string())])
 _TOMBS = pa.schema([("did", pa.string()), ("collection", pa.string()), ("rkey", pa.string()), ("rev", pa.string())])
 
@@ -74,7 +81,9 @@ class _Fold:
     live: dict[RecordKey, str | None]          # stored/pending record rev
     tombs: dict[RecordKey, str | None]         # rev of the delete that removed the key
     repos: dict[str, _RepoSeen]
+    snapshots: dict[str, str]                  # did -> rev of the newest snapshot applied
     batch: Batch = field(default_factory=Batch)
+    new_snapshots: dict[str, str] = field(default_factory=dict)
     new_tombs: dict[RecordKey, str | None] = field(default_factory=dict)
     stats: SinkStats = field(default_factory=SinkStats)
 
@@ -84,7 +93,12 @@ class _Fold:
         if seen is not None and seen.status == "deleted" and (rev is None or not _older(seen.rev, rev)):
             self.stats.skipped += 1
             return
-        if _older(rev, self.live.get(key)) or _older(rev, self.tombs.get(key)):
+        if (
+            _older(rev, self.live.get(key))
+            or _older(rev, self.tombs.get(key))
+            or (rev is None and did in self.snapshots)
+            or _older(rev, self.snapshots.get(did))
+        ):
             self.stats.skipped += 1
             return
         if m["op"] == "delete":
@@ -106,6 +120,8 @@ class _Fold:
 
     def repo(self, m: dict[str, Any]) -> None:
         did, rev, seq = m["did"], m.get("rev"), m.get("seq")
+        if m.get("snapshot") and m.get("kind") == "backfill" and rev is not None:
+            self._snapshot(did, rev)
         seen = self.repos.get(did)
         if seen is not None and (
             _older(rev, seen.rev)
@@ -129,6 +145,19 @@ class _Fold:
                 del self.live[key]
         self.repos[did] = _RepoSeen(rev, keep_seq, keep_at, m["status"])
         self.stats.applied += 1
+
+
+    def _snapshot(self, did: str, rev: str) -> None:
+        """The repo at `rev` is exactly the snapshot's records: drop what is older and not in it."""
+        if not _older(self.snapshots.get(did), rev) and did in self.snapshots:
+            return
+        self.snapshots[did] = self.new_snapshots[did] = rev
+        # `live` holds every stored record of this DID (loaded for snapshot DIDs) and this
+        # poll's puts; the snapshot's records at `rev` that come later in the poll put back
+        # what they rewrite.
+        for key in [k for k, r in self.live.items() if k[0] == did and (r is None or r < rev)]:
+            self.batch.delete_record(*key)
+            del self.live[key]
 
 
 def _dumps(obj: Any) -> str:
@@ -163,6 +192,7 @@ class Sink:
 
     async def start(self) -> None:
         self.store.execute_write(_TOMBSTONES_DDL)
+        self.store.execute_write(_SNAPSHOTS_DDL)
         consumer = AIOKafkaConsumer(
             self.topics.records, self.topics.repos,
             bootstrap_servers=self.bootstrap, group_id=self.group_id, client_id=self._client_id,
@@ -253,6 +283,15 @@ class Sink:
                     schema=_TOMBS,
                 ),
             )
+        if fold.new_snapshots:
+            # Like tombstones: committed before the batch, and only ever makes older messages skip.
+            snaps = list(fold.new_snapshots.items())
+            self.store.write_arrow(
+                "INSERT INTO sink_snapshots SELECT * FROM _s ON CONFLICT (did) "
+                "DO UPDATE SET rev = greatest(sink_snapshots.rev, excluded.rev)",
+                "_s",
+                pa.table({"did": [d for d, _ in snaps], "rev": [r for _, r in snaps]}),
+            )
         self.store.apply(fold.batch)
         fold.stats.invalid = invalid
         self.stats.applied += fold.stats.applied
@@ -266,11 +305,25 @@ class Sink:
         """Read the stored revs of every key and DID this poll touches."""
         keys = {(m["did"], m["collection"], m["rkey"]) for m in records if _has_key(m)}
         dids = sorted({m["did"] for m in records if "did" in m} | {m["did"] for m in repos if "did" in m})
+        snapshot_dids = sorted({m["did"] for m in repos if m.get("snapshot") and "did" in m})
         live: dict[RecordKey, str | None] = {}
         tombs: dict[RecordKey, str | None] = {}
         seen: dict[str, _RepoSeen] = {}
+        snapshots: dict[str, str] = {}
         cur = self.store.cursor()
         try:
+            if snapshot_dids:
+                cur.register("_sd", pa.table({"did": snapshot_dids}))
+                for did, col, rkey, rev in cur.execute(
+                    "SELECT did, collection, rkey, rev FROM records WHERE did IN (SELECT did FROM _sd)"
+                ).fetchall():
+                    live[(did, col, rkey)] = rev
+                cur.unregister("_sd")
+            if dids:
+                cur.register("_sn", pa.table({"did": dids}))
+                snapshots.update(cur.execute(
+                    "SELECT did, rev FROM sink_snapshots WHERE did IN (SELECT did FROM _sn)").fetchall())
+                cur.unregister("_sn")
             if keys:
                 ks = list(keys)
                 cur.register("_k", pa.table(
@@ -297,7 +350,7 @@ class Sink:
                 cur.unregister("_d")
         finally:
             cur.close()
-        return _Fold(live=live, tombs=tombs, repos=seen)
+        return _Fold(live=live, tombs=tombs, repos=seen, snapshots=snapshots)
 
 
 def _has_key(m: dict[str, Any]) -> bool:

@@ -30,7 +30,7 @@ from skyfill.errors import ConfigError, PublishError
 from .messages import BACKFILL_TOPIC
 from .requests import decode_request, encode_request
 
-__all__ = ["BackfillWorker", "BackfillOne", "backfill_one_from"]
+__all__ = ["BackfillWorker", "BackfillOne", "BackfillRetry", "backfill_one_from"]
 
 log = logging.getLogger(__name__)
 
@@ -175,11 +175,28 @@ class BackfillWorker:
                     extra={"ctx": {"did": did, "attempt": attempt, "error": repr(exc)}})
 
 
+class BackfillRetry(Exception):
+    """The backfill of a requested DID ended 'retrying' or 'deferred': the request goes back on the topic."""
+
+
+# Outcomes that a later attempt may fix. The worker's local row keeps its own retry time, but
+# no worker reads its local queue: the retry must travel on the topic (attempt header, then
+# the dead-letter topic), or the request would be lost for the shared sink.
+_RETRY_OUTCOMES = frozenset({"retrying", "deferred"})
+
+
 def backfill_one_from(backfiller: Any) -> BackfillOne:
-    """Adapt `backfill.Backfiller` (which records outcomes on the repo row) to a BackfillOne."""
+    """Adapt `backfill.Backfiller` to a BackfillOne: a transient outcome raises, so it is re-queued.
+
+    The backfiller records every outcome on the worker's repo row; terminal ones (RepoNotFound,
+    takedown, bad signature, ...) are final and the request is done.
+    """
 
     async def one(did: str) -> None:
-        await backfiller.run([did])
+        summary = await backfiller.run([did])
+        transient = sorted(set(summary.failed) & _RETRY_OUTCOMES)
+        if transient:
+            raise BackfillRetry(f"backfill of {did} ended {transient[0]}")
 
     return one
 

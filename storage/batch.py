@@ -87,6 +87,9 @@ class RepoChange:
     seq: int | None
     time: str | None
     source: str                 # "firehose" | "backfill"
+    # kind "backfill" only: the record messages at `rev` are the WHOLE repo, so every record of
+    # the DID older than `rev` that they do not rewrite is gone.
+    snapshot: bool = False
 
 
 Change = RecordChange | RepoChange

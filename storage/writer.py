@@ -24,7 +24,7 @@ import pyarrow as pa
 
 from skyfill.errors import DatabaseLocked, StorageError
 
-from .batch import Batch, RepoRow
+from .batch import Batch, Change, RecordChange, RepoChange, RepoRow
 from .states import BackfillStatus, CoverageEnd, SyncState
 
 __all__ = ["Store", "ReconcileCounts", "RecordColumns", "open_store"]
@@ -297,6 +297,8 @@ class Store:
         fetched: Mapping[tuple[str, str], str],
         materialize: Callable[[list[tuple[str, str]]], RecordColumns],
         after: Batch | None = None,
+        emit: Callable[[list[Change]], None] | None = None,
+        snapshot: bool = False,
     ) -> ReconcileCounts:
         """Make the stored records of `did` equal the fetched repo, in one transaction.
 
@@ -306,6 +308,14 @@ class Store:
         `after` (firehose effects newer than the fetched rev, captured while the repo was being
         fetched) is applied in the same transaction, so the result is never older than what the
         firehose had already stored.
+
+        `emit(changes)` (publishing) is called INSIDE the transaction, after every write and
+        before COMMIT: if it raises, nothing is stored, so the mirror never holds a reconcile
+        the topics lack. It receives `source: "backfill"` record changes, then one repo change
+        (`kind: "backfill"`, the row as this transaction leaves it). Without `snapshot` they
+        are the diff against the stored records (keys that `after` rewrites are left out: the
+        firehose already published their newer state); with `snapshot` every fetched record
+        is sent and the repo change says so, for subscribers that never saw this store's copy.
         """
         now = _now()
 
@@ -319,6 +329,8 @@ class Store:
             changed = [key for key, cid in fetched.items() if existing.get(key) != cid]
             gone = [key for key in existing if key not in fetched]
             added = sum(1 for key in changed if key not in existing)
+            # snapshot: decode every record once (to publish it), write only the changed ones
+            every = materialize(list(fetched)) if emit is not None and snapshot else None
             if gone:
                 dels = pa.table(
                     {"did": [did] * len(gone), "collection": [k[0] for k in gone], "rkey": [k[1] for k in gone]},
@@ -331,7 +343,7 @@ class Store:
                 )
                 con.unregister("_dels")
             if changed:
-                cols = materialize(changed)
+                cols = _subset(every, set(changed)) if every is not None else materialize(changed)
                 n = len(cols.collection)
                 table = pa.table(
                     {
@@ -364,6 +376,11 @@ class Store:
             if after is not None:
                 puts_cols, del_cols = _record_columns(after)
                 self._apply_in(con, after, now, puts_cols, del_cols)
+            if emit is not None:
+                sent = every if every is not None else (cols if changed else None)
+                emit(_backfill_changes(con, did, rev, now, existing, sent, gone,
+                                       skip={(c, k) for d, c, k in (after.records if after else ()) if d == did},
+                                       snapshot=snapshot))
             return ReconcileCounts(
                 added=added, updated=len(changed) - added, deleted=len(gone),
                 unchanged=len(fetched) - len(changed),
@@ -446,6 +463,53 @@ class Store:
                 con.unregister(name)
 
         self._txn(body)
+
+
+def _subset(cols: RecordColumns, keys: set[tuple[str, str]]) -> RecordColumns:
+    out = RecordColumns(collection=[], rkey=[], cid=[], record=[], created_at=[])
+    for i, key in enumerate(zip(cols.collection, cols.rkey, strict=True)):
+        if key in keys:
+            out.collection.append(cols.collection[i])
+            out.rkey.append(cols.rkey[i])
+            out.cid.append(cols.cid[i])
+            out.record.append(cols.record[i])
+            out.created_at.append(cols.created_at[i])
+    return out
+
+
+def _backfill_changes(
+    con: duckdb.DuckDBPyConnection,
+    did: str,
+    rev: str | None,
+    now: datetime,
+    existing: Mapping[tuple[str, str], str],
+    puts: RecordColumns | None,
+    gone: Iterable[tuple[str, str]],
+    *,
+    skip: set[tuple[str, str]],
+    snapshot: bool,
+) -> list[Change]:
+    """What a reconciliation changed, as `source: "backfill"` changes (see `Store.reconcile`)."""
+    at = now.strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+    out: list[Change] = []
+    if puts is not None:
+        for collection, rkey, cid, record in zip(puts.collection, puts.rkey, puts.cid, puts.record, strict=True):
+            if (collection, rkey) in skip:
+                continue
+            op = "update" if (collection, rkey) in existing else "create"
+            out.append(RecordChange(did=did, collection=collection, rkey=rkey, op=op, cid=cid, rev=rev,
+                                    seq=None, time=at, record=record, source="backfill"))
+    for collection, rkey in gone:
+        if (collection, rkey) not in skip:
+            out.append(RecordChange(did=did, collection=collection, rkey=rkey, op="delete", cid=None, rev=rev,
+                                    seq=None, time=at, record=None, source="backfill"))
+    row = con.execute(
+        "SELECT rev, data_cid, active, status, handle, sync_state, desync_reason FROM repos WHERE did = ?", [did]
+    ).fetchall()[0]
+    out.append(RepoChange(did=did, kind="backfill", rev=row[0], data_cid=row[1], active=bool(row[2]),
+                          status=row[3], handle=row[4], sync_state=row[5], desync_reason=row[6],
+                          seq=None, time=at, source="backfill", snapshot=snapshot))
+    return out
 
 
 def open_store(path: str | Path, *, read_only: bool = False) -> Store:

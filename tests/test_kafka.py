@@ -301,7 +301,8 @@ async def test_sink_mirror_equals_a_store_fed_directly(kafka_broker: KafkaBroker
     await sink.aclose()
     async with Sink(mirror, bs, group_id="mirror", session_timeout_ms=FAST) as sink2:
         await sink2.run(exit_when_idle=True)
-        assert sink2.stats.skipped >= 5
+        # the first poll may already have met a replay: count both runs
+        assert sink.stats.skipped + sink2.stats.skipped >= 5
     assert _state(mirror) == want
 
     # A second group replays the whole log over the same file: applying is idempotent.

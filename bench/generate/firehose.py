@@ -154,6 +154,15 @@ class World:
         account = self._by_did[did]
         return account.rev, account.commit[0], account.data
 
+    def account_frame(self, did: str, *, active: bool, status: str | None = None) -> bytes:
+        """One `#account` frame for `did` at the next seq (e.g. active=False, status="deleted")."""
+        self._micros += 1000
+        self._seq += 1
+        body: dict[str, Any] = {"active": active, "did": did, "seq": self._seq, "time": iso_time(self._micros)}
+        if status is not None:
+            body["status"] = status
+        return _HEADERS["#account"] + _encode(body)
+
     def frames(self, n_frames: int) -> Iterator[bytes]:
         rng = self._rng
         accounts = self._accounts
