@@ -34,7 +34,21 @@ db_option = option("--db", default=DEFAULT_DB, show_default=True, help="DuckDB f
 json_option = option("--json", "as_json", is_flag=True, help="Machine-readable JSON output.")
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+class _Group(click.Group):
+    """Registers the packages' subcommands on first use. Each package's cli module imports this
+    module, so registering at import time could see that module half-initialised (no COMMANDS
+    yet) when it is the one imported first (e.g. `import backfill.cli`)."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        _register()
+        return super().list_commands(ctx)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        _register()
+        return super().get_command(ctx, cmd_name)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @option("--log-level", default="INFO", show_default=True, help="DEBUG, INFO, WARNING, ERROR.")
 @option("--log-json", is_flag=True, help="Structured JSON log lines (default when not on a terminal).")
 def main(log_level: str, log_json: bool) -> None:
@@ -44,17 +58,25 @@ def main(log_level: str, log_json: bool) -> None:
     configure_logging(level=log_level, json_lines=log_json)
 
 
-# Subcommands live next to the code they drive; a package that is not there yet is skipped
-# so the CLI still works while it is being built.
-for _module in ("consumer.cli", "backfill.cli", "storage.cli", "skyfill.kafka_cli", "publish.cli"):
-    try:
-        _mod = importlib.import_module(_module)
-    except ModuleNotFoundError as exc:
-        if exc.name != _module:
-            raise
-        continue
-    for _cmd in getattr(_mod, "COMMANDS", ()):
-        main.add_command(_cmd)
+_registered = False
+
+
+def _register() -> None:
+    # Subcommands live next to the code they drive; a package that is not there yet is skipped
+    # so the CLI still works while it is being built.
+    global _registered
+    if _registered:
+        return
+    _registered = True
+    for module in ("consumer.cli", "backfill.cli", "storage.cli", "skyfill.kafka_cli", "publish.cli"):
+        try:
+            mod = importlib.import_module(module)
+        except ModuleNotFoundError as exc:
+            if exc.name != module:
+                raise
+            continue
+        for cmd in getattr(mod, "COMMANDS", ()):
+            main.add_command(cmd)
 
 
 if __name__ == "__main__":  # pragma: no cover

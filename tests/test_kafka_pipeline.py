@@ -422,3 +422,37 @@ async def test_two_workers_one_killed_publish_what_one_worker_does(kafka_broker:
         got[did][(col, rkey)] = cid
     assert got == repos.truth()  # the stale records of dids[0] were dropped by its snapshot
     assert {r[0] for r in two[1]} == set(dids)
+
+
+# -- 5. `skyfill gaps --enqueue kafka` --------------------------------------------------------------
+
+
+def test_gaps_enqueue_kafka_publishes_requests_and_plain_enqueue_still_means_db(
+    kafka_broker: KafkaBroker, tmp_path: Path
+) -> None:
+    from click.testing import CliRunner
+
+    from skyfill.cli import main
+
+    db = str(tmp_path / "gaps.duckdb")
+    Store(db).close()
+    dids = ["did:plc:aaaaaaaaaaaaaaaaaaaaaaaa", "did:web:x.example"]
+    base = ["gaps", "--db", db, "--start", "2025-03-10", "--end", "2025-03-10", "--no-audit", "--json",
+            "--dids", ",".join(dids)]
+    missing = CliRunner().invoke(main, [*base, "--enqueue", "kafka"])
+    assert missing.exit_code != 0 and "--kafka-bootstrap" in missing.output
+    out = CliRunner().invoke(main, [*base, "--enqueue", "kafka", "--kafka-bootstrap", kafka_broker.bootstrap])
+    assert out.exit_code == 0, out.output
+    assert orjson.loads(out.output)["enqueued"] == 2
+    msgs = asyncio.run(_consume_all(kafka_broker.bootstrap, ["skyfill.backfill"], 2))
+    schema = _schema("backfill.v1.json")
+    for m in msgs:
+        schema.validate(orjson.loads(m.value))
+    assert sorted((m.key.decode(), orjson.loads(m.value)["reasons"]) for m in msgs) == [
+        (d, ["explicit"]) for d in sorted(dids)]
+    # `--enqueue` alone is the DuckDB queue, as before
+    db_mode = CliRunner().invoke(main, [*base, "--enqueue"])
+    assert db_mode.exit_code == 0, db_mode.output
+    assert orjson.loads(db_mode.output)["enqueued"] == 2
+    with Store(db) as store:
+        assert sorted(d for (d,) in store.fetchall("SELECT did FROM backfill_queue")) == sorted(dids)
