@@ -75,6 +75,9 @@ class Daemon:
         self.tracker = Tracker(store.load_repos(), want=self._want)
         stored = store.load_cursor(self.source)
         self.last_seq: int | None = config.cursor if config.cursor is not None else stored
+        # The cursor is exclusive, but the reference PDS can send the event AT the cursor again
+        # right after a resume at its head (its outbox starts with lastSeen = -1): drop it.
+        self.tracker.stream_seq = self.last_seq
         self.last_time: str | None = None
         self.stop_event = asyncio.Event()
         self.flush_lock = asyncio.Lock()
