@@ -1,0 +1,106 @@
+"""`ingest`: firehose frames -> `consumer.Daemon` -> a DuckDB file, end to end, three processes.
+
+A relay process streams pre-generated frames (bench.generate.World: many DIDs, chains intact)
+over a real WebSocket; a consumer process runs the real daemon from cursor 0 and stops when
+the last seq is committed (decoded, tracked, written, cursor stored). The SDK path runs
+in this process over the first frames of the same stream.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+from bench.generate import World
+from bench.harness import Context, Row, part, timed_rate
+
+from ._workers import read_frames, run_json, spawn, write_frames
+
+FRAMES_PER_S_TARGET = 50_000.0
+VERIFIED_PER_S_TARGET = 20_000.0
+SDK_RATIO_TARGET = 2.5
+PEAK_RSS_MB_TARGET = 300.0
+
+
+def ingest_frames(ctx: Context) -> int:
+    return 2_000 if ctx.sizes.smoke else 200_000
+
+
+def sdk_frames_rate(data: list[bytes]) -> float:
+    """The atproto SDK's documented firehose loop (parse, CAR, record models), writing nothing."""
+    from atproto import CAR, firehose_models, models, parse_subscribe_repos_message
+
+    commit_type = models.ComAtprotoSyncSubscribeRepos.Commit
+
+    def frames_path(data: list[bytes] = data) -> None:
+        for f in data:
+            message = parse_subscribe_repos_message(firehose_models.Frame.from_bytes(f))
+            if not isinstance(message, commit_type):
+                continue
+            car = CAR.from_bytes(message.blocks)
+            for op in message.ops:
+                if op.cid is not None:
+                    models.get_or_create(car.blocks.get(op.cid), strict=False)
+
+    frames_path(data[:200])  # warm-up: the SDK imports its models lazily
+    rate, _ = timed_rate(len(data), frames_path)
+    return rate
+
+
+def verify_seconds_per_frame(ctx: Context, data: list[bytes]) -> float:
+    """What an opt-in commit signature check would add per frame: decode the commit block,
+    re-encode it without `sig`, verify against the DID's key (keys already resolved)."""
+    import libipld
+
+    from consumer.events import Commit
+    from consumer.frames import parse_frame
+    from skyfill.crypto import PublicKey, verify_signature
+
+    world = World(ctx.seed, n_dids=ctx.sizes.n_dids, retain_blocks=False)
+    keys = {i.did: PublicKey("k256", i.public_key) for i in world.identities}
+    commits = [e for e in map(parse_frame, data) if isinstance(e, Commit) and e.commit_block is not None]
+    decode, encode = libipld.decode_dag_cbor, libipld.encode_dag_cbor
+
+    def check() -> None:
+        for e in commits:
+            commit = decode(e.commit_block)
+            sig = commit.pop("sig")
+            if not verify_signature(keys[e.did], encode(commit), sig):
+                raise AssertionError(f"signature of {e.did} rev {e.rev} does not verify")
+
+    _rate, seconds = timed_rate(len(commits), check)
+    return seconds / len(data)
+
+
+@part("ingest", order=40)
+def ingest(ctx: Context) -> list[Row]:
+    n = ingest_frames(ctx)
+    smoke = ctx.sizes.smoke
+    with tempfile.TemporaryDirectory(prefix="skyfill-bench-") as tmp:
+        path = Path(tmp) / "frames.bin"
+        world = World(ctx.seed, n_dids=ctx.sizes.n_dids, retain_blocks=False)
+        count, size = write_frames(path, world.frames(n))
+        last_seq = world.last_seq
+        with spawn("firehose", str(path)) as relay:
+            result = run_json("consume", str(Path(tmp) / "ingest.duckdb"), relay["url"], str(last_seq))
+        prefix = list(read_frames(path, min(n, ctx.sizes.frames)))
+    rate = count / result["seconds"]
+    sdk_rate = sdk_frames_rate(prefix)
+    verify_s = verify_seconds_per_frame(ctx, prefix)
+    verified = 1 / (result["seconds"] / count + verify_s)
+    peak_mb = result["peak_rss"] / 1e6
+    if result["records"] <= 0 or result["repos"] <= 0:
+        raise AssertionError(f"consumer stored nothing: {result}")
+    return [
+        Row.at_least("ingest.frames", rate, "frames/s", None if smoke else FRAMES_PER_S_TARGET),
+        Row(f"ingest.frames.{count}.seconds", result["seconds"], "s"),
+        Row("ingest.frames.mean_size", size / count, "bytes"),
+        Row("ingest.records_stored", float(result["records"]), "rows"),
+        Row.at_most("ingest.peak_rss", peak_mb, "MB", None if smoke else PEAK_RSS_MB_TARGET),
+        Row("ingest.sdk.frames", sdk_rate, "frames/s"),
+        Row.at_least("ingest.vs_sdk", rate / sdk_rate, "x", None if smoke else SDK_RATIO_TARGET),
+        Row("ingest.verify_signature.cost", 1e6 * verify_s, "µs/frame"),
+        # The daemon has no firehose signature check yet, so this is the end-to-end time plus
+        # the measured per-frame cost of the check, not a run (see docs/performance.md).
+        Row.at_least("ingest.verified.estimated", verified, "frames/s", None if smoke else VERIFIED_PER_S_TARGET),
+    ]

@@ -1,0 +1,81 @@
+"""The skyfill benchmark parts at tiny sizes, so `make bench` keeps working. No timing assertions:
+each part checks its own results (records stored, repos reconciled, reasons found) and raises
+when they are wrong; these tests check what the table reports."""
+
+from __future__ import annotations
+
+import math
+
+import duckdb
+import pytest
+
+from bench.harness import Context, Row, Sizes, discover
+from bench.parts import backfill as backfill_part
+from bench.parts import gaps as gaps_part
+
+PARTS = discover()
+
+
+def _ctx() -> Context:
+    return Context(sizes=Sizes.for_run(smoke=True), seed=7)
+
+
+def _by_name(rows: list[Row]) -> dict[str, Row]:
+    names = [r.name for r in rows]
+    assert len(names) == len(set(names)), "row names must be unique"
+    for row in rows:
+        assert math.isfinite(row.value) and row.value > 0, row
+        assert row.ok is None, f"smoke rows carry no target: {row}"
+    return {r.name: r for r in rows}
+
+
+def test_ingest_streams_every_frame_through_the_daemon_and_compares_with_the_sdk() -> None:
+    rows = _by_name(PARTS["ingest"](_ctx()))
+    assert rows["ingest.records_stored"].value > 1000
+    assert rows["ingest.peak_rss"].unit == "MB"
+    assert {"ingest.frames", "ingest.sdk.frames", "ingest.vs_sdk", "ingest.verified.estimated"} <= set(rows)
+    assert rows["ingest.vs_sdk"].value == pytest.approx(rows["ingest.frames"].value / rows["ingest.sdk.frames"].value)
+
+
+def test_backfill_reconciles_every_repo_fresh_and_unchanged_and_runs_the_original_way() -> None:
+    ctx = _ctx()
+    rows = _by_name(PARTS["backfill"](ctx))
+    assert rows["backfill.records"].value == sum(backfill_part.repo_sizes(ctx))
+    assert rows["backfill.repos"].value == 10
+    for name in ("backfill.fresh", "backfill.unchanged_rerun", "backfill.original_way", "backfill.vs_original",
+                 "backfill.one_repo.extra_rss_per_car_byte"):
+        assert name in rows
+
+
+def test_full_size_backfill_holds_a_million_records_in_100_repos() -> None:
+    sizes = backfill_part.repo_sizes(Context(sizes=Sizes.for_run(smoke=False)))
+    assert len(sizes) == 100 and sum(sizes) == 1_000_000 and min(sizes) > 0
+
+
+def test_gap_store_exercises_every_reason(tmp_path) -> None:
+    path = tmp_path / "g.duckdb"
+    gaps_part.build_store(path, n_dids=3_000, n_records=30_000)
+    con = duckdb.connect(str(path), read_only=True)
+    try:
+        assert con.execute("SELECT count(*) FROM repos").fetchall()[0][0] == 3_000
+        assert con.execute("SELECT count(*) FROM records").fetchall()[0][0] == 30_000
+        # every record body is valid JSON with a createdAt the store's created_at agrees with
+        bad = con.execute(
+            "SELECT count(*) FROM records WHERE json_extract_string(record, '$.createdAt')::TIMESTAMPTZ "
+            "<> created_at"
+        ).fetchall()[0][0]
+        assert bad == 0
+    finally:
+        con.close()
+    timings, counts = gaps_part.measure(path)
+    assert set(timings) == {"desynchronized", "never_backfilled", "referenced", "downtime"}
+    for reason in timings:
+        assert counts[reason] > 0, reason
+
+
+def test_profile_reports_each_stage_and_the_floor() -> None:
+    rows = _by_name(PARTS["profile"](_ctx()))
+    for stage in ("floor_libipld", "decode", "state", "arrow_build", "duckdb", "verify_signature"):
+        assert f"profile.ingest.{stage}" in rows
+    for stage in ("floor_libipld", "fetch", "parse_walk", "materialize", "duckdb", "duckdb_unchanged"):
+        assert f"profile.backfill.{stage}" in rows
