@@ -66,7 +66,13 @@ def rss_bytes() -> int:
 
 
 def peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+    """Peak RSS of this process image. Not getrusage's ru_maxrss: that survives exec, so a
+    worker forked from a big parent would report the parent's size."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # pragma: no cover - not Linux
 
 
 def _cmd(*args: str) -> list[str]:
@@ -156,11 +162,13 @@ def _serve_repos(spec: dict[str, Any]) -> None:
 # -- drivers ------------------------------------------------------------------------------------
 
 
-async def _consume(db: str, relay: str, last_seq: int, batch_events: int) -> dict[str, Any]:
+async def _consume(db: str, relay: str, last_seq: int, batch_events: int, memory_limit: str | None) -> dict[str, Any]:
     from consumer.daemon import ConsumeConfig, Daemon
     from storage import Store
 
     store = Store(db)
+    if memory_limit:  # an experiment knob: DuckDB's buffer pool is most of the consumer's RSS
+        store.conn.execute(f"SET memory_limit = '{memory_limit}'")
     base_rss = rss_bytes()
     daemon = Daemon(store, ConsumeConfig(relay=relay, cursor=0, batch_events=batch_events))
     started = time.perf_counter()
@@ -213,7 +221,8 @@ def main(argv: list[str] | None = None) -> None:
         _serve_repos(json.loads(rest[0]))
     elif command == "consume":
         batch = int(rest[3]) if len(rest) > 3 else 5000
-        _ready(asyncio.run(_consume(rest[0], rest[1], int(rest[2]), batch)))
+        limit = rest[4] if len(rest) > 4 else None
+        _ready(asyncio.run(_consume(rest[0], rest[1], int(rest[2]), batch, limit)))
     elif command == "backfill":
         _ready(asyncio.run(_backfill(rest[0], rest[1], rest[3:], int(rest[2]))))
     else:

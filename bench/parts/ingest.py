@@ -83,6 +83,10 @@ def ingest(ctx: Context) -> list[Row]:
         last_seq = world.last_seq
         with spawn("firehose", str(path)) as relay:
             result = run_json("consume", str(Path(tmp) / "ingest.duckdb"), relay["url"], str(last_seq))
+            # two knobs, each in a fresh run: bigger DuckDB transactions; a capped DuckDB buffer pool
+            big = run_json("consume", str(Path(tmp) / "big.duckdb"), relay["url"], str(last_seq), "20000")
+            capped = run_json("consume", str(Path(tmp) / "capped.duckdb"), relay["url"], str(last_seq),
+                              "5000", "100MB")
         prefix = list(read_frames(path, min(n, ctx.sizes.frames)))
     rate = count / result["seconds"]
     sdk_rate = sdk_frames_rate(prefix)
@@ -97,6 +101,10 @@ def ingest(ctx: Context) -> list[Row]:
         Row("ingest.frames.mean_size", size / count, "bytes"),
         Row("ingest.records_stored", float(result["records"]), "rows"),
         Row.at_most("ingest.peak_rss", peak_mb, "MB", None if smoke else PEAK_RSS_MB_TARGET),
+        Row("ingest.batch_events_20000.frames", count / big["seconds"], "frames/s"),
+        Row("ingest.batch_events_20000.peak_rss", big["peak_rss"] / 1e6, "MB"),
+        Row("ingest.duckdb_memory_limit_100MB.frames", count / capped["seconds"], "frames/s"),
+        Row("ingest.duckdb_memory_limit_100MB.peak_rss", capped["peak_rss"] / 1e6, "MB"),
         Row("ingest.sdk.frames", sdk_rate, "frames/s"),
         Row.at_least("ingest.vs_sdk", rate / sdk_rate, "x", None if smoke else SDK_RATIO_TARGET),
         Row("ingest.verify_signature.cost", 1e6 * verify_s, "µs/frame"),
