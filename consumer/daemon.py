@@ -22,9 +22,10 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING
 
 from skyfill import metrics
-from skyfill.errors import FrameError
+from skyfill.errors import FrameError, IdentityError
 from skyfill.syntax import collection_matcher
 from storage import Batch, CoverageEnd, CoverageSpan, Store
 
@@ -33,6 +34,9 @@ from .connection import source_name, stream_frames
 from .events import Account, Commit, Identity, Info, StreamError, Sync
 from .frames import parse_frame
 from .tracker import Tracker, Verdict
+
+if TYPE_CHECKING:
+    from .verify import SignatureChecker
 
 __all__ = ["ConsumeConfig", "Daemon", "FutureCursorError"]
 
@@ -66,11 +70,15 @@ Publisher = Callable[[list], Awaitable[None]]
 
 
 class Daemon:
-    def __init__(self, store: Store, config: ConsumeConfig, *, publish: Publisher | None = None) -> None:
+    def __init__(
+        self, store: Store, config: ConsumeConfig, *, publish: Publisher | None = None,
+        verifier: SignatureChecker | None = None,
+    ) -> None:
         self.store = store
         self.config = config
         self.source = source_name(config.relay)
         self._publish = publish
+        self._verifier = verifier
         self._want = collection_matcher(config.collections) if config.collections else None
         self.tracker = Tracker(store.load_repos(), want=self._want)
         stored = store.load_cursor(self.source)
@@ -135,10 +143,16 @@ class Daemon:
             frames = stream_frames(self.config.relay, lambda: self.last_seq, stop=self.stop_event)
             try:
                 async for data in frames:
-                    self._handle(data)
-                    if len(self._batch.records) + self._batch.events >= self.config.batch_events * 2:
-                        await self._flush()
-                    elif self._batch.events >= self.config.batch_events:
+                    unverified = self._handle(data)
+                    if unverified is not None:  # key not cached (or it failed): resolve, then apply
+                        await self._verify_and_apply(unverified)
+                    # Either bound seals the batch; the write overlaps the next batch's parsing.
+                    # _flush first waits for the write in flight, so memory stays bounded
+                    # (one batch filling, one being written) and the reader slows to the writer.
+                    # (A bound on records + events made nearly every 5,000-event batch of
+                    # ~1 record/event take the waiting path: parse and write never overlapped.)
+                    batch = self._batch
+                    if batch.events >= self.config.batch_events or len(batch.records) >= self.config.batch_events:
                         await self._flush(wait=False)
                     if self._reconnect:
                         break
@@ -168,7 +182,8 @@ class Daemon:
 
     # -- events ---------------------------------------------------------------------------
 
-    def _handle(self, data: bytes) -> None:
+    def _handle(self, data: bytes) -> Commit | Sync | None:
+        """Parse and apply one frame; returns the event instead when its signature needs the network."""
         try:
             event = parse_frame(data, want=self._want)
         except FrameError as exc:
@@ -184,7 +199,38 @@ class Daemon:
         if isinstance(event, Info):
             metrics.FIREHOSE_EVENTS.labels("info").inc()
             log.warning("relay info", extra={"ctx": {"name": event.name, "message": event.message}})
+            return None
+        if self._verifier is not None and (type(event) is Commit or type(event) is Sync):
+            if not self._verifier.verify_cached(event):
+                return event
+        self._apply(event)
+        return None
+
+    async def _verify_and_apply(self, event: Commit | Sync) -> None:
+        assert self._verifier is not None
+        try:
+            ok = await self._verifier.check(event)
+        except IdentityError as exc:
+            self._reject(event, "unresolvable_did" if exc.terminal else "identity_unavailable", str(exc))
             return
+        if ok:
+            self._apply(event)
+        else:
+            self._reject(event, "bad_signature", "commit signature does not verify with the DID's #atproto key")
+
+    def _reject(self, event: Commit | Sync, kind: str, reason: str) -> None:
+        """Skip an event as bad input; the cursor still moves past it (the DID's chain then
+        breaks on its next commit, so it is desynchronized and backfilled)."""
+        metrics.FIREHOSE_ERRORS.labels(kind).inc()
+        self.counts["error:" + kind] = self.counts.get("error:" + kind, 0) + 1
+        log.warning("event skipped", extra={"ctx": {"kind": kind, "did": event.did, "seq": event.seq,
+                                                    "rev": event.rev, "error": reason}})
+        stream_seq = self.tracker.stream_seq
+        if stream_seq is None or event.seq > stream_seq:
+            self.tracker.stream_seq = event.seq
+            self._advance(event.seq, event.time)
+
+    def _apply(self, event: Commit | Sync | Identity | Account) -> None:
         metrics.FIREHOSE_EVENTS.labels(_type_name(event)).inc()
         batch = self._batch
         verdict = self.tracker.apply(event, batch)
