@@ -97,6 +97,46 @@ def thread_emitter(publish: Publish, loop: asyncio.AbstractEventLoop) -> Callabl
     return emit
 
 
+def premade(store: Store, snapshot: RepoSnapshot, *, every: bool) -> Callable[[list[tuple[str, str]]], Any]:
+    """Decode, before the store's write lock is taken, the records `reconcile` will ask for.
+
+    Record decoding is the costliest step of a fresh backfill; done here it overlaps other
+    repos' DuckDB writes. The diff is taken against the stored CIDs read now (outside the
+    lock); reconcile diffs again inside its transaction and the returned callable decodes
+    whatever that second diff asks for beyond this one. A snapshot whose walk was deferred
+    (the stored root matched) is expected to be unchanged: nothing is decoded in advance.
+    """
+    if snapshot.walked is None:
+        return lambda keys: materialize(snapshot, keys)
+    fetched = snapshot.records
+    if every:
+        keys = list(fetched)
+    else:
+        stored = store.stored_cids(snapshot.did)
+        keys = [key for key, cid in fetched.items() if stored.get(key) != cid] if stored else list(fetched)
+        del stored
+    cols = materialize(snapshot, keys)
+
+    def serve(wanted: list[tuple[str, str]]) -> Any:
+        if wanted == keys:
+            return cols
+        index = {key: i for i, key in enumerate(zip(cols.collection, cols.rkey))}
+        missing = [key for key in wanted if key not in index]
+        extra = materialize(snapshot, missing)
+        extra_index = {key: i for i, key in enumerate(zip(extra.collection, extra.rkey))}
+        out = type(cols)(collection=[], rkey=[], cid=[], record=[], created_at=[])
+        for key in wanted:
+            src, i = (cols, index[key]) if key in index else (extra, extra_index[key])
+            out.collection.append(src.collection[i])
+            out.rkey.append(src.rkey[i])
+            out.cid.append(src.cid[i])
+            out.record.append(src.record[i])
+            out.created_at.append(src.created_at[i])
+        return out
+
+    return serve
+
+
 class DirectSink:
     """Standalone sink: no firehose runs in this process, so nothing can race the fetch.
 
@@ -110,6 +150,8 @@ class DirectSink:
         self.store = store
         self.publish = publish
         self.snapshot = snapshot
+        # publishing a snapshot needs every record: never skip the MST walk
+        self.trusts_data_root = not (snapshot and publish is not None)
 
     async def begin(self, did: str) -> None:
         return None
@@ -117,14 +159,16 @@ class DirectSink:
     async def commit(self, did: str, snapshot: RepoSnapshot) -> ReconcileCounts:
         emit = thread_emitter(self.publish, asyncio.get_running_loop()) if self.publish is not None else None
 
+        every = emit is not None and self.snapshot
+
         def run() -> ReconcileCounts:
             return self.store.reconcile(
                 did,
                 rev=snapshot.rev,
                 data_cid=snapshot.data_cid,
                 commit_cid=snapshot.commit_cid,
-                fetched=snapshot.records,
-                materialize=lambda keys: materialize(snapshot, keys),
+                fetched=lambda: snapshot.records,
+                materialize=premade(self.store, snapshot, every=every),
                 emit=emit,
                 snapshot=self.snapshot,
             )
@@ -372,7 +416,7 @@ class Backfiller:
     async def _fetch_and_parse(self, did: str, identity: Identity) -> RepoSnapshot:
         car = await self._get_repo(did, identity.pds)
         try:
-            return await self._parse(did, car, self._key(identity))
+            return await self._parse(did, car, self._key(identity), hint=True)
         except SignatureError as first:
             # The key may have rotated since the document was cached: re-resolve once.
             fresh = await self._resolve(did, fresh=True)
@@ -406,10 +450,15 @@ class Backfiller:
         finally:
             self._note_parked()
 
-    async def _parse(self, did: str, car: bytes, key: PublicKey | None) -> RepoSnapshot:
-        # CPU-bound (hashing, MST walk, signature): off the event loop.
+    async def _parse(self, did: str, car: bytes, key: PublicKey | None, *, hint: bool = False) -> RepoSnapshot:
+        # CPU-bound (hashing, MST walk, signature): off the event loop. When the stored root is
+        # one reconcile will trust, the walk is deferred (an unchanged repo never needs it).
+        def run() -> RepoSnapshot:
+            root = self.store.trusted_root(did) if hint and getattr(self.sink, "trusts_data_root", False) else None
+            return parse_repo(car, did=did, key=key, defer_walk_if_data=root)
+
         try:
-            return await asyncio.to_thread(parse_repo, car, did=did, key=key)
+            return await asyncio.to_thread(run)
         except SignatureError:
             raise
         except RepoError as exc:

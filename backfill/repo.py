@@ -53,10 +53,19 @@ class RepoSnapshot:
     rev: str | None                        # None for v2 commits
     data_cid: str                          # MST root
     commit_cid: str                        # the signed commit block
-    records: dict[tuple[str, str], str]    # (collection, rkey) -> record CID
     # CID bytes -> raw block bytes as read from the CAR, NOT yet hashed: `materialize` checks
     # each record block against its CID before decoding it.
     blocks: dict[bytes, bytes] = field(repr=False, compare=False)
+    # (collection, rkey) -> record CID; None until walked (parse_repo may defer the walk when the
+    # caller expects an unchanged data root: `records` walks on first use).
+    walked: dict[tuple[str, str], str] | None = field(default=None, repr=False, compare=False)
+    data_root: bytes = field(default=b"", repr=False, compare=False)
+
+    @property
+    def records(self) -> dict[tuple[str, str], str]:
+        if self.walked is None:
+            object.__setattr__(self, "walked", _walk(self.blocks, self.data_root, self.did))
+        return self.walked  # type: ignore[return-value]
 
 
 def _error(message: str, kind: str, did: str) -> RepoError:
@@ -109,8 +118,14 @@ def _read_commit(blocks: dict[bytes, bytes], root: bytes, did: str) -> dict[str,
     return commit
 
 
-def parse_repo(car: bytes, *, did: str, key: PublicKey | None) -> RepoSnapshot:
+def parse_repo(
+    car: bytes, *, did: str, key: PublicKey | None, defer_walk_if_data: str | None = None
+) -> RepoSnapshot:
     """Verify a repo CAR down from its signed root and list its live records.
+
+    `defer_walk_if_data`: when the signed commit's data root equals this CID string (the stored
+    one), the MST is not walked now (an unchanged repo needs no record list); `records` walks
+    it on first use, raising the same RepoErrors then.
 
     Raises CarError (malformed CAR), RepoError kinds missing_block (retryable: truncated
     download), bad_block_hash, bad_commit, did_mismatch, bad_mst_node, bad_mst_key,
@@ -129,15 +144,17 @@ def parse_repo(car: bytes, *, did: str, key: PublicKey | None) -> RepoSnapshot:
         unsigned = libipld.encode_dag_cbor({k: v for k, v in commit.items() if k != "sig"})
         if not verify_signature(key, unsigned, commit["sig"]):
             raise SignatureError("commit signature does not verify", kind="bad_signature", did=did)
-    records = _walk(blocks, commit["data"], did)
+    data_cid = cid_to_str(commit["data"])
+    records = None if data_cid == defer_walk_if_data else _walk(blocks, commit["data"], did)
     return RepoSnapshot(
         did=did,
         version=commit["version"],
         rev=commit.get("rev"),
-        data_cid=cid_to_str(commit["data"]),
+        data_cid=data_cid,
         commit_cid=cid_to_str(commit_cid),
-        records=records,
         blocks=blocks,
+        walked=records,
+        data_root=commit["data"],
     )
 
 
@@ -252,8 +269,9 @@ def materialize(snapshot: RepoSnapshot, keys: list[tuple[str, str]]) -> RecordCo
     out = RecordColumns(collection=[], rkey=[], cid=[], record=[], created_at=[])
     blocks = snapshot.blocks
     did = snapshot.did
+    records = snapshot.records
     for collection, rkey in keys:
-        cid = snapshot.records[(collection, rkey)]
+        cid = records[(collection, rkey)]
         # the snapshot wrote these strings itself: base32 multibase of the binary CID
         block = _verified(blocks, libipld.decode_multibase(cid)[1], did, f"record {collection}/{rkey}")
         try:

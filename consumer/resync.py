@@ -37,6 +37,10 @@ class DaemonSink:
     def __init__(self, daemon: Daemon) -> None:
         self.daemon = daemon
 
+    @property
+    def trusts_data_root(self) -> bool:
+        return self.daemon._want is None
+
     async def begin(self, did: str) -> None:
         from .daemon import _Capture
 
@@ -97,8 +101,10 @@ class DaemonSink:
             def run() -> ReconcileCounts:
                 return daemon.store.reconcile(
                     did, rev=rev, data_cid=snapshot.data_cid, commit_cid=snapshot.commit_cid,
-                    fetched=snapshot.records, materialize=lambda keys: materialize(snapshot, keys),
+                    fetched=lambda: snapshot.records, materialize=lambda keys: materialize(snapshot, keys),
                     after=replay, emit=emit,
+                    # a collection filter keeps stored records short of the repo under a root
+                    trust_data_root=daemon._want is None,
                 )
 
             return await asyncio.to_thread(run)

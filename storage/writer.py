@@ -299,11 +299,12 @@ class Store:
         rev: str | None,
         data_cid: str,
         commit_cid: str,
-        fetched: Mapping[tuple[str, str], str],
+        fetched: Mapping[tuple[str, str], str] | Callable[[], Mapping[tuple[str, str], str]],
         materialize: Callable[[list[tuple[str, str]]], RecordColumns],
         after: Batch | None = None,
         emit: Callable[[list[Change]], None] | None = None,
         snapshot: bool = False,
+        trust_data_root: bool = True,
     ) -> ReconcileCounts:
         """Make the stored records of `did` equal the fetched repo, in one transaction.
 
@@ -321,10 +322,55 @@ class Store:
         are the diff against the stored records (keys that `after` rewrites are left out: the
         firehose already published their newer state); with `snapshot` every fetched record
         is sent and the repo change says so, for subscribers that never saw this store's copy.
+
+        Unchanged fast path (`trust_data_root`): when the stored row already has this `data_cid`,
+        is synchronized, its last backfill is ok and the account is active, the stored records
+        ARE the MST under that root (it commits to every key and CID), so `fetched` is never
+        called/read and no record is compared; only the bookkeeping (and `after`) is written.
+        `fetched` may be a callable so that a caller can defer walking the MST until needed.
+        Callers whose stored records may differ from the repo under an equal root (a firehose
+        that drops collections) must pass trust_data_root=False.
         """
         now = _now()
 
         def body(con: duckdb.DuckDBPyConnection) -> ReconcileCounts:
+            if trust_data_root and not (emit is not None and snapshot) and _same_root(con, did, data_cid):
+                return _reconcile_unchanged(con, did, rev, data_cid, commit_cid, now, after, emit)
+            return _reconcile_full(con, fetched() if callable(fetched) else fetched)
+
+        def _reconcile_unchanged(
+            con: duckdb.DuckDBPyConnection, did: str, rev: str | None, data_cid: str, commit_cid: str,
+            now: datetime, after: Batch | None, emit: Callable[[list[Change]], None] | None,
+        ) -> ReconcileCounts:
+            stored = int(con.execute("SELECT count(*) FROM records WHERE did = ?", [did]).fetchall()[0][0])
+            _finish(con)
+            if emit is not None:
+                emit(_backfill_changes(con, did, rev, now, {}, None, (), skip=set(), snapshot=False))
+            return ReconcileCounts(added=0, updated=0, deleted=0, unchanged=stored)
+
+        def _finish(con: duckdb.DuckDBPyConnection) -> None:
+            con.execute(
+                "INSERT INTO repos (did, rev, data_cid, commit_cid, sync_state, first_seen_at, "
+                "backfill_status, backfill_attempts, backfilled_at, backfilled_rev) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, 0, ?, ?) ON CONFLICT (did) DO UPDATE SET "
+                "rev = excluded.rev, data_cid = excluded.data_cid, commit_cid = excluded.commit_cid, "
+                "sync_state = excluded.sync_state, desync_reason = NULL, desynced_at = NULL, "
+                "backfill_status = excluded.backfill_status, backfill_error = NULL, backfill_attempts = 0, "
+                "backfill_retry_after = NULL, backfilled_at = excluded.backfilled_at, "
+                "backfilled_rev = excluded.backfilled_rev",
+                [did, rev, data_cid, commit_cid, SyncState.SYNCHRONIZED.value, now,
+                 BackfillStatus.OK.value, now, rev],
+            )
+            con.execute(
+                "UPDATE backfill_queue SET state = 'done', error = NULL, updated_at = ? WHERE did = ?", [now, did]
+            )
+            if after is not None:
+                puts_cols, del_cols = _record_columns(after)
+                self._apply_in(con, after, now, puts_cols, del_cols)
+
+        def _reconcile_full(
+            con: duckdb.DuckDBPyConnection, fetched: Mapping[tuple[str, str], str]
+        ) -> ReconcileCounts:
             existing = dict(
                 ((c, k), cid)
                 for c, k, cid in con.execute(
@@ -364,24 +410,7 @@ class Store:
                 )
                 # `existing` is every stored key of the DID, read in this transaction
                 self._upsert_records(con, table, now, insert_only=not existing)
-            con.execute(
-                "INSERT INTO repos (did, rev, data_cid, commit_cid, sync_state, first_seen_at, "
-                "backfill_status, backfill_attempts, backfilled_at, backfilled_rev) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, 0, ?, ?) ON CONFLICT (did) DO UPDATE SET "
-                "rev = excluded.rev, data_cid = excluded.data_cid, commit_cid = excluded.commit_cid, "
-                "sync_state = excluded.sync_state, desync_reason = NULL, desynced_at = NULL, "
-                "backfill_status = excluded.backfill_status, backfill_error = NULL, backfill_attempts = 0, "
-                "backfill_retry_after = NULL, backfilled_at = excluded.backfilled_at, "
-                "backfilled_rev = excluded.backfilled_rev",
-                [did, rev, data_cid, commit_cid, SyncState.SYNCHRONIZED.value, now,
-                 BackfillStatus.OK.value, now, rev],
-            )
-            con.execute(
-                "UPDATE backfill_queue SET state = 'done', error = NULL, updated_at = ? WHERE did = ?", [now, did]
-            )
-            if after is not None:
-                puts_cols, del_cols = _record_columns(after)
-                self._apply_in(con, after, now, puts_cols, del_cols)
+            _finish(con)
             if emit is not None:
                 sent = every if every is not None else (cols if changed else None)
                 emit(_backfill_changes(con, did, rev, now, existing, sent, gone,
@@ -393,6 +422,28 @@ class Store:
             )
 
         return self._txn(body)  # type: ignore[no-any-return]
+
+    def trusted_root(self, did: str) -> str | None:
+        """The stored data root under which `reconcile` would skip the diff (None: it would not).
+
+        A hint read on its own cursor, outside the write lock: reconcile re-checks it.
+        """
+        cur = self._conn.cursor()
+        try:
+            rows = cur.execute(f"SELECT data_cid FROM repos WHERE did = ? AND {_SAME_ROOT}",
+                               [did, *_SAME_ROOT_ARGS]).fetchall()
+        finally:
+            cur.close()
+        return rows[0][0] if rows else None
+
+    def stored_cids(self, did: str) -> dict[tuple[str, str], str]:
+        """(collection, rkey) -> CID of the stored records of `did`, read outside the write lock."""
+        cur = self._conn.cursor()
+        try:
+            rows = cur.execute("SELECT collection, rkey, cid FROM records WHERE did = ?", [did]).fetchall()
+        finally:
+            cur.close()
+        return {(c, k): cid for c, k, cid in rows}
 
     def record_backfill_failure(
         self, did: str, *, status: BackfillStatus, error: str, retry_after: datetime | None
@@ -469,6 +520,19 @@ class Store:
                 con.unregister(name)
 
         self._txn(body)
+
+
+# The stored records of a repo row matching this are exactly the MST under its data_cid.
+_SAME_ROOT = "sync_state = ? AND backfill_status = ? AND active IS NOT FALSE AND coalesce(status, 'active') = 'active'"
+_SAME_ROOT_ARGS = (SyncState.SYNCHRONIZED.value, BackfillStatus.OK.value)
+
+
+def _same_root(con: duckdb.DuckDBPyConnection, did: str, data_cid: str) -> bool:
+    """The stored records of `did` are exactly the repo under `data_cid` (see `Store.reconcile`)."""
+    rows = con.execute(
+        f"SELECT 1 FROM repos WHERE did = ? AND data_cid = ? AND {_SAME_ROOT}", [did, data_cid, *_SAME_ROOT_ARGS]
+    ).fetchall()
+    return bool(rows)
 
 
 def _subset(cols: RecordColumns, keys: set[tuple[str, str]]) -> RecordColumns:

@@ -1,0 +1,102 @@
+"""Backfill fast paths: an unchanged data root skips the walk and the diff; records decoded
+before the write lock stay correct when the stored records change in between."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+import pytest
+
+from backfill.backfiller import premade
+from backfill.repo import RepoSnapshot, materialize, parse_repo
+from storage import Store
+
+VECTORS = Path(__file__).parent / "vectors" / "indigo"
+GREENGROUND = VECTORS / "testing-testdata" / "greenground.repo.car"
+GREENGROUND_DID = "did:plc:kzcqyc3unb33eh5sxzsfs25z"
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[Store]:
+    with Store(tmp_path / "m.duckdb") as s:
+        yield s
+
+
+def snap(defer: str | None = None) -> RepoSnapshot:
+    return parse_repo(GREENGROUND.read_bytes(), did=GREENGROUND_DID, key=None, defer_walk_if_data=defer)
+
+
+def reconcile(store: Store, s: RepoSnapshot, fetched: object = None, **kw: object) -> object:
+    return store.reconcile(
+        s.did, rev=s.rev, data_cid=s.data_cid, commit_cid=s.commit_cid,
+        fetched=fetched if fetched is not None else (lambda: s.records),
+        materialize=lambda keys: materialize(s, keys), **kw,  # type: ignore[arg-type]
+    )
+
+
+def stored(store: Store) -> dict[tuple[str, str], str]:
+    return {(c, k): cid for c, k, cid in store.fetchall("SELECT collection, rkey, cid FROM records")}
+
+
+def never() -> Mapping[tuple[str, str], str]:
+    raise AssertionError("the unchanged fast path must not need the record list")
+
+
+def test_deferred_walk_lists_the_same_records() -> None:
+    full = snap()
+    lazy = snap(defer=full.data_cid)
+    assert lazy.walked is None
+    assert lazy.records == full.records and len(full.records) == 2
+    assert snap(defer="bafy-other").walked == full.records
+
+
+def test_unchanged_root_skips_diff_and_keeps_records(store: Store) -> None:
+    s = snap()
+    first = reconcile(store, s)
+    assert first.added == len(s.records)  # type: ignore[attr-defined]
+    again = reconcile(store, snap(defer=s.data_cid), fetched=never)
+    assert (again.added, again.updated, again.deleted, again.unchanged) == (0, 0, 0, len(s.records))  # type: ignore[attr-defined]
+    assert stored(store) == s.records
+    assert store.trusted_root(s.did) == s.data_cid
+
+
+@pytest.mark.parametrize(
+    "breakage",
+    [
+        "UPDATE repos SET sync_state = 'desynchronized'",
+        "UPDATE repos SET backfill_status = 'retrying'",
+        "UPDATE repos SET active = false, status = 'deactivated'",
+    ],
+)
+def test_untrusted_row_gets_a_full_reconcile(store: Store, breakage: str) -> None:
+    s = snap()
+    reconcile(store, s)
+    store.execute_write("DELETE FROM records WHERE rkey = (SELECT min(rkey) FROM records)")
+    store.execute_write(breakage)
+    assert store.trusted_root(s.did) is None
+    counts = reconcile(store, s)
+    assert counts.added == 1  # type: ignore[attr-defined]
+    assert stored(store) == s.records
+
+
+def test_fast_path_off_when_the_caller_says_so(store: Store) -> None:
+    s = snap()
+    reconcile(store, s)
+    store.execute_write("DELETE FROM records WHERE rkey = (SELECT min(rkey) FROM records)")
+    assert reconcile(store, s, trust_data_root=False).added == 1  # type: ignore[attr-defined]
+    assert stored(store) == s.records
+
+
+def test_records_decoded_before_the_lock_survive_a_concurrent_change(store: Store) -> None:
+    s = snap()
+    decode = premade(store, s, every=False)  # fresh DID: decodes every record now
+    reconcile(store, s)  # meanwhile another writer stores the repo
+    store.execute_write("DELETE FROM records WHERE rkey = (SELECT min(rkey) FROM records)")
+    store.execute_write("UPDATE repos SET sync_state = 'desynchronized'")
+    counts = store.reconcile(s.did, rev=s.rev, data_cid=s.data_cid, commit_cid=s.commit_cid,
+                             fetched=s.records, materialize=decode)
+    assert (counts.added, counts.unchanged) == (1, len(s.records) - 1)
+    assert stored(store) == s.records
+    rows = store.fetchall("SELECT count(*) FROM records WHERE record IS NOT NULL")
+    assert rows[0][0] == len(s.records)
