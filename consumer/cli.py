@@ -36,13 +36,15 @@ log = logging.getLogger(__name__)
         help="Also backfill desynchronized and queued DIDs continuously.")
 @option("--plc-url", default="https://plc.directory", show_default=True, help="PLC directory (with --backfill).")
 @option("--allow-private-hosts", is_flag=True, help="Allow PDS endpoints on private/loopback addresses (tests).")
+@option("--verify-signatures", is_flag=True,
+        help="Check every #commit/#sync signature against the DID's #atproto key (resolved via --plc-url).")
 @option("--kafka-bootstrap", default=None, help="HOST:PORT of a Kafka broker to publish every change to.")
 @option("--batch-events", type=int, default=5000, show_default=True, help="Events per DuckDB transaction (at most).")
 @option("--flush-interval", type=float, default=0.5, show_default=True, help="Seconds before a partial batch is written.")
 def consume(
     db: str, relay: str, cursor: int | None, collections: str, metrics_port: int | None, admin_port: int,
     strict_cursor: bool, run_backfill: bool, plc_url: str, allow_private_hosts: bool,
-    kafka_bootstrap: str | None, batch_events: int, flush_interval: float,
+    kafka_bootstrap: str | None, batch_events: int, flush_interval: float, verify_signatures: bool,
 ) -> None:
     """Mirror the firehose (com.atproto.sync.subscribeRepos) into DuckDB."""
     from .daemon import ConsumeConfig
@@ -56,6 +58,8 @@ def consume(
             if not (is_nsid(p) or (p.endswith(".*") and is_nsid(p[:-2] + ".x"))):
                 raise ConfigError(f"--collections: {p!r} is not an NSID or an NSID prefix with .*")
         collection_matcher(patterns)
+        if verify_signatures and not plc_url.startswith(("http://", "https://")):
+            raise ConfigError(f"--verify-signatures needs an http(s) --plc-url, not {plc_url!r}")
         config = ConsumeConfig(
             relay=relay, cursor=cursor, collections=patterns, strict_cursor=strict_cursor,
             batch_events=batch_events, flush_interval=flush_interval, publish=kafka_bootstrap is not None,
@@ -68,7 +72,8 @@ def consume(
     try:
         code = asyncio.run(_serve(store, config, db=db, metrics_port=metrics_port, admin_port=admin_port,
                                   run_backfill=run_backfill, plc_url=plc_url,
-                                  allow_private_hosts=allow_private_hosts, kafka_bootstrap=kafka_bootstrap))
+                                  allow_private_hosts=allow_private_hosts, kafka_bootstrap=kafka_bootstrap,
+                                  verify_signatures=verify_signatures))
     finally:
         store.close()
     sys.exit(code)
@@ -77,6 +82,7 @@ def consume(
 async def _serve(
     store: Store, config: ConsumeConfig, *, db: str, metrics_port: int | None, admin_port: int,
     run_backfill: bool, plc_url: str, allow_private_hosts: bool, kafka_bootstrap: str | None,
+    verify_signatures: bool = False,
 ) -> int:
     from skyfill import metrics
 
@@ -89,7 +95,16 @@ async def _serve(
     services = Services(store, plc_url=plc_url, allow_private_hosts=allow_private_hosts,
                         kafka_bootstrap=kafka_bootstrap)
     await services.start()
-    daemon = Daemon(store, config, publish=services.publish)
+    resolver = None
+    verifier = None
+    if verify_signatures:
+        from backfill.identity import Resolver
+
+        from .verify import SignatureChecker
+
+        resolver = Resolver(plc_url=plc_url, allow_private_hosts=allow_private_hosts, store=store)
+        verifier = SignatureChecker(resolver)
+    daemon = Daemon(store, config, publish=services.publish, verifier=verifier)
     services.attach(daemon)
     admin = AdminServer(db=db, routes=services.routes(), port=admin_port)
     await admin.start()
@@ -106,6 +121,8 @@ async def _serve(
         await asyncio.gather(*background, return_exceptions=True)
         await admin.aclose()
         await services.aclose()
+        if resolver is not None:
+            await resolver.aclose()
 
 
 @click.command()

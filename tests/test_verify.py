@@ -1,0 +1,277 @@
+"""`consume --verify-signatures`: every #commit/#sync signature checked against the DID's #atproto key.
+
+Real parts: a LocalRelay (WebSocket) replays bench.generate.World frames (real signed commits);
+a FaultServer plays the PLC directory serving the World's DID documents; the daemon writes a
+real DuckDB file. The expected mirror is the independent fold of tests/test_daemon.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from pathlib import Path
+
+import duckdb
+import libipld
+import pytest
+
+from backfill.identity import Resolver
+from backfill.pds import PdsClient
+from bench.generate.firehose import World
+from bench.generate.identity import Identity, did_document, make_identity
+from bench.generate.repo import cid_for, sign_commit, write_car
+from consumer.daemon import ConsumeConfig, Daemon
+from consumer.events import Sync
+from consumer.frames import parse_frame
+from consumer.verify import SignatureChecker
+from skyfill.errors import IdentityError
+from storage import Store
+
+from .faultserver import FaultServer, json_reply, xrpc_error
+from .relay import LocalRelay
+from .test_daemon import expected_mirror, mirror_of
+
+
+async def consume_until(
+    db: Path, relay: LocalRelay, seq: int, *, verifier: SignatureChecker, cursor: int | None = None
+) -> Daemon:
+    """Run a verifying daemon until `seq` is committed (like tests/test_daemon.py's helper)."""
+    store = Store(db)
+    daemon = Daemon(store, ConsumeConfig(relay=relay.url, cursor=cursor, flush_interval=0.05), verifier=verifier)
+    task = asyncio.create_task(daemon.run(install_signal_handlers=False))
+    deadline = time.monotonic() + 60
+    try:
+        while daemon.committed_seq != seq:
+            if task.done():
+                task.result()
+            if time.monotonic() > deadline:
+                raise AssertionError(f"daemon stuck at {daemon.committed_seq}, wanted {seq}")
+            await asyncio.sleep(0.02)
+    finally:
+        daemon.stop()
+        await asyncio.wait_for(task, 10)
+        store.close()
+    return daemon
+
+
+def _checker(plc: FaultServer) -> tuple[SignatureChecker, Resolver]:
+    client = PdsClient(trusted_hosts=["127.0.0.1"], per_host_rps=1e6, max_retries=0)
+    resolver = Resolver(plc_url=plc.url, client=client)
+    return SignatureChecker(resolver), resolver
+
+
+def _serve_docs(plc: FaultServer, identities: tuple[Identity, ...]) -> None:
+    for ident in identities:
+        plc.script(f"/{ident.did}", json_reply(did_document(ident, "https://pds.invalid")))
+
+
+def _decode(frame: bytes) -> tuple[dict, dict]:
+    header, body = libipld.decode_dag_cbor_multi(frame)
+    return header, body
+
+
+def _tampered(frame: bytes) -> bytes:
+    """The same #commit frame with one byte of the commit's `sig` flipped (CID left as sent)."""
+    header, body = _decode(frame)
+    from skyfill.car import read_car
+
+    roots, blocks = read_car(body["blocks"])
+    commit = libipld.decode_dag_cbor(blocks[body["commit"]])
+    sig = bytearray(commit["sig"])
+    sig[10] ^= 0x01
+    commit["sig"] = bytes(sig)
+    blocks[body["commit"]] = libipld.encode_dag_cbor(commit)
+    body["blocks"] = write_car(roots[0], blocks.items())
+    return libipld.encode_dag_cbor(header) + libipld.encode_dag_cbor(body)
+
+
+def _commit_positions(frames: list[bytes]) -> dict[str, list[int]]:
+    out: dict[str, list[int]] = {}
+    for i, f in enumerate(frames):
+        header, body = _decode(f)
+        if header.get("t") == "#commit":
+            out.setdefault(body["repo"], []).append(i)
+    return out
+
+
+def _sync_states(db: Path) -> dict[str, str]:
+    con = duckdb.connect(str(db), read_only=True)
+    try:
+        return dict(con.execute("SELECT did, sync_state FROM repos").fetchall())
+    finally:
+        con.close()
+
+
+async def test_every_valid_frame_is_applied_and_each_key_resolved_once(tmp_path: Path) -> None:
+    world = World(11, n_dids=25, retain_blocks=False)
+    frames = list(world.frames(1500))
+    with FaultServer() as plc, LocalRelay(frames) as relay:
+        _serve_docs(plc, world.identities)
+        checker, resolver = _checker(plc)
+        try:
+            daemon = await consume_until(tmp_path / "v.duckdb", relay, relay.head, cursor=0, verifier=checker)
+        finally:
+            await resolver.aclose()
+        # the key cache answers every later commit of a DID without the network
+        seen = set(_commit_positions(frames))
+        assert {d: plc.count(f"/{d}") for d in seen} == {d: 1 for d in seen}
+    assert mirror_of(tmp_path / "v.duckdb") == expected_mirror(frames)
+    assert not {k: v for k, v in daemon.counts.items() if k.startswith("error:")}
+
+
+async def test_tampered_signature_is_counted_and_skipped(tmp_path: Path) -> None:
+    world = World(12, n_dids=12, retain_blocks=False)
+    frames = list(world.frames(900))
+    positions = _commit_positions(frames)
+    by_count = sorted(positions, key=lambda d: len(positions[d]))
+    last_did, mid_did = by_count[-1], by_count[-2]
+    last_at = positions[last_did][-1]                  # its final commit: nothing follows it
+    mid_at = positions[mid_did][len(positions[mid_did]) // 2]
+    sent = list(frames)
+    sent[last_at] = _tampered(frames[last_at])
+    sent[mid_at] = _tampered(frames[mid_at])
+    db = tmp_path / "t.duckdb"
+    with FaultServer() as plc, LocalRelay(sent) as relay:
+        _serve_docs(plc, world.identities)
+        checker, resolver = _checker(plc)
+        try:
+            daemon = await consume_until(db, relay, relay.head, cursor=0, verifier=checker)
+        finally:
+            await resolver.aclose()
+        # a signature failure refreshes the DID document once before rejecting
+        assert plc.count(f"/{last_did}") == 2
+    assert daemon.counts["error:bad_signature"] == 2
+    assert daemon.committed_seq == relay.head       # the cursor moved past the skipped events
+    records, revs = mirror_of(db)
+    want_records, want_revs = expected_mirror([f for i, f in enumerate(frames) if i not in (last_at, mid_at)])
+    assert {k: v for k, v in records.items() if k[0] != mid_did} == {
+        k: v for k, v in want_records.items() if k[0] != mid_did
+    }
+    assert revs[last_did] == want_revs[last_did]    # still the rev before the rejected commit
+    # the commit after the skipped one does not chain: the DID waits for a backfill
+    assert _sync_states(db)[mid_did] == "desynchronized"
+
+
+async def test_rotated_key_recovers_with_one_fresh_resolve(tmp_path: Path) -> None:
+    world = World(13, n_dids=8, retain_blocks=False)
+    before = list(world.frames(300))
+    did = max(_commit_positions(before).items(), key=lambda kv: len(kv[1]))[0]
+    old = next(i for i in world.identities if i.did == did)
+    new = Identity(did=old.did, handle=old.handle, secret=make_identity(random.Random(99)).secret)
+    world._by_did[did].key = new.key                   # the account signs with its new key from here on
+    after = list(world.frames(300))
+    assert did in _commit_positions(after)
+    frames = before + after
+    db = tmp_path / "r.duckdb"
+    with FaultServer() as plc, LocalRelay(before) as relay:
+        _serve_docs(plc, world.identities)
+        checker, resolver = _checker(plc)
+        try:
+            await consume_until(db, relay, relay.head, cursor=0, verifier=checker)
+            assert plc.count(f"/{did}") == 1             # the cache now holds the old key
+            # The PLC directory now serves the rotated key; the checker's cache does not know yet.
+            plc.script(f"/{did}", json_reply(did_document(new, "https://pds.invalid")))
+            relay.append(after)
+            daemon = await consume_until(db, relay, relay.head, verifier=checker)
+        finally:
+            await resolver.aclose()
+        assert plc.count(f"/{did}") == 2
+    assert not {k: v for k, v in daemon.counts.items() if k.startswith("error:")}
+    assert mirror_of(db) == expected_mirror(frames)
+
+
+async def test_unresolvable_did_is_counted_and_skipped(tmp_path: Path) -> None:
+    world = World(14, n_dids=6, retain_blocks=False)
+    frames = list(world.frames(400))
+    gone = max(_commit_positions(frames).items(), key=lambda kv: len(kv[1]))[0]
+    with FaultServer() as plc, LocalRelay(frames) as relay:
+        _serve_docs(plc, world.identities)
+        plc.script(f"/{gone}", xrpc_error("NotFound", "DID not registered", 404))
+        checker, resolver = _checker(plc)
+        try:
+            daemon = await consume_until(tmp_path / "u.duckdb", relay, relay.head, cursor=0, verifier=checker)
+        finally:
+            await resolver.aclose()
+        # a terminal failure is remembered: one request, not one per commit
+        assert plc.count(f"/{gone}") == 1
+    records, _revs = mirror_of(tmp_path / "u.duckdb")
+    want, _ = expected_mirror(frames)
+    assert daemon.counts["error:unresolvable_did"] == len(_commit_positions(frames)[gone])
+    assert not any(k[0] == gone for k in records)
+    assert records == {k: v for k, v in want.items() if k[0] != gone}
+
+
+async def test_sync_event_signature(tmp_path: Path) -> None:
+    ident = make_identity(random.Random(5))
+    other = make_identity(random.Random(6))
+    data = cid_for(libipld.encode_dag_cbor({"e": [], "l": None}))  # an empty MST node
+    cid, block = sign_commit(ident.key, did=ident.did, data=data, rev="3l4j2k2m3n22a")
+    body = {"did": ident.did, "rev": "3l4j2k2m3n22a", "seq": 7, "time": "2026-01-01T00:00:00.000Z",
+            "blocks": write_car(cid, [(cid, block)])}
+    frame = libipld.encode_dag_cbor({"op": 1, "t": "#sync"}) + libipld.encode_dag_cbor(body)
+    event = parse_frame(frame)
+    assert isinstance(event, Sync)
+    with FaultServer() as plc:
+        plc.script(f"/{ident.did}", json_reply(did_document(ident, "https://pds.invalid")))
+        checker, resolver = _checker(plc)
+        try:
+            assert not checker.verify_cached(event)      # nothing cached yet: the caller must await
+            assert await checker.check(event)
+            assert checker.verify_cached(event)
+            # the same commit under a document that names another key: refreshed once, then rejected
+            checker.forget(ident.did)
+            resolver.forget(ident.did)
+            plc.script(f"/{ident.did}", json_reply(did_document(
+                Identity(did=ident.did, handle=ident.handle, secret=other.secret), "https://pds.invalid")))
+            assert not await checker.check(event)
+            assert plc.count(f"/{ident.did}") == 3
+            plc.script(f"/{ident.did}", xrpc_error("NotFound", "gone", 410))
+            checker.forget(ident.did)
+            resolver.forget(ident.did)
+            with pytest.raises(IdentityError) as info:
+                await checker.check(event)
+            assert info.value.terminal
+        finally:
+            await resolver.aclose()
+
+
+def test_cli_env_var_turns_verification_on(tmp_path: Path) -> None:
+    """`SKYFILL_VERIFY_SIGNATURES=1 skyfill consume --plc-url ...`: the tampered frame shows up in
+    /metrics as bad_signature, every other frame is stored, SIGTERM exits cleanly."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    import httpx
+
+    from .test_daemon import ROOT, _free_port, _stored_cursor, _wait_for_daemon
+
+    world = World(15, n_dids=10, retain_blocks=False)
+    frames = list(world.frames(600))
+    did, at = next((d, p[-1]) for d, p in _commit_positions(frames).items() if len(p) > 3)
+    sent = list(frames)
+    sent[at] = _tampered(frames[at])
+    db = tmp_path / "cli.duckdb"
+    port = _free_port()
+    with FaultServer() as plc, LocalRelay(sent) as relay:
+        _serve_docs(plc, world.identities)
+        env = {**os.environ, "SKYFILL_VERIFY_SIGNATURES": "1"}
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "skyfill", "consume", "--db", str(db), "--relay", relay.url, "--cursor", "0",
+             "--plc-url", plc.url, "--metrics-port", str(port), "--flush-interval", "0.05"],
+            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        )
+        try:
+            info = _wait_for_daemon(db, proc)
+            deadline = time.monotonic() + 60
+            while _stored_cursor(info) != relay.head:
+                assert time.monotonic() < deadline
+                time.sleep(0.1)
+            text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+            assert 'skyfill_firehose_errors_total{kind="bad_signature"} 1.0' in text
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=10) == 0
+    assert mirror_of(db) == expected_mirror([f for i, f in enumerate(frames) if i != at])
