@@ -98,6 +98,10 @@ class Daemon:
         self.captures: dict[str, _Capture] = {}
         self.committed_seq: int | None = stored
         self.counts: dict[str, int] = {}
+        # Per-event counters are summed here and added to Prometheus once per batch or tick
+        # (_export_counts): a labelled .inc() per event cost more than the tracker.
+        self._seen_types: dict[str, int] = {}
+        self._seen_verdicts: dict[str, int] = {}
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -167,6 +171,7 @@ class Daemon:
             await asyncio.sleep(self.config.flush_interval / 2)
             if self._batch.events and time.monotonic() - self._batch_started >= self.config.flush_interval:
                 await self._flush(wait=False)
+            self._export_counts()
             if self.last_time:
                 metrics.FIREHOSE_LAG.set(max(0.0, time.time() - _epoch(self.last_time)))
             if time.monotonic() >= next_gauge:  # a column scan: every 10 s is plenty
@@ -231,11 +236,15 @@ class Daemon:
             self._advance(event.seq, event.time)
 
     def _apply(self, event: Commit | Sync | Identity | Account) -> None:
-        metrics.FIREHOSE_EVENTS.labels(_type_name(event)).inc()
+        seen = self._seen_types
+        name = _TYPE_NAMES.get(type(event), "other")
+        seen[name] = seen.get(name, 0) + 1
         batch = self._batch
         verdict = self.tracker.apply(event, batch)
-        metrics.FIREHOSE_VERDICTS.labels(verdict.value).inc()
-        self.counts[verdict.value] = self.counts.get(verdict.value, 0) + 1
+        value = verdict.value
+        self.counts[value] = self.counts.get(value, 0) + 1
+        seen = self._seen_verdicts
+        seen[value] = seen.get(value, 0) + 1
         if verdict is Verdict.DESYNCHRONIZED:
             row = self.tracker.row(event.did)
             metrics.DESYNCHRONIZED.labels(row.desync_reason if row else "unknown").inc()
@@ -256,7 +265,6 @@ class Daemon:
         batch.events += 1
         batch.cursor = (self.source, seq)
         self.last_seq = seq
-        metrics.FIREHOSE_LAST_SEQ.set(seq)
         span = batch.coverage
         if span is None:
             assert self._span is not None
@@ -313,7 +321,18 @@ class Daemon:
         batch.repos = {did: copy.copy(row) for did, row in batch.repos.items()}
         self._batch = self._new_batch()
         self._batch_started = time.monotonic()
+        self._export_counts()
         return batch
+
+    def _export_counts(self) -> None:
+        for name, n in self._seen_types.items():
+            metrics.FIREHOSE_EVENTS.labels(name).inc(n)
+        for name, n in self._seen_verdicts.items():
+            metrics.FIREHOSE_VERDICTS.labels(name).inc(n)
+        self._seen_types.clear()
+        self._seen_verdicts.clear()
+        if self.last_seq is not None:
+            metrics.FIREHOSE_LAST_SEQ.set(self.last_seq)
 
     async def _flush(self, *, wait: bool = True) -> None:
         """Seal the current batch and write it; with wait=False return once the write has started."""
@@ -348,8 +367,7 @@ class Daemon:
             self.committed_seq = batch.cursor[1]
 
 
-def _type_name(event: object) -> str:
-    return {Commit: "commit", Sync: "sync", Identity: "identity", Account: "account"}.get(type(event), "other")
+_TYPE_NAMES: dict[type, str] = {Commit: "commit", Sync: "sync", Identity: "identity", Account: "account"}
 
 
 def _epoch(iso: str) -> float:

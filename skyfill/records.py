@@ -24,7 +24,17 @@ _DATETIME: Final = re.compile(
 )
 
 
+# The common case, accepted without a calendar: year 0001-9999, day 01-28 (exists in every
+# month), UTC `Z`. Everything else (day 29-31, offsets, year 0000, junk) takes the full check.
+_FAST_UTC: Final = re.compile(
+    r"(?!0000)[0-9]{4}-(?:0[1-9]|1[0-2])-(?:0[1-9]|1[0-9]|2[0-8])T(?:[01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9]"
+    r"(?:\.[0-9]{1,20})?Z"
+).fullmatch
+
+
 def is_valid_datetime(value: Any) -> bool:
+    if type(value) is str and _FAST_UTC(value) is not None:
+        return True
     if not isinstance(value, str) or len(value) > 64 or not _DATETIME.match(value) or value.endswith("-00:00"):
         return False
     # the regex admits month 19 or hour 29: let the calendar have the last word

@@ -84,22 +84,29 @@ class RecordColumns:
 
 def _record_columns(batch: Batch) -> tuple[dict[str, list[Any]], dict[str, list[Any]]]:
     """Split a reduced batch into upsert columns and delete-key columns."""
-    puts: dict[str, list[Any]] = {f.name: [] for f in _RECORD_SCHEMA}
-    dels: dict[str, list[Any]] = {f.name: [] for f in _KEY_SCHEMA}
-    for (did, collection, rkey), put in batch.records.items():
-        if put is None:
-            dels["did"].append(did)
-            dels["collection"].append(collection)
-            dels["rkey"].append(rkey)
-        else:
-            puts["did"].append(did)
-            puts["collection"].append(collection)
-            puts["rkey"].append(rkey)
-            puts["cid"].append(put.cid)
-            puts["rev"].append(put.rev)
-            puts["record"].append(put.record)
-            puts["created_at"].append(put.created_at)
+    # Column-wise comprehensions, not one append per cell: this runs in the writer thread and
+    # holds the GIL that the event loop's parser needs.
+    records = batch.records
+    put_rows = [put for put in records.values() if put is not None]
+    if len(put_rows) == len(records):  # the common case: no deletes
+        put_keys, del_keys = list(records), []
+    else:
+        put_keys = [key for key, put in records.items() if put is not None]
+        del_keys = [key for key, put in records.items() if put is None]
+    puts: dict[str, list[Any]] = dict(zip(("did", "collection", "rkey"), _transpose(put_keys), strict=True))
+    puts["cid"] = [p.cid for p in put_rows]
+    puts["rev"] = [p.rev for p in put_rows]
+    puts["record"] = [p.record for p in put_rows]
+    puts["created_at"] = [p.created_at for p in put_rows]
+    dels: dict[str, list[Any]] = dict(zip(("did", "collection", "rkey"), _transpose(del_keys), strict=True))
     return puts, dels
+
+
+def _transpose(keys: list[tuple[str, str, str]]) -> tuple[list[str], list[str], list[str]]:
+    if not keys:
+        return [], [], []
+    did, collection, rkey = zip(*keys, strict=True)
+    return list(did), list(collection), list(rkey)
 
 
 def _now() -> datetime:
