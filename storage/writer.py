@@ -61,6 +61,7 @@ _REPO_SCHEMA = pa.schema(
     ]
 )
 _REPO_FIELDS = [f.name for f in _REPO_SCHEMA]
+CHECKPOINT_THRESHOLD = "256MB"
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,6 +137,11 @@ class Store:
         if not read_only:
             schema = resources.files("storage").joinpath("schema.sql").read_text()
             self._conn.execute(schema)
+            # DuckDB checkpoints when the WAL passes 16 MB by default, and each checkpoint rewrites
+            # the records' primary-key index: at 5,000-event batches that made COMMIT ~45% of the
+            # firehose write cost. Durability is unchanged (every COMMIT still syncs the WAL);
+            # the cost is a longer WAL replay after a crash.
+            self._conn.execute(f"SET checkpoint_threshold = '{CHECKPOINT_THRESHOLD}'")
 
     # -- plumbing -----------------------------------------------------------------------
 
