@@ -7,12 +7,17 @@ form (`{"$link": ...}`, `{"$bytes": ...}`), ready to store.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 __all__ = ["Op", "Commit", "Sync", "Identity", "Account", "Info", "StreamError", "Event"]
 
 
-@dataclass(frozen=True, slots=True)
-class Op:
+# Op and Commit are built once or more per frame, so they are NamedTuples: as immutable as a
+# frozen dataclass, ~2.5x cheaper to construct (a frozen dataclass's __init__ goes through
+# object.__setattr__ once per field). The rarer events stay frozen dataclasses.
+
+
+class Op(NamedTuple):
     action: str                 # "create" | "update" | "delete"
     collection: str
     rkey: str
@@ -22,8 +27,7 @@ class Op:
     created_at: str | None      # the record's createdAt when it is a valid atproto datetime
 
 
-@dataclass(frozen=True, slots=True)
-class Commit:
+class Commit(NamedTuple):
     seq: int
     time: str
     did: str
