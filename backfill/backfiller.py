@@ -24,6 +24,7 @@ import asyncio
 import logging
 import random
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
@@ -31,6 +32,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 from urllib.parse import urlsplit
+
+import libipld
 
 from skyfill import metrics
 from skyfill.crypto import PublicKey, parse_public_key
@@ -44,7 +47,8 @@ from skyfill.errors import (
     TerminalFetchError,
     UnsafeHostError,
 )
-from storage import TERMINAL_BACKFILL, BackfillStatus, Change, QueueState, ReconcileCounts, Store
+from storage import TERMINAL_BACKFILL, BackfillStatus, Change, QueueState, ReconcileCounts, RecordColumns, Store
+from storage.writer import RECONCILE_CHUNK as _RECONCILE_CHUNK
 
 from .config import BackfillConfig
 from .identity import Identity, Resolver
@@ -98,13 +102,18 @@ def thread_emitter(publish: Publish, loop: asyncio.AbstractEventLoop) -> Callabl
 
 
 def premade(store: Store, snapshot: RepoSnapshot, *, every: bool) -> Callable[[list[tuple[str, str]]], Any]:
-    """Decode, before the store's write lock is taken, the records `reconcile` will ask for.
+    """A `materialize` for `Store.reconcile` that decodes ahead, mostly outside the write lock.
 
-    Record decoding is the costliest step of a fresh backfill; done here it overlaps other
-    repos' DuckDB writes. The diff is taken against the stored CIDs read now (outside the
-    lock); reconcile diffs again inside its transaction and the returned callable decodes
-    whatever that second diff asks for beyond this one. A snapshot whose walk was deferred
-    (the stored root matched) is expected to be unchanged: nothing is decoded in advance.
+    Record decoding is the costliest step of a fresh backfill. The diff is taken now against
+    the stored CIDs (read without the lock) and its first chunk is decoded before the lock is
+    taken; while reconcile writes chunk k, a thread decodes chunk k+1 (DuckDB releases the GIL
+    while it inserts). Reconcile diffs again inside its transaction: any request that is not
+    the predicted next chunk is decoded on the spot, so a store that changed meanwhile only
+    costs speed. At most two chunks of JSON exist at a time, whatever the repo's size.
+
+    The snapshot's blocks are CONSUMED as records are decoded (MST nodes at once: the walk is
+    done), so the freed memory is reused for the JSON. A snapshot whose walk was deferred (the
+    stored root matched: reconcile is expected to take its unchanged path) decodes on demand.
     """
     if snapshot.walked is None:
         return lambda keys: materialize(snapshot, keys)
@@ -115,18 +124,60 @@ def premade(store: Store, snapshot: RepoSnapshot, *, every: bool) -> Callable[[l
         stored = store.stored_cids(snapshot.did)
         keys = [key for key, cid in fetched.items() if stored.get(key) != cid] if stored else list(fetched)
         del stored
-    cols = materialize(snapshot, keys)
+    blocks = snapshot.blocks
+    record_cids = {libipld.decode_multibase(cid)[1] for cid in fetched.values()}
+    for raw in [raw for raw in blocks if raw not in record_cids]:
+        del blocks[raw]
+    del record_cids
+    # a record CID still needed by a key not decoded here (identical records share a block)
+    keep = {fetched[key] for key in fetched.keys() - set(keys)} if len(keys) != len(fetched) else set()
 
-    def serve(wanted: list[tuple[str, str]]) -> Any:
-        if wanted == keys:
+    def decode(part: list[tuple[str, str]]) -> RecordColumns:
+        cols = materialize(snapshot, part)
+        for cid in cols.cid:
+            if cid not in keep:
+                blocks.pop(libipld.decode_multibase(cid)[1], None)
+        return cols
+
+    # the chunk decoded ahead: its keys, then its columns (or the error) once its thread is done
+    ahead: dict[str, Any] = {"keys": [], "cols": None, "error": None, "thread": None}
+    spare: dict[tuple[str, str], tuple[RecordColumns, int]] = {}  # decoded, not handed out
+
+    def start(pos: int, size: int) -> None:
+        part = keys[pos : pos + size]
+        ahead.update(keys=part, cols=None, error=None, thread=None, pos=pos + size)
+        if not part:
+            return
+
+        def run() -> None:
+            try:
+                ahead["cols"] = decode(part)
+            except BaseException as exc:  # re-raised in the reconcile thread
+                ahead["error"] = exc
+
+        ahead["thread"] = threading.Thread(target=run, name="premade", daemon=True)
+        ahead["thread"].start()
+
+    def serve(wanted: list[tuple[str, str]]) -> RecordColumns:
+        if ahead["thread"] is not None:
+            ahead["thread"].join()
+            ahead["thread"] = None
+        if ahead["error"] is not None:
+            raise ahead["error"]
+        cols: RecordColumns | None = ahead["cols"]
+        if cols is not None and wanted == ahead["keys"]:
+            start(ahead["pos"], len(wanted))
             return cols
-        index = {key: i for i, key in enumerate(zip(cols.collection, cols.rkey))}
-        missing = [key for key in wanted if key not in index]
-        extra = materialize(snapshot, missing)
-        extra_index = {key: i for i, key in enumerate(zip(extra.collection, extra.rkey))}
-        out = type(cols)(collection=[], rkey=[], cid=[], record=[], created_at=[])
+        # not the predicted chunk (the stored records changed, or another chunking): serve
+        # what was decoded from it, decode the rest here; no more decoding ahead
+        if cols is not None:
+            spare.update((key, (cols, i)) for i, key in enumerate(zip(cols.collection, cols.rkey)))
+        ahead.update(keys=[], cols=None)
+        extra = materialize(snapshot, [key for key in wanted if key not in spare])
+        at = {key: (extra, i) for i, key in enumerate(zip(extra.collection, extra.rkey))}
+        out = RecordColumns(collection=[], rkey=[], cid=[], record=[], created_at=[])
         for key in wanted:
-            src, i = (cols, index[key]) if key in index else (extra, extra_index[key])
+            src, i = spare.pop(key) if key in spare else at[key]
             out.collection.append(src.collection[i])
             out.rkey.append(src.rkey[i])
             out.cid.append(src.cid[i])
@@ -134,6 +185,7 @@ def premade(store: Store, snapshot: RepoSnapshot, *, every: bool) -> Callable[[l
             out.created_at.append(src.created_at[i])
         return out
 
+    start(0, _RECONCILE_CHUNK)  # the first chunk decodes before the lock is taken
     return serve
 
 

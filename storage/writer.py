@@ -406,8 +406,11 @@ class Store:
                     "WHERE r.did = d.did AND r.collection = d.collection AND r.rkey = d.rkey"
                 )
                 con.unregister("_dels")
-            if changed:
-                cols = _subset(every, set(changed)) if every is not None else materialize(changed)
+            kept: list[RecordColumns] = []
+            # Chunks bound the decoded JSON and Arrow copies held at once; all in this transaction.
+            for lo in range(0, len(changed), RECONCILE_CHUNK):
+                part = changed[lo : lo + RECONCILE_CHUNK]
+                cols = _subset(every, set(part)) if every is not None else materialize(part)
                 n = len(cols.collection)
                 table = pa.table(
                     {
@@ -423,9 +426,13 @@ class Store:
                 )
                 # `existing` is every stored key of the DID, read in this transaction
                 self._upsert_records(con, table, now, insert_only=not existing)
+                del table
+                if emit is not None and every is None:
+                    kept.append(cols)
+                del cols
             _finish(con)
             if emit is not None:
-                sent = every if every is not None else (cols if changed else None)
+                sent = every if every is not None else (_concat(kept) if changed else None)
                 emit(_backfill_changes(con, did, rev, now, existing, sent, gone,
                                        skip={(c, k) for d, c, k in (after.records if after else ()) if d == did},
                                        snapshot=snapshot))
@@ -546,6 +553,23 @@ def _same_root(con: duckdb.DuckDBPyConnection, did: str, data_cid: str) -> bool:
         f"SELECT 1 FROM repos WHERE did = ? AND data_cid = ? AND {_SAME_ROOT}", [did, data_cid, *_SAME_ROOT_ARGS]
     ).fetchall()
     return bool(rows)
+
+
+# reconcile writes (and asks `materialize` for) at most this many records at a time
+RECONCILE_CHUNK = 50_000
+
+
+def _concat(parts: list[RecordColumns]) -> RecordColumns:
+    if len(parts) == 1:
+        return parts[0]
+    out = RecordColumns(collection=[], rkey=[], cid=[], record=[], created_at=[])
+    for p in parts:
+        out.collection += p.collection
+        out.rkey += p.rkey
+        out.cid += p.cid
+        out.record += p.record
+        out.created_at += p.created_at
+    return out
 
 
 def _subset(cols: RecordColumns, keys: set[tuple[str, str]]) -> RecordColumns:

@@ -90,8 +90,8 @@ def test_fast_path_off_when_the_caller_says_so(store: Store) -> None:
 
 def test_records_decoded_before_the_lock_survive_a_concurrent_change(store: Store) -> None:
     s = snap()
-    decode = premade(store, s, every=False)  # fresh DID: decodes every record now
-    reconcile(store, s)  # meanwhile another writer stores the repo
+    decode = premade(store, s, every=False)  # fresh DID: decodes every record now (consumes its blocks)
+    reconcile(store, snap())  # meanwhile another writer stores the repo
     store.execute_write("DELETE FROM records WHERE rkey = (SELECT min(rkey) FROM records)")
     store.execute_write("UPDATE repos SET sync_state = 'desynchronized'")
     counts = store.reconcile(s.did, rev=s.rev, data_cid=s.data_cid, commit_cid=s.commit_cid,
@@ -100,3 +100,21 @@ def test_records_decoded_before_the_lock_survive_a_concurrent_change(store: Stor
     assert stored(store) == s.records
     rows = store.fetchall("SELECT count(*) FROM records WHERE record IS NOT NULL")
     assert rows[0][0] == len(s.records)
+
+
+def test_chunked_reconcile_decodes_ahead_and_emits_every_change(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import backfill.backfiller as backfiller
+    import storage.writer as writer
+
+    monkeypatch.setattr(writer, "RECONCILE_CHUNK", 1)  # 2 records -> 2 chunks, each decoded ahead
+    monkeypatch.setattr(backfiller, "_RECONCILE_CHUNK", 1)
+    s = snap()
+    sent: list[object] = []
+    counts = store.reconcile(s.did, rev=s.rev, data_cid=s.data_cid, commit_cid=s.commit_cid,
+                             fetched=s.records, materialize=premade(store, s, every=False), emit=sent.extend)
+    assert counts.added == len(s.records) == 2
+    assert stored(store) == s.records
+    assert sorted((c.collection, c.rkey) for c in sent if hasattr(c, "rkey")) == sorted(s.records)  # type: ignore[attr-defined]
+    assert store.fetchall("SELECT count(*) FROM records WHERE record IS NOT NULL")[0][0] == 2
