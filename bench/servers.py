@@ -258,6 +258,9 @@ def _xrpc_error(error: str, message: str) -> tuple[int, str, bytes]:
 class _Handler(BaseHTTPRequestHandler):
     app: RepoServer
     protocol_version = "HTTP/1.1"
+    # Headers and body go out in two writes: with Nagle on, the body waits for the client's
+    # delayed ACK (~40 ms per small keep-alive response on loopback).
+    disable_nagle_algorithm = True
 
     def do_GET(self) -> None:  # noqa: N802 - http.server's naming
         parts = urlsplit(self.path)

@@ -33,7 +33,7 @@ def test_ingest_streams_every_frame_through_the_daemon_and_compares_with_the_sdk
     rows = _by_name(PARTS["ingest"](_ctx()))
     assert rows["ingest.records_stored"].value > 1000
     assert rows["ingest.peak_rss"].unit == "MB"
-    assert {"ingest.frames", "ingest.sdk.frames", "ingest.vs_sdk", "ingest.verified.estimated"} <= set(rows)
+    assert {"ingest.frames", "ingest.sdk.frames", "ingest.vs_sdk", "ingest.verified"} <= set(rows)
     assert rows["ingest.vs_sdk"].value == pytest.approx(rows["ingest.frames"].value / rows["ingest.sdk.frames"].value)
 
 

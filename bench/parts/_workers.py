@@ -5,7 +5,10 @@ stdout (servers: their URLs once ready, then they serve until killed; drivers: t
 
     firehose FILE              serve the frames of FILE (see `write_frames`) over subscribeRepos
     repos SPEC                 generate the repos of a JSON spec and serve them (PDS + PLC)
-    consume DB RELAY LAST_SEQ  run consumer.Daemon from cursor 0 until LAST_SEQ is committed
+    plc SEED N_DIDS            serve the DID documents of World(SEED, n_dids=N_DIDS) (PLC only)
+    consume DB RELAY LAST_SEQ [BATCH [MEMORY_LIMIT]] [--verify PLC]
+                               run consumer.Daemon from cursor 0 until LAST_SEQ is committed;
+                               --verify: check every commit signature, keys resolved from PLC
     backfill DB PLC DID...     run the backfiller on a fresh DB; report peak RSS over the baseline
 """
 
@@ -159,10 +162,23 @@ def _serve_repos(spec: dict[str, Any]) -> None:
             time.sleep(3600)
 
 
+def _serve_plc(seed: int, n_dids: int) -> None:
+    from bench.generate import World
+    from bench.servers import RepoServer
+
+    world = World(seed, n_dids=n_dids, retain_blocks=False)
+    with RepoServer({}, world.identities) as srv:
+        _ready({"url": srv.url, "dids": len(world.identities)})
+        while True:
+            time.sleep(3600)
+
+
 # -- drivers ------------------------------------------------------------------------------------
 
 
-async def _consume(db: str, relay: str, last_seq: int, batch_events: int, memory_limit: str | None) -> dict[str, Any]:
+async def _consume(
+    db: str, relay: str, last_seq: int, batch_events: int, memory_limit: str | None, plc: str | None = None,
+) -> dict[str, Any]:
     from consumer.daemon import ConsumeConfig, Daemon
     from storage import Store
 
@@ -170,7 +186,16 @@ async def _consume(db: str, relay: str, last_seq: int, batch_events: int, memory
     if memory_limit:  # an experiment knob: DuckDB's buffer pool is most of the consumer's RSS
         store.conn.execute(f"SET memory_limit = '{memory_limit}'")
     base_rss = rss_bytes()
-    daemon = Daemon(store, ConsumeConfig(relay=relay, cursor=0, batch_events=batch_events))
+    resolver = verifier = None
+    if plc is not None:  # as `consume --verify-signatures`, minus the PLC rate limit (loopback)
+        from backfill.identity import Resolver
+        from backfill.pds import PdsClient
+        from consumer.verify import SignatureChecker
+
+        client = PdsClient(trusted_hosts=["127.0.0.1"], per_host_rps=1e6, max_retries=0)
+        resolver = Resolver(plc_url=plc, client=client, store=store)
+        verifier = SignatureChecker(resolver)
+    daemon = Daemon(store, ConsumeConfig(relay=relay, cursor=0, batch_events=batch_events), verifier=verifier)
     started = time.perf_counter()
     task = asyncio.create_task(daemon.run(install_signal_handlers=False))
     try:
@@ -183,6 +208,9 @@ async def _consume(db: str, relay: str, last_seq: int, batch_events: int, memory
     finally:
         daemon.stop()
         await asyncio.wait_for(task, 60)
+        if resolver is not None:
+            await resolver.aclose()
+            await client.aclose()
     records = store.fetchall("SELECT count(*) FROM records")[0][0]
     repos = store.fetchall("SELECT count(*) FROM repos")[0][0]
     store.close()
@@ -219,10 +247,17 @@ def main(argv: list[str] | None = None) -> None:
         asyncio.run(_serve_firehose(Path(rest[0])))
     elif command == "repos":
         _serve_repos(json.loads(rest[0]))
+    elif command == "plc":
+        _serve_plc(int(rest[0]), int(rest[1]))
     elif command == "consume":
+        plc = None
+        if "--verify" in rest:
+            at = rest.index("--verify")
+            plc = rest[at + 1]
+            rest = rest[:at] + rest[at + 2 :]
         batch = int(rest[3]) if len(rest) > 3 else 5000
         limit = rest[4] if len(rest) > 4 else None
-        _ready(asyncio.run(_consume(rest[0], rest[1], int(rest[2]), batch, limit)))
+        _ready(asyncio.run(_consume(rest[0], rest[1], int(rest[2]), batch, limit, plc)))
     elif command == "backfill":
         _ready(asyncio.run(_backfill(rest[0], rest[1], rest[3:], int(rest[2]))))
     else:
