@@ -3,6 +3,7 @@
 from .events import Account, Commit, Event, Identity, Info, Op, StreamError, Sync
 from .frames import FRAME_ERROR_KINDS, MAX_FRAME_SIZE, parse_frame
 from .tracker import Tracker, Verdict
+from .verify import SignatureChecker
 
 __all__ = [
     "parse_frame",
@@ -10,6 +11,7 @@ __all__ = [
     "FRAME_ERROR_KINDS",
     "Tracker",
     "Verdict",
+    "SignatureChecker",
     "Event",
     "Commit",
     "Op",
