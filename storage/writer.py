@@ -112,6 +112,14 @@ def _transpose(keys: list[tuple[str, str, str]]) -> tuple[list[str], list[str], 
     return list(did), list(collection), list(rkey)
 
 
+def _arrow_table(columns: Mapping[str, list[Any]], schema: pa.Schema) -> pa.Table:
+    """Columns -> Arrow on the system allocator. pyarrow's default (jemalloc) pool kept freed
+    batch buffers resident: the firehose consumer peaked ~28 MB higher at the same speed."""
+    pool = pa.system_memory_pool()
+    return pa.Table.from_arrays([pa.array(columns[f.name], type=f.type, memory_pool=pool) for f in schema],
+                                schema=schema)
+
+
 def _now() -> datetime:
     return datetime.now(UTC)
 
@@ -206,14 +214,14 @@ class Store:
             con.execute("DELETE FROM records WHERE did IN (SELECT did FROM _purged)")
             con.unregister("_purged")
         if del_cols["did"]:
-            con.register("_dels", pa.table(del_cols, schema=_KEY_SCHEMA))
+            con.register("_dels", _arrow_table(del_cols, _KEY_SCHEMA))
             con.execute(
                 "DELETE FROM records r USING _dels d "
                 "WHERE r.did = d.did AND r.collection = d.collection AND r.rkey = d.rkey"
             )
             con.unregister("_dels")
         if puts_cols["did"]:
-            self._upsert_records(con, pa.table(puts_cols, schema=_RECORD_SCHEMA), now)
+            self._upsert_records(con, _arrow_table(puts_cols, _RECORD_SCHEMA), now)
         if batch.repos:
             self._upsert_repos(con, batch.repos.values())
         if batch.cursor is not None:
@@ -257,7 +265,7 @@ class Store:
             for name in _REPO_FIELDS:
                 cols[name].append(getattr(row, name))
         cols["first_seen_at"] = [v or now for v in cols["first_seen_at"]]
-        con.register("_repos", pa.table(cols, schema=_REPO_SCHEMA))
+        con.register("_repos", _arrow_table(cols, _REPO_SCHEMA))
         updates = ", ".join(f"{n} = excluded.{n}" for n in _REPO_FIELDS[1:] if n != "first_seen_at")
         select = ", ".join(_ts_sql(n) if n == "last_event_at" else n for n in _REPO_FIELDS)
         con.execute(
