@@ -54,12 +54,21 @@ class RepoSnapshot:
     data_cid: str                          # MST root
     commit_cid: str                        # the signed commit block
     # CID bytes -> raw block bytes as read from the CAR, NOT yet hashed: `materialize` checks
-    # each record block against its CID before decoding it.
-    blocks: dict[bytes, bytes] = field(repr=False, compare=False)
+    # each record block against its CID before decoding it. None until split (see `blocks`).
+    split: dict[bytes, bytes] | None = field(repr=False, compare=False)
     # (collection, rkey) -> record CID; None until walked (parse_repo may defer the walk when the
     # caller expects an unchanged data root: `records` walks on first use).
     walked: dict[tuple[str, str], str] | None = field(default=None, repr=False, compare=False)
     data_root: bytes = field(default=b"", repr=False, compare=False)
+    car: bytes | None = field(default=None, repr=False, compare=False)  # kept only until split
+
+    @property
+    def blocks(self) -> dict[bytes, bytes]:
+        if self.split is None:
+            _roots, blocks = read_car(self.car or b"")
+            object.__setattr__(self, "split", blocks)
+            object.__setattr__(self, "car", None)
+        return self.split  # type: ignore[return-value]
 
     @property
     def records(self) -> dict[tuple[str, str], str]:
@@ -125,25 +134,29 @@ def parse_repo(
 
     `defer_walk_if_data`: when the signed commit's data root equals this CID string (the stored
     one), the MST is not walked now (an unchanged repo needs no record list); `records` walks
-    it on first use, raising the same RepoErrors then.
+    it on first use, raising the same RepoErrors then. If the commit is the CAR's first block
+    (as PDSes write it), the rest of the CAR is not even split until `blocks` is used.
 
     Raises CarError (malformed CAR), RepoError kinds missing_block (retryable: truncated
     download), bad_block_hash, bad_commit, did_mismatch, bad_mst_node, bad_mst_key,
     mst_unsorted, mst_too_deep; SignatureError when `key` is given and the signature fails.
     """
+    first = _first_block(car) if defer_walk_if_data is not None else None
+    if first is not None:
+        commit_cid, raw = first
+        commit = _read_commit({commit_cid: raw}, commit_cid, did)
+        if cid_to_str(commit["data"]) == defer_walk_if_data:
+            _check_commit(commit, did, key)
+            return RepoSnapshot(
+                did=did, version=commit["version"], rev=commit.get("rev"), data_cid=defer_walk_if_data,
+                commit_cid=cid_to_str(commit_cid), split=None, walked=None, data_root=commit["data"], car=car,
+            )
     roots, blocks = read_car(car)
     if len(roots) != 1:
         raise CarError(f"repo CAR must have exactly one root, has {len(roots)}", kind="car_malformed")
     commit_cid = roots[0]
     commit = _read_commit(blocks, commit_cid, did)
-    if commit["did"] != did:
-        raise _error(f"commit is for {commit['did']!r}, expected {did!r}", "did_mismatch", did)
-    if key is not None:
-        # libipld re-encodes 36-byte CID-shaped byte strings as CID links, which is exactly
-        # what `data` and `prev` are; the signed bytes are the commit without `sig`.
-        unsigned = libipld.encode_dag_cbor({k: v for k, v in commit.items() if k != "sig"})
-        if not verify_signature(key, unsigned, commit["sig"]):
-            raise SignatureError("commit signature does not verify", kind="bad_signature", did=did)
+    _check_commit(commit, did, key)
     data_cid = cid_to_str(commit["data"])
     records = None if data_cid == defer_walk_if_data else _walk(blocks, commit["data"], did)
     return RepoSnapshot(
@@ -152,10 +165,52 @@ def parse_repo(
         rev=commit.get("rev"),
         data_cid=data_cid,
         commit_cid=cid_to_str(commit_cid),
-        blocks=blocks,
+        split=blocks,
         walked=records,
         data_root=commit["data"],
     )
+
+
+def _check_commit(commit: dict[str, Any], did: str, key: PublicKey | None) -> None:
+    if commit["did"] != did:
+        raise _error(f"commit is for {commit['did']!r}, expected {did!r}", "did_mismatch", did)
+    if key is not None:
+        # libipld re-encodes 36-byte CID-shaped byte strings as CID links, which is exactly
+        # what `data` and `prev` are; the signed bytes are the commit without `sig`.
+        unsigned = libipld.encode_dag_cbor({k: v for k, v in commit.items() if k != "sig"})
+        if not verify_signature(key, unsigned, commit["sig"]):
+            raise SignatureError("commit signature does not verify", kind="bad_signature", did=did)
+
+
+def _first_block(car: bytes) -> tuple[bytes, bytes] | None:
+    """(CID, bytes) of the CAR's first block when it is the single root's, else None (the full
+    split then decides, with its errors). The block is hash-checked by `_read_commit`."""
+    try:
+        length, pos = _uvarint(car, 0)
+        header = libipld.decode_dag_cbor(car[pos : pos + length])
+        pos += length
+        roots = header.get("roots") if isinstance(header, dict) and header.get("version") == 1 else None
+        if not isinstance(roots, list) or len(roots) != 1 or not _is_cid(roots[0]):
+            return None
+        length, pos = _uvarint(car, pos)
+        end = pos + length
+        if length <= 36 or end > len(car) or car[pos : pos + 36] != roots[0]:
+            return None
+        return roots[0], car[pos + 36 : end]
+    except (ValueError, IndexError, TypeError):
+        return None
+
+
+def _uvarint(data: bytes, pos: int) -> tuple[int, int]:
+    result = shift = 0
+    while shift < 64:
+        b = data[pos]  # IndexError when truncated
+        pos += 1
+        result |= (b & 0x7F) << shift
+        if not b & 0x80:
+            return result, pos
+        shift += 7
+    raise ValueError("varint too long")
 
 
 def _walk(blocks: dict[bytes, bytes], root: bytes, did: str) -> dict[tuple[str, str], str]:

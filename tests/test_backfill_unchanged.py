@@ -48,6 +48,7 @@ def test_deferred_walk_lists_the_same_records() -> None:
     lazy = snap(defer=full.data_cid)
     assert lazy.walked is None
     assert lazy.records == full.records and len(full.records) == 2
+    assert lazy.blocks == full.blocks  # split on first use when the commit was read on its own
     assert snap(defer="bafy-other").walked == full.records
 
 
@@ -118,3 +119,44 @@ def test_chunked_reconcile_decodes_ahead_and_emits_every_change(
     assert stored(store) == s.records
     assert sorted((c.collection, c.rkey) for c in sent if hasattr(c, "rkey")) == sorted(s.records)  # type: ignore[attr-defined]
     assert store.fetchall("SELECT count(*) FROM records WHERE record IS NOT NULL")[0][0] == 2
+
+
+def commit_first(car: bytes) -> bytes:
+    """The same CAR with the commit as its first block (how PDSes write getRepo)."""
+    import libipld
+
+    from skyfill.car import read_car
+
+    roots, blocks = read_car(car)
+    header = libipld.encode_dag_cbor({"version": 1, "roots": roots})
+
+    def varint(n: int) -> bytes:
+        out = b""
+        while n >= 0x80:
+            out += bytes([(n & 0x7F) | 0x80])
+            n >>= 7
+        return out + bytes([n])
+
+    order = [roots[0]] + [c for c in blocks if c != roots[0]]
+    return varint(len(header)) + header + b"".join(varint(len(c) + len(blocks[c])) + c + blocks[c] for c in order)
+
+
+def test_deferred_parse_reads_only_the_commit_and_still_checks_it() -> None:
+    import json
+
+    from skyfill.crypto import atproto_key_from_did_doc
+    from skyfill.errors import RepoError, SignatureError
+
+    testing = VECTORS / "testing-testdata"
+    own = atproto_key_from_did_doc(json.loads((testing / "greenground.didDoc.json").read_text()))
+    other = atproto_key_from_did_doc(json.loads((testing / "fakermaker.didDoc.json").read_text()))
+    car = commit_first(GREENGROUND.read_bytes())
+    full = parse_repo(car, did=GREENGROUND_DID, key=own)
+    lazy = parse_repo(car, did=GREENGROUND_DID, key=own, defer_walk_if_data=full.data_cid)
+    assert lazy.split is None and lazy.walked is None  # nothing past the commit block was read
+    assert (lazy.rev, lazy.commit_cid) == (full.rev, full.commit_cid)
+    assert lazy.records == full.records and lazy.blocks == full.blocks
+    with pytest.raises(SignatureError):
+        parse_repo(car, did=GREENGROUND_DID, key=other, defer_walk_if_data=full.data_cid)
+    with pytest.raises(RepoError):
+        parse_repo(car, did="did:plc:someoneelse", key=None, defer_walk_if_data=full.data_cid)
