@@ -357,14 +357,17 @@ class Store:
 
         def body(con: duckdb.DuckDBPyConnection) -> ReconcileCounts:
             if trust_data_root and not (emit is not None and snapshot) and _same_root(con, did, data_cid):
-                return _reconcile_unchanged(con, did, rev, data_cid, commit_cid, now, after, emit)
+                # no stored records under a trusted root: an empty repo, or a purged account that
+                # came back (the purge leaves the row synchronized); the full path is cheap then
+                stored = int(con.execute("SELECT count(*) FROM records WHERE did = ?", [did]).fetchall()[0][0])
+                if stored:
+                    return _reconcile_unchanged(con, did, rev, stored, now, after, emit)
             return _reconcile_full(con, fetched() if callable(fetched) else fetched)
 
         def _reconcile_unchanged(
-            con: duckdb.DuckDBPyConnection, did: str, rev: str | None, data_cid: str, commit_cid: str,
+            con: duckdb.DuckDBPyConnection, did: str, rev: str | None, stored: int,
             now: datetime, after: Batch | None, emit: Callable[[list[Change]], None] | None,
         ) -> ReconcileCounts:
-            stored = int(con.execute("SELECT count(*) FROM records WHERE did = ?", [did]).fetchall()[0][0])
             _finish(con)
             if emit is not None:
                 emit(_backfill_changes(con, did, rev, now, {}, None, (), skip=set(), snapshot=False))

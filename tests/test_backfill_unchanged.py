@@ -160,3 +160,12 @@ def test_deferred_parse_reads_only_the_commit_and_still_checks_it() -> None:
         parse_repo(car, did=GREENGROUND_DID, key=other, defer_walk_if_data=full.data_cid)
     with pytest.raises(RepoError):
         parse_repo(car, did="did:plc:someoneelse", key=None, defer_walk_if_data=full.data_cid)
+
+
+def test_trusted_root_with_no_stored_records_is_reconciled_in_full(store: Store) -> None:
+    # a purged account that comes back keeps its row synchronized under the old root
+    s = snap()
+    reconcile(store, s)
+    store.execute_write("DELETE FROM records")
+    assert reconcile(store, s).added == len(s.records)  # type: ignore[attr-defined]
+    assert stored(store) == s.records
