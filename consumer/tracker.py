@@ -137,6 +137,9 @@ class Tracker:
                 row.status = status
                 if status == _DELETED:
                     batch.purge_did(event.did)
+                    # Nothing stored proves this repo any more: a reactivated account must be
+                    # fetched again, never trusted on its data root (see Store.reconcile).
+                    row.sync_state = SyncState.UNKNOWN.value
             elif event.handle is not None:
                 row.handle = event.handle
             self._touch(row, event.seq, event.time, batch)

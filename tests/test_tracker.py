@@ -120,6 +120,18 @@ def test_account_lifecycle_ends_purged_and_deleted() -> None:
     assert batch.purged_dids == {PENGUA}
 
 
+def test_deleting_a_synchronized_account_forgets_that_it_was_synchronized() -> None:
+    """After a purge nothing stored proves the repo: a reactivated account must be refetched."""
+    messages = [wire(m) for m in scenario("account_lifecycle")["messages"]]
+    tracker, batch = new_tracker(), Batch()
+    replay(tracker, messages[:-1], batch)
+    tracker.mark_synchronized(PENGUA, "3lmxrbvasth2t", "bafyreidata", "bafyreicommit")
+    assert tracker.row(PENGUA).sync_state == "synchronized"
+    replay(tracker, messages[-1:], batch)  # #account status deleted
+    assert tracker.row(PENGUA).sync_state == "unknown"
+    assert PENGUA in batch.purged_dids
+
+
 def test_deactivation_records_and_desync_reason() -> None:
     tracker, batch = new_tracker(), Batch()
     replay(tracker, [wire(m) for m in scenario("deactivation")["messages"]], batch)
