@@ -41,10 +41,12 @@ log = logging.getLogger(__name__)
 @option("--kafka-bootstrap", default=None, help="HOST:PORT of a Kafka broker to publish every change to.")
 @option("--batch-events", type=int, default=5000, show_default=True, help="Events per DuckDB transaction (at most).")
 @option("--flush-interval", type=float, default=0.5, show_default=True, help="Seconds before a partial batch is written.")
+@option("--duckdb-memory-limit", default=None,
+        help="Cap DuckDB's buffer pool (e.g. 512MB); default: DuckDB's own (80% of RAM).")
 def consume(
     db: str, relay: str, cursor: int | None, collections: str, metrics_port: int | None, admin_port: int,
     strict_cursor: bool, run_backfill: bool, plc_url: str, allow_private_hosts: bool,
-    kafka_bootstrap: str | None, batch_events: int, flush_interval: float, verify_signatures: bool,
+    kafka_bootstrap: str | None, batch_events: int, flush_interval: float, duckdb_memory_limit: str | None, verify_signatures: bool,
 ) -> None:
     """Mirror the firehose (com.atproto.sync.subscribeRepos) into DuckDB."""
     from .daemon import ConsumeConfig
@@ -64,7 +66,7 @@ def consume(
             relay=relay, cursor=cursor, collections=patterns, strict_cursor=strict_cursor,
             batch_events=batch_events, flush_interval=flush_interval, publish=kafka_bootstrap is not None,
         )
-        store = Store(db)
+        store = Store(db, memory_limit=duckdb_memory_limit)
     except DatabaseLocked as exc:
         raise click.ClickException(f"{exc}\nIs another `skyfill consume` running on this file?") from exc
     except SkyfillError as exc:

@@ -132,7 +132,7 @@ def _ts_sql(col: str) -> str:
 class Store:
     """The DuckDB file and the only code that writes to it."""
 
-    def __init__(self, path: str | Path, *, read_only: bool = False) -> None:
+    def __init__(self, path: str | Path, *, read_only: bool = False, memory_limit: str | None = None) -> None:
         self.path = str(path)
         if self.path != ":memory:" and not read_only:
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
@@ -151,6 +151,13 @@ class Store:
             # with the table: on 200k firehose frames COMMIT was over half of Store.apply. Durability
             # is unchanged (every COMMIT still syncs the WAL); a crash means a longer WAL replay.
             self._conn.execute(f"SET checkpoint_threshold = '{CHECKPOINT_THRESHOLD}'")
+        if memory_limit is not None:
+            # DuckDB's buffer pool defaults to 80% of RAM. The primary-key index must fit inside
+            # the limit, so it has to grow with the mirror (100MB holds ~200k records' index).
+            try:
+                self._conn.execute("SET memory_limit = ?", [memory_limit])
+            except duckdb.Error as exc:
+                raise StorageError(f"bad memory limit {memory_limit!r}: {exc}") from exc
 
     # -- plumbing -----------------------------------------------------------------------
 

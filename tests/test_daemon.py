@@ -227,7 +227,7 @@ def test_sigterm_flushes_stores_cursor_and_exits_zero(tmp_path: Path) -> None:
     db = tmp_path / "sig.duckdb"
     port = _free_port()
     with LocalRelay(frames[:1000] + junk + frames[1000:]) as relay:
-        proc = _spawn(db, relay, "--cursor", "0", "--metrics-port", str(port))
+        proc = _spawn(db, relay, "--cursor", "0", "--metrics-port", str(port), "--duckdb-memory-limit", "200MB")
         info = _wait_for_daemon(db, proc)
         deadline = time.monotonic() + 60
         while _stored_cursor(info) != relay.head:
