@@ -62,9 +62,13 @@ def world_frames(seed: int, n_dids: int, n_frames: int) -> list[bytes]:
     return list(World(seed, n_dids=n_dids, retain_blocks=False).frames(n_frames))
 
 
-async def consume_until(db: Path, relay: LocalRelay, seq: int, *, timeout: float = 60, **config: object) -> Daemon:
+async def consume_until(
+    db: Path, relay: LocalRelay, seq: int, *, timeout: float = 60, verifier: object = None, **config: object
+) -> Daemon:
+    """Run a daemon in this event loop until `seq` is committed, then stop it cleanly."""
     store = Store(db)
-    daemon = Daemon(store, ConsumeConfig(relay=relay.url, flush_interval=0.05, **config))  # type: ignore[arg-type]
+    daemon = Daemon(store, ConsumeConfig(relay=relay.url, flush_interval=0.05, **config),  # type: ignore[arg-type]
+                    verifier=verifier)  # type: ignore[arg-type]
     task = asyncio.create_task(daemon.run(install_signal_handlers=False))
     deadline = time.monotonic() + timeout
     try:

@@ -30,29 +30,7 @@ from storage import Store
 
 from .faultserver import FaultServer, json_reply, xrpc_error
 from .relay import LocalRelay
-from .test_daemon import expected_mirror, mirror_of
-
-
-async def consume_until(
-    db: Path, relay: LocalRelay, seq: int, *, verifier: SignatureChecker, cursor: int | None = None
-) -> Daemon:
-    """Run a verifying daemon until `seq` is committed (like tests/test_daemon.py's helper)."""
-    store = Store(db)
-    daemon = Daemon(store, ConsumeConfig(relay=relay.url, cursor=cursor, flush_interval=0.05), verifier=verifier)
-    task = asyncio.create_task(daemon.run(install_signal_handlers=False))
-    deadline = time.monotonic() + 60
-    try:
-        while daemon.committed_seq != seq:
-            if task.done():
-                task.result()
-            if time.monotonic() > deadline:
-                raise AssertionError(f"daemon stuck at {daemon.committed_seq}, wanted {seq}")
-            await asyncio.sleep(0.02)
-    finally:
-        daemon.stop()
-        await asyncio.wait_for(task, 10)
-        store.close()
-    return daemon
+from .test_daemon import consume_until, expected_mirror, mirror_of
 
 
 def _checker(plc: FaultServer) -> tuple[SignatureChecker, Resolver]:

@@ -9,24 +9,11 @@ from ._shared import frames, repo
 
 @part("sdk", order=30)
 def sdk(ctx: Context) -> list[Row]:
-    from atproto import CAR, CID, firehose_models, models, parse_subscribe_repos_message
+    from atproto import CAR, CID
 
-    data = frames(ctx)
-    commit_type = models.ComAtprotoSyncSubscribeRepos.Commit
+    from .ingest import sdk_frames_rate
 
-    def frames_path(data: list[bytes] = data) -> None:
-        # the SDK's documented firehose loop, writing nothing
-        for f in data:
-            message = parse_subscribe_repos_message(firehose_models.Frame.from_bytes(f))
-            if not isinstance(message, commit_type):
-                continue
-            car = CAR.from_bytes(message.blocks)
-            for op in message.ops:
-                if op.cid is not None:
-                    models.get_or_create(car.blocks.get(op.cid), strict=False)
-
-    frames_path(data[:200])  # warm-up: the SDK imports its models lazily
-    rate, _ = timed_rate(len(data), frames_path)
+    rate = sdk_frames_rate(frames(ctx))
 
     _ident, car_bytes = repo(ctx)
 
