@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 import orjson
@@ -17,6 +17,9 @@ from storage import Store
 from storage.status import status_report
 
 from .connection import subscribe_url
+
+if TYPE_CHECKING:
+    from .daemon import ConsumeConfig
 
 __all__ = ["COMMANDS", "consume", "status"]
 

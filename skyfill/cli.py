@@ -8,7 +8,6 @@ once here and passed down as frozen config objects; nothing below reads the envi
 from __future__ import annotations
 
 import importlib
-import logging
 from collections.abc import Callable
 from typing import Any, TypeVar
 

@@ -16,7 +16,7 @@ import orjson
 
 from .errors import DaemonError
 
-__all__ = ["announce_path", "find_daemon", "call_daemon", "write_announcement", "remove_announcement"]
+__all__ = ["announce_path", "pid_alive", "find_daemon", "call_daemon", "write_announcement", "remove_announcement"]
 
 
 def announce_path(db: str | Path) -> Path:
@@ -38,7 +38,8 @@ def remove_announcement(db: str | Path) -> None:
         pass
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """True while a process with this pid exists (a stale announcement's pid is gone)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -55,7 +56,7 @@ def find_daemon(db: str | Path) -> dict[str, Any] | None:
         info = orjson.loads(path.read_bytes())
     except (FileNotFoundError, orjson.JSONDecodeError):
         return None
-    if not isinstance(info, dict) or not _alive(int(info.get("pid", -1))):
+    if not isinstance(info, dict) or not pid_alive(int(info.get("pid", -1))):
         return None
     return info
 

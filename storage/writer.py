@@ -314,8 +314,8 @@ class Store:
         """Every DID's firehose-owned state, for the in-memory tracker at start-up."""
         with self._lock:
             table = self._conn.execute(
-                f"SELECT did, rev, data_cid, commit_cid, last_seq, CAST(last_event_at AS VARCHAR), "
-                f"handle, active, status, sync_state, desync_reason, desynced_at, first_seen_at FROM repos"
+                "SELECT did, rev, data_cid, commit_cid, last_seq, CAST(last_event_at AS VARCHAR), "
+                "handle, active, status, sync_state, desync_reason, desynced_at, first_seen_at FROM repos"
             ).fetchall()
         return {row[0]: RepoRow(*row) for row in table}
 

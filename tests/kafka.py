@@ -26,6 +26,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO
 
+from skyfill.daemon_client import pid_alive
+
 __all__ = ["KafkaBroker", "tansu_binary", "free_port"]
 
 STATE_FILE = Path(".cache/kafka.json")
@@ -129,20 +131,10 @@ class KafkaBroker:
         self.stop()
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _up() -> int:
     if STATE_FILE.exists():
         state = json.loads(STATE_FILE.read_text())
-        if _alive(int(state["pid"])):
+        if pid_alive(int(state["pid"])):
             print(f"127.0.0.1:{state['port']}")
             return 0
     STATE_FILE.parent.mkdir(parents=True, exist_ok=True)
@@ -159,11 +151,11 @@ def _down() -> int:
         return 0
     state = json.loads(STATE_FILE.read_text())
     pid = int(state["pid"])
-    if _alive(pid):
+    if pid_alive(pid):
         os.kill(pid, signal.SIGCONT)
         os.kill(pid, signal.SIGTERM)
         for _ in range(100):
-            if not _alive(pid):
+            if not pid_alive(pid):
                 break
             time.sleep(0.05)
         else:

@@ -7,7 +7,6 @@ real DuckDB file. The expected mirror is the independent fold of tests/test_daem
 
 from __future__ import annotations
 
-import asyncio
 import random
 import time
 from pathlib import Path
@@ -21,12 +20,10 @@ from backfill.pds import PdsClient
 from bench.generate.firehose import World
 from bench.generate.identity import Identity, did_document, make_identity
 from bench.generate.repo import cid_for, sign_commit, write_car
-from consumer.daemon import ConsumeConfig, Daemon
 from consumer.events import Sync
 from consumer.frames import parse_frame
 from consumer.verify import SignatureChecker
 from skyfill.errors import IdentityError
-from storage import Store
 
 from .faultserver import FaultServer, json_reply, xrpc_error
 from .relay import LocalRelay

@@ -10,28 +10,32 @@ from skyfill.car import read_car
 from ._shared import frames, repo, walk_records
 
 
+def lean_decode(data: list[bytes]) -> None:
+    """The floor: what a lean consumer must decode (body, CAR split, commit block, op record blocks)."""
+    decode_multi, decode = libipld.decode_dag_cbor_multi, libipld.decode_dag_cbor
+    for f in data:
+        header, body = decode_multi(f)
+        if header["t"] != "#commit":
+            continue
+        _roots, blocks = read_car(body["blocks"])
+        decode(blocks[body["commit"]])
+        for op in body["ops"]:
+            cid = op["cid"]
+            if cid is not None:
+                decode(blocks[cid])
+
+
 @part("floor", order=20)
 def floor(ctx: Context) -> list[Row]:
     data = frames(ctx)
     decode_multi = libipld.decode_dag_cbor_multi
-    decode = libipld.decode_dag_cbor
 
     def frames_only() -> None:
         for f in data:
             decode_multi(f)
 
     def frames_and_records() -> None:
-        # what a lean consumer must do: body, CAR split, commit block, op record blocks
-        for f in data:
-            header, body = decode_multi(f)
-            if header["t"] != "#commit":
-                continue
-            _roots, blocks = read_car(body["blocks"])
-            decode(blocks[body["commit"]])
-            for op in body["ops"]:
-                cid = op["cid"]
-                if cid is not None:
-                    decode(blocks[cid])
+        lean_decode(data)
 
     frame_rate, _ = timed_rate(len(data), frames_only)
     record_rate, _ = timed_rate(len(data), frames_and_records)

@@ -20,7 +20,6 @@ from typing import Any
 import libipld
 
 from bench.harness import Context, Row, part
-from skyfill.car import read_car
 
 from ._shared import frames, repo, walk_records
 
@@ -42,18 +41,10 @@ def _ingest(ctx: Context) -> list[Row]:
 
     data = frames(ctx)
     n = len(data)
-    decode_multi, decode = libipld.decode_dag_cbor_multi, libipld.decode_dag_cbor
+    from .floor import lean_decode
 
     t = _clock()
-    for f in data:
-        header, body = decode_multi(f)
-        if header["t"] != "#commit":
-            continue
-        _roots, blocks = read_car(body["blocks"])
-        decode(blocks[body["commit"]])
-        for op in body["ops"]:
-            if op["cid"] is not None:
-                decode(blocks[op["cid"]])
+    lean_decode(data)
     floor_s = _clock() - t
 
     t = _clock()
@@ -102,7 +93,7 @@ def _ingest(ctx: Context) -> list[Row]:
     commits = [e for e in events if isinstance(e, Commit) and e.commit_block is not None]
     t = _clock()
     for e in commits:
-        c = decode(e.commit_block)
+        c = libipld.decode_dag_cbor(e.commit_block)
         sig = c.pop("sig")
         if not verify_signature(keys[e.did], libipld.encode_dag_cbor(c), sig):
             raise AssertionError(f"signature of {e.did} rev {e.rev} does not verify")
