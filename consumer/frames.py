@@ -135,11 +135,7 @@ def parse_frame(
 
 
 def _commit(body: dict[str, Any], want: Callable[[str], bool] | None) -> Commit:
-    seq = _int(body["seq"], "seq")
-    time = _str(body["time"], "time")
-    did = body["repo"]
-    if not is_did(did):
-        raise _Bad("bad_did", f"invalid repo DID {did!r}")
+    seq, time, did = _envelope(body, "repo")
     rev = body["rev"]
     if not is_tid(rev):
         raise _Bad("bad_tid", f"invalid rev {rev!r}")
@@ -219,11 +215,7 @@ def _commit(body: dict[str, Any], want: Callable[[str], bool] | None) -> Commit:
 
 
 def _sync(body: dict[str, Any]) -> Sync:
-    seq = _int(body["seq"], "seq")
-    time = _str(body["time"], "time")
-    did = body["did"]
-    if not is_did(did):
-        raise _Bad("bad_did", f"invalid DID {did!r}")
+    seq, time, did = _envelope(body, "did")
     rev = body["rev"]
     if not is_tid(rev):
         raise _Bad("bad_tid", f"invalid rev {rev!r}")
@@ -245,11 +237,7 @@ def _sync(body: dict[str, Any]) -> Sync:
 
 
 def _identity(body: dict[str, Any]) -> Identity:
-    seq = _int(body["seq"], "seq")
-    time = _str(body["time"], "time")
-    did = body["did"]
-    if not is_did(did):
-        raise _Bad("bad_did", f"invalid DID {did!r}")
+    seq, time, did = _envelope(body, "did")
     handle = body.get("handle")
     if handle is not None and not is_handle(handle):
         raise _Bad("bad_body", f"invalid handle {handle!r}")
@@ -257,11 +245,7 @@ def _identity(body: dict[str, Any]) -> Identity:
 
 
 def _account(body: dict[str, Any]) -> Account:
-    seq = _int(body["seq"], "seq")
-    time = _str(body["time"], "time")
-    did = body["did"]
-    if not is_did(did):
-        raise _Bad("bad_did", f"invalid DID {did!r}")
+    seq, time, did = _envelope(body, "did")
     active = body["active"]
     if type(active) is not bool:
         raise _Bad("bad_body", "active is not a boolean")
@@ -316,6 +300,14 @@ def _signed_commit(block: bytes, did: str, rev: str) -> bytes:
     if type(data) is not bytes:
         raise _Bad("bad_commit", "commit block has no data CID")
     return data
+
+
+def _envelope(body: dict[str, Any], did_field: str) -> tuple[int, str, str]:
+    """(seq, time, DID) that every repo event carries; #commit names its DID `repo`."""
+    did = body[did_field]
+    if not is_did(did):
+        raise _Bad("bad_did", f"invalid {did_field} DID {did!r}")
+    return _int(body["seq"], "seq"), _str(body["time"], "time"), did
 
 
 def _int(value: object, name: str) -> int:

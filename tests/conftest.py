@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
+from tests.faultserver import FaultServer
 from tests.kafka import KafkaBroker
 from tests.network import LocalNetwork, PdsAccount, PdsClient
 
@@ -53,3 +54,10 @@ def make_account(pds_client: PdsClient) -> Callable[..., PdsAccount]:
         return pds_client.create_account(f"{stem}-{secrets.token_hex(3)}.test")
 
     return make
+
+
+@pytest.fixture
+def server() -> Iterator[FaultServer]:
+    """A real scripted HTTP server on 127.0.0.1 (tests/faultserver.py) for PLC/PDS faults."""
+    with FaultServer() as srv:
+        yield srv

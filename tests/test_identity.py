@@ -40,12 +40,6 @@ def make_doc(did: str, *, pds: str = "https://pds.example.com", **overrides: Any
 
 
 @pytest.fixture
-def server() -> Iterator[FaultServer]:
-    with FaultServer() as srv:
-        yield srv
-
-
-@pytest.fixture
 async def client() -> AsyncIterator[PdsClient]:
     async with PdsClient(
         allow_private_hosts=True, connect_timeout=0.5, read_timeout=0.5, max_retries=1, backoff_base=0.01

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -28,12 +28,6 @@ LIST_REPOS = "/xrpc/com.atproto.sync.listRepos"
 LATEST = "/xrpc/com.atproto.sync.getLatestCommit"
 DID = "did:plc:ewvi7nxzyoun6zhxrhs64oiz"
 CAR = (Path(__file__).parent / "vectors/indigo/repo-testdata/bnewbold.robocracy.org.20250310005405.car").read_bytes()
-
-
-@pytest.fixture
-def server() -> Iterator[FaultServer]:
-    with FaultServer() as srv:
-        yield srv
 
 
 @pytest.fixture
