@@ -15,13 +15,27 @@ when it could be read, so the caller can count the frame and still move past it:
     too_many_items  more than two DAG-CBOR objects
     unknown_type    op 1 with a `t` skyfill does not know (e.g. "#d", the old "#handle")
     error_body      op -1 whose body is not {error: str, message?: str}
-    bad_body        a body field missing or of the wrong type (seq, time, blocks, ops, ...)
+    bad_body        a body field missing or of the wrong type (seq, time, blocks, ops, a CID, ...);
+                    seq must be an int in [0, 2**63) (a DuckDB BIGINT), time an atproto datetime
     bad_did / bad_nsid / bad_rkey / bad_tid    invalid identifier syntax (repo, op path, rev, since)
-    bad_op          an op with an unknown action, a path not `collection/rkey`, or no CID on create/update
+    bad_op          an op that is not a map, an unknown action, a path not `collection/rkey`, no CID on
+                    create/update, or a `cid` / `prev` that is not a CID
     missing_block   the CAR lacks the commit block or an op's record block
+    bad_block_hash  a block used (the signed commit, a record) does not hash to the CID naming it
     bad_commit      the signed commit block is not a commit, or its did/rev disagree with the body
     bad_car         the CAR slice is malformed
     bad_record      a record block is not valid DAG-CBOR / not a map
+
+Contract: for ANY bytes parse_frame returns an Event or raises FrameError, nothing else (deep
+nesting, which makes libipld raise RecursionError, is `cbor` in the frame itself and the block's
+kind, bad_commit / bad_record / bad_car, inside a block). FrameError.seq is None or the body's
+seq when that is an int in [0, 2**63): never negative, never beyond a BIGINT. It is not
+checked against earlier frames: keeping the cursor monotonic is the caller's job.
+
+Every CID the parser reads (commit, prevData, ops[].cid, ops[].prev, the commit's `data`, a
+#sync root) must be a CIDv1 dag-cbor sha2-256 CID, the only form atproto repos use for them.
+Every block the parser uses is hashed and compared with the CID that names it (one sha256 per
+block; a #commit uses a few small ones), so a relay cannot substitute a body for a signed CID.
 
 Decisions:
 - One invalid op rejects the whole commit: a partial commit would store a state that never
@@ -40,11 +54,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, Final
 
+import hashlib
+
 import libipld
 
 from skyfill.car import CarError, cid_to_str, read_car
 from skyfill.errors import FrameError, InputError
-from skyfill.records import record_json
+from skyfill.records import is_valid_datetime, record_json
 from skyfill.syntax import is_did, is_handle, is_nsid, is_record_key, is_tid
 
 from .events import Account, Commit, Event, Identity, Info, Op, StreamError, Sync
@@ -57,7 +73,7 @@ FRAME_ERROR_KINDS: Final = frozenset(
     {
         "oversize", "cbor", "header", "unknown_op", "missing_body", "too_many_items", "unknown_type",
         "error_body", "bad_body", "bad_did", "bad_nsid", "bad_rkey", "bad_tid", "bad_op",
-        "missing_block", "bad_commit", "bad_car", "bad_record",
+        "missing_block", "bad_block_hash", "bad_commit", "bad_car", "bad_record",
     }
 )
 
@@ -65,6 +81,13 @@ _ACTIONS: Final = frozenset({"create", "update", "delete"})
 _decode_multi: Final = libipld.decode_dag_cbor_multi
 _decode: Final = libipld.decode_dag_cbor
 _cid_str: Final = cid_to_str
+_sha256: Final = hashlib.sha256
+# CIDv1, dag-cbor (0x71), sha2-256 (0x12), 32-byte digest: the form of every repo CID.
+_CID_PREFIX: Final = b"\x01\x71\x12\x20"
+_CID_LEN: Final = 36
+_SEQ_LIMIT: Final = 2**63  # seqs are stored as DuckDB BIGINT
+# libipld raises RecursionError on deeply nested CBOR (~1,500 levels), not ValueError.
+_DECODE_ERRORS: Final = (ValueError, RecursionError)
 # Few distinct collections exist on the network: remember the valid ones (bounded).
 _good_collections: set[str] = set()
 
@@ -88,8 +111,8 @@ def parse_frame(
         raise FrameError(f"frame of {len(data)} bytes exceeds {max_size}", kind="oversize", seq=_peek_seq(data))
     try:
         items = _decode_multi(data)
-    except ValueError as exc:
-        raise FrameError(f"frame is not DAG-CBOR: {exc}", kind="cbor") from exc
+    except _DECODE_ERRORS as exc:
+        raise FrameError(f"frame is not DAG-CBOR: {_reason(exc)}", kind="cbor") from None
     n = len(items)
     if n != 2:
         if n == 0:
@@ -102,10 +125,10 @@ def parse_frame(
     if type(header) is not dict:
         raise FrameError("frame header is not a map", kind="header", seq=_seq_of(body))
     op = header.get("op")
-    if op == -1:
+    if op == -1 and type(op) is int:
         return _error(body)
     if op != 1 or type(op) is not int:
-        raise FrameError(f"unknown frame op {op!r}", kind="unknown_op", seq=_seq_of(body))
+        raise FrameError(f"unknown frame op {_short(op)}", kind="unknown_op", seq=_seq_of(body))
     t = header.get("t")
     if type(body) is not dict:
         raise FrameError("frame body is not a map", kind="bad_body")
@@ -123,12 +146,12 @@ def parse_frame(
     except _Bad as exc:
         raise FrameError(f"{t}: {exc}", kind=exc.kind, seq=_seq_of(body)) from None
     except (KeyError, TypeError, AttributeError) as exc:
-        # A required field missing or of a type the parser cannot use.
-        raise FrameError(f"{t}: malformed body ({type(exc).__name__}: {exc})", kind="bad_body",
-                         seq=_seq_of(body)) from exc
+        # A required field missing (KeyError), or a safety net for a type the checks missed.
+        raise FrameError(f"{t}: malformed body ({type(exc).__name__}: {_reason(exc)})", kind="bad_body",
+                         seq=_seq_of(body)) from None
     if type(t) is not str:
         raise FrameError("message frame without a type `t`", kind="header", seq=_seq_of(body))
-    raise FrameError(f"unknown message type {t!r}", kind="unknown_type", seq=_seq_of(body))
+    raise FrameError(f"unknown message type {_short(t)}", kind="unknown_type", seq=_seq_of(body))
 
 
 # -- event bodies -----------------------------------------------------------------------------
@@ -138,16 +161,14 @@ def _commit(body: dict[str, Any], want: Callable[[str], bool] | None) -> Commit:
     seq, time, did = _envelope(body, "repo")
     rev = body["rev"]
     if not is_tid(rev):
-        raise _Bad("bad_tid", f"invalid rev {rev!r}")
+        raise _Bad("bad_tid", f"invalid rev {_short(rev)}")
     since = body.get("since")
     if since is not None and not is_tid(since):
-        raise _Bad("bad_tid", f"invalid since {since!r}")
-    commit_cid = body["commit"]
-    if type(commit_cid) is not bytes:
-        raise _Bad("bad_body", "commit is not a CID")
+        raise _Bad("bad_tid", f"invalid since {_short(since)}")
+    commit_cid = _cid(body["commit"], "bad_body", "commit")
     prev_data = body.get("prevData")
-    if prev_data is not None and type(prev_data) is not bytes:
-        raise _Bad("bad_body", "prevData is not a CID")
+    if prev_data is not None:
+        prev_data = _cid(prev_data, "bad_body", "prevData")
     too_big = body.get("tooBig") is True
     raw_ops = body["ops"]
     if type(raw_ops) is not list:
@@ -157,6 +178,8 @@ def _commit(body: dict[str, Any], want: Callable[[str], bool] | None) -> Commit:
     commit_block = blocks.get(commit_cid)
     data_cid: str | None = None
     if commit_block is not None:
+        if _sha256(commit_block).digest() != commit_cid[4:]:
+            raise _Bad("bad_block_hash", "the commit block does not hash to the commit CID")
         data_cid = _cid_str(_signed_commit(commit_block, did, rev))
     elif not too_big:
         raise _Bad("missing_block", "the CAR slice lacks the commit block")
@@ -164,39 +187,45 @@ def _commit(body: dict[str, Any], want: Callable[[str], bool] | None) -> Commit:
     ops: list[Op] = []
     append = ops.append
     for raw in raw_ops:
+        if type(raw) is not dict:
+            raise _Bad("bad_op", "an op is not a map")
         action = raw["action"]
         path = raw["path"]
-        if action not in _ACTIONS or type(path) is not str:
-            raise _Bad("bad_op", f"op {action!r} {path!r}")
+        if type(action) is not str or action not in _ACTIONS or type(path) is not str:
+            raise _Bad("bad_op", f"op {_short(action)} {_short(path)}")
         collection, sep, rkey = path.partition("/")
         if not sep:
-            raise _Bad("bad_op", f"op path {path!r} is not collection/rkey")
+            raise _Bad("bad_op", f"op path {_short(path)} is not collection/rkey")
         if collection not in _good_collections:
             if not is_nsid(collection):
-                raise _Bad("bad_nsid", f"invalid collection {collection!r}")
+                raise _Bad("bad_nsid", f"invalid collection {_short(collection)}")
             if len(_good_collections) < 4096:
                 _good_collections.add(collection)
         if not is_record_key(rkey):
-            raise _Bad("bad_rkey", f"invalid record key {rkey!r}")
+            raise _Bad("bad_rkey", f"invalid record key {_short(rkey)}")
         prev = raw.get("prev")
-        prev_str = _cid_str(prev) if type(prev) is bytes else None
+        prev_str = _cid_str(_cid(prev, "bad_op", f"{path} prev")) if prev is not None else None
         if action == "delete":
             append(Op(action, collection, rkey, None, prev_str, None, None))
             continue
         cid = raw.get("cid")
         if type(cid) is not bytes:
             raise _Bad("bad_op", f"{action} {path} has no CID")
+        _cid(cid, "bad_op", f"{path} cid")
         block = blocks.get(cid)
         record: str | None = None
         created_at: str | None = None
         if block is None:
             if not too_big:
                 raise _Bad("missing_block", f"the CAR slice lacks the record block of {path}")
-        elif not too_big and (want is None or want(collection)):
-            try:
-                record, created_at = record_json(block)
-            except InputError as exc:
-                raise _Bad("bad_record", f"{path}: {exc}") from exc
+        else:
+            if _sha256(block).digest() != cid[4:]:
+                raise _Bad("bad_block_hash", f"the record block of {path} does not hash to its CID")
+            if not too_big and (want is None or want(collection)):
+                try:
+                    record, created_at = record_json(block)
+                except (InputError, TypeError) as exc:  # orjson raises TypeError on >255 levels
+                    raise _Bad("bad_record", f"{path}: {exc}") from None
         append(Op(action, collection, rkey, _cid_str(cid), prev_str, record, created_at))
 
     return Commit(
@@ -218,21 +247,21 @@ def _sync(body: dict[str, Any]) -> Sync:
     seq, time, did = _envelope(body, "did")
     rev = body["rev"]
     if not is_tid(rev):
-        raise _Bad("bad_tid", f"invalid rev {rev!r}")
+        raise _Bad("bad_tid", f"invalid rev {_short(rev)}")
     raw = body["blocks"]
     if type(raw) is not bytes:
         raise _Bad("bad_body", "blocks is not bytes")
-    try:
-        roots, blocks = read_car(raw)
-    except CarError as exc:
-        raise _Bad("bad_car", str(exc)) from exc
+    roots, blocks = _read_car(raw)
     if len(roots) != 1:
         raise _Bad("bad_car", f"a #sync CAR must have exactly one root, not {len(roots)}")
-    block = blocks.get(roots[0])
+    root = _cid(roots[0], "bad_car", "the CAR root")
+    block = blocks.get(root)
     if block is None:
         raise _Bad("missing_block", "the CAR lacks the commit block")
+    if _sha256(block).digest() != root[4:]:
+        raise _Bad("bad_block_hash", "the commit block does not hash to the CAR root")
     data = _signed_commit(block, did, rev)
-    return Sync(seq=seq, time=time, did=did, rev=rev, commit_cid=_cid_str(roots[0]),
+    return Sync(seq=seq, time=time, did=did, rev=rev, commit_cid=_cid_str(root),
                 data_cid=_cid_str(data), commit_block=block)
 
 
@@ -240,7 +269,7 @@ def _identity(body: dict[str, Any]) -> Identity:
     seq, time, did = _envelope(body, "did")
     handle = body.get("handle")
     if handle is not None and not is_handle(handle):
-        raise _Bad("bad_body", f"invalid handle {handle!r}")
+        raise _Bad("bad_body", f"invalid handle {_short(handle)}")
     return Identity(seq=seq, time=time, did=did, handle=handle)
 
 
@@ -273,47 +302,61 @@ def _error(body: object) -> StreamError:
 # -- helpers ----------------------------------------------------------------------------------
 
 
+def _cid(value: object, kind: str, name: str) -> bytes:
+    """`value` itself when it is a CIDv1 dag-cbor sha2-256 CID in binary form, else _Bad(kind).
+
+    libipld decodes tag-42 links and byte strings alike to bytes, so a byte string of any
+    content can stand where a CID belongs: only its form tells them apart.
+    """
+    if type(value) is not bytes or len(value) != _CID_LEN or value[:4] != _CID_PREFIX:
+        raise _Bad(kind, f"{name} is not a dag-cbor sha2-256 CID")
+    return value
+
+
+def _read_car(raw: bytes) -> tuple[list[bytes], dict[bytes, bytes]]:
+    try:
+        return read_car(raw)
+    except CarError as exc:
+        raise _Bad("bad_car", str(exc)) from None
+    except _DECODE_ERRORS as exc:  # read_car lets RecursionError from its header decode escape
+        raise _Bad("bad_car", f"bad CAR header: {_reason(exc)}") from None
+
+
 def _car_blocks(raw: object, *, allow_empty: bool) -> dict[bytes, bytes]:
     if type(raw) is not bytes:
         raise _Bad("bad_body", "blocks is not bytes")
     if not raw and allow_empty:
         return {}
-    try:
-        return read_car(raw)[1]
-    except CarError as exc:
-        raise _Bad("bad_car", str(exc)) from exc
+    return _read_car(raw)[1]
 
 
 def _signed_commit(block: bytes, did: str, rev: str) -> bytes:
     """Decode the signed commit block and return its `data` (MST root) CID bytes."""
     try:
         commit = _decode(block)
-    except ValueError as exc:
-        raise _Bad("bad_commit", f"commit block is not DAG-CBOR: {exc}") from exc
+    except _DECODE_ERRORS as exc:
+        raise _Bad("bad_commit", f"commit block is not DAG-CBOR: {_reason(exc)}") from None
     if type(commit) is not dict:
         raise _Bad("bad_commit", "commit block is not a map")
     if commit.get("did") != did:
-        raise _Bad("bad_commit", f"commit block is for {commit.get('did')!r}, not {did!r}")
+        raise _Bad("bad_commit", f"commit block is for {_short(commit.get('did'))}, not {did!r}")
     if commit.get("rev") != rev:
-        raise _Bad("bad_commit", f"commit block rev {commit.get('rev')!r} != {rev!r}")
-    data = commit.get("data")
-    if type(data) is not bytes:
-        raise _Bad("bad_commit", "commit block has no data CID")
-    return data
+        raise _Bad("bad_commit", f"commit block rev {_short(commit.get('rev'))} != {rev!r}")
+    return _cid(commit.get("data"), "bad_commit", "the commit block's data")
 
 
 def _envelope(body: dict[str, Any], did_field: str) -> tuple[int, str, str]:
     """(seq, time, DID) that every repo event carries; #commit names its DID `repo`."""
     did = body[did_field]
     if not is_did(did):
-        raise _Bad("bad_did", f"invalid {did_field} DID {did!r}")
-    return _int(body["seq"], "seq"), _str(body["time"], "time"), did
-
-
-def _int(value: object, name: str) -> int:
-    if type(value) is not int:
-        raise _Bad("bad_body", f"{name} is not an integer")
-    return value
+        raise _Bad("bad_did", f"invalid {did_field} DID {_short(did)}")
+    seq = body["seq"]
+    if type(seq) is not int or not 0 <= seq < _SEQ_LIMIT:
+        raise _Bad("bad_body", f"seq {_short(seq)} is not an integer in [0, 2**63)")
+    time = body["time"]
+    if not is_valid_datetime(time):
+        raise _Bad("bad_body", f"time {_short(time)} is not an atproto datetime")
+    return seq, time, did
 
 
 def _str(value: object, name: str) -> str:
@@ -322,10 +365,22 @@ def _str(value: object, name: str) -> str:
     return value
 
 
+def _short(value: object) -> str:
+    """A bounded repr for error messages: a frame field can be megabytes long."""
+    text = repr(value) if type(value) in (str, int, bool, bytes) or value is None else type(value).__name__
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc)
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
 def _seq_of(body: object) -> int | None:
+    """The body's seq when it is a valid one (an int in [0, 2**63)), else None."""
     if type(body) is dict:
         seq = body.get("seq")
-        if type(seq) is int:
+        if type(seq) is int and 0 <= seq < _SEQ_LIMIT:
             return seq
     return None
 
@@ -334,6 +389,6 @@ def _peek_seq(data: bytes) -> int | None:
     """Best effort: the seq of a frame rejected before decoding, so the cursor can pass it."""
     try:
         items = _decode_multi(data)
-    except ValueError:
+    except _DECODE_ERRORS:
         return None
     return _seq_of(items[1]) if len(items) >= 2 else None

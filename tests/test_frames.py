@@ -4,6 +4,7 @@ captures), the reference xrpc-server framing cases, and real frames altered one 
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,7 @@ import orjson
 import pytest
 
 from consumer import Account, Commit, Identity, Info, StreamError, Sync, parse_frame
+from consumer.frames import FRAME_ERROR_KINDS
 from skyfill.car import cid_from_str, read_car
 from skyfill.errors import FrameError
 
@@ -302,3 +304,212 @@ def test_invalid_did_in_identity_and_account() -> None:
         with pytest.raises(FrameError) as info:
             parse_frame(encode_frame(header, body))
         assert info.value.kind == "bad_did"
+
+
+# -- issue 9, item 4: every field typed before use, nesting bounded -----------------------------
+
+
+NOT_A_CID = b"not a CID at all"
+
+
+def _with_op(name: str, too_big: bool = False, **op_changes: Any) -> bytes:
+    header, body = load(name)
+    body["ops"][0].update(op_changes)
+    if too_big:
+        body["tooBig"] = True
+    return encode_frame(header, body)
+
+
+@pytest.mark.parametrize(
+    ("frame", "kind"),
+    [
+        (lambda: _altered("post_lifecycle__04.frame", prevData=NOT_A_CID), "bad_body"),
+        (lambda: _altered("post_lifecycle__04.frame", prevData="bafyreigarbage"), "bad_body"),
+        (lambda: _with_op("post_lifecycle__04.frame", prev=NOT_A_CID), "bad_op"),
+        (lambda: _with_op("post_lifecycle__04.frame", prev=b""), "bad_op"),
+        (lambda: _with_op("post_lifecycle__04.frame", too_big=True, cid=NOT_A_CID), "bad_op"),
+        (lambda: _with_op("post_lifecycle__04.frame", cid=NOT_A_CID), "bad_op"),
+        (lambda: _altered("post_lifecycle__04.frame", tooBig=True, commit=NOT_A_CID), "bad_body"),
+        (lambda: _altered("post_lifecycle__04.frame", commit=NOT_A_CID), "bad_body"),
+        (lambda: _altered("post_lifecycle__04.frame", ops=["not a map"]), "bad_op"),
+        (lambda: _with_op("post_lifecycle__04.frame", action=["create"]), "bad_op"),
+    ],
+    ids=["prevData-bytes", "prevData-str", "op-prev", "op-prev-empty", "tooBig-op-cid", "op-cid",
+         "tooBig-commit", "commit", "op-not-map", "op-action-list"],
+)
+def test_a_field_that_is_not_a_cid_is_a_counted_frame_error(frame: Any, kind: str) -> None:
+    """Issue 9 item 4: these raised ValueError('Failed to decode CID') out of parse_frame."""
+    with pytest.raises(FrameError) as info:
+        parse_frame(frame())
+    assert (info.value.kind, info.value.seq) == (kind, 35962789)
+
+
+def test_the_commit_block_data_must_be_a_cid() -> None:
+    header, body = load("post_lifecycle__04.frame")
+    roots, blocks = read_car(body["blocks"])
+    signed = libipld.decode_dag_cbor(blocks[body["commit"]])
+    signed["data"] = NOT_A_CID
+    block = libipld.encode_dag_cbor(signed)
+    cid = b"\x01\x71\x12\x20" + hashlib.sha256(block).digest()
+    del blocks[body["commit"]]
+    blocks[cid] = block
+    body["commit"] = cid
+    body["blocks"] = encode_car([cid], blocks)
+    with pytest.raises(FrameError) as info:
+        parse_frame(encode_frame(header, body))
+    assert info.value.kind == "bad_commit"
+
+
+def _nested(depth: int) -> bytes:
+    return b"\x81" * depth + b"\x00"  # [[[...[0]...]]]
+
+
+def test_deep_nesting_in_the_frame_is_a_cbor_error() -> None:
+    """Issue 9 item 4: 2,000 nested arrays (a 2 KB frame) raised RecursionError."""
+    header = libipld.encode_dag_cbor({"op": 1, "t": "#commit"})
+    for data in (header + _nested(2000), _nested(100_000), header + b"\xa1\x63seq" + _nested(5000)):
+        with pytest.raises(FrameError) as info:
+            parse_frame(data)
+        assert info.value.kind == "cbor"
+    with pytest.raises(FrameError) as info:  # also when the frame is first peeked for its seq
+        parse_frame(header + _nested(2000), max_size=100)
+    assert (info.value.kind, info.value.seq) == ("oversize", None)
+
+
+def _replace_block(name: str, which: str, block: bytes) -> bytes:
+    """Swap the commit block or the first op's record block for `block`, under its own true CID."""
+    header, body = load(name)
+    roots, blocks = read_car(body["blocks"])
+    old = body["commit"] if which == "commit" else body["ops"][0]["cid"]
+    cid = b"\x01\x71\x12\x20" + hashlib.sha256(block).digest()
+    del blocks[old]
+    blocks[cid] = block
+    if which == "commit":
+        body["commit"] = cid
+        roots = [cid]
+    else:
+        body["ops"][0]["cid"] = cid
+    body["blocks"] = encode_car(roots, blocks)
+    return encode_frame(header, body)
+
+
+def test_deep_nesting_in_a_block_is_that_blocks_error() -> None:
+    with pytest.raises(FrameError) as info:
+        parse_frame(_replace_block("post_lifecycle__04.frame", "commit", _nested(5000)))
+    assert (info.value.kind, info.value.seq) == ("bad_commit", 35962789)
+    # a record 300 levels deep: cbrrr decodes it, but orjson refuses > 255 levels (TypeError)
+    record = b"\xa2\x65$type\x76app.bsky.actor.profile\x61x" + _nested(300)
+    with pytest.raises(FrameError) as info:
+        parse_frame(_replace_block("post_lifecycle__04.frame", "record", record))
+    assert (info.value.kind, info.value.seq) == ("bad_record", 35962789)
+    # and in a CAR header: read_car's header decode raises RecursionError
+    header, body = load("post_lifecycle__04.frame")
+    car_header = b"\xa2\x65roots" + _nested(5000) + b"\x67version\x01"
+    body["blocks"] = _varint(len(car_header)) + car_header
+    with pytest.raises(FrameError) as info:
+        parse_frame(encode_frame(header, body))
+    assert info.value.kind == "bad_car"
+
+
+# -- issue 9, item 5: every block used is checked against the CID that names it ------------------
+
+
+def _tampered(name: str, which: str) -> bytes:
+    """One byte of a block changed, the CID naming it left as it was (a relay lying about a body)."""
+    header, body = load(name)
+    roots, blocks = read_car(body["blocks"])
+    cid = body["commit"] if which == "commit" else body["ops"][0]["cid"]
+    block = blocks[cid]
+    # flip a byte inside a text string so the block stays valid DAG-CBOR
+    at = block.rindex(b"3") if which == "commit" else block.index(b"app.bsky") + 3
+    blocks[cid] = block[:at] + bytes([block[at] ^ 0x01]) + block[at + 1:]
+    body["blocks"] = encode_car(roots, blocks)
+    return encode_frame(header, body)
+
+
+@pytest.mark.parametrize("which", ["commit", "record"])
+@pytest.mark.parametrize("name", ["post_lifecycle__00.frame", "post_lifecycle__04.frame", "post_lifecycle__05.frame"])
+def test_a_block_that_does_not_hash_to_its_cid_is_rejected(name: str, which: str) -> None:
+    """Issue 9 item 5: tampered record and commit blocks were accepted."""
+    data = _tampered(name, which)
+    if which == "record":  # still valid DAG-CBOR, still a record: only the hash tells
+        _, body = libipld.decode_dag_cbor_multi(data)
+        record = read_car(body["blocks"])[1][body["ops"][0]["cid"]]
+        assert isinstance(libipld.decode_dag_cbor(record), dict)
+    with pytest.raises(FrameError) as info:
+        parse_frame(data)
+    assert info.value.kind == "bad_block_hash"
+    assert info.value.seq == libipld.decode_dag_cbor_multi(data)[1]["seq"]
+    # whatever the filter keeps: the block was used to claim the op's body
+    with pytest.raises(FrameError):
+        parse_frame(data, want=lambda c: False)
+
+
+def test_a_too_big_commit_still_checks_the_blocks_it_carries() -> None:
+    header, body = libipld.decode_dag_cbor_multi(_tampered("post_lifecycle__04.frame", "record"))
+    body["tooBig"] = True
+    with pytest.raises(FrameError) as info:
+        parse_frame(encode_frame(header, body))
+    assert info.value.kind == "bad_block_hash"
+
+
+def test_a_sync_whose_commit_block_does_not_hash_to_its_root_is_rejected() -> None:
+    header, body = load("account_lifecycle__02.frame")
+    roots, blocks = read_car(body["blocks"])
+    block = blocks[roots[0]]
+    at = block.rindex(b"3")
+    blocks[roots[0]] = block[:at] + bytes([block[at] ^ 0x01]) + block[at + 1:]
+    body["blocks"] = encode_car(roots, blocks)
+    with pytest.raises(FrameError) as info:
+        parse_frame(encode_frame(header, body))
+    assert info.value.kind == "bad_block_hash"
+    assert isinstance(parse_frame(encode_frame(*load("account_lifecycle__02.frame"))), Sync)
+
+
+def test_bad_block_hash_is_a_known_kind() -> None:
+    assert "bad_block_hash" in FRAME_ERROR_KINDS
+
+
+# -- issue 9, item 6 (parser side): seq is a BIGINT >= 0, time a datetime -------------------------
+
+
+@pytest.mark.parametrize("seq", [-1, -(2**63), 2**63, 2**64 - 1, True])
+@pytest.mark.parametrize("name", ["post_lifecycle__04.frame", "account_lifecycle__00.frame",
+                                  "account_lifecycle__02.frame", "account_lifecycle__03.frame"])
+def test_a_seq_outside_bigint_or_negative_is_bad_body_without_a_seq(name: str, seq: int) -> None:
+    """Issue 9 item 6: seq >= 2**63 wedged every later batch write; a negative seq was accepted."""
+    header, body = load(name)
+    body["seq"] = seq
+    with pytest.raises(FrameError) as info:
+        parse_frame(encode_frame(header, body))
+    # no seq: the caller's cursor must not move to a value it cannot store
+    assert (info.value.kind, info.value.seq) == ("bad_body", None)
+
+
+def test_a_seq_at_the_bigint_edges_is_accepted() -> None:
+    header, body = load("account_lifecycle__00.frame")
+    for seq in (0, 2**63 - 1):
+        body["seq"] = seq
+        assert parse_frame(encode_frame(header, body)).seq == seq  # type: ignore[union-attr]
+
+
+def test_a_frame_rejected_for_another_reason_carries_no_unstorable_seq() -> None:
+    header, body = load("post_lifecycle__04.frame")
+    body["seq"] = 2**63
+    body["repo"] = "not a did"
+    with pytest.raises(FrameError) as info:
+        parse_frame(encode_frame(header, body))
+    assert (info.value.kind, info.value.seq) == ("bad_did", None)
+    with pytest.raises(FrameError) as info:
+        parse_frame(encode_frame(header, body), max_size=10)
+    assert (info.value.kind, info.value.seq) == ("oversize", None)
+
+
+@pytest.mark.parametrize("time", ["", "yesterday", "2025-04-16", "2025-13-01T00:00:00Z", "x" * 100_000, 1744846833, None])
+def test_an_implausible_time_is_bad_body(time: Any) -> None:
+    header, body = load("account_lifecycle__00.frame")
+    body["time"] = time
+    with pytest.raises(FrameError) as info:
+        parse_frame(encode_frame(header, body))
+    assert (info.value.kind, info.value.seq) == ("bad_body", 110)
+    assert len(str(info.value)) < 300  # a huge field is not copied into the log line
