@@ -3,6 +3,14 @@
 `stream_frames` yields raw binary messages; parsing happens elsewhere (frames.py), state
 elsewhere again (tracker.py). Reconnects use exponential backoff with full jitter, reset once a
 connection has delivered a message.
+
+A message over the socket limit (max_size, 16 MB) makes websockets close the connection with
+1009. Reconnecting at the same cursor with the same limit would meet the same message forever,
+so the next connection, and only it, accepts messages up to a hard cap (oversize_cap, 64 MB):
+the frame then arrives whole and the parser rejects it as `oversize` with its seq, so the
+caller counts it and its cursor moves past it. A message over the hard cap cannot be read, so
+its seq cannot be known: it is counted (`oversize`), logged, and FrameTooLargeError ends the
+stream rather than reconnecting forever.
 """
 
 from __future__ import annotations
@@ -18,9 +26,10 @@ import websockets
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
 from skyfill import metrics
-from skyfill.errors import ConfigError
+from skyfill.errors import ConfigError, SkyfillError
 
-__all__ = ["subscribe_url", "source_name", "stream_frames", "Backoff", "MAX_FRAME_BYTES"]
+__all__ = ["subscribe_url", "source_name", "stream_frames", "Backoff", "MAX_FRAME_BYTES", "OVERSIZE_CAP_BYTES",
+           "FrameTooLargeError"]
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +38,12 @@ NSID_PATH = "/xrpc/com.atproto.sync.subscribeRepos"
 # protocol limit still arrives whole and is rejected (and counted, with its seq) by the parser;
 # only a message over 16 MB makes websockets drop the connection.
 MAX_FRAME_BYTES = 16 * 1024 * 1024
+# The one-shot limit of the connection that follows a 1009 close (see the module docstring).
+OVERSIZE_CAP_BYTES = 64 * 1024 * 1024
+
+
+class FrameTooLargeError(SkyfillError):
+    """The relay sends a message larger than the hard cap at the resume cursor: no way past it."""
 
 
 def subscribe_url(relay: str, cursor: int | None) -> str:
@@ -75,18 +90,23 @@ async def stream_frames(
     stop: asyncio.Event,
     backoff: Backoff | None = None,
     open_timeout: float = 10.0,
+    max_size: int = MAX_FRAME_BYTES,
+    oversize_cap: int = OVERSIZE_CAP_BYTES,
 ) -> AsyncIterator[bytes]:
     """Yield binary messages forever, reconnecting from `cursor()` after each drop, until `stop`.
 
     `cursor` is asked at every (re)connect, so the caller decides where to resume (the last
-    event it processed). Text messages are ignored.
+    event it processed). Text messages are ignored. Raises FrameTooLargeError when a message
+    exceeds `oversize_cap` (after one retry with that limit, see the module docstring).
     """
     backoff = backoff or Backoff()
+    limit = max_size
     while not stop.is_set():
-        url = subscribe_url(relay, cursor())
+        at = cursor()
+        url = subscribe_url(relay, at)
         try:
             async with websockets.connect(
-                url, max_size=MAX_FRAME_BYTES, open_timeout=open_timeout, ping_interval=20,
+                url, max_size=limit, open_timeout=open_timeout, ping_interval=20,
                 ping_timeout=30, close_timeout=2, compression=None,
             ) as ws:
                 metrics.FIREHOSE_CONNECTED.set(1)
@@ -94,13 +114,29 @@ async def stream_frames(
                 async for message in ws:
                     if isinstance(message, bytes):
                         backoff.reset()
+                        limit = max_size  # the enlarged limit was for this connection's first message
                         yield message
                     if stop.is_set():
                         return
                 reason = "closed"
         except ConnectionClosed as exc:
-            reason = "too_big" if exc.rcvd is not None and exc.rcvd.code == 1009 else "dropped"
+            # We refused a message over `limit`: websockets sent the close frame 1009 itself.
+            too_big = exc.sent is not None and exc.sent.code == 1009
+            reason = "too_big" if too_big else "dropped"
             log.warning("connection lost", extra={"ctx": {"url": url, "reason": str(exc)}})
+            if too_big:
+                if limit >= oversize_cap:
+                    metrics.FIREHOSE_ERRORS.labels("oversize").inc()
+                    message = (f"the relay sends a message over {oversize_cap} bytes after cursor {at}; "
+                               "it cannot be read, so its seq is unknown: restart with a --cursor past it")
+                    log.error("frame over the hard cap", extra={"ctx": {"url": url, "cursor": at,
+                                                                         "limit": oversize_cap}})
+                    raise FrameTooLargeError(message) from None
+                if at is None:  # no cursor: the relay will not replay it, so count it now
+                    metrics.FIREHOSE_ERRORS.labels("oversize").inc()
+                    log.error("oversize frame lost: no cursor to replay it from", extra={"ctx": {"url": url}})
+                else:
+                    limit = oversize_cap  # one shot: fetch it whole so the parser rejects it with its seq
         except InvalidURI as exc:
             raise ConfigError(str(exc)) from exc
         except (OSError, InvalidHandshake, asyncio.TimeoutError) as exc:

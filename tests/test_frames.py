@@ -3,6 +3,7 @@ captures), the reference xrpc-server framing cases, and real frames altered one 
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import json
@@ -14,9 +15,14 @@ import orjson
 import pytest
 
 from consumer import Account, Commit, Identity, Info, StreamError, Sync, parse_frame
+from consumer.connection import MAX_FRAME_BYTES, FrameTooLargeError, stream_frames
 from consumer.frames import FRAME_ERROR_KINDS
 from skyfill.car import cid_from_str, read_car
-from skyfill.errors import FrameError
+from skyfill.errors import FrameError, SkyfillError
+from skyfill.metrics import REGISTRY
+
+from .relay import LocalRelay
+from .test_daemon import consume_until, expected_mirror, mirror_of, world_frames
 
 VECTORS = Path(__file__).parent / "vectors"
 FIREHOSE = VECTORS / "derived" / "firehose"
@@ -513,3 +519,66 @@ def test_an_implausible_time_is_bad_body(time: Any) -> None:
         parse_frame(encode_frame(header, body))
     assert (info.value.kind, info.value.seq) == ("bad_body", 110)
     assert len(str(info.value)) < 300  # a huge field is not copied into the log line
+
+
+# -- issue 9, item 7: a frame over the socket limit is counted and passed -----------------------
+
+
+def _big_identity(seq: int, size: int) -> bytes:
+    """A well-formed #identity frame padded past `size` bytes (a relay that breaks the 5 MB cap)."""
+    header, body = load("account_lifecycle__00.frame")
+    body["seq"] = seq
+    body["padding"] = b"\x00" * size
+    return encode_frame(header, body)
+
+
+def _renumbered(frames: list[bytes], after: int, shift: int) -> list[bytes]:
+    """Frames with seq > `after` moved up by `shift` (seq is not signed, so they stay valid)."""
+    out = []
+    for frame in frames:
+        header, body = libipld.decode_dag_cbor_multi(frame)
+        if body["seq"] > after:
+            body["seq"] += shift
+            frame = encode_frame(header, body)
+        out.append(frame)
+    return out
+
+
+async def test_a_17_mb_frame_is_counted_as_oversize_and_the_daemon_gets_past_it(tmp_path: Path) -> None:
+    """Issue 9 item 7: a 17 MB frame closed the socket (1009) and the relay replaying it on resume
+    kept the daemon reconnecting forever, never counting it."""
+    frames = world_frames(11, 10, 300)
+    cut = libipld.decode_dag_cbor_multi(frames[149])[1]["seq"]
+    valid = _renumbered(frames, cut, 1)
+    big = _big_identity(cut + 1, 17 * 1024 * 1024)
+    assert len(big) > MAX_FRAME_BYTES
+    before = REGISTRY.get_sample_value("skyfill_firehose_errors_total", {"kind": "oversize"}) or 0.0
+    with LocalRelay(valid[:150] + [big] + valid[150:]) as relay:
+        daemon = await consume_until(tmp_path / "o.duckdb", relay, relay.head, cursor=0)
+        # one refused connection, then one resume at the same cursor that received it whole
+        assert len(relay.connections) == 2
+        assert relay.connections[1].endswith(f"cursor={cut}")
+    assert mirror_of(tmp_path / "o.duckdb") == expected_mirror(valid)
+    assert {k: v for k, v in daemon.counts.items() if k.startswith("error:")} == {"error:oversize": 1}
+    after = REGISTRY.get_sample_value("skyfill_firehose_errors_total", {"kind": "oversize"})
+    assert after == before + 1
+
+
+async def test_a_frame_over_the_hard_cap_ends_the_stream_with_a_clear_error() -> None:
+    """Beyond the one-shot limit the frame cannot be read (its seq is unknown): counted, then
+    FrameTooLargeError instead of an endless reconnect loop. Small limits stand in for 16/64 MB."""
+    frames = [_big_identity(seq, 10) for seq in (1, 2)] + [_big_identity(3, 50_000)] + [_big_identity(4, 10)]
+    before = REGISTRY.get_sample_value("skyfill_firehose_errors_total", {"kind": "oversize"}) or 0.0
+    got: list[int] = []
+    with LocalRelay(frames) as relay:
+        stop = asyncio.Event()
+        stream = stream_frames(relay.url, lambda: got[-1] if got else 0, stop=stop,
+                               max_size=5_000, oversize_cap=20_000)
+        with pytest.raises(FrameTooLargeError) as info:
+            async for data in stream:
+                got.append(parse_frame(data).seq)  # type: ignore[union-attr]
+        assert len(relay.connections) == 2 and relay.connections[1].endswith("cursor=2")
+    assert got == [1, 2]
+    assert isinstance(info.value, SkyfillError)
+    assert "after cursor 2" in str(info.value) and "\n" not in str(info.value)
+    assert REGISTRY.get_sample_value("skyfill_firehose_errors_total", {"kind": "oversize"}) == before + 1
