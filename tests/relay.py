@@ -21,11 +21,13 @@ __all__ = ["LocalRelay", "frame_seq", "error_frame", "info_frame"]
 
 
 def frame_seq(frame: bytes) -> int | None:
+    """The body's integer seq, or None for a frame the relay cannot place (it is then always sent)."""
     try:
         header, body = libipld.decode_dag_cbor_multi(frame)
-    except ValueError:
+    except (ValueError, RecursionError):  # libipld raises RecursionError on deep nesting
         return None
-    return body.get("seq") if isinstance(body, dict) else None
+    seq = body.get("seq") if isinstance(body, dict) else None
+    return seq if type(seq) is int else None
 
 
 def error_frame(error: str, message: str) -> bytes:

@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import cbrrr
 import libipld
 import orjson
 import pytest
@@ -404,7 +405,8 @@ def test_deep_nesting_in_a_block_is_that_blocks_error() -> None:
         parse_frame(_replace_block("post_lifecycle__04.frame", "commit", _nested(5000)))
     assert (info.value.kind, info.value.seq) == ("bad_commit", 35962789)
     # a record 300 levels deep: cbrrr decodes it, but orjson refuses > 255 levels (TypeError)
-    record = b"\xa2\x65$type\x76app.bsky.actor.profile\x61x" + _nested(300)
+    record = b"\xa2\x61x" + _nested(300) + b"\x65$type\x76app.bsky.actor.profile"  # keys in DAG-CBOR order
+    assert cbrrr.decode_dag_cbor(record)["$type"] == "app.bsky.actor.profile"
     with pytest.raises(FrameError) as info:
         parse_frame(_replace_block("post_lifecycle__04.frame", "record", record))
     assert (info.value.kind, info.value.seq) == ("bad_record", 35962789)
