@@ -47,17 +47,21 @@ def _decode(frame: bytes) -> tuple[dict, dict]:
 
 
 def _tampered(frame: bytes) -> bytes:
-    """The same #commit frame with one byte of the commit's `sig` flipped (CID left as sent)."""
+    """The same #commit frame with one byte of the commit's `sig` flipped, under the CID of the
+    altered block (the parser refuses a block that does not hash to its CID before any signature
+    check, so a forged signature has to come with a matching CID)."""
     header, body = _decode(frame)
     from skyfill.car import read_car
 
     roots, blocks = read_car(body["blocks"])
-    commit = libipld.decode_dag_cbor(blocks[body["commit"]])
+    commit = libipld.decode_dag_cbor(blocks.pop(body["commit"]))
     sig = bytearray(commit["sig"])
     sig[10] ^= 0x01
     commit["sig"] = bytes(sig)
-    blocks[body["commit"]] = libipld.encode_dag_cbor(commit)
-    body["blocks"] = write_car(roots[0], blocks.items())
+    block = libipld.encode_dag_cbor(commit)
+    body["commit"] = cid_for(block)
+    blocks[body["commit"]] = block
+    body["blocks"] = write_car(body["commit"], blocks.items())
     return libipld.encode_dag_cbor(header) + libipld.encode_dag_cbor(body)
 
 
