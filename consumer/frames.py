@@ -209,9 +209,8 @@ def _commit(body: dict[str, Any], want: Callable[[str], bool] | None) -> Commit:
             append(Op(action, collection, rkey, None, prev_str, None, None))
             continue
         cid = raw.get("cid")
-        if type(cid) is not bytes:
-            raise _Bad("bad_op", f"{action} {path} has no CID")
-        _cid(cid, "bad_op", f"{path} cid")
+        if type(cid) is not bytes or len(cid) != _CID_LEN or cid[:4] != _CID_PREFIX:  # _cid, inlined: hot
+            raise _Bad("bad_op", f"{action} {path} has no dag-cbor sha2-256 CID")
         block = blocks.get(cid)
         record: str | None = None
         created_at: str | None = None
