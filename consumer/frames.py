@@ -51,10 +51,9 @@ Decisions:
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from typing import Any, Final
-
-import hashlib
 
 import libipld
 
@@ -366,8 +365,11 @@ def _str(value: object, name: str) -> str:
 
 def _short(value: object) -> str:
     """A bounded repr for error messages: a frame field can be megabytes long."""
-    text = repr(value) if type(value) in (str, int, bool, bytes) or value is None else type(value).__name__
-    return text if len(text) <= 80 else text[:77] + "..."
+    if type(value) is str or type(value) is bytes:
+        return repr(value[:60]) + ("..." if len(value) > 60 else "")
+    if type(value) in (int, bool) or value is None:  # DAG-CBOR ints fit in 65 bits
+        return repr(value)
+    return type(value).__name__
 
 
 def _reason(exc: BaseException) -> str:
