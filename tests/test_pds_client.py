@@ -219,11 +219,11 @@ async def test_redirect_loop_is_bounded(server: FaultServer, client: PdsClient) 
 
 @pytest.mark.parametrize("target", ["http://10.0.0.1/xrpc/x", "http://169.254.169.254/latest/meta-data", "http://[::1]:1/"])
 async def test_redirect_to_private_address_is_refused_without_connecting(server: FaultServer, target: str) -> None:
-    # The first hop is trusted (operator config), the redirect target is not.
-    async with PdsClient(trusted_hosts=["127.0.0.1"], connect_timeout=0.5, read_timeout=0.5, max_retries=0) as c:
+    # The first hop is trusted (the caller's trusted origin), the redirect target is not.
+    async with PdsClient(connect_timeout=0.5, read_timeout=0.5, max_retries=0) as c:
         server.script(GET_REPO, redirect(target))
         with pytest.raises(UnsafeHostError):
-            await c.get_repo(server.url, DID)
+            await c.fetch(f"{server.url}{GET_REPO}", trusted_origin=server.url)
     assert server.count(GET_REPO) == 1
 
 
@@ -243,8 +243,8 @@ async def test_client_refuses_loopback_name_at_connect(server: FaultServer, monk
     connection is still refused because the socket layer resolves and checks once more."""
     import backfill.hosts as hosts
 
-    async def passes(url: str, **_: object) -> None:
-        return None
+    async def passes(url: str, **_: object) -> hosts.Target:
+        return hosts.check_url(url)  # the syntax half only: no address check
 
     monkeypatch.setattr(hosts, "check_host", passes)
     async with SafeHttp(connect_timeout=0.5, read_timeout=0.5) as http:
@@ -328,7 +328,11 @@ async def test_check_host_refuses_bad_urls_even_with_allow_private(url: str) -> 
 async def test_check_host_resolves_names() -> None:
     with pytest.raises(UnsafeHostError):
         await check_host("http://localhost:8080/", allow_private=False)
-    await check_host("http://localhost/", allow_private=False, trusted_hosts=["localhost"])
+    await check_host("http://localhost/", allow_private=False, trusted_origin="http://localhost")
+    with pytest.raises(UnsafeHostError):  # trust is for the exact origin: not another port or scheme
+        await check_host("http://localhost:81/", allow_private=False, trusted_origin="http://localhost")
+    with pytest.raises(UnsafeHostError):
+        await check_host("https://localhost/", allow_private=False, trusted_origin="http://localhost")
     with pytest.raises(RetryableFetchError):  # does not resolve: a network failure, not unsafe
         await check_host("https://no-such-host.invalid/", allow_private=False)
 
