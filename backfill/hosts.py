@@ -159,6 +159,8 @@ def check_url(url: str | httpx.URL) -> Target:
 def _host_literal(host: str, text: str) -> _IP | None:
     """The IP of a literal host; None for a DNS name. Refuses every other spelling."""
     if ":" in host:
+        if "%" in host:
+            raise UnsafeHostError(f"IPv6 zone id refused in {text[:200]!r}", host=host)
         try:
             return ipaddress.IPv6Address(host)
         except ValueError as exc:
@@ -361,6 +363,9 @@ class SafeHttp:
             follow_redirects=False,
             trust_env=False,
             headers={"User-Agent": user_agent},
+            # httpx parses a redirect's Location even when not following it, and reports a
+            # malformed one as a protocol error: this hook runs first and refuses it instead.
+            event_hooks={"response": [_refuse_malformed_location]},
         )
 
     async def aclose(self) -> None:
@@ -419,13 +424,7 @@ class SafeHttp:
                         result = await self._send(target.url, host, max_bytes=max_bytes, headers=headers)
                 location = result.headers.get("location")
                 if result.status in REDIRECT_STATUSES and location:
-                    if len(location) > MAX_URL_LENGTH:
-                        raise UnsafeHostError(f"redirect to a {len(location)}-character URL refused", host=host)
-                    try:
-                        next_url = target.url.join(location)
-                    except (httpx.InvalidURL, ValueError, TypeError, UnicodeError) as exc:
-                        raise UnsafeHostError(f"malformed redirect {location[:200]!r}: {exc}", host=host) from exc
-                    next_hop = check_url(next_url)
+                    next_hop = _redirect_target(target.url, location, host)
             except UnsafeHostError:
                 metrics.BACKFILL_REQUESTS.labels(result="unsafe").inc()
                 raise
@@ -492,7 +491,7 @@ class SafeHttp:
         next_mark = self._min_transfer
         loop = asyncio.get_running_loop()
         try:
-            async with asyncio.timeout(loop.time() + self._window) as progress:
+            async with asyncio.timeout_at(loop.time() + self._window) as progress:
                 async for chunk in chunks:
                     size += len(chunk)
                     if size > limit:
@@ -513,6 +512,26 @@ class SafeHttp:
                 host=host,
             ) from exc
         return b"".join(parts)
+
+
+def _redirect_target(base: httpx.URL, location: str, host: str) -> Target:
+    if len(location) > MAX_URL_LENGTH:
+        raise UnsafeHostError(f"redirect to a {len(location)}-character URL refused", host=host)
+    try:
+        url = base.join(location)
+    except (httpx.InvalidURL, ValueError, TypeError, UnicodeError) as exc:
+        raise UnsafeHostError(f"malformed redirect {location[:200]!r}: {exc}", host=host) from exc
+    try:
+        return check_url(url)
+    except UnsafeHostError as exc:
+        exc.host = exc.host or host
+        raise
+
+
+async def _refuse_malformed_location(response: httpx.Response) -> None:
+    location = response.headers.get("location")
+    if response.status_code in REDIRECT_STATUSES and location:
+        _redirect_target(response.request.url, location, host_key(response.request.url))
 
 
 def _status_class(status: int) -> str:
