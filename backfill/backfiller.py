@@ -10,10 +10,12 @@ Outcome rule. Every DID attempted ends in exactly one of:
                 with a jittered retry_after (1 min doubling to 1 h)
     deferred    the host is parked by rate limits past our patience: in queue mode the queue row
                 gets retry_after = the park's end and no attempt is counted; in list mode the
-                DID waits for the park (outside the concurrency cap) and goes again, for at
-                most `config.rate_limit_patience` in all: past it the repo row is recorded
-                'retrying' with retry_after = the park's end (no attempt counted) and the run
-                goes on, so `backfill --dids` against a host that answers 429 forever ends
+                DID waits for the park (outside the concurrency cap) and goes again, until a
+                park would end more than `config.rate_limit_patience` after the DID's first
+                deferral (in-request waits are capped to that deadline too): then the repo
+                row is recorded 'retrying' with retry_after = the park's end (no attempt
+                counted) and the run goes on, so `backfill --dids` against a host that
+                answers 429 forever ends after about the patience (10 min by default)
 A fetch failure is never recorded as done: only the sink's commit marks a repo reconciled.
 
 Sink ordering: `sink.begin(did)` runs BEFORE the getRepo request is sent and is always
@@ -577,7 +579,10 @@ class Backfiller:
         """
         retry_after = datetime.fromtimestamp(d.retry_at, UTC)
         error = f"rate limited: host {d.host} parked until {retry_after.isoformat(timespec='seconds')}"
-        log.warning(
+        # list mode gives up on the DID (a warning); queue mode merely reschedules it (info:
+        # a daemon round may defer thousands of DIDs of one parked host)
+        log.log(
+            logging.INFO if queue_only else logging.WARNING,
             "backfill deferred",
             extra={"ctx": {"did": did, "host": d.host, "retry_after": retry_after.isoformat(timespec="seconds"),
                            "mode": "queue" if queue_only else "list"}},
