@@ -587,3 +587,24 @@ async def test_no_request_is_sent_before_a_rate_limit_ends(server: FaultServer, 
     for answered_at, end in parks:
         later = [r.at for r in server.seen(GET_REPO) if r.at > answered_at]
         assert later and min(later) >= end, (kind, end, later)
+
+
+async def test_request_queued_for_the_global_cap_waits_for_a_park_set_meanwhile(server: FaultServer) -> None:
+    """The second request holds its host slot and waits for the one global slot, which the
+    first holds; the first gets a 429. Before: the park was checked before the global wait,
+    so the second request went out at once, inside the park."""
+    parks: list[tuple[float, float]] = []
+
+    def limited(seen: Seen) -> Reply:
+        now = time.time()
+        parks.append((now, now + 1))
+        return rate_limited("1")
+
+    server.script(GET_REPO, limited, Reply(200, CAR))
+    limiter = HostLimiter(per_host_rps=1000, per_host_concurrency=4, global_concurrency=1)
+    async with PdsClient(allow_private_hosts=True, max_retries=0, limiter=limiter) as c:
+        results = await asyncio.wait_for(asyncio.gather(c.get_repo(server.url, DID), c.get_repo(server.url, DID)), 30)
+    assert results == [CAR, CAR]
+    ((answered_at, end),) = parks
+    later = [r.at for r in server.seen(GET_REPO) if r.at > answered_at]
+    assert len(later) == 2 and min(later) >= end
