@@ -10,7 +10,12 @@ Outcome rule. Every DID attempted ends in exactly one of:
                 with a jittered retry_after (1 min doubling to 1 h)
     deferred    the host is parked by rate limits past our patience: in queue mode the queue row
                 gets retry_after = the park's end and no attempt is counted; in list mode the
-                DID waits for the park (outside the concurrency cap) and goes again
+                DID waits for the park (outside the concurrency cap) and goes again, until a
+                park would end more than `config.rate_limit_patience` after the DID's first
+                deferral (in-request waits are capped to that deadline too): then the repo
+                row is recorded 'retrying' with retry_after = the park's end (no attempt
+                counted) and the run goes on, so `backfill --dids` against a host that
+                answers 429 forever ends after about the patience (10 min by default)
 A fetch failure is never recorded as done: only the sink's commit marks a repo reconciled.
 
 Sink ordering: `sink.begin(did)` runs BEFORE the getRepo request is sent and is always
@@ -31,7 +36,6 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
-from urllib.parse import urlsplit
 
 import libipld
 
@@ -69,7 +73,8 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-# Wait this long for a parked host inside one request before deferring the DID instead.
+# Wait at most this long (and never past the DID's rate-limit patience) for a parked host
+# inside one request before deferring the DID instead.
 _HOST_PATIENCE = 30.0
 _QUEUE_CLAIM = 500
 
@@ -309,8 +314,9 @@ def recover_queue(store: Store) -> int:
 
 
 class _Deferred(Exception):
-    def __init__(self, retry_at: float) -> None:
+    def __init__(self, retry_at: float, host: str | None) -> None:
         self.retry_at = retry_at
+        self.host = host
 
 
 class Backfiller:
@@ -399,18 +405,24 @@ class Backfiller:
     # -- one DID -----------------------------------------------------------------------------
 
     async def _backfill_one(self, did: str, tally: _Tally, *, defer: bool) -> None:
+        give_up_at: float | None = None  # list mode: the end of this DID's rate-limit patience
         while True:
             try:
                 async with self._work:
-                    counts = await self._attempt(did)
+                    counts = await self._attempt(did, give_up_at)
             except _Deferred as d:
                 if defer:
-                    await asyncio.to_thread(self._defer, did, d.retry_at)
-                    tally.fail("deferred")
-                    metrics.BACKFILL_REPOS.labels(outcome="deferred").inc()
+                    await self._record_deferred(did, d, tally, queue_only=True)
                     return
-                # list mode: wait out the park without holding a work slot, then go again
-                await asyncio.sleep(max(0.0, d.retry_at - time.time()))
+                # list mode: wait out the park without holding a work slot, then go again,
+                # as long as the park ends within the patience counted from the first one
+                now = time.time()
+                if give_up_at is None:
+                    give_up_at = now + self.config.rate_limit_patience.total_seconds()
+                if d.retry_at > give_up_at:
+                    await self._record_deferred(did, d, tally, queue_only=False)
+                    return
+                await asyncio.sleep(max(0.0, d.retry_at - now))
                 continue
             except _Outcome as o:
                 await self._record_failure(did, o, tally)
@@ -430,13 +442,13 @@ class Backfiller:
                     metrics.BACKFILL_RECORDS.labels(change=change).inc(n)
             return
 
-    async def _attempt(self, did: str) -> ReconcileCounts:
+    async def _attempt(self, did: str, give_up_at: float | None = None) -> ReconcileCounts:
         """One try. Raises _Outcome (what to record) or _Deferred (rate limited)."""
         identity = await self._resolve(did, fresh=False)
         await self.sink.begin(did)
         committed = False
         try:
-            snapshot = await self._fetch_and_parse(did, identity)
+            snapshot = await self._fetch_and_parse(did, identity, give_up_at)
             try:
                 counts = await self.sink.commit(did, snapshot)
             except SkyfillError as exc:
@@ -451,6 +463,9 @@ class Backfiller:
         try:
             return await self.resolver.resolve(did, fresh=fresh)
         except IdentityError as exc:
+            if exc.terminal and isinstance(exc.__cause__, UnsafeHostError):
+                # the document names a PDS the host guard refuses (e.g. http://0177.0.0.1)
+                raise _Outcome(BackfillStatus.UNSAFE_HOST, str(exc)) from exc
             if exc.terminal:
                 raise _Outcome(BackfillStatus.INVALID_DID_DOC, str(exc)) from exc
             raise _Outcome(BackfillStatus.RETRYING, f"identity: {exc}") from exc
@@ -465,23 +480,27 @@ class Backfiller:
         except (IdentityError, ValueError) as exc:
             raise _Outcome(BackfillStatus.INVALID_DID_DOC, f"signing key: {exc}") from exc
 
-    async def _fetch_and_parse(self, did: str, identity: Identity) -> RepoSnapshot:
-        car = await self._get_repo(did, identity.pds)
+    async def _fetch_and_parse(self, did: str, identity: Identity, give_up_at: float | None) -> RepoSnapshot:
+        car = await self._get_repo(did, identity.pds, give_up_at)
         try:
             return await self._parse(did, car, self._key(identity), hint=True)
         except SignatureError as first:
             # The key may have rotated since the document was cached: re-resolve once.
             fresh = await self._resolve(did, fresh=True)
             if fresh.pds != identity.pds:
-                car = await self._get_repo(did, fresh.pds)
+                car = await self._get_repo(did, fresh.pds, give_up_at)
             try:
                 return await self._parse(did, car, self._key(fresh))
             except SignatureError as exc:
                 raise _Outcome(BackfillStatus.SIGNATURE_FAILED, str(exc)) from first
 
-    async def _get_repo(self, did: str, pds: str) -> bytes:
+    async def _get_repo(self, did: str, pds: str, give_up_at: float | None) -> bytes:
+        now = time.time()
+        deadline = now + min(_HOST_PATIENCE, self.config.rate_limit_patience.total_seconds())
+        if give_up_at is not None:
+            deadline = min(deadline, give_up_at)
         try:
-            return await self.client.get_repo(pds, did, deadline=time.time() + _HOST_PATIENCE)
+            return await self.client.get_repo(pds, did, deadline=deadline)
         except TerminalFetchError as exc:
             try:
                 status = BackfillStatus(exc.outcome)
@@ -492,7 +511,7 @@ class Backfiller:
             raise _Outcome(BackfillStatus.UNSAFE_HOST, str(exc)) from exc
         except RateLimited as exc:
             self._note_parked()
-            raise _Deferred(exc.retry_at) from exc
+            raise _Deferred(exc.retry_at, exc.host) from exc
         except RetryableFetchError as exc:
             raise _Outcome(BackfillStatus.RETRYING, str(exc)) from exc
         except RepoError as exc:
@@ -551,12 +570,44 @@ class Backfiller:
         rows = self.store.fetchall("SELECT backfill_attempts FROM repos WHERE did = ?", [did])
         return int(rows[0][0]) if rows else 0
 
-    def _defer(self, did: str, retry_at: float) -> None:
-        # Rate limiting is the host's state, not the DID's: no attempt counted, no status written.
+    async def _record_deferred(self, did: str, d: _Deferred, tally: _Tally, *, queue_only: bool) -> None:
+        """The host stays parked past our patience: due again at the park's end.
+
+        Rate limiting is the host's state, not the DID's: no attempt is counted. Queue mode
+        writes only the queue row (the queue hands the DID out again once due); list mode has
+        no queue to come back to, so the repo row says 'retrying' until the park's end.
+        """
+        retry_after = datetime.fromtimestamp(d.retry_at, UTC)
+        error = f"rate limited: host {d.host} parked until {retry_after.isoformat(timespec='seconds')}"
+        # list mode gives up on the DID (a warning); queue mode merely reschedules it (info:
+        # a daemon round may defer thousands of DIDs of one parked host)
+        log.log(
+            logging.INFO if queue_only else logging.WARNING,
+            "backfill deferred",
+            extra={"ctx": {"did": did, "host": d.host, "retry_after": retry_after.isoformat(timespec="seconds"),
+                           "mode": "queue" if queue_only else "list"}},
+        )
+        tally.fail("deferred")
+        metrics.BACKFILL_REPOS.labels(outcome="deferred").inc()
+        try:
+            await asyncio.to_thread(self._defer, did, retry_after, None if queue_only else error)
+        except SkyfillError:
+            log.exception("could not record a deferred backfill", extra={"ctx": {"did": did}})
+
+    def _defer(self, did: str, retry_after: datetime, error: str | None) -> None:
+        now = datetime.now(UTC)
         self.store.execute_write(
             "UPDATE backfill_queue SET state = ?, retry_after = ?, updated_at = ? WHERE did = ?",
-            [QueueState.PENDING.value, datetime.fromtimestamp(retry_at, UTC), datetime.now(UTC), did],
+            [QueueState.PENDING.value, retry_after, now, did],
         )
+        if error is not None:
+            self.store.execute_write(
+                "INSERT INTO repos (did, first_seen_at, backfill_status, backfill_error, backfill_attempts, "
+                "backfill_retry_after) VALUES (?, ?, ?, ?, 0, ?) ON CONFLICT (did) DO UPDATE SET "
+                "backfill_status = excluded.backfill_status, backfill_error = excluded.backfill_error, "
+                "backfill_retry_after = excluded.backfill_retry_after",
+                [did, now, BackfillStatus.RETRYING.value, error, retry_after],
+            )
 
     # -- progress ----------------------------------------------------------------------------
 
@@ -599,6 +650,10 @@ async def open_backfiller(
     client = PdsClient(
         connect_timeout=config.connect_timeout,
         read_timeout=config.read_timeout,
+        min_transfer_bytes=config.min_transfer_bytes,
+        transfer_window=config.transfer_window,
+        deadline_base=config.request_deadline_base,
+        deadline_rate=config.request_deadline_rate,
         max_car_bytes=config.max_car_bytes,
         per_host_rps=config.per_host_rps,
         per_host_concurrency=config.per_host_concurrency,
@@ -606,8 +661,9 @@ async def open_backfiller(
         max_retries=config.request_retries,
         backoff_base=config.request_backoff,
         allow_private_hosts=config.allow_private_hosts,
-        # the PLC directory is chosen by the operator, not by a DID document
-        trusted_hosts=[urlsplit(config.plc_url).hostname or ""],
+        rate_limit_patience=config.rate_limit_patience.total_seconds(),
+        max_park=config.max_park.total_seconds(),
+        # the PLC directory is trusted by the Resolver, for its own requests only
     )
     resolver = Resolver(
         plc_url=config.plc_url, ttl=config.identity_ttl.total_seconds(), client=client, store=store

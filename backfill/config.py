@@ -9,8 +9,10 @@ from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Final, Literal
 
-from skyfill.errors import ConfigError
+from skyfill.errors import ConfigError, UnsafeHostError
 from skyfill.syntax import is_did
+
+from .hosts import check_url
 
 __all__ = ["BackfillConfig", "DEFAULT_PLC_URL", "ALL", "parse_when", "parse_window", "parse_dids"]
 
@@ -27,7 +29,19 @@ class BackfillConfig:
     allow_private_hosts: bool = False     # allow loopback/private PDS endpoints (tests, local networks)
     max_car_bytes: int = 512 * 1024 * 1024
     connect_timeout: float = 10.0
-    read_timeout: float = 60.0
+    read_timeout: float = 60.0            # silence (no byte at all) tolerated while reading
+    # A body must keep moving: each further `min_transfer_bytes` within `transfer_window`
+    # seconds, and a whole request within request_deadline_base + cap / request_deadline_rate
+    # seconds (64 s for a DID document, ~35 min for a repo at the 512 MiB cap).
+    min_transfer_bytes: int = 64 * 1024
+    transfer_window: float = 30.0
+    request_deadline_base: float = 60.0
+    request_deadline_rate: float = 256 * 1024  # bytes/s
+    # A host parked by rate limits: the longest park any header can ask for, and how long one
+    # DID of `backfill --dids` waits for parked hosts in total before it is recorded
+    # 'retrying' with retry_after = the park's end (the queue mode defers at once instead).
+    max_park: timedelta = timedelta(hours=1)
+    rate_limit_patience: timedelta = timedelta(minutes=10)
     request_retries: int = 3              # 5xx/network retries inside one attempt (client-side)
     request_backoff: float = 1.0          # first in-attempt retry delay, seconds (doubles, jittered)
     max_attempts: int = 8                 # transient failures before the row is marked Failed
@@ -36,8 +50,10 @@ class BackfillConfig:
     identity_ttl: timedelta = timedelta(hours=24)
 
     def __post_init__(self) -> None:
-        if not self.plc_url.startswith(("http://", "https://")):
-            raise ConfigError(f"plc_url must be an http(s) URL, got {self.plc_url!r}")
+        try:
+            check_url(self.plc_url)
+        except UnsafeHostError as exc:
+            raise ConfigError(f"plc_url must be a well-formed http(s) URL: {exc}") from exc
         if self.concurrency < 1:
             raise ConfigError("concurrency must be >= 1")
         if self.per_host_concurrency < 1:
@@ -46,8 +62,16 @@ class BackfillConfig:
             raise ConfigError("per_host_rps must be > 0")
         if self.max_car_bytes < 1024:
             raise ConfigError("max_car_bytes must be >= 1024")
-        if self.connect_timeout <= 0 or self.read_timeout <= 0:
-            raise ConfigError("timeouts must be > 0")
+        if not all(
+            0 < t < float("inf")
+            for t in (self.connect_timeout, self.read_timeout, self.transfer_window, self.request_deadline_base,
+                      self.request_deadline_rate)
+        ):
+            raise ConfigError("timeouts, transfer window and deadline rate must be finite and > 0")
+        if self.min_transfer_bytes < 1:
+            raise ConfigError("min_transfer_bytes must be >= 1")
+        if self.max_park <= timedelta(0) or self.rate_limit_patience < timedelta(0):
+            raise ConfigError("need max_park > 0 and rate_limit_patience >= 0")
         if self.request_retries < 0 or self.request_backoff < 0:
             raise ConfigError("request_retries and request_backoff must be >= 0")
         if self.max_attempts < 1:

@@ -3,12 +3,16 @@
 did:plc is fetched from `{plc_url}/{did}`; did:web from `https://{host}/.well-known/did.json`
 (`%3A` encodes a port; path-style did:web is not allowed in atproto). Every fetch goes through
 the PdsClient's guarded HTTP (SSRF guard, size cap, retries, per-host rate limits), so a
-did:web host on a private address is refused. http is used for did:web only when
-`allow_private_hosts` is set AND the host is localhost or a loopback literal (tests).
+did:web host on a private address is refused. Only PLC fetches trust the PLC's exact origin
+(scheme, host, port: the operator chose it); nothing else does. http is used for did:web only
+when `allow_private_hosts` is set AND the host is localhost or a loopback literal (tests).
 
 Failures: a bad DID, a document whose `id` differs, no `#atproto_pds` service, no `#atproto`
 key, an unusable endpoint, an unsafe did:web host, 404/410 -> IdentityError(terminal=True).
-Network trouble, 5xx, 429 past patience -> IdentityError(terminal=False).
+Network trouble, 5xx, 429 past patience -> IdentityError(terminal=False). When the cause is
+the host guard (a PDS endpoint that is malformed, over-long or a non-canonical numeric host
+such as `http://0177.0.0.1`; a did:web host on a private address), the IdentityError is
+raised `from` the UnsafeHostError, so a caller can record the outcome UnsafeHost.
 
 `signing_key` is always in Multikey form (`z` + base58btc(multicodec + compressed point)),
 checked to be on its curve by `skyfill.crypto.parse_public_key`: legacy
@@ -30,7 +34,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
-from urllib.parse import unquote, urlsplit
+from urllib.parse import unquote
 
 import orjson
 
@@ -39,6 +43,7 @@ from skyfill.crypto import parse_public_key
 from skyfill.syntax import is_did
 from storage import Store
 
+from .hosts import check_url
 from .pds import PdsClient
 
 __all__ = ["Resolver", "Identity"]
@@ -69,18 +74,17 @@ class Resolver:
         memory_entries: int = 100_000,
     ) -> None:
         """`client`: share the PdsClient's guarded HTTP and host limits (its `allow_private_hosts`
-        then decides; if `plc_url` is on a private address, put its host in the client's
-        `trusted_hosts`). Without one, the Resolver builds its own client trusting the PLC host."""
-        parts = urlsplit(plc_url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError(f"plc_url must be an http(s) URL: {plc_url!r}")
+        then decides). Either way, PLC fetches trust the exact origin of `plc_url`, which may
+        be on a private address; nothing else does."""
+        try:
+            check_url(plc_url)
+        except UnsafeHostError as exc:
+            raise ValueError(f"plc_url must be a well-formed http(s) URL: {exc}") from exc
         self._plc_url = plc_url.rstrip("/")
         self._ttl = ttl
         self._store = store
         self._owns_client = client is None
-        self._client = client or PdsClient(
-            allow_private_hosts=allow_private_hosts, trusted_hosts=[parts.hostname], max_retries=2
-        )
+        self._client = client or PdsClient(allow_private_hosts=allow_private_hosts, max_retries=2)
         self._allow_private = self._client.http.allow_private_hosts
         # LRU: a full-network backfill resolves millions of DIDs; memory must not grow with them.
         self._memory: OrderedDict[str, tuple[Identity, float]] = OrderedDict()
@@ -147,11 +151,18 @@ class Resolver:
         raise IdentityError(f"unsupported DID method: {did!r}", did=did, terminal=True)
 
     async def _fetch_doc(self, did: str, url: str) -> dict[str, Any]:
+        plc = did.startswith("did:plc:")
         try:
-            result = await self._client.fetch(url, max_bytes=_DOC_LIMIT, did=did, headers={"Accept": "application/json"})
+            result = await self._client.fetch(
+                url,
+                max_bytes=_DOC_LIMIT,
+                did=did,
+                headers={"Accept": "application/json"},
+                trusted_origin=self._plc_url if plc else None,
+            )
         except UnsafeHostError as exc:
-            if url.startswith(self._plc_url):
-                raise IdentityError(f"PLC directory refused by the host guard: {exc}", did=did) from exc
+            if plc:  # the operator's PLC (or its redirect): configuration, not the DID's fault
+                raise IdentityError(f"PLC directory refused by the host guard: {exc}", did=did)
             raise IdentityError(f"did:web host refused: {exc}", did=did, terminal=True) from exc
         except InputError as exc:
             raise IdentityError(f"DID document too large: {exc}", did=did, terminal=True) from exc
@@ -233,9 +244,17 @@ def parse_did_doc(did: str, doc: dict[str, Any]) -> Identity:
     pds = _find(did, doc.get("service"), "#atproto_pds")
     if pds is None or not isinstance(pds.get("serviceEndpoint"), str):
         raise bad("no #atproto_pds service")
-    endpoint = _valid_endpoint(pds["serviceEndpoint"])
-    if endpoint is None:
-        raise bad(f"unusable PDS endpoint {pds['serviceEndpoint']!r}")
+    value: str = pds["serviceEndpoint"]
+    if not value[:8].lower().startswith(("http://", "https://")):
+        raise bad(f"unusable PDS endpoint {value[:200]!r}")
+    try:
+        target = check_url(value)
+    except UnsafeHostError as exc:
+        raise bad(f"PDS endpoint refused by the host guard: {exc}") from exc
+    url = target.url
+    if url.path != "/" or url.query or url.fragment:
+        raise bad(f"unusable PDS endpoint {value[:200]!r} (path, query or fragment)")
+    endpoint = str(url).removesuffix("/")
     method = _find(did, doc.get("verificationMethod"), "#atproto")
     if method is None or not isinstance(method.get("publicKeyMultibase"), str):
         raise bad("no #atproto verification key")
@@ -259,21 +278,6 @@ def _find(did: str, entries: object, fragment: str) -> dict[str, Any] | None:
         if isinstance(entry, dict) and entry.get("id") in (fragment, did + fragment):
             return entry
     return None
-
-
-def _valid_endpoint(value: str) -> str | None:
-    try:
-        parts = urlsplit(value)
-        parts.port  # noqa: B018 - raises on a malformed port
-    except ValueError:
-        return None
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        return None
-    if parts.username or parts.password or parts.query or parts.fragment:
-        return None
-    if parts.path not in ("", "/"):
-        return None
-    return f"{parts.scheme}://{parts.netloc}"
 
 
 def _multikey(key_type: object, multibase: str) -> str | None:

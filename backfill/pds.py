@@ -16,7 +16,11 @@ Outcomes of `PdsClient.get_repo` (the orchestrator relies on these):
                                              own backoff decides when to try again)
     body over `max_car_bytes`             -> RepoError(kind="too_large"): terminal for this
                                              attempt, never retried inside the client
-    a target (or redirect) on an unsafe host -> UnsafeHostError, before connecting
+    a body that stops making progress     -> like a network error (retried, then
+    (see hosts.SafeHttp) or a request        RetryableFetchError)
+    past its size-scaled deadline
+    a target (or redirect) on an unsafe host, or a malformed / over-long / non-canonical URL
+                                          -> UnsafeHostError, before connecting
 
 `max_car_bytes` defaults to 512 MiB: the largest real repos are a few hundred MiB, and the
 whole CAR is held in memory, so peak memory is about global_concurrency x the largest repo
@@ -29,7 +33,7 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,6 +45,7 @@ from skyfill.errors import (
     RepoError,
     RetryableFetchError,
     TerminalFetchError,
+    UnsafeHostError,
 )
 
 from .hosts import HttpResult, SafeHttp, host_key
@@ -73,7 +78,10 @@ class PdsClient:
         *,
         connect_timeout: float = 10.0,
         read_timeout: float = 30.0,
-        total_timeout: float | None = 900.0,
+        min_transfer_bytes: int = 64 * 1024,
+        transfer_window: float = 30.0,
+        deadline_base: float = 60.0,
+        deadline_rate: float = 256 * 1024,
         max_car_bytes: int = DEFAULT_MAX_CAR_BYTES,
         per_host_rps: float = 10.0,
         per_host_concurrency: int = 4,
@@ -83,8 +91,8 @@ class PdsClient:
         backoff_max: float = 30.0,
         rate_limit_patience: float = 600.0,
         max_redirects: int = 3,
+        max_park: float = 3600.0,
         allow_private_hosts: bool = False,
-        trusted_hosts: Iterable[str] = (),
         user_agent: str = "skyfill (+https://github.com/skyfill)",
         limiter: HostLimiter | None = None,
     ) -> None:
@@ -99,15 +107,18 @@ class PdsClient:
             per_host_rps=per_host_rps,
             per_host_concurrency=per_host_concurrency,
             global_concurrency=global_concurrency,
+            max_park=max_park,
         )
         self.http = SafeHttp(
             connect_timeout=connect_timeout,
             read_timeout=read_timeout,
-            total_timeout=total_timeout,
+            min_transfer_bytes=min_transfer_bytes,
+            transfer_window=transfer_window,
+            deadline_base=deadline_base,
+            deadline_rate=deadline_rate,
             max_connections=global_concurrency,
             max_redirects=max_redirects,
             allow_private_hosts=allow_private_hosts,
-            trusted_hosts=trusted_hosts,
             user_agent=user_agent,
         )
 
@@ -138,18 +149,26 @@ class PdsClient:
         headers: Mapping[str, str] | None = None,
         did: str | None = None,
         deadline: float | None = None,
+        trusted_origin: str | None = None,
     ) -> HttpResult:
         """GET with rate limiting, 429 parking and retries; returns the first answer that is
-        neither 429 nor 5xx (2xx or another 4xx). See the module docstring for what raises."""
+        neither 429 nor 5xx (2xx or another 4xx). See the module docstring for what raises.
+        `trusted_origin`: the operator's PLC URL when this is a PLC request (hosts.SafeHttp)."""
         if deadline is None:
             deadline = time.time() + self._patience
         failures = 0
         while True:
             try:
                 result = await self.http.get(
-                    url, params=params, max_bytes=max_bytes, headers=headers, limiter=self.limiter, deadline=deadline
+                    url,
+                    params=params,
+                    max_bytes=max_bytes,
+                    headers=headers,
+                    limiter=self.limiter,
+                    deadline=deadline,
+                    trusted_origin=trusted_origin,
                 )
-            except RateLimited as exc:
+            except (RateLimited, UnsafeHostError) as exc:
                 exc.did = did
                 raise
             except RetryableFetchError as exc:

@@ -2,13 +2,18 @@
 
 A host is PARKED when it says so: a 429 (or 503) with `Retry-After` (seconds or an HTTP date),
 or `RateLimit-Remaining: 0` with `RateLimit-Reset`. While parked, every request to that host
-waits in `slot()` until the park ends; a 429 is backpressure, never a failure of the DID.
-Only a caller's `deadline` turns a wait into RateLimited(retry_at=...), so the caller can
-reschedule the DID without counting an attempt.
+waits in `slot()` until the park ends, and no request to it is sent before then (the park is
+re-checked after every wait, the last time with no await before the request goes out); a 429
+is backpressure, never a failure of the DID. Only a caller's `deadline` turns a wait into
+RateLimited(retry_at=...), so the caller can reschedule the DID without counting an attempt.
 
-`RateLimit-Reset` is read as epoch seconds (what the reference PDS sends); a value below
-1e9 is taken as delta seconds (the IETF draft's form). Parks are capped at `max_park`
-so a hostile header cannot park a host for a year; a 429 parks for at least `min_park`.
+Header values are read strictly. `Retry-After` is delay-seconds (digits; a decimal fraction
+is tolerated) or an HTTP date; `RateLimit-Reset` is digits, read as epoch seconds (what the
+reference PDS sends) or, below 1e9, as delta seconds (the IETF draft's form). Anything else
+(`1e309`, `inf`, `nan`, `-5`, `0x10`, words) is MALFORMED: ignored, logged and counted, and
+the answer is read as if the header were absent (a 429 then parks for `default_park`). A
+well-formed value that ends more than `max_park` from now (a huge number, a date in the
+year 9999) is CLAMPED to `max_park`, logged and counted. A 429 parks for at least `min_park`.
 
 Times: parks are epoch seconds (they come from headers and are shown to users); the token
 bucket runs on the monotonic clock.
@@ -17,17 +22,24 @@ bucket runs on the monotonic clock.
 from __future__ import annotations
 
 import asyncio
+import logging
+import math
+import re
 import time
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 
+from skyfill import metrics
 from skyfill.errors import RateLimited
 
 __all__ = ["HostLimiter", "LimiterCounters", "parse_retry_after"]
 
+log = logging.getLogger(__name__)
+
 _EPOCH_THRESHOLD = 1e9
+_SECONDS = re.compile(r"[0-9]+(?:\.[0-9]{1,9})?")
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,16 +60,28 @@ class _Host:
 
 
 def parse_retry_after(value: str, *, now: float) -> float | None:
-    """`Retry-After` as an epoch time: delta seconds or an HTTP date. None if unreadable."""
+    """`Retry-After` as an epoch time: delay-seconds or an HTTP date. None if malformed.
+
+    The result may lie far in the future (the caller clamps it); it is always finite.
+    """
     value = value.strip()
+    if _SECONDS.fullmatch(value):
+        return min(now + float(value), math.ldexp(1.0, 62))
+    if not value or value[0].isdigit() or value[0] in "+-.":
+        return None  # a number in another spelling (1e309, -5, .5): not a date either
     try:
-        return now + max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        return parsedate_to_datetime(value).timestamp()
-    except (TypeError, ValueError, IndexError):
+        when = parsedate_to_datetime(value).timestamp()
+    except (TypeError, ValueError, IndexError, OverflowError):
         return None
+    return when if math.isfinite(when) else None
+
+
+def _reset_seconds(value: str | None) -> float | None:
+    """`RateLimit-Reset` (digits only) as a number; None if absent or malformed."""
+    if value is None:
+        return None
+    value = value.strip()
+    return float(value) if _SECONDS.fullmatch(value) else None
 
 
 class HostLimiter:
@@ -131,17 +155,16 @@ class HostLimiter:
             await state.sem.acquire()
             try:
                 await self._take_token(state)
-            except BaseException:
-                state.sem.release()
-                raise
-            if state.parked_until > time.time():  # parked while we queued: queue again
-                state.sem.release()
-                continue
-            try:
                 await self._global.acquire()
             except BaseException:
                 state.sem.release()
                 raise
+            # Parked while we queued (another request of this host got a 429): queue again.
+            # Nothing awaits between this check and the caller sending its request.
+            if state.parked_until > time.time():
+                self._global.release()
+                state.sem.release()
+                continue
             break
         self._requests += 1
         try:
@@ -172,7 +195,12 @@ class HostLimiter:
         retry_after = h.get("retry-after")
         if retry_after is not None and status in (429, 503):
             until = parse_retry_after(retry_after, now=now)
-        reset = _float(h.get("ratelimit-reset"))
+            if until is None:
+                _malformed(host, "retry-after", retry_after)
+        raw_reset = h.get("ratelimit-reset")
+        reset = _reset_seconds(raw_reset)
+        if raw_reset is not None and reset is None:
+            _malformed(host, "ratelimit-reset", raw_reset)
         if reset is not None and reset < _EPOCH_THRESHOLD:
             reset = now + reset
         if until is None and reset is not None and (status == 429 or _int(h.get("ratelimit-remaining")) == 0):
@@ -184,6 +212,14 @@ class HostLimiter:
             until = max(until, now + self._min_park)
         if until is None or until <= now:
             return None
+        if until > now + self._max_park:
+            metrics.BACKFILL_RATE_LIMIT_HEADERS.labels(result="clamped").inc()
+            log.warning(
+                "rate-limit park clamped",
+                extra={"ctx": {"host": host, "status": status, "asked_s": round(until - now),
+                               "max_park_s": self._max_park}},
+            )
+            until = now + self._max_park
         self.park(host, until)
         return self._hosts[host].parked_until
 
@@ -209,10 +245,8 @@ def _int(value: str | None) -> int | None:
         return None
 
 
-def _float(value: str | None) -> float | None:
-    if value is None:
-        return None
-    try:
-        return float(value.strip())
-    except ValueError:
-        return None
+def _malformed(host: str, header: str, value: str) -> None:
+    metrics.BACKFILL_RATE_LIMIT_HEADERS.labels(result="ignored").inc()
+    log.warning(
+        "malformed rate-limit header ignored", extra={"ctx": {"host": host, "header": header, "value": value[:100]}}
+    )

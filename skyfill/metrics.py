@@ -80,3 +80,12 @@ KAFKA_WORKER_REQUESTS = Counter(
 def serve(port: int, *, addr: str = "127.0.0.1") -> None:
     """Serve /metrics on `addr:port` from a background thread."""
     start_http_server(port, addr=addr, registry=REGISTRY)
+
+
+BACKFILL_RATE_LIMIT_HEADERS = Counter(
+    "skyfill_backfill_rate_limit_headers_total",
+    "Retry-After / RateLimit-Reset values ignored as malformed or clamped to the longest park, by result",
+    ["result"],
+    registry=REGISTRY,
+)
+__all__ += ["BACKFILL_RATE_LIMIT_HEADERS"]

@@ -7,11 +7,18 @@
 
 A path's replies are served in order; the last one repeats. A reply can also be a function
 of the request (for pagination). Every request is recorded (method, path, query, headers,
-time) so a test can assert what the client did. Stdlib only; one thread per connection.
+time), every answer's status and the time it was written (`answered`), and every TCP
+connection accepted (`connections`, which counts even connections that never send a
+request), so a test can assert what the client did, including that it never connected.
+A reply can trickle its body (`trickle`: seconds between `trickle_bytes`-byte writes) to play
+a PDS that keeps a transfer alive without ever finishing it. `FaultServer(host="127.0.0.2")`
+binds another loopback address (the SSRF tests need two hosts). Stdlib only; one thread per
+connection.
 """
 
 from __future__ import annotations
 
+import http.client
 import json
 import threading
 import time
@@ -25,6 +32,7 @@ from urllib.parse import parse_qs, urlsplit
 __all__ = [
     "FaultServer",
     "Reply",
+    "Answered",
     "Seen",
     "json_reply",
     "xrpc_error",
@@ -42,6 +50,8 @@ class Reply:
     delay: float = 0.0                  # seconds of silence before the status line
     chunked: bool = False               # no Content-Length: stream in 64 KiB chunks
     content_length: int | None = None   # lie about the length (then close early)
+    trickle: float = 0.0                # > 0: seconds between body writes of `trickle_bytes`
+    trickle_bytes: int = 1
 
 
 @dataclass(frozen=True)
@@ -54,6 +64,7 @@ class Seen:
 
 
 Handler = Callable[[Seen], Reply]
+_PROBE = "/__faultserver_probe__"
 
 
 def json_reply(obj: Any, status: int = 200, headers: Mapping[str, str] | None = None) -> Reply:
@@ -80,9 +91,21 @@ def rate_limited(retry_after: str = "1", *, reset: float | None = None, limit: i
     return json_reply({"error": "RateLimitExceeded", "message": "slow down"}, 429, headers)
 
 
+@dataclass(frozen=True)
+class Answered:
+    request: Seen
+    status: int
+    at: float  # when the status line and headers had been written
+
+
 class _QuietServer(ThreadingHTTPServer):
     daemon_threads = True
     block_on_close = False
+    on_connect: Callable[[], None] = staticmethod(lambda: None)
+
+    def verify_request(self, request: Any, client_address: Any) -> bool:
+        self.on_connect()
+        return True
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         # Clients that hang up (timeouts, aborted oversized downloads) are part of the script.
@@ -90,11 +113,15 @@ class _QuietServer(ThreadingHTTPServer):
 
 
 class FaultServer:
-    def __init__(self) -> None:
+    def __init__(self, host: str = "127.0.0.1") -> None:
         self._scripts: dict[str, list[Reply | Handler]] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
+        self._host = host
         self.requests: list[Seen] = []
+        self.answered: list[Answered] = []
+        self._connections = 0
+        self._probes = 0
         server = self
 
         class _Handler(BaseHTTPRequestHandler):
@@ -105,6 +132,11 @@ class FaultServer:
 
             def do_GET(self) -> None:  # noqa: N802
                 parts = urlsplit(self.path)
+                if parts.path == _PROBE:  # connections_made(): not a client request
+                    self.send_response(204)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
                 seen = Seen(
                     method="GET",
                     path=parts.path,
@@ -116,14 +148,25 @@ class FaultServer:
                 if reply.delay and server._stop.wait(reply.delay):
                     return
                 try:
-                    self._write(reply)
+                    self._write(reply, seen)
                 except (BrokenPipeError, ConnectionResetError):
                     pass
 
-            def _write(self, reply: Reply) -> None:
+            def _write(self, reply: Reply, seen: Seen) -> None:
                 self.send_response(reply.status)
                 for k, v in reply.headers.items():
                     self.send_header(k, v)
+                if reply.trickle > 0:
+                    self.send_header("Content-Length", str(len(reply.body)))
+                    self.end_headers()
+                    self.wfile.flush()
+                    server._answered(seen, reply.status)
+                    for i in range(0, len(reply.body), reply.trickle_bytes):
+                        self.wfile.write(reply.body[i : i + reply.trickle_bytes])
+                        self.wfile.flush()
+                        if server._stop.wait(reply.trickle):
+                            return
+                    return
                 if reply.chunked:
                     self.send_header("Transfer-Encoding", "chunked")
                     self.end_headers()
@@ -131,6 +174,7 @@ class FaultServer:
                         chunk = reply.body[i : i + 65536]
                         self.wfile.write(f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n")
                     self.wfile.write(b"0\r\n\r\n")
+                    server._answered(seen, reply.status)
                     return
                 length = reply.content_length if reply.content_length is not None else len(reply.body)
                 self.send_header("Content-Length", str(length))
@@ -139,8 +183,11 @@ class FaultServer:
                     self.close_connection = True
                 self.end_headers()
                 self.wfile.write(reply.body)
+                self.wfile.flush()
+                server._answered(seen, reply.status)
 
-        self._httpd = _QuietServer(("127.0.0.1", 0), _Handler)
+        self._httpd = _QuietServer((host, 0), _Handler)
+        self._httpd.on_connect = self._connected
         self._thread = threading.Thread(
             target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05}, name="faultserver", daemon=True
         )
@@ -153,7 +200,35 @@ class FaultServer:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://{self._host}:{self.port}"
+
+    @property
+    def connections(self) -> int:
+        """TCP connections accepted so far (a refused-before-connect client leaves it at 0)."""
+        with self._lock:
+            return self._connections
+
+    def connections_made(self) -> int:
+        """Connections clients made before this call, counted exactly (no sleep): a probe
+        request is sent and answered first. The server accepts connections one at a time in
+        arrival order, so once the probe is answered every earlier one has been counted."""
+        conn = http.client.HTTPConnection(self._host, self.port, timeout=10)
+        try:
+            conn.request("GET", _PROBE)
+            conn.getresponse().read()
+        finally:
+            conn.close()
+        with self._lock:
+            self._probes += 1
+            return self._connections - self._probes
+
+    def _connected(self) -> None:
+        with self._lock:
+            self._connections += 1
+
+    def _answered(self, seen: Seen, status: int) -> None:
+        with self._lock:
+            self.answered.append(Answered(seen, status, time.time()))
 
     def script(self, path: str, *replies: Reply | Handler) -> None:
         """Serve `replies` in order for GETs of `path` (query ignored); the last one repeats."""

@@ -4,6 +4,7 @@ DuckDB file."""
 
 from __future__ import annotations
 
+import asyncio
 import random
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -341,3 +342,128 @@ async def test_rate_limited_host_defers_without_counting_an_attempt(store: Store
     assert retry_after > datetime.now(UTC) + timedelta(seconds=60)
     # a 429 is never a failure of the repo: nothing recorded on its row
     assert store.fetchall("SELECT count(*) FROM repos WHERE backfill_status IS NOT NULL")[0][0] == 0
+
+
+# -- issue 9: the host guard, end to end (PLC on 127.0.0.2, no --allow-private-hosts) --------
+
+
+def _plc_world(plc: FaultServer, endpoint: str) -> str:
+    """One DID whose document, served by `plc`, names `endpoint` as its PDS."""
+    ident = make_identity(random.Random(11))
+    plc.script(f"/{ident.did}", json_reply(did_document(ident, endpoint)))
+    return ident.did
+
+
+ENDPOINTS = {
+    "plc-host-other-port": "http://127.0.0.2:{port}",
+    "octal": "http://0177.0.0.2:{port}",
+    "hex": "http://0x7f.0.0.2:{port}",
+    "integer": "http://2130706434:{port}",
+    "short": "http://127.2:{port}",
+    "70k": "http://127.0.0.2:{port}" + "0" * 70_000,
+    "70k-host": "http://" + "a." * 35_000 + "com",
+}
+
+
+@pytest.mark.parametrize("allow_private", [False, True], ids=["guarded", "allow-private"])
+@pytest.mark.parametrize("case", sorted(ENDPOINTS))
+async def test_unsafe_pds_endpoint_is_refused_without_connecting(store: Store, case: str, allow_private: bool) -> None:
+    """Before: the PLC's host was trusted on ANY port (`plc-host-other-port` reached the
+    victim), and `0177...` / 70,000 characters crashed the backfill with httpx.InvalidURL.
+    Numeric spellings are refused even with allow_private_hosts (only `plc-host-other-port`
+    is then a legitimate private PDS)."""
+    if allow_private and case == "plc-host-other-port":
+        pytest.skip("a private PDS is allowed with allow_private_hosts")
+    with FaultServer("127.0.0.2") as plc, FaultServer("127.0.0.2") as victim:
+        victim.script(GET_REPO, Reply(200, b"never"))
+        did = _plc_world(plc, ENDPOINTS[case].replace("{port}", str(victim.port)))
+        cfg = BackfillConfig(plc_url=plc.url, allow_private_hosts=allow_private, request_backoff=0.01)
+        async with open_backfiller(store, config=cfg) as bf:
+            summary = await asyncio.wait_for(bf.run([did]), 60)
+        assert victim.connections_made() == 0
+        assert plc.count(f"/{did}") >= 1  # the PLC itself was reachable
+    assert summary.failed == {"UnsafeHost": 1}
+    row = repo_row(store, did)
+    assert row["backfill_status"] == "UnsafeHost" and row["backfill_retry_after"] is None
+
+
+async def test_pds_on_the_plc_origin_is_not_a_plc_request(store: Store) -> None:
+    """Trust is per request: a DID document naming the PLC's own origin as its PDS does not
+    make getRepo a PLC request."""
+    with FaultServer("127.0.0.2") as plc:
+        did = _plc_world(plc, plc.url)
+        async with open_backfiller(store, config=BackfillConfig(plc_url=plc.url)) as bf:
+            summary = await asyncio.wait_for(bf.run([did]), 60)
+        assert plc.count(GET_REPO) == 0
+    assert summary.failed == {"UnsafeHost": 1}
+
+
+async def test_plc_redirect_to_its_host_on_another_port_is_refused(store: Store) -> None:
+    """Before: the redirect target `http://127.0.0.2:<other port>/x` passed as the PLC's host."""
+    with FaultServer("127.0.0.2") as plc, FaultServer("127.0.0.2") as victim:
+        did = _plc_world(plc, "https://pds.invalid")
+        plc.script(f"/{did}", Reply(302, b"", {"Location": f"http://127.0.0.2:{victim.port}/x"}))
+        async with open_backfiller(store, config=BackfillConfig(plc_url=plc.url, request_backoff=0.01)) as bf:
+            summary = await asyncio.wait_for(bf.run([did]), 60)
+        assert victim.connections_made() == 0
+    # the operator's PLC misbehaving is not the DID's fault: retried later, not terminal
+    assert summary.failed == {"retrying": 1}
+    assert "refused" in repo_row(store, did)["backfill_error"]
+
+
+@pytest.mark.parametrize(
+    "location",
+    ["http://127.2:{port}/x", "http://0177.0.0.2:{port}/x", "http://[::1:{port}/x", "http://127.0.0.2:{port}/" + "x" * 70_000],
+    ids=["short", "octal", "unclosed-ipv6", "70k"],
+)
+async def test_pds_redirect_to_malformed_target_is_unsafe_host(store: Store, world: World, srv: FaultServer,
+                                                               location: str) -> None:
+    with FaultServer("127.0.0.2") as victim:
+        ident, _ = world.account()
+        world.repos[ident.did] = [Reply(302, b"", {"Location": location.replace("{port}", str(victim.port))})]
+        async with open_backfiller(store, config=config(srv)) as bf:  # allow_private_hosts
+            summary = await asyncio.wait_for(bf.run([ident.did]), 60)
+        assert victim.connections_made() == 0
+    assert summary.failed == {"UnsafeHost": 1}
+    assert repo_row(store, ident.did)["backfill_status"] == "UnsafeHost"
+
+
+# -- issue 10: time is bounded ---------------------------------------------------------------
+
+
+async def test_trickling_pds_ends_in_retrying(store: Store, world: World, srv: FaultServer) -> None:
+    """Before: 1 byte every 2 s kept the backfill alive until the 900 s total timeout."""
+    ident, car = world.account()
+    world.repos[ident.did] = [Reply(200, car, trickle=0.1)]
+    cfg = config(srv, min_transfer_bytes=1024, transfer_window=1.0, request_retries=0)
+    async with open_backfiller(store, config=cfg) as bf:
+        summary = await asyncio.wait_for(bf.run([ident.did]), 60)
+    assert summary.failed == {"retrying": 1}
+    row = repo_row(store, ident.did)
+    assert "stalled" in row["backfill_error"] and row["backfill_retry_after"] is not None
+    assert row["rev"] is None  # nothing half-stored
+
+
+async def test_always_429_host_ends_a_list_backfill(store: Store, world: World, srv: FaultServer) -> None:
+    """Before: `backfill --dids` against a host answering 429 forever never finished. Now,
+    past the patience (2 s here, 10 min by default) the DID is recorded 'retrying' with
+    retry_after = the park's end, no attempt counted, and the run ends; no request was sent
+    before a Retry-After expired."""
+    from tests.faultserver import rate_limited
+
+    ident, _ = world.account()
+    world.repos[ident.did] = [rate_limited(retry_after="1")]
+    cfg = config(srv, rate_limit_patience=timedelta(seconds=2))
+    async with open_backfiller(store, config=cfg) as bf:
+        summary = await asyncio.wait_for(bf.run([ident.did]), 60)
+    assert summary.failed == {"deferred": 1} and summary.repos_ok == 0
+    row = repo_row(store, ident.did)
+    assert row["backfill_status"] == "retrying" and row["backfill_attempts"] == 0
+    assert "rate limited" in row["backfill_error"]
+    answers = [a for a in srv.answered if a.request.path == GET_REPO]
+    assert len(answers) >= 2 and all(a.status == 429 for a in answers)
+    # retry_after is the end of the park the last 429 asked for (1 s after it was answered)
+    assert row["backfill_retry_after"].timestamp() >= answers[-1].request.at + 1 - 1e-3
+    arrivals = [a.request.at for a in answers]
+    for before, after in zip(answers, arrivals[1:]):
+        assert after >= before.request.at + 1  # never before the Retry-After expired

@@ -16,7 +16,7 @@ from skyfill.syntax import is_did
 from backfill.pds import PdsClient
 from tests.faultserver import FaultServer, Reply, json_reply
 from skyfill.crypto import parse_public_key
-from skyfill.errors import IdentityError
+from skyfill.errors import IdentityError, UnsafeHostError
 from storage import Store
 
 VECTORS = Path(__file__).parent / "vectors/indigo/testing-testdata"
@@ -230,3 +230,52 @@ async def test_memory_cache_is_bounded(server: FaultServer, client: PdsClient) -
         await resolver.resolve(dids[2])  # still held
         await resolver.resolve(dids[0])  # evicted first: fetched again
     assert [server.count(f"/{d}") for d in dids] == [2, 1, 1]
+
+
+# -- issue 9: the PLC is trusted by exact origin, endpoints are checked when parsed ----------
+
+
+async def test_did_web_on_the_plc_host_is_not_trusted() -> None:
+    """Before: the PLC's host was trusted by NAME on any port, so a did:web naming the PLC's
+    address on another port was connected to."""
+    with FaultServer("127.0.0.2") as plc, FaultServer("127.0.0.2") as victim:
+        victim.script("/.well-known/did.json", json_reply(make_doc("did:web:x")))
+        did = "did:plc:" + "j" * 24
+        plc.script(f"/{did}", json_reply(make_doc(did)))
+        async with Resolver(plc_url=plc.url) as resolver:  # no allow_private_hosts
+            assert (await resolver.resolve(did)).did == did
+            with pytest.raises(IdentityError) as info:
+                await resolver.resolve(f"did:web:127.0.0.2%3A{victim.port}")
+        assert info.value.terminal and isinstance(info.value.__cause__, UnsafeHostError)
+        assert victim.connections_made() == 0
+
+
+@pytest.mark.parametrize(
+    "endpoint",
+    ["http://0177.0.0.1:80", "http://127.1", "http://2130706433", "http://0x7f.1", "http://127.0.0.1.",
+     "http://[fec0::1", "http://pds.example.com:99999", "https://" + "a." * 35_000 + "com"],
+    ids=["octal", "short", "integer", "hex", "trailing-dot", "unclosed-ipv6", "bad-port", "70k"],
+)
+async def test_unsafe_endpoint_is_refused_when_the_document_is_parsed(
+    server: FaultServer, client: PdsClient, endpoint: str
+) -> None:
+    """Refused at parse time (terminal, caused by UnsafeHostError so the backfiller records
+    UnsafeHost), never handed to httpx (before: httpx.InvalidURL crashed the backfill)."""
+    did = "did:plc:" + "k" * 24
+    server.script(f"/{did}", json_reply(make_doc(did, pds=endpoint)))
+    async with Resolver(plc_url=server.url, client=client) as resolver:
+        with pytest.raises(IdentityError) as info:
+            await resolver.resolve(did)
+    assert info.value.terminal and isinstance(info.value.__cause__, UnsafeHostError)
+
+
+@pytest.mark.parametrize(
+    "endpoint, expected",
+    [("https://PDS.example.com/", "https://pds.example.com"), ("https://pds.example.com:443", "https://pds.example.com"),
+     ("http://[2606:4700::1]:8080", "http://[2606:4700::1]:8080"), ("https://10.0.0.1", "https://10.0.0.1")],
+)
+async def test_endpoints_are_normalised(server: FaultServer, client: PdsClient, endpoint: str, expected: str) -> None:
+    did = "did:plc:" + "l" * 24
+    server.script(f"/{did}", json_reply(make_doc(did, pds=endpoint)))
+    async with Resolver(plc_url=server.url, client=client) as resolver:
+        assert (await resolver.resolve(did)).pds == expected

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import time
 from collections.abc import AsyncIterator
@@ -9,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from backfill.hosts import SafeHttp, check_host, is_unsafe_address
+from backfill.hosts import MAX_URL_LENGTH, SafeHttp, check_host, check_url, is_unsafe_address
 from backfill.pds import ListedRepo, PdsClient
 from backfill.ratelimit import HostLimiter, parse_retry_after
 from skyfill import metrics
@@ -21,7 +22,7 @@ from skyfill.errors import (
     TerminalFetchError,
     UnsafeHostError,
 )
-from tests.faultserver import FaultServer, Reply, http_date, json_reply, rate_limited, redirect, xrpc_error
+from tests.faultserver import FaultServer, Reply, Seen, http_date, json_reply, rate_limited, redirect, xrpc_error
 
 GET_REPO = "/xrpc/com.atproto.sync.getRepo"
 LIST_REPOS = "/xrpc/com.atproto.sync.listRepos"
@@ -219,11 +220,11 @@ async def test_redirect_loop_is_bounded(server: FaultServer, client: PdsClient) 
 
 @pytest.mark.parametrize("target", ["http://10.0.0.1/xrpc/x", "http://169.254.169.254/latest/meta-data", "http://[::1]:1/"])
 async def test_redirect_to_private_address_is_refused_without_connecting(server: FaultServer, target: str) -> None:
-    # The first hop is trusted (operator config), the redirect target is not.
-    async with PdsClient(trusted_hosts=["127.0.0.1"], connect_timeout=0.5, read_timeout=0.5, max_retries=0) as c:
+    # The first hop is trusted (the caller's trusted origin), the redirect target is not.
+    async with PdsClient(connect_timeout=0.5, read_timeout=0.5, max_retries=0) as c:
         server.script(GET_REPO, redirect(target))
         with pytest.raises(UnsafeHostError):
-            await c.get_repo(server.url, DID)
+            await c.fetch(f"{server.url}{GET_REPO}", trusted_origin=server.url)
     assert server.count(GET_REPO) == 1
 
 
@@ -243,8 +244,8 @@ async def test_client_refuses_loopback_name_at_connect(server: FaultServer, monk
     connection is still refused because the socket layer resolves and checks once more."""
     import backfill.hosts as hosts
 
-    async def passes(url: str, **_: object) -> None:
-        return None
+    async def passes(url: str, **_: object) -> hosts.Target:
+        return hosts.check_url(url)  # the syntax half only: no address check
 
     monkeypatch.setattr(hosts, "check_host", passes)
     async with SafeHttp(connect_timeout=0.5, read_timeout=0.5) as http:
@@ -303,20 +304,63 @@ async def test_get_latest_commit(server: FaultServer, client: PdsClient) -> None
     "addr",
     ["127.0.0.1", "10.1.2.3", "172.16.0.1", "192.168.1.1", "169.254.169.254", "100.64.0.1", "0.0.0.0",
      "224.0.0.1", "240.0.0.1", "255.255.255.255", "::1", "::", "fc00::1", "fd12::1", "fe80::1", "ff02::1",
-     "::ffff:127.0.0.1", "::ffff:10.0.0.1", "2002:0a00:0001::1", "64:ff9b::a00:1"],
+     "::ffff:127.0.0.1", "::ffff:10.0.0.1", "2002:0a00:0001::1", "64:ff9b::a00:1",
+     # IPv6 special ranges (issue 9): site-local, documentation, local-use NAT64, Teredo and
+     # the rest of 2001::/23, IPv4-compatible, SIIT, discard, SRv6, 6to4/NAT64 of loopback
+     "fec0::1", "feff::1", "2001:db8::1", "3fff::1", "64:ff9b:1::a00:1", "64:ff9b:1::808:808", "2001::1",
+     "2001:0:4136:e378:8000:63bf:3fff:fdd2", "2001:2::1", "2001:10::1", "2001:20::1", "::127.0.0.1", "::8.8.8.8",
+     "::ffff:0:0", "::ffff:0:7f00:1", "100::1", "5f00::1", "64:ff9b::7f00:1", "2002:7f00:1::1",
+     # IPv4 special-purpose blocks the stdlib may not know
+     "192.0.0.9", "192.88.99.1", "198.18.0.1", "192.0.2.1", "203.0.113.9"],
 )
 async def test_check_host_refuses_unsafe_literals(addr: str) -> None:
     assert is_unsafe_address(ipaddress.ip_address(addr))
+    assert is_unsafe_address(ipaddress.ip_address(addr + "%1")) if ":" in addr else True  # zone ids too
     host = f"[{addr}]" if ":" in addr else addr
     with pytest.raises(UnsafeHostError):
         await check_host(f"http://{host}/", allow_private=False)
     await check_host(f"http://{host}/", allow_private=True)
 
 
-@pytest.mark.parametrize("addr", ["8.8.8.8", "1.1.1.1", "2606:4700:4700::1111", "::ffff:8.8.8.8"])
+@pytest.mark.parametrize(
+    "addr",
+    ["8.8.8.8", "1.1.1.1", "2606:4700:4700::1111", "::ffff:8.8.8.8", "2a00:1450:4001::1", "2002:808:808::1",
+     "64:ff9b::808:808"],
+)
 async def test_check_host_accepts_public_literals(addr: str) -> None:
+    assert not is_unsafe_address(ipaddress.ip_address(addr))
     host = f"[{addr}]" if ":" in addr else addr
     await check_host(f"https://{host}/", allow_private=False)
+
+
+# Spellings that every URL parser (and inet_aton) reads as a loopback IPv4 address, URLs
+# httpx cannot parse, over-long URLs: refused by syntax, even with allow_private.
+NON_CANONICAL = [
+    "http://0177.0.0.1/", "http://0x7f.0.0.1/", "http://0x7f.1/", "http://2130706433/", "http://127.1/",
+    "http://127.0.1/", "http://017700000001/", "http://127.0.0.1./", "http://127.000.000.001/", "http://1.2.3.4.5/",
+    "http://0x7f000001/", "http://example.0x10/", "http://example.123/",
+]
+MALFORMED = [
+    "http://[::1/", "http://[fec0::1%25eth0]/", "http://ex ample.com/", "http://%31%32%37.0.0.1/",
+    "http://a:99999/", "http://[::1]:0/", "http://a:-1/", "http://\u0000x.com/",
+    "http://" + "a" * 64 + ".com/", "http://" + "a." * 35_000 + "com/", "http://x.com/" + "p" * MAX_URL_LENGTH,
+]
+
+
+@pytest.mark.parametrize("url", NON_CANONICAL + MALFORMED)
+def test_check_url_refuses_ambiguous_and_malformed_urls(url: str) -> None:
+    with pytest.raises(UnsafeHostError):
+        check_url(url)
+
+
+@pytest.mark.parametrize(
+    "url, origin",
+    [("http://127.0.0.1:8080/x", ("http", "127.0.0.1", 8080)), ("https://PDS.Example.com", ("https", "pds.example.com", 443)),
+     ("http://[::1]/", ("http", "::1", 80)), ("https://bsky.network:443/xrpc", ("https", "bsky.network", 443)),
+     ("http://10.0.0.1/", ("http", "10.0.0.1", 80)), ("https://my_pds.example.com/", ("https", "my_pds.example.com", 443))],
+)
+def test_check_url_accepts_canonical_urls(url: str, origin: tuple[str, str, int]) -> None:
+    assert check_url(url).origin == origin
 
 
 @pytest.mark.parametrize("url", ["ftp://8.8.8.8/", "file:///etc/passwd", "http:///x", "http://u:p@8.8.8.8/", "gopher://x"])
@@ -328,7 +372,11 @@ async def test_check_host_refuses_bad_urls_even_with_allow_private(url: str) -> 
 async def test_check_host_resolves_names() -> None:
     with pytest.raises(UnsafeHostError):
         await check_host("http://localhost:8080/", allow_private=False)
-    await check_host("http://localhost/", allow_private=False, trusted_hosts=["localhost"])
+    await check_host("http://localhost/", allow_private=False, trusted_origin="http://localhost")
+    with pytest.raises(UnsafeHostError):  # trust is for the exact origin: not another port or scheme
+        await check_host("http://localhost:81/", allow_private=False, trusted_origin="http://localhost")
+    with pytest.raises(UnsafeHostError):
+        await check_host("https://localhost/", allow_private=False, trusted_origin="http://localhost")
     with pytest.raises(RetryableFetchError):  # does not resolve: a network failure, not unsafe
         await check_host("https://no-such-host.invalid/", allow_private=False)
 
@@ -370,3 +418,193 @@ def test_limiter_caps_hostile_park_and_reads_delta_reset() -> None:
     assert time.time() + 25 < limiter.parked_hosts()["d"] <= time.time() + 30
     limiter.observe("ok", 200, {"ratelimit-remaining": "5", "ratelimit-reset": "30"})
     assert "ok" not in limiter.parked_hosts()
+
+
+# -- issue 9: malformed targets and redirects are refused, and nothing connects --------------
+
+
+TARGETS = {
+    "octal": "http://0177.0.0.1:{port}",
+    "hex": "http://0x7f.0.0.1:{port}",
+    "integer": "http://2130706433:{port}",
+    "short": "http://127.1:{port}",
+    "trailing-dot": "http://127.0.0.1.:{port}",
+    "unclosed-ipv6": "http://[::1:{port}",
+    "percent-host": "http://%31%32%37.0.0.1:{port}",
+    "70k-path": "http://127.0.0.1:{port}/" + "x" * 70_000,
+    "70k-host": "http://" + "a." * 35_000 + "com",
+}
+
+
+@pytest.mark.parametrize("case", sorted(TARGETS))
+async def test_malformed_or_non_canonical_target_is_refused_without_connecting(server: FaultServer, case: str) -> None:
+    """allow_private: the address check is off, so only the syntax check stands between the
+    client and this server (`127.1` resolves to it). Before: httpx.InvalidURL escaped the
+    client, or the server was reached."""
+    async with PdsClient(allow_private_hosts=True, max_retries=0) as c:
+        with pytest.raises(UnsafeHostError):
+            await c.get_repo(TARGETS[case].replace("{port}", str(server.port)), DID)
+    assert server.connections_made() == 0
+
+
+@pytest.mark.parametrize(
+    "location",
+    ["http://127.1:{port}/x", "http://0177.0.0.1:{port}/x", "http://2130706433:{port}/x", "http://[::1:{port}/x",
+     "http://127.0.0.1:{port}/" + "x" * 70_000],
+)
+async def test_malformed_redirect_is_refused_without_connecting(server: FaultServer, location: str) -> None:
+    with FaultServer("127.0.0.2") as target:
+        server.script(GET_REPO, redirect(location.format(port=target.port)))
+        async with PdsClient(allow_private_hosts=True, max_retries=0) as c:
+            with pytest.raises(UnsafeHostError):
+                await c.get_repo(server.url, DID)
+        assert target.connections_made() == 0
+    assert server.count(GET_REPO) == 1
+
+
+async def test_trust_is_for_the_exact_origin_and_only_when_asked(server: FaultServer) -> None:
+    """The PLC's origin is trusted for PLC requests: not its host on another port, not a
+    redirect to it, not the same origin for a request that is not a PLC request."""
+    with FaultServer() as other:
+        other.script(GET_REPO, Reply(200, CAR))
+        server.script(GET_REPO, Reply(200, CAR))
+        server.script("/to-other", redirect(f"http://127.0.0.1:{other.port}{GET_REPO}"))
+        async with PdsClient(max_retries=0) as c:
+            result = await c.fetch(f"{server.url}{GET_REPO}", trusted_origin=server.url)
+            assert result.body == CAR
+            with pytest.raises(UnsafeHostError):  # same host, another port
+                await c.fetch(f"{other.url}{GET_REPO}", trusted_origin=server.url)
+            with pytest.raises(UnsafeHostError):  # the trusted origin redirects elsewhere on its host
+                await c.fetch(f"{server.url}/to-other", trusted_origin=server.url)
+            with pytest.raises(UnsafeHostError):  # the trusted origin, but not a trusted request
+                await c.fetch(f"{server.url}{GET_REPO}")
+            with pytest.raises(UnsafeHostError):  # the same host and port over another scheme
+                await c.fetch(f"https://127.0.0.1:{server.port}{GET_REPO}", trusted_origin=server.url)
+        assert other.connections_made() == 0
+    assert server.count(GET_REPO) == 1
+
+
+# -- issue 10: time is bounded ---------------------------------------------------------------
+
+
+async def test_trickling_body_is_cut_after_one_window(server: FaultServer) -> None:
+    """A PDS sending 1 byte every 0.1 s (the trial: every 2 s) never trips the read timeout;
+    the progress deadline cuts it. Before: alive until the 900 s total timeout."""
+    server.script(GET_REPO, Reply(200, CAR, trickle=0.1))
+    before = _requests_metric("too_slow")
+    async with PdsClient(
+        allow_private_hosts=True, max_retries=0, read_timeout=5, min_transfer_bytes=1024, transfer_window=1.0
+    ) as c:
+        with pytest.raises(RetryableFetchError, match="stalled"):
+            await asyncio.wait_for(c.get_repo(server.url, DID), timeout=60)
+    assert _requests_metric("too_slow") == before + 1
+
+
+async def test_steady_slow_body_is_not_cut(server: FaultServer) -> None:
+    # 4 KiB every 0.05 s: each window of 1 s sees far more than the 1 KiB minimum.
+    server.script(GET_REPO, Reply(200, CAR, trickle=0.05, trickle_bytes=4096))
+    async with PdsClient(
+        allow_private_hosts=True, max_retries=0, read_timeout=5, min_transfer_bytes=1024, transfer_window=1.0
+    ) as c:
+        assert await c.get_repo(server.url, DID) == CAR
+
+
+async def test_request_deadline_scales_with_the_size_cap(server: FaultServer) -> None:
+    """Progress just fast enough for the window (1 byte per 0.05 s, minimum 1 byte per 5 s)
+    still ends at the request deadline: base 0.5 s + cap / rate = 1.5 s here."""
+    server.script(GET_REPO, Reply(200, CAR, trickle=0.05))
+    async with PdsClient(
+        allow_private_hosts=True, max_retries=0, read_timeout=5, min_transfer_bytes=1, transfer_window=5.0,
+        deadline_base=0.5, deadline_rate=len(CAR), max_car_bytes=len(CAR),
+    ) as c:
+        assert c.http.request_deadline(len(CAR)) == 1.5
+        with pytest.raises(RetryableFetchError, match="no complete answer within"):
+            await asyncio.wait_for(c.get_repo(server.url, DID), timeout=60)
+
+
+def _rate_limit_metric(result: str) -> float:
+    value = metrics.REGISTRY.get_sample_value("skyfill_backfill_rate_limit_headers_total", {"result": result})
+    return value or 0.0
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [{"Retry-After": v} for v in ("1e309", "inf", "nan", "-5", "0x10", "soon", "1e3", "", "Fri, 31 Dec 99999 23:59:59 GMT")]
+    + [{"RateLimit-Reset": v} for v in ("nan", "inf", "1e309", "-1")],
+    ids=lambda h: repr(h),
+)
+async def test_malformed_rate_limit_header_is_ignored(server: FaultServer, headers: dict[str, str]) -> None:
+    """Read as if absent: a 429 parks for the default 5 s, never for the 1 h cap."""
+    server.script(GET_REPO, json_reply({"error": "RateLimitExceeded"}, 429, headers))
+    before = _rate_limit_metric("ignored")
+    async with PdsClient(allow_private_hosts=True, max_retries=0) as c:
+        with pytest.raises(RateLimited) as info:
+            await c.get_repo(server.url, DID, deadline=time.time() + 0.2)
+    assert info.value.retry_at <= time.time() + 5
+    assert _rate_limit_metric("ignored") == before + 1
+    assert server.count(GET_REPO) == 1
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [{"Retry-After": "99999999999999999999999"}, {"Retry-After": "Fri, 31 Dec 9999 23:59:59 GMT"},
+     {"Retry-After": "1" + "0" * 400}, {"RateLimit-Reset": "99999999999"}],
+    ids=["huge-int", "year-9999", "400-digits", "reset-far"],
+)
+async def test_far_rate_limit_is_clamped_to_max_park(server: FaultServer, headers: dict[str, str]) -> None:
+    server.script(GET_REPO, json_reply({"error": "RateLimitExceeded"}, 429, headers))
+    before = _rate_limit_metric("clamped")
+    async with PdsClient(allow_private_hosts=True, max_retries=0, max_park=60) as c:
+        with pytest.raises(RateLimited) as info:
+            await c.get_repo(server.url, DID, deadline=time.time() + 0.2)
+    (answer,) = server.answered
+    assert answer.at + 59 <= info.value.retry_at <= time.time() + 60
+    assert _rate_limit_metric("clamped") == before + 1
+
+
+@pytest.mark.parametrize("kind", ["delta", "date", "reset"])
+async def test_no_request_is_sent_before_a_rate_limit_ends(server: FaultServer, kind: str) -> None:
+    """A storm: six requests queue for one host (one in flight at a time, so the order is
+    exact); it answers 429 three times, then 200. No request may arrive before the park the
+    previous 429 asked for has ended (server clock = client clock: one machine)."""
+    parks: list[tuple[float, float]] = []  # (time the 429 was about to be written, park end)
+
+    def limited(seen: Seen) -> Reply:
+        now = time.time()
+        if kind == "delta":
+            parks.append((now, now + 1))
+            return rate_limited("1")
+        end = int(now) + 2  # whole seconds: at least 1 s from now
+        parks.append((now, end))
+        header = {"Retry-After": http_date(end)} if kind == "date" else {"RateLimit-Reset": str(end)}
+        return json_reply({"error": "RateLimitExceeded"}, 429, header)
+
+    server.script(GET_REPO, limited, limited, limited, Reply(200, CAR))
+    async with PdsClient(allow_private_hosts=True, max_retries=0, per_host_concurrency=1, per_host_rps=1000) as c:
+        results = await asyncio.wait_for(asyncio.gather(*(c.get_repo(server.url, DID) for _ in range(6))), 60)
+    assert results == [CAR] * 6
+    assert len(parks) == 3 and server.count(GET_REPO) == 9
+    for answered_at, end in parks:
+        later = [r.at for r in server.seen(GET_REPO) if r.at > answered_at]
+        assert later and min(later) >= end, (kind, end, later)
+
+
+async def test_request_queued_for_the_global_cap_waits_for_a_park_set_meanwhile(server: FaultServer) -> None:
+    """The second request holds its host slot and waits for the one global slot, which the
+    first holds; the first gets a 429. Before: the park was checked before the global wait,
+    so the second request went out at once, inside the park."""
+    parks: list[tuple[float, float]] = []
+
+    def limited(seen: Seen) -> Reply:
+        now = time.time()
+        parks.append((now, now + 1))
+        return rate_limited("1")
+
+    server.script(GET_REPO, limited, Reply(200, CAR))
+    limiter = HostLimiter(per_host_rps=1000, per_host_concurrency=4, global_concurrency=1)
+    async with PdsClient(allow_private_hosts=True, max_retries=0, limiter=limiter) as c:
+        results = await asyncio.wait_for(asyncio.gather(c.get_repo(server.url, DID), c.get_repo(server.url, DID)), 30)
+    assert results == [CAR, CAR]
+    ((answered_at, end),) = parks
+    later = [r.at for r in server.seen(GET_REPO) if r.at > answered_at]
+    assert len(later) == 2 and min(later) >= end

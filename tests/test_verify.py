@@ -31,7 +31,7 @@ from .test_daemon import consume_until, expected_mirror, mirror_of
 
 
 def _checker(plc: FaultServer) -> tuple[SignatureChecker, Resolver]:
-    client = PdsClient(trusted_hosts=["127.0.0.1"], per_host_rps=1e6, max_retries=0)
+    client = PdsClient(per_host_rps=1e6, max_retries=0)  # the Resolver trusts its PLC origin
     resolver = Resolver(plc_url=plc.url, client=client)
     return SignatureChecker(resolver), resolver
 

@@ -192,7 +192,7 @@ async def _consume(
         from backfill.pds import PdsClient
         from consumer.verify import SignatureChecker
 
-        client = PdsClient(trusted_hosts=["127.0.0.1"], per_host_rps=1e6, max_retries=0)
+        client = PdsClient(per_host_rps=1e6, max_retries=0)  # the Resolver trusts its PLC origin
         resolver = Resolver(plc_url=plc, client=client, store=store)
         verifier = SignatureChecker(resolver)
     daemon = Daemon(store, ConsumeConfig(relay=relay, cursor=0, batch_events=batch_events), verifier=verifier)
