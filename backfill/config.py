@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Final, Literal
+from urllib.parse import urlsplit
 
 from skyfill.errors import ConfigError
 from skyfill.syntax import is_did
@@ -36,8 +37,7 @@ class BackfillConfig:
     identity_ttl: timedelta = timedelta(hours=24)
 
     def __post_init__(self) -> None:
-        if not self.plc_url.startswith(("http://", "https://")):
-            raise ConfigError(f"plc_url must be an http(s) URL, got {self.plc_url!r}")
+        _check_http_url("plc_url", self.plc_url)
         if self.concurrency < 1:
             raise ConfigError("concurrency must be >= 1")
         if self.per_host_concurrency < 1:
@@ -58,6 +58,16 @@ class BackfillConfig:
             raise ConfigError("identity_ttl must be >= 0")
 
 
+def _check_http_url(name: str, url: str) -> None:
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError on a port that is not a number in range
+    except ValueError as exc:
+        raise ConfigError(f"{name} is not a valid URL: {url!r} ({exc})") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"{name} must be an http(s) URL with a host, got {url!r}")
+
+
 def parse_when(value: str, *, end_of_day: bool = False) -> datetime:
     """`YYYY-MM-DD` or ISO 8601 -> an aware UTC datetime (no zone = UTC).
 
@@ -73,6 +83,8 @@ def parse_when(value: str, *, end_of_day: bool = False) -> datetime:
         ts = datetime.fromisoformat(text.replace("Z", "+00:00") if text.endswith("Z") else text)
     except ValueError as exc:
         raise ConfigError(f"not a date (YYYY-MM-DD) or ISO 8601 time: {value!r}") from exc
+    except OverflowError as exc:  # 9999-12-31 as the end of a window: the day after does not exist
+        raise ConfigError(f"date out of range: {value!r}") from exc
     return ts.replace(tzinfo=UTC) if ts.tzinfo is None else ts.astimezone(UTC)
 
 
@@ -99,7 +111,9 @@ def parse_dids(spec: str | Iterable[str]) -> list[str] | Literal["all"]:
             try:
                 lines = Path(text[1:]).read_text().splitlines()
             except OSError as exc:
-                raise ConfigError(f"cannot read DID file {text[1:]!r}: {exc}") from exc
+                raise ConfigError(f"cannot read DID file {text[1:]!r}: {exc.strerror or exc}") from exc
+            except UnicodeDecodeError as exc:
+                raise ConfigError(f"DID file {text[1:]!r} is not UTF-8 text (byte {exc.start})") from exc
             items = [line.split("#", 1)[0].strip() for line in lines]
         else:
             items = [part.strip() for part in text.split(",")]
