@@ -42,6 +42,7 @@ MAX_HEAD = 16 * 1024
 MAX_CONNECTIONS = 32
 HEAD_TIMEOUT = 10.0
 BODY_TIMEOUT = 10.0
+LINGER = 2.0
 
 _REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found", 408: "Request Timeout",
             411: "Length Required", 413: "Payload Too Large", 431: "Request Header Fields Too Large",
@@ -114,6 +115,12 @@ class AdminServer:
                 f"Content-Length: {len(data)}\r\nConnection: close\r\n\r\n".encode() + data
             )
             await asyncio.wait_for(writer.drain(), timeout=self._head_timeout)
+            # Lingering close: a reply sent before the request was read (401, 503, 413 ...) would be
+            # lost to the TCP reset that closing over unread bytes causes. Say we are done, then
+            # discard what the client still sends, for a short while.
+            if writer.can_write_eof():
+                writer.write_eof()
+            await asyncio.wait_for(_discard(reader), timeout=LINGER)
         except (OSError, asyncio.TimeoutError):
             pass  # the client left or stopped reading: nothing more to do for it
         finally:
@@ -188,6 +195,15 @@ class AdminServer:
             return orjson.loads(raw)
         except orjson.JSONDecodeError:
             raise _Reply(400, "body is not JSON") from None
+
+
+async def _discard(reader: asyncio.StreamReader) -> None:
+    left = MAX_BODY
+    while left > 0:
+        chunk = await reader.read(min(left, 65536))
+        if not chunk:
+            return
+        left -= len(chunk)
 
 
 def _one_line(exc: BaseException) -> str:

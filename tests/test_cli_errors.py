@@ -18,10 +18,13 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import click
 import duckdb
 import orjson
 import pytest
+from click.testing import CliRunner
 
+from skyfill.cli import main
 from skyfill.daemon_client import announce_path
 from storage import Store
 
@@ -246,3 +249,25 @@ def test_malformed_announcement_on_a_held_database(tmp_path: Path) -> None:
     assert "held by another process" in line, line
     assert announce_path(db).exists()  # not ours to remove while someone holds the file
 
+
+
+def test_unexpected_error_is_one_structured_line() -> None:
+    """The last resort, for a bug no input can reach on purpose: a command stands in for it
+    (in-process, via click's runner). One JSON log line names the error and where it happened."""
+
+    @click.command("raise-for-test")
+    def broken() -> None:
+        raise RuntimeError("kaboom\nsecond line")
+
+    main.add_command(broken)
+    try:
+        result = CliRunner().invoke(main, ["--log-json", "raise-for-test"])
+    finally:
+        main.commands.pop("raise-for-test")
+    assert result.exit_code == 1
+    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, result.stderr
+    line = orjson.loads(lines[0])
+    assert line["level"] == "error" and line["error"] == "RuntimeError" and line["detail"] == "kaboom second line"
+    assert line["at"].endswith(".py:" + line["at"].rsplit(":", 1)[1]) and "test_cli_errors.py" in line["at"]
+    assert "Traceback" not in result.output
