@@ -217,8 +217,9 @@ class EnqueueRequest:
 
 
 async def gaps_from_request(
-    store: Store, body: Any, *, plc_url: str, allow_private_hosts: bool
+    store: Store, body: GapsRequest | Mapping[str, Any], *, plc_url: str, allow_private_hosts: bool
 ) -> dict[str, Any]:
+    """Run a gaps request (parsed, or a raw body to parse) with the daemon's settings as defaults."""
     req = body if isinstance(body, GapsRequest) else GapsRequest.parse(body)
     config = req.options.config(plc_url=plc_url, allow_private_hosts=allow_private_hosts)
     return await run_gaps(store, start=req.start, end=req.end, config=config, audit=req.audit,
@@ -227,8 +228,10 @@ async def gaps_from_request(
 
 
 async def backfill_from_request(
-    store: Store, body: Any, *, sink: ReconcileSink, plc_url: str, allow_private_hosts: bool
+    store: Store, body: BackfillRequest | Mapping[str, Any], *, sink: ReconcileSink, plc_url: str,
+    allow_private_hosts: bool,
 ) -> dict[str, Any]:
+    """Run a backfill request (parsed, or a raw body to parse) with the daemon's settings as defaults."""
     req = body if isinstance(body, BackfillRequest) else BackfillRequest.parse(body)
     config = req.options.config(plc_url=plc_url, allow_private_hosts=allow_private_hosts)
     dids = req.dids if req.dids in (None, ALL) else list(req.dids)
