@@ -126,6 +126,32 @@ async def test_unauthenticated_request_is_refused_before_its_body(admin: Admin) 
     assert (status, body) == (401, {"error": "unauthorized"})
 
 
+async def test_200_unauthenticated_connections_are_all_answered(admin: Admin) -> None:
+    """The trial that held 200 of 200 such connections: each is answered (401, or 503 beyond the
+    bound) without its body ever arriving, and the API then serves its real client."""
+
+    async def one() -> bytes:
+        reader, writer = await asyncio.open_connection("127.0.0.1", admin.port)
+        try:
+            writer.write(b"POST /gaps HTTP/1.1\r\nContent-Length: 4096\r\n\r\n{")
+            await writer.drain()
+            return await asyncio.wait_for(reader.read(), timeout=60)
+        finally:
+            writer.close()
+
+    answers = await asyncio.gather(*(one() for _ in range(200)))
+    assert all(a.startswith((b"HTTP/1.1 401 ", b"HTTP/1.1 503 ")) for a in answers)
+    assert sum(a.startswith(b"HTTP/1.1 401 ") for a in answers) >= 8
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 30
+    while True:
+        status, body = await admin.post("/enqueue", b'{"dids": ["did:plc:dddddddddddddddddddddddd"]}')
+        if status != 503 or loop.time() > deadline:
+            break
+        await asyncio.sleep(0.05)
+    assert (status, body) == (200, {"enqueued": 1, "dids": 1})
+
+
 async def test_authenticated_body_that_never_comes_times_out(admin: Admin) -> None:
     head = f"POST /enqueue HTTP/1.1\r\nAuthorization: Bearer {admin.token}\r\nContent-Length: 50\r\n\r\n"
     status, body = await admin.raw(head.encode() + b'{"dids"')
