@@ -3,15 +3,22 @@
 A body carries the same options as the command line, as plain JSON values:
     gaps:      {"start", "end", "enqueue" (bool, "db" or "kafka"), "kafka_bootstrap", "audit", "dids",
                 "plc_url", "allow_private_hosts"}
-    backfill:  {"dids" | "from_queue", "concurrency", "per_host_rps", "verify", "max_car_bytes",
-                "max_attempts", "plc_url", "allow_private_hosts"}
-Absent options take the daemon's own settings.
+    backfill:  {"dids" (a list, or "all") | "from_queue", "concurrency", "per_host_rps", "verify",
+                "max_car_bytes", "max_attempts", "plc_url", "allow_private_hosts"}
+    enqueue:   {"dids" (a list), "reason"}
+Absent (or null) options take the daemon's own settings. Each body is parsed once into a frozen
+request (`GapsRequest.parse(...)` ...): an unknown key, a wrongly typed value or an invalid DID
+raises ConfigError with one line naming the field, before any work starts.
 """
 
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from datetime import datetime
+from typing import Any, Literal
 
 from skyfill.errors import ConfigError
 from storage import Store
@@ -20,45 +27,216 @@ from .backfiller import ReconcileSink, open_backfiller
 from .cli import run_backfill, run_gaps
 from .config import ALL, BackfillConfig, parse_dids, parse_window
 
-__all__ = ["gaps_from_request", "backfill_from_request", "backfill_queue_once", "config_from_request"]
+__all__ = [
+    "GapsRequest",
+    "BackfillRequest",
+    "EnqueueRequest",
+    "gaps_from_request",
+    "backfill_from_request",
+    "backfill_queue_once",
+]
 
-_CONFIG_KEYS = ("plc_url", "concurrency", "per_host_rps", "verify", "allow_private_hosts", "max_car_bytes",
-                "max_attempts")
+_MAX_REASON = 200
 
 
-def config_from_request(body: dict[str, Any], *, plc_url: str, allow_private_hosts: bool) -> BackfillConfig:
-    options: dict[str, Any] = {"plc_url": plc_url, "allow_private_hosts": allow_private_hosts}
-    options.update({k: body[k] for k in _CONFIG_KEYS if body.get(k) is not None})
-    try:
+# -- typed reading of one JSON object --------------------------------------------------------
+
+
+class _Body:
+    """One request body: each field read once, with its type checked; leftovers are an error."""
+
+    def __init__(self, body: Any, route: str) -> None:
+        if not isinstance(body, Mapping):
+            raise ConfigError(f"{route}: the body must be a JSON object")
+        self._body = dict(body)
+        self._route = route
+
+    def take(self, key: str) -> Any:
+        return self._body.pop(key, None)
+
+    def bad(self, key: str, want: str) -> ConfigError:
+        return ConfigError(f"{self._route}: {key!r} must be {want}")
+
+    def flag(self, key: str) -> bool | None:
+        value = self.take(key)
+        if value is not None and not isinstance(value, bool):
+            raise self.bad(key, "true or false")
+        return value
+
+    def integer(self, key: str) -> int | None:
+        value = self.take(key)
+        if value is not None and (type(value) is not int):
+            raise self.bad(key, "an integer")
+        return value
+
+    def number(self, key: str) -> float | None:
+        value = self.take(key)
+        if value is None:
+            return None
+        if type(value) not in (int, float) or not math.isfinite(value):
+            raise self.bad(key, "a finite number")
+        return float(value)
+
+    def text(self, key: str) -> str | None:
+        value = self.take(key)
+        if value is not None and not isinstance(value, str):
+            raise self.bad(key, "a string")
+        return value
+
+    def dids(self, key: str, *, allow_all: bool) -> tuple[str, ...] | Literal["all"] | None:
+        value = self.take(key)
+        if value is None:
+            return None
+        if allow_all and value == ALL:
+            return ALL
+        if value == []:
+            return ()
+        if not isinstance(value, list) or not all(isinstance(d, str) for d in value):
+            raise self.bad(key, 'a list of DIDs' + (' or "all"' if allow_all else ""))
+        try:
+            parsed = parse_dids(value)
+        except ConfigError as exc:
+            raise ConfigError(f"{self._route}: {key!r}: {exc}") from None
+        if parsed == ALL:  # a list holding the one string "all" is not the keyword
+            raise self.bad(key, "a list of DIDs")
+        return tuple(parsed)
+
+    def done(self) -> None:
+        if self._body:
+            raise ConfigError(f"{self._route}: unknown field(s) {', '.join(sorted(map(repr, self._body)))}")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class _ConfigOptions:
+    """Backfiller options a request may set; None keeps the daemon's own."""
+
+    plc_url: str | None = None
+    allow_private_hosts: bool | None = None
+    concurrency: int | None = None
+    per_host_rps: float | None = None
+    verify: bool | None = None
+    max_car_bytes: int | None = None
+    max_attempts: int | None = None
+
+    @staticmethod
+    def read(body: _Body, *, all_options: bool) -> _ConfigOptions:
+        if not all_options:
+            return _ConfigOptions(plc_url=body.text("plc_url"), allow_private_hosts=body.flag("allow_private_hosts"))
+        return _ConfigOptions(
+            plc_url=body.text("plc_url"), allow_private_hosts=body.flag("allow_private_hosts"),
+            concurrency=body.integer("concurrency"), per_host_rps=body.number("per_host_rps"),
+            verify=body.flag("verify"), max_car_bytes=body.integer("max_car_bytes"),
+            max_attempts=body.integer("max_attempts"),
+        )
+
+    def config(self, *, plc_url: str, allow_private_hosts: bool) -> BackfillConfig:
+        options: dict[str, Any] = {"plc_url": plc_url, "allow_private_hosts": allow_private_hosts}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if value is not None:
+                options[f.name] = value
         return BackfillConfig(**options)
-    except TypeError as exc:
-        raise ConfigError(f"bad backfill options: {exc}") from exc
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class GapsRequest:
+    start: datetime
+    end: datetime
+    enqueue: Literal["db", "kafka"] | None = None
+    kafka_bootstrap: str | None = None
+    audit: bool = True
+    dids: tuple[str, ...] = ()
+    options: _ConfigOptions = _ConfigOptions()
+
+    @classmethod
+    def parse(cls, body: Any) -> GapsRequest:
+        b = _Body(body, "gaps")
+        start, end = b.text("start"), b.text("end")
+        if start is None or end is None:
+            raise ConfigError("gaps: 'start' and 'end' are required")
+        lo, hi = parse_window(start, end)
+        enqueue_raw = b.take("enqueue")
+        enqueue: Literal["db", "kafka"] | None
+        if enqueue_raw is None or enqueue_raw is False:
+            enqueue = None
+        elif enqueue_raw is True or enqueue_raw == "db":
+            enqueue = "db"
+        elif enqueue_raw == "kafka":
+            enqueue = "kafka"
+        else:
+            raise b.bad("enqueue", 'true, false, "db" or "kafka"')
+        kafka_bootstrap = b.text("kafka_bootstrap") or None
+        if enqueue == "kafka" and not kafka_bootstrap:
+            raise ConfigError("gaps: enqueue kafka needs 'kafka_bootstrap'")
+        audit = b.flag("audit")
+        dids = b.dids("dids", allow_all=False)
+        options = _ConfigOptions.read(b, all_options=False)
+        b.done()
+        assert dids != ALL
+        return cls(start=lo, end=hi, enqueue=enqueue, kafka_bootstrap=kafka_bootstrap,
+                   audit=True if audit is None else audit, dids=dids or (), options=options)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BackfillRequest:
+    dids: tuple[str, ...] | Literal["all"] | None = None
+    from_queue: bool = False
+    options: _ConfigOptions = _ConfigOptions()
+
+    @classmethod
+    def parse(cls, body: Any) -> BackfillRequest:
+        b = _Body(body, "backfill")
+        dids = b.dids("dids", allow_all=True)
+        from_queue = bool(b.flag("from_queue"))
+        options = _ConfigOptions.read(b, all_options=True)
+        b.done()
+        if (dids is None) == (not from_queue):
+            raise ConfigError("backfill: give exactly one of 'dids' or 'from_queue': true")
+        return cls(dids=dids, from_queue=from_queue, options=options)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class EnqueueRequest:
+    dids: tuple[str, ...]
+    reason: str = "explicit"
+
+    @classmethod
+    def parse(cls, body: Any) -> EnqueueRequest:
+        b = _Body(body, "enqueue")
+        dids = b.dids("dids", allow_all=False)
+        reason = b.text("reason")
+        b.done()
+        if not dids or dids == ALL:
+            raise ConfigError("enqueue: 'dids' (a non-empty list of DIDs) is required")
+        if reason is not None and not (0 < len(reason) <= _MAX_REASON):
+            raise ConfigError(f"enqueue: 'reason' must be 1..{_MAX_REASON} characters")
+        return cls(dids=dids, reason=reason or "explicit")
+
+
+# -- the routes' work ----------------------------------------------------------------------------
 
 
 async def gaps_from_request(
-    store: Store, body: dict[str, Any], *, plc_url: str, allow_private_hosts: bool
+    store: Store, body: GapsRequest | Mapping[str, Any], *, plc_url: str, allow_private_hosts: bool
 ) -> dict[str, Any]:
-    start, end = parse_window(str(body.get("start", "")), str(body.get("end", "")))
-    explicit = parse_dids(body["dids"]) if body.get("dids") else []
-    if explicit == ALL:
-        raise ConfigError("dids=all makes no sense for gaps")
-    config = config_from_request(body, plc_url=plc_url, allow_private_hosts=allow_private_hosts)
-    return await run_gaps(store, start=start, end=end, config=config, audit=bool(body.get("audit", True)),
-                          explicit_dids=explicit, enqueue=_enqueue(body.get("enqueue")),
-                          kafka_bootstrap=body.get("kafka_bootstrap") or None)
-
-
-def _enqueue(value: Any) -> bool | str:
-    return value if isinstance(value, str) else bool(value)
+    """Run a gaps request (parsed, or a raw body to parse) with the daemon's settings as defaults."""
+    req = body if isinstance(body, GapsRequest) else GapsRequest.parse(body)
+    config = req.options.config(plc_url=plc_url, allow_private_hosts=allow_private_hosts)
+    return await run_gaps(store, start=req.start, end=req.end, config=config, audit=req.audit,
+                          explicit_dids=req.dids, enqueue=req.enqueue or False,
+                          kafka_bootstrap=req.kafka_bootstrap)
 
 
 async def backfill_from_request(
-    store: Store, body: dict[str, Any], *, sink: ReconcileSink, plc_url: str, allow_private_hosts: bool
+    store: Store, body: BackfillRequest | Mapping[str, Any], *, sink: ReconcileSink, plc_url: str,
+    allow_private_hosts: bool,
 ) -> dict[str, Any]:
-    from_queue = bool(body.get("from_queue", False))
-    dids = parse_dids(body["dids"]) if body.get("dids") is not None else None
-    config = config_from_request(body, plc_url=plc_url, allow_private_hosts=allow_private_hosts)
-    summary = await run_backfill(store, dids=dids, config=config, from_queue=from_queue, sink=sink, progress=False)
+    """Run a backfill request (parsed, or a raw body to parse) with the daemon's settings as defaults."""
+    req = body if isinstance(body, BackfillRequest) else BackfillRequest.parse(body)
+    config = req.options.config(plc_url=plc_url, allow_private_hosts=allow_private_hosts)
+    dids = req.dids if req.dids in (None, ALL) else list(req.dids)
+    summary = await run_backfill(store, dids=dids, config=config, from_queue=req.from_queue, sink=sink,
+                                 progress=False)
     return summary.to_json()
 
 

@@ -15,9 +15,10 @@ from typing import Any, Literal
 
 import click
 import orjson
+from click.core import ParameterSource
 
-from skyfill.cli import db_option, json_option, option
-from skyfill.daemon_client import call_daemon, find_daemon
+from skyfill.cli import FiniteFloatRange, db_option, json_option, one_line, option
+from skyfill.daemon_client import call_daemon, find_daemon, remove_announcement
 from skyfill.errors import ConfigError, DatabaseLocked, SkyfillError
 from storage import TERMINAL_BACKFILL, Store
 
@@ -139,10 +140,25 @@ async def run_backfill(
 
 
 def _open(db: str) -> Store:
+    """Open `db` for writing; holding it proves any daemon announcement beside it stale."""
     try:
-        return Store(db)
+        store = Store(db)
     except DatabaseLocked as exc:
-        raise click.ClickException(f"{exc} (is `skyfill consume` running on it?)") from exc
+        raise click.ClickException(f"{one_line(exc)} (is `skyfill consume` running on it?)") from exc
+    try:
+        remove_announcement(db)
+    except SkyfillError:
+        store.close()
+        raise
+    return store
+
+
+def _user_set(ctx: click.Context, params: dict[str, tuple[str, Any]]) -> dict[str, Any]:
+    """The options the user gave (flag, environment, ...), as request fields; the rest are left to
+    the daemon, whose own --plc-url / --allow-private-hosts must not be replaced by our defaults.
+    `params` maps a click parameter name to (request field, value)."""
+    return {field: value for name, (field, value) in params.items()
+            if ctx.get_parameter_source(name) not in (None, ParameterSource.DEFAULT)}
 
 
 def _emit(data: dict[str, Any], as_json: bool, text: str) -> None:
@@ -185,14 +201,16 @@ def gaps(
         if enqueue == "kafka" and not kafka_bootstrap:
             raise ConfigError("--enqueue kafka needs --kafka-bootstrap (or SKYFILL_KAFKA_BOOTSTRAP)")
     except ConfigError as exc:
-        raise click.BadParameter(str(exc)) from exc
-    daemon = find_daemon(db)
+        raise click.BadParameter(one_line(exc)) from exc
     try:
+        daemon = find_daemon(db)
         if daemon is not None:  # the daemon holds the file: let it do the work
+            ctx = click.get_current_context()
             result = call_daemon(daemon, "/gaps", {
                 "start": start, "end": end, "enqueue": enqueue, "kafka_bootstrap": kafka_bootstrap,
-                "audit": not no_audit, "dids": explicit, "plc_url": plc_url,
-                "allow_private_hosts": allow_private_hosts,
+                "audit": not no_audit, "dids": explicit,
+                **_user_set(ctx, {"plc_url": ("plc_url", plc_url),
+                                  "allow_private_hosts": ("allow_private_hosts", allow_private_hosts)}),
             })
         else:
             with _open(db) as store:
@@ -200,7 +218,7 @@ def gaps(
                                               explicit_dids=explicit, enqueue=enqueue,
                                               kafka_bootstrap=kafka_bootstrap))
     except SkyfillError as exc:
-        raise click.ClickException(str(exc)) from exc
+        raise click.ClickException(one_line(exc)) from exc
     lines = [f"gaps {result['start']} .. {result['end']}: {result['total']} DIDs"]
     lines += [f"  {reason.value:<17} {result['counts'][reason.value]}" for reason in Reason]
     for a, b in result["downtime"]:
@@ -217,7 +235,7 @@ def gaps(
 @option("--from-queue", is_flag=True, help="Work the backfill queue (rows whose retry time has come).")
 @_plc_option
 @option("--concurrency", type=click.IntRange(1, 1024), default=32, show_default=True, help="Repos in flight.")
-@option("--per-host-rps", type=click.FloatRange(0.01), default=10.0, show_default=True, help="Requests/s per PDS.")
+@option("--per-host-rps", type=FiniteFloatRange(0.01), default=10.0, show_default=True, help="Requests/s per PDS.")
 @option("--no-verify", is_flag=True, help="Skip commit signature verification.")
 @_private_option
 @option("--max-car-bytes", type=click.IntRange(1024), default=512 * 1024 * 1024, show_default=True)
@@ -242,14 +260,19 @@ def backfill(
             allow_private_hosts=allow_private_hosts, max_car_bytes=max_car_bytes, max_attempts=max_attempts,
         )
     except ConfigError as exc:
-        raise click.BadParameter(str(exc)) from exc
-    daemon = find_daemon(db)
+        raise click.BadParameter(one_line(exc)) from exc
     try:
+        daemon = find_daemon(db)
         if daemon is not None:  # the daemon holds the file: reconcile through its writer
+            ctx = click.get_current_context()
             data = call_daemon(daemon, "/backfill", {
-                "dids": dids, "from_queue": from_queue, "plc_url": plc_url, "concurrency": concurrency,
-                "per_host_rps": per_host_rps, "verify": not no_verify, "allow_private_hosts": allow_private_hosts,
-                "max_car_bytes": max_car_bytes, "max_attempts": max_attempts,
+                "dids": dids, "from_queue": from_queue,
+                **_user_set(ctx, {
+                    "plc_url": ("plc_url", plc_url), "concurrency": ("concurrency", concurrency),
+                    "per_host_rps": ("per_host_rps", per_host_rps), "no_verify": ("verify", not no_verify),
+                    "allow_private_hosts": ("allow_private_hosts", allow_private_hosts),
+                    "max_car_bytes": ("max_car_bytes", max_car_bytes), "max_attempts": ("max_attempts", max_attempts),
+                }),
             })
             summary = BackfillSummary.from_json(data)
         else:
@@ -258,7 +281,7 @@ def backfill(
                                                    progress=sys.stderr.isatty() and not as_json,
                                                    kafka_bootstrap=kafka_bootstrap))
     except SkyfillError as exc:
-        raise click.ClickException(str(exc)) from exc
+        raise click.ClickException(one_line(exc)) from exc
     _emit(summary.to_json(), as_json, _summary_text(summary))
 
 

@@ -97,6 +97,8 @@ def parse_when(value: str, *, end_of_day: bool = False) -> datetime:
         ts = datetime.fromisoformat(text.replace("Z", "+00:00") if text.endswith("Z") else text)
     except ValueError as exc:
         raise ConfigError(f"not a date (YYYY-MM-DD) or ISO 8601 time: {value!r}") from exc
+    except OverflowError as exc:  # 9999-12-31 as the end of a window: the day after does not exist
+        raise ConfigError(f"date out of range: {value!r}") from exc
     return ts.replace(tzinfo=UTC) if ts.tzinfo is None else ts.astimezone(UTC)
 
 
@@ -123,7 +125,9 @@ def parse_dids(spec: str | Iterable[str]) -> list[str] | Literal["all"]:
             try:
                 lines = Path(text[1:]).read_text().splitlines()
             except OSError as exc:
-                raise ConfigError(f"cannot read DID file {text[1:]!r}: {exc}") from exc
+                raise ConfigError(f"cannot read DID file {text[1:]!r}: {exc.strerror or exc}") from exc
+            except UnicodeDecodeError as exc:
+                raise ConfigError(f"DID file {text[1:]!r} is not UTF-8 text (byte {exc.start})") from exc
             items = [line.split("#", 1)[0].strip() for line in lines]
         else:
             items = [part.strip() for part in text.split(",")]

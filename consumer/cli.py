@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import sys
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 import click
+import duckdb
 import orjson
 
-from skyfill.cli import db_option, json_option, option
-from skyfill.daemon_client import call_daemon, find_daemon
-from skyfill.errors import ConfigError, DatabaseLocked, SkyfillError
+from backfill.config import BackfillConfig
+from skyfill.cli import FiniteFloatRange, db_option, json_option, one_line, option
+from skyfill.daemon_client import call_daemon, find_daemon, remove_announcement
+from skyfill.errors import ConfigError, DatabaseLocked, SkyfillError, StorageError
 from storage import Store
 from storage.status import status_report
 
@@ -26,14 +30,28 @@ __all__ = ["COMMANDS", "consume", "status"]
 log = logging.getLogger(__name__)
 
 
+def _check_relay(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    """--relay must give a ws(s) URL whose host and port parse (`ws://[::1` or `ws://h:x` do not)."""
+    try:
+        parts = urlsplit(subscribe_url(value, None))
+        parts.port  # noqa: B018 - raises ValueError on a port that is not a number in range
+    except ConfigError as exc:
+        raise click.BadParameter(one_line(exc)) from None
+    except ValueError as exc:
+        raise click.BadParameter(f"{value!r} is not a valid URL: {exc}") from None
+    if not parts.hostname:
+        raise click.BadParameter(f"{value!r} names no host")
+    return value
+
+
 @click.command()
 @db_option
-@option("--relay", default="wss://bsky.network", show_default=True,
+@option("--relay", default="wss://bsky.network", show_default=True, callback=_check_relay,
         help="Relay or PDS host, or a full ws:// / wss:// subscribeRepos URL.")
-@option("--cursor", type=int, default=None, help="Start from this seq instead of the stored cursor.")
+@option("--cursor", type=click.IntRange(0, 2**63 - 1), default=None, help="Start from this seq instead of the stored cursor.")
 @option("--collections", default="", help="Comma-separated NSIDs to store (app.bsky.feed.* wildcards). Default: all.")
-@option("--metrics-port", type=int, default=None, help="Serve Prometheus metrics on 127.0.0.1:PORT.")
-@option("--admin-port", type=int, default=0, show_default=True, help="Admin API port on 127.0.0.1 (0 = any free port).")
+@option("--metrics-port", type=click.IntRange(1, 65535), default=None, help="Serve Prometheus metrics on 127.0.0.1:PORT.")
+@option("--admin-port", type=click.IntRange(0, 65535), default=0, show_default=True, help="Admin API port on 127.0.0.1 (0 = any free port).")
 @option("--strict-cursor", is_flag=True, help="Exit instead of restarting from the live head on FutureCursor.")
 @option("--backfill/--no-backfill", "run_backfill", default=False,
         help="Also backfill desynchronized and queued DIDs continuously.")
@@ -42,8 +60,8 @@ log = logging.getLogger(__name__)
 @option("--verify-signatures", is_flag=True,
         help="Check every #commit/#sync signature against the DID's #atproto key (resolved via --plc-url).")
 @option("--kafka-bootstrap", default=None, help="HOST:PORT of a Kafka broker to publish every change to.")
-@option("--batch-events", type=int, default=5000, show_default=True, help="Events per DuckDB transaction (at most).")
-@option("--flush-interval", type=float, default=0.5, show_default=True, help="Seconds before a partial batch is written.")
+@option("--batch-events", type=click.IntRange(1, 1_000_000), default=5000, show_default=True, help="Events per DuckDB transaction (at most).")
+@option("--flush-interval", type=FiniteFloatRange(0.01, 3600), default=0.5, show_default=True, help="Seconds before a partial batch is written.")
 @option("--duckdb-memory-limit", default=None,
         help="Cap DuckDB's buffer pool (e.g. 512MB); default: DuckDB's own (80% of RAM).")
 def consume(
@@ -55,7 +73,6 @@ def consume(
     from .daemon import ConsumeConfig
 
     try:
-        subscribe_url(relay, None)
         from skyfill.syntax import collection_matcher, is_nsid
 
         patterns = tuple(p.strip() for p in collections.split(",") if p.strip())
@@ -63,22 +80,24 @@ def consume(
             if not (is_nsid(p) or (p.endswith(".*") and is_nsid(p[:-2] + ".x"))):
                 raise ConfigError(f"--collections: {p!r} is not an NSID or an NSID prefix with .*")
         collection_matcher(patterns)
-        if verify_signatures and not plc_url.startswith(("http://", "https://")):
-            raise ConfigError(f"--verify-signatures needs an http(s) --plc-url, not {plc_url!r}")
+        if verify_signatures or run_backfill:  # the PLC directory is used: check its URL now
+            BackfillConfig(plc_url=plc_url, allow_private_hosts=allow_private_hosts)
         config = ConsumeConfig(
             relay=relay, cursor=cursor, collections=patterns, strict_cursor=strict_cursor,
             batch_events=batch_events, flush_interval=flush_interval, publish=kafka_bootstrap is not None,
         )
         store = Store(db, memory_limit=duckdb_memory_limit)
     except DatabaseLocked as exc:
-        raise click.ClickException(f"{exc}\nIs another `skyfill consume` running on this file?") from exc
+        raise click.ClickException(f"{one_line(exc)} (is another `skyfill consume` running on this file?)") from exc
     except SkyfillError as exc:
-        raise click.ClickException(str(exc)) from exc
+        raise click.ClickException(one_line(exc)) from exc
     try:
         code = asyncio.run(_serve(store, config, db=db, metrics_port=metrics_port, admin_port=admin_port,
                                   run_backfill=run_backfill, plc_url=plc_url,
                                   allow_private_hosts=allow_private_hosts, kafka_bootstrap=kafka_bootstrap,
                                   verify_signatures=verify_signatures))
+    except SkyfillError as exc:
+        raise click.ClickException(one_line(exc)) from exc
     finally:
         store.close()
     sys.exit(code)
@@ -96,38 +115,40 @@ async def _serve(
     from .service import Services
 
     if metrics_port is not None:
-        metrics.serve(metrics_port)
-    services = Services(store, plc_url=plc_url, allow_private_hosts=allow_private_hosts,
-                        kafka_bootstrap=kafka_bootstrap)
-    await services.start()
-    resolver = None
-    verifier = None
-    if verify_signatures:
-        from backfill.identity import Resolver
+        try:
+            metrics.serve(metrics_port)
+        except OSError as exc:
+            raise ConfigError(f"--metrics-port: cannot listen on 127.0.0.1:{metrics_port}: {exc.strerror or exc}") from exc
+    async with contextlib.AsyncExitStack() as stack:
+        services = Services(store, plc_url=plc_url, allow_private_hosts=allow_private_hosts,
+                            kafka_bootstrap=kafka_bootstrap)
+        await services.start()
+        stack.push_async_callback(services.aclose)
+        verifier = None
+        if verify_signatures:
+            from backfill.identity import Resolver
 
-        from .verify import SignatureChecker
+            from .verify import SignatureChecker
 
-        resolver = Resolver(plc_url=plc_url, allow_private_hosts=allow_private_hosts, store=store)
-        verifier = SignatureChecker(resolver)
-    daemon = Daemon(store, config, publish=services.publish, verifier=verifier)
-    services.attach(daemon)
-    admin = AdminServer(db=db, routes=services.routes(), port=admin_port)
-    await admin.start()
-    background = [asyncio.create_task(services.backfill_forever())] if run_backfill else []
-    try:
-        await daemon.run()
-        return 0
-    except FutureCursorError as exc:
-        log.error(str(exc))
-        return 3
-    finally:
-        for task in background:
-            task.cancel()
-        await asyncio.gather(*background, return_exceptions=True)
-        await admin.aclose()
-        await services.aclose()
-        if resolver is not None:
-            await resolver.aclose()
+            resolver = Resolver(plc_url=plc_url, allow_private_hosts=allow_private_hosts, store=store)
+            stack.push_async_callback(resolver.aclose)
+            verifier = SignatureChecker(resolver)
+        daemon = Daemon(store, config, publish=services.publish, verifier=verifier)
+        services.attach(daemon)
+        admin = AdminServer(db=db, routes=services.routes(), port=admin_port)
+        await admin.start()
+        stack.push_async_callback(admin.aclose)
+        background = [asyncio.create_task(services.backfill_forever())] if run_backfill else []
+        try:
+            await daemon.run()
+            return 0
+        except FutureCursorError as exc:
+            log.error(str(exc))
+            return 3
+        finally:
+            for task in background:
+                task.cancel()
+            await asyncio.gather(*background, return_exceptions=True)
 
 
 @click.command()
@@ -135,17 +156,21 @@ async def _serve(
 @json_option
 def status(db: str, as_json: bool) -> None:
     """Cursor, lag, repos by sync state and status, records by collection."""
-    daemon = find_daemon(db)
     try:
+        daemon = find_daemon(db)
         if daemon is not None:
             report = call_daemon(daemon, "/status", timeout=30)
         else:
             with Store(db, read_only=True) as store:
-                report = status_report(store.conn)
+                remove_announcement(db)  # we hold the file: an announcement beside it is stale
+                try:
+                    report = status_report(store.conn)
+                except duckdb.Error as exc:
+                    raise StorageError(f"cannot read {db}: {exc}") from exc
     except DatabaseLocked as exc:
-        raise click.ClickException(f"{exc} (and no daemon announcement found next to it)") from exc
+        raise click.ClickException(f"{one_line(exc)} (and no live daemon announced next to it)") from exc
     except SkyfillError as exc:
-        raise click.ClickException(str(exc)) from exc
+        raise click.ClickException(one_line(exc)) from exc
     if as_json:
         click.echo(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode())
     else:

@@ -9,8 +9,11 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING, Any
 
+from backfill.api import BackfillRequest, EnqueueRequest, GapsRequest, backfill_from_request, gaps_from_request
 from storage import Store
 from storage.status import status_report
+
+from .resync import DaemonSink
 
 if TYPE_CHECKING:
     from .daemon import Daemon
@@ -59,7 +62,7 @@ class Services:
             ("POST", "/enqueue"): self._enqueue,
         }
 
-    async def _status(self, _body: dict[str, Any]) -> Any:
+    async def _status(self, _body: Any) -> Any:
         def read() -> dict[str, Any]:
             cur = self.store.cursor()
             try:
@@ -69,27 +72,20 @@ class Services:
 
         return await asyncio.to_thread(read)
 
-    async def _enqueue(self, body: dict[str, Any]) -> Any:
-        from skyfill.syntax import is_did
+    async def _enqueue(self, body: Any) -> Any:
+        req = EnqueueRequest.parse(body)
+        added = await asyncio.to_thread(self.store.enqueue, {d: [req.reason] for d in req.dids})
+        return {"enqueued": added, "dids": len(req.dids)}
 
-        dids = [d for d in body.get("dids", []) if is_did(d)]
-        reason = str(body.get("reason", "explicit"))
-        added = await asyncio.to_thread(self.store.enqueue, {d: [reason] for d in dids})
-        return {"enqueued": added, "dids": len(dids)}
-
-    async def _gaps(self, body: dict[str, Any]) -> Any:
-        from backfill.api import gaps_from_request
-
-        return await gaps_from_request(self.store, body, plc_url=self.plc_url,
+    async def _gaps(self, body: Any) -> Any:
+        req = GapsRequest.parse(body)
+        return await gaps_from_request(self.store, req, plc_url=self.plc_url,
                                        allow_private_hosts=self.allow_private_hosts)
 
-    async def _backfill(self, body: dict[str, Any]) -> Any:
-        from backfill.api import backfill_from_request
-
-        from .resync import DaemonSink
-
+    async def _backfill(self, body: Any) -> Any:
+        req = BackfillRequest.parse(body)
         assert self.daemon is not None
-        return await backfill_from_request(self.store, body, sink=DaemonSink(self.daemon),
+        return await backfill_from_request(self.store, req, sink=DaemonSink(self.daemon),
                                            plc_url=self.plc_url, allow_private_hosts=self.allow_private_hosts)
 
     async def backfill_forever(self) -> None:

@@ -9,7 +9,7 @@ from typing import Any
 
 import click
 
-from skyfill.cli import db_option, option
+from skyfill.cli import db_option, one_line, option
 from skyfill.errors import SkyfillError
 
 from .messages import BACKFILL_TOPIC, RECORDS_TOPIC, REPOS_TOPIC, Topics
@@ -32,7 +32,7 @@ def _run(main: Callable[[asyncio.Event], Awaitable[Any]]) -> Any:
     try:
         return asyncio.run(wrapper())
     except SkyfillError as exc:
-        raise click.ClickException(str(exc)) from exc
+        raise click.ClickException(one_line(exc)) from exc
 
 
 @click.command("sink")
@@ -64,7 +64,7 @@ def sink(kafka_bootstrap: str, db: str, group_id: str, records_topic: str, repos
 @db_option
 @option("--group-id", envvar="SKYFILL_BACKFILL_GROUP_ID", default="skyfill-backfill", show_default=True, help="Consumer group shared by all workers.")
 @option("--topic", default=BACKFILL_TOPIC, show_default=True, help="Topic of backfill requests.")
-@option("--concurrency", default=8, show_default=True, type=int, help="Requests in flight per worker.")
+@option("--concurrency", default=8, show_default=True, type=click.IntRange(1, 1024), help="Requests in flight per worker.")
 @option("--plc-url", default=None, help="PLC directory (default: the backfiller's).")
 @option("--allow-private-hosts", is_flag=True, help="Allow loopback/private PDS hosts (local networks).")
 @option("--records-topic", default=RECORDS_TOPIC, show_default=True, help="Where results go (for the sink).")
@@ -86,7 +86,10 @@ def backfill_worker(kafka_bootstrap: str, db: str, group_id: str, topic: str, co
     from .worker import BackfillWorker, backfill_one_from
 
     extra: dict[str, Any] = {"plc_url": plc_url} if plc_url else {}
-    config = BackfillConfig(concurrency=concurrency, allow_private_hosts=allow_private_hosts, **extra)
+    try:
+        config = BackfillConfig(concurrency=concurrency, allow_private_hosts=allow_private_hosts, **extra)
+    except SkyfillError as exc:
+        raise click.BadParameter(one_line(exc)) from exc
 
     async def main(stop: asyncio.Event) -> None:
         with Store(db) as store:

@@ -11,6 +11,7 @@ transaction, so after a crash the stored cursor never points past an effect that
 
 from __future__ import annotations
 
+import tempfile
 import threading
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -129,35 +130,52 @@ def _ts_sql(col: str) -> str:
     return f"TRY_CAST({col} AS TIMESTAMPTZ)"
 
 
+def _check_writable_dir(directory: Path) -> None:
+    """Make sure DuckDB will be able to write beside the file: it creates `<db>.wal` there on the
+    first commit, so a writable file in a read-only directory opens fine and fails only then."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=directory):
+            pass
+    except OSError as exc:
+        raise StorageError(f"cannot write in {str(directory) or '.'}: {exc.strerror or exc}") from exc
+
+
 class Store:
     """The DuckDB file and the only code that writes to it."""
 
     def __init__(self, path: str | Path, *, read_only: bool = False, memory_limit: str | None = None) -> None:
         self.path = str(path)
         if self.path != ":memory:" and not read_only:
-            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+            _check_writable_dir(Path(self.path).parent)
         try:
             self._conn = duckdb.connect(self.path, read_only=read_only)
-        except duckdb.IOException as exc:
-            if "lock" in str(exc).lower():
+        except duckdb.Error as exc:
+            if isinstance(exc, duckdb.IOException) and "lock" in str(exc).lower():
                 raise DatabaseLocked(f"{self.path} is held by another process: {exc}") from exc
             raise StorageError(f"cannot open {self.path}: {exc}") from exc
         self._lock = threading.RLock()
         self.read_only = read_only
-        if not read_only:
-            schema = resources.files("storage").joinpath("schema.sql").read_text()
-            self._conn.execute(schema)
-            # DuckDB checkpoints when the WAL passes 16 MB by default, and a checkpoint's cost grows
-            # with the table: on 200k firehose frames COMMIT was over half of Store.apply. Durability
-            # is unchanged (every COMMIT still syncs the WAL); a crash means a longer WAL replay.
-            self._conn.execute(f"SET checkpoint_threshold = '{CHECKPOINT_THRESHOLD}'")
-        if memory_limit is not None:
-            # DuckDB's buffer pool defaults to 80% of RAM. The primary-key index must fit inside
-            # the limit, so it has to grow with the mirror (100MB holds ~200k records' index).
-            try:
-                self._conn.execute("SET memory_limit = ?", [memory_limit])
-            except duckdb.Error as exc:
-                raise StorageError(f"bad memory limit {memory_limit!r}: {exc}") from exc
+        try:
+            if not read_only:
+                schema = resources.files("storage").joinpath("schema.sql").read_text()
+                self._conn.execute(schema)
+                # DuckDB checkpoints when the WAL passes 16 MB by default, and a checkpoint's cost grows
+                # with the table: on 200k firehose frames COMMIT was over half of Store.apply. Durability
+                # is unchanged (every COMMIT still syncs the WAL); a crash means a longer WAL replay.
+                self._conn.execute(f"SET checkpoint_threshold = '{CHECKPOINT_THRESHOLD}'")
+            if memory_limit is not None:
+                # DuckDB's buffer pool defaults to 80% of RAM. The primary-key index must fit inside
+                # the limit, so it has to grow with the mirror (100MB holds ~200k records' index).
+                try:
+                    self._conn.execute("SET memory_limit = ?", [memory_limit])
+                except duckdb.Error as exc:
+                    raise StorageError(f"bad memory limit {memory_limit!r}: {exc}") from exc
+        except BaseException as exc:
+            self._conn.close()
+            if isinstance(exc, duckdb.Error):  # e.g. a file truncated under its own header
+                raise StorageError(f"cannot open {self.path}: {exc}") from exc
+            raise
 
     # -- plumbing -----------------------------------------------------------------------
 
