@@ -126,6 +126,7 @@ def _finish(ctx: Context, res: TrialResult, daemon: DaemonProcess, watcher: Head
     if load is not None:
         load.stop()
         res.figures["writes"] = load.writes
+        res.figures["big_commit_ops"] = load.counts["applyWrites_ops"]
         if load.counts["error"]:
             res.figures["load_errors"] = load.counts["error"]
     sentinel = ctx.client.create_record(accounts[0], POST, post_record("chaos sentinel"))
@@ -171,6 +172,7 @@ def kill9(ctx: Context, *, kills: int = 20, accounts: int = 8, gap: tuple[float,
     start = head_seq(ctx.client)
     daemon = DaemonProcess(ctx.workdir / "kill9.duckdb", ctx.net.pds_url, env, ctx.workdir / "kill9.log")
     during_backfill = 0
+    starts: list[float] = []  # restart -> admin API up (process start), part of each resume
     with HeadWatcher(ctx.client, start) as watcher:
         try:
             daemon.start(cursor=start)
@@ -200,11 +202,12 @@ def kill9(ctx: Context, *, kills: int = 20, accounts: int = 8, gap: tuple[float,
                             backfill.kill()
                             backfill.wait(10)
                     t0 = time.monotonic()
-                    daemon.start()  # no --cursor: resumes from the stored one
+                    starts.append(daemon.start())  # no --cursor: resumes from the stored one
                     res.restarts += 1
                     daemon.wait_seq(head, timeout=CATCH_UP, where=f"resuming after kill {i + 1}")
                     res.resumes.append(time.monotonic() - t0)
                 res.figures["kills_during_backfill"] = during_backfill
+                res.figures["start_median_s"] = round(statistics.median(starts), 2) if starts else None
                 _finish(ctx, res, daemon, watcher, users, load)
         finally:
             daemon.kill9()
@@ -465,7 +468,20 @@ def _fill(path: Path) -> int:
 # -- 5. concurrent backfills ---------------------------------------------------------------------
 
 
-def concurrent_backfills(ctx: Context, *, rounds: int = 6, writes_before: int = 3) -> TrialResult:
+# The real CLI entry point (`python -m skyfill backfill ...`), imported first and then held until
+# the trial writes a line to its stdin: two of them then start within a millisecond of each other
+# instead of a process start-up (1-2 s on a busy machine) apart, which would serialize them.
+_HELD_CLI = (
+    "import runpy, sys\n"
+    "import backfill.cli, skyfill.cli\n"
+    "print('ready', file=sys.stderr, flush=True)\n"
+    "sys.stdin.readline()\n"
+    "sys.argv = ['skyfill', *sys.argv[1:]]\n"
+    "runpy.run_module('skyfill', run_name='__main__')\n"
+)
+
+
+def concurrent_backfills(ctx: Context, *, rounds: int = 6, writes_before: int = 3, seed_records: int = 400) -> TrialResult:
     """Each round: one account keeps writing while two `skyfill backfill --dids X` run at once
     through the running daemon. One account per round, so a divergence left by a round is not
     repaired by the next; all are compared with getRepo at the end."""
@@ -479,13 +495,23 @@ def concurrent_backfills(ctx: Context, *, rounds: int = 6, writes_before: int = 
         try:
             daemon.start(cursor=start)
             targets = _load_accounts(ctx, rounds, "twin")
-            for i, x in enumerate(targets):
+            for x in targets:  # a repo big enough that a backfill takes a while
+                for _ in range(max(0, seed_records - 10) // 200):
+                    ctx.client.apply_writes(x, [Create(POST, post_record(f"history {i}")) for i in range(200)])
+            for x in targets:
                 with Load(ctx.net, [x], rng, big_share=0.0, lifecycle_share=0.0) as load:
                     poll(lambda: load.writes >= writes_before, timeout=60, what="the account's first writes")
-                    cmd = [sys.executable, "-m", "skyfill", "backfill", "--db", str(daemon.db), "--dids", x.did,
+                    cmd = [sys.executable, "-c", _HELD_CLI, "backfill", "--db", str(daemon.db), "--dids", x.did,
                            "--json"]
-                    procs = [subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                    procs = [subprocess.Popen(cmd, cwd=ROOT, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                               stderr=subprocess.PIPE, text=True) for _ in range(2)]
+                    for p in procs:
+                        assert p.stderr is not None
+                        p.stderr.readline()  # "ready": imported, waiting for the go
+                    for p in procs:
+                        assert p.stdin is not None
+                        p.stdin.write("go\n")
+                        p.stdin.flush()
                     for p in procs:
                         try:
                             out, err = p.communicate(timeout=180)
