@@ -179,8 +179,12 @@ def kill9(ctx: Context, *, kills: int = 20, accounts: int = 8, gap: tuple[float,
             users = _load_accounts(ctx, accounts, "kill")
             with Load(ctx.net, users, rng) as load:
                 _advanced(daemon, start, events=accounts, what="storing the first writes")
+                last_writes = 0
                 for i in range(kills):
                     time.sleep(rng.uniform(*gap))  # a random moment: the point of this trial
+                    # ... and under load: at least one write landed since the previous kill
+                    poll(lambda: load.writes > last_writes, timeout=60, what="a write before the kill")
+                    last_writes = load.writes
                     backfill = None
                     if rng.random() < backfill_share:
                         target = rng.choice(users).did
@@ -519,6 +523,9 @@ def concurrent_backfills(ctx: Context, *, rounds: int = 6, writes_before: int = 
                             p.kill()
                             out, err = p.communicate()
                         outcomes.append(_backfill_outcome(p.returncode, out, err))
+                        with (ctx.workdir / "twin.backfills.jsonl").open("a") as f:
+                            f.write(json.dumps({"did": x.did, "code": p.returncode, "out": out[-2000:],
+                                                "err": err[-2000:]}) + "\n")
                     after = load.writes
                     poll(lambda: load.writes >= after + 2, timeout=60, what="writes after the backfills")
                 writes += load.writes
@@ -551,5 +558,5 @@ TRIALS: dict[str, Callable[[Context], TrialResult]] = {
                                              sigstop_seconds=8 if ctx.quick else 30),
     "broker_freeze": lambda ctx: broker_freeze(ctx, seconds=15 if ctx.quick else 45),
     "disk_full": lambda ctx: disk_full(ctx, hold=12 if ctx.quick else 30, resume_wait=20 if ctx.quick else 60),
-    "concurrent_backfills": lambda ctx: concurrent_backfills(ctx, rounds=3 if ctx.quick else 6),
+    "concurrent_backfills": lambda ctx: concurrent_backfills(ctx, rounds=4 if ctx.quick else 10),
 }
