@@ -569,7 +569,7 @@ def verdict(db: Path, client: PdsClient, dids: Iterable[str]) -> Verdict:
         except Exception:
             out.unchecked += 1
     for line in out.lines:
-        out.diverged.add(line.split(":", 1)[0])
+        out.diverged.add(line.split(": ", 1)[0])  # "did:plc:...: missing ..."
         if ": missing " in line or ": no repos row" in line:
             out.lost += 1
         elif ": extra " in line or "deleted at the PDS" in line:

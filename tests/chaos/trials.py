@@ -142,7 +142,7 @@ def _finish(ctx: Context, res: TrialResult, daemon: DaemonProcess, watcher: Head
     v = verdict(daemon.db, ctx.client, [a.did for a in accounts])
     res.verdict = v
     if not v.clean:
-        res.fail(f"mirror != getRepo on {len(v.diverged)} repos: " + "; ".join(v.lines[:5]))
+        res.fail(f"mirror != getRepo on {len(v.diverged)} repos: " + "; ".join(v.lines[:3]))
     if v.unchecked:
         res.problems.append(f"{v.unchecked} repos not served by the PDS (left deactivated): not compared")
     (ctx.workdir / f"{res.name}.diff").write_text("\n".join(v.lines) + "\n")
@@ -485,10 +485,13 @@ _HELD_CLI = (
 )
 
 
-def concurrent_backfills(ctx: Context, *, rounds: int = 6, writes_before: int = 3, seed_records: int = 400) -> TrialResult:
+def concurrent_backfills(ctx: Context, *, rounds: int = 6, control_rounds: int = 2, writes_before: int = 3,
+                         seed_records: int = 400) -> TrialResult:
     """Each round: one account keeps writing while two `skyfill backfill --dids X` run at once
     through the running daemon. One account per round, so a divergence left by a round is not
-    repaired by the next; all are compared with getRepo at the end."""
+    repaired by the next; all are compared with getRepo at the end. Control rounds run the same
+    two backfills one after the other under the same writes: they must stay equal, which shows
+    that a divergence of the concurrent rounds comes from the concurrency."""
     res = TrialResult("concurrent_backfills")
     rng, env = ctx.rng, ctx.env()
     start = head_seq(ctx.client)
@@ -498,11 +501,14 @@ def concurrent_backfills(ctx: Context, *, rounds: int = 6, writes_before: int = 
     with HeadWatcher(ctx.client, start) as watcher:
         try:
             daemon.start(cursor=start)
-            targets = _load_accounts(ctx, rounds, "twin")
+            targets = _load_accounts(ctx, rounds + control_rounds, "twin")
+            together = {x.did for x in targets[:rounds]}
             for x in targets:  # a repo big enough that a backfill takes a while
                 for _ in range(max(0, seed_records - 10) // 200):
                     ctx.client.apply_writes(x, [Create(POST, post_record(f"history {i}")) for i in range(200)])
-            for x in targets:
+            order = list(targets)
+            rng.shuffle(order)
+            for x in order:
                 with Load(ctx.net, [x], rng, big_share=0.0, lifecycle_share=0.0) as load:
                     poll(lambda: load.writes >= writes_before, timeout=60, what="the account's first writes")
                     cmd = [sys.executable, "-c", _HELD_CLI, "backfill", "--db", str(daemon.db), "--dids", x.did,
@@ -512,11 +518,12 @@ def concurrent_backfills(ctx: Context, *, rounds: int = 6, writes_before: int = 
                     for p in procs:
                         assert p.stderr is not None
                         p.stderr.readline()  # "ready": imported, waiting for the go
+                    if x.did in together:
+                        for p in procs:
+                            _go(p)
                     for p in procs:
-                        assert p.stdin is not None
-                        p.stdin.write("go\n")
-                        p.stdin.flush()
-                    for p in procs:
+                        if x.did not in together:
+                            _go(p)  # control: the second starts when the first has finished
                         try:
                             out, err = p.communicate(timeout=180)
                         except subprocess.TimeoutExpired:
@@ -524,20 +531,30 @@ def concurrent_backfills(ctx: Context, *, rounds: int = 6, writes_before: int = 
                             out, err = p.communicate()
                         outcomes.append(_backfill_outcome(p.returncode, out, err))
                         with (ctx.workdir / "twin.backfills.jsonl").open("a") as f:
-                            f.write(json.dumps({"did": x.did, "code": p.returncode, "out": out[-2000:],
-                                                "err": err[-2000:]}) + "\n")
+                            f.write(json.dumps({"did": x.did, "together": x.did in together, "code": p.returncode,
+                                                "out": out[-2000:], "err": err[-2000:]}) + "\n")
                     after = load.writes
                     poll(lambda: load.writes >= after + 2, timeout=60, what="writes after the backfills")
                 writes += load.writes
-            res.figures["rounds"] = rounds
             res.figures["backfills"] = ",".join(sorted(set(outcomes)))
             _finish(ctx, res, daemon, watcher, targets, None)
             res.figures["writes"] = writes
             if res.verdict is not None:
-                res.figures["rounds_diverged"] = len(res.verdict.diverged)
+                diverged = res.verdict.diverged
+                res.figures["rounds_diverged"] = f"{len(diverged & together)}/{rounds}"
+                res.figures["control_diverged"] = f"{len(diverged - together)}/{control_rounds}"
+                if diverged - together:
+                    res.problems.append("a control round (backfills one after the other) diverged too: "
+                                        "not (only) a concurrency bug")
         finally:
             daemon.kill9()
     return res
+
+
+def _go(p: subprocess.Popen[str]) -> None:
+    assert p.stdin is not None
+    p.stdin.write("go\n")
+    p.stdin.flush()
 
 
 def _backfill_outcome(code: int | None, out: str, err: str) -> str:
@@ -558,5 +575,5 @@ TRIALS: dict[str, Callable[[Context], TrialResult]] = {
                                              sigstop_seconds=8 if ctx.quick else 30),
     "broker_freeze": lambda ctx: broker_freeze(ctx, seconds=15 if ctx.quick else 45),
     "disk_full": lambda ctx: disk_full(ctx, hold=12 if ctx.quick else 30, resume_wait=20 if ctx.quick else 60),
-    "concurrent_backfills": lambda ctx: concurrent_backfills(ctx, rounds=4 if ctx.quick else 10),
+    "concurrent_backfills": lambda ctx: concurrent_backfills(ctx, rounds=4 if ctx.quick else 8, control_rounds=2 if ctx.quick else 3),
 }
