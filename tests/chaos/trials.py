@@ -211,7 +211,10 @@ def kill9(ctx: Context, *, kills: int = 20, accounts: int = 8, gap: tuple[float,
                     daemon.wait_seq(head, timeout=CATCH_UP, where=f"resuming after kill {i + 1}")
                     res.resumes.append(time.monotonic() - t0)
                 res.figures["kills_during_backfill"] = during_backfill
-                res.figures["start_median_s"] = round(statistics.median(starts), 2) if starts else None
+                if starts:  # resume = process start (imports, DuckDB open, admin API) + catch-up
+                    res.figures["start_median_s"] = round(statistics.median(starts), 2)
+                    res.figures["catchup_median_s"] = round(
+                        statistics.median(r - s for r, s in zip(res.resumes, starts, strict=True)), 2)
                 _finish(ctx, res, daemon, watcher, users, load)
         finally:
             daemon.kill9()
@@ -571,7 +574,7 @@ def _backfill_outcome(code: int | None, out: str, err: str) -> str:
 
 TRIALS: dict[str, Callable[[Context], TrialResult]] = {
     "kill9": lambda ctx: kill9(ctx, kills=5 if ctx.quick else 20, accounts=4 if ctx.quick else 8),
-    "relay_freeze": lambda ctx: relay_freeze(ctx, proxy_seconds=10 if ctx.quick else 45,
+    "relay_freeze": lambda ctx: relay_freeze(ctx, proxy_seconds=10 if ctx.quick else 60,
                                              sigstop_seconds=8 if ctx.quick else 30),
     "broker_freeze": lambda ctx: broker_freeze(ctx, seconds=15 if ctx.quick else 45),
     "disk_full": lambda ctx: disk_full(ctx, hold=12 if ctx.quick else 30, resume_wait=20 if ctx.quick else 60),
