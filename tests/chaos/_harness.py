@@ -220,6 +220,10 @@ class LogSummary:
     errors: list[str] = field(default_factory=list)  # msg of each structured error/critical line
     tracebacks: int = 0                              # bare (non-JSON) "Traceback" lines
     last: str = ""                                   # the last non-empty line
+    messages: Counter[str] = field(default_factory=Counter)  # msg of every structured line
+
+    def count(self, msg: str) -> int:
+        return self.messages[msg]
 
 
 def read_log(path: Path, *, offset: int = 0) -> LogSummary:
@@ -239,6 +243,7 @@ def read_log(path: Path, *, offset: int = 0) -> LogSummary:
                 entry = json.loads(line)
             except ValueError:
                 continue
+            out.messages[str(entry.get("msg"))] += 1
             if str(entry.get("level", "")).lower() in ("error", "critical"):
                 extra = entry.get("ctx") or entry.get("exc") or ""
                 out.errors.append(f"{entry.get('msg')}{f' {extra}' if extra else ''}"[:300])

@@ -132,7 +132,8 @@ def _finish(ctx: Context, res: TrialResult, daemon: DaemonProcess, watcher: Head
     sentinel = ctx.client.create_record(accounts[0], POST, post_record("chaos sentinel"))
     target = watcher.seq_of(accounts[0].did, sentinel.commit.rev)
     if not daemon.alive():
-        res.problems.append(f"the daemon had exited ({daemon.returncode}); restarted for the final check")
+        res.fail(f"the daemon had exited by itself ({daemon.returncode}); restarted for the final check")
+        daemon.reap()
         daemon.start()
         res.restarts += 1
     daemon.wait_seq(target, timeout=CATCH_UP, where="catching up with the sentinel")
@@ -236,7 +237,6 @@ def relay_freeze(ctx: Context, *, proxy_seconds: float = 45, sigstop_seconds: fl
     with FreezableProxy(port) as proxy, HeadWatcher(ctx.client, start) as watcher:
         daemon = DaemonProcess(ctx.workdir / "relay.duckdb", f"ws://127.0.0.1:{proxy.port}", env,
                                ctx.workdir / "relay.log")
-        stopped = False
         try:
             daemon.start(cursor=start)
             users = _load_accounts(ctx, accounts, "relay")
@@ -246,26 +246,29 @@ def relay_freeze(ctx: Context, *, proxy_seconds: float = 45, sigstop_seconds: fl
                 # (a) the proxy hangs; the PDS keeps writing
                 before = daemon.stored_seq() or 0
                 proxy.freeze()
-                time.sleep(proxy_seconds)  # the outage itself
-                during = daemon.stored_seq() or 0
-                head = watcher.head()
-                proxy.thaw()
+                try:
+                    time.sleep(proxy_seconds)  # the outage itself
+                    during = daemon.stored_seq() or 0
+                    head = watcher.head()
+                finally:
+                    proxy.thaw()
                 t0 = time.monotonic()
                 res.figures["proxy_backlog_events"] = head - during
                 daemon.wait_seq(max(head, during + 1), timeout=CATCH_UP, where="catching up after the proxy thaw")
                 res.resumes.append(time.monotonic() - t0)
+                res.figures["proxy_resume_s"] = round(res.resumes[-1], 2)
                 res.figures["proxy_frozen_s"] = proxy_seconds
                 if during - before > 0:
                     res.figures["stored_during_proxy_freeze"] = during - before  # buffered before the freeze
 
                 # (b) the PDS process stops (SIGSTOP); its sockets stay open
                 os.killpg(ctx.net.pid, signal.SIGSTOP)
-                stopped = True
-                time.sleep(sigstop_seconds)
-                head = watcher.head()
-                alive = daemon.alive()
-                os.killpg(ctx.net.pid, signal.SIGCONT)
-                stopped = False
+                try:  # SIGCONT before anything else can wait on the PDS (the load's join would)
+                    time.sleep(sigstop_seconds)
+                    head = watcher.head()
+                    alive = daemon.alive()
+                finally:
+                    os.killpg(ctx.net.pid, signal.SIGCONT)
                 t0 = time.monotonic()
                 if not alive:
                     res.fail(f"the daemon exited ({daemon.returncode}) while the PDS was stopped")
@@ -273,12 +276,12 @@ def relay_freeze(ctx: Context, *, proxy_seconds: float = 45, sigstop_seconds: fl
                     res.restarts += 1
                 daemon.wait_seq(head + 1, timeout=CATCH_UP, where="receiving again after SIGCONT of the PDS")
                 res.resumes.append(time.monotonic() - t0)
+                res.figures["pds_resume_s"] = round(res.resumes[-1], 2)
                 res.figures["pds_stopped_s"] = sigstop_seconds
                 res.figures["proxy_connections"] = proxy.connections
+                res.figures["connections_lost"] = read_log(daemon.log).count("connection lost")
                 _finish(ctx, res, daemon, watcher, users, load)
         finally:
-            if stopped:
-                os.killpg(ctx.net.pid, signal.SIGCONT)
             daemon.kill9()
     return res
 
