@@ -551,12 +551,6 @@ class Verdict:
     def clean(self) -> bool:
         return not self.lines
 
-    def merge(self, other: Verdict) -> None:
-        for name in ("repos", "records", "lost", "extra", "stale", "wrong_rev", "unchecked"):
-            setattr(self, name, getattr(self, name) + getattr(other, name))
-        self.lines += other.lines
-        self.diverged |= other.diverged
-
 
 def verdict(db: Path, client: PdsClient, dids: Iterable[str]) -> Verdict:
     """Open the (stopped) daemon's database read-only and compare it with every DID's getRepo."""

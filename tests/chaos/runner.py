@@ -97,7 +97,7 @@ def main(argv: Sequence[str] = ()) -> int:
     t0 = time.monotonic()
     with LocalNetwork() as net, net.client() as client:
         say(f"   PDS {net.pds_url}   PLC {net.plc_url}   (ready in {net.start_seconds:.1f} s)")
-        ctx = Context(net=net, client=client, workdir=workdir, rng=random.Random(seed), quick=args.quick, say=say)
+        ctx = Context(net=net, client=client, workdir=workdir, rng=random.Random(seed), quick=args.quick)
         results = run_trials(ctx, names)
     say()
     say(table(results))

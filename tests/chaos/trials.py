@@ -69,7 +69,6 @@ class Context:
     workdir: Path
     rng: random.Random
     quick: bool = False
-    say: Callable[[str], None] = print
 
     def account(self, stem: str) -> PdsAccount:
         return self.client.create_account(f"{stem}-{secrets.token_hex(3)}.test")
@@ -344,7 +343,7 @@ def broker_freeze(ctx: Context, *, seconds: float = 45, accounts: int = 6) -> Tr
     return res
 
 
-def _records(db: Path) -> set[tuple[str, str, str, str]]:
+def _records(db: Path) -> set[tuple[Any, ...]]:
     con = duckdb.connect(str(db), read_only=True)
     try:
         return {tuple(r) for r in con.execute("SELECT did, collection, rkey, cid FROM records").fetchall()}
