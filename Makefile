@@ -8,7 +8,7 @@ DB     ?= data/skyfill.duckdb
 RELAY  ?= wss://bsky.network
 KAFKA  ?=
 
-.PHONY: run test bench status gaps backfill demo kafka-up kafka-down network clean install
+.PHONY: run test bench chaos fuzz status gaps backfill demo kafka-up kafka-down network clean install
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,15 @@ test: $(STAMP) network
 
 bench: $(STAMP)
 	$(PY) -m bench
+
+# Fault trials against the local PDS (kill -9, relay and broker freezes, disk full, concurrent
+# backfills): <= 15 min, not part of `make test`. CHAOS_ARGS="--quick" or "--only kill9".
+chaos: $(STAMP) network
+	$(PY) -m tests.chaos $(CHAOS_ARGS)
+
+# Thousands of mutated frames and CARs: every input ends in a counted error or a correct effect.
+fuzz: $(STAMP)
+	$(PY) -m tests.fuzz
 
 status: $(STAMP)
 	$(SKYFILL) status --db $(DB)
