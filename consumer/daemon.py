@@ -20,7 +20,7 @@ import logging
 import signal
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
@@ -33,6 +33,7 @@ from .changes import changes_for
 from .connection import source_name, stream_frames
 from .events import Account, Commit, Identity, Info, StreamError, Sync
 from .frames import parse_frame
+from .resync import Captures
 from .tracker import Tracker, Verdict
 
 if TYPE_CHECKING:
@@ -56,14 +57,6 @@ class ConsumeConfig:
     batch_events: int = 5000                # seal a batch after this many events ...
     flush_interval: float = 0.5             # ... or this many seconds
     publish: bool = False                   # keep the unreduced change log for a publisher
-
-
-@dataclass(slots=True)
-class _Capture:
-    """Firehose commits of one DID seen while its repo is being fetched (see DaemonSink)."""
-
-    commits: list[Commit] = field(default_factory=list)
-    desynced: bool = False
 
 
 Publisher = Callable[[list], Awaitable[None]]
@@ -95,7 +88,7 @@ class Daemon:
         self._span: CoverageSpan | None = None
         self._restart_from_head = False
         self._reconnect = False
-        self.captures: dict[str, _Capture] = {}
+        self.captures = Captures()  # commits racing an in-daemon backfill (consumer/resync.py)
         self.committed_seq: int | None = stored
         self.counts: dict[str, int] = {}
         # Per-event counters are summed here and added to Prometheus once per batch or tick
@@ -249,7 +242,7 @@ class Daemon:
             row = self.tracker.row(event.did)
             metrics.DESYNCHRONIZED.labels(row.desync_reason if row else "unknown").inc()
         if verdict in (Verdict.APPLIED, Verdict.DESYNCHRONIZED):
-            capture = self.captures.get(event.did)
+            capture = self.captures.active.get(event.did)
             if capture is not None:
                 if isinstance(event, Commit):
                     capture.commits.append(event)
