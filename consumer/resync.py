@@ -134,9 +134,7 @@ class DaemonSink:
         # Hold the flush lock: no batch write may interleave with the reconcile transaction, and
         # no batch sealed before this point may be written after it (its repo rows are older).
         async with daemon.flush_lock:
-            if daemon._inflight is not None:
-                await daemon._inflight
-                daemon._inflight = None
+            await daemon.settle_write()
             # From here on the next attempt of this DID may begin: events applied after this
             # point are written after this reconcile (the flush lock is held), on top of it.
             capture = daemon.captures.close(did)
