@@ -12,7 +12,7 @@ import orjson
 
 from skyfill.cli import db_option, json_option, option
 from skyfill.daemon_client import call_daemon, find_daemon
-from skyfill.errors import ConfigError, DatabaseLocked, SkyfillError, StorageError
+from skyfill.errors import ConfigError, DatabaseLocked, SkyfillError
 from storage import Store
 from storage.status import status_report
 
@@ -120,7 +120,7 @@ async def _serve(
     except FutureCursorError as exc:
         log.error(str(exc))
         return 3
-    except StorageError as exc:  # logged when it happened; this is the exit's one line
+    except SkyfillError as exc:  # a write that failed for good; logged when it happened, this is the exit's line
         log.error(f"exiting: {exc}")
         return 4
     finally:

@@ -123,7 +123,11 @@ class Daemon:
         self._batch = self._new_batch()
         self._batch_started = time.monotonic()
         self._inflight: asyncio.Future[None] | None = None
-        self._fatal: StorageError | None = None  # the store is unusable in this process
+        # A batch write that failed for good (an invalidated database, a stop during an outage, a
+        # publish refused): its events are lost from memory, so nothing may be written after it,
+        # or the cursor would pass them. The daemon stops and the next run reads them again.
+        self._failed: BaseException | None = None
+        self._invalidated = False
         self._dead = asyncio.Event()
         self._span: CoverageSpan | None = None
         self._restart_from_head = False
@@ -168,15 +172,18 @@ class Daemon:
                     await consume
                 except asyncio.CancelledError:
                     pass
+            await _cancelled(ticker)  # no timed flush may race the drain
+            if self._failed is not None:
+                raise self._failed
             drained = True  # from here a failure is the drain's own: do not drain again
             await self._drain()
             ended = CoverageEnd.CLEAN
         finally:
-            ticker.cancel()
+            await _cancelled(ticker)
             stopper.cancel()
             dead.cancel()
             try:
-                if not drained and self._fatal is None:
+                if not drained and self._failed is None:
                     await self._drain()  # store what was processed before the error (e.g. strict cursor)
             finally:
                 await self._end_span(ended)
@@ -188,7 +195,7 @@ class Daemon:
     async def _end_span(self, ended: CoverageEnd) -> None:
         assert self._span is not None
         try:
-            if self._fatal is not None:
+            if self._invalidated:
                 await asyncio.to_thread(self.store.reconnect)
             await asyncio.to_thread(self.store.end_coverage, self._span.id, ended)
         except StorageError as exc:
@@ -233,13 +240,13 @@ class Daemon:
                 self._export_counts()
                 if self.last_time:
                     metrics.FIREHOSE_LAG.set(max(0.0, time.time() - _epoch(self.last_time)))
-                if time.monotonic() >= next_gauge and self._fatal is None:  # a column scan: every 10 s
+                if time.monotonic() >= next_gauge and not self._invalidated:  # a column scan: every 10 s
                     next_gauge = time.monotonic() + 10
                     metrics.DESYNCHRONIZED_DIDS.set(await asyncio.to_thread(self._count_desynchronized))
             except asyncio.CancelledError:
                 raise
             except StorageError:
-                pass  # a failed write is logged and handled where it happens (_store)
+                pass  # a failed write is logged where it happens (_store) and stops the daemon (run)
             except Exception as exc:  # a bug here must not stop timed flushes silently
                 log.error("periodic flush failed", extra={"ctx": {"error": repr(exc)}})
 
@@ -414,8 +421,8 @@ class Daemon:
         """Seal the current batch and write it; with wait=False return once the write has started."""
         async with self.flush_lock:
             await self.settle_write()
-            if self._fatal is not None:
-                raise self._fatal
+            if self._failed is not None:
+                raise self._failed
             if self._batch.is_empty():
                 return
             batch = self._seal()
@@ -447,10 +454,15 @@ class Daemon:
         await self._flush(wait=True)
 
     async def _write(self, batch: Batch) -> None:
-        if self._publish is not None and batch.changes:
-            await self._publish(batch.changes)
-        started = time.perf_counter()
-        await self._store(batch)
+        try:
+            if self._publish is not None and batch.changes:
+                await self._publish(batch.changes)
+            started = time.perf_counter()
+            await self._store(batch)
+        except BaseException as exc:
+            self._failed = exc
+            self._dead.set()
+            raise
         metrics.BATCH_WRITE_SECONDS.observe(time.perf_counter() - started)
         metrics.BATCH_EVENTS.inc(batch.events)
         if batch.cursor is not None:
@@ -474,13 +486,12 @@ class Daemon:
                 ctx = {"kind": kind, "error": cause, "cursor": self.committed_seq,
                        "batch_seqs": _seq_range(batch), "attempts": attempts}
                 if kind == "invalidated":
-                    self._fatal = StorageError(
-                        f"the database was invalidated by a fatal storage error and cannot be written again "
-                        f"in this process; restart to resume from cursor {self.committed_seq} ({cause})")
+                    self._invalidated = True
                     log.error("storage failed; stopping (restart to resume from the stored cursor)",
                               extra={"ctx": ctx})
-                    self._dead.set()
-                    raise self._fatal from exc
+                    raise StorageError(
+                        f"the database was invalidated by a fatal storage error and cannot be written again "
+                        f"in this process; restart to resume from cursor {self.committed_seq} ({cause})") from exc
                 now = time.monotonic()
                 if attempts == 1:
                     failing_since = reminded = now
@@ -507,6 +518,14 @@ class Daemon:
 
 
 _TYPE_NAMES: dict[type, str] = {Commit: "commit", Sync: "sync", Identity: "identity", Account: "account"}
+
+
+async def _cancelled(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    try:
+        await task
+    except asyncio.CancelledError:
+        pass
 
 
 def _seq_range(batch: Batch) -> tuple[int | None, int | None]:
