@@ -27,13 +27,15 @@ Storage failures are operator events, never a silent stall. When a batch write f
 - when a retry succeeds (space returned), the daemon logs `storage recovered`, sets the gauge
   back to 1 and carries on by itself, in the same coverage span (no event was skipped);
 - a database DuckDB has invalidated (a fatal error, e.g. a checkpoint that hit the full disk)
-  cannot be written again in this process: the daemon stops and exits non-zero with a one-line
-  message, the coverage span ends `error`, the cursor stays at the last durable batch, and a
-  restart (a supervisor's) resumes from there once the disk has room;
-- SIGTERM/SIGINT during an outage makes one last attempt; if it fails the daemon exits
-  non-zero the same way (the unwritten events are read again from the stored cursor).
-A span whose end cannot be written (the disk is still full) is closed as `crashed` by the
-next start.
+  cannot be written again in this process: the daemon stops and `skyfill consume` exits 4
+  with a one-line message, the coverage span ends `error` (written on a fresh connection),
+  the cursor stays at the last durable batch, and a restart (a supervisor's) resumes from
+  there once the disk has room;
+- SIGTERM/SIGINT during an outage makes one last attempt; if it fails the daemon exits 4 the
+  same way (the unwritten events are read again from the stored cursor).
+A write that failed for good stops everything after it (no later batch may be written, or
+the cursor would pass the lost one). A span whose end cannot be written (the disk is still
+full) is closed as `crashed` by the next start.
 
 Disk full, in practice: DuckDB appends every COMMIT to the WAL and checkpoints it into the
 database file past CHECKPOINT_THRESHOLD (64 MB). With less free space than that, the WAL is
@@ -511,8 +513,9 @@ class Daemon:
                 delay = min(delay * 2, _RETRY_MAX)
                 continue
             if attempts:
-                log.warning("storage recovered", extra={"ctx": {"attempts": attempts + 1, "cursor": _seq_range(batch)[1],
-                                                                "failing_for": round(time.monotonic() - failing_since)}})
+                log.warning("storage recovered", extra={"ctx": {
+                    "attempts": attempts + 1, "cursor": batch.cursor[1] if batch.cursor else self.committed_seq,
+                    "failing_for": round(time.monotonic() - failing_since)}})
             metrics.STORE_HEALTHY.set(1)
             return
 

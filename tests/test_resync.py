@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import duckdb
+import httpx
 import orjson
 
 from backfill.repo import parse_repo
@@ -188,12 +189,11 @@ async def test_two_backfills_of_one_did_at_once_end_like_one_after_the_other(tmp
 # -- two backfills of one DID at once, through the running daemon, against the real PDS -----------
 
 
-def _spawn_daemon(db: Path, net: LocalNetwork, cursor: int) -> subprocess.Popen[bytes]:
+def _spawn_daemon(db: Path, net: LocalNetwork, cursor: int, plc_url: str) -> subprocess.Popen[bytes]:
     with open(db.with_suffix(".log"), "ab") as log:  # a file, not a pipe nobody drains
         return subprocess.Popen(
             [sys.executable, "-m", "skyfill", "consume", "--db", str(db), "--relay", net.pds_url,
-             "--cursor", str(cursor), "--flush-interval", "0.05", "--plc-url", net.plc_url,
-             "--allow-private-hosts"],
+             "--cursor", str(cursor), "--flush-interval", "0.05", "--plc-url", plc_url, "--allow-private-hosts"],
             cwd=ROOT, env={**os.environ, "SKYFILL_LOG_JSON": "1"}, stdout=subprocess.DEVNULL, stderr=log,
         )
 
@@ -214,63 +214,84 @@ def _stored_cursor(info: dict[str, Any]) -> int:
     return int(cursors[0]["seq"]) if cursors else 0
 
 
+def _until(predicate: Callable[[], bool], what: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+
+
+class SlowPdsLink:
+    """The real PDS behind a slow link: getRepo is answered with what the PDS serves when the
+    request arrives, and every second answer is held back `hold` seconds (a slow network, a
+    real fault). DID documents come from the real PLC with the PDS endpoint pointed here."""
+
+    def __init__(self, srv: FaultServer, net: LocalNetwork, dids: list[str], *, hold: float) -> None:
+        self.net = net
+        self.hold = hold
+        self.snapshots = 0  # getRepo answers taken from the PDS so far
+        self._lock = threading.Lock()
+        for did in dids:
+            doc = httpx.get(f"{net.plc_url}/{did}", timeout=10).json()
+            for service in doc["service"]:
+                service["serviceEndpoint"] = srv.url
+            srv.script(f"/{did}", json_reply(doc))
+        srv.script(GET_REPO, self._get_repo)
+
+    def _get_repo(self, seen: Any) -> Reply:
+        car = httpx.get(f"{self.net.pds_url}{GET_REPO}", params={"did": seen.query["did"]}, timeout=30).content
+        with self._lock:
+            self.snapshots += 1
+            n = self.snapshots
+        return Reply(200, car, headers={"Content-Type": "application/vnd.ipld.car"},
+                     delay=self.hold if n % 2 == 0 else 0.0)
+
+
 def test_two_backfills_of_one_did_at_once_under_writes_equal_the_pds(
     pds_network: LocalNetwork, pds_client: PdsClient, make_account: Callable[..., PdsAccount], tmp_path: Path
 ) -> None:
-    """Issue 9 item 1: two `skyfill backfill --dids X` started together while X keeps writing
-    must end exactly like running them one after the other: the mirror equals getRepo."""
+    """Issue 9 item 1 end to end: two `skyfill backfill --dids X` started together through the
+    running daemon while X writes on the real PDS must end like running them one after the
+    other: the mirror equals getRepo. X writes while the second getRepo answer is on its way
+    (after the PDS served it), which is when concurrent attempts lost those writes."""
     c = pds_client
     db = tmp_path / "twice.duckdb"
     x = make_account("twice")
-    # History the firehose never shows the daemon, so every backfill has real work to do, and a
-    # repo big enough that fetching and parsing it takes a while (the window the race needs).
-    for _ in range(4):
-        c.apply_writes(x, [Create(POST, post_record(f"history {i}")) for i in range(150)])
+    # History the firehose never shows the daemon, so every backfill has real work to do.
+    c.apply_writes(x, [Create(POST, post_record(f"history {i}")) for i in range(100)])
     start = head_seq(c)
-    proc = _spawn_daemon(db, pds_network, start)
-    stop = threading.Event()
-    written: list[RecordRef] = []
-
-    def writer() -> None:  # X keeps writing on the real PDS during every backfill
-        with pds_network.client() as wc:
-            n = 0
-            while not stop.is_set():
-                ref = wc.create_record(x, POST, post_record(f"live {n}"))
-                if n % 4 == 3:
-                    wc.delete_record(x, POST, written[-2].rkey)
-                written.append(ref)
-                n += 1
-
-    thread = threading.Thread(target=writer)
-    try:
-        info = _announced(db, proc)
-        thread.start()
-        backfill = [sys.executable, "-m", "skyfill", "backfill", "--db", str(db), "--dids", x.did,
-                    "--plc-url", pds_network.plc_url, "--allow-private-hosts", "--json"]
-        for _ in range(3):
-            pair = [subprocess.Popen(backfill, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-                    for _ in range(2)]
-            for p in pair:
-                out, err = p.communicate(timeout=120)
-                assert p.returncode == 0, err.decode()
-                assert orjson.loads(out)["repos_ok"] == 1
-        stop.set()
-        thread.join(60)
-        last = c.create_record(x, POST, post_record("the end"))
-        target = commit_seq(c, x.did, last.commit.rev, since=start)
-        deadline = time.monotonic() + 60
-        while _stored_cursor(info) < target:
-            assert time.monotonic() < deadline, "the daemon did not catch up"
-            time.sleep(0.05)
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(15) == 0
-    finally:
-        stop.set()
-        if thread.is_alive():
-            thread.join(60)
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
+    with FaultServer() as srv:
+        link = SlowPdsLink(srv, pds_network, [x.did], hold=3.0)
+        proc = _spawn_daemon(db, pds_network, start, srv.url)
+        try:
+            info = _announced(db, proc)
+            backfill = [sys.executable, "-m", "skyfill", "backfill", "--db", str(db), "--dids", x.did,
+                        "--plc-url", srv.url, "--allow-private-hosts", "--json"]
+            live: list[RecordRef] = []
+            for round_ in range(1, 4):
+                pair = [subprocess.Popen(backfill, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                        for _ in range(2)]
+                # The second snapshot is taken and held back: X writes now, and the daemon stores it.
+                _until(lambda: link.snapshots == 2 * round_, "both getRepo snapshots")  # noqa: B023
+                live.append(c.create_record(x, POST, post_record(f"written during round {round_}")))
+                if len(live) > 1:
+                    c.delete_record(x, POST, live[-2].rkey)
+                tail = c.create_record(x, POST, post_record(f"round {round_} done"))
+                seq = commit_seq(c, x.did, tail.commit.rev, since=start)
+                _until(lambda: _stored_cursor(info) >= seq, "the daemon to store the writes")  # noqa: B023
+                for p in pair:
+                    out, err = p.communicate(timeout=120)
+                    assert p.returncode == 0, err.decode()
+                    assert orjson.loads(out)["repos_ok"] == 1
+            last = c.create_record(x, POST, post_record("the end"))
+            target = commit_seq(c, x.did, last.commit.rev, since=start)
+            _until(lambda: _stored_cursor(info) >= target, "the daemon to catch up")
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(15) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
     con = duckdb.connect(str(db), read_only=True)
     try:
         assert_mirror_equals(con, c, [x.did])

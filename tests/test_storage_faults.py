@@ -10,6 +10,7 @@ a real write failure of the same path through DuckDB. Each test says which one i
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import errno
 import os
@@ -28,7 +29,10 @@ import httpx
 import orjson
 import pytest
 
+from consumer.daemon import ConsumeConfig, Daemon
 from skyfill.daemon_client import call_daemon, find_daemon
+from skyfill.errors import StorageError
+from storage import Store
 
 from .relay import LocalRelay
 from .test_daemon import _seqs, expected_mirror, mirror_of, world_frames
@@ -248,3 +252,56 @@ def test_sigterm_during_the_outage_exits_non_zero_in_one_line_and_a_restart_lose
     # The first span could not be closed while the disk was full: the restart closed it.
     assert _coverage(db) in (["error", "clean"], ["crashed", "clean"])
     print(f"disk full made with: {disk.how}")
+
+
+async def test_an_invalidated_database_stops_the_daemon_in_one_line_with_the_cursor_intact(tmp_path: Path) -> None:
+    """DuckDB invalidates a database whose checkpoint hits a full disk; nothing can be written
+    on it again in this process. The test makes DuckDB checkpoint on the full tmpfs itself (the
+    daemon's own checkpoint would need a 64 MB WAL, more than this disk holds): a real fatal
+    error of the real file. The daemon must stop with one line, and a restart lose nothing."""
+    where = tmp_path / "small"
+    with small_filesystem(where) as how:
+        if how != "tmpfs":
+            pytest.skip("needs a real full filesystem (mount as root) for DuckDB's checkpoint to fail")
+        disk = DiskFull(how, where)
+        frames = world_frames(33, 30, 3000)
+        before, after = frames[:1000], frames[1000:]
+        db = where / "fatal.duckdb"
+        with LocalRelay(before) as relay:
+            store = Store(db)
+            daemon = Daemon(store, ConsumeConfig(relay=relay.url, cursor=0, flush_interval=0.05, batch_events=200))
+            task = asyncio.create_task(daemon.run(install_signal_handlers=False))
+            while daemon.committed_seq != relay.head:
+                assert not task.done()
+                await asyncio.sleep(0.02)
+            stored = relay.head
+            disk.fill()
+            with pytest.raises(duckdb.Error, match="No space left on device"):
+                await asyncio.to_thread(store.fetchall, "CHECKPOINT")
+            relay.append(after)
+            with pytest.raises(StorageError) as failed:
+                await asyncio.wait_for(task, 60)
+            assert "invalidated" in str(failed.value) and "\n" not in str(failed.value)
+            assert f"resume from cursor {stored}" in str(failed.value)
+            assert daemon.committed_seq == stored
+            store.close()
+            disk.free()
+            daemon = await _consume_to(db, relay, relay.head)
+        assert mirror_of(db) == expected_mirror(frames)
+        assert _coverage(db)[-1] == "clean" and _coverage(db)[0] in ("error", "crashed")
+
+
+async def _consume_to(db: Path, relay: LocalRelay, seq: int) -> Daemon:
+    store = Store(db)
+    daemon = Daemon(store, ConsumeConfig(relay=relay.url, flush_interval=0.05))
+    task = asyncio.create_task(daemon.run(install_signal_handlers=False))
+    deadline = time.monotonic() + 60
+    try:
+        while daemon.committed_seq != seq:
+            assert not task.done() and time.monotonic() < deadline, "the restart did not catch up"
+            await asyncio.sleep(0.02)
+    finally:
+        daemon.stop()
+        await asyncio.wait_for(task, 10)
+        store.close()
+    return daemon
