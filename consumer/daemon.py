@@ -429,6 +429,8 @@ class Daemon:
                 return
             batch = self._seal()
             self._inflight = asyncio.ensure_future(self._write(batch))
+            # Its failure also lives in self._failed, which run() raises: nobody may need to await it.
+            self._inflight.add_done_callback(_observed)
         if wait:
             await self._settle()
 
@@ -521,6 +523,11 @@ class Daemon:
 
 
 _TYPE_NAMES: dict[type, str] = {Commit: "commit", Sync: "sync", Identity: "identity", Account: "account"}
+
+
+def _observed(future: asyncio.Future[None]) -> None:
+    if not future.cancelled():
+        future.exception()  # marks it retrieved: no "Task exception was never retrieved" at exit
 
 
 async def _cancelled(task: asyncio.Task[None]) -> None:
