@@ -145,6 +145,9 @@ async def _serve(
         except FutureCursorError as exc:
             log.error(str(exc))
             return 3
+        except SkyfillError as exc:  # a write that failed for good, or a frame over the hard cap: logged when it happened, this is the exit's line
+            log.error(f"exiting: {exc}")
+            return 4
         finally:
             for task in background:
                 task.cancel()

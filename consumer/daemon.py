@@ -10,6 +10,39 @@ Worked example (kill -9 safety): events 100..180 are processed, batch A (100..15
 committed with cursor 150, batch B (151..180) is being written when the process dies.
 On restart the tracker is rebuilt from `repos` (state as of 150) and the stream resumes at
 cursor 150: events 151..180 are applied again on the same state, giving the same rows.
+
+The cursor never moves backwards within a coverage span: an event or a bad frame whose seq is
+not above the last one processed is skipped without moving it (a garbled frame claiming seq 3
+after seq 79,000 is counted, not obeyed), and a seq outside BIGINT is a bad frame. Only a
+FutureCursor restart from the live head moves it back, and that opens a new span.
+
+Storage failures are operator events, never a silent stall. When a batch write fails:
+- the failure is logged once as one structured line (`storage write failed`, with the cause,
+  its kind and the cursor), then every 60 s while it lasts (`storage still failing`);
+  `skyfill_store_healthy` is 0 and `skyfill_storage_errors_total{kind}` counts each attempt;
+- the SAME sealed batch is retried with capped exponential backoff (0.5 s doubling to 30 s);
+  nothing is dropped and nothing is written out of order. Meanwhile the stream is not read
+  (backpressure), so `skyfill_firehose_lag_seconds` keeps growing and the stored cursor stays
+  at the last durable batch;
+- when a retry succeeds (space returned), the daemon logs `storage recovered`, sets the gauge
+  back to 1 and carries on by itself, in the same coverage span (no event was skipped);
+- a database DuckDB has invalidated (a fatal error, e.g. a checkpoint that hit the full disk)
+  cannot be written again in this process: the daemon stops and `skyfill consume` exits 4
+  with a one-line message, the coverage span ends `error` (written on a fresh connection),
+  the cursor stays at the last durable batch, and a restart (a supervisor's) resumes from
+  there once the disk has room;
+- SIGTERM/SIGINT during an outage makes one last attempt; if it fails the daemon exits 4 the
+  same way (the unwritten events are read again from the stored cursor).
+A write that failed for good stops everything after it (no later batch may be written, or
+the cursor would pass the lost one). A span whose end cannot be written (the disk is still
+full) is closed as `crashed` by the next start.
+
+Disk full, in practice: DuckDB appends every COMMIT to the WAL and checkpoints it into the
+database file past CHECKPOINT_THRESHOLD (64 MB). With less free space than that, the WAL is
+what fills the disk; its COMMIT fails and leaves the database usable, so the retry above
+resumes as soon as space returns. A checkpoint that hits a full disk (a WAL past the threshold,
+or one replayed at start-up) is fatal to the open database: exit and restart, as above. Freeing
+space by deleting skyfill's own files is never safe; give the filesystem room instead.
 """
 
 from __future__ import annotations
@@ -20,19 +53,21 @@ import logging
 import signal
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 from skyfill import metrics
-from skyfill.errors import FrameError, IdentityError
+from skyfill.errors import FrameError, IdentityError, StorageError
 from skyfill.syntax import collection_matcher
 from storage import Batch, CoverageEnd, CoverageSpan, Store
+from storage.writer import failure_kind
 
 from .changes import changes_for
 from .connection import source_name, stream_frames
 from .events import Account, Commit, Identity, Info, StreamError, Sync
 from .frames import parse_frame
+from .resync import Captures
 from .tracker import Tracker, Verdict
 
 if TYPE_CHECKING:
@@ -41,6 +76,12 @@ if TYPE_CHECKING:
 __all__ = ["ConsumeConfig", "Daemon", "FutureCursorError"]
 
 log = logging.getLogger(__name__)
+
+# A seq is stored as BIGINT: a frame claiming more is bad input, not a batch that can never be written.
+_MAX_SEQ = 2**63 - 1
+_RETRY_FIRST = 0.5      # seconds before the first retry of a failed batch write ...
+_RETRY_MAX = 30.0       # ... doubling up to this
+_REMIND_EVERY = 60.0    # while writes keep failing, log a reminder this often
 
 
 class FutureCursorError(Exception):
@@ -56,14 +97,6 @@ class ConsumeConfig:
     batch_events: int = 5000                # seal a batch after this many events ...
     flush_interval: float = 0.5             # ... or this many seconds
     publish: bool = False                   # keep the unreduced change log for a publisher
-
-
-@dataclass(slots=True)
-class _Capture:
-    """Firehose commits of one DID seen while its repo is being fetched (see DaemonSink)."""
-
-    commits: list[Commit] = field(default_factory=list)
-    desynced: bool = False
 
 
 Publisher = Callable[[list], Awaitable[None]]
@@ -92,10 +125,16 @@ class Daemon:
         self._batch = self._new_batch()
         self._batch_started = time.monotonic()
         self._inflight: asyncio.Future[None] | None = None
+        # A batch write that failed for good (an invalidated database, a stop during an outage, a
+        # publish refused): its events are lost from memory, so nothing may be written after it,
+        # or the cursor would pass them. The daemon stops and the next run reads them again.
+        self._failed: BaseException | None = None
+        self._invalidated = False
+        self._dead = asyncio.Event()
         self._span: CoverageSpan | None = None
         self._restart_from_head = False
         self._reconnect = False
-        self.captures: dict[str, _Capture] = {}
+        self.captures = Captures()  # commits racing an in-daemon backfill (consumer/resync.py)
         self.committed_seq: int | None = stored
         self.counts: dict[str, int] = {}
         # Per-event counters are summed here and added to Prometheus once per batch or tick
@@ -116,12 +155,17 @@ class Daemon:
         self._span = CoverageSpan(id=await asyncio.to_thread(self.store.start_coverage, self.source))
         log.info("consuming", extra={"ctx": {"source": self.source, "cursor": self.last_seq,
                                               "repos": len(self.tracker.rows)}})
+        metrics.STORE_HEALTHY.set(1)
+        if self.committed_seq is not None:
+            metrics.STORAGE_COMMITTED_SEQ.set(self.committed_seq)
         ended = CoverageEnd.ERROR
+        drained = False
         ticker = asyncio.create_task(self._tick())
         consume = asyncio.create_task(self._consume())
         stopper = asyncio.create_task(self.stop_event.wait())
+        dead = asyncio.create_task(self._dead.wait())
         try:
-            done, _ = await asyncio.wait({consume, stopper}, return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait({consume, stopper, dead}, return_when=asyncio.FIRST_COMPLETED)
             if consume in done:
                 consume.result()  # re-raise a fatal error (e.g. strict cursor)
             else:
@@ -130,16 +174,35 @@ class Daemon:
                     await consume
                 except asyncio.CancelledError:
                     pass
+            await _cancelled(ticker)  # no timed flush may race the drain
+            if self._failed is not None:
+                raise self._failed
+            drained = True  # from here a failure is the drain's own: do not drain again
+            await self._drain()
             ended = CoverageEnd.CLEAN
         finally:
-            ticker.cancel()
+            await _cancelled(ticker)
             stopper.cancel()
-            await self._drain()
+            dead.cancel()
+            try:
+                if not drained and self._failed is None:
+                    await self._drain()  # store what was processed before the error (e.g. strict cursor)
+            finally:
+                await self._end_span(ended)
+                if install_signal_handlers:
+                    for sig in (signal.SIGINT, signal.SIGTERM):
+                        loop.remove_signal_handler(sig)
+                log.info("stopped", extra={"ctx": {"cursor": self.committed_seq, "ended": ended.value}})
+
+    async def _end_span(self, ended: CoverageEnd) -> None:
+        assert self._span is not None
+        try:
+            if self._invalidated:
+                await asyncio.to_thread(self.store.reconnect)
             await asyncio.to_thread(self.store.end_coverage, self._span.id, ended)
-            if install_signal_handlers:
-                for sig in (signal.SIGINT, signal.SIGTERM):
-                    loop.remove_signal_handler(sig)
-            log.info("stopped", extra={"ctx": {"cursor": self.committed_seq, "ended": ended.value}})
+        except StorageError as exc:
+            log.error("could not close the coverage span; the next start marks it crashed",
+                      extra={"ctx": {"span": self._span.id, "ended": ended.value, "error": str(exc)}})
 
     async def _consume(self) -> None:
         while not self.stop_event.is_set():
@@ -166,17 +229,28 @@ class Daemon:
                 await self._begin_new_span()
 
     async def _tick(self) -> None:
+        """Timed flushes and gauges. It never waits for a write in flight (a write retrying through
+        an outage must not freeze the gauges) and never dies: a failure is logged and it goes on."""
         next_gauge = 0.0
         while True:
             await asyncio.sleep(self.config.flush_interval / 2)
-            if self._batch.events and time.monotonic() - self._batch_started >= self.config.flush_interval:
-                await self._flush(wait=False)
-            self._export_counts()
-            if self.last_time:
-                metrics.FIREHOSE_LAG.set(max(0.0, time.time() - _epoch(self.last_time)))
-            if time.monotonic() >= next_gauge:  # a column scan: every 10 s is plenty
-                next_gauge = time.monotonic() + 10
-                metrics.DESYNCHRONIZED_DIDS.set(await asyncio.to_thread(self._count_desynchronized))
+            try:
+                writing = self.flush_lock.locked() or (self._inflight is not None and not self._inflight.done())
+                if (not writing and self._batch.events
+                        and time.monotonic() - self._batch_started >= self.config.flush_interval):
+                    await self._flush(wait=False)
+                self._export_counts()
+                if self.last_time:
+                    metrics.FIREHOSE_LAG.set(max(0.0, time.time() - _epoch(self.last_time)))
+                if time.monotonic() >= next_gauge and not self._invalidated:  # a column scan: every 10 s
+                    next_gauge = time.monotonic() + 10
+                    metrics.DESYNCHRONIZED_DIDS.set(await asyncio.to_thread(self._count_desynchronized))
+            except asyncio.CancelledError:
+                raise
+            except StorageError:
+                pass  # a failed write is logged where it happens (_store) and stops the daemon (run)
+            except Exception as exc:  # a bug here must not stop timed flushes silently
+                log.error("periodic flush failed", extra={"ctx": {"error": repr(exc)}})
 
     def _count_desynchronized(self) -> int:
         cur = self.store.cursor()
@@ -196,7 +270,7 @@ class Daemon:
             self.counts["error:" + exc.kind] = self.counts.get("error:" + exc.kind, 0) + 1
             log.warning("bad frame skipped", extra={"ctx": {"kind": exc.kind, "seq": exc.seq, "error": str(exc)}})
             if exc.seq is not None:
-                self._advance(exc.seq, None)
+                self._skip(exc.seq, None)
             return
         if isinstance(event, StreamError):
             self._on_stream_error(event)
@@ -204,6 +278,12 @@ class Daemon:
         if isinstance(event, Info):
             metrics.FIREHOSE_EVENTS.labels("info").inc()
             log.warning("relay info", extra={"ctx": {"name": event.name, "message": event.message}})
+            return None
+        if not 0 <= event.seq <= _MAX_SEQ:
+            metrics.FIREHOSE_ERRORS.labels("seq_range").inc()
+            self.counts["error:seq_range"] = self.counts.get("error:seq_range", 0) + 1
+            log.warning("bad frame skipped", extra={"ctx": {"kind": "seq_range", "seq": event.seq,
+                                                            "error": "seq does not fit a signed 64-bit integer"}})
             return None
         if self._verifier is not None and (type(event) is Commit or type(event) is Sync):
             if not self._verifier.verify_cached(event):
@@ -230,10 +310,15 @@ class Daemon:
         self.counts["error:" + kind] = self.counts.get("error:" + kind, 0) + 1
         log.warning("event skipped", extra={"ctx": {"kind": kind, "did": event.did, "seq": event.seq,
                                                     "rev": event.rev, "error": reason}})
+        self._skip(event.seq, event.time)
+
+    def _skip(self, seq: int, event_time: str | None) -> None:
+        """Move past a skipped event, forward only: a seq at or below the last one processed (or
+        outside BIGINT) leaves the cursor where it is."""
         stream_seq = self.tracker.stream_seq
-        if stream_seq is None or event.seq > stream_seq:
-            self.tracker.stream_seq = event.seq
-            self._advance(event.seq, event.time)
+        if (stream_seq is None or seq > stream_seq) and 0 <= seq <= _MAX_SEQ:
+            self.tracker.stream_seq = seq
+            self._advance(seq, event_time)
 
     def _apply(self, event: Commit | Sync | Identity | Account) -> None:
         seen = self._seen_types
@@ -249,7 +334,7 @@ class Daemon:
             row = self.tracker.row(event.did)
             metrics.DESYNCHRONIZED.labels(row.desync_reason if row else "unknown").inc()
         if verdict in (Verdict.APPLIED, Verdict.DESYNCHRONIZED):
-            capture = self.captures.get(event.did)
+            capture = self.captures.active.get(event.did)
             if capture is not None:
                 if isinstance(event, Commit):
                     capture.commits.append(event)
@@ -337,37 +422,125 @@ class Daemon:
     async def _flush(self, *, wait: bool = True) -> None:
         """Seal the current batch and write it; with wait=False return once the write has started."""
         async with self.flush_lock:
-            if self._inflight is not None:
-                await self._inflight
-                self._inflight = None
+            await self.settle_write()
+            if self._failed is not None:
+                raise self._failed
             if self._batch.is_empty():
                 return
             batch = self._seal()
             self._inflight = asyncio.ensure_future(self._write(batch))
+            # Its failure also lives in self._failed, which run() raises: nobody may need to await it.
+            self._inflight.add_done_callback(_observed)
         if wait:
             await self._settle()
 
     async def _settle(self) -> None:
         async with self.flush_lock:
-            if self._inflight is not None:
-                await self._inflight
+            await self.settle_write()
+
+    async def settle_write(self) -> None:
+        """Wait for the write in flight; the caller holds `flush_lock`.
+
+        The write is shielded: cancelling the waiter (shutdown) leaves it running, to be waited
+        for again by the drain. Once it is done it is cleared whatever its outcome, so a failed
+        write raises here once, not in every later flush.
+        """
+        inflight = self._inflight
+        if inflight is None:
+            return
+        try:
+            await asyncio.shield(inflight)
+        finally:
+            if inflight.done():
                 self._inflight = None
 
     async def _drain(self) -> None:
         await self._flush(wait=True)
 
     async def _write(self, batch: Batch) -> None:
-        if self._publish is not None and batch.changes:
-            await self._publish(batch.changes)
-        started = time.perf_counter()
-        await asyncio.to_thread(self.store.apply, batch)
+        try:
+            if self._publish is not None and batch.changes:
+                await self._publish(batch.changes)
+            started = time.perf_counter()
+            await self._store(batch)
+        except BaseException as exc:
+            self._failed = exc
+            self._dead.set()
+            raise
         metrics.BATCH_WRITE_SECONDS.observe(time.perf_counter() - started)
         metrics.BATCH_EVENTS.inc(batch.events)
         if batch.cursor is not None:
             self.committed_seq = batch.cursor[1]
+            metrics.STORAGE_COMMITTED_SEQ.set(self.committed_seq)
+
+    async def _store(self, batch: Batch) -> None:
+        """Write one batch, retrying the same batch through a storage outage (see the module docstring)."""
+        delay = _RETRY_FIRST
+        attempts = 0
+        failing_since = reminded = 0.0
+        while True:
+            try:
+                await asyncio.to_thread(self.store.apply, batch)
+            except StorageError as exc:
+                attempts += 1
+                kind = failure_kind(exc)
+                metrics.STORAGE_ERRORS.labels(kind).inc()
+                metrics.STORE_HEALTHY.set(0)
+                cause = " ".join(str(exc).split())  # DuckDB messages span lines; a log line must not
+                ctx = {"kind": kind, "error": cause, "cursor": self.committed_seq,
+                       "batch_seqs": _seq_range(batch), "attempts": attempts}
+                if kind == "invalidated":
+                    self._invalidated = True
+                    log.error("storage failed; stopping (restart to resume from the stored cursor)",
+                              extra={"ctx": ctx})
+                    raise StorageError(
+                        f"the database was invalidated by a fatal storage error and cannot be written again "
+                        f"in this process; restart to resume from cursor {self.committed_seq} ({cause})") from exc
+                now = time.monotonic()
+                if attempts == 1:
+                    failing_since = reminded = now
+                    log.error("storage write failed; retrying the batch with backoff, not reading the stream",
+                              extra={"ctx": {**ctx, "retry_in": delay}})
+                elif now - reminded >= _REMIND_EVERY:
+                    reminded = now
+                    log.error("storage still failing", extra={"ctx": {**ctx, "failing_for": round(now - failing_since)}})
+                if self.stop_event.is_set():
+                    raise StorageError(f"stopped while storage was failing ({kind}: {cause}); the events after "
+                                       f"cursor {self.committed_seq} were not stored and are read again on restart"
+                                       ) from exc
+                try:  # a stop request cuts the wait short for one last attempt
+                    await asyncio.wait_for(self.stop_event.wait(), delay)
+                except TimeoutError:
+                    pass
+                delay = min(delay * 2, _RETRY_MAX)
+                continue
+            if attempts:
+                log.warning("storage recovered", extra={"ctx": {
+                    "attempts": attempts + 1, "cursor": batch.cursor[1] if batch.cursor else self.committed_seq,
+                    "failing_for": round(time.monotonic() - failing_since)}})
+            metrics.STORE_HEALTHY.set(1)
+            return
 
 
 _TYPE_NAMES: dict[type, str] = {Commit: "commit", Sync: "sync", Identity: "identity", Account: "account"}
+
+
+def _observed(future: asyncio.Future[None]) -> None:
+    if not future.cancelled():
+        future.exception()  # marks it retrieved: no "Task exception was never retrieved" at exit
+
+
+async def _cancelled(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    try:
+        await task
+    except asyncio.CancelledError:
+        pass
+
+
+def _seq_range(batch: Batch) -> tuple[int | None, int | None]:
+    span = batch.coverage
+    return (span.first_seq, span.last_seq) if span is not None else (None, None)
 
 
 def _epoch(iso: str) -> float:

@@ -15,20 +15,93 @@ holds. Had the fetch returned r7, nothing would be replayed.
 If the chain broke while capturing (a desynchronized verdict or a #sync), the captured
 commits cannot be trusted to be complete: the snapshot is still applied, but the DID stays
 desynchronized so it is fetched again.
+
+One attempt per DID at a time. Two backfills of one DID (two `skyfill backfill --dids X`, or one
+beside the queue loop) take turns: the second `begin` waits until the first attempt has taken
+its capture (in `commit`) or given up (`abort`), so it fetches a repo at least as new as what
+the first one stores, and captures from there. Worked example of what concurrent attempts did
+with one shared capture: A begins, B begins (replacing A's capture), A commits (taking B's),
+the DID commits r8, B's fetch (served at r7) reconciles with no capture and deletes r8's record.
+Serialized, B begins after A took its capture, so r8 is in B's capture and replayed.
 """
 
 from __future__ import annotations
 
 import asyncio
 import copy
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from backfill.backfiller import thread_emitter
+from backfill.repo import materialize
 from storage import Batch, RecordPut, ReconcileCounts, SyncState
+
+from .events import Commit
 
 if TYPE_CHECKING:
     from .daemon import Daemon
 
-__all__ = ["DaemonSink"]
+__all__ = ["Capture", "Captures", "DaemonSink"]
+
+
+@dataclass(slots=True, eq=False)
+class Capture:
+    """Firehose commits of one DID seen while its repo is being fetched, for one attempt."""
+
+    owner: asyncio.Task[Any] | None
+    commits: list[Commit] = field(default_factory=list)
+    desynced: bool = False
+
+
+@dataclass(slots=True)
+class _Turn:
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    users: int = 0  # attempts holding or waiting for the lock; the entry goes at 0
+
+
+class Captures:
+    """The daemon's open captures, at most one per DID (see "One attempt per DID at a time").
+
+    An attempt is identified by its asyncio task: the backfiller runs begin, commit and abort
+    of one attempt in one task, so a late `abort` of attempt A never closes attempt B's capture.
+    """
+
+    def __init__(self) -> None:
+        self.active: dict[str, Capture] = {}  # read by the daemon for every applied event
+        self._turns: dict[str, _Turn] = {}
+
+    def __len__(self) -> int:
+        return len(self.active) + len(self._turns)
+
+    async def open(self, did: str) -> Capture:
+        """Wait for this DID's turn, then start capturing its commits."""
+        turn = self._turns.get(did)
+        if turn is None:
+            turn = self._turns[did] = _Turn()
+        turn.users += 1
+        try:
+            await turn.lock.acquire()
+        except BaseException:
+            self._leave(did, turn)
+            raise
+        capture = self.active[did] = Capture(owner=asyncio.current_task())
+        return capture
+
+    def close(self, did: str) -> Capture | None:
+        """Stop the calling attempt's capture of `did` and hand the turn on; None if it holds none."""
+        capture = self.active.get(did)
+        if capture is None or capture.owner is not asyncio.current_task():
+            return None
+        del self.active[did]
+        turn = self._turns[did]
+        turn.lock.release()
+        self._leave(did, turn)
+        return capture
+
+    def _leave(self, did: str, turn: _Turn) -> None:
+        turn.users -= 1
+        if turn.users == 0:
+            del self._turns[did]
 
 
 class DaemonSink:
@@ -42,17 +115,18 @@ class DaemonSink:
         return self.daemon._want is None
 
     async def begin(self, did: str) -> None:
-        from .daemon import _Capture
-
-        self.daemon.captures[did] = _Capture()
+        await self.daemon.captures.open(did)
 
     async def abort(self, did: str) -> None:
-        self.daemon.captures.pop(did, None)
+        self.daemon.captures.close(did)
 
     async def commit(self, did: str, snapshot: Any) -> ReconcileCounts:
-        from backfill.backfiller import thread_emitter
-        from backfill.repo import materialize
+        try:
+            return await self._commit(did, snapshot)
+        finally:
+            self.daemon.captures.close(did)  # a no-op once _commit took it; never another attempt's
 
+    async def _commit(self, did: str, snapshot: Any) -> ReconcileCounts:
         daemon = self.daemon
         # Store (and publish) everything applied before begin(): such events are not captured,
         # and written after the reconcile they would roll its records back to older revs.
@@ -60,10 +134,10 @@ class DaemonSink:
         # Hold the flush lock: no batch write may interleave with the reconcile transaction, and
         # no batch sealed before this point may be written after it (its repo rows are older).
         async with daemon.flush_lock:
-            if daemon._inflight is not None:
-                await daemon._inflight
-                daemon._inflight = None
-            capture = daemon.captures.pop(did, None)
+            await daemon.settle_write()
+            # From here on the next attempt of this DID may begin: events applied after this
+            # point are written after this reconcile (the flush lock is held), on top of it.
+            capture = daemon.captures.close(did)
             rev = snapshot.rev
             replay = Batch()
             newer = [c for c in (capture.commits if capture else []) if rev is None or c.rev > rev]

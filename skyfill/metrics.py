@@ -10,6 +10,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 __all__ = ["REGISTRY", "serve", "FIREHOSE_EVENTS", "FIREHOSE_ERRORS", "FIREHOSE_VERDICTS",
            "FIREHOSE_LAST_SEQ", "FIREHOSE_LAG", "FIREHOSE_CONNECTED", "FIREHOSE_RECONNECTS",
            "DESYNCHRONIZED", "DESYNCHRONIZED_DIDS", "BATCH_WRITE_SECONDS", "BATCH_EVENTS",
+           "STORE_HEALTHY", "STORAGE_ERRORS", "STORAGE_COMMITTED_SEQ",
            "BACKFILL_REPOS", "BACKFILL_RECORDS", "BACKFILL_HOSTS_PARKED", "BACKFILL_REQUESTS",
            "KAFKA_CONNECTED", "KAFKA_PUBLISH_RETRIES", "KAFKA_PUBLISHED", "KAFKA_SINK_MESSAGES",
            "KAFKA_WORKER_REQUESTS"]
@@ -45,6 +46,18 @@ BATCH_WRITE_SECONDS = Histogram(
 )
 BATCH_EVENTS = Counter(
     "skyfill_storage_batch_events_total", "Events committed to DuckDB", registry=REGISTRY
+)
+STORE_HEALTHY = Gauge(
+    "skyfill_store_healthy", "1 while batch writes succeed; 0 from a failed write until one succeeds again",
+    registry=REGISTRY,
+)
+STORAGE_ERRORS = Counter(
+    "skyfill_storage_errors_total",
+    "Failed batch writes, by kind (no_space, io, invalidated, other); each failed retry counts",
+    ["kind"], registry=REGISTRY,
+)
+STORAGE_COMMITTED_SEQ = Gauge(
+    "skyfill_storage_committed_seq", "The stored cursor: last seq whose effects are durable", registry=REGISTRY
 )
 BACKFILL_REPOS = Counter(
     "skyfill_backfill_repos_total", "Repos backfilled, by outcome", ["outcome"], registry=REGISTRY

@@ -28,7 +28,7 @@ from skyfill.errors import DatabaseLocked, StorageError
 from .batch import Batch, Change, RecordChange, RepoChange, RepoRow
 from .states import BackfillStatus, CoverageEnd, SyncState
 
-__all__ = ["Store", "ReconcileCounts", "RecordColumns", "open_store"]
+__all__ = ["Store", "ReconcileCounts", "RecordColumns", "failure_kind", "open_store"]
 
 _TS = pa.timestamp("us", tz="UTC")
 
@@ -199,18 +199,38 @@ class Store:
         self.close()
 
     def _txn(self, body: Callable[[duckdb.DuckDBPyConnection], Any]) -> Any:
+        """Run `body` in one transaction. Every DuckDB failure, COMMIT's included (a full disk
+        fails there: the WAL is written at COMMIT), leaves as StorageError with nothing stored."""
         with self._lock:
             con = self._conn
-            con.execute("BEGIN TRANSACTION")
+            try:
+                con.execute("BEGIN TRANSACTION")
+            except duckdb.Error as exc:
+                raise StorageError(str(exc)) from exc
             try:
                 result = body(con)
+                con.execute("COMMIT")
             except BaseException as exc:
-                con.execute("ROLLBACK")
+                _rollback(con)
                 if isinstance(exc, duckdb.Error):
                     raise StorageError(str(exc)) from exc
                 raise
-            con.execute("COMMIT")
             return result
+
+    def reconnect(self) -> None:
+        """Replace a connection DuckDB invalidated after a fatal error (the only way to write again
+        in this process). Settings given to the constructor other than the checkpoint threshold
+        are not re-applied: meant for a last write (closing a coverage span) before exiting."""
+        with self._lock:
+            try:
+                self._conn.close()
+            except duckdb.Error:
+                pass  # closing an invalidated database may complain; it is released either way
+            try:
+                self._conn = duckdb.connect(self.path)
+                self._conn.execute(f"SET checkpoint_threshold = '{CHECKPOINT_THRESHOLD}'")
+            except duckdb.Error as exc:
+                raise StorageError(f"cannot reopen {self.path}: {exc}") from exc
 
     def fetchall(self, sql: str, params: Iterable[Any] = ()) -> list[tuple[Any, ...]]:
         with self._lock:
@@ -577,6 +597,33 @@ class Store:
                 con.unregister(name)
 
         self._txn(body)
+
+
+def _rollback(con: duckdb.DuckDBPyConnection) -> None:
+    try:
+        con.execute("ROLLBACK")
+    except duckdb.Error:
+        pass  # a failed COMMIT already ended the transaction, or the database is invalidated
+
+
+def failure_kind(exc: StorageError) -> str:
+    """What kind of storage failure `exc` is, as a metric label.
+
+    no_space      the filesystem is full (ENOSPC): writes work again once space returns
+    io            another I/O error reading or writing the files
+    invalidated   DuckDB invalidated the database after a fatal error (e.g. a checkpoint that
+                  hit a full disk): nothing works on this connection any more
+    other         anything else (out of memory, a constraint, a conversion)
+    """
+    cause = exc.__cause__
+    text = str(exc)
+    if isinstance(cause, duckdb.FatalException | duckdb.InternalException) or "database has been invalidated" in text:
+        return "invalidated"
+    if "No space left on device" in text or "Disk full" in text:
+        return "no_space"
+    if isinstance(cause, duckdb.IOException) or "Could not write file" in text or "Input/output error" in text:
+        return "io"
+    return "other"
 
 
 # The stored records of a repo row matching this are exactly the MST under its data_cid.

@@ -188,6 +188,59 @@ async def test_consumer_too_slow_reconnects_from_last_processed_event(tmp_path: 
     assert mirror_of(tmp_path / "t.duckdb") == expected_mirror(frames)
 
 
+def _garbled(frame: bytes, seq: int) -> bytes:
+    """A #commit frame with a readable seq whose `rev` is not a TID: bad input the parser names."""
+    header, body = libipld.decode_dag_cbor_multi(frame)
+    body["seq"] = seq
+    body["rev"] = "not a tid"
+    return libipld.encode_dag_cbor(header) + libipld.encode_dag_cbor(body)
+
+
+def _stored(db: Path) -> tuple[int, list[tuple[int, int, str]]]:
+    con = duckdb.connect(str(db), read_only=True)
+    try:
+        (seq,) = con.execute("SELECT seq FROM cursors").fetchone()
+        spans = con.execute("SELECT first_seq, last_seq, ended FROM coverage ORDER BY id").fetchall()
+    finally:
+        con.close()
+    return seq, spans
+
+
+async def test_a_bad_frame_with_a_lower_seq_never_moves_the_cursor_back(tmp_path: Path) -> None:
+    """Issue 9 item 6: a malformed frame claiming seq 3 after seq N was obeyed: cursor and
+    coverage were stored as 3, and a restart replayed everything after 3."""
+    frames = world_frames(10, 10, 300)
+    seqs = _seqs(frames)
+    db = tmp_path / "back.duckdb"
+    with LocalRelay(frames + [_garbled(frames[0], 3)]) as relay:
+        store = Store(db)
+        daemon = Daemon(store, ConsumeConfig(relay=relay.url, cursor=0, flush_interval=0.05))
+        task = asyncio.create_task(daemon.run(install_signal_handlers=False))
+        deadline = time.monotonic() + 60
+        while daemon.counts.get("error:bad_tid", 0) < 1:  # the garbled frame, the last one sent, was read
+            assert not task.done() and time.monotonic() < deadline
+            await asyncio.sleep(0.02)
+        daemon.stop()
+        await asyncio.wait_for(task, 10)
+        store.close()
+    assert _stored(db) == (seqs[-1], [(seqs[0], seqs[-1], "clean")])
+    assert mirror_of(db) == expected_mirror(frames)
+
+
+async def test_a_seq_beyond_bigint_is_a_bad_frame_and_later_batches_are_written(tmp_path: Path) -> None:
+    """Issue 9 item 6: a frame with seq >= 2**63 made its batch's write fail, and no batch was
+    committed after it. It is bad input: counted, skipped, and the stream goes on."""
+    frames = world_frames(11, 10, 600)
+    seqs = _seqs(frames)
+    db = tmp_path / "huge.duckdb"
+    relayed = frames[:200] + [_with_seq(frames[200], 2**63), _with_seq(frames[201], 2**64 - 1)] + frames[200:]
+    with LocalRelay(relayed) as relay:
+        daemon = await consume_until(db, relay, seqs[-1], cursor=0, batch_events=50)
+    assert sum(v for k, v in daemon.counts.items() if k.startswith("error:")) == 2, daemon.counts
+    assert mirror_of(db) == expected_mirror(frames)
+    assert _stored(db) == (seqs[-1], [(seqs[0], seqs[-1], "clean")])
+
+
 # -- the real process: signals, kill -9, the admin API ---------------------------------------
 
 

@@ -8,7 +8,19 @@ the generator's own repo after the last commit.
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
+
+import duckdb
+import httpx
+import orjson
 
 from backfill.repo import parse_repo
 from backfill.api import backfill_from_request
@@ -16,12 +28,17 @@ from bench.generate.firehose import World
 from bench.generate.identity import did_document
 from consumer.daemon import ConsumeConfig, Daemon
 from consumer.resync import DaemonSink
+from skyfill.daemon_client import call_daemon, find_daemon
 from storage import Store
+from tests.network import Create, LocalNetwork, PdsAccount, PdsClient, RecordRef, post_record
+from tests.oracle import assert_mirror_equals, commit_seq, fetch_truth, head_seq
 
 from .faultserver import FaultServer, Reply, json_reply
 from .relay import LocalRelay
 
 GET_REPO = "/xrpc/com.atproto.sync.getRepo"
+POST = "app.bsky.feed.post"
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def truth(world: World, did: str) -> tuple[dict[tuple[str, str], str], str]:
@@ -118,3 +135,167 @@ async def test_backfill_then_restart_keeps_the_reconciled_state(tmp_path: Path) 
             # the chain after the backfill is intact: still synchronized
             assert store.fetchall("SELECT rev, sync_state FROM repos WHERE did = ?", [did])[0] == (rev, "synchronized")
         store.close()
+
+
+async def test_two_backfills_of_one_did_at_once_end_like_one_after_the_other(tmp_path: Path) -> None:
+    """Issue 9 item 1, made deterministic: the second getRepo answers slowly (a slow PDS, a real
+    fault) and the DID commits while it is in flight. Run one after the other, the second attempt
+    captures those commits and replays them; run at once, it must not roll them back."""
+    world = World(13, n_dids=1, initial_records=(20, 20))
+    (did,) = world.dids
+    before = list(world.frames(30))
+    served = world.repo_car(did)  # the repo as of `before`: what both fetches are served
+    during = list(world.frames(30))  # the DID keeps committing while the second fetch is in flight
+    fetches = 0
+
+    def get_repo(seen: Any) -> Reply:
+        nonlocal fetches
+        fetches += 1
+        return Reply(200, served, delay=0.0 if fetches == 1 else 1.5)
+
+    with FaultServer() as srv, LocalRelay(before) as relay:
+        for ident in world.identities:
+            srv.script(f"/{ident.did}", json_reply(did_document(ident, srv.url)))
+        srv.script(GET_REPO, get_repo)
+        store = Store(tmp_path / "twice.duckdb")
+        daemon = Daemon(store, ConsumeConfig(relay=relay.url, cursor=0, flush_interval=0.05))
+        task = asyncio.create_task(daemon.run(install_signal_handlers=False))
+        await wait_for(lambda: daemon.committed_seq == relay.head)
+
+        def one() -> Any:  # what each `skyfill backfill --dids X` asks the daemon's admin API for
+            return asyncio.create_task(backfill_from_request(
+                store, {"dids": [did]}, sink=DaemonSink(daemon), plc_url=srv.url, allow_private_hosts=True))
+
+        first, second = one(), one()
+        await wait_for(lambda: srv.count(GET_REPO) == 2)  # the second fetch is in flight
+        relay.append(during)
+        await wait_for(lambda: daemon.committed_seq == relay.head)
+        summaries = await asyncio.gather(first, second)
+        await wait_for(lambda: daemon.committed_seq == relay.head)
+        daemon.stop()
+        await task
+
+        assert [s["repos_ok"] for s in summaries] == [1, 1], summaries
+        records, rev = truth(world, did)
+        stored = {(c, k): cid for c, k, cid in store.fetchall(
+            "SELECT collection, rkey, cid FROM records WHERE did = ?", [did])}
+        assert stored == records
+        assert store.fetchall("SELECT rev, sync_state, backfill_status FROM repos WHERE did = ?", [did]) == [
+            (rev, "synchronized", "ok")]
+        assert len(daemon.captures) == 0  # no capture or turn left behind
+        store.close()
+
+
+# -- two backfills of one DID at once, through the running daemon, against the real PDS -----------
+
+
+def _spawn_daemon(db: Path, net: LocalNetwork, cursor: int, plc_url: str) -> subprocess.Popen[bytes]:
+    with open(db.with_suffix(".log"), "ab") as log:  # a file, not a pipe nobody drains
+        return subprocess.Popen(
+            [sys.executable, "-m", "skyfill", "consume", "--db", str(db), "--relay", net.pds_url,
+             "--cursor", str(cursor), "--flush-interval", "0.05", "--plc-url", plc_url, "--allow-private-hosts"],
+            cwd=ROOT, env={**os.environ, "SKYFILL_LOG_JSON": "1"}, stdout=subprocess.DEVNULL, stderr=log,
+        )
+
+
+def _announced(db: Path, proc: subprocess.Popen[bytes]) -> dict[str, Any]:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, db.with_suffix(".log").read_text()
+        info = find_daemon(db)
+        if info is not None and info["pid"] == proc.pid:
+            return info
+        time.sleep(0.05)
+    raise AssertionError("the daemon did not announce itself")
+
+
+def _stored_cursor(info: dict[str, Any]) -> int:
+    cursors = call_daemon(info, "/status", timeout=10)["cursors"]
+    return int(cursors[0]["seq"]) if cursors else 0
+
+
+def _until(predicate: Callable[[], bool], what: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+
+
+class SlowPdsLink:
+    """The real PDS behind a slow link: getRepo is answered with what the PDS serves when the
+    request arrives, and every second answer is held back `hold` seconds (a slow network, a
+    real fault). DID documents come from the real PLC with the PDS endpoint pointed here."""
+
+    def __init__(self, srv: FaultServer, net: LocalNetwork, dids: list[str], *, hold: float) -> None:
+        self.net = net
+        self.hold = hold
+        self.snapshots = 0  # getRepo answers taken from the PDS so far
+        self._lock = threading.Lock()
+        for did in dids:
+            doc = httpx.get(f"{net.plc_url}/{did}", timeout=10).json()
+            for service in doc["service"]:
+                service["serviceEndpoint"] = srv.url
+            srv.script(f"/{did}", json_reply(doc))
+        srv.script(GET_REPO, self._get_repo)
+
+    def _get_repo(self, seen: Any) -> Reply:
+        car = httpx.get(f"{self.net.pds_url}{GET_REPO}", params={"did": seen.query["did"]}, timeout=30).content
+        with self._lock:
+            self.snapshots += 1
+            n = self.snapshots
+        return Reply(200, car, headers={"Content-Type": "application/vnd.ipld.car"},
+                     delay=self.hold if n % 2 == 0 else 0.0)
+
+
+def test_two_backfills_of_one_did_at_once_under_writes_equal_the_pds(
+    pds_network: LocalNetwork, pds_client: PdsClient, make_account: Callable[..., PdsAccount], tmp_path: Path
+) -> None:
+    """Issue 9 item 1 end to end: two `skyfill backfill --dids X` started together through the
+    running daemon while X writes on the real PDS must end like running them one after the
+    other: the mirror equals getRepo. X writes while the second getRepo answer is on its way
+    (after the PDS served it), which is when concurrent attempts lost those writes."""
+    c = pds_client
+    db = tmp_path / "twice.duckdb"
+    x = make_account("twice")
+    # History the firehose never shows the daemon, so every backfill has real work to do.
+    c.apply_writes(x, [Create(POST, post_record(f"history {i}")) for i in range(100)])
+    start = head_seq(c)
+    with FaultServer() as srv:
+        link = SlowPdsLink(srv, pds_network, [x.did], hold=3.0)
+        proc = _spawn_daemon(db, pds_network, start, srv.url)
+        try:
+            info = _announced(db, proc)
+            backfill = [sys.executable, "-m", "skyfill", "backfill", "--db", str(db), "--dids", x.did,
+                        "--plc-url", srv.url, "--allow-private-hosts", "--json"]
+            live: list[RecordRef] = []
+            for round_ in range(1, 4):
+                pair = [subprocess.Popen(backfill, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                        for _ in range(2)]
+                # The second snapshot is taken and held back: X writes now, and the daemon stores it.
+                _until(lambda: link.snapshots == 2 * round_, "both getRepo snapshots")  # noqa: B023
+                live.append(c.create_record(x, POST, post_record(f"written during round {round_}")))
+                if len(live) > 1:
+                    c.delete_record(x, POST, live[-2].rkey)
+                tail = c.create_record(x, POST, post_record(f"round {round_} done"))
+                seq = commit_seq(c, x.did, tail.commit.rev, since=start)
+                _until(lambda: _stored_cursor(info) >= seq, "the daemon to store the writes")  # noqa: B023
+                for p in pair:
+                    out, err = p.communicate(timeout=120)
+                    assert p.returncode == 0, err.decode()
+                    assert orjson.loads(out)["repos_ok"] == 1
+            last = c.create_record(x, POST, post_record("the end"))
+            target = commit_seq(c, x.did, last.commit.rev, since=start)
+            _until(lambda: _stored_cursor(info) >= target, "the daemon to catch up")
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(15) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
+    con = duckdb.connect(str(db), read_only=True)
+    try:
+        assert_mirror_equals(con, c, [x.did])
+        row = con.execute("SELECT rev, sync_state, backfill_status FROM repos WHERE did = ?", [x.did]).fetchall()
+        assert row == [(fetch_truth(c, x.did).rev, "synchronized", "ok")]
+    finally:
+        con.close()
