@@ -31,7 +31,7 @@ from ._workers import read_frames, run_json, spawn, write_frames
 __all__ = ["peer", "peer_frames", "expected_events", "run_peer"]
 
 _FULL_FRAMES = 20_000
-_SMOKE_FRAMES = 2_000
+_SMOKE_FRAMES = 500
 
 
 def peer_frames(ctx: Context) -> int:
