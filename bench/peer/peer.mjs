@@ -5,7 +5,8 @@
 // Subscribes from the first frame (no cursor), hands every event to a handler that only counts
 // it, and stops when every frame up to seq N has been processed: the reference MemoryRunner
 // reports its consecutive cursor through `setCursor`, the signal the library offers for "all
-// work up to here is done". Prints one JSON line: seconds, events by type, errors by reason.
+// work up to here is done". Prints one JSON line: seconds, events by type (each counted once:
+// a reconnect replays from the runner's cursor), replayed events, errors by reason.
 //
 // The PLC at --plc serves the DID documents: identity events fetch the DID's document in both
 // modes. --verify: commits authenticated (signature + MST proofs via verifyProofs), keys from
@@ -38,6 +39,8 @@ const concurrency = args.concurrency === undefined ? Infinity : Number(args.conc
 
 const events = {}
 const errors = {}
+const seen = new Set()
+let replayed = 0
 let done
 const finished = new Promise((resolve) => {
   done = resolve
@@ -74,6 +77,14 @@ const firehose = new Firehose({
   unauthenticatedHandles: true,
   subscriptionReconnectDelay: 100,
   handleEvent: (evt) => {
+    // After a reconnect the runner resumes from its last consecutive seq, so events handled
+    // past it arrive again: count each once, and the repeats apart.
+    const key = evt.uri === undefined ? `${evt.seq} ${evt.event}` : `${evt.seq} ${evt.uri.toString()}`
+    if (seen.has(key)) {
+      replayed += 1
+      return
+    }
+    seen.add(key)
     events[evt.event] = (events[evt.event] ?? 0) + 1
   },
   onError: (err) => {
@@ -102,6 +113,7 @@ console.log(
     verify: args.verify,
     concurrency: Number.isFinite(concurrency) ? concurrency : null,
     events,
+    replayed,
     errors,
     peak_rss: process.resourceUsage().maxRSS * 1024,
     node: process.version,
