@@ -3,8 +3,9 @@
 One relay process streams World(seed, n_dids) frames and one PLC process serves the World's DID
 documents; on them, in turn: skyfill's daemon (as in `ingest`: decoded, tracked, written to
 DuckDB), skyfill with every commit signature checked (cold key cache), @atproto/sync's Firehose
-unverified and verified (signature + MST proofs of every commit; bench/peer/peer.mjs). The peer
-stores nothing, so it is measured at its best: frames parsed and handed to a counting handler.
+unverified and verified (signature + MST proofs of every commit; bench/peer/peer.mjs), events run
+through its MemoryRunner (per-DID order, PEER_CONCURRENCY in flight). The peer stores nothing,
+so it is measured at its best: frames parsed and handed to a counting handler.
 
 Each peer run is checked against the frames: every op of every commit and every #identity and
 #account event must reach the handler, and the verified run must reject none (the generated
@@ -29,7 +30,7 @@ from bench.peer import PeerInstall, installed
 
 from ._workers import read_frames, run_json, spawn, write_frames
 
-__all__ = ["peer", "peer_frames", "expected_events", "run_peer"]
+__all__ = ["peer", "peer_frames", "expected_events", "run_peer", "PEER_CONCURRENCY"]
 
 _FULL_FRAMES = 20_000
 _SMOKE_FRAMES = 500
@@ -53,11 +54,21 @@ def expected_events(frames: Iterable[bytes]) -> Counter[str]:
     return want
 
 
+# The MemoryRunner's in-flight events. Its default, unbounded, starts every buffered event at
+# once: on 20,000 frames the CPU-bound verification of thousands of queued commits starved the
+# event loop until 138 first-seen-DID resolutions hit even a 30 s timeout (176 events lost).
+# 64 keeps 64 DIDs' resolutions overlapping and lost none; the peer is single-threaded either way.
+PEER_CONCURRENCY = 64
+
+
 def run_peer(peer: PeerInstall, relay: str, plc: str, last_seq: int, *, verify: bool,
-             timeout: float = 900) -> dict[str, Any]:
-    """One @atproto/sync run from the relay's first frame to `last_seq`; its JSON result."""
+             concurrency: int | None = PEER_CONCURRENCY, timeout: float = 900) -> dict[str, Any]:
+    """One @atproto/sync run from the relay's first frame to `last_seq`; its JSON result.
+    `concurrency`: the MemoryRunner's (None: its unbounded default)."""
     cmd = [str(peer.node), str(peer.script), "--service", relay, "--plc", plc, "--last-seq", str(last_seq),
            "--timeout", str(int(timeout))]
+    if concurrency is not None:
+        cmd += ["--concurrency", str(concurrency)]
     if verify:
         cmd.append("--verify")
     done = subprocess.run(cmd, cwd=peer.script.parent, capture_output=True, text=True, timeout=timeout + 30,

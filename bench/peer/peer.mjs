@@ -5,7 +5,8 @@
 // Subscribes from the first frame (no cursor), hands every event to a handler that only counts
 // it, and stops when every frame up to seq N has been processed: the reference MemoryRunner
 // reports its consecutive cursor through `setCursor`, the signal the library offers for "all
-// work up to here is done". Prints one JSON line: seconds, events by type (each counted once:
+// work up to here is done". --concurrency: the runner's events in flight (default: its own,
+// unbounded). Prints one JSON line: seconds, events by type (each counted once:
 // a reconnect replays from the runner's cursor), replayed events, errors by reason.
 //
 // The PLC at --plc serves the DID documents: identity events fetch the DID's document in both
