@@ -8,7 +8,7 @@ DB     ?= data/skyfill.duckdb
 RELAY  ?= wss://bsky.network
 KAFKA  ?=
 
-.PHONY: run test bench chaos fuzz status gaps backfill demo kafka-up kafka-down network clean install
+.PHONY: run test bench bench-peer-install chaos fuzz status gaps backfill demo kafka-up kafka-down network clean install
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,10 +26,15 @@ run: $(STAMP)
 network: $(STAMP)
 	$(PY) -m tests.network install
 
-test: $(STAMP) network
+# @atproto/sync (npm, the reference TypeScript firehose consumer), the benchmark's peer, run by the
+# network's Node 22; installed into .cache/sync-peer (the bench smoke test runs it too).
+bench-peer-install: network
+	$(PY) -m bench.peer install
+
+test: $(STAMP) network bench-peer-install
 	$(PY) -m pytest -q -p no:cacheprovider
 
-bench: $(STAMP)
+bench: $(STAMP) bench-peer-install
 	$(PY) -m bench
 
 # Fault trials against the local PDS (kill -9, relay and broker freezes, disk full, concurrent

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sys
 import threading
 from bisect import bisect_right
 from collections import Counter
@@ -161,7 +162,7 @@ class RepoServer:
         self._identities = {i.did: i for i in identities}
         self._pds_url = pds_url
         self._heads: dict[str, tuple[str, str]] = {}
-        self._httpd: ThreadingHTTPServer | None = None
+        self._httpd: _HttpServer | None = None
         self._thread: threading.Thread | None = None
         self.requests: Counter[str] = Counter()
         self._lock = threading.Lock()
@@ -174,7 +175,7 @@ class RepoServer:
 
     def start(self) -> RepoServer:
         handler = type("_Handler", (_Handler,), {"app": self})
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self._httpd = _HttpServer(("127.0.0.1", 0), handler)
         self._httpd.daemon_threads = True
         self._thread = threading.Thread(target=self._httpd.serve_forever, name="bench-repo", daemon=True)
         self._thread.start()
@@ -237,7 +238,7 @@ class RepoServer:
             if len(dids) == limit:
                 out["cursor"] = dids[-1]
             return _json(200, out)
-        if path.startswith("/did:"):
+        if path.startswith(("/did:", "/did%3A", "/did%3a")):  # clients may percent-encode the colons
             self.requests["plc"] += 1
             ident = self._identities.get(unquote(path[1:]))
             if ident is None:
@@ -245,6 +246,19 @@ class RepoServer:
             return _json(200, did_document(ident, self._pds_url or self.url))
         self.requests["other"] += 1
         return _json(404, {"error": "NotFound", "message": path})
+
+
+class _HttpServer(ThreadingHTTPServer):
+    # socketserver's listen backlog is 5: a client opening dozens of connections at once (the
+    # reference TypeScript resolver does, one per first-seen DID) has SYNs dropped and retried
+    # by the kernel for up to ~30 s. A real PLC or PDS sits behind a backlog in the hundreds.
+    request_queue_size = 1024
+    daemon_threads = True
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # a client closing its keep-alive connections when it exits is not an error
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            super().handle_error(request, client_address)
 
 
 def _json(status: int, obj: Any) -> tuple[int, str, bytes]:

@@ -44,6 +44,8 @@ from bench.generate import (
     make_identity,
 )
 from bench.generate.repo import _draw_records
+from bench.harness import discover
+from bench.peer import installed as peer_installed
 from bench.servers import FirehoseServer, RepoServer
 from skyfill.car import read_car, verify_block
 from skyfill.records import is_valid_datetime
@@ -122,6 +124,21 @@ def test_identity_and_did_document_are_well_formed() -> None:
         "type": "AtprotoPersonalDataServer",
         "serviceEndpoint": "http://127.0.0.1:1234",
     }
+
+
+# The atproto handle syntax (atproto.com/specs/handle), and the TLDs the reference refuses at
+# registration; `.test` is reserved for testing and explicitly allowed.
+HANDLE_RE = re.compile(r"^([a-zA-Z0-9]([a-zA-Z0-9-]{0,61}[a-zA-Z0-9])?\.)+[a-zA-Z]([a-zA-Z0-9-]{0,61}[a-zA-Z0-9])?$")
+DISALLOWED_TLDS = (".local", ".arpa", ".invalid", ".localhost", ".internal", ".example", ".alt", ".onion")
+
+
+def test_generated_handles_are_valid_atproto_handles() -> None:
+    world = World(1, n_dids=1000, retain_blocks=False)
+    handles = [i.handle for i in world.identities]
+    for handle in handles:
+        assert len(handle) <= 253 and HANDLE_RE.match(handle), handle
+        assert not handle.endswith(DISALLOWED_TLDS), handle
+    assert handles == [i.handle for i in World(1, n_dids=1000, retain_blocks=False).identities]
 
 
 # -- MST ----------------------------------------------------------------------------------
@@ -369,7 +386,9 @@ def test_repo_server_serves_repos_heads_and_did_documents() -> None:
         doc = http.get(f"/{did}").json()
         assert doc == json.loads(json.dumps(did_document(world.identities[0], server.url)))
         assert http.get("/did:plc:" + "b" * 24).status_code == 404
-        assert server.requests["getRepo"] == 2 and server.requests["plc"] == 2
+        # the reference resolver (@atproto/identity) asks for /{encodeURIComponent(did)}
+        assert http.get("/" + did.replace(":", "%3A")).json() == doc
+        assert server.requests["getRepo"] == 2 and server.requests["plc"] == 3
 
 
 # -- harness ------------------------------------------------------------------------------
@@ -377,8 +396,10 @@ def test_repo_server_serves_repos_heads_and_did_documents() -> None:
 
 def test_bench_smoke_runs_and_writes_results(tmp_path: Path) -> None:
     out = tmp_path / "latest.json"
+    # the @atproto/sync peer needs its npm install (make test does it); test_bench_smoke runs it too
+    parts = [p for p in discover() if p != "peer" or peer_installed() is not None]
     proc = subprocess.run(
-        [sys.executable, "-m", "bench", "--smoke", "--out", str(out)],
+        [sys.executable, "-m", "bench", "--smoke", "--out", str(out), *parts],
         cwd=ROOT,
         capture_output=True,
         text=True,

@@ -5,13 +5,20 @@ when they are wrong; these tests check what the table reports."""
 from __future__ import annotations
 
 import math
+from collections import Counter
 
+import cbrrr
 import duckdb
 import pytest
 
+from bench.generate import World
 from bench.harness import Context, Row, Sizes, discover
 from bench.parts import backfill as backfill_part
 from bench.parts import gaps as gaps_part
+from bench.parts import peer as peer_part
+from bench.parts._workers import spawn, write_frames
+from bench.peer import PeerInstall
+from bench.peer import installed as peer_installed
 
 PARTS = discover()
 
@@ -79,3 +86,47 @@ def test_profile_reports_each_stage_and_the_floor() -> None:
         assert f"profile.ingest.{stage}" in rows
     for stage in ("floor_libipld", "fetch", "parse_walk", "materialize", "duckdb", "duckdb_unchanged"):
         assert f"profile.backfill.{stage}" in rows
+
+
+def _peer_or_skip() -> PeerInstall:
+    peer = peer_installed()
+    if peer is None:
+        pytest.skip("the @atproto/sync peer is not installed (make bench-peer-install; make test does it)")
+    return peer
+
+
+def test_peer_runs_the_reference_consumer_unverified_and_verified_next_to_skyfill() -> None:
+    _peer_or_skip()
+    rows = _by_name(PARTS["peer"](_ctx()))  # raises if the peer rejected or lost any event
+    assert rows[f"peer.frames.{peer_part.peer_frames(_ctx())}"].value == 500
+    for name in ("peer.sync.frames", "peer.sync.verified.frames", "peer.skyfill.frames",
+                 "peer.skyfill.verified.frames"):
+        assert rows[name].unit == "frames/s"
+    assert rows["peer.skyfill_vs_sync"].value == pytest.approx(
+        rows["peer.skyfill.frames"].value / rows["peer.sync.frames"].value)
+
+
+def test_verified_peer_rejects_a_commit_that_names_another_repo(tmp_path) -> None:
+    """The peer's verified mode really authenticates: a commit re-addressed to another DID of the
+    world (its blocks signed by the first) is handled unverified and rejected verified."""
+    peer = _peer_or_skip()
+    world = World(7, n_dids=5, retain_blocks=False)
+    frames = list(world.frames(60))
+    header = cbrrr.encode_dag_cbor({"op": 1, "t": "#commit"})
+    at = next(i for i, f in enumerate(frames) if f.startswith(header))
+    body = cbrrr.decode_dag_cbor(frames[at][len(header):])
+    signer = body["repo"]
+    victim = next(d for d in world.dids if d != signer)
+    forged_ops = len(body["ops"])
+    body["repo"] = victim
+    frames[at] = header + cbrrr.encode_dag_cbor(body)
+    path = tmp_path / "frames.bin"
+    write_frames(path, frames)
+    want = peer_part.expected_events(frames)
+    with spawn("firehose", str(path)) as relay, spawn("plc", "7", "5") as plc:
+        plain = peer_part.run_peer(peer, relay["url"], plc["url"], world.last_seq, verify=False, timeout=120)
+        checked = peer_part.run_peer(peer, relay["url"], plc["url"], world.last_seq, verify=True, timeout=120)
+    assert plain["errors"] == {} and Counter(plain["events"]) == want
+    assert sum(want.values()) - sum(checked["events"].values()) == forged_ops
+    [(reason, count)] = checked["errors"].items()
+    assert count == 1 and f"RepoVerificationError: Invalid repo did: {signer}" in reason

