@@ -42,7 +42,7 @@ from typing import Any, Final
 import libipld
 import orjson
 
-from skyfill.car import CarError, cid_to_str, read_car
+from skyfill.car import CarError, cid_to_str, read_car, read_header
 from skyfill.crypto import PublicKey, verify_signature
 from skyfill.errors import InputError, RepoError, SignatureError
 from skyfill.records import record_json
@@ -208,21 +208,19 @@ def _check_commit(commit: dict[str, Any], did: str, key: PublicKey | None) -> No
 
 def _first_block(car: bytes) -> tuple[bytes, bytes] | None:
     """(CID, bytes) of the CAR's first block when it is the single root's, else None (the full
-    split then decides, with its errors). The block is hash-checked by `_read_commit`."""
-    try:
-        length, pos = _uvarint(car, 0)
-        header = libipld.decode_dag_cbor(car[pos : pos + length])
-        pos += length
-        roots = header.get("roots") if isinstance(header, dict) and header.get("version") == 1 else None
-        if not isinstance(roots, list) or len(roots) != 1 or not _is_cid(roots[0]):
-            return None
-        length, pos = _uvarint(car, pos)
-        end = pos + length
-        if length <= 36 or end > len(car) or car[pos : pos + 36] != roots[0]:
-            return None
-        return roots[0], car[pos + 36 : end]
-    except (ValueError, IndexError, TypeError, RecursionError):
+    split then decides, with its errors). The block is hash-checked by `_read_commit`.
+    Raises CarError for a malformed header, as `read_car` would."""
+    roots, pos = read_header(car)
+    if len(roots) != 1 or not _is_cid(roots[0]):
         return None
+    try:
+        length, pos = _uvarint(car, pos)
+    except (ValueError, IndexError):
+        return None
+    end = pos + length
+    if length <= 36 or end > len(car) or car[pos : pos + 36] != roots[0]:
+        return None
+    return roots[0], car[pos + 36 : end]
 
 
 def _uvarint(data: bytes, pos: int) -> tuple[int, int]:

@@ -22,7 +22,7 @@ import libipld
 
 from .errors import RepoError
 
-__all__ = ["read_car", "cid_to_str", "cid_from_str", "verify_block", "CarError"]
+__all__ = ["read_car", "read_header", "cid_to_str", "cid_from_str", "verify_block", "CarError"]
 
 # CIDv1 prefixes of the two codecs atproto uses, both sha2-256 (0x12) with 32-byte digests.
 _DAG_CBOR_PREFIX: Final = b"\x01\x71\x12\x20"
@@ -77,13 +77,8 @@ def _root_ok(root: object) -> bool:
     return type(root) is bytes and 2 <= len(root) <= _MAX_ROOT_LEN
 
 
-def read_car(data: bytes) -> tuple[list[bytes], dict[bytes, bytes]]:
-    """Split a CAR v1 into (roots, {cid bytes: raw block bytes}) without decoding blocks.
-
-    Raises CarError on a malformed or truncated CAR. A CAR truncated exactly at a block
-    boundary parses; callers find the hole when a needed block is missing. Blocks are NOT
-    checked against their CIDs here (see `verify_block`): callers hash what they use.
-    """
+def read_header(data: bytes) -> tuple[list[bytes], int]:
+    """(roots, offset of the first block section) of a CAR v1; CarError if malformed."""
     header_len, pos = _varint(data, 0)
     end = pos + header_len
     if header_len == 0 or end > len(data):
@@ -96,12 +91,22 @@ def read_car(data: bytes) -> tuple[list[bytes], dict[bytes, bytes]]:
         raise CarError(f"bad CAR header: {exc}", kind="car_malformed") from exc
     except RecursionError as exc:
         raise CarError("CAR header is nested too deeply", kind="car_too_deep") from exc
-    if type(header) is not dict or header.get("version") != 1:
+    if type(header) is not dict or type(header.get("version")) is not int or header["version"] != 1:
         raise CarError("not a CAR v1 header", kind="car_malformed")
     roots = header.get("roots")
     if type(roots) is not list or len(roots) > _MAX_ROOTS or not all(map(_root_ok, roots)):
         raise CarError("CAR header roots are not a list of CIDs", kind="car_malformed")
+    return roots, end
 
+
+def read_car(data: bytes) -> tuple[list[bytes], dict[bytes, bytes]]:
+    """Split a CAR v1 into (roots, {cid bytes: raw block bytes}) without decoding blocks.
+
+    Raises CarError on a malformed or truncated CAR. A CAR truncated exactly at a block
+    boundary parses; callers find the hole when a needed block is missing. Blocks are NOT
+    checked against their CIDs here (see `verify_block`): callers hash what they use.
+    """
+    roots, end = read_header(data)
     blocks: dict[bytes, bytes] = {}
     pos = end
     size = len(data)
