@@ -248,6 +248,7 @@ def _walk(blocks: dict[bytes, bytes], root: bytes, did: str) -> dict[tuple[str, 
     add_key = keys.append
     add_cid = cids.append
     visited = seen.add
+    max_key = _MAX_KEY
 
     def visit(cid: bytes, depth: int) -> None:
         if depth > _MAX_DEPTH:
@@ -283,7 +284,7 @@ def _walk(blocks: dict[bytes, bytes], root: bytes, did: str) -> dict[tuple[str, 
                 if type(p) is not int or not 0 <= p <= len(prev):
                     raise _error("MST entry prefix is not an int within the previous key", "bad_mst_node", did)
                 prev = prev[:p] + entry["k"]  # TypeError unless k is bytes
-                if len(prev) > _MAX_KEY:
+                if len(prev) > max_key:
                     raise _error(f"MST key {prev[:80]!r}... is longer than any collection/rkey", "bad_mst_key", did)
                 add_key(prev)
                 add_cid(entry["v"])

@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature, encode_dss_signature
 
 from backfill.repo import RepoSnapshot, materialize, parse_repo
-from skyfill.car import CarError, cid_to_str
+from skyfill.car import CarError, cid_to_str, read_car, verify_block
 from skyfill.crypto import PublicKey, atproto_key_from_did_doc, parse_public_key
 from skyfill.errors import RepoError, SignatureError
 
@@ -738,3 +738,43 @@ def test_deeply_nested_record_is_kept_without_body(depth: int) -> None:
     assert cols.rkey == ["a", "b"]
     assert cols.record[0] is None
     assert json.loads(cols.record[1] or "")["text"] == "post 1"
+
+
+# ---- skyfill.car bounds ---------------------------------------------------------------------
+
+def _header_car(header: Any) -> bytes:
+    raw = cbrrr.encode_dag_cbor(header)
+    return _varint(len(raw)) + raw
+
+
+@pytest.mark.parametrize(
+    ("car", "kind"),
+    [
+        (_header_car({"version": True, "roots": []}), "car_malformed"),  # True == 1 in Python
+        (_header_car({"version": 1, "roots": [b"\x01"]}), "car_malformed"),
+        (_header_car({"version": 1, "roots": ["bafyrei"]}), "car_malformed"),
+        (_header_car({"version": 1, "roots": [cbrrr.CID(b"\x01\x71\x12\x20" + b"\x00" * 32)] * 65}), "car_malformed"),
+        (_header_car({"version": 1, "roots": [], "pad": b"\x00" * 70_000}), "car_malformed"),  # > 64 KiB
+        (b"\xff" * 11, "car_malformed"),  # a varint longer than 64 bits
+        # a block whose CIDv1 claims a 2^53-byte digest
+        (_header_car({"version": 1, "roots": []}) + b"\x0f\x01\x71\x12" + b"\x80" * 7 + b"\x10" + b"\x00" * 4, "car_malformed"),
+    ],
+)
+def test_read_car_bounds(car: bytes, kind: str) -> None:
+    with pytest.raises(CarError) as info:
+        read_car(car)
+    assert info.value.kind == kind
+
+
+def test_verify_block_checks_the_hash_function() -> None:
+    block = cbrrr.encode_dag_cbor(post(1))
+    digest = hashlib.sha256(block).digest()
+    assert verify_block(b"\x01\x71\x12\x20" + digest, block)
+    assert verify_block(b"\x01\x55\x12\x20" + digest, block)  # raw codec (blobs)
+    assert verify_block(b"\x12\x20" + digest, block)  # CIDv0
+    assert not verify_block(b"\x01\x71\x12\x20" + digest, block + b"x")
+    # the same 32 bytes named as another hash function, or a non-CIDv1, are not a match
+    assert not verify_block(b"\x01\x71\x13\x20" + digest, block)  # sha2-512 code
+    assert not verify_block(b"\x01\x71\x00\x20" + digest, block)  # identity code
+    assert not verify_block(b"\x00\x71\x12\x20" + digest, block)
+    assert not verify_block(b"\x01\x71\x12\x20" + digest[:31], block)
