@@ -23,7 +23,10 @@ another exception, and the work is bounded by the CAR's size:
 - each node is typed before use: a map of exactly `e` (a list) and `l` (a link or null), each
   entry a map of exactly p (int >= 0), k (bytes), v (link), t (link or null);
 - nesting too deep for the decoder (libipld raises RecursionError at ~2,000 levels) is a
-  RepoError of kind `too_deep` (CarError `car_too_deep` in the CAR header).
+  RepoError of kind `too_deep` (CarError `car_too_deep` in the CAR header);
+- the record bytes the keys name (a block shared by n identical records counts n times: that
+  is what `materialize` and the store will write) may not exceed 4x the CAR's blocks + 1 MiB
+  (`record_amplification`).
 Key heights (the layer each key belongs to) are NOT checked: the record set is authenticated by
 the hash chain from the signed commit whatever the tree's shape; canonical shape matters to
 sync 1.1 inversion proofs, which check it against the frame's own blocks.
@@ -59,6 +62,10 @@ _MAX_DEPTH: Final = 130
 # collection (NSID characters) '/' record key (record-key characters); both non-empty.
 _KEY: Final = re.compile(rb"[a-zA-Z0-9.\-]{1,317}/[a-zA-Z0-9._~:\-]{1,512}")
 _MAX_KEY: Final = 317 + 1 + 512
+# record bytes the MST may name (blocks shared by identical records counted once per key):
+# at most this many times the bytes of all blocks, plus the slack
+_MAX_SHARING: Final = 4
+_SHARING_SLACK: Final = 1 << 20
 # every byte that may appear in `collection/rkey` keys joined by newlines
 _KEY_CHARS: Final = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.-_~:/\n"
 _TID: Final = re.compile(r"[234567abcdefghij][234567abcdefghijklmnopqrstuvwxyz]{12}")
@@ -159,8 +166,8 @@ def parse_repo(
 
     Raises CarError (malformed CAR), RepoError kinds missing_block (retryable: truncated
     download), bad_block_hash, bad_commit, did_mismatch, bad_mst_node, bad_mst_key,
-    mst_unsorted, mst_too_deep, mst_revisit, too_deep; SignatureError when `key` is given and
-    the signature fails. Nothing else escapes, whatever the bytes.
+    mst_unsorted, mst_too_deep, mst_revisit, too_deep, record_amplification; SignatureError
+    when `key` is given and the signature fails. Nothing else escapes, whatever the bytes.
     """
     first = _first_block(car) if defer_walk_if_data is not None else None
     if first is not None:
@@ -319,6 +326,13 @@ def _walk(blocks: dict[bytes, bytes], root: bytes, did: str) -> dict[tuple[str, 
     if not all(map(blocks.__contains__, cids)):
         gone = next(k for k, c in zip(keys, cids) if c not in blocks)
         raise _error(f"record block for {gone[:80]!r} is missing from the CAR", "missing_block", did)
+    # Identical records share a block, so n keys may name one block: materializing them costs
+    # n times its size. Honest repos share little; a 1 MB body named by 25,000 entries (a 2 MB
+    # CAR) would be 25 GB of JSON and rows.
+    named = sum(map(len, map(blocks.__getitem__, cids)))
+    if named > _MAX_SHARING * sum(map(len, blocks.values())) + _SHARING_SLACK:
+        raise _error(f"MST entries name {named} bytes of records, far more than the CAR holds",
+                     "record_amplification", did)
     cid_strs = list(map(libipld.encode_cid, cids))
     del cids
 

@@ -51,6 +51,7 @@ def test_corpus_holds_the_issues_cases() -> None:
         "issue-deep-node-100000": "too_deep",
         "issue-deep-header-3000": "car_too_deep",
     }
+    assert {c.expect for c in CASES if c.mutation == "shared-record-100x20k"} == {"record_amplification"}
     kinds = {c.expect for c in CASES}
     assert len(kinds) >= 12 and "ok" in kinds
 

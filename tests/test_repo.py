@@ -778,3 +778,23 @@ def test_verify_block_checks_the_hash_function() -> None:
     assert not verify_block(b"\x01\x71\x00\x20" + digest, block)  # identity code
     assert not verify_block(b"\x00\x71\x12\x20" + digest, block)
     assert not verify_block(b"\x01\x71\x12\x20" + digest[:31], block)
+
+
+def test_one_big_record_named_by_thousands_of_keys_is_refused() -> None:
+    # identical records may share a block, but 20,000 keys naming one 300 KB body (a 1.5 MB
+    # CAR) would materialize 6 GB of JSON and rows
+    signer = K256Signer(7)
+    record = cbrrr.encode_dag_cbor({**post(0), "text": "x" * 300_000})
+    rcid = cid_of(record)
+    entries = [(0, b"app.bsky.feed.post/00000000", rcid, None)]
+    entries += [(19, f"{i:08d}".encode(), rcid, None) for i in range(1, 20_000)]
+    node = _node(None, entries)
+    car = _signed(cid_of(node), [node, record], signer)
+    assert len(car) < 1_600_000
+    with pytest.raises(RepoError) as info:
+        parse_repo(car, did=HOSTILE_DID, key=signer.public)
+    assert info.value.kind == "record_amplification"
+    # a few identical records sharing a block are fine
+    node = _node(None, entries[:3])
+    snap = parse_repo(_signed(cid_of(node), [node, record], signer), did=HOSTILE_DID, key=signer.public)
+    assert len(set(snap.records.values())) == 1 and len(snap.records) == 3

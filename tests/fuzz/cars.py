@@ -70,7 +70,7 @@ CORPUS: Final = Path(__file__).resolve().parent / "corpus" / "cars"
 REPO_ERROR_KINDS: Final = frozenset({
     "car_truncated", "car_malformed", "car_too_deep", "missing_block", "bad_block_hash", "bad_commit",
     "did_mismatch", "bad_mst_node", "bad_mst_key", "mst_unsorted", "mst_too_deep", "mst_revisit",
-    "too_deep", "bad_signature",
+    "too_deep", "record_amplification", "bad_signature",
 })
 # A hang guard, not a speed check: the slowest honest input (fakermaker, 235 KB) takes ~20 ms.
 HANG_SECONDS: Final = 20.0
@@ -533,6 +533,22 @@ def _bad_record(rng: random.Random, repo: _Repo, block: bytes | None = None) -> 
     return _replace_node(repo, cid, _encode(node), [block])
 
 
+def _shared_record(rng: random.Random, repo: _Repo) -> bytes:
+    # one record block named by many keys (identical records share a block): a big body named
+    # thousands of times is a CAR of a few MB that would materialize into GBs
+    return _shared(repo, body=rng.choice([64, 4_000, 200_000]), count=rng.choice([3, 200, 5_000]))
+
+
+def _shared(repo: _Repo | int, *, body: int, count: int) -> bytes:
+    repo = _repo(repo) if isinstance(repo, int) else repo
+    record = _encode({"$type": "app.bsky.feed.post", "text": "x" * body, "createdAt": "2024-01-01T00:00:00Z"})
+    cid = cbrrr.CID(_cid(record))
+    entries = [{"p": 0, "k": b"app.bsky.feed.post/00000000", "v": cid, "t": None}]
+    entries += [{"p": 19, "k": f"{i:08d}".encode(), "v": cid, "t": None} for i in range(1, count)]
+    node = _encode({"l": None, "e": entries})
+    return _with_commit(repo, {**repo.commit, "data": cbrrr.CID(_cid(node))}, [node, record])
+
+
 def _bad_commit(rng: random.Random, repo: _Repo) -> bytes:
     commit = dict(repo.commit)
     field = rng.choice(["version", "data", "rev", "did", "sig", "prev", "x"])
@@ -569,6 +585,7 @@ MUTATORS: Final[dict[str, tuple[Mutator, int]]] = {
     "deep": (_deep, 3),
     "bad_record": (_bad_record, 2),
     "bad_commit": (_bad_commit, 4),
+    "shared_record": (_shared_record, 1),
 }
 # mutations that keep the repo's meaning: the snapshot must list the seed's exact records
 _SAME_RECORDS: Final = frozenset({"blocks_shuffled", "blocks_duplicated"})
@@ -771,6 +788,7 @@ def write_corpus(n: int = 4000, seed: int = 1) -> dict[str, dict[str, Any]]:
         ("issue-e-is-a-map", _issue_node(small, {"e": {}, "l": None}, [])),
         ("issue-deep-node-100000", _replace_node(_repo(small), _repo(small).nodes[0], _nested(100_000))),
         ("issue-deep-header-3000", _car(b"\xa2\x65roots\x81" + _nested(3000) + b"\x67version\x01", _repo(small).sections)),
+        ("shared-record-100x20k", _shared(small, body=20_000, count=100)),
     ]
     for label, car in issue_cases:
         best[(label, "")] = (len(car), car, small)
