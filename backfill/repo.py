@@ -11,6 +11,25 @@ MST node: {l: CID | null, e: [{p: int, k: bytes, v: CID, t: CID | null}]}. Keys 
     e[0] = {p: 0,  k: b"app.bsky.feed.like/3k2a"}  -> "app.bsky.feed.like/3k2a"
     e[1] = {p: 20, k: b"b7"}                       -> "app.bsky.feed.like/3k" + "b7"
 In-order traversal (l, then each entry followed by its t subtree) yields strictly increasing keys.
+
+Hostile input. Any bytes end in a snapshot or a RepoError (CarError, SignatureError), never
+another exception, and the work is bounded by the CAR's size:
+- the walk visits each node block at most once: a node reached twice (a DAG whose nodes link
+  one child twice is 2^n paths for n nodes: 40 nodes, 9 KB, had taken 2.2 GB) is refused as
+  `mst_revisit`, so the walk visits at most as many nodes as the CAR has blocks;
+- a rebuilt key longer than any valid `collection/rkey` (830 bytes) is refused as soon as it is
+  built, so prefix compression cannot turn n entries into n^2/2 key bytes: the key list holds at
+  most 830 bytes per entry, and every entry costs the CAR >= 40 bytes;
+- each node is typed before use: a map of exactly `e` (a list) and `l` (a link or null), each
+  entry a map of exactly p (int >= 0), k (bytes), v (link), t (link or null);
+- nesting too deep for the decoder (libipld raises RecursionError at ~2,000 levels) is a
+  RepoError of kind `too_deep` (CarError `car_too_deep` in the CAR header);
+- the record bytes the keys name (a block shared by n identical records counts n times: that
+  is what `materialize` and the store will write) may not exceed 4x the CAR's blocks + 1 MiB
+  (`record_amplification`).
+Key heights (the layer each key belongs to) are NOT checked: the record set is authenticated by
+the hash chain from the signed commit whatever the tree's shape; canonical shape matters to
+sync 1.1 inversion proofs, which check it against the frame's own blocks.
 """
 
 from __future__ import annotations
@@ -24,11 +43,13 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 
 import libipld
+import orjson
 
-from skyfill.car import CarError, cid_to_str, read_car
+from skyfill.car import CarError, cid_to_str, read_car, read_header
 from skyfill.crypto import PublicKey, verify_signature
 from skyfill.errors import InputError, RepoError, SignatureError
 from skyfill.records import record_json
+from skyfill.syntax import is_nsid
 from storage.writer import RecordColumns
 
 __all__ = ["RepoSnapshot", "parse_repo", "materialize"]
@@ -40,7 +61,11 @@ _DAG_CBOR_PREFIX: Final = b"\x01\x71\x12\x20"
 _MAX_DEPTH: Final = 130
 # collection (NSID characters) '/' record key (record-key characters); both non-empty.
 _KEY: Final = re.compile(rb"[a-zA-Z0-9.\-]{1,317}/[a-zA-Z0-9._~:\-]{1,512}")
-_COLLECTION: Final = re.compile(r"[a-zA-Z0-9.\-]{1,317}")
+_MAX_KEY: Final = 317 + 1 + 512
+# record bytes the MST may name (blocks shared by identical records counted once per key):
+# at most this many times the bytes of all blocks, plus the slack
+_MAX_SHARING: Final = 4
+_SHARING_SLACK: Final = 1 << 20
 # every byte that may appear in `collection/rkey` keys joined by newlines
 _KEY_CHARS: Final = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.-_~:/\n"
 _TID: Final = re.compile(r"[234567abcdefghij][234567abcdefghijklmnopqrstuvwxyz]{12}")
@@ -108,7 +133,9 @@ def _read_commit(blocks: dict[bytes, bytes], root: bytes, did: str) -> dict[str,
         commit = libipld.decode_dag_cbor(raw)
     except ValueError as exc:
         raise _error(f"commit is not valid DAG-CBOR: {exc}", "bad_commit", did) from exc
-    if not isinstance(commit, dict):
+    except RecursionError as exc:
+        raise _error("commit block is nested too deeply", "too_deep", did) from exc
+    if type(commit) is not dict:
         raise _error("commit is not a map", "bad_commit", did)
     version = commit.get("version")
     if version not in (2, 3) or type(version) is not int:
@@ -139,7 +166,8 @@ def parse_repo(
 
     Raises CarError (malformed CAR), RepoError kinds missing_block (retryable: truncated
     download), bad_block_hash, bad_commit, did_mismatch, bad_mst_node, bad_mst_key,
-    mst_unsorted, mst_too_deep; SignatureError when `key` is given and the signature fails.
+    mst_unsorted, mst_too_deep, mst_revisit, too_deep, record_amplification; SignatureError
+    when `key` is given and the signature fails. Nothing else escapes, whatever the bytes.
     """
     first = _first_block(car) if defer_walk_if_data is not None else None
     if first is not None:
@@ -177,28 +205,29 @@ def _check_commit(commit: dict[str, Any], did: str, key: PublicKey | None) -> No
     if key is not None:
         # libipld re-encodes 36-byte CID-shaped byte strings as CID links, which is exactly
         # what `data` and `prev` are; the signed bytes are the commit without `sig`.
-        unsigned = libipld.encode_dag_cbor({k: v for k, v in commit.items() if k != "sig"})
+        try:
+            unsigned = libipld.encode_dag_cbor({k: v for k, v in commit.items() if k != "sig"})
+        except (ValueError, TypeError, OverflowError, RecursionError) as exc:
+            raise _error(f"commit cannot be re-encoded for its signature: {exc!r}", "bad_commit", did) from exc
         if not verify_signature(key, unsigned, commit["sig"]):
             raise SignatureError("commit signature does not verify", kind="bad_signature", did=did)
 
 
 def _first_block(car: bytes) -> tuple[bytes, bytes] | None:
     """(CID, bytes) of the CAR's first block when it is the single root's, else None (the full
-    split then decides, with its errors). The block is hash-checked by `_read_commit`."""
-    try:
-        length, pos = _uvarint(car, 0)
-        header = libipld.decode_dag_cbor(car[pos : pos + length])
-        pos += length
-        roots = header.get("roots") if isinstance(header, dict) and header.get("version") == 1 else None
-        if not isinstance(roots, list) or len(roots) != 1 or not _is_cid(roots[0]):
-            return None
-        length, pos = _uvarint(car, pos)
-        end = pos + length
-        if length <= 36 or end > len(car) or car[pos : pos + 36] != roots[0]:
-            return None
-        return roots[0], car[pos + 36 : end]
-    except (ValueError, IndexError, TypeError):
+    split then decides, with its errors). The block is hash-checked by `_read_commit`.
+    Raises CarError for a malformed header, as `read_car` would."""
+    roots, pos = read_header(car)
+    if len(roots) != 1 or not _is_cid(roots[0]):
         return None
+    try:
+        length, pos = _uvarint(car, pos)
+    except (ValueError, IndexError):
+        return None
+    end = pos + length
+    if length <= 36 or end > len(car) or car[pos : pos + 36] != roots[0]:
+        return None
+    return roots[0], car[pos + 36 : end]
 
 
 def _uvarint(data: bytes, pos: int) -> tuple[int, int]:
@@ -214,23 +243,29 @@ def _uvarint(data: bytes, pos: int) -> tuple[int, int]:
 
 
 def _walk(blocks: dict[bytes, bytes], root: bytes, did: str) -> dict[tuple[str, str], str]:
-    # Hot loop: per entry only what cannot be done in bulk (rebuild the key, collect key and
-    # CID); syntax, order, CID shape and presence are then checked over whole lists in C.
+    # Hot loop: per entry only what cannot be done in bulk (type the entry, rebuild the key,
+    # collect key and CID); syntax, order, CID shape and presence are then checked over whole
+    # lists in C.
     keys: list[bytes] = []
     cids: list[bytes] = []
+    seen: set[bytes] = set()
     decode = libipld.decode_dag_cbor
     sha256 = hashlib.sha256
     get = blocks.get
     add_key = keys.append
     add_cid = cids.append
+    visited = seen.add
+    max_key = _MAX_KEY
 
     def visit(cid: bytes, depth: int) -> None:
         if depth > _MAX_DEPTH:
             raise _error("MST is deeper than any valid tree", "mst_too_deep", did)
-        # A link of the wrong type fails here with TypeError, caught by the parent's handler;
-        # the hash comparison below also pins the length to 36.
-        if cid[:4] != _DAG_CBOR_PREFIX:
+        # A link of the wrong type fails here with TypeError, caught by the parent's handler.
+        if cid[:4] != _DAG_CBOR_PREFIX or len(cid) != 36:
             raise _error("MST link is not a DAG-CBOR sha2-256 CID", "bad_mst_node", did)
+        if cid in seen:
+            raise _error(f"MST node {_cid_str(cid)} is reached twice (not a tree)", "mst_revisit", did)
+        visited(cid)
         raw = get(cid)
         if raw is None:
             raise _error(f"MST node {_cid_str(cid)} is missing from the CAR", "missing_block", did)
@@ -238,21 +273,34 @@ def _walk(blocks: dict[bytes, bytes], root: bytes, did: str) -> dict[tuple[str, 
             raise _error(f"MST node does not hash to its CID {_cid_str(cid)}", "bad_block_hash", did)
         try:
             node = decode(raw)
+        except ValueError as exc:
+            raise _error(f"MST node {_cid_str(cid)} is not DAG-CBOR: {exc}", "bad_mst_node", did) from exc
+        except RecursionError as exc:
+            raise _error(f"MST node {_cid_str(cid)} is nested too deeply", "too_deep", did) from exc
+        try:
+            if type(node) is not dict or len(node) != 2 or type(entries := node["e"]) is not list:
+                raise _error(f"MST node {_cid_str(cid)} is not {{e: [...], l}}", "bad_mst_node", did)
             left = node["l"]
             if left is not None:
                 visit(left, depth + 1)
             prev = b""
-            for entry in node["e"]:
+            for entry in entries:
+                # len() and the four lookups below pin a map of exactly p, k, v, t (a list,
+                # text or bytes entry fails the lookups with TypeError, a scalar fails len())
+                if len(entry) != 4:
+                    raise _error(f"MST entry in {_cid_str(cid)} is not {{p, k, v, t}}", "bad_mst_node", did)
                 p = entry["p"]
-                if not 0 <= p <= len(prev):
-                    raise _error("MST entry prefix is longer than the previous key", "bad_mst_node", did)
+                if type(p) is not int or not 0 <= p <= len(prev):
+                    raise _error("MST entry prefix is not an int within the previous key", "bad_mst_node", did)
                 prev = prev[:p] + entry["k"]  # TypeError unless k is bytes
+                if len(prev) > max_key:
+                    raise _error(f"MST key {prev[:80]!r}... is longer than any collection/rkey", "bad_mst_key", did)
                 add_key(prev)
                 add_cid(entry["v"])
                 right = entry["t"]
                 if right is not None:
                     visit(right, depth + 1)
-        except (ValueError, KeyError, TypeError) as exc:
+        except (KeyError, TypeError) as exc:
             raise _error(f"MST node {_cid_str(cid)} is malformed: {exc!r}", "bad_mst_node", did) from exc
 
     visit(root, 0)
@@ -280,6 +328,15 @@ def _walk(blocks: dict[bytes, bytes], root: bytes, did: str) -> dict[tuple[str, 
     if not all(map(blocks.__contains__, cids)):
         gone = next(k for k, c in zip(keys, cids) if c not in blocks)
         raise _error(f"record block for {gone[:80]!r} is missing from the CAR", "missing_block", did)
+    # Identical records share a block, so n keys may name one block: materializing them costs
+    # n times its size. Honest repos share little; a 1 MB body named by 25,000 entries (a 2 MB
+    # CAR) would be 25 GB of JSON and rows.
+    # (summing block sizes touches every block: only done when some block is shared)
+    if len(set(cids)) != len(cids):
+        named = sum(map(len, map(blocks.__getitem__, cids)))
+        if named > _MAX_SHARING * sum(map(len, blocks.values())) + _SHARING_SLACK:
+            raise _error(f"MST entries name {named} bytes of records, far more than the CAR holds",
+                         "record_amplification", did)
     cid_strs = list(map(libipld.encode_cid, cids))
     del cids
 
@@ -292,7 +349,7 @@ def _walk(blocks: dict[bytes, bytes], root: bytes, did: str) -> dict[tuple[str, 
         slash = first.find(b"/")
         coll = first[:slash]
         collection = coll.decode("ascii")
-        if slash < 0 or not _COLLECTION.fullmatch(collection):
+        if slash < 0 or not is_nsid(collection):
             raise _error(f"MST key {first[:80]!r} is not collection/rkey", "bad_mst_key", did)
         hi = bisect_left(keys, coll + b"0", lo)
         run = b"\n".join(keys[lo:hi])[slash + 1 :].replace(b"\n" + coll + b"/", b"\n")
@@ -331,10 +388,12 @@ def materialize(snapshot: RepoSnapshot, keys: list[tuple[str, str]]) -> RecordCo
         block = _verified(blocks, libipld.decode_multibase(cid)[1], did, f"record {collection}/{rkey}")
         try:
             text, created_at = record_json(block)
-        except InputError as exc:
+        except (InputError, orjson.JSONEncodeError) as exc:
+            # orjson refuses nesting deeper than 255 levels (a TypeError that record_json lets out)
+            kind = exc.kind if isinstance(exc, InputError) else "record_too_deep"
             log.warning(
                 "undecodable record kept without body",
-                extra={"ctx": {"did": did, "path": f"{collection}/{rkey}", "cid": cid, "error": exc.kind}},
+                extra={"ctx": {"did": did, "path": f"{collection}/{rkey}", "cid": cid, "error": kind}},
             )
             text, created_at = None, None
         out.collection.append(collection)

@@ -6,6 +6,11 @@ as their binary form (bytes) until something needs the string.
 
 Layout: varint(header length) | DAG-CBOR header {version: 1, roots: [cid]} |
         repeated: varint(len(cid) + len(data)) | cid | data
+
+Any bytes end in (roots, blocks) or a CarError, never another exception: varints are at most
+10 bytes, the header at most 64 KiB with at most 64 roots (atproto writes one), CID digests at
+most 64 bytes, and nesting too deep for the decoder (libipld stops at ~2,000 levels with a
+RecursionError) is a CarError of kind `car_too_deep`. Work and memory are linear in the input.
 """
 
 from __future__ import annotations
@@ -17,12 +22,16 @@ import libipld
 
 from .errors import RepoError
 
-__all__ = ["read_car", "cid_to_str", "cid_from_str", "verify_block", "CarError"]
+__all__ = ["read_car", "read_header", "cid_to_str", "cid_from_str", "verify_block", "CarError"]
 
 # CIDv1 prefixes of the two codecs atproto uses, both sha2-256 (0x12) with 32-byte digests.
 _DAG_CBOR_PREFIX: Final = b"\x01\x71\x12\x20"
 _RAW_PREFIX: Final = b"\x01\x55\x12\x20"
 _CID_LEN: Final = 36
+_MAX_HEADER: Final = 1 << 16
+_MAX_ROOTS: Final = 64
+_MAX_ROOT_LEN: Final = 128  # a CID: version + codec + hash code + digest length + <= 64-byte digest
+_MAX_DIGEST: Final = 64
 
 
 class CarError(RepoError):
@@ -59,29 +68,45 @@ def _cid_len(data: bytes, pos: int) -> int:
     _codec, pos = _varint(data, pos)
     _mh_code, pos = _varint(data, pos)
     digest_len, pos = _varint(data, pos)
+    if digest_len > _MAX_DIGEST:
+        raise CarError(f"CID digest of {digest_len} bytes", kind="car_malformed")
     return pos + digest_len - start
+
+
+def _root_ok(root: object) -> bool:
+    return type(root) is bytes and 2 <= len(root) <= _MAX_ROOT_LEN
+
+
+def read_header(data: bytes) -> tuple[list[bytes], int]:
+    """(roots, offset of the first block section) of a CAR v1; CarError if malformed."""
+    header_len, pos = _varint(data, 0)
+    end = pos + header_len
+    if header_len == 0 or end > len(data):
+        raise CarError("truncated CAR header", kind="car_truncated")
+    if header_len > _MAX_HEADER:
+        raise CarError(f"CAR header of {header_len} bytes", kind="car_malformed")
+    try:
+        header = libipld.decode_dag_cbor(data[pos:end])
+    except ValueError as exc:
+        raise CarError(f"bad CAR header: {exc}", kind="car_malformed") from exc
+    except RecursionError as exc:
+        raise CarError("CAR header is nested too deeply", kind="car_too_deep") from exc
+    if type(header) is not dict or type(header.get("version")) is not int or header["version"] != 1:
+        raise CarError("not a CAR v1 header", kind="car_malformed")
+    roots = header.get("roots")
+    if type(roots) is not list or len(roots) > _MAX_ROOTS or not all(map(_root_ok, roots)):
+        raise CarError("CAR header roots are not a list of CIDs", kind="car_malformed")
+    return roots, end
 
 
 def read_car(data: bytes) -> tuple[list[bytes], dict[bytes, bytes]]:
     """Split a CAR v1 into (roots, {cid bytes: raw block bytes}) without decoding blocks.
 
     Raises CarError on a malformed or truncated CAR. A CAR truncated exactly at a block
-    boundary parses; callers find the hole when a needed block is missing.
+    boundary parses; callers find the hole when a needed block is missing. Blocks are NOT
+    checked against their CIDs here (see `verify_block`): callers hash what they use.
     """
-    try:
-        header_len, pos = _varint(data, 0)
-        end = pos + header_len
-        if header_len == 0 or end > len(data):
-            raise CarError("truncated CAR header", kind="car_truncated")
-        header = libipld.decode_dag_cbor(data[pos:end])
-    except ValueError as exc:
-        raise CarError(f"bad CAR header: {exc}", kind="car_malformed") from exc
-    if not isinstance(header, dict) or header.get("version") != 1:
-        raise CarError("not a CAR v1 header", kind="car_malformed")
-    roots = header.get("roots")
-    if not isinstance(roots, list) or not all(isinstance(r, bytes) for r in roots):
-        raise CarError("CAR header has no roots", kind="car_malformed")
-
+    roots, end = read_header(data)
     blocks: dict[bytes, bytes] = {}
     pos = end
     size = len(data)
@@ -109,8 +134,9 @@ def read_car(data: bytes) -> tuple[list[bytes], dict[bytes, bytes]]:
 
 
 def verify_block(cid: bytes, block: bytes) -> bool:
-    """True when `block` hashes to `cid` (sha2-256 CIDs; other hash functions are refused)."""
-    if len(cid) == _CID_LEN:
+    """True when `block` hashes to `cid`: a CIDv1 (one-byte codec) or CIDv0 naming a sha2-256
+    digest. Any other hash function or shape is refused (False)."""
+    if len(cid) == _CID_LEN and cid[0] == 1 and cid[1] < 0x80 and cid[2:4] == b"\x12\x20":
         return hashlib.sha256(block).digest() == cid[4:]
     if len(cid) == 34 and cid[:2] == b"\x12\x20":
         return hashlib.sha256(block).digest() == cid[2:]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import tracemalloc
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature, encode_dss_signature
 
 from backfill.repo import RepoSnapshot, materialize, parse_repo
-from skyfill.car import CarError, cid_to_str
+from skyfill.car import CarError, cid_to_str, read_car, verify_block
 from skyfill.crypto import PublicKey, atproto_key_from_did_doc, parse_public_key
 from skyfill.errors import RepoError, SignatureError
 
@@ -513,3 +514,287 @@ def test_hand_built_valid_node_parses() -> None:
     car = _hand_built([{"p": 0, "k": b"app.bsky.feed.post/a"}, {"p": 19, "k": b"b"}], signer)
     snap = parse_repo(car, did="did:plc:handhandhandhandhand0000", key=signer.public)
     assert set(snap.records) == {("app.bsky.feed.post", "a"), ("app.bsky.feed.post", "b")}
+
+
+# ---- hostile repos (issue 9, item 8) ---------------------------------------------------------
+
+HOSTILE_DID = "did:plc:hostilehostilehostile000"
+
+
+def _signed(data: bytes, blocks: list[bytes], signer: K256Signer, did: str = HOSTILE_DID) -> bytes:
+    """A signed v3 commit over MST root `data` (binary CID), then `blocks` (each under its CID)."""
+    unsigned = {"did": did, "version": 3, "data": cbrrr.CID(data), "rev": "3lbbbbbbbbbb2", "prev": None}
+    commit = cbrrr.encode_dag_cbor({**unsigned, "sig": signer.sign(cbrrr.encode_dag_cbor(unsigned))})
+    return write_car(cid_of(commit), [(cid_of(commit), commit), *[(cid_of(b), b) for b in blocks]])
+
+
+def _node(left: bytes | None, entries: list[tuple[int, bytes, bytes, bytes | None]]) -> bytes:
+    """A real DAG-CBOR MST node: entries are (p, k, v, t), links given as binary CIDs."""
+    link = lambda c: None if c is None else cbrrr.CID(c)  # noqa: E731
+    return cbrrr.encode_dag_cbor(
+        {"l": link(left), "e": [{"p": p, "k": k, "v": cbrrr.CID(v), "t": link(t)} for p, k, v, t in entries]}
+    )
+
+
+def _dag_bomb(levels: int, signer: K256Signer) -> bytes:
+    """The issue's repo: each node links its child twice (as `l` and as its entry's `t`), so a
+    walk that follows links without remembering them makes 2^levels visits."""
+    record = cbrrr.encode_dag_cbor(post(0))
+    rcid = cid_of(record)
+    blocks = [record]
+    child = None
+    for i in range(levels):
+        node = _node(child, [(0, f"app.bsky.feed.post/3k{i:011d}".encode(), rcid, child)])
+        blocks.append(node)
+        child = cid_of(node)
+    assert child is not None
+    return _signed(child, blocks, signer)
+
+
+@pytest.mark.parametrize("levels", [2, 22, 40])
+def test_mst_whose_nodes_link_their_child_twice_is_refused(levels: int) -> None:
+    # 40 levels: a 9 KB CAR that took 2.2 GB and 43 s before the process died
+    signer = K256Signer(8)
+    car = _dag_bomb(levels, signer)
+    assert len(car) < 300 + 220 * levels  # 40 levels: 9 KB
+    for key in (signer.public, None):
+        with pytest.raises(RepoError) as info:
+            parse_repo(car, did=HOSTILE_DID, key=key)
+        assert info.value.kind == "mst_revisit"
+
+
+def test_deferred_walk_of_a_dag_is_refused_on_first_use() -> None:
+    signer = K256Signer(8)
+    car = _dag_bomb(40, signer)
+    root, blocks, _ = split_car(car)
+    data = libipld.decode_dag_cbor(dict(blocks)[root])["data"]
+    snap = parse_repo(car, did=HOSTILE_DID, key=signer.public, defer_walk_if_data=cid_to_str(data))
+    with pytest.raises(RepoError) as info:
+        snap.records
+    assert info.value.kind == "mst_revisit"
+
+
+def test_two_entries_sharing_one_subtree_are_refused() -> None:
+    signer = K256Signer(8)
+    record = cbrrr.encode_dag_cbor(post(0))
+    rcid = cid_of(record)
+    leaf = _node(None, [(0, b"app.bsky.feed.post/3k00000000005", rcid, None)])
+    top = _node(None, [(0, b"app.bsky.feed.post/3k00000000001", rcid, cid_of(leaf)),
+                       (28, b"9", rcid, cid_of(leaf))])
+    with pytest.raises(RepoError) as info:
+        parse_repo(_signed(cid_of(top), [top, leaf, record], signer), did=HOSTILE_DID, key=signer.public)
+    assert info.value.kind == "mst_revisit"
+
+
+def test_prefix_compressed_keys_cannot_grow_quadratically() -> None:
+    # each entry reuses the whole previous key and adds one byte: 20,000 entries in a 0.9 MB
+    # node would rebuild 200 MB of keys; the walk stops at the first key longer than 830 bytes
+    signer = K256Signer(8)
+    record = cbrrr.encode_dag_cbor(post(0))
+    rcid = cid_of(record)
+    first = b"app.bsky.feed.post/a"
+    entries = [(0, first, rcid, None)] + [(len(first) + i, b"a", rcid, None) for i in range(20_000)]
+    node = _node(None, entries)
+    car = _signed(cid_of(node), [node, record], signer)
+    tracemalloc.start()
+    try:
+        with pytest.raises(RepoError) as info:
+            parse_repo(car, did=HOSTILE_DID, key=signer.public)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert info.value.kind == "bad_mst_key"
+    assert peak < 20 * len(car)  # the decoded node and the keys up to the refusal, not 200 MB
+
+
+def _one_node(node: Any, signer: K256Signer) -> bytes:
+    """A repo whose MST root is `node`, any DAG-CBOR value (CID objects for links)."""
+    record = cbrrr.encode_dag_cbor(post(1))
+    raw = cbrrr.encode_dag_cbor(node)
+    return _signed(cid_of(raw), [raw, record], signer)
+
+
+_RCID = cbrrr.CID(cid_of(cbrrr.encode_dag_cbor(post(1))))
+_GOOD_ENTRY = {"p": 0, "k": b"app.bsky.feed.post/a", "v": _RCID, "t": None}
+
+
+@pytest.mark.parametrize(
+    "node",
+    [
+        {"e": {}, "l": None},  # the issue's "empty repo"
+        {"e": None, "l": None},
+        {"e": b"", "l": None},
+        {"l": None},
+        {"e": []},
+        {"e": [], "l": None, "x": 1},
+        [[], None],
+        {"e": [[0, b"app.bsky.feed.post/a", _RCID, None]], "l": None},
+        {"e": [{**_GOOD_ENTRY, "x": None}], "l": None},
+        {"e": [{"p": 0, "k": b"app.bsky.feed.post/a", "v": _RCID}], "l": None},
+        {"e": [{**_GOOD_ENTRY, "p": True}], "l": None},
+        {"e": [{**_GOOD_ENTRY, "p": -1}], "l": None},
+        {"e": [{**_GOOD_ENTRY, "p": 1.0}], "l": None},
+        {"e": [{**_GOOD_ENTRY, "p": "0"}], "l": None},
+        {"e": [{**_GOOD_ENTRY, "k": 5}], "l": None},
+        {"e": [_GOOD_ENTRY], "l": b"\x01\x71\x12\x20" + b"\x00" * 20},  # bytes, not a 36-byte link
+        {"e": [_GOOD_ENTRY], "l": cbrrr.CID(b"\x01\x71\x12\x20\x00")},  # a link too short for a digest
+    ],
+)
+def test_mst_node_of_the_wrong_shape_is_refused(node: Any) -> None:
+    signer = K256Signer(7)
+    with pytest.raises(RepoError) as info:
+        parse_repo(_one_node(node, signer), did=HOSTILE_DID, key=signer.public)
+    assert info.value.kind == "bad_mst_node"
+
+
+@pytest.mark.parametrize(
+    "keys",
+    [
+        [b"1bad.collection/x"],  # the issue's key: the collection is no NSID
+        [b"app.bsky/x"],  # two segments
+        [b"app.bsky.feed.post-/x"],  # the name segment has a hyphen
+        [b"app.-bsky.feed.post/x"],
+        [b""],  # an empty key
+        [b"", b"app.bsky.feed.post/a"],
+        [b"app.bsky.feed.post/a", b"app.bsky.feed.post/a" + b"b" * 900],  # longer than any key
+    ],
+)
+def test_invalid_keys_are_refused(keys: list[bytes]) -> None:
+    signer = K256Signer(7)
+    entries = [{"p": 0, "k": k, "v": _RCID, "t": None} for k in keys]
+    with pytest.raises(RepoError) as info:
+        parse_repo(_one_node({"e": entries, "l": None}, signer), did=HOSTILE_DID, key=signer.public)
+    assert info.value.kind == "bad_mst_key"
+
+
+def test_keys_out_of_order_across_subtrees_are_refused() -> None:
+    signer = K256Signer(7)
+    record = cbrrr.encode_dag_cbor(post(1))
+    rcid = cid_of(record)
+    # the left subtree holds a key greater than its parent's first entry
+    left = _node(None, [(0, b"app.bsky.feed.post/z", rcid, None)])
+    top = _node(cid_of(left), [(0, b"app.bsky.feed.post/m", rcid, None)])
+    with pytest.raises(RepoError) as info:
+        parse_repo(_signed(cid_of(top), [top, left, record], signer), did=HOSTILE_DID, key=signer.public)
+    assert info.value.kind == "mst_unsorted"
+    # and the well-ordered tree of the same shape parses
+    left = _node(None, [(0, b"app.bsky.feed.post/a", rcid, None)])
+    top = _node(cid_of(left), [(0, b"app.bsky.feed.post/m", rcid, None)])
+    snap = parse_repo(_signed(cid_of(top), [top, left, record], signer), did=HOSTILE_DID, key=signer.public)
+    assert sorted(snap.records) == [("app.bsky.feed.post", "a"), ("app.bsky.feed.post", "m")]
+
+
+def _nested(depth: int) -> bytes:
+    """DAG-CBOR of `depth` nested one-element arrays around 0 (1 byte per level)."""
+    return b"\x81" * depth + b"\x00"
+
+
+def _car_with_header(header: bytes, rest: bytes = b"") -> bytes:
+    return _varint(len(header)) + header + rest
+
+
+@pytest.mark.parametrize("depth", [3_000, 100_000])
+def test_deeply_nested_car_header_is_a_car_error(depth: int) -> None:
+    # {"roots": [[[[...]]]], "version": 1}
+    header = b"\xa2\x65roots\x81" + _nested(depth) + b"\x67version\x01"
+    car = _car_with_header(header, BNEWBOLD.read_bytes()[60:])
+    for hint in (None, "bafyreiabc"):
+        with pytest.raises(CarError) as info:
+            parse_repo(car, did=BNEWBOLD_DID, key=None, defer_walk_if_data=hint)
+        assert info.value.kind == ("car_too_deep" if depth < 60_000 else "car_malformed")
+
+
+@pytest.mark.parametrize("depth", [3_000, 100_000])
+def test_deeply_nested_mst_node_is_refused(depth: int) -> None:
+    signer = K256Signer(7)
+    node = _nested(depth)
+    with pytest.raises(RepoError) as info:
+        parse_repo(_signed(cid_of(node), [node], signer), did=HOSTILE_DID, key=signer.public)
+    assert info.value.kind == "too_deep"
+
+
+@pytest.mark.parametrize("depth", [3_000, 100_000])
+def test_deeply_nested_commit_is_refused(depth: int) -> None:
+    commit = _nested(depth)
+    car = write_car(cid_of(commit), [(cid_of(commit), commit)])
+    for hint in (None, "bafyreiabc"):
+        with pytest.raises(RepoError) as info:
+            parse_repo(car, did=HOSTILE_DID, key=None, defer_walk_if_data=hint)
+        assert info.value.kind == "too_deep"
+
+
+@pytest.mark.parametrize("depth", [300, 3_000, 100_000])
+def test_deeply_nested_record_is_kept_without_body(depth: int) -> None:
+    signer = K256Signer(7)
+    shallow = cbrrr.encode_dag_cbor({"$type": "app.bsky.feed.post", "text": "x"})
+    # {"z": [[[...0...]]], "text": "x", "$type": ...}: keys in canonical (length-first) order
+    record = b"\xa3\x61z" + _nested(depth) + shallow[1:]
+    assert cbrrr.decode_dag_cbor(record)["text"] == "x"
+    node = _node(None, [(0, b"app.bsky.feed.post/a", cid_of(record), None),
+                        (19, b"b", cid_of(cbrrr.encode_dag_cbor(post(1))), None)])
+    car = _signed(cid_of(node), [node, record, cbrrr.encode_dag_cbor(post(1))], signer)
+    snap = parse_repo(car, did=HOSTILE_DID, key=signer.public)
+    cols = materialize(snap, sorted(snap.records))
+    assert cols.rkey == ["a", "b"]
+    assert cols.record[0] is None
+    assert json.loads(cols.record[1] or "")["text"] == "post 1"
+
+
+# ---- skyfill.car bounds ---------------------------------------------------------------------
+
+def _header_car(header: Any) -> bytes:
+    raw = cbrrr.encode_dag_cbor(header)
+    return _varint(len(raw)) + raw
+
+
+@pytest.mark.parametrize(
+    ("car", "kind"),
+    [
+        (_header_car({"version": True, "roots": []}), "car_malformed"),  # True == 1 in Python
+        (_header_car({"version": 1, "roots": [b"\x01"]}), "car_malformed"),
+        (_header_car({"version": 1, "roots": ["bafyrei"]}), "car_malformed"),
+        (_header_car({"version": 1, "roots": [cbrrr.CID(b"\x01\x71\x12\x20" + b"\x00" * 32)] * 65}), "car_malformed"),
+        (_header_car({"version": 1, "roots": [], "pad": b"\x00" * 70_000}), "car_malformed"),  # > 64 KiB
+        (b"\xff" * 11, "car_malformed"),  # a varint longer than 64 bits
+        # a block whose CIDv1 claims a 2^53-byte digest
+        (_header_car({"version": 1, "roots": []}) + b"\x0f\x01\x71\x12" + b"\x80" * 7 + b"\x10" + b"\x00" * 4, "car_malformed"),
+    ],
+)
+def test_read_car_bounds(car: bytes, kind: str) -> None:
+    with pytest.raises(CarError) as info:
+        read_car(car)
+    assert info.value.kind == kind
+
+
+def test_verify_block_checks_the_hash_function() -> None:
+    block = cbrrr.encode_dag_cbor(post(1))
+    digest = hashlib.sha256(block).digest()
+    assert verify_block(b"\x01\x71\x12\x20" + digest, block)
+    assert verify_block(b"\x01\x55\x12\x20" + digest, block)  # raw codec (blobs)
+    assert verify_block(b"\x12\x20" + digest, block)  # CIDv0
+    assert not verify_block(b"\x01\x71\x12\x20" + digest, block + b"x")
+    # the same 32 bytes named as another hash function, or a non-CIDv1, are not a match
+    assert not verify_block(b"\x01\x71\x13\x20" + digest, block)  # sha2-512 code
+    assert not verify_block(b"\x01\x71\x00\x20" + digest, block)  # identity code
+    assert not verify_block(b"\x00\x71\x12\x20" + digest, block)
+    assert not verify_block(b"\x01\x71\x12\x20" + digest[:31], block)
+
+
+def test_one_big_record_named_by_thousands_of_keys_is_refused() -> None:
+    # identical records may share a block, but 20,000 keys naming one 300 KB body (a 1.5 MB
+    # CAR) would materialize 6 GB of JSON and rows
+    signer = K256Signer(7)
+    record = cbrrr.encode_dag_cbor({**post(0), "text": "x" * 300_000})
+    rcid = cid_of(record)
+    entries = [(0, b"app.bsky.feed.post/00000000", rcid, None)]
+    entries += [(19, f"{i:08d}".encode(), rcid, None) for i in range(1, 20_000)]
+    node = _node(None, entries)
+    car = _signed(cid_of(node), [node, record], signer)
+    assert len(car) < 1_600_000
+    with pytest.raises(RepoError) as info:
+        parse_repo(car, did=HOSTILE_DID, key=signer.public)
+    assert info.value.kind == "record_amplification"
+    # a few identical records sharing a block are fine
+    node = _node(None, entries[:3])
+    snap = parse_repo(_signed(cid_of(node), [node, record], signer), did=HOSTILE_DID, key=signer.public)
+    assert len(set(snap.records.values())) == 1 and len(snap.records) == 3
