@@ -1,4 +1,5 @@
-"""`consume --verify-signatures`: every #commit/#sync signature checked against the DID's #atproto key.
+"""`consume --verify`: every #commit/#sync signature checked against the DID's #atproto key, and every
+#commit's MST inversion proof (its ops must turn the signed tree back into `prevData`).
 
 Real parts: a LocalRelay (WebSocket) replays bench.generate.World frames (real signed commits);
 a FaultServer plays the PLC directory serving the World's DID documents; the daemon writes a
@@ -22,7 +23,7 @@ from bench.generate.identity import Identity, did_document, make_identity
 from bench.generate.repo import cid_for, sign_commit, write_car
 from consumer.events import Sync
 from consumer.frames import parse_frame
-from consumer.verify import SignatureChecker
+from consumer.verify import CommitVerifier
 from skyfill.errors import IdentityError
 
 from .faultserver import FaultServer, json_reply, xrpc_error
@@ -30,10 +31,10 @@ from .relay import LocalRelay
 from .test_daemon import consume_until, expected_mirror, mirror_of
 
 
-def _checker(plc: FaultServer) -> tuple[SignatureChecker, Resolver]:
-    client = PdsClient(trusted_hosts=["127.0.0.1"], per_host_rps=1e6, max_retries=0)
+def _checker(plc: FaultServer, **options: int) -> tuple[CommitVerifier, Resolver]:
+    client = PdsClient(trusted_hosts=["127.0.0.1"], per_host_rps=1e6, per_host_concurrency=32, max_retries=0)
     resolver = Resolver(plc_url=plc.url, client=client)
-    return SignatureChecker(resolver), resolver
+    return CommitVerifier(resolver, **options), resolver
 
 
 def _serve_docs(plc: FaultServer, identities: tuple[Identity, ...]) -> None:
@@ -191,28 +192,32 @@ async def test_sync_event_signature(tmp_path: Path) -> None:
         plc.script(f"/{ident.did}", json_reply(did_document(ident, "https://pds.invalid")))
         checker, resolver = _checker(plc)
         try:
-            assert not checker.verify_cached(event)      # nothing cached yet: the caller must await
-            assert await checker.check(event)
-            assert checker.verify_cached(event)
+            assert checker.cached(ident.did) is None      # nothing cached yet: the caller must await
+            key = await checker.key(ident.did)
+            assert checker.check(event, frame, key) is None
+            assert checker.cached(ident.did) == key
             # the same commit under a document that names another key: refreshed once, then rejected
             checker.forget(ident.did)
             resolver.forget(ident.did)
             plc.script(f"/{ident.did}", json_reply(did_document(
                 Identity(did=ident.did, handle=ident.handle, secret=other.secret), "https://pds.invalid")))
-            assert not await checker.check(event)
+            wrong = await checker.key(ident.did)
+            assert checker.check(event, frame, wrong)[0] == "bad_signature"  # type: ignore[index]
+            assert checker.check(event, frame, await checker.refresh(ident.did))[0] == "bad_signature"  # type: ignore[index]
             assert plc.count(f"/{ident.did}") == 3
             plc.script(f"/{ident.did}", xrpc_error("NotFound", "gone", 410))
             checker.forget(ident.did)
             resolver.forget(ident.did)
             with pytest.raises(IdentityError) as info:
-                await checker.check(event)
+                await checker.key(ident.did)
             assert info.value.terminal
         finally:
+            await checker.aclose()
             await resolver.aclose()
 
 
 def test_cli_env_var_turns_verification_on(tmp_path: Path) -> None:
-    """`SKYFILL_VERIFY_SIGNATURES=1 skyfill consume --plc-url ...`: the tampered frame shows up in
+    """`SKYFILL_VERIFY=1 skyfill consume --plc-url ...`: the tampered frame shows up in
     /metrics as bad_signature, every other frame is stored, SIGTERM exits cleanly."""
     import os
     import signal
@@ -232,7 +237,7 @@ def test_cli_env_var_turns_verification_on(tmp_path: Path) -> None:
     port = _free_port()
     with FaultServer() as plc, LocalRelay(sent) as relay:
         _serve_docs(plc, world.identities)
-        env = {**os.environ, "SKYFILL_VERIFY_SIGNATURES": "1"}
+        env = {**os.environ, "SKYFILL_VERIFY": "1"}
         proc = subprocess.Popen(
             [sys.executable, "-m", "skyfill", "consume", "--db", str(db), "--relay", relay.url, "--cursor", "0",
              "--plc-url", plc.url, "--metrics-port", str(port), "--flush-interval", "0.05"],
