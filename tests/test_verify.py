@@ -8,9 +8,13 @@ real DuckDB file. The expected mirror is the independent fold of tests/test_daem
 
 from __future__ import annotations
 
+import asyncio
 import random
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import duckdb
 import libipld
@@ -21,12 +25,14 @@ from backfill.pds import PdsClient
 from bench.generate.firehose import World
 from bench.generate.identity import Identity, did_document, make_identity
 from bench.generate.repo import cid_for, sign_commit, write_car
+from consumer.daemon import ConsumeConfig, Daemon
 from consumer.events import Sync
 from consumer.frames import parse_frame
 from consumer.verify import CommitVerifier
 from skyfill.errors import IdentityError
+from storage import Store
 
-from .faultserver import FaultServer, json_reply, xrpc_error
+from .faultserver import FaultServer, Reply, Seen, json_reply, xrpc_error
 from .relay import LocalRelay
 from .test_daemon import consume_until, expected_mirror, mirror_of
 
@@ -255,3 +261,155 @@ def test_cli_env_var_turns_verification_on(tmp_path: Path) -> None:
             proc.send_signal(signal.SIGTERM)
             assert proc.wait(timeout=10) == 0
     assert mirror_of(db) == expected_mirror([f for i, f in enumerate(frames) if i != at])
+
+
+def _reencoded(frame: bytes, change: Callable[[dict[str, Any]], None]) -> bytes:
+    """The frame with its body changed by `change` (the signed commit block left as it was)."""
+    header, body = _decode(frame)
+    change(body)
+    return libipld.encode_dag_cbor(header) + libipld.encode_dag_cbor(body)
+
+
+def _rename_created_key(body: dict[str, Any]) -> None:
+    """A create op that claims another key than the one the signed tree holds."""
+    op = next(o for o in body["ops"] if o["action"] == "create")
+    collection, rkey = op["path"].split("/")
+    op["path"] = f"{collection}/{'2' if rkey[0] != '2' else '3'}{rkey[1:]}"
+
+
+async def test_ops_that_do_not_match_the_signed_root_are_rejected(tmp_path: Path) -> None:
+    """A #commit whose ops do not turn its signed tree back into prevData is counted as
+    bad_inversion and skipped; every other frame is applied, the cursor passes it."""
+    world = World(16, n_dids=12, retain_blocks=False)
+    frames = list(world.frames(900))
+    positions = _commit_positions(frames)
+
+    def creates(i: int) -> bool:
+        return any(o["action"] == "create" for o in _decode(frames[i])[1]["ops"])
+
+    by_count = sorted(positions, key=lambda d: len(positions[d]))
+    last_did, mid_did = by_count[-1], by_count[-2]
+    last_at = positions[last_did][-1]                  # its final commit: nothing follows it
+    assert creates(last_at)
+    mid_at = positions[mid_did][len(positions[mid_did]) // 2]
+    sent = list(frames)
+    sent[last_at] = _reencoded(frames[last_at], _rename_created_key)
+    other_root = _decode(frames[mid_at - 1])[1].get("prevData") or _decode(frames[0])[1]["prevData"]
+    sent[mid_at] = _reencoded(frames[mid_at], lambda body: body.update(prevData=other_root))
+    db = tmp_path / "i.duckdb"
+    with FaultServer() as plc, LocalRelay(sent) as relay:
+        _serve_docs(plc, world.identities)
+        checker, resolver = _checker(plc)
+        try:
+            daemon = await consume_until(db, relay, relay.head, cursor=0, verifier=checker)
+        finally:
+            await checker.aclose()
+            await resolver.aclose()
+    assert daemon.counts["error:bad_inversion"] == 2
+    assert {k for k in daemon.counts if k.startswith("error:")} == {"error:bad_inversion"}
+    assert daemon.committed_seq == relay.head
+    records, revs = mirror_of(db)
+    want_records, want_revs = expected_mirror([f for i, f in enumerate(frames) if i not in (last_at, mid_at)])
+    assert {k: v for k, v in records.items() if k[0] != mid_did} == {
+        k: v for k, v in want_records.items() if k[0] != mid_did
+    }
+    assert revs[last_did] == want_revs[last_did]     # still the rev before the rejected commit
+    assert _sync_states(db)[mid_did] == "desynchronized"
+
+
+async def test_commit_without_prev_data_is_applied_and_counted(tmp_path: Path) -> None:
+    """A relay older than sync 1.1 sends no prevData: nothing to invert. The signature is still
+    checked; the commit is applied and counted as unverifiable."""
+    world = World(17, n_dids=6, retain_blocks=False)
+    frames = list(world.frames(300))
+    at = max(i for p in _commit_positions(frames).values() for i in p)
+    sent = list(frames)
+    sent[at] = _reencoded(frames[at], lambda body: body.pop("prevData"))
+    with FaultServer() as plc, LocalRelay(sent) as relay:
+        _serve_docs(plc, world.identities)
+        checker, resolver = _checker(plc)
+        try:
+            daemon = await consume_until(tmp_path / "p.duckdb", relay, relay.head, cursor=0, verifier=checker)
+        finally:
+            await checker.aclose()
+            await resolver.aclose()
+    assert daemon.counts["unverifiable"] == 1
+    assert not {k: v for k, v in daemon.counts.items() if k.startswith("error:")}
+    assert mirror_of(tmp_path / "p.duckdb") == expected_mirror(frames)
+
+
+async def test_first_seen_dids_are_resolved_concurrently(tmp_path: Path) -> None:
+    """200 DIDs never seen before: their documents are fetched many at a time, ahead of their
+    events, not one blocking round trip each. The PLC's handler holds every request until 8 are
+    inside it at once (or 10 s pass), and records the most it saw: with one request at a time
+    that is 1. Each DID is still fetched once, and every frame is applied in order."""
+    world = World(18, n_dids=200, retain_blocks=False)
+    frames = list(world.frames(3000))
+    inside = 0
+    most = 0
+    lock = threading.Condition()
+
+    def document(ident: Identity) -> Callable[[Seen], Reply]:
+        reply = json_reply(did_document(ident, "https://pds.invalid"))
+
+        def handler(_seen: Seen) -> Reply:
+            nonlocal inside, most
+            with lock:
+                inside += 1
+                most = max(most, inside)
+                lock.notify_all()
+                lock.wait_for(lambda: inside >= 8 or most >= 8, timeout=10)
+                inside -= 1
+            return reply
+
+        return handler
+
+    with FaultServer() as plc, LocalRelay(frames) as relay:
+        for ident in world.identities:
+            plc.script(f"/{ident.did}", document(ident))
+        checker, resolver = _checker(plc, concurrency=16)
+        try:
+            daemon = await consume_until(tmp_path / "c.duckdb", relay, relay.head, cursor=0, verifier=checker)
+        finally:
+            await checker.aclose()
+            await resolver.aclose()
+        seen = set(_commit_positions(frames))
+        assert {d: plc.count(f"/{d}") for d in seen} == {d: 1 for d in seen}
+    assert most >= 8
+    assert not {k: v for k, v in daemon.counts.items() if k.startswith("error:")}
+    assert mirror_of(tmp_path / "c.duckdb") == expected_mirror(frames)
+
+
+async def test_keys_are_seeded_from_the_identities_table(tmp_path: Path) -> None:
+    """A restart with the identities a previous run stored resolves nothing again: the
+    keys are read from DuckDB in one query at start-up."""
+    world = World(19, n_dids=30, retain_blocks=False)
+    frames = list(world.frames(600))
+    db = tmp_path / "s.duckdb"
+    with FaultServer() as plc, LocalRelay(frames[:300]) as relay:
+        _serve_docs(plc, world.identities)
+        for round_ in range(2):
+            store = Store(db)
+            client = PdsClient(trusted_hosts=["127.0.0.1"], per_host_rps=1e6, max_retries=0)
+            resolver = Resolver(plc_url=plc.url, client=client, store=store)
+            checker = CommitVerifier(resolver)
+            try:
+                if round_ == 1:
+                    relay.append(frames[300:])
+                    assert await checker.seed() == len(set(_commit_positions(frames[:300])))
+                daemon = Daemon(store, ConsumeConfig(relay=relay.url, flush_interval=0.05, cursor=0 if round_ == 0 else None),
+                                verifier=checker)
+                task = asyncio.create_task(daemon.run(install_signal_handlers=False))
+                deadline = time.monotonic() + 60
+                while daemon.committed_seq != relay.head:
+                    assert not task.done() and time.monotonic() < deadline
+                    await asyncio.sleep(0.02)
+                daemon.stop()
+                await asyncio.wait_for(task, 10)
+            finally:
+                await checker.aclose()
+                await client.aclose()
+                store.close()
+        first = set(_commit_positions(frames[:300]))
+        assert all(plc.count(f"/{d}") == 1 for d in first)
+    assert mirror_of(db) == expected_mirror(frames)
