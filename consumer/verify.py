@@ -87,7 +87,7 @@ class CommitVerifier:
         self._batch = batch
         self._pending: dict[str, asyncio.Future[PublicKey]] = {}
         self._wanted: list[str] = []
-        self._runner: asyncio.Task[None] | None = None
+        self._batches: set[asyncio.Task[None]] = set()
 
     # -- keys ---------------------------------------------------------------------------------
 
@@ -117,8 +117,7 @@ class CommitVerifier:
             return
         self._pending[did] = asyncio.get_running_loop().create_future()
         self._wanted.append(did)
-        if self._runner is None or self._runner.done():
-            self._runner = asyncio.create_task(self._resolve_wanted())
+        self._start_batches()
 
     async def key(self, did: str) -> PublicKey:
         """The DID's key, waiting for its resolution if needed. Raises IdentityError."""
@@ -160,28 +159,41 @@ class CommitVerifier:
         self._unresolvable.pop(did, None)
 
     async def aclose(self) -> None:
-        if self._runner is not None:
-            self._runner.cancel()
-            try:
-                await self._runner
-            except asyncio.CancelledError:
-                pass
+        self._wanted.clear()
+        batches = list(self._batches)
+        for task in batches:
+            task.cancel()
+        await asyncio.gather(*batches, return_exceptions=True)
         for future in self._pending.values():
             future.cancel()
         self._pending.clear()
-        self._wanted.clear()
 
-    async def _resolve_wanted(self) -> None:
-        """Resolve the wanted DIDs in batches, in the order they were first seen."""
-        while self._wanted:
+    # Wanted DIDs are taken in the order they were first seen, in batches (one store write
+    # each) of whatever has accumulated, up to `batch`; up to _BATCHES batches run at once, so
+    # one slow document holds back only its own batch's store write, never the next requests.
+    _BATCHES: Final = 4
+
+    def _start_batches(self) -> None:
+        while self._wanted and len(self._batches) < self._BATCHES:
             batch = self._wanted[: self._batch]
             del self._wanted[: self._batch]
-            try:
-                async for did, result in self._resolver.resolve_many(batch, concurrency=self._concurrency):
-                    self._settle(did, result)
-            except Exception as exc:  # noqa: BLE001 - a resolver bug must not leave the daemon waiting
-                log.error("key resolution failed", extra={"ctx": {"error": repr(exc), "dids": len(batch)}})
-                for did in batch:
+            task = asyncio.create_task(self._resolve_batch(batch))
+            self._batches.add(task)
+            task.add_done_callback(self._batch_done)
+
+    def _batch_done(self, task: asyncio.Task[None]) -> None:
+        self._batches.discard(task)
+        if not task.cancelled():
+            self._start_batches()
+
+    async def _resolve_batch(self, batch: list[str]) -> None:
+        try:
+            async for did, result in self._resolver.resolve_many(batch, concurrency=self._concurrency):
+                self._settle(did, result)
+        except Exception as exc:  # noqa: BLE001 - a resolver bug must not leave the daemon waiting
+            log.error("key resolution failed", extra={"ctx": {"error": repr(exc), "dids": len(batch)}})
+            for did in batch:
+                if did in self._pending:
                     self._settle(did, IdentityError(f"key resolution failed: {exc!r}", did=did))
 
     def _settle(self, did: str, result: Identity | IdentityError) -> None:

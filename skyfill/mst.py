@@ -131,22 +131,27 @@ class PartialTree:
         vals: list[bytes] = []
         subs: list[_Ref] = [left]
         prev = b""
-        for e in entries:
-            if type(e) is not dict or len(e) != 4:
-                raise _bad("MST entry is not a {k, p, t, v} map")
-            p, k, v, t = e.get("p"), e.get("k"), e.get("v"), e.get("t")
-            if (type(p) is not int or type(k) is not bytes or type(v) is not bytes
-                    or (t is not None and type(t) is not bytes) or not 0 <= p <= len(prev)):
-                raise _bad("MST entry has a field of the wrong type")
-            if k.translate(None, _KEY_BYTES):
-                raise _bad(f"MST key suffix {k!r} holds bytes no key can hold")
-            key = prev[:p] + k
-            if key <= prev:
-                raise _bad("MST node keys are not sorted")
-            keys.append(key)
-            vals.append(v)
-            subs.append(t)
-            prev = key
+        # Hot (every node of every verified commit): one pass, the type checks folded into the
+        # operations that would fail on a wrong type (a slice index, a bytes concatenation).
+        try:
+            for e in entries:
+                p = e["p"]
+                k = e["k"]
+                t = e["t"]
+                v = e["v"]
+                if p > len(prev) or type(p) is not int or type(v) is not bytes or k.translate(None, _KEY_BYTES):
+                    raise _bad("MST entry with a bad prefix length, value or key bytes")
+                if t is not None and type(t) is not bytes:
+                    raise _bad("MST entry whose subtree is not a CID")
+                key = prev[:p] + k
+                if key <= prev:
+                    raise _bad("MST node keys are not sorted")
+                keys.append(key)
+                vals.append(v)
+                subs.append(t)
+                prev = key
+        except (KeyError, TypeError, AttributeError):
+            raise _bad("MST entry is not a {k, p, t, v} map of the right types") from None
         if keys:
             h = key_height(keys[0])
             if height is not None and h != height:
