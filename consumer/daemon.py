@@ -35,7 +35,7 @@ from .events import Account, Commit, Identity, Info, StreamError, Sync
 from .frames import parse_frame
 from .tracker import Tracker, Verdict
 
-from .verify import CheckResult, CommitVerifier
+from .verify import CheckResult, CommitVerifier, check_frame
 
 if TYPE_CHECKING:
     from skyfill.crypto import PublicKey
@@ -220,9 +220,9 @@ class Daemon:
     # A reader task parses frames into a bounded window (VERIFY_WINDOW frames) and asks the
     # verifier for the key of every #commit/#sync DID it has not seen, so keys are resolved
     # concurrently, thousands of frames ahead of their use. This task takes what the window
-    # holds (up to VERIFY_CHUNK frames), waits for the keys the chunk lacks, checks the chunk
-    # in a worker thread (the signature checks release the GIL, so the reader keeps parsing on
-    # the other core), then applies or rejects each event strictly in stream order. Nothing is
+    # holds (up to VERIFY_CHUNK frames), waits for the keys the chunk lacks, has the chunk
+    # checked in the verifier's worker process (or thread) while the reader keeps parsing,
+    # then applies or rejects each event strictly in stream order. Nothing is
     # applied before its verdict, and the cursor only ever names applied or rejected events.
     # On reconnect the stream resumes after the last frame READ (read-ahead frames are still
     # applied); when an error frame makes this task reconnect, the window is dropped and the
@@ -283,7 +283,7 @@ class Daemon:
     async def _verify_chunk(self, verifier: CommitVerifier, items: list[tuple[Commit | Sync | None, bytes]]) -> bool:
         """Verify and apply `items` in order; False when an error frame asks for a reconnect."""
         keys: list[PublicKey | IdentityError | None] = []
-        jobs: list[tuple[Commit | Sync, bytes, PublicKey]] = []
+        jobs: list[tuple[bytes, PublicKey]] = []
         for event, data in items:
             if event is None:
                 keys.append(None)
@@ -296,8 +296,8 @@ class Daemon:
                     key = exc
             keys.append(key)
             if not isinstance(key, IdentityError):
-                jobs.append((event, data, key))
-        verdicts = iter(await asyncio.to_thread(_check_all, jobs) if jobs else ())
+                jobs.append((data, key))
+        verdicts = iter(await verifier.check_many(jobs) if jobs else ())
         for (event, data), key in zip(items, keys, strict=True):
             if event is None:
                 self._handle(data)
@@ -335,7 +335,7 @@ class Daemon:
                 return verdict
             if key == used:
                 return verdict
-        return verifier.check(event, data, key)
+        return check_frame(data, key)
 
     def _reject(self, event: Commit | Sync, kind: str, reason: str) -> None:
         """Skip an event as bad input; the cursor still moves past it (the DID's chain then
@@ -479,12 +479,6 @@ class Daemon:
         metrics.BATCH_EVENTS.inc(batch.events)
         if batch.cursor is not None:
             self.committed_seq = batch.cursor[1]
-
-
-def _check_all(jobs: list[tuple[Commit | Sync, bytes, PublicKey]]) -> list[CheckResult]:
-    """The verdicts of a chunk, computed in a worker thread (CommitVerifier.check is pure)."""
-    check = CommitVerifier.check
-    return [check(event, data, key) for event, data, key in jobs]
 
 
 _TYPE_NAMES: dict[type, str] = {Commit: "commit", Sync: "sync", Identity: "identity", Account: "account"}

@@ -9,12 +9,13 @@ Two parts, because one needs the network and the other must not:
   flight). By the time the event reaches the head of the daemon's window its key is usually
   there; `await key(did)` waits for it otherwise. No DID ever costs one blocking round trip
   per event.
-- Checks (`check`): pure and synchronous, safe to run in a worker thread. The signature is over
+- Checks (`check_frame`): pure and synchronous, run by `check_many` in a worker process (or
+  thread) while the daemon keeps parsing. The signature is over
   the DAG-CBOR of the signed commit without `sig`, checked against the DID's #atproto key; the
   proof is skyfill.mst.invert_commit on the frame's own blocks: undoing the ops on the tree
   under the signed `data` must give the tree under `prevData`.
 
-Verdicts of `check`: None (valid), or (kind, reason) with kind one of
+Verdicts of `check_frame`: None (valid), or (kind, reason) with kind one of
     bad_signature   the signature does not verify under the key given (the caller refreshes the
                     DID document once, `refresh`, and checks again before rejecting: rotation)
     bad_inversion   the ops do not turn the signed tree back into `prevData` (or the proof is
@@ -35,7 +36,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import multiprocessing
 import time
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from typing import TYPE_CHECKING, Final
 
 import libipld
@@ -45,12 +49,10 @@ from skyfill.crypto import PublicKey, parse_public_key, verify_signature
 from skyfill.errors import IdentityError, RepoError
 from skyfill.mst import invert_commit
 
-from .events import Commit, Sync
-
 if TYPE_CHECKING:
     from backfill.identity import Identity, Resolver
 
-__all__ = ["CommitVerifier", "CheckResult"]
+__all__ = ["CommitVerifier", "CheckResult", "check_frame", "check_frames"]
 
 log = logging.getLogger(__name__)
 
@@ -65,13 +67,16 @@ class CommitVerifier:
     def __init__(
         self, resolver: Resolver, *, max_keys: int = 1_000_000, unresolvable_ttl: float = 300.0,
         unavailable_ttl: float = 10.0, refresh_interval: float = 60.0, concurrency: int = 32, batch: int = 256,
+        processes: int = 1,
     ) -> None:
         """`unresolvable_ttl`: seconds a DID whose resolution failed terminally (404, no key, ...)
         is answered from memory, so its every commit does not cost the PLC directory a request;
         `unavailable_ttl` the same for a failure that may pass (PLC down, 5xx): its commits are
         rejected meanwhile (the DID then desynchronizes and is backfilled) rather than each
         waiting for another failing request. `refresh_interval`: see `refresh`. `concurrency`: DID documents fetched at once;
-        `batch`: DIDs per store write."""
+        `batch`: DIDs per store write. `processes`: worker processes for the checks (0: a thread
+        of this process; the MST inversion is pure Python, so only a process uses another core;
+        started on first use)."""
         if max_keys < 1 or concurrency < 1 or batch < 1:
             raise ValueError("max_keys, concurrency and batch must be positive")
         self._resolver = resolver
@@ -88,6 +93,8 @@ class CommitVerifier:
         self._pending: dict[str, asyncio.Future[PublicKey]] = {}
         self._wanted: list[str] = []
         self._batches: set[asyncio.Task[None]] = set()
+        self._processes = processes
+        self._pool: ProcessPoolExecutor | None = None
 
     # -- keys ---------------------------------------------------------------------------------
 
@@ -159,6 +166,9 @@ class CommitVerifier:
         self._unresolvable.pop(did, None)
 
     async def aclose(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
         self._wanted.clear()
         batches = list(self._batches)
         for task in batches:
@@ -236,30 +246,56 @@ class CommitVerifier:
         ttl = self._unresolvable_ttl if exc.terminal else self._unavailable_ttl
         self._unresolvable[did] = (time.monotonic() + ttl, exc)
 
-    # -- checks (pure) ------------------------------------------------------------------------
+    # -- checks ----------------------------------------------------------------------------
 
-    @staticmethod
-    def check(event: Commit | Sync, frame: bytes, key: PublicKey) -> CheckResult:
-        """Signature and (for a #commit) inversion proof of one parsed event and its frame bytes."""
-        block = event.commit_block
-        if block is None:  # a tooBig commit may omit its commit block: nothing signed to check
-            return "unverifiable", "tooBig commit without its commit block"
-        commit = _decode(block)  # frames.py checked it is a map with the event's did and rev
-        sig = commit.pop("sig", None)
-        if type(sig) is not bytes or not verify_signature(key, _encode(commit), sig):
-            return "bad_signature", f"signature does not verify under {key.did_key()}"
-        if type(event) is Sync:
-            return None
-        _header, body = _decode_multi(frame)
-        prev_data = body.get("prevData")
-        if prev_data is None:
-            return "unverifiable", "commit without prevData (relay older than sync 1.1)"
-        if event.too_big:
-            return "unverifiable", "tooBig commit: its blocks may be incomplete"
-        try:
-            blocks = read_car(body["blocks"])[1]
-            invert_commit(commit["data"], prev_data,
-                          [(o["action"], o["path"], o.get("cid"), o.get("prev")) for o in body["ops"]], blocks)
-        except RepoError as exc:  # CarError is one
-            return "bad_inversion", str(exc)
+    async def check_many(self, jobs: list[tuple[bytes, PublicKey]]) -> list[CheckResult]:
+        """`check_frame` of each (frame, key), in order: in the worker process when there is one
+        (so the checks run on another core than the daemon), else in a worker thread."""
+        if self._processes and self._pool is None:
+            self._pool = ProcessPoolExecutor(self._processes, mp_context=multiprocessing.get_context("spawn"))
+        if self._pool is not None:
+            try:
+                return await asyncio.get_running_loop().run_in_executor(self._pool, check_frames, jobs)
+            except BrokenProcessPool as exc:
+                log.error("verification worker died; checking in this process from now on",
+                          extra={"ctx": {"error": repr(exc)}})
+                self._pool.shutdown(wait=False, cancel_futures=True)
+                self._pool = None
+                self._processes = 0
+        return await asyncio.to_thread(check_frames, jobs)
+
+
+def check_frames(jobs: list[tuple[bytes, PublicKey]]) -> list[CheckResult]:
+    return [check_frame(frame, key) for frame, key in jobs]
+
+
+def check_frame(frame: bytes, key: PublicKey) -> CheckResult:
+    """Signature and (for a #commit) inversion proof of one frame that parse_frame accepted as a
+    #commit or #sync (so its fields have their types and its commit block names the frame's DID).
+    Pure: runs in any thread or process."""
+    header, body = _decode_multi(frame)
+    if header.get("t") == "#sync":
+        roots, blocks = read_car(body["blocks"])
+        block: bytes | None = blocks[roots[0]]
+    else:
+        blocks = read_car(body["blocks"])[1] if body["blocks"] else {}
+        block = blocks.get(body["commit"])
+    if block is None:  # a tooBig commit may omit its commit block: nothing signed to check
+        return "unverifiable", "tooBig commit without its commit block"
+    commit = _decode(block)
+    sig = commit.pop("sig", None)
+    if type(sig) is not bytes or not verify_signature(key, _encode(commit), sig):
+        return "bad_signature", f"signature does not verify under {key.did_key()}"
+    if header.get("t") == "#sync":
         return None
+    prev_data = body.get("prevData")
+    if prev_data is None:
+        return "unverifiable", "commit without prevData (relay older than sync 1.1)"
+    if body.get("tooBig") is True:
+        return "unverifiable", "tooBig commit: its blocks may be incomplete"
+    try:
+        invert_commit(commit["data"], prev_data,
+                      [(o["action"], o["path"], o.get("cid"), o.get("prev")) for o in body["ops"]], blocks)
+    except RepoError as exc:
+        return "bad_inversion", str(exc)
+    return None

@@ -28,7 +28,7 @@ from bench.generate.repo import cid_for, sign_commit, write_car
 from consumer.daemon import ConsumeConfig, Daemon
 from consumer.events import Sync
 from consumer.frames import parse_frame
-from consumer.verify import CommitVerifier
+from consumer.verify import CommitVerifier, check_frame
 from skyfill.errors import IdentityError
 from storage import Store
 
@@ -200,7 +200,7 @@ async def test_sync_event_signature(tmp_path: Path) -> None:
         try:
             assert checker.cached(ident.did) is None      # nothing cached yet: the caller must await
             key = await checker.key(ident.did)
-            assert checker.check(event, frame, key) is None
+            assert check_frame(frame, key) is None
             assert checker.cached(ident.did) == key
             # the same commit under a document that names another key: refreshed once, then rejected
             checker.forget(ident.did)
@@ -208,8 +208,8 @@ async def test_sync_event_signature(tmp_path: Path) -> None:
             plc.script(f"/{ident.did}", json_reply(did_document(
                 Identity(did=ident.did, handle=ident.handle, secret=other.secret), "https://pds.invalid")))
             wrong = await checker.key(ident.did)
-            assert checker.check(event, frame, wrong)[0] == "bad_signature"  # type: ignore[index]
-            assert checker.check(event, frame, await checker.refresh(ident.did))[0] == "bad_signature"  # type: ignore[index]
+            assert check_frame(frame, wrong)[0] == "bad_signature"  # type: ignore[index]
+            assert check_frame(frame, await checker.refresh(ident.did))[0] == "bad_signature"  # type: ignore[index]
             assert plc.count(f"/{ident.did}") == 3
             plc.script(f"/{ident.did}", xrpc_error("NotFound", "gone", 410))
             checker.forget(ident.did)
