@@ -33,7 +33,7 @@ from skyfill.errors import IdentityError
 from storage import Store
 
 from .faultserver import FaultServer, Reply, Seen, json_reply, xrpc_error
-from .relay import LocalRelay
+from .relay import LocalRelay, error_frame, frame_seq
 from .test_daemon import consume_until, expected_mirror, mirror_of
 
 
@@ -413,3 +413,52 @@ async def test_keys_are_seeded_from_the_identities_table(tmp_path: Path) -> None
         first = set(_commit_positions(frames[:300]))
         assert all(plc.count(f"/{d}") == 1 for d in first)
     assert mirror_of(db) == expected_mirror(frames)
+
+
+async def test_verified_ingest_survives_drops_and_error_frames(tmp_path: Path) -> None:
+    """The read-ahead window across a dropped connection (resume after the last frame read)
+    and an error frame (window dropped, resume after the last frame applied): every frame is
+    applied once, in order, and a malformed frame in the window is counted and passed."""
+    world = World(20, n_dids=30, retain_blocks=False)
+    frames = list(world.frames(2000))
+    bad_at = 700
+    sent = list(frames)
+    sent[bad_at] = _reencoded(frames[bad_at], lambda body: body.update(repo="not-a-did", did="not-a-did"))
+    db = tmp_path / "d.duckdb"
+    with FaultServer() as plc, LocalRelay(sent[:1000]) as relay:
+        _serve_docs(plc, world.identities)
+        checker, resolver = _checker(plc)
+        store = Store(db)
+        daemon = Daemon(store, ConsumeConfig(relay=relay.url, flush_interval=0.05, cursor=0), verifier=checker)
+        task = asyncio.create_task(daemon.run(install_signal_handlers=False))
+
+        async def until(seq: int) -> None:
+            deadline = time.monotonic() + 60
+            while daemon.last_seq is None or daemon.last_seq < seq:
+                assert not task.done() and time.monotonic() < deadline, daemon.last_seq
+                await asyncio.sleep(0.01)
+
+        try:
+            await until(frame_seq(frames[300]) or 0)
+            relay.drop_all()
+            await until(frame_seq(frames[600]) or 0)
+            relay.send_to_all(error_frame("ConsumerTooSlow", "slow down"), close=True)
+            relay.append(sent[1000:])
+            deadline = time.monotonic() + 60
+            while daemon.committed_seq != relay.head:
+                assert not task.done() and time.monotonic() < deadline
+                await asyncio.sleep(0.02)
+        finally:
+            daemon.stop()
+            await asyncio.wait_for(task, 10)
+            store.close()
+            await checker.aclose()
+            await resolver.aclose()
+    errors = {k: v for k, v in daemon.counts.items() if k.startswith("error:")}
+    assert errors == {"error:bad_did": 1}
+    records, revs = mirror_of(db)
+    want_records, want_revs = expected_mirror([f for i, f in enumerate(frames) if i != bad_at])
+    bad_did = _decode(frames[bad_at])[1].get("repo") or _decode(frames[bad_at])[1]["did"]
+    assert {k: v for k, v in records.items() if k[0] != bad_did} == {
+        k: v for k, v in want_records.items() if k[0] != bad_did
+    }
