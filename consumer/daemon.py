@@ -19,12 +19,14 @@ import copy
 import logging
 import signal
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 from skyfill import metrics
+from skyfill.crypto import PublicKey
 from skyfill.errors import FrameError, IdentityError
 from skyfill.syntax import collection_matcher
 from storage import Batch, CoverageEnd, CoverageSpan, Store
@@ -37,8 +39,8 @@ from .tracker import Tracker, Verdict
 
 from .verify import CheckResult, CommitVerifier, check_frame
 
-if TYPE_CHECKING:
-    from skyfill.crypto import PublicKey
+# A chunk item's key, or why it has none (IdentityError), or None: a frame not checked.
+_Key = PublicKey | IdentityError | None
 
 __all__ = ["ConsumeConfig", "Daemon", "FutureCursorError"]
 
@@ -230,6 +232,7 @@ class Daemon:
 
     VERIFY_WINDOW = 2048
     VERIFY_CHUNK = 256
+    VERIFY_DEPTH = 2      # chunks being checked at once
 
     async def _consume_verified(self, verifier: CommitVerifier) -> None:
         window: asyncio.Queue[tuple[Commit | Sync | None, bytes]] = asyncio.Queue(self.VERIFY_WINDOW)
@@ -259,8 +262,17 @@ class Daemon:
                     read_seq = seq
 
         reader = asyncio.create_task(read())
+        # Chunks whose checks were submitted, oldest first: the next chunk is checked while
+        # this task applies the previous one, so the worker never waits for the applier.
+        checking: deque[tuple[list[tuple[Commit | Sync | None, bytes]], list[_Key], asyncio.Future[list[CheckResult]]]]
+        checking = deque()
         try:
             while True:
+                if checking and (len(checking) >= self.VERIFY_DEPTH or window.empty()):
+                    items, keys, verdicts = checking.popleft()
+                    if not await self._apply_chunk(verifier, items, keys, await verdicts):
+                        return  # reconnect requested by an error frame
+                    continue
                 getter = asyncio.ensure_future(window.get())
                 await asyncio.wait({getter, reader}, return_when=asyncio.FIRST_COMPLETED)
                 if not getter.done():
@@ -270,9 +282,10 @@ class Daemon:
                 items = [getter.result()]
                 while len(items) < self.VERIFY_CHUNK and not window.empty():
                     items.append(window.get_nowait())
-                if not await self._verify_chunk(verifier, items):
-                    return  # reconnect requested by an error frame
+                checking.append(await self._submit_chunk(verifier, items))
         finally:
+            for _items, _keys, verdicts in checking:
+                verdicts.cancel()
             reader.cancel()
             try:
                 await reader
@@ -280,9 +293,12 @@ class Daemon:
                 pass
             await frames.aclose()
 
-    async def _verify_chunk(self, verifier: CommitVerifier, items: list[tuple[Commit | Sync | None, bytes]]) -> bool:
-        """Verify and apply `items` in order; False when an error frame asks for a reconnect."""
-        keys: list[PublicKey | IdentityError | None] = []
+    async def _submit_chunk(
+        self, verifier: CommitVerifier, items: list[tuple[Commit | Sync | None, bytes]]
+    ) -> tuple[list[tuple[Commit | Sync | None, bytes]], list[_Key], asyncio.Future[list[CheckResult]]]:
+        """Wait for the keys `items` need (most were resolved while they sat in the window),
+        then start checking them; returns the items, their keys and the pending verdicts."""
+        keys: list[_Key] = []
         jobs: list[tuple[bytes, PublicKey]] = []
         for event, data in items:
             if event is None:
@@ -297,7 +313,14 @@ class Daemon:
             keys.append(key)
             if not isinstance(key, IdentityError):
                 jobs.append((data, key))
-        verdicts = iter(await verifier.check_many(jobs) if jobs else ())
+        return items, keys, asyncio.ensure_future(verifier.check_many(jobs))
+
+    async def _apply_chunk(
+        self, verifier: CommitVerifier, items: list[tuple[Commit | Sync | None, bytes]], keys: list[_Key],
+        results: list[CheckResult],
+    ) -> bool:
+        """Apply or reject `items` in order; False when an error frame asks for a reconnect."""
+        verdicts = iter(results)
         for (event, data), key in zip(items, keys, strict=True):
             if event is None:
                 self._handle(data)

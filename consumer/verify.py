@@ -251,6 +251,8 @@ class CommitVerifier:
     async def check_many(self, jobs: list[tuple[bytes, PublicKey]]) -> list[CheckResult]:
         """`check_frame` of each (frame, key), in order: in the worker process when there is one
         (so the checks run on another core than the daemon), else in a worker thread."""
+        if not jobs:
+            return []
         if self._processes and self._pool is None:
             self._pool = ProcessPoolExecutor(self._processes, mp_context=multiprocessing.get_context("spawn"))
         if self._pool is not None:

@@ -440,10 +440,11 @@ async def test_verified_ingest_survives_drops_and_error_frames(tmp_path: Path) -
 
         try:
             await until(frame_seq(frames[300]) or 0)
-            relay.drop_all()
+            # (the relay's helpers block until done: off this loop, which the daemon must keep running)
+            await asyncio.to_thread(relay.drop_all)
             await until(frame_seq(frames[600]) or 0)
-            relay.send_to_all(error_frame("ConsumerTooSlow", "slow down"), close=True)
-            relay.append(sent[1000:])
+            await asyncio.to_thread(relay.send_to_all, error_frame("ConsumerTooSlow", "slow down"), close=True)
+            await asyncio.to_thread(relay.append, sent[1000:])
             deadline = time.monotonic() + 60
             while daemon.committed_seq != relay.head:
                 assert not task.done() and time.monotonic() < deadline
