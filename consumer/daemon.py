@@ -258,8 +258,8 @@ class Daemon:
                     else:
                         event = None  # _handle parses it again: small frames, rare
                 await window.put((event, data))  # type: ignore[arg-type]
-                if seq is not None and (read_seq is None or seq > read_seq):
-                    read_seq = seq
+                if seq is not None and (read_seq is None or seq > read_seq) and seq < 2**63:
+                    read_seq = seq  # never backwards; never past what a cursor can say
 
         reader = asyncio.create_task(read())
         # Chunks whose checks were submitted, oldest first: the next chunk is checked while
