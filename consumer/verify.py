@@ -20,8 +20,9 @@ Verdicts of `check_frame`: None (valid), or (kind, reason) with kind one of
                     DID document once, `refresh`, and checks again before rejecting: rotation)
     bad_inversion   the ops do not turn the signed tree back into `prevData` (or the proof is
                     incomplete, or a node does not hash to its CID): rejected
-    unverifiable    signature valid but no proof possible: a commit without `prevData` (a relay
-                    older than sync 1.1) or a `tooBig` commit (its blocks may be missing). Such
+    unverifiable    signature valid but no proof possible: a commit without `prevData` that
+                    has a `since` (a relay older than sync 1.1; a repo's first commit, with
+                    neither, is undone down to the empty tree) or a `tooBig` commit (its blocks may be missing). Such
                     a commit is APPLIED and counted: refusing them would stop a mirror fed by an
                     old relay entirely; a tooBig commit desynchronizes its DID anyway, so the
                     backfill re-fetches and checks the whole repo.
@@ -47,7 +48,7 @@ import libipld
 from skyfill.car import read_car
 from skyfill.crypto import PublicKey, parse_public_key, verify_signature
 from skyfill.errors import IdentityError, RepoError
-from skyfill.mst import invert_commit
+from skyfill.mst import EMPTY_TREE, invert_commit
 
 if TYPE_CHECKING:
     from backfill.identity import Identity, Resolver
@@ -292,7 +293,9 @@ def check_frame(frame: bytes, key: PublicKey) -> CheckResult:
         return None
     prev_data = body.get("prevData")
     if prev_data is None:
-        return "unverifiable", "commit without prevData (relay older than sync 1.1)"
+        if body.get("since") is not None:
+            return "unverifiable", "commit without prevData (relay older than sync 1.1)"
+        prev_data = EMPTY_TREE  # a repo's first commit: its ops are undone down to the empty tree
     if body.get("tooBig") is True:
         return "unverifiable", "tooBig commit: its blocks may be incomplete"
     try:

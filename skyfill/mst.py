@@ -36,13 +36,14 @@ import libipld
 
 from .errors import RepoError
 
-__all__ = ["invert_commit", "PartialTree", "key_height", "encode_node", "EMPTY_NODE"]
+__all__ = ["invert_commit", "PartialTree", "key_height", "encode_node", "EMPTY_NODE", "EMPTY_TREE"]
 
 _sha256: Final = hashlib.sha256
 _decode: Final = libipld.decode_dag_cbor
 _encode: Final = libipld.encode_dag_cbor
 _CBOR_CID_PREFIX: Final = b"\x01\x71\x12\x20"   # CIDv1, dag-cbor, sha2-256, 32 bytes
 EMPTY_NODE: Final = b"\xa2\x61e\x80\x61l\xf6"   # {"e": [], "l": null}
+EMPTY_TREE: Final = _CBOR_CID_PREFIX + _sha256(EMPTY_NODE).digest()   # the root CID of an empty repo
 KIND: Final = "bad_inversion"
 # What an MST key (`collection/rkey`) may hold; a key suffix outside it cannot be a key, nor a CID.
 _KEY_BYTES: Final = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789.-_:~/"
@@ -299,7 +300,7 @@ class PartialTree:
         """The root's CID, encoding every modified node (children first)."""
         root = self._root
         if not root.keys and root.subs[0] is None:
-            return _CBOR_CID_PREFIX + _sha256(EMPTY_NODE).digest()
+            return EMPTY_TREE
         return _cid_of(root)
 
 

@@ -33,6 +33,9 @@ from skyfill.errors import IdentityError
 from storage import Store
 
 from .faultserver import FaultServer, Reply, Seen, json_reply, xrpc_error
+from .network import Create, Delete, LocalNetwork, PdsAccount, Update, post_record
+from .network import PdsClient as NetworkClient
+from .oracle import assert_mirror_equals, commit_seq, head_seq
 from .relay import LocalRelay, error_frame, frame_seq
 from .test_daemon import consume_until, expected_mirror, mirror_of
 
@@ -463,3 +466,53 @@ async def test_verified_ingest_survives_drops_and_error_frames(tmp_path: Path) -
     assert {k: v for k, v in records.items() if k[0] != bad_did} == {
         k: v for k, v in want_records.items() if k[0] != bad_did
     }
+
+
+async def test_reference_pds_commits_prove_themselves(
+    pds_network: LocalNetwork, pds_client: NetworkClient, make_account: Callable[..., PdsAccount], tmp_path: Path
+) -> None:
+    """The real reference PDS (sync 1.1: prevData, proof blocks) and its PLC: creates, updates
+    (putRecord), deletes and a 120-op applyWrites all pass signature and inversion, none is
+    unverifiable, and the mirror equals what the PDS serves."""
+    c = pds_client
+    start = head_seq(c)
+    store = Store(tmp_path / "pds.duckdb")
+    client = PdsClient(trusted_hosts=["127.0.0.1", "localhost"], allow_private_hosts=True, per_host_rps=1e6,
+                       per_host_concurrency=16, max_retries=0)
+    resolver = Resolver(plc_url=pds_network.plc_url, client=client, store=store)
+    checker = CommitVerifier(resolver)
+    daemon = Daemon(store, ConsumeConfig(relay=pds_network.pds_url, cursor=start, flush_interval=0.05),
+                    verifier=checker)
+    task = asyncio.create_task(daemon.run(install_signal_handlers=False))
+
+    def activity() -> tuple[list[str], int]:
+        post = "app.bsky.feed.post"
+        users = [make_account(f"proof{i}") for i in range(4)]
+        for i, u in enumerate(users):
+            refs = [c.create_record(u, post, post_record(f"{u.handle} #{k}")) for k in range(6)]
+            c.put_record(u, "app.bsky.actor.profile", "self", {"$type": "app.bsky.actor.profile", "displayName": "a"})
+            c.put_record(u, "app.bsky.actor.profile", "self", {"$type": "app.bsky.actor.profile", "displayName": "b"})
+            c.delete_record(u, post, refs[i].rkey)
+        big = users[0]
+        seed = [c.create_record(big, post, post_record(f"seed {k}")) for k in range(20)]
+        writes = ([Create(post, post_record(f"bulk {k}")) for k in range(100)]
+                  + [Update(post, r.rkey, post_record("edited")) for r in seed[:10]]
+                  + [Delete(post, r.rkey) for r in seed[10:]])
+        commit, _ = c.apply_writes(big, writes)
+        return [u.did for u in users], commit_seq(c, big.did, commit.rev, since=start)
+
+    try:
+        dids, last = await asyncio.to_thread(activity)
+        deadline = time.monotonic() + 120
+        while (daemon.committed_seq or 0) < last:
+            assert not task.done() and time.monotonic() < deadline, daemon.committed_seq
+            await asyncio.sleep(0.05)
+    finally:
+        daemon.stop()
+        await asyncio.wait_for(task, 30)
+        await checker.aclose()
+        await client.aclose()
+    assert not {k: v for k, v in daemon.counts.items() if k.startswith("error:") or k == "unverifiable"}
+    assert daemon.counts.get("applied", 0) >= 4 * 9 + 21
+    await asyncio.to_thread(assert_mirror_equals, store.cursor(), c, dids)
+    store.close()
