@@ -146,12 +146,14 @@ class Resolver:
         return {did: key for did, key in rows}
 
     async def resolve_many(
-        self, dids: Iterable[str], *, concurrency: int = 32
+        self, dids: Iterable[str], *, concurrency: int = 32, timeout: float = 30.0
     ) -> AsyncIterator[tuple[str, Identity | IdentityError]]:
         """Resolve many DIDs at once, yielding (did, identity or error) as each one completes.
 
         The memory cache answers first; the rest are fetched with at most `concurrency`
-        requests in flight. The store is not read per DID (`stored_signing_keys` reads it in
+        requests in flight, each given up after `timeout` seconds (a retryable IdentityError:
+        a caller waiting on it, like the firehose verifier, must not stall for the client's
+        whole retry budget). The store is not read per DID (`stored_signing_keys` reads it in
         bulk) and is written once, after the last answer: one transaction for the whole batch
         rather than two statements per DID. Stop iterating early and nothing is saved."""
         if concurrency < 1:
@@ -164,9 +166,12 @@ class Resolver:
         async def one(did: str) -> tuple[str, Identity | IdentityError]:
             async with limit:
                 try:
-                    doc = await self._fetch_doc(did, self._doc_url(did))
+                    async with asyncio.timeout(timeout):
+                        doc = await self._fetch_doc(did, self._doc_url(did))
                 except IdentityError as exc:
                     return did, exc
+                except TimeoutError:
+                    return did, IdentityError(f"DID document not fetched within {timeout:g} s", did=did)
                 try:
                     identity = parse_did_doc(did, doc)
                 except IdentityError as exc:

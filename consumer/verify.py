@@ -68,7 +68,7 @@ class CommitVerifier:
     def __init__(
         self, resolver: Resolver, *, max_keys: int = 1_000_000, unresolvable_ttl: float = 300.0,
         unavailable_ttl: float = 10.0, refresh_interval: float = 60.0, concurrency: int = 32, batch: int = 256,
-        processes: int = 1,
+        processes: int = 1, resolve_timeout: float = 30.0,
     ) -> None:
         """`unresolvable_ttl`: seconds a DID whose resolution failed terminally (404, no key, ...)
         is answered from memory, so its every commit does not cost the PLC directory a request;
@@ -77,7 +77,8 @@ class CommitVerifier:
         waiting for another failing request. `refresh_interval`: see `refresh`. `concurrency`: DID documents fetched at once;
         `batch`: DIDs per store write. `processes`: worker processes for the checks (0: a thread
         of this process; the MST inversion is pure Python, so only a process uses another core;
-        started on first use)."""
+        started on first use). `resolve_timeout`: seconds before a DID document still not
+        fetched counts as unavailable (its events are rejected rather than stall the stream)."""
         if max_keys < 1 or concurrency < 1 or batch < 1:
             raise ValueError("max_keys, concurrency and batch must be positive")
         self._resolver = resolver
@@ -95,6 +96,7 @@ class CommitVerifier:
         self._wanted: list[str] = []
         self._batches: set[asyncio.Task[None]] = set()
         self._processes = processes
+        self._resolve_timeout = resolve_timeout
         self._pool: ProcessPoolExecutor | None = None
 
     # -- keys ---------------------------------------------------------------------------------
@@ -199,7 +201,9 @@ class CommitVerifier:
 
     async def _resolve_batch(self, batch: list[str]) -> None:
         try:
-            async for did, result in self._resolver.resolve_many(batch, concurrency=self._concurrency):
+            async for did, result in self._resolver.resolve_many(
+                batch, concurrency=self._concurrency, timeout=self._resolve_timeout
+            ):
                 self._settle(did, result)
         except Exception as exc:  # noqa: BLE001 - a resolver bug must not leave the daemon waiting
             log.error("key resolution failed", extra={"ctx": {"error": repr(exc), "dids": len(batch)}})

@@ -40,7 +40,7 @@ from .relay import LocalRelay, error_frame, frame_seq
 from .test_daemon import consume_until, expected_mirror, mirror_of
 
 
-def _checker(plc: FaultServer, **options: int) -> tuple[CommitVerifier, Resolver]:
+def _checker(plc: FaultServer, **options: float) -> tuple[CommitVerifier, Resolver]:
     client = PdsClient(trusted_hosts=["127.0.0.1"], per_host_rps=1e6, per_host_concurrency=32, max_retries=0)
     resolver = Resolver(plc_url=plc.url, client=client)
     return CommitVerifier(resolver, **options), resolver
@@ -516,3 +516,27 @@ async def test_reference_pds_commits_prove_themselves(
     assert daemon.counts.get("applied", 0) >= 4 * 9 + 21
     await asyncio.to_thread(assert_mirror_equals, store.cursor(), c, dids)
     store.close()
+
+
+async def test_a_plc_that_does_not_answer_does_not_stall_the_stream(tmp_path: Path) -> None:
+    """One DID's document never comes in time: its commits are rejected as identity_unavailable
+    (the DID then waits for a backfill) and every other frame is applied; nothing waits for the
+    HTTP client's whole retry budget."""
+    world = World(21, n_dids=8, retain_blocks=False)
+    frames = list(world.frames(400))
+    positions = _commit_positions(frames)
+    slow = max(positions, key=lambda d: len(positions[d]))
+    with FaultServer() as plc, LocalRelay(frames) as relay:
+        _serve_docs(plc, world.identities)
+        plc.script(f"/{slow}", Reply(200, b"{}", delay=5.0))
+        checker, resolver = _checker(plc, resolve_timeout=0.5)
+        try:
+            daemon = await consume_until(tmp_path / "t.duckdb", relay, relay.head, cursor=0, verifier=checker)
+        finally:
+            await checker.aclose()
+            await resolver.aclose()
+    assert daemon.counts["error:identity_unavailable"] == len(positions[slow])
+    assert {k for k in daemon.counts if k.startswith("error:")} == {"error:identity_unavailable"}
+    records, _revs = mirror_of(tmp_path / "t.duckdb")
+    want, _ = expected_mirror(frames)
+    assert records == {k: v for k, v in want.items() if k[0] != slow}
