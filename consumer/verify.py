@@ -10,10 +10,10 @@ Two parts, because one needs the network and the other must not:
   there; `await key(did)` waits for it otherwise. No DID ever costs one blocking round trip
   per event.
 - Checks (`check_frame`): pure and synchronous, run by `check_many` in a worker process (or
-  thread) while the daemon keeps parsing. The signature is over
-  the DAG-CBOR of the signed commit without `sig`, checked against the DID's #atproto key; the
-  proof is skyfill.mst.invert_commit on the frame's own blocks: undoing the ops on the tree
-  under the signed `data` must give the tree under `prevData`.
+  thread) while the daemon keeps parsing. The signature is over the DAG-CBOR of the signed
+  commit without `sig`, checked against the DID's #atproto key; the proof is
+  skyfill.mst.invert_commit on the frame's own blocks: undoing the ops on the tree under the
+  signed `data` must give the tree under `prevData`.
 
 Verdicts of `check_frame`: None (valid), or (kind, reason) with kind one of
     bad_signature   the signature does not verify under the key given (the caller refreshes the
@@ -22,13 +22,14 @@ Verdicts of `check_frame`: None (valid), or (kind, reason) with kind one of
                     incomplete, or a node does not hash to its CID): rejected
     unverifiable    signature valid but no proof possible: a commit without `prevData` that
                     has a `since` (a relay older than sync 1.1; a repo's first commit, with
-                    neither, is undone down to the empty tree) or a `tooBig` commit (its blocks may be missing). Such
-                    a commit is APPLIED and counted: refusing them would stop a mirror fed by an
-                    old relay entirely; a tooBig commit desynchronizes its DID anyway, so the
-                    backfill re-fetches and checks the whole repo.
+                    neither, is undone down to the empty tree) or a `tooBig` commit (its
+                    blocks may be missing). Such a commit is APPLIED and counted
+                    (skyfill_firehose_unverifiable_total): refusing them would stop a mirror
+                    fed by an old relay entirely; a tooBig commit desynchronizes its DID
+                    anyway, so the backfill re-fetches and checks the whole repo.
 
 Key rotation, worked example: the map holds key A for did X; X rotates to key B and signs its
-next commit with B. `check` says bad_signature -> `refresh(X)` re-resolves with fresh=True
+next commit with B. `check_frame` says bad_signature -> `refresh(X)` re-resolves with fresh=True
 (skipping every cache), gets B, the daemon checks again and it passes; B replaces A. Had the
 fresh document still said A, the event is rejected as bad_signature.
 """
