@@ -31,6 +31,7 @@ import ipaddress
 import re
 import time
 from collections import OrderedDict
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -132,6 +133,87 @@ class Resolver:
     def forget(self, did: str) -> None:
         self._memory.pop(did, None)
 
+    # -- in bulk (a firehose verifier meets thousands of new DIDs a second) ------------------
+
+    async def stored_signing_keys(self, limit: int) -> dict[str, str]:
+        """{did: Multikey} of up to `limit` identities in the store resolved within the TTL, read
+        in one query: a verifier seeds its key map with them at start-up."""
+        if self._store is None:
+            return {}
+        since = datetime.now(UTC) - timedelta(seconds=self._ttl)
+        rows = await asyncio.to_thread(
+            self._store.fetchall,
+            "SELECT did, signing_key FROM identities WHERE error IS NULL AND signing_key IS NOT NULL "
+            "AND resolved_at > ? ORDER BY resolved_at DESC LIMIT ?",
+            [since, limit],
+        )
+        return {did: key for did, key in rows}
+
+    async def resolve_many(
+        self, dids: Iterable[str], *, concurrency: int = 32, timeout: float = 30.0
+    ) -> AsyncIterator[tuple[str, Identity | IdentityError]]:
+        """Resolve many DIDs at once, yielding (did, identity or error) as each one completes.
+
+        The memory cache answers first; the rest are fetched with at most `concurrency`
+        requests in flight, each given up after `timeout` seconds (a retryable IdentityError:
+        a caller waiting on it, like the firehose verifier, must not stall for the client's
+        whole retry budget). The store is not read per DID (`stored_signing_keys` reads it in
+        bulk) and is written once, after the last answer: one transaction for the whole batch
+        rather than two statements per DID. Stop iterating early and nothing is saved."""
+        if concurrency < 1:
+            raise ValueError("concurrency must be positive")
+        limit = asyncio.Semaphore(concurrency)
+        now = time.time()
+        fetched: list[Identity] = []
+        failed: list[tuple[str, dict[str, Any], str]] = []
+
+        async def one(did: str) -> tuple[str, Identity | IdentityError]:
+            async with limit:
+                try:
+                    async with asyncio.timeout(timeout):
+                        doc = await self._fetch_doc(did, self._doc_url(did))
+                except IdentityError as exc:
+                    return did, exc
+                except TimeoutError:
+                    return did, IdentityError(f"DID document not fetched within {timeout:g} s", did=did)
+                try:
+                    identity = parse_did_doc(did, doc)
+                except IdentityError as exc:
+                    self._memory.pop(did, None)
+                    failed.append((did, doc, str(exc)))
+                    return did, exc
+                self._remember(identity, time.time())
+                fetched.append(identity)
+                return did, identity
+
+        tasks = []
+        for did in dict.fromkeys(dids):
+            cached = self._memory.get(did)
+            if cached is not None and now - cached[1] < self._ttl:
+                self._memory.move_to_end(did)
+                yield did, cached[0]
+            else:
+                tasks.append(asyncio.ensure_future(one(did)))
+        try:
+            for next_done in asyncio.as_completed(tasks):
+                yield await next_done
+        finally:
+            for task in tasks:
+                task.cancel()
+        await self._save_many(fetched, failed)
+
+    async def _save_many(self, identities: list[Identity], failed: list[tuple[str, dict[str, Any], str]]) -> None:
+        if self._store is None or not (identities or failed):
+            return
+        now = datetime.now(UTC)
+        rows: list[Any] = []
+        for i in identities:
+            rows += [i.did, i.pds, i.signing_key, i.handle, orjson.dumps(i.doc).decode(), now, None]
+        for did, doc, error in failed:
+            rows += [did, None, None, None, orjson.dumps(doc).decode(), now, error]
+        values = ", ".join(["(?, ?, ?, ?, ?::JSON, ?, ?)"] * (len(rows) // 7))
+        await asyncio.to_thread(self._store.execute_write, _UPSERT_MANY.format(values=values), rows)
+
     # -- fetching ----------------------------------------------------------------------------
 
     def _doc_url(self, did: str) -> str:
@@ -220,6 +302,13 @@ class Resolver:
             [did, None, None, None, orjson.dumps(doc).decode(), datetime.now(UTC), error],
         )
 
+
+_UPSERT_MANY = (
+    "INSERT INTO identities (did, pds, signing_key, handle, doc, resolved_at, error) "
+    "VALUES {values} ON CONFLICT (did) DO UPDATE SET pds = excluded.pds, "
+    "signing_key = excluded.signing_key, handle = excluded.handle, doc = excluded.doc, "
+    "resolved_at = excluded.resolved_at, error = excluded.error"
+)
 
 _UPSERT = (
     "INSERT INTO identities (did, pds, signing_key, handle, doc, resolved_at, error) "

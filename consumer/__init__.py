@@ -3,7 +3,7 @@
 from .events import Account, Commit, Event, Identity, Info, Op, StreamError, Sync
 from .frames import FRAME_ERROR_KINDS, MAX_FRAME_SIZE, parse_frame
 from .tracker import Tracker, Verdict
-from .verify import SignatureChecker
+from .verify import CommitVerifier
 
 __all__ = [
     "parse_frame",
@@ -11,7 +11,7 @@ __all__ = [
     "FRAME_ERROR_KINDS",
     "Tracker",
     "Verdict",
-    "SignatureChecker",
+    "CommitVerifier",
     "Event",
     "Commit",
     "Op",

@@ -57,8 +57,9 @@ def _check_relay(ctx: click.Context, param: click.Parameter, value: str) -> str:
         help="Also backfill desynchronized and queued DIDs continuously.")
 @option("--plc-url", default="https://plc.directory", show_default=True, help="PLC directory (with --backfill).")
 @option("--allow-private-hosts", is_flag=True, help="Allow PDS endpoints on private/loopback addresses (tests).")
-@option("--verify-signatures", is_flag=True,
-        help="Check every #commit/#sync signature against the DID's #atproto key (resolved via --plc-url).")
+@option("--verify", is_flag=True,
+        help="Check every #commit's signature (the DID's #atproto key, via --plc-url) and MST proof "
+             "(its ops must turn the signed tree back into prevData); reject and count the rest.")
 @option("--kafka-bootstrap", default=None, help="HOST:PORT of a Kafka broker to publish every change to.")
 @option("--batch-events", type=click.IntRange(1, 1_000_000), default=5000, show_default=True, help="Events per DuckDB transaction (at most).")
 @option("--flush-interval", type=FiniteFloatRange(0.01, 3600), default=0.5, show_default=True, help="Seconds before a partial batch is written.")
@@ -67,7 +68,7 @@ def _check_relay(ctx: click.Context, param: click.Parameter, value: str) -> str:
 def consume(
     db: str, relay: str, cursor: int | None, collections: str, metrics_port: int | None, admin_port: int,
     strict_cursor: bool, run_backfill: bool, plc_url: str, allow_private_hosts: bool,
-    kafka_bootstrap: str | None, batch_events: int, flush_interval: float, duckdb_memory_limit: str | None, verify_signatures: bool,
+    kafka_bootstrap: str | None, batch_events: int, flush_interval: float, duckdb_memory_limit: str | None, verify: bool,
 ) -> None:
     """Mirror the firehose (com.atproto.sync.subscribeRepos) into DuckDB."""
     from .daemon import ConsumeConfig
@@ -80,7 +81,7 @@ def consume(
             if not (is_nsid(p) or (p.endswith(".*") and is_nsid(p[:-2] + ".x"))):
                 raise ConfigError(f"--collections: {p!r} is not an NSID or an NSID prefix with .*")
         collection_matcher(patterns)
-        if verify_signatures or run_backfill:  # the PLC directory is used: check its URL now
+        if verify or run_backfill:  # the PLC directory is used: check its URL now
             BackfillConfig(plc_url=plc_url, allow_private_hosts=allow_private_hosts)
         config = ConsumeConfig(
             relay=relay, cursor=cursor, collections=patterns, strict_cursor=strict_cursor,
@@ -95,7 +96,7 @@ def consume(
         code = asyncio.run(_serve(store, config, db=db, metrics_port=metrics_port, admin_port=admin_port,
                                   run_backfill=run_backfill, plc_url=plc_url,
                                   allow_private_hosts=allow_private_hosts, kafka_bootstrap=kafka_bootstrap,
-                                  verify_signatures=verify_signatures))
+                                  verify=verify))
     except SkyfillError as exc:
         raise click.ClickException(one_line(exc)) from exc
     finally:
@@ -106,7 +107,7 @@ def consume(
 async def _serve(
     store: Store, config: ConsumeConfig, *, db: str, metrics_port: int | None, admin_port: int,
     run_backfill: bool, plc_url: str, allow_private_hosts: bool, kafka_bootstrap: str | None,
-    verify_signatures: bool = False,
+    verify: bool = False,
 ) -> int:
     from skyfill import metrics
 
@@ -125,14 +126,18 @@ async def _serve(
         await services.start()
         stack.push_async_callback(services.aclose)
         verifier = None
-        if verify_signatures:
+        if verify:
             from backfill.identity import Resolver
+            from backfill.pds import PdsClient
 
-            from .verify import SignatureChecker
+            from .verify import CommitVerifier
 
-            resolver = Resolver(plc_url=plc_url, allow_private_hosts=allow_private_hosts, store=store)
-            stack.push_async_callback(resolver.aclose)
-            verifier = SignatureChecker(resolver)
+            # Keys of first-seen DIDs are fetched ahead of their events, many at once (see verify.py).
+            client = PdsClient(allow_private_hosts=allow_private_hosts, per_host_concurrency=32, max_retries=2)
+            stack.push_async_callback(client.aclose)
+            resolver = Resolver(plc_url=plc_url, client=client, store=store)
+            verifier = CommitVerifier(resolver, concurrency=32)
+            stack.push_async_callback(verifier.aclose)
         daemon = Daemon(store, config, publish=services.publish, verifier=verifier)
         services.attach(daemon)
         admin = AdminServer(db=db, routes=services.routes(), port=admin_port)

@@ -52,12 +52,14 @@ import copy
 import logging
 import signal
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 from skyfill import metrics
+from skyfill.crypto import PublicKey
 from skyfill.errors import FrameError, IdentityError, StorageError
 from skyfill.syntax import collection_matcher
 from storage import Batch, CoverageEnd, CoverageSpan, Store
@@ -70,8 +72,10 @@ from .frames import parse_frame
 from .resync import Captures
 from .tracker import Tracker, Verdict
 
-if TYPE_CHECKING:
-    from .verify import SignatureChecker
+from .verify import CheckResult, CommitVerifier, check_frame
+
+# A chunk item's key, or why it has none (IdentityError), or None: a frame not checked.
+_Key = PublicKey | IdentityError | None
 
 __all__ = ["ConsumeConfig", "Daemon", "FutureCursorError"]
 
@@ -105,7 +109,7 @@ Publisher = Callable[[list], Awaitable[None]]
 class Daemon:
     def __init__(
         self, store: Store, config: ConsumeConfig, *, publish: Publisher | None = None,
-        verifier: SignatureChecker | None = None,
+        verifier: CommitVerifier | None = None,
     ) -> None:
         self.store = store
         self.config = config
@@ -205,14 +209,20 @@ class Daemon:
                       extra={"ctx": {"span": self._span.id, "ended": ended.value, "error": str(exc)}})
 
     async def _consume(self) -> None:
+        if self._verifier is not None:
+            seeded = await self._verifier.seed()
+            log.info("verifying commits", extra={"ctx": {"keys_from_store": seeded}})
         while not self.stop_event.is_set():
             self._reconnect = False
+            if self._verifier is not None:
+                await self._consume_verified(self._verifier)
+                if self._restart_from_head:
+                    await self._begin_new_span()
+                continue
             frames = stream_frames(self.config.relay, lambda: self.last_seq, stop=self.stop_event)
             try:
                 async for data in frames:
-                    unverified = self._handle(data)
-                    if unverified is not None:  # key not cached (or it failed): resolve, then apply
-                        await self._verify_and_apply(unverified)
+                    self._handle(data)
                     # Either bound seals the batch; the write overlaps the next batch's parsing.
                     # _flush first waits for the write in flight, so memory stays bounded
                     # (one batch filling, one being written) and the reader slows to the writer.
@@ -261,8 +271,8 @@ class Daemon:
 
     # -- events ---------------------------------------------------------------------------
 
-    def _handle(self, data: bytes) -> Commit | Sync | None:
-        """Parse and apply one frame; returns the event instead when its signature needs the network."""
+    def _handle(self, data: bytes) -> None:
+        """Parse and apply one frame (with --verify: every frame but #commit and #sync)."""
         try:
             event = parse_frame(data, want=self._want)
         except FrameError as exc:
@@ -278,30 +288,151 @@ class Daemon:
         if isinstance(event, Info):
             metrics.FIREHOSE_EVENTS.labels("info").inc()
             log.warning("relay info", extra={"ctx": {"name": event.name, "message": event.message}})
-            return None
-        if not 0 <= event.seq <= _MAX_SEQ:
-            metrics.FIREHOSE_ERRORS.labels("seq_range").inc()
-            self.counts["error:seq_range"] = self.counts.get("error:seq_range", 0) + 1
-            log.warning("bad frame skipped", extra={"ctx": {"kind": "seq_range", "seq": event.seq,
-                                                            "error": "seq does not fit a signed 64-bit integer"}})
-            return None
-        if self._verifier is not None and (type(event) is Commit or type(event) is Sync):
-            if not self._verifier.verify_cached(event):
-                return event
-        self._apply(event)
-        return None
-
-    async def _verify_and_apply(self, event: Commit | Sync) -> None:
-        assert self._verifier is not None
-        try:
-            ok = await self._verifier.check(event)
-        except IdentityError as exc:
-            self._reject(event, "unresolvable_did" if exc.terminal else "identity_unavailable", str(exc))
             return
-        if ok:
-            self._apply(event)
-        else:
-            self._reject(event, "bad_signature", "commit signature does not verify with the DID's #atproto key")
+        self._apply(event)
+
+    # -- verified ingest (--verify) -------------------------------------------------------
+    #
+    # A reader task parses frames into a bounded window (VERIFY_WINDOW frames) and asks the
+    # verifier for the key of every #commit/#sync DID it has not seen, so keys are resolved
+    # concurrently, thousands of frames ahead of their use. This task takes what the window
+    # holds (up to VERIFY_CHUNK frames), waits for the keys the chunk lacks, has the chunk
+    # checked in the verifier's worker process (or thread) while the reader keeps parsing,
+    # then applies or rejects each event strictly in stream order. Nothing is
+    # applied before its verdict, and the cursor only ever names applied or rejected events.
+    # On reconnect the stream resumes after the last frame READ (read-ahead frames are still
+    # applied); when an error frame makes this task reconnect, the window is dropped and the
+    # stream resumes after the last frame applied.
+
+    VERIFY_WINDOW = 2048
+    VERIFY_CHUNK = 256
+    VERIFY_DEPTH = 2      # chunks being checked at once
+
+    async def _consume_verified(self, verifier: CommitVerifier) -> None:
+        window: asyncio.Queue[tuple[Commit | Sync | None, bytes]] = asyncio.Queue(self.VERIFY_WINDOW)
+        read_seq: int | None = None
+
+        def resume_at() -> int | None:
+            return read_seq if read_seq is not None else self.last_seq
+
+        frames = stream_frames(self.config.relay, resume_at, stop=self.stop_event)
+
+        async def read() -> None:
+            nonlocal read_seq
+            async for data in frames:
+                try:
+                    event = parse_frame(data, want=self._want)
+                except FrameError as exc:
+                    seq: int | None = exc.seq
+                    event = None
+                else:
+                    seq = getattr(event, "seq", None)
+                    if type(event) is Commit or type(event) is Sync:
+                        verifier.want(event.did)
+                    else:
+                        event = None  # _handle parses it again: small frames, rare
+                await window.put((event, data))  # type: ignore[arg-type]
+                if seq is not None and (read_seq is None or seq > read_seq) and seq < 2**63:
+                    read_seq = seq  # never backwards; never past what a cursor can say
+
+        reader = asyncio.create_task(read())
+        # Chunks whose checks were submitted, oldest first: the next chunk is checked while
+        # this task applies the previous one, so the worker never waits for the applier.
+        checking: deque[tuple[list[tuple[Commit | Sync | None, bytes]], list[_Key], asyncio.Future[list[CheckResult]]]]
+        checking = deque()
+        try:
+            while True:
+                if checking and (len(checking) >= self.VERIFY_DEPTH or window.empty()):
+                    items, keys, verdicts = checking.popleft()
+                    if not await self._apply_chunk(verifier, items, keys, await verdicts):
+                        return  # reconnect requested by an error frame
+                    continue
+                getter = asyncio.ensure_future(window.get())
+                await asyncio.wait({getter, reader}, return_when=asyncio.FIRST_COMPLETED)
+                if not getter.done():
+                    getter.cancel()
+                    reader.result()  # the stream ended (stop) or failed: re-raise
+                    return
+                items = [getter.result()]
+                while len(items) < self.VERIFY_CHUNK and not window.empty():
+                    items.append(window.get_nowait())
+                checking.append(await self._submit_chunk(verifier, items))
+        finally:
+            for _items, _keys, verdicts in checking:
+                verdicts.cancel()
+            reader.cancel()
+            try:
+                await reader
+            except (asyncio.CancelledError, Exception):  # noqa: BLE001 - already raised above if it mattered
+                pass
+            await frames.aclose()
+
+    async def _submit_chunk(
+        self, verifier: CommitVerifier, items: list[tuple[Commit | Sync | None, bytes]]
+    ) -> tuple[list[tuple[Commit | Sync | None, bytes]], list[_Key], asyncio.Future[list[CheckResult]]]:
+        """Wait for the keys `items` need (most were resolved while they sat in the window),
+        then start checking them; returns the items, their keys and the pending verdicts."""
+        keys: list[_Key] = []
+        jobs: list[tuple[bytes, PublicKey]] = []
+        for event, data in items:
+            if event is None:
+                keys.append(None)
+                continue
+            key: PublicKey | IdentityError | None = verifier.cached(event.did)
+            if key is None:
+                try:
+                    key = await verifier.key(event.did)
+                except IdentityError as exc:
+                    key = exc
+            keys.append(key)
+            if not isinstance(key, IdentityError):
+                jobs.append((data, key))
+        return items, keys, asyncio.ensure_future(verifier.check_many(jobs))
+
+    async def _apply_chunk(
+        self, verifier: CommitVerifier, items: list[tuple[Commit | Sync | None, bytes]], keys: list[_Key],
+        results: list[CheckResult],
+    ) -> bool:
+        """Apply or reject `items` in order; False when an error frame asks for a reconnect."""
+        verdicts = iter(results)
+        for (event, data), key in zip(items, keys, strict=True):
+            if event is None:
+                self._handle(data)
+            elif isinstance(key, IdentityError):
+                self._reject(event, "unresolvable_did" if key.terminal else "identity_unavailable", str(key))
+            else:
+                verdict = next(verdicts)
+                if verdict is not None and verdict[0] == "bad_signature":
+                    verdict = await self._recheck(verifier, event, data, key, verdict)
+                if verdict is None:
+                    self._apply(event)
+                elif verdict[0] == "unverifiable":
+                    self.counts["unverifiable"] = self.counts.get("unverifiable", 0) + 1
+                    metrics.FIREHOSE_UNVERIFIABLE.inc()
+                    self._apply(event)
+                else:
+                    self._reject(event, verdict[0], verdict[1])
+            batch = self._batch
+            if batch.events >= self.config.batch_events or len(batch.records) >= self.config.batch_events:
+                await self._flush(wait=False)
+            if self._reconnect:
+                return False
+        return True
+
+    async def _recheck(
+        self, verifier: CommitVerifier, event: Commit | Sync, data: bytes, used: PublicKey, verdict: tuple[str, str]
+    ) -> CheckResult:
+        """A signature failure: the key may have rotated. Check again under the key known now
+        if an earlier event of the chunk already refreshed it, else refresh the document once."""
+        key = verifier.cached(event.did)
+        if key is None or key == used:
+            try:
+                key = await verifier.refresh(event.did)
+            except IdentityError:
+                return verdict
+            if key == used:
+                return verdict
+        return check_frame(data, key)
 
     def _reject(self, event: Commit | Sync, kind: str, reason: str) -> None:
         """Skip an event as bad input; the cursor still moves past it (the DID's chain then
@@ -321,6 +452,12 @@ class Daemon:
             self._advance(seq, event_time)
 
     def _apply(self, event: Commit | Sync | Identity | Account) -> None:
+        if not 0 <= event.seq <= _MAX_SEQ:  # the parser refuses these too; a batch must never hold one
+            metrics.FIREHOSE_ERRORS.labels("seq_range").inc()
+            self.counts["error:seq_range"] = self.counts.get("error:seq_range", 0) + 1
+            log.warning("bad frame skipped", extra={"ctx": {"kind": "seq_range", "seq": event.seq,
+                                                            "error": "seq does not fit a signed 64-bit integer"}})
+            return
         seen = self._seen_types
         name = _TYPE_NAMES.get(type(event), "other")
         seen[name] = seen.get(name, 0) + 1

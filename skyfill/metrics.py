@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-__all__ = ["REGISTRY", "serve", "FIREHOSE_EVENTS", "FIREHOSE_ERRORS", "FIREHOSE_VERDICTS",
+__all__ = ["REGISTRY", "serve", "FIREHOSE_EVENTS", "FIREHOSE_ERRORS", "FIREHOSE_UNVERIFIABLE", "FIREHOSE_VERDICTS",
            "FIREHOSE_LAST_SEQ", "FIREHOSE_LAG", "FIREHOSE_CONNECTED", "FIREHOSE_RECONNECTS",
            "DESYNCHRONIZED", "DESYNCHRONIZED_DIDS", "BATCH_WRITE_SECONDS", "BATCH_EVENTS",
            "STORE_HEALTHY", "STORAGE_ERRORS", "STORAGE_COMMITTED_SEQ",
@@ -22,6 +22,11 @@ FIREHOSE_EVENTS = Counter(
 )
 FIREHOSE_ERRORS = Counter(
     "skyfill_firehose_errors_total", "Bad input skipped, by kind", ["kind"], registry=REGISTRY
+)
+FIREHOSE_UNVERIFIABLE = Counter(
+    "skyfill_firehose_unverifiable_total",
+    "Commits applied under --verify with a valid signature but no proof to check (no prevData, tooBig)",
+    registry=REGISTRY,
 )
 FIREHOSE_VERDICTS = Counter(
     "skyfill_firehose_verdicts_total", "What the state tracker did with events", ["verdict"], registry=REGISTRY

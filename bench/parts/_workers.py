@@ -187,14 +187,14 @@ async def _consume(
         store.conn.execute(f"SET memory_limit = '{memory_limit}'")
     base_rss = rss_bytes()
     resolver = verifier = None
-    if plc is not None:  # as `consume --verify-signatures`, minus the PLC rate limit (loopback)
+    if plc is not None:  # as `consume --verify`, minus the PLC rate limit (loopback)
         from backfill.identity import Resolver
         from backfill.pds import PdsClient
-        from consumer.verify import SignatureChecker
+        from consumer.verify import CommitVerifier
 
-        client = PdsClient(per_host_rps=1e6, max_retries=0)  # the Resolver trusts its PLC origin
+        client = PdsClient(per_host_rps=1e6, per_host_concurrency=32, max_retries=0)  # the Resolver trusts its PLC origin
         resolver = Resolver(plc_url=plc, client=client, store=store)
-        verifier = SignatureChecker(resolver)
+        verifier = CommitVerifier(resolver, concurrency=32)
     daemon = Daemon(store, ConsumeConfig(relay=relay, cursor=0, batch_events=batch_events), verifier=verifier)
     started = time.perf_counter()
     task = asyncio.create_task(daemon.run(install_signal_handlers=False))
@@ -208,8 +208,8 @@ async def _consume(
     finally:
         daemon.stop()
         await asyncio.wait_for(task, 60)
-        if resolver is not None:
-            await resolver.aclose()
+        if verifier is not None:
+            await verifier.aclose()
             await client.aclose()
     records = store.fetchall("SELECT count(*) FROM records")[0][0]
     repos = store.fetchall("SELECT count(*) FROM repos")[0][0]
