@@ -151,7 +151,7 @@ BAD_INPUTS: list[tuple[str, Case, str]] = [
     ("backfill-plc-bad-port", lambda f: ["backfill", "--db", str(f.good), "--dids", DID, "--plc-url",
                                          "http://h:99999"], "plc_url"),
     ("consume-verify-plc-no-host", lambda f: ["consume", "--db", str(f.dir / "c0.duckdb"), "--relay", DEAD_RELAY,
-                                              "--verify-signatures", "--plc-url", "https://"], "plc_url"),
+                                              "--verify", "--plc-url", "https://"], "plc_url"),
     ("relay-open-ipv6", lambda f: ["consume", "--db", str(f.dir / "c1.duckdb"), "--relay", "ws://[::1"], "--relay"),
     ("relay-port-not-a-number", lambda f: ["consume", "--db", str(f.dir / "c2.duckdb"), "--relay",
                                            "ws://host:notaport"], "--relay"),

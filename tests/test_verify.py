@@ -397,7 +397,7 @@ async def test_keys_are_seeded_from_the_identities_table(tmp_path: Path) -> None
         _serve_docs(plc, world.identities)
         for round_ in range(2):
             store = Store(db)
-            client = PdsClient(trusted_hosts=["127.0.0.1"], per_host_rps=1e6, max_retries=0)
+            client = PdsClient(per_host_rps=1e6, max_retries=0)
             resolver = Resolver(plc_url=plc.url, client=client, store=store)
             checker = CommitVerifier(resolver)
             try:
@@ -481,7 +481,7 @@ async def test_reference_pds_commits_prove_themselves(
     c = pds_client
     start = head_seq(c)
     store = Store(tmp_path / "pds.duckdb")
-    client = PdsClient(trusted_hosts=["127.0.0.1", "localhost"], allow_private_hosts=True, per_host_rps=1e6,
+    client = PdsClient(allow_private_hosts=True, per_host_rps=1e6,
                        per_host_concurrency=16, max_retries=0)
     resolver = Resolver(plc_url=pds_network.plc_url, client=client, store=store)
     checker = CommitVerifier(resolver)
