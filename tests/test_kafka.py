@@ -169,7 +169,11 @@ async def test_frozen_broker_pauses_publish_without_loss_or_cursor_overrun(
         kafka_broker.freeze()
         blocked = asyncio.create_task(daemon_commit(1))
         queued = asyncio.create_task(daemon_commit(2))  # the daemon's next batch waits its turn
-        await asyncio.sleep(3.5)  # > request_timeout_ms: aiokafka gave up on its own at least once
+        # Poll until aiokafka gave up on its own at least once (request_timeout_ms) and retried.
+        async with asyncio.timeout(60):
+            while not (metrics.KAFKA_PUBLISH_RETRIES._value.get() > retries_before
+                       and metrics.KAFKA_CONNECTED._value.get() == 0):
+                await asyncio.sleep(0.02)
         assert not blocked.done() and not queued.done()
         assert publisher.held_messages == len(batches[1])  # one batch in memory, not two
         assert store.load_cursor("relay") == batches[0][-1].seq  # cursor did not pass unacked events

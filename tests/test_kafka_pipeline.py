@@ -37,6 +37,7 @@ from consumer.resync import DaemonSink
 from publish import KafkaPublisher, Topics, enqueue_backfill, ensure_topics
 from publish.sink import Sink
 from publish.worker import BackfillWorker, backfill_one_from
+from skyfill import metrics
 from storage import Change, RecordChange, Store
 from tests.kafka import KafkaBroker
 
@@ -209,10 +210,13 @@ async def test_broker_outage_pauses_the_daemon_and_loses_nothing(kafka_broker: K
         try:
             await wait_for(lambda: daemon.committed_seq == relay.head)
             rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+            retries_before = metrics.KAFKA_PUBLISH_RETRIES._value.get()
             kafka_broker.freeze()
             frozen_at = daemon.committed_seq
             relay.append(later)  # the firehose keeps going while the broker is gone
-            await asyncio.sleep(3.5)  # > request_timeout_ms: the producer timed out and retried
+            # the producer timed out (request_timeout_ms) and retried while the relay kept sending
+            await wait_for(lambda: metrics.KAFKA_PUBLISH_RETRIES._value.get() > retries_before
+                           and (daemon.last_seq or 0) > frozen_at)
             # Paused, not buffering: the cursor stayed put, and the daemon read at most the batch
             # being published plus one open batch of the 4000 new events.
             assert daemon.committed_seq == frozen_at
@@ -273,7 +277,8 @@ async def test_standalone_backfill_is_acknowledged_before_it_commits(
                 job = asyncio.create_task(run_backfill(store, dids=[a], config=config,
                                                        sink=DirectSink(store, publish=publisher.publish)))
                 await wait_for(lambda: srv.count(GET_REPO) == 4)
-                await asyncio.sleep(2.0)
+                # the reconcile's diff is in the publisher, waiting for the frozen broker
+                await wait_for(lambda: publisher.held_messages > 0)
                 # Fetched and diffed, but the broker has not acknowledged: nothing is committed.
                 # (A separate cursor: the reconcile's transaction holds the writer's lock.)
                 assert not job.done()
