@@ -357,7 +357,7 @@ def _records(db: Path) -> set[tuple[Any, ...]]:
 
 # consume's exit code when storage failed for good (consumer/cli.py), and the daemon's log lines
 # for a storage outage (consumer/daemon.py)
-EXIT_STORAGE = 4
+_EXIT_STORAGE = 4
 _WRITE_FAILED = "storage write failed"
 _INVALIDATED = "storage failed; stopping"
 _RECOVERED = "storage recovered"
@@ -397,8 +397,8 @@ def disk_full(ctx: Context, *, hold: float = 30, resume_wait: float = 60, size_m
         """A daemon that exited by itself: only exit 4 after DuckDB invalidated the database passes."""
         invalidated = any(e.startswith(_INVALIDATED) for e in seen.errors)
         exiting = [e for e in seen.errors if e.startswith("exiting: ")]
-        if code != EXIT_STORAGE:
-            res.fail(f"exited {code} {when} (the only promised exit is {EXIT_STORAGE}, when DuckDB invalidates "
+        if code != _EXIT_STORAGE:
+            res.fail(f"exited {code} {when} (the only promised exit is {_EXIT_STORAGE}, when DuckDB invalidates "
                      f"the database)")
         elif not invalidated:
             res.fail(f"exited {code} {when} without the '{_INVALIDATED}' line (retrying was the promise)")
