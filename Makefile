@@ -43,8 +43,9 @@ chaos: $(STAMP) network
 	$(PY) -m tests.chaos $(CHAOS_ARGS)
 
 # Thousands of mutated frames and CARs: every input ends in a counted error or a correct effect.
+# FUZZ_ARGS="--frames 50000 --cars 10000 --seed 7".
 fuzz: $(STAMP)
-	$(PY) -m tests.fuzz
+	$(PY) -m tests.fuzz $(FUZZ_ARGS)
 
 status: $(STAMP)
 	$(SKYFILL) status --db $(DB)
