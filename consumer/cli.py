@@ -16,7 +16,7 @@ import orjson
 from backfill.config import BackfillConfig
 from skyfill.cli import FiniteFloatRange, db_option, json_option, one_line, option
 from skyfill.daemon_client import call_daemon, find_daemon, remove_announcement
-from skyfill.errors import ConfigError, DatabaseLocked, SkyfillError, StorageError
+from skyfill.errors import ConfigError, DatabaseLocked, FutureCursorError, SkyfillError, StorageError
 from storage import Store
 from storage.status import status_report
 
@@ -112,7 +112,7 @@ async def _serve(
     from skyfill import metrics
 
     from .admin import AdminServer
-    from .daemon import Daemon, FutureCursorError
+    from .daemon import Daemon
     from .service import Services
 
     if metrics_port is not None:

@@ -26,10 +26,9 @@ import websockets
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
 from skyfill import metrics
-from skyfill.errors import ConfigError, SkyfillError
+from skyfill.errors import ConfigError, FrameTooLargeError
 
-__all__ = ["subscribe_url", "source_name", "stream_frames", "Backoff", "MAX_FRAME_BYTES", "OVERSIZE_CAP_BYTES",
-           "FrameTooLargeError"]
+__all__ = ["subscribe_url", "source_name", "stream_frames", "Backoff", "MAX_FRAME_BYTES", "OVERSIZE_CAP_BYTES"]
 
 log = logging.getLogger(__name__)
 
@@ -40,10 +39,6 @@ NSID_PATH = "/xrpc/com.atproto.sync.subscribeRepos"
 MAX_FRAME_BYTES = 16 * 1024 * 1024
 # The one-shot limit of the connection that follows a 1009 close (see the module docstring).
 OVERSIZE_CAP_BYTES = 64 * 1024 * 1024
-
-
-class FrameTooLargeError(SkyfillError):
-    """The relay sends a message larger than the hard cap at the resume cursor: no way past it."""
 
 
 def subscribe_url(relay: str, cursor: int | None) -> str:

@@ -60,7 +60,7 @@ from typing import TYPE_CHECKING
 
 from skyfill import metrics
 from skyfill.crypto import PublicKey
-from skyfill.errors import FrameError, IdentityError, StorageError
+from skyfill.errors import FrameError, FutureCursorError, IdentityError, StorageError
 from skyfill.syntax import collection_matcher
 from storage import Batch, CoverageEnd, CoverageSpan, Store
 from storage.writer import failure_kind
@@ -77,7 +77,7 @@ from .verify import CheckResult, CommitVerifier, check_frame
 # A chunk item's key, or why it has none (IdentityError), or None: a frame not checked.
 _Key = PublicKey | IdentityError | None
 
-__all__ = ["ConsumeConfig", "Daemon", "FutureCursorError"]
+__all__ = ["ConsumeConfig", "Daemon"]
 
 log = logging.getLogger(__name__)
 
@@ -86,10 +86,6 @@ _MAX_SEQ = 2**63 - 1
 _RETRY_FIRST = 0.5      # seconds before the first retry of a failed batch write ...
 _RETRY_MAX = 30.0       # ... doubling up to this
 _REMIND_EVERY = 60.0    # while writes keep failing, log a reminder this often
-
-
-class FutureCursorError(Exception):
-    """The relay says our cursor is in the future and --strict-cursor forbids skipping ahead."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -7,6 +7,9 @@
     │   ├── SyntaxError_             an invalid DID / NSID / record key / TID
     │   └── RepoError                a CAR / MST / commit that cannot be trusted   (did)
     │       └── SignatureError       the commit signature does not verify          (did)
+    ├── FirehoseError                the relay stream cannot go on from here
+    │   ├── FutureCursorError        FutureCursor and --strict-cursor forbids skipping ahead
+    │   └── FrameTooLargeError       a message over the hard cap at the resume cursor
     ├── IdentityError                a DID that cannot be resolved to a PDS + key  (did)
     ├── FetchError                   a PDS request that failed                      (did, host)
     │   ├── RetryableFetchError      5xx, network error, truncated CAR: try again later
@@ -32,6 +35,9 @@ __all__ = [
     "SyntaxError_",
     "RepoError",
     "SignatureError",
+    "FirehoseError",
+    "FutureCursorError",
+    "FrameTooLargeError",
     "IdentityError",
     "FetchError",
     "RetryableFetchError",
@@ -86,6 +92,18 @@ class RepoError(InputError):
 
 class SignatureError(RepoError):
     kind = "signature"
+
+
+class FirehoseError(SkyfillError):
+    """The firehose cannot be consumed further without losing events: the daemon stops."""
+
+
+class FutureCursorError(FirehoseError):
+    """The relay says our cursor is in the future and --strict-cursor forbids skipping ahead."""
+
+
+class FrameTooLargeError(FirehoseError):
+    """The relay sends a message larger than the hard cap at the resume cursor: no way past it."""
 
 
 class IdentityError(SkyfillError):

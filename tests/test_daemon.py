@@ -20,8 +20,9 @@ import orjson
 import pytest
 
 from bench.generate.firehose import World
-from consumer.daemon import ConsumeConfig, Daemon, FutureCursorError
+from consumer.daemon import ConsumeConfig, Daemon
 from skyfill.daemon_client import call_daemon, find_daemon
+from skyfill.errors import FutureCursorError
 from storage import Store
 
 from .relay import LocalRelay, error_frame, info_frame

@@ -16,10 +16,10 @@ import orjson
 import pytest
 
 from consumer import Account, Commit, Identity, Info, StreamError, Sync, parse_frame
-from consumer.connection import MAX_FRAME_BYTES, FrameTooLargeError, stream_frames
+from consumer.connection import MAX_FRAME_BYTES, stream_frames
 from consumer.frames import FRAME_ERROR_KINDS
 from skyfill.car import cid_from_str, read_car
-from skyfill.errors import FrameError, SkyfillError
+from skyfill.errors import FrameError, FrameTooLargeError, SkyfillError
 from skyfill.metrics import REGISTRY
 
 from .relay import LocalRelay
