@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import sys
 import threading
 import time
@@ -40,6 +39,7 @@ from typing import Any, Protocol
 import libipld
 
 from skyfill import metrics
+from skyfill.backoff import backoff_delay
 from skyfill.crypto import PublicKey, parse_public_key
 from skyfill.errors import (
     IdentityError,
@@ -299,8 +299,7 @@ class _Tally:
 
 def backoff(attempts: int, *, base: timedelta, cap: timedelta) -> timedelta:
     """Jittered exponential backoff: attempt 1 -> about `base`, doubling up to `cap` (50-100 %)."""
-    full = min(cap.total_seconds(), base.total_seconds() * 2 ** max(0, attempts - 1))
-    return timedelta(seconds=full * random.uniform(0.5, 1.0))
+    return timedelta(seconds=backoff_delay(attempts - 1, base=base.total_seconds(), cap=cap.total_seconds()))
 
 
 def recover_queue(store: Store) -> int:

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
@@ -39,6 +38,7 @@ from typing import Any
 
 import orjson
 
+from skyfill.backoff import backoff_delay
 from skyfill.errors import (
     InputError,
     RateLimited,
@@ -137,8 +137,7 @@ class PdsClient:
     # -- the retry loop ----------------------------------------------------------------------
 
     def _backoff(self, failures: int) -> float:
-        full = min(self._backoff_max, self._backoff_base * 2 ** (failures - 1))
-        return full / 2 + random.uniform(0, full / 2)
+        return backoff_delay(failures - 1, base=self._backoff_base, cap=self._backoff_max)
 
     async def fetch(
         self,

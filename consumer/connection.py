@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from urllib.parse import urlencode, urlsplit, urlunsplit
@@ -26,6 +25,7 @@ import websockets
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
 from skyfill import metrics
+from skyfill.backoff import backoff_delay
 from skyfill.errors import ConfigError, FrameTooLargeError
 
 __all__ = ["subscribe_url", "source_name", "stream_frames", "Backoff", "MAX_FRAME_BYTES", "OVERSIZE_CAP_BYTES"]
@@ -70,7 +70,7 @@ class Backoff:
     attempt: int = 0
 
     def next_delay(self) -> float:
-        delay = random.uniform(0, min(self.cap, self.base * 2**self.attempt))
+        delay = backoff_delay(self.attempt, base=self.base, cap=self.cap, jitter=1.0)
         self.attempt += 1
         return delay
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 from collections.abc import Sequence
 from typing import Any
 
@@ -33,6 +32,7 @@ from aiokafka.errors import (
 from aiokafka.partitioner import murmur2
 
 from skyfill import metrics
+from skyfill.backoff import backoff_delay
 from skyfill.errors import ConfigError, PublishError
 from storage import Change
 
@@ -263,8 +263,7 @@ class KafkaPublisher:
     # -- health -----------------------------------------------------------------------------
 
     def _backoff(self, attempt: int) -> float:
-        base = min(self._backoff_max, self._backoff_initial * 2 ** min(attempt, 20))
-        return base * random.uniform(0.5, 1.0)
+        return backoff_delay(min(attempt, 20), base=self._backoff_initial, cap=self._backoff_max)
 
     def _outage(self, exc: BaseException) -> None:
         metrics.KAFKA_PUBLISH_RETRIES.inc()

@@ -24,12 +24,12 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord
 from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
 
 from skyfill import metrics
-from skyfill.errors import ConfigError, PublishError
+from skyfill.errors import BackfillRetry, ConfigError, PublishError
 
 from .messages import BACKFILL_TOPIC
 from .requests import decode_request, encode_request
 
-__all__ = ["BackfillWorker", "BackfillOne", "BackfillRetry", "backfill_one_from"]
+__all__ = ["BackfillWorker", "BackfillOne", "BackfillRetry", "backfill_one_from"]  # BackfillRetry: re-exported from skyfill.errors
 
 log = logging.getLogger(__name__)
 
@@ -172,10 +172,6 @@ class BackfillWorker:
         metrics.KAFKA_WORKER_REQUESTS.labels("dead" if dead else "requeued").inc()
         log.warning("backfill raised; request %s", "dead-lettered" if dead else "re-queued",
                     extra={"ctx": {"did": did, "attempt": attempt, "error": repr(exc)}})
-
-
-class BackfillRetry(Exception):
-    """The backfill of a requested DID ended 'retrying' or 'deferred': the request goes back on the topic."""
 
 
 # Outcomes that a later attempt may fix. The worker's local row keeps its own retry time, but

@@ -19,7 +19,8 @@
     ├── StorageError                 DuckDB failure (wrapped at the boundary)
     │   └── DatabaseLocked           another process holds the DuckDB file
     ├── DaemonError                  talking to a running daemon's admin API failed
-    └── PublishError                 the Kafka broker refused a message for good (not an outage)
+    ├── PublishError                 the Kafka broker refused a message for good (not an outage)
+    └── BackfillRetry                a requested backfill ended 'retrying'/'deferred': re-queue it
 
 Lower-level exceptions (websockets, httpx, duckdb, libipld's ValueError) are translated at
 the boundary with ``raise Specific(...) from exc``; callers never see them.
@@ -48,6 +49,7 @@ __all__ = [
     "DatabaseLocked",
     "DaemonError",
     "PublishError",
+    "BackfillRetry",
 ]
 
 
@@ -158,3 +160,7 @@ class DaemonError(SkyfillError):
 
 class PublishError(SkyfillError):
     """A non-retriable Kafka error (message too large, authorization). Outages are retried, never raised."""
+
+
+class BackfillRetry(SkyfillError):
+    """The backfill of a requested DID ended 'retrying' or 'deferred': the request goes back on the topic."""
