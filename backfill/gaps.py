@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 import pyarrow as pa
 
-from skyfill.errors import FetchError, IdentityError, SyntaxError_
+from skyfill.errors import ConfigError, FetchError, IdentityError, SyntaxError_
 from skyfill.syntax import is_did
 from storage import TERMINAL_BACKFILL, CoverageEnd, Store, SyncState
 
@@ -237,7 +237,7 @@ async def detect_gaps(
     """
     start, end = _utc(start), _utc(end)
     if end < start:
-        raise ValueError(f"end {end.isoformat()} is before start {start.isoformat()}")
+        raise ConfigError(f"end {end.isoformat()} is before start {start.isoformat()}")
     explicit = list(dict.fromkeys(explicit_dids))
     bad = [d for d in explicit if not is_did(d)]
     if bad:

@@ -56,7 +56,7 @@ import httpcore
 import httpx
 
 from skyfill import metrics
-from skyfill.errors import InputError, RetryableFetchError, UnsafeHostError
+from skyfill.errors import ConfigError, InputError, RetryableFetchError, UnsafeHostError
 
 from .ratelimit import HostLimiter
 
@@ -348,7 +348,7 @@ class SafeHttp:
         user_agent: str = "skyfill",
     ) -> None:
         if min_transfer_bytes < 1 or transfer_window <= 0 or deadline_base <= 0 or deadline_rate <= 0:
-            raise ValueError("transfer limits and deadlines must be positive")
+            raise ConfigError("transfer limits and deadlines must be positive")
         self.allow_private_hosts = allow_private_hosts
         self._connect_timeout = connect_timeout
         self._min_transfer = min_transfer_bytes

@@ -39,7 +39,7 @@ from urllib.parse import unquote
 
 import orjson
 
-from skyfill.errors import FetchError, IdentityError, InputError, UnsafeHostError
+from skyfill.errors import ConfigError, FetchError, IdentityError, InputError, UnsafeHostError
 from skyfill.crypto import parse_public_key
 from skyfill.syntax import is_did
 from storage import Store
@@ -80,7 +80,7 @@ class Resolver:
         try:
             check_url(plc_url)
         except UnsafeHostError as exc:
-            raise ValueError(f"plc_url must be a well-formed http(s) URL: {exc}") from exc
+            raise ConfigError(f"plc_url must be a well-formed http(s) URL: {exc}") from exc
         self._plc_url = plc_url.rstrip("/")
         self._ttl = ttl
         self._store = store
@@ -161,7 +161,7 @@ class Resolver:
         bulk) and is written once, after the last answer: one transaction for the whole batch
         rather than two statements per DID. Stop iterating early and nothing is saved."""
         if concurrency < 1:
-            raise ValueError("concurrency must be positive")
+            raise ConfigError("concurrency must be positive")
         limit = asyncio.Semaphore(concurrency)
         now = time.time()
         fetched: list[Identity] = []

@@ -40,6 +40,7 @@ import orjson
 
 from skyfill.backoff import backoff_delay
 from skyfill.errors import (
+    ConfigError,
     InputError,
     RateLimited,
     RepoError,
@@ -97,7 +98,7 @@ class PdsClient:
         limiter: HostLimiter | None = None,
     ) -> None:
         if max_car_bytes < 1 or max_retries < 0:
-            raise ValueError("max_car_bytes must be positive and max_retries >= 0")
+            raise ConfigError("max_car_bytes must be positive and max_retries >= 0")
         self.max_car_bytes = max_car_bytes
         self.max_retries = max_retries
         self._backoff_base = backoff_base

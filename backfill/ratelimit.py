@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 
 from skyfill import metrics
-from skyfill.errors import RateLimited
+from skyfill.errors import ConfigError, RateLimited
 
 __all__ = ["HostLimiter", "LimiterCounters", "parse_retry_after"]
 
@@ -99,7 +99,7 @@ class HostLimiter:
         max_park: float = 3600.0,
     ) -> None:
         if per_host_rps <= 0 or per_host_concurrency < 1 or global_concurrency < 1:
-            raise ValueError("rates and concurrency caps must be positive")
+            raise ConfigError("rates and concurrency caps must be positive")
         self.per_host_rps = per_host_rps
         self._burst = per_host_burst if per_host_burst is not None else max(1.0, per_host_rps)
         self._per_host_concurrency = per_host_concurrency

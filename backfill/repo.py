@@ -45,7 +45,7 @@ from typing import Any, Final
 import libipld
 import orjson
 
-from skyfill.car import CarError, cid_to_str, read_car, read_header
+from skyfill.car import CarError, cid_to_str, read_car, read_header, read_varint
 from skyfill.crypto import PublicKey, verify_signature
 from skyfill.errors import InputError, RepoError, SignatureError
 from skyfill.records import record_json
@@ -221,25 +221,13 @@ def _first_block(car: bytes) -> tuple[bytes, bytes] | None:
     if len(roots) != 1 or not _is_cid(roots[0]):
         return None
     try:
-        length, pos = _uvarint(car, pos)
-    except (ValueError, IndexError):
+        length, pos = read_varint(car, pos)
+    except CarError:
         return None
     end = pos + length
     if length <= 36 or end > len(car) or car[pos : pos + 36] != roots[0]:
         return None
     return roots[0], car[pos + 36 : end]
-
-
-def _uvarint(data: bytes, pos: int) -> tuple[int, int]:
-    result = shift = 0
-    while shift < 64:
-        b = data[pos]  # IndexError when truncated
-        pos += 1
-        result |= (b & 0x7F) << shift
-        if not b & 0x80:
-            return result, pos
-        shift += 7
-    raise ValueError("varint too long")
 
 
 def _walk(blocks: dict[bytes, bytes], root: bytes, did: str) -> dict[tuple[str, str], str]:

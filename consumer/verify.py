@@ -48,7 +48,7 @@ import libipld
 
 from skyfill.car import read_car
 from skyfill.crypto import PublicKey, parse_public_key, verify_signature
-from skyfill.errors import IdentityError, RepoError
+from skyfill.errors import ConfigError, IdentityError, RepoError
 from skyfill.mst import EMPTY_TREE, invert_commit
 
 if TYPE_CHECKING:
@@ -81,7 +81,7 @@ class CommitVerifier:
         started on first use). `resolve_timeout`: seconds before a DID document still not
         fetched counts as unavailable (its events are rejected rather than stall the stream)."""
         if max_keys < 1 or concurrency < 1 or batch < 1:
-            raise ValueError("max_keys, concurrency and batch must be positive")
+            raise ConfigError("max_keys, concurrency and batch must be positive")
         self._resolver = resolver
         self._keys: dict[str, PublicKey] = {}
         self._seeded: dict[str, str] = {}     # Multikey text from the store, parsed on first use

@@ -13,6 +13,8 @@ from typing import Any
 
 import orjson
 
+from skyfill.errors import InputError
+
 from storage import Change, RecordChange, RepoChange
 
 __all__ = [
@@ -98,13 +100,14 @@ def encode_change(change: Change, topics: Topics = Topics()) -> Message:
 
 
 def decode_value(value: bytes) -> dict[str, Any]:
-    """Parse a message value; raises ValueError on bytes that are not a v1 skyfill message."""
+    """Parse a message value; raises InputError on bytes that are not a v1 skyfill message."""
     try:
         obj = orjson.loads(value)
     except orjson.JSONDecodeError as exc:
-        raise ValueError(f"not JSON: {exc}") from exc
+        raise InputError(f"not JSON: {exc}", kind="message") from exc
     if not isinstance(obj, dict) or obj.get("v") != SCHEMA_VERSION:
-        raise ValueError(f"unsupported message version: {obj.get('v') if isinstance(obj, dict) else obj!r}")
+        raise InputError(f"unsupported message version: {obj.get('v') if isinstance(obj, dict) else obj!r}",
+                         kind="message")
     return obj
 
 

@@ -107,7 +107,7 @@ class KafkaPublisher:
     async def start(self) -> None:
         """Connect (waiting out an unreachable broker) and negotiate idempotence."""
         if self._producer is not None:
-            raise RuntimeError("publisher already started")
+            raise PublishError("publisher already started")
         want = self._idempotence is not False
         attempt = 0
         while True:
@@ -170,7 +170,7 @@ class KafkaPublisher:
         async with self._lock:  # one batch at a time: memory is bounded by the caller's batch
             producer = self._producer
             if producer is None:
-                raise RuntimeError("publisher not started")
+                raise PublishError("publisher not started")
             messages = [encode_change(c, self.topics) for c in changes]
             self._held = len(messages)
             try:

@@ -13,7 +13,7 @@ import orjson
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 
-from skyfill.errors import PublishError
+from skyfill.errors import InputError, PublishError
 
 from .messages import BACKFILL_TOPIC, SCHEMA_VERSION
 
@@ -28,18 +28,21 @@ def encode_request(did: str, reasons: Iterable[str] = (), *, error: str | None =
 
 
 def decode_request(value: bytes | None) -> tuple[str, list[str]]:
-    """(did, reasons); raises ValueError when the value names no DID."""
+    """(did, reasons); raises InputError when the value names no DID."""
     if not value:
-        raise ValueError("empty request")
+        raise InputError("empty request", kind="request")
     if value.startswith(b"did:"):
-        return value.decode().strip(), []
+        try:
+            return value.decode().strip(), []
+        except UnicodeDecodeError as exc:
+            raise InputError(f"DID is not UTF-8: {exc}", kind="request") from exc
     try:
         obj = orjson.loads(value)
     except orjson.JSONDecodeError as exc:
-        raise ValueError(f"not JSON and not a DID: {exc}") from exc
+        raise InputError(f"not JSON and not a DID: {exc}", kind="request") from exc
     did = obj.get("did") if isinstance(obj, dict) else None
     if not isinstance(did, str) or not did.startswith("did:"):
-        raise ValueError("request has no DID")
+        raise InputError("request has no DID", kind="request")
     reasons = obj.get("reasons") or []
     return did, [r for r in reasons if isinstance(r, str)]
 

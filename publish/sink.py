@@ -33,7 +33,7 @@ from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.errors import KafkaError
 
 from skyfill import metrics
-from skyfill.errors import PublishError
+from skyfill.errors import InputError, PublishError
 from skyfill.records import is_valid_datetime
 from storage import Batch, RecordPut, RepoRow, Store
 
@@ -222,7 +222,7 @@ class Sink:
         """Poll once, apply what came in one DuckDB transaction, then commit the offsets."""
         consumer = self._consumer
         if consumer is None:
-            raise RuntimeError("sink not started")
+            raise PublishError("sink not started")
         polled = await consumer.getmany(timeout_ms=timeout_ms, max_records=self._max_poll)
         if not polled:
             return 0
@@ -250,7 +250,7 @@ class Sink:
             for msg in msgs:
                 try:
                     target.append(decode_value(msg.value))
-                except ValueError as exc:
+                except InputError as exc:
                     invalid += 1
                     log.warning("skipping a message that is not a skyfill v1 message",
                                 extra={"ctx": {"topic": tp.topic, "partition": tp.partition,

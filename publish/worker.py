@@ -24,7 +24,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord
 from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
 
 from skyfill import metrics
-from skyfill.errors import BackfillRetry, ConfigError, PublishError
+from skyfill.errors import BackfillRetry, ConfigError, InputError, PublishError
 
 from .messages import BACKFILL_TOPIC
 from .requests import decode_request, encode_request
@@ -126,7 +126,7 @@ class BackfillWorker:
         """Take up to `concurrency` requests, backfill them, then commit their offsets."""
         consumer = self._consumer
         if consumer is None:
-            raise RuntimeError("worker not started")
+            raise PublishError("worker not started")
         polled = await consumer.getmany(timeout_ms=timeout_ms, max_records=self._concurrency)
         if not polled:
             return 0
@@ -146,7 +146,7 @@ class BackfillWorker:
     async def _handle(self, msg: ConsumerRecord[Any, Any]) -> None:
         try:
             did, reasons = decode_request(msg.value)
-        except ValueError as exc:
+        except InputError as exc:
             metrics.KAFKA_WORKER_REQUESTS.labels("invalid").inc()
             log.warning("skipping a backfill request that is not a DID",
                         extra={"ctx": {"offset": msg.offset, "error": str(exc)}})

@@ -22,7 +22,7 @@ import libipld
 
 from .errors import RepoError
 
-__all__ = ["read_car", "read_header", "cid_to_str", "cid_from_str", "verify_block", "CarError"]
+__all__ = ["read_car", "read_header", "read_varint", "cid_to_str", "cid_from_str", "verify_block", "CarError"]
 
 # CIDv1 prefixes of the two codecs atproto uses, both sha2-256 (0x12) with 32-byte digests.
 _DAG_CBOR_PREFIX: Final = b"\x01\x71\x12\x20"
@@ -38,7 +38,8 @@ class CarError(RepoError):
     kind = "car"
 
 
-def _varint(data: bytes, pos: int) -> tuple[int, int]:
+def read_varint(data: bytes, pos: int) -> tuple[int, int]:
+    """(value, next position) of the unsigned LEB128 varint at `pos`; CarError past 10 bytes or the end."""
     result = 0
     shift = 0
     while True:
@@ -62,12 +63,12 @@ def _cid_len(data: bytes, pos: int) -> int:
     if data[pos : pos + 2] == b"\x12\x20":  # CIDv0: a bare sha2-256 multihash
         return 34
     start = pos
-    version, pos = _varint(data, pos)
+    version, pos = read_varint(data, pos)
     if version != 1:
         raise CarError(f"unsupported CID version {version}", kind="car_malformed")
-    _codec, pos = _varint(data, pos)
-    _mh_code, pos = _varint(data, pos)
-    digest_len, pos = _varint(data, pos)
+    _codec, pos = read_varint(data, pos)
+    _mh_code, pos = read_varint(data, pos)
+    digest_len, pos = read_varint(data, pos)
     if digest_len > _MAX_DIGEST:
         raise CarError(f"CID digest of {digest_len} bytes", kind="car_malformed")
     return pos + digest_len - start
@@ -79,7 +80,7 @@ def _root_ok(root: object) -> bool:
 
 def read_header(data: bytes) -> tuple[list[bytes], int]:
     """(roots, offset of the first block section) of a CAR v1; CarError if malformed."""
-    header_len, pos = _varint(data, 0)
+    header_len, pos = read_varint(data, 0)
     end = pos + header_len
     if header_len == 0 or end > len(data):
         raise CarError("truncated CAR header", kind="car_truncated")
@@ -120,7 +121,7 @@ def read_car(data: bytes) -> tuple[list[bytes], dict[bytes, bytes]]:
             length = (b0 & 0x7F) | (data[pos + 1] << 7)
             pos += 2
         else:
-            length, pos = _varint(data, pos)
+            length, pos = read_varint(data, pos)
         block_end = pos + length
         if block_end > size:
             raise CarError("truncated CAR block", kind="car_truncated")

@@ -19,7 +19,8 @@
     ├── StorageError                 DuckDB failure (wrapped at the boundary)
     │   └── DatabaseLocked           another process holds the DuckDB file
     ├── DaemonError                  talking to a running daemon's admin API failed
-    ├── PublishError                 the Kafka broker refused a message for good (not an outage)
+    ├── PublishError                 a Kafka part cannot go on: a message refused for good (not
+    │                                an outage), a group/topic not joinable, used before start()
     └── BackfillRetry                a requested backfill ended 'retrying'/'deferred': re-queue it
 
 Lower-level exceptions (websockets, httpx, duckdb, libipld's ValueError) are translated at
@@ -159,7 +160,8 @@ class DaemonError(SkyfillError):
 
 
 class PublishError(SkyfillError):
-    """A non-retriable Kafka error (message too large, authorization). Outages are retried, never raised."""
+    """A non-retriable Kafka error (message too large, authorization, a component used before
+    start()). Outages are retried, never raised."""
 
 
 class BackfillRetry(SkyfillError):
