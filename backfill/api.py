@@ -244,13 +244,9 @@ async def backfill_queue_once(
     store: Store, *, sink: ReconcileSink, plc_url: str, allow_private_hosts: bool
 ) -> dict[str, Any]:
     """One round of the daemon's own repair loop: queue every desynchronized DID, then work the queue."""
-    desynced = await asyncio.to_thread(
-        store.fetchall,
-        "SELECT did FROM repos WHERE sync_state = 'desynchronized' AND active AND did NOT IN "
-        "(SELECT did FROM backfill_queue WHERE state IN ('pending', 'in_progress'))",
-    )
+    desynced = await asyncio.to_thread(store.unqueued_desynchronized)
     if desynced:
-        await asyncio.to_thread(store.enqueue, {d: ["desynchronized"] for (d,) in desynced})
+        await asyncio.to_thread(store.enqueue, {d: ["desynchronized"] for d in desynced})
     config = BackfillConfig(plc_url=plc_url, allow_private_hosts=allow_private_hosts)
     async with open_backfiller(store, config=config, sink=sink, progress=False) as bf:
         return (await bf.run_queue()).to_json()

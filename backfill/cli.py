@@ -20,7 +20,8 @@ from click.core import ParameterSource
 from skyfill.cli import FiniteFloatRange, db_option, json_option, one_line, option
 from skyfill.daemon_client import call_daemon, find_daemon, remove_announcement
 from skyfill.errors import ConfigError, DatabaseLocked, SkyfillError
-from storage import TERMINAL_BACKFILL, Store
+from storage import Store
+from storage.queries import not_terminal
 
 from .backfiller import BackfillSummary, ReconcileSink, open_backfiller, recover_queue
 from .config import ALL, DEFAULT_PLC_URL, BackfillConfig, parse_dids, parse_window
@@ -28,7 +29,6 @@ from .gaps import PdsAuditor, Reason, detect_gaps
 
 __all__ = ["COMMANDS", "run_gaps", "run_backfill", "all_dids", "gaps", "backfill"]
 
-_TERMINAL = sorted(s.value for s in TERMINAL_BACKFILL)
 
 
 # -- the cores -----------------------------------------------------------------------------
@@ -88,8 +88,8 @@ def _enqueue_mode(enqueue: bool | str | None) -> str | None:
 def all_dids(store: Store, *, start: datetime | None = None, end: datetime | None = None) -> list[str]:
     """Every DID the store knows, minus terminal outcomes (naming one explicitly retries it);
     with a window, only DIDs active in it (first seen by `end`, last event at or after `start`)."""
-    sql = f"SELECT did FROM repos WHERE (backfill_status IS NULL OR backfill_status NOT IN ({', '.join('?' * len(_TERMINAL))}))"
-    params: list[Any] = list(_TERMINAL)
+    sql = f"SELECT did FROM repos WHERE {not_terminal()}"
+    params: list[Any] = []
     if start is not None:
         sql += " AND last_event_at >= ?"
         params.append(start)

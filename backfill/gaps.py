@@ -39,7 +39,8 @@ import pyarrow as pa
 
 from skyfill.errors import ConfigError, FetchError, IdentityError, SyntaxError_
 from skyfill.syntax import is_did
-from storage import TERMINAL_BACKFILL, CoverageEnd, Store, SyncState
+from storage import CoverageEnd, Store
+from storage.queries import DESYNCHRONIZED, not_terminal
 
 if TYPE_CHECKING:
     from .identity import Resolver
@@ -112,26 +113,18 @@ class GapReport:
         return out
 
 
-_TERMINAL_SQL: Final = "(" + ", ".join(f"'{s.value}'" for s in sorted(TERMINAL_BACKFILL)) + ")"
-
-
-def _not_terminal(alias: str = "") -> str:
-    p = f"{alias}." if alias else ""
-    return f"({p}backfill_status IS NULL OR {p}backfill_status NOT IN {_TERMINAL_SQL})"
-
-
 _DESYNC_SQL: Final = f"""
 SELECT did FROM repos
-WHERE sync_state = '{SyncState.DESYNCHRONIZED.value}'
+WHERE {DESYNCHRONIZED}
   AND (desynced_at IS NULL OR desynced_at <= $end)
   AND (backfilled_at IS NULL OR desynced_at IS NULL OR backfilled_at < desynced_at)
-  AND (status = 'active' OR {_not_terminal()})
+  AND (status = 'active' OR {not_terminal()})
 """
 
 _NEVER_SQL: Final = f"""
 SELECT did FROM repos
 WHERE first_seen_at <= $end AND last_event_at >= $start
-  AND backfilled_at IS NULL AND active AND {_not_terminal()}
+  AND backfilled_at IS NULL AND active AND {not_terminal()}
 """
 
 # One JSON parse per record extracts every path; which path applies depends on the collection
@@ -154,14 +147,14 @@ dids AS (
 )
 SELECT d.did FROM dids d LEFT JOIN repos r ON r.did = d.did
 WHERE regexp_full_match(d.did, '{_DID_RE_SQL}') AND length(d.did) <= 2048
-  AND (r.did IS NULL OR (r.backfilled_at IS NULL AND r.active AND {_not_terminal('r')}))
+  AND (r.did IS NULL OR (r.backfilled_at IS NULL AND r.active AND {not_terminal('r')}))
 """
 
 # DIDs that existed before some downtime stretch; `_gaps(gap_start, gap_end)` is registered.
 _DOWNTIME_CANDIDATES_SQL: Final = f"""
 SELECT r.did, r.rev, coalesce(i.pds, '{UNKNOWN_HOST}') AS pds
 FROM repos r LEFT JOIN identities i ON i.did = r.did
-WHERE r.active AND {_not_terminal('r')}
+WHERE r.active AND {not_terminal('r')}
   AND r.first_seen_at < (SELECT max(gap_start) FROM _gaps)
 """
 
@@ -170,7 +163,7 @@ SELECT DISTINCT r.did FROM repos r JOIN _gaps g
   ON r.first_seen_at < g.gap_start
  AND r.last_event_at >= g.gap_start - $margin
  AND r.last_event_at <= g.gap_end + $margin
-WHERE r.active AND {_not_terminal('r')}
+WHERE r.active AND {not_terminal('r')}
 """
 
 

@@ -250,20 +250,13 @@ class Daemon:
                     metrics.FIREHOSE_LAG.set(max(0.0, time.time() - _epoch(self.last_time)))
                 if time.monotonic() >= next_gauge and not self._invalidated:  # a column scan: every 10 s
                     next_gauge = time.monotonic() + 10
-                    metrics.DESYNCHRONIZED_DIDS.set(await asyncio.to_thread(self._count_desynchronized))
+                    metrics.DESYNCHRONIZED_DIDS.set(await asyncio.to_thread(self.store.count_desynchronized))
             except asyncio.CancelledError:
                 raise
             except StorageError:
                 pass  # a failed write is logged where it happens (_store) and stops the daemon (run)
             except Exception as exc:  # a bug here must not stop timed flushes silently
                 log.error("periodic flush failed", extra={"ctx": {"error": repr(exc)}})
-
-    def _count_desynchronized(self) -> int:
-        cur = self.store.cursor()
-        try:
-            return int(cur.execute("SELECT count(*) FROM repos WHERE sync_state = 'desynchronized'").fetchall()[0][0])
-        finally:
-            cur.close()
 
     # -- events ---------------------------------------------------------------------------
 

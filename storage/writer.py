@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import tempfile
 import threading
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib import resources
@@ -26,6 +27,7 @@ import pyarrow as pa
 from skyfill.errors import DatabaseLocked, StorageError
 
 from .batch import Batch, Change, RecordChange, RepoChange, RepoRow
+from .queries import COUNT_DESYNCHRONIZED_SQL, UNQUEUED_DESYNCHRONIZED_SQL
 from .states import BackfillStatus, CoverageEnd, SyncState
 
 __all__ = ["Store", "ReconcileCounts", "RecordColumns", "failure_kind", "open_store"]
@@ -186,7 +188,8 @@ class Store:
 
     def cursor(self) -> duckdb.DuckDBPyConnection:
         """A new cursor on the same database, for reads from another thread."""
-        return self._conn.cursor()
+        with _storage_errors():
+            return self._conn.cursor()
 
     def close(self) -> None:
         with self._lock:
@@ -233,7 +236,7 @@ class Store:
                 raise StorageError(f"cannot reopen {self.path}: {exc}") from exc
 
     def fetchall(self, sql: str, params: Iterable[Any] = ()) -> list[tuple[Any, ...]]:
-        with self._lock:
+        with self._lock, _storage_errors():
             return self._conn.execute(sql, list(params)).fetchall()
 
     # -- firehose batches ---------------------------------------------------------------
@@ -350,7 +353,7 @@ class Store:
 
     def load_repos(self) -> dict[str, RepoRow]:
         """Every DID's firehose-owned state, for the in-memory tracker at start-up."""
-        with self._lock:
+        with self._lock, _storage_errors():
             table = self._conn.execute(
                 "SELECT did, rev, data_cid, commit_cid, last_seq, CAST(last_event_at AS VARCHAR), "
                 "handle, active, status, sync_state, desync_reason, desynced_at, first_seen_at FROM repos"
@@ -505,22 +508,37 @@ class Store:
 
         A hint read on its own cursor, outside the write lock: reconcile re-checks it.
         """
-        cur = self._conn.cursor()
-        try:
-            rows = cur.execute(f"SELECT data_cid FROM repos WHERE did = ? AND {_SAME_ROOT}",
-                               [did, *_SAME_ROOT_ARGS]).fetchall()
-        finally:
-            cur.close()
+        with _storage_errors():
+            cur = self._conn.cursor()
+            try:
+                rows = cur.execute(f"SELECT data_cid FROM repos WHERE did = ? AND {_SAME_ROOT}",
+                                   [did, *_SAME_ROOT_ARGS]).fetchall()
+            finally:
+                cur.close()
         return rows[0][0] if rows else None
 
     def stored_cids(self, did: str) -> dict[tuple[str, str], str]:
         """(collection, rkey) -> CID of the stored records of `did`, read outside the write lock."""
-        cur = self._conn.cursor()
-        try:
-            rows = cur.execute("SELECT collection, rkey, cid FROM records WHERE did = ?", [did]).fetchall()
-        finally:
-            cur.close()
+        with _storage_errors():
+            cur = self._conn.cursor()
+            try:
+                rows = cur.execute("SELECT collection, rkey, cid FROM records WHERE did = ?", [did]).fetchall()
+            finally:
+                cur.close()
         return {(c, k): cid for c, k, cid in rows}
+
+    def count_desynchronized(self) -> int:
+        """How many DIDs have a broken chain, read on its own cursor outside the write lock."""
+        with _storage_errors():
+            cur = self._conn.cursor()
+            try:
+                return int(cur.execute(COUNT_DESYNCHRONIZED_SQL).fetchall()[0][0])
+            finally:
+                cur.close()
+
+    def unqueued_desynchronized(self) -> list[str]:
+        """Active DIDs with a broken chain that are not pending or in progress in the backfill queue."""
+        return [did for (did,) in self.fetchall(UNQUEUED_DESYNCHRONIZED_SQL)]
 
     def record_backfill_failure(
         self, did: str, *, status: BackfillStatus, error: str, retry_after: datetime | None
@@ -597,6 +615,15 @@ class Store:
                 con.unregister(name)
 
         self._txn(body)
+
+
+@contextmanager
+def _storage_errors() -> Iterator[None]:
+    """A DuckDB failure of a read leaves a public Store method as StorageError, like a write's."""
+    try:
+        yield
+    except duckdb.Error as exc:
+        raise StorageError(str(exc)) from exc
 
 
 def _rollback(con: duckdb.DuckDBPyConnection) -> None:

@@ -1,0 +1,34 @@
+"""SQL predicates over the stored states, written once for every reader.
+
+The gap detector, `skyfill backfill --all`, the daemon's repair loop and its desynchronized-DIDs
+gauge all ask the same two questions of `repos`: "is this outcome final?" and "did this
+DID's chain break?". The values are the `states` enums, never user input, so they are inlined.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+from .states import TERMINAL_BACKFILL, QueueState, SyncState
+
+__all__ = ["not_terminal", "DESYNCHRONIZED", "COUNT_DESYNCHRONIZED_SQL", "UNQUEUED_DESYNCHRONIZED_SQL"]
+
+_TERMINAL_LIST: Final = "(" + ", ".join(f"'{s.value}'" for s in sorted(TERMINAL_BACKFILL)) + ")"
+
+# the chain of the DID broke; a backfill must repair it (reason in desync_reason)
+DESYNCHRONIZED: Final = f"sync_state = '{SyncState.DESYNCHRONIZED.value}'"
+
+# the DESYNCHRONIZED_DIDS gauge
+COUNT_DESYNCHRONIZED_SQL: Final = f"SELECT count(*) FROM repos WHERE {DESYNCHRONIZED}"
+
+# what the daemon's repair loop queues: active desynchronized DIDs not already queued
+UNQUEUED_DESYNCHRONIZED_SQL: Final = (
+    f"SELECT did FROM repos WHERE {DESYNCHRONIZED} AND active AND did NOT IN "
+    f"(SELECT did FROM backfill_queue WHERE state IN ('{QueueState.PENDING.value}', '{QueueState.IN_PROGRESS.value}'))"
+)
+
+
+def not_terminal(alias: str = "") -> str:
+    """The repo row (of table `alias`) has no final backfill outcome: a backfill may still help."""
+    p = f"{alias}." if alias else ""
+    return f"({p}backfill_status IS NULL OR {p}backfill_status NOT IN {_TERMINAL_LIST})"
