@@ -180,15 +180,7 @@ def premade(store: Store, snapshot: RepoSnapshot, *, every: bool) -> Callable[[l
         ahead.update(keys=[], cols=None)
         extra = materialize(snapshot, [key for key in wanted if key not in spare])
         at = {key: (extra, i) for i, key in enumerate(zip(extra.collection, extra.rkey))}
-        out = RecordColumns(collection=[], rkey=[], cid=[], record=[], created_at=[])
-        for key in wanted:
-            src, i = spare.pop(key) if key in spare else at[key]
-            out.collection.append(src.collection[i])
-            out.rkey.append(src.rkey[i])
-            out.cid.append(src.cid[i])
-            out.record.append(src.record[i])
-            out.created_at.append(src.created_at[i])
-        return out
+        return RecordColumns.gather([spare.pop(key) if key in spare else at[key] for key in wanted])
 
     start(0, _RECONCILE_CHUNK)  # the first chunk decodes before the lock is taken
     return serve

@@ -366,7 +366,7 @@ def materialize(snapshot: RepoSnapshot, keys: list[tuple[str, str]]) -> RecordCo
     missing_block). A record whose bytes verify but are not a DAG-CBOR map is kept with
     record=None, so one odd record does not fail the whole repo.
     """
-    out = RecordColumns(collection=[], rkey=[], cid=[], record=[], created_at=[])
+    out = RecordColumns.empty()
     blocks = snapshot.blocks
     did = snapshot.did
     records = snapshot.records

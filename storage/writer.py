@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import tempfile
 import threading
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -86,6 +86,35 @@ class RecordColumns:
     cid: list[str]
     record: list[str | None]
     created_at: list[str | None]
+
+    @classmethod
+    def empty(cls) -> RecordColumns:
+        return cls(collection=[], rkey=[], cid=[], record=[], created_at=[])
+
+    @classmethod
+    def concat(cls, parts: Sequence[RecordColumns]) -> RecordColumns:
+        """The rows of `parts` in order (the one part itself when there is one)."""
+        if len(parts) == 1:
+            return parts[0]
+        out = cls.empty()
+        for p in parts:
+            out.collection += p.collection
+            out.rkey += p.rkey
+            out.cid += p.cid
+            out.record += p.record
+            out.created_at += p.created_at
+        return out
+
+    @classmethod
+    def gather(cls, picks: Sequence[tuple[RecordColumns, int]]) -> RecordColumns:
+        """Row `i` of `src` for each (src, i) of `picks`, in that order."""
+        return cls(
+            collection=[src.collection[i] for src, i in picks],
+            rkey=[src.rkey[i] for src, i in picks],
+            cid=[src.cid[i] for src, i in picks],
+            record=[src.record[i] for src, i in picks],
+            created_at=[src.created_at[i] for src, i in picks],
+        )
 
 
 def _record_columns(batch: Batch) -> tuple[dict[str, list[Any]], dict[str, list[Any]]]:
@@ -492,7 +521,7 @@ class Store:
                 del cols
             _finish(con)
             if emit is not None:
-                sent = every if every is not None else (_concat(kept) if changed else None)
+                sent = every if every is not None else (RecordColumns.concat(kept) if changed else None)
                 emit(_backfill_changes(con, did, rev, now, existing, sent, gone,
                                        skip={(c, k) for d, c, k in (after.records if after else ()) if d == did},
                                        snapshot=snapshot))
@@ -670,29 +699,10 @@ def _same_root(con: duckdb.DuckDBPyConnection, did: str, data_cid: str) -> bool:
 RECONCILE_CHUNK = 50_000
 
 
-def _concat(parts: list[RecordColumns]) -> RecordColumns:
-    if len(parts) == 1:
-        return parts[0]
-    out = RecordColumns(collection=[], rkey=[], cid=[], record=[], created_at=[])
-    for p in parts:
-        out.collection += p.collection
-        out.rkey += p.rkey
-        out.cid += p.cid
-        out.record += p.record
-        out.created_at += p.created_at
-    return out
-
-
 def _subset(cols: RecordColumns, keys: set[tuple[str, str]]) -> RecordColumns:
-    out = RecordColumns(collection=[], rkey=[], cid=[], record=[], created_at=[])
-    for i, key in enumerate(zip(cols.collection, cols.rkey, strict=True)):
-        if key in keys:
-            out.collection.append(cols.collection[i])
-            out.rkey.append(cols.rkey[i])
-            out.cid.append(cols.cid[i])
-            out.record.append(cols.record[i])
-            out.created_at.append(cols.created_at[i])
-    return out
+    return RecordColumns.gather(
+        [(cols, i) for i, key in enumerate(zip(cols.collection, cols.rkey, strict=True)) if key in keys]
+    )
 
 
 def _backfill_changes(
