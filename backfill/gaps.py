@@ -35,9 +35,10 @@ from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any, Final
 
+import duckdb
 import pyarrow as pa
 
-from skyfill.errors import ConfigError, FetchError, IdentityError, SyntaxError_
+from skyfill.errors import ConfigError, FetchError, IdentityError, StorageError, SyntaxError_
 from skyfill.syntax import is_did
 from storage import CoverageEnd, Store
 from storage.queries import DESYNCHRONIZED, not_terminal
@@ -283,7 +284,10 @@ async def detect_gaps(
         finally:
             con.close()
 
-    gaps, candidates = await asyncio.to_thread(sql_reasons)
+    try:
+        gaps, candidates = await asyncio.to_thread(sql_reasons)
+    except duckdb.Error as exc:
+        raise StorageError(f"gap detection failed: {exc}") from exc
     if audit is not None and candidates:
         t0 = loop.time()
         by_host: dict[str, list[tuple[str, str | None]]] = {}

@@ -10,7 +10,6 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import click
-import duckdb
 import orjson
 
 from backfill.config import BackfillConfig
@@ -173,8 +172,8 @@ def status(db: str, as_json: bool) -> None:
                 remove_announcement(db)  # we hold the file: an announcement beside it is stale
                 try:
                     report = status_report(store.conn)
-                except duckdb.Error as exc:
-                    raise StorageError(f"cannot read {db}: {exc}") from exc
+                except StorageError as exc:
+                    raise StorageError(f"cannot read {db}: {exc}") from exc.__cause__
     except DatabaseLocked as exc:
         raise click.ClickException(f"{one_line(exc)} (and no live daemon announced next to it)") from exc
     except SkyfillError as exc:

@@ -7,15 +7,22 @@ from typing import Any
 
 import duckdb
 
+from skyfill.errors import StorageError
+
 __all__ = ["status_report"]
 
 
 def status_report(con: duckdb.DuckDBPyConnection) -> dict[str, Any]:
-    """Cursor, lag, repos by sync state and status, records by collection, queue and coverage."""
+    """Cursor, lag, repos by sync state and status, records by collection, queue and coverage.
+
+    A DuckDB failure leaves as StorageError."""
     now = datetime.now(UTC)
 
     def rows(sql: str) -> list[tuple[Any, ...]]:
-        return con.execute(sql).fetchall()
+        try:
+            return con.execute(sql).fetchall()
+        except duckdb.Error as exc:
+            raise StorageError(str(exc)) from exc
 
     cursors = [
         {"source": s, "seq": q, "updated_at": u.isoformat() if u else None}
