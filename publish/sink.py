@@ -28,12 +28,13 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+import duckdb
 import pyarrow as pa
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.errors import KafkaError
 
 from skyfill import metrics
-from skyfill.errors import InputError, PublishError
+from skyfill.errors import InputError, PublishError, StorageError
 from skyfill.records import is_valid_datetime
 from storage import Batch, RecordPut, RepoRow, Store
 
@@ -255,7 +256,10 @@ class Sink:
                     log.warning("skipping a message that is not a skyfill v1 message",
                                 extra={"ctx": {"topic": tp.topic, "partition": tp.partition,
                                                "offset": msg.offset, "error": str(exc)}})
-        fold = self._load(records, repos)
+        try:
+            fold = self._load(records, repos)
+        except duckdb.Error as exc:  # the writes go through Store, which translates its own
+            raise StorageError(f"sink cannot read the stored revs: {exc}") from exc
         # Repo messages first: an account deletion must be known before the records it purged.
         for m in repos:
             try:
