@@ -279,7 +279,7 @@ async def test_an_invalidated_database_stops_the_daemon_in_one_line_with_the_cur
                 await asyncio.sleep(0.02)
             stored = relay.head
             disk.fill()
-            with pytest.raises(duckdb.Error, match="No space left on device"):
+            with pytest.raises(StorageError, match="No space left on device"):
                 await asyncio.to_thread(store.fetchall, "CHECKPOINT")
             relay.append(after)
             with pytest.raises(StorageError) as failed:
