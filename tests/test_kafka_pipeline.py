@@ -43,7 +43,7 @@ from tests.kafka import KafkaBroker
 
 from .faultserver import FaultServer, Reply, Seen, json_reply
 from .relay import LocalRelay
-from .test_kafka import FAST, _consume_all, _schema
+from .support.topics import FAST, consume_all, schema
 
 pytestmark = pytest.mark.kafka
 
@@ -85,7 +85,7 @@ def commit_indexes(frames: list[bytes], did: str) -> list[int]:
 
 def check_messages(msgs: list[Any], records_topic: str) -> dict[str, list[dict[str, Any]]]:
     """Every message validates; each DID sits in one partition per topic, firehose seqs in order."""
-    record_schema, repo_schema = _schema("record.v1.json"), _schema("repo.v1.json")
+    record_schema, repo_schema = schema("record.v1.json"), schema("repo.v1.json")
     partitions: dict[tuple[str, bytes], set[int]] = defaultdict(set)
     by_did: dict[tuple[str, bytes], list[dict[str, Any]]] = defaultdict(list)
     for m in sorted(msgs, key=lambda m: (m.topic, m.partition, m.offset)):
@@ -153,7 +153,7 @@ async def test_daemon_topics_rebuild_its_mirror(kafka_broker: KafkaBroker, tmp_p
 
     assert not [r for r in want[0] if r[0] == dead]
     assert (dead, False) in {(r[0], r[3]) for r in want[1]}
-    msgs = await _consume_all(bs, ["skyfill.records", "skyfill.repos"], len(want[0]))
+    msgs = await consume_all(bs, ["skyfill.records", "skyfill.repos"], len(want[0]))
     objs = check_messages(msgs, "skyfill.records")
     ops = {(o["op"], o["source"]) for o in objs["skyfill.records"]}
     assert {("create", "firehose"), ("update", "firehose"), ("delete", "firehose"), ("create", "backfill")} <= ops
@@ -299,7 +299,7 @@ async def test_standalone_backfill_is_acknowledged_before_it_commits(
         store.close()
     for did in world.dids:
         assert {(col, k): cid for d, col, k, cid, _ in want[0] if d == did} == new[did]
-    msgs = await _consume_all(bs, ["skyfill.records", "skyfill.repos"], len(want[0]))
+    msgs = await consume_all(bs, ["skyfill.records", "skyfill.repos"], len(want[0]))
     objs = check_messages(msgs, "skyfill.records")
     assert {o["op"] for o in objs["skyfill.records"]} == {"create", "delete"} | (
         {"update"} if any(o["op"] == "update" for o in objs["skyfill.records"]) else set())
@@ -449,10 +449,10 @@ def test_gaps_enqueue_kafka_publishes_requests_and_plain_enqueue_still_means_db(
     out = CliRunner().invoke(main, [*base, "--enqueue", "kafka", "--kafka-bootstrap", kafka_broker.bootstrap])
     assert out.exit_code == 0, out.output
     assert orjson.loads(out.output)["enqueued"] == 2
-    msgs = asyncio.run(_consume_all(kafka_broker.bootstrap, ["skyfill.backfill"], 2))
-    schema = _schema("backfill.v1.json")
+    msgs = asyncio.run(consume_all(kafka_broker.bootstrap, ["skyfill.backfill"], 2))
+    backfill_schema = schema("backfill.v1.json")
     for m in msgs:
-        schema.validate(orjson.loads(m.value))
+        backfill_schema.validate(orjson.loads(m.value))
     assert sorted((m.key.decode(), orjson.loads(m.value)["reasons"]) for m in msgs) == [
         (d, ["explicit"]) for d in sorted(dids)]
     # `--enqueue` alone is the DuckDB queue, as before
