@@ -48,7 +48,7 @@ from skyfill.car import read_car
 from skyfill.errors import FrameError
 from skyfill.syntax import is_did
 from tests.relay import LocalRelay
-from tests.test_daemon import consume_until
+from tests.support.mirror import consume_until
 
 __all__ = ["run", "run_daemon_check", "mutants", "write_corpus", "CORPUS", "MUTATORS", "check_input"]
 
