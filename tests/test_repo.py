@@ -28,6 +28,8 @@ from skyfill.car import CarError, cid_to_str, read_car, verify_block
 from skyfill.crypto import PublicKey, atproto_key_from_did_doc, parse_public_key
 from skyfill.errors import RepoError, SignatureError
 
+from .support.wire import varint
+
 VECTORS = Path(__file__).parent / "vectors" / "indigo"
 BNEWBOLD = VECTORS / "repo-testdata" / "bnewbold.robocracy.org.20250310005405.car"
 TESTING = VECTORS / "testing-testdata"
@@ -42,20 +44,11 @@ FAKERMAKER_DID = "did:plc:dpg45vsnuir2vqqqadsn6afg"
 
 # ---- CAR plumbing for tests (independent of skyfill.car) ----------------------------------
 
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while n > 0x7F:
-        out.append(0x80 | (n & 0x7F))
-        n >>= 7
-    out.append(n)
-    return bytes(out)
-
-
 def write_car(root: bytes, blocks: list[tuple[bytes, bytes]]) -> bytes:
     header = cbrrr.encode_dag_cbor({"version": 1, "roots": [cbrrr.CID(root)]})
-    parts = [_varint(len(header)), header]
+    parts = [varint(len(header)), header]
     for cid, data in blocks:
-        parts += [_varint(len(cid) + len(data)), cid, data]
+        parts += [varint(len(cid) + len(data)), cid, data]
     return b"".join(parts)
 
 
@@ -690,7 +683,7 @@ def _nested(depth: int) -> bytes:
 
 
 def _car_with_header(header: bytes, rest: bytes = b"") -> bytes:
-    return _varint(len(header)) + header + rest
+    return varint(len(header)) + header + rest
 
 
 @pytest.mark.parametrize("depth", [3_000, 100_000])
@@ -744,7 +737,7 @@ def test_deeply_nested_record_is_kept_without_body(depth: int) -> None:
 
 def _header_car(header: Any) -> bytes:
     raw = cbrrr.encode_dag_cbor(header)
-    return _varint(len(raw)) + raw
+    return varint(len(raw)) + raw
 
 
 @pytest.mark.parametrize(

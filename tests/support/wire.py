@@ -11,7 +11,7 @@ import libipld
 
 from skyfill.car import cid_from_str
 
-__all__ = ["VECTORS", "FIREHOSE", "from_json", "encode_frame", "varint", "encode_car", "load"]
+__all__ = ["VECTORS", "FIREHOSE", "from_json", "encode_frame", "varint", "read_varint", "encode_car", "load"]
 
 VECTORS = Path(__file__).resolve().parents[1] / "vectors"
 FIREHOSE = VECTORS / "derived" / "firehose"
@@ -36,6 +36,7 @@ def encode_frame(header: dict[str, Any], body: Any) -> bytes:
 
 
 def varint(n: int) -> bytes:
+    """An unsigned LEB128 varint, as CARs frame their sections."""
     out = bytearray()
     while True:
         b = n & 0x7F
@@ -43,6 +44,18 @@ def varint(n: int) -> bytes:
         out.append(b | 0x80 if n else b)
         if not n:
             return bytes(out)
+
+
+def read_varint(data: bytes, pos: int) -> tuple[int, int]:
+    """The varint at `data[pos:]` and the position after it."""
+    n = shift = 0
+    while True:
+        b = data[pos]
+        pos += 1
+        n |= (b & 0x7F) << shift
+        if not b & 0x80:
+            return n, pos
+        shift += 7
 
 
 def encode_car(roots: list[bytes], blocks: dict[bytes, bytes]) -> bytes:
