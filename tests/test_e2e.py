@@ -45,7 +45,7 @@ from tests.network import (
     post_record,
 )
 from tests.oracle import assert_mirror_equals, commit_seq, fetch_truth, head_seq, mirror_diff
-from tests.support.daemon import announced, spawn_consume, stored_cursor
+from tests.support.daemon import announced, reap, spawn_consume, stored_cursor
 from tests.support.wait import poll
 
 pytestmark = pytest.mark.pds
@@ -450,9 +450,7 @@ def test_kill_9_while_writes_stream_in_then_restart_reaches_equality(
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(15) == 0
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
+        reap(proc)
     con = duckdb.connect(str(db), read_only=True)
     try:
         assert_mirror_equals(con, c, [u.did for u in users])

@@ -32,7 +32,7 @@ from tests.oracle import assert_mirror_equals, commit_seq, fetch_truth, head_seq
 
 from .faultserver import FaultServer, Reply, json_reply
 from .relay import LocalRelay
-from .support.daemon import ROOT, announced, spawn_consume, stored_cursor
+from .support.daemon import ROOT, announced, reap, spawn_consume, stored_cursor
 from .support.wait import apoll, poll
 
 GET_REPO = "/xrpc/com.atproto.sync.getRepo"
@@ -257,9 +257,7 @@ def test_two_backfills_of_one_did_at_once_under_writes_equal_the_pds(
             proc.send_signal(signal.SIGTERM)
             assert proc.wait(15) == 0
         finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait(10)
+            reap(proc)
     con = duckdb.connect(str(db), read_only=True)
     try:
         assert_mirror_equals(con, c, [x.did])

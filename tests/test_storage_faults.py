@@ -31,7 +31,7 @@ from skyfill.errors import StorageError
 from storage import Store
 
 from .relay import LocalRelay
-from .support.daemon import announced, metrics, spawn_consume, stored_cursor
+from .support.daemon import announced, metrics, reap, spawn_consume, stored_cursor
 from .support.mirror import consume_until, expected_mirror, mirror_of, world_frames
 from .support.wait import apoll, free_port, poll
 
@@ -161,9 +161,7 @@ def test_disk_full_is_reported_retried_and_resumed_when_space_returns(disk: Disk
             proc.send_signal(signal.SIGTERM)
             assert proc.wait(15) == 0
         finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait(10)
+            reap(proc)
     assert mirror_of(db) == expected_mirror(frames)
     assert _coverage(db) == ["clean"]  # one span: the outage skipped no event
     print(f"disk full made with: {disk.how}")
@@ -189,9 +187,7 @@ def test_sigterm_during_the_outage_exits_non_zero_in_one_line_and_a_restart_lose
             proc.send_signal(signal.SIGTERM)
             assert proc.wait(30) == 4
         finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait(10)
+            reap(proc)
         lines = _lines(log)  # every line structured: no traceback anywhere
         assert lines[-1]["level"] == "error" and lines[-1]["msg"].startswith("exiting: stopped while storage was failing")
         assert "\n" not in lines[-1]["msg"] and "exc" not in lines[-1]
@@ -205,9 +201,7 @@ def test_sigterm_during_the_outage_exits_non_zero_in_one_line_and_a_restart_lose
             proc.send_signal(signal.SIGTERM)
             assert proc.wait(15) == 0
         finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait(10)
+            reap(proc)
     assert mirror_of(db) == expected_mirror(frames)
     # The first span could not be closed while the disk was full: the restart closed it.
     assert _coverage(db) in (["error", "clean"], ["crashed", "clean"])

@@ -15,7 +15,7 @@ from skyfill.daemon_client import call_daemon, find_daemon
 
 from .wait import poll
 
-__all__ = ["ROOT", "spawn_consume", "announced", "stored_cursor", "metrics"]
+__all__ = ["ROOT", "spawn_consume", "announced", "stored_cursor", "metrics", "reap"]
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -63,3 +63,10 @@ def metrics(port: int) -> dict[str, float]:
     text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
     return {line.split(" ")[0]: float(line.split(" ")[1]) for line in text.splitlines()
             if line and not line.startswith("#")}
+
+
+def reap(proc: subprocess.Popen[bytes]) -> None:
+    """Kill `proc` if a failed test left it running (a `finally:` step)."""
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait(10)
