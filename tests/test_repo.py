@@ -28,7 +28,7 @@ from skyfill.car import CarError, cid_to_str, read_car, verify_block
 from skyfill.crypto import PublicKey, atproto_key_from_did_doc, parse_public_key
 from skyfill.errors import RepoError, SignatureError
 
-from .support.wire import varint
+from .support.wire import read_varint, varint
 
 VECTORS = Path(__file__).parent / "vectors" / "indigo"
 BNEWBOLD = VECTORS / "repo-testdata" / "bnewbold.robocracy.org.20250310005405.car"
@@ -54,26 +54,12 @@ def write_car(root: bytes, blocks: list[tuple[bytes, bytes]]) -> bytes:
 
 def split_car(car: bytes) -> tuple[bytes, list[tuple[bytes, bytes]], list[int]]:
     """(root, [(cid, data)], block end offsets), by hand; CIDs here are all 36 bytes."""
-    pos, n, shift = 0, 0, 0
-    while True:
-        b = car[pos]
-        pos += 1
-        n |= (b & 0x7F) << shift
-        shift += 7
-        if not b & 0x80:
-            break
+    n, pos = read_varint(car, 0)
     root = bytes(cbrrr.decode_dag_cbor(car[pos : pos + n])["roots"][0])
     pos += n
     blocks, ends = [], [pos]
     while pos < len(car):
-        length, shift = 0, 0
-        while True:
-            b = car[pos]
-            pos += 1
-            length |= (b & 0x7F) << shift
-            shift += 7
-            if not b & 0x80:
-                break
+        length, pos = read_varint(car, pos)
         blocks.append((car[pos : pos + 36], car[pos + 36 : pos + length]))
         pos += length
         ends.append(pos)
