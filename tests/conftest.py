@@ -24,10 +24,17 @@ def kafka_broker() -> Iterator[KafkaBroker]:
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    # Any test that uses the PDS network carries the `pds` marker (`-m "not pds"` skips them).
+    # The slow, real-peer tests carry markers, so `-m "not pds and not kafka and not bench"` is a
+    # fast inner loop: the PDS network fixture -> `pds`, the Kafka broker fixture -> `kafka`,
+    # tests/test_bench_*.py -> `bench`.
     for item in items:
-        if "pds_network" in getattr(item, "fixturenames", ()):
+        fixtures = getattr(item, "fixturenames", ())
+        if "pds_network" in fixtures:
             item.add_marker(pytest.mark.pds)
+        if "kafka_broker" in fixtures:
+            item.add_marker(pytest.mark.kafka)
+        if item.path.name.startswith("test_bench_"):
+            item.add_marker(pytest.mark.bench)
 
 
 @pytest.fixture(scope="session")

@@ -27,6 +27,7 @@ from types import TracebackType
 from typing import IO
 
 from skyfill.daemon_client import pid_alive
+from tests.support.wait import free_port
 
 __all__ = ["KafkaBroker", "tansu_binary", "free_port"]
 
@@ -40,12 +41,6 @@ def tansu_binary() -> Path:
     if not os.access(path, os.X_OK):
         path.chmod(path.stat().st_mode | 0o111)
     return path
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _wait_listening(port: int, proc: subprocess.Popen[bytes], timeout: float) -> None:

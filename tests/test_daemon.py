@@ -11,7 +11,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import duckdb
@@ -19,72 +18,15 @@ import libipld
 import orjson
 import pytest
 
-from bench.generate.firehose import World
 from consumer.daemon import ConsumeConfig, Daemon
-from skyfill.daemon_client import call_daemon, find_daemon
 from skyfill.errors import FutureCursorError
 from storage import Store
 
 from .relay import LocalRelay, error_frame, info_frame
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def expected_mirror(frames: list[bytes]) -> tuple[dict[tuple[str, str, str], str], dict[str, str]]:
-    """(did, collection, rkey) -> cid and did -> rev, by folding the ops of every commit frame."""
-    records: dict[tuple[str, str, str], str] = {}
-    revs: dict[str, str] = {}
-    for frame in frames:
-        header, body = libipld.decode_dag_cbor_multi(frame)
-        if header.get("t") != "#commit":
-            continue
-        for op in body["ops"]:
-            collection, rkey = op["path"].split("/", 1)
-            key = (body["repo"], collection, rkey)
-            if op["action"] == "delete":
-                records.pop(key, None)
-            else:
-                records[key] = libipld.encode_cid(op["cid"])
-        revs[body["repo"]] = body["rev"]
-    return records, revs
-
-
-def mirror_of(db: Path) -> tuple[dict[tuple[str, str, str], str], dict[str, str]]:
-    con = duckdb.connect(str(db), read_only=True)
-    try:
-        records = {(d, c, k): cid for d, c, k, cid in con.execute("SELECT did, collection, rkey, cid FROM records").fetchall()}
-        revs = dict(con.execute("SELECT did, rev FROM repos WHERE rev IS NOT NULL").fetchall())
-    finally:
-        con.close()
-    return records, revs
-
-
-def world_frames(seed: int, n_dids: int, n_frames: int) -> list[bytes]:
-    return list(World(seed, n_dids=n_dids, retain_blocks=False).frames(n_frames))
-
-
-async def consume_until(
-    db: Path, relay: LocalRelay, seq: int, *, timeout: float = 60, verifier: object = None, **config: object
-) -> Daemon:
-    """Run a daemon in this event loop until `seq` is committed, then stop it cleanly."""
-    store = Store(db)
-    daemon = Daemon(store, ConsumeConfig(relay=relay.url, flush_interval=0.05, **config),  # type: ignore[arg-type]
-                    verifier=verifier)  # type: ignore[arg-type]
-    task = asyncio.create_task(daemon.run(install_signal_handlers=False))
-    deadline = time.monotonic() + timeout
-    try:
-        while daemon.committed_seq != seq:
-            if task.done():
-                task.result()
-            if time.monotonic() > deadline:
-                raise AssertionError(f"daemon stuck at {daemon.committed_seq}, wanted {seq}")
-            await asyncio.sleep(0.02)
-    finally:
-        daemon.stop()
-        await asyncio.wait_for(task, 10)
-        store.close()
-    return daemon
-
+from .support.daemon import ROOT, announced, spawn_consume, stored_cursor
+from .support.daemon import metrics as daemon_metrics
+from .support.mirror import consume_until, expected_mirror, frame_seqs, mirror_of, world_frames
+from .support.wait import apoll, free_port, poll
 
 async def test_mirror_equals_the_fold_of_all_frames(tmp_path: Path) -> None:
     frames = world_frames(1, 40, 3000)
@@ -98,7 +40,7 @@ async def test_mirror_equals_the_fold_of_all_frames(tmp_path: Path) -> None:
     sample = con.execute("SELECT record FROM records WHERE collection = 'app.bsky.feed.like' LIMIT 1").fetchone()
     con.close()
     assert seq == relay.head
-    assert spans == [(min(_seqs(frames)), relay.head, "clean")]
+    assert spans == [(min(frame_seqs(frames)), relay.head, "clean")]
     like = orjson.loads(sample[0])
     assert like["$type"] == "app.bsky.feed.like" and like["subject"]["uri"].startswith("at://")
 
@@ -111,7 +53,7 @@ async def test_restart_resumes_from_stored_cursor_and_applies_nothing_twice(tmp_
         relay.append(frames[700:])
         await consume_until(db, relay, relay.head)
         # The second run asked for exactly what came after the first run's stored cursor.
-        assert relay.connections[-1].endswith(f"cursor={_seqs(frames[:700])[-1]}")
+        assert relay.connections[-1].endswith(f"cursor={frame_seqs(frames[:700])[-1]}")
     assert mirror_of(db) == expected_mirror(frames)
 
 
@@ -139,15 +81,13 @@ async def test_future_cursor_restarts_from_live_head(tmp_path: Path) -> None:
         store = Store(db)
         daemon = Daemon(store, ConsumeConfig(relay=relay.url, flush_interval=0.05))
         task = asyncio.create_task(daemon.run(install_signal_handlers=False))
-        while not any("cursor" not in c for c in relay.connections):
-            await asyncio.sleep(0.02)
+        await apoll(lambda: any("cursor" not in c for c in relay.connections), what="a connection without a cursor")
         relay.append(renumbered)
-        while daemon.committed_seq != len(renumbered):
-            await asyncio.sleep(0.02)
+        await apoll(lambda: daemon.committed_seq == len(renumbered), what="the renumbered frames committed")
         daemon.stop()
         await task
         store.close()
-    assert relay.connections[0].endswith(f"cursor={_seqs(frames[:100])[-1]}")
+    assert relay.connections[0].endswith(f"cursor={frame_seqs(frames[:100])[-1]}")
     assert mirror_of(db) == expected_mirror(frames)
     con = duckdb.connect(str(db), read_only=True)
     spans = con.execute("SELECT ended FROM coverage ORDER BY id").fetchall()
@@ -175,17 +115,15 @@ async def test_consumer_too_slow_reconnects_from_last_processed_event(tmp_path: 
         store = Store(tmp_path / "t.duckdb")
         daemon = Daemon(store, ConsumeConfig(relay=relay.url, cursor=0, flush_interval=0.05))
         task = asyncio.create_task(daemon.run(install_signal_handlers=False))
-        while daemon.last_seq != relay.head:
-            await asyncio.sleep(0.02)
+        await apoll(lambda: daemon.last_seq == relay.head, what="the first half read")
         await asyncio.to_thread(relay.send_to_all, error_frame("ConsumerTooSlow", "too slow"), close=True)
         relay.append(frames[200:])
-        while daemon.committed_seq != relay.head:
-            await asyncio.sleep(0.02)
+        await apoll(lambda: daemon.committed_seq == relay.head, what="every frame committed")
         daemon.stop()
         await task
         store.close()
         assert len(relay.connections) == 2
-        assert relay.connections[1].endswith(f"cursor={_seqs(frames[:200])[-1]}")
+        assert relay.connections[1].endswith(f"cursor={frame_seqs(frames[:200])[-1]}")
     assert mirror_of(tmp_path / "t.duckdb") == expected_mirror(frames)
 
 
@@ -211,16 +149,15 @@ async def test_a_bad_frame_with_a_lower_seq_never_moves_the_cursor_back(tmp_path
     """Issue 9 item 6: a malformed frame claiming seq 3 after seq N was obeyed: cursor and
     coverage were stored as 3, and a restart replayed everything after 3."""
     frames = world_frames(10, 10, 300)
-    seqs = _seqs(frames)
+    seqs = frame_seqs(frames)
     db = tmp_path / "back.duckdb"
     with LocalRelay(frames + [_garbled(frames[0], 3)]) as relay:
         store = Store(db)
         daemon = Daemon(store, ConsumeConfig(relay=relay.url, cursor=0, flush_interval=0.05))
         task = asyncio.create_task(daemon.run(install_signal_handlers=False))
-        deadline = time.monotonic() + 60
-        while daemon.counts.get("error:bad_tid", 0) < 1:  # the garbled frame, the last one sent, was read
-            assert not task.done() and time.monotonic() < deadline
-            await asyncio.sleep(0.02)
+        # the garbled frame, the last one sent, was read
+        await apoll(lambda: task.done() or daemon.counts.get("error:bad_tid", 0) >= 1, what="the garbled frame")
+        assert daemon.counts.get("error:bad_tid", 0) >= 1, "the daemon stopped before the garbled frame"
         daemon.stop()
         await asyncio.wait_for(task, 10)
         store.close()
@@ -232,7 +169,7 @@ async def test_a_seq_beyond_bigint_is_a_bad_frame_and_later_batches_are_written(
     """Issue 9 item 6: a frame with seq >= 2**63 made its batch's write fail, and no batch was
     committed after it. It is bad input: counted, skipped, and the stream goes on."""
     frames = world_frames(11, 10, 600)
-    seqs = _seqs(frames)
+    seqs = frame_seqs(frames)
     db = tmp_path / "huge.duckdb"
     relayed = frames[:200] + [_with_seq(frames[200], 2**63), _with_seq(frames[201], 2**64 - 1)] + frames[200:]
     with LocalRelay(relayed) as relay:
@@ -246,56 +183,19 @@ async def test_a_seq_beyond_bigint_is_a_bad_frame_and_later_batches_are_written(
 
 
 def _spawn(db: Path, relay: LocalRelay, *extra: str) -> subprocess.Popen[bytes]:
-    env = {**os.environ, "SKYFILL_LOG_JSON": "1"}
-    return subprocess.Popen(
-        [sys.executable, "-m", "skyfill", "consume", "--db", str(db), "--relay", relay.url,
-         "--flush-interval", "0.05", "--batch-events", "200", *extra],
-        cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-    )
-
-
-def _wait_for_daemon(db: Path, proc: subprocess.Popen[bytes], timeout: float = 30) -> dict[str, object]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(proc.stderr.read().decode() if proc.stderr else "daemon died")
-        info = find_daemon(db)
-        if info is not None and info["pid"] == proc.pid:
-            return info
-        time.sleep(0.05)
-    raise AssertionError("daemon did not announce itself")
-
-
-def _stored_cursor(info: dict[str, object]) -> int | None:
-    report = call_daemon(info, "/status", timeout=10)
-    return report["cursors"][0]["seq"] if report["cursors"] else None
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    return spawn_consume(db, relay.url, "--flush-interval", "0.05", "--batch-events", "200", *extra)
 
 
 def test_sigterm_flushes_stores_cursor_and_exits_zero(tmp_path: Path) -> None:
     frames = world_frames(7, 20, 2000)
     junk = [b"\xa1not cbor"]
     db = tmp_path / "sig.duckdb"
-    port = _free_port()
+    port = free_port()
     with LocalRelay(frames[:1000] + junk + frames[1000:]) as relay:
         proc = _spawn(db, relay, "--cursor", "0", "--metrics-port", str(port), "--duckdb-memory-limit", "200MB")
-        info = _wait_for_daemon(db, proc)
-        deadline = time.monotonic() + 60
-        while _stored_cursor(info) != relay.head:
-            assert time.monotonic() < deadline
-            time.sleep(0.1)
-        import httpx
-
-        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
-        metrics = {line.split(" ")[0]: float(line.split(" ")[1]) for line in text.splitlines()
-                   if line and not line.startswith("#")}
+        info = announced(db, proc)
+        poll(lambda: stored_cursor(info) == relay.head, timeout=60, what="the stored cursor at the head", interval=0.1)
+        metrics = daemon_metrics(port)
         assert metrics["skyfill_firehose_last_seq"] == relay.head
         assert metrics['skyfill_firehose_events_total{type="commit"}'] > 1000
         assert metrics['skyfill_firehose_errors_total{kind="cbor"}'] == 1
@@ -312,20 +212,15 @@ def test_kill_9_mid_stream_then_restart_loses_nothing(tmp_path: Path) -> None:
     db = tmp_path / "k.duckdb"
     with LocalRelay(frames) as relay:
         proc = _spawn(db, relay, "--cursor", "0")
-        info = _wait_for_daemon(db, proc)
-        deadline = time.monotonic() + 60
-        while (_stored_cursor(info) or 0) < _seqs(frames)[3000]:
-            assert time.monotonic() < deadline
-            time.sleep(0.02)
+        info = announced(db, proc)
+        poll(lambda: stored_cursor(info) >= frame_seqs(frames)[3000], timeout=60, what="a third of the stream stored",
+             interval=0.02)
         proc.kill()  # SIGKILL: no flush, no goodbye
         proc.wait(timeout=10)
         # a stale announcement is left behind; the next run must ignore it and take over
         proc = _spawn(db, relay)
-        info = _wait_for_daemon(db, proc)
-        deadline = time.monotonic() + 90
-        while _stored_cursor(info) != relay.head:
-            assert time.monotonic() < deadline
-            time.sleep(0.1)
+        info = announced(db, proc)
+        poll(lambda: stored_cursor(info) == relay.head, timeout=90, what="the stored cursor at the head", interval=0.1)
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=10) == 0
     assert mirror_of(db) == expected_mirror(frames)
@@ -341,11 +236,8 @@ def test_status_gaps_and_enqueue_while_consume_runs(tmp_path: Path) -> None:
     with LocalRelay(frames) as relay:
         proc = _spawn(db, relay, "--cursor", "0")
         try:
-            info = _wait_for_daemon(db, proc)
-            deadline = time.monotonic() + 30
-            while _stored_cursor(info) != relay.head:
-                assert time.monotonic() < deadline
-                time.sleep(0.1)
+            info = announced(db, proc)
+            poll(lambda: stored_cursor(info) == relay.head, timeout=30, what="the stored cursor at the head", interval=0.1)
             cli = [sys.executable, "-m", "skyfill"]
             out = subprocess.run([*cli, "status", "--db", str(db), "--json"], cwd=ROOT, capture_output=True, check=True)
             report = orjson.loads(out.stdout)
@@ -364,10 +256,6 @@ def test_status_gaps_and_enqueue_while_consume_runs(tmp_path: Path) -> None:
         finally:
             proc.send_signal(signal.SIGTERM)
             assert proc.wait(timeout=10) == 0
-
-
-def _seqs(frames: list[bytes]) -> list[int]:
-    return [libipld.decode_dag_cbor_multi(f)[1]["seq"] for f in frames]
 
 
 def _with_seq(frame: bytes, seq: int) -> bytes:

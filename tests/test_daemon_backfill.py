@@ -6,11 +6,9 @@ commits, a local HTTP server plays PLC and PDS (DID documents + repo CARs from t
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import duckdb
@@ -20,12 +18,13 @@ import orjson
 from backfill.repo import parse_repo
 from bench.generate.firehose import World
 from bench.generate.identity import did_document
-from skyfill.daemon_client import call_daemon, find_daemon
+from skyfill.daemon_client import call_daemon
 
 from .faultserver import FaultServer, Reply, json_reply
 from .relay import LocalRelay
+from .support.daemon import ROOT, announced, spawn_consume, stored_cursor
+from .support.wait import poll
 
-ROOT = Path(__file__).resolve().parent.parent
 GET_REPO = "/xrpc/com.atproto.sync.getRepo"
 
 
@@ -37,29 +36,8 @@ def _serve_world(srv: FaultServer, world: World) -> None:
 
 
 def _spawn(db: Path, relay: LocalRelay, srv: FaultServer, *extra: str) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "skyfill", "consume", "--db", str(db), "--relay", relay.url, "--cursor", "0",
-         "--flush-interval", "0.05", "--plc-url", srv.url, "--allow-private-hosts", *extra],
-        cwd=ROOT, env={**os.environ, "SKYFILL_LOG_JSON": "1"}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-    )
-
-
-def _daemon(db: Path, proc: subprocess.Popen[bytes]) -> dict[str, object]:
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
-        info = find_daemon(db)
-        if info is not None and info["pid"] == proc.pid:
-            return info
-        time.sleep(0.05)
-    raise AssertionError("no daemon")
-
-
-def _until(predicate, timeout: float = 60) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.1)
+    return spawn_consume(db, relay.url, "--cursor", "0", "--flush-interval", "0.05", "--plc-url", srv.url,
+                         "--allow-private-hosts", *extra)
 
 
 def _records(db: Path, did: str) -> dict[tuple[str, str], str]:
@@ -79,8 +57,8 @@ def test_backfill_cli_goes_through_the_running_daemon(tmp_path: Path) -> None:
         _serve_world(srv, world)
         proc = _spawn(db, relay, srv)
         try:
-            info = _daemon(db, proc)
-            _until(lambda: _cursor(info) == relay.head)
+            info = announced(db, proc)
+            poll(lambda: stored_cursor(info) == relay.head, what="the stored cursor at the head", interval=0.1)
             out = subprocess.run(
                 [sys.executable, "-m", "skyfill", "backfill", "--db", str(db), "--dids", ",".join(world.dids),
                  "--plc-url", srv.url, "--allow-private-hosts", "--json"],
@@ -112,15 +90,15 @@ def test_consume_backfill_repairs_a_broken_chain_by_itself(tmp_path: Path) -> No
         _serve_world(srv, world)
         proc = _spawn(db, relay, srv, "--backfill")
         try:
-            info = _daemon(db, proc)
+            info = announced(db, proc)
 
             def repaired() -> bool:
                 report = call_daemon(info, "/status")
-                return (_cursor(info) == relay.head
+                return (stored_cursor(info) == relay.head
                         and report["repos"]["by_sync_state"].get("desynchronized", 0) == 0
                         and report["repos"]["by_backfill_status"].get("ok", 0) >= 1)
 
-            _until(repaired, timeout=90)
+            poll(repaired, timeout=90, what="the desynchronized repo repaired", interval=0.1)
         finally:
             proc.send_signal(signal.SIGTERM)
             assert proc.wait(timeout=10) == 0
@@ -129,11 +107,6 @@ def test_consume_backfill_repairs_a_broken_chain_by_itself(tmp_path: Path) -> No
     con.close()
     assert row == ("synchronized", "ok")
     assert _records(db, victim) == dict(parse_repo(world.repo_car(victim), did=victim, key=None).records)
-
-
-def _cursor(info: dict[str, object]) -> int | None:
-    cursors = call_daemon(info, "/status")["cursors"]
-    return cursors[0]["seq"] if cursors else None
 
 
 def _repo_of(frame: bytes) -> str | None:

@@ -15,10 +15,8 @@ the admin API does; the crash scenario runs the real `skyfill consume` process a
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Coroutine
@@ -34,7 +32,6 @@ from backfill.config import BackfillConfig
 from backfill.handler import lambda_handler
 from consumer.daemon import ConsumeConfig, Daemon
 from consumer.resync import DaemonSink
-from skyfill.daemon_client import call_daemon, find_daemon
 from storage import Store
 from tests.network import (
     Create,
@@ -48,10 +45,11 @@ from tests.network import (
     post_record,
 )
 from tests.oracle import assert_mirror_equals, commit_seq, fetch_truth, head_seq, mirror_diff
+from tests.support.daemon import announced, reap, spawn_consume, stored_cursor
+from tests.support.wait import poll
 
 pytestmark = pytest.mark.pds
 
-ROOT = Path(__file__).resolve().parent.parent
 POST = "app.bsky.feed.post"
 LIKE = "app.bsky.feed.like"
 REPOST = "app.bsky.feed.repost"
@@ -405,28 +403,8 @@ def test_account_lifecycle_statuses_handles_and_terminal_backfills(
 
 
 def _spawn(db: Path, net: LocalNetwork, *extra: str) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "skyfill", "consume", "--db", str(db), "--relay", net.pds_url,
-         "--flush-interval", "0.05", "--batch-events", "50", *extra],
-        cwd=ROOT, env={**os.environ, "SKYFILL_LOG_JSON": "1"},
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-
-
-def _announced(db: Path, proc: subprocess.Popen[bytes], timeout: float = 30) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, "the daemon exited"
-        info = find_daemon(db)
-        if info is not None and info["pid"] == proc.pid:
-            return info
-        time.sleep(0.05)
-    raise AssertionError("the daemon did not announce itself")
-
-
-def _stored_cursor(info: dict[str, Any]) -> int:
-    cursors = call_daemon(info, "/status", timeout=10)["cursors"]
-    return int(cursors[0]["seq"]) if cursors else 0
+    return spawn_consume(db, net.pds_url, "--flush-interval", "0.05", "--batch-events", "50", *extra,
+                         stderr=subprocess.DEVNULL)
 
 
 def test_kill_9_while_writes_stream_in_then_restart_reaches_equality(
@@ -437,7 +415,7 @@ def test_kill_9_while_writes_stream_in_then_restart_reaches_equality(
     start = head_seq(c)
     proc = _spawn(db, pds_network, "--cursor", str(start))
     try:
-        info = _announced(db, proc)
+        info = announced(db, proc)
         users = [make_account(f"crash{i}") for i in range(6)]
         last: list[RecordRef] = []
         done = threading.Event()
@@ -456,29 +434,23 @@ def test_kill_9_while_writes_stream_in_then_restart_reaches_equality(
 
         thread = threading.Thread(target=writer)
         thread.start()
-        deadline = time.monotonic() + 60
-        while _stored_cursor(info) < start + 100:
-            assert time.monotonic() < deadline and not done.is_set(), "writes ended before the kill"
-            time.sleep(0.05)
+        poll(lambda: done.is_set() or stored_cursor(info) >= start + 100, timeout=60, what="100 events stored")
+        assert not done.is_set(), "writes ended before the kill"
         proc.kill()  # SIGKILL mid-stream: no flush, no goodbye
         proc.wait(10)
         assert not done.is_set(), "the kill must land while writes stream in"
-        time.sleep(0.3)
+        written = len(last)  # let writes land while the daemon is down
+        poll(lambda: done.is_set() or len(last) > written, timeout=30, what="a write while the daemon is down")
         proc = _spawn(db, pds_network)  # resumes from the stored cursor; the stale announcement is ignored
-        info = _announced(db, proc)
+        info = announced(db, proc)
         thread.join(120)
         tail = last[-1]
         target = commit_seq(c, tail.uri.split("/")[2], tail.commit.rev, since=start)
-        deadline = time.monotonic() + 60
-        while _stored_cursor(info) < target:
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+        poll(lambda: stored_cursor(info) >= target, timeout=60, what="the last write stored")
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(15) == 0
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
+        reap(proc)
     con = duckdb.connect(str(db), read_only=True)
     try:
         assert_mirror_equals(con, c, [u.did for u in users])

@@ -4,7 +4,6 @@ captures), the reference xrpc-server framing cases, and real frames altered one 
 from __future__ import annotations
 
 import asyncio
-import base64
 import hashlib
 import json
 from pathlib import Path
@@ -18,15 +17,14 @@ import pytest
 from consumer import Account, Commit, Identity, Info, StreamError, Sync, parse_frame
 from consumer.connection import MAX_FRAME_BYTES, stream_frames
 from consumer.frames import FRAME_ERROR_KINDS
-from skyfill.car import cid_from_str, read_car
+from skyfill.car import read_car
 from skyfill.errors import FrameError, FrameTooLargeError, SkyfillError
 from skyfill.metrics import REGISTRY
 
 from .relay import LocalRelay
-from .test_daemon import consume_until, expected_mirror, mirror_of, world_frames
+from .support.mirror import consume_until, expected_mirror, mirror_of, world_frames
+from .support.wire import FIREHOSE, VECTORS, encode_car, encode_frame, from_json, load, varint
 
-VECTORS = Path(__file__).parent / "vectors"
-FIREHOSE = VECTORS / "derived" / "firehose"
 INDEX: list[dict[str, Any]] = json.loads((FIREHOSE / "index.json").read_text())
 
 # Two rev_ordering frames were hand-edited upstream (indigo cmd/relay/testing/testdata): the body
@@ -36,50 +34,6 @@ INDEX: list[dict[str, Any]] = json.loads((FIREHOSE / "index.json").read_text())
 # the body rev equals the signed commit's rev. So does parse_frame, so these two never reach
 # the tracker as events.
 REJECTED = {"rev_ordering__01.frame": "bad_tid", "rev_ordering__02.frame": "bad_commit"}
-
-
-# -- wire helpers (shared with test_tracker) ----------------------------------------------------
-
-
-def from_json(value: Any) -> Any:
-    """atproto JSON form -> the values libipld encodes: {"$bytes"} -> bytes, {"$link"} -> CID bytes."""
-    if isinstance(value, dict):
-        if set(value) == {"$bytes"}:
-            text = value["$bytes"]
-            return base64.b64decode(text + "=" * (-len(text) % 4))
-        if set(value) == {"$link"}:
-            return cid_from_str(value["$link"])
-        return {k: from_json(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [from_json(v) for v in value]
-    return value
-
-
-def encode_frame(header: dict[str, Any], body: Any) -> bytes:
-    return libipld.encode_dag_cbor(header) + libipld.encode_dag_cbor(body)
-
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        b = n & 0x7F
-        n >>= 7
-        out.append(b | 0x80 if n else b)
-        if not n:
-            return bytes(out)
-
-
-def encode_car(roots: list[bytes], blocks: dict[bytes, bytes]) -> bytes:
-    header = libipld.encode_dag_cbor({"version": 1, "roots": roots})
-    parts = [_varint(len(header)), header]
-    for cid, data in blocks.items():
-        parts += [_varint(len(cid) + len(data)), cid, data]
-    return b"".join(parts)
-
-
-def load(name: str) -> tuple[dict[str, Any], dict[str, Any]]:
-    header, body = libipld.decode_dag_cbor_multi((FIREHOSE / name).read_bytes())
-    return header, body
 
 
 # -- the derived firehose frames ----------------------------------------------------------------
@@ -413,7 +367,7 @@ def test_deep_nesting_in_a_block_is_that_blocks_error() -> None:
     # and in a CAR header: read_car's header decode raises RecursionError
     header, body = load("post_lifecycle__04.frame")
     car_header = b"\xa2\x65roots" + _nested(5000) + b"\x67version\x01"
-    body["blocks"] = _varint(len(car_header)) + car_header
+    body["blocks"] = varint(len(car_header)) + car_header
     with pytest.raises(FrameError) as info:
         parse_frame(encode_frame(header, body))
     assert info.value.kind == "bad_car"

@@ -13,7 +13,7 @@ import pytest
 from backfill.handler import lambda_handler
 from storage import Store
 from tests.faultserver import FaultServer
-from tests.test_backfiller import World
+from tests.support.served import World
 
 
 @pytest.fixture

@@ -8,16 +8,12 @@ in flight per partition. The idempotent path is exercised only against a real Ka
 from __future__ import annotations
 
 import asyncio
-import json
 from collections import defaultdict
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import jsonschema
 import orjson
 import pytest
-from aiokafka import AIOKafkaConsumer
 
 from publish import KafkaPublisher, encode_change, ensure_topics
 from publish.requests import enqueue_backfill
@@ -27,18 +23,11 @@ from skyfill import metrics
 from skyfill.records import is_valid_datetime
 from storage import Batch, Change, RecordChange, RecordPut, RepoChange, RepoRow, Store
 from tests.kafka import KafkaBroker
+from tests.support.topics import FAST, consume_all, schema
 
 pytestmark = pytest.mark.kafka
 
 TIME = "2024-05-01T12:00:00.000Z"
-FAST = 3000  # session timeout: Tansu holds a group join for about half of it
-
-
-def _schema(name: str) -> jsonschema.Draft202012Validator:
-    text = resources.files("publish").joinpath(f"schema/{name}").read_text()
-    schema = json.loads(text)
-    jsonschema.Draft202012Validator.check_schema(schema)
-    return jsonschema.Draft202012Validator(schema, format_checker=jsonschema.FormatChecker())
 
 
 def _tid(n: int) -> str:
@@ -81,25 +70,6 @@ def repo(did: str, n: int, *, seq: int | None, kind: str = "commit", status: str
     )
 
 
-async def _consume_all(bootstrap: str, topics: list[str], expected: int, *, timeout: float = 30) -> list[Any]:
-    """Every message of `topics` from the beginning (no group), until `expected` arrived and the log is quiet."""
-    consumer = AIOKafkaConsumer(*topics, bootstrap_servers=bootstrap, auto_offset_reset="earliest",
-                                enable_auto_commit=False, group_id=None)
-    await consumer.start()
-    out: list[Any] = []
-    try:
-        async with asyncio.timeout(timeout):
-            while True:
-                polled = await consumer.getmany(timeout_ms=500)
-                for msgs in polled.values():
-                    out.extend(msgs)
-                if not polled and len(out) >= expected:
-                    break
-    finally:
-        await consumer.stop()
-    return out
-
-
 # -- publishing -----------------------------------------------------------------------------
 
 
@@ -125,8 +95,8 @@ async def test_every_message_validates_and_each_did_keeps_its_order(kafka_broker
     finally:
         await publisher.aclose()
 
-    msgs = await _consume_all(bs, ["t.records", "t.repos"], len(changes))
-    record_schema, repo_schema = _schema("record.v1.json"), _schema("repo.v1.json")
+    msgs = await consume_all(bs, ["t.records", "t.repos"], len(changes))
+    record_schema, repo_schema = schema("record.v1.json"), schema("repo.v1.json")
     got: dict[tuple[str, bytes], list[bytes]] = defaultdict(list)
     partitions: set[tuple[str, int]] = set()
     for m in msgs:
@@ -192,7 +162,7 @@ async def test_frozen_broker_pauses_publish_without_loss_or_cursor_overrun(
         store.close()
 
     sent = [encode_change(c, publisher.topics).value for b in batches for c in b]
-    msgs = await _consume_all(bs, ["f.records"], len(sent))
+    msgs = await consume_all(bs, ["f.records"], len(sent))
     per_did: dict[bytes, list[bytes]] = defaultdict(list)
     for m in msgs:
         per_did[m.key].append(m.value)

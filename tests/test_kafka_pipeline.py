@@ -15,7 +15,7 @@ import resource
 import threading
 import time
 from collections import defaultdict
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -43,7 +43,8 @@ from tests.kafka import KafkaBroker
 
 from .faultserver import FaultServer, Reply, Seen, json_reply
 from .relay import LocalRelay
-from .test_kafka import FAST, _consume_all, _schema
+from .support.topics import FAST, consume_all, schema
+from .support.wait import apoll
 
 pytestmark = pytest.mark.kafka
 
@@ -67,13 +68,6 @@ async def sink_mirror(bs: str, path: Path, *, topics: Topics = Topics(), group: 
         store.close()
 
 
-async def wait_for(predicate: Callable[[], bool], timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "timed out"
-        await asyncio.sleep(0.02)
-
-
 def commit_indexes(frames: list[bytes], did: str) -> list[int]:
     out = []
     for i, f in enumerate(frames):
@@ -85,7 +79,7 @@ def commit_indexes(frames: list[bytes], did: str) -> list[int]:
 
 def check_messages(msgs: list[Any], records_topic: str) -> dict[str, list[dict[str, Any]]]:
     """Every message validates; each DID sits in one partition per topic, firehose seqs in order."""
-    record_schema, repo_schema = _schema("record.v1.json"), _schema("repo.v1.json")
+    record_schema, repo_schema = schema("record.v1.json"), schema("repo.v1.json")
     partitions: dict[tuple[str, bytes], set[int]] = defaultdict(set)
     by_did: dict[tuple[str, bytes], list[dict[str, Any]]] = defaultdict(list)
     for m in sorted(msgs, key=lambda m: (m.topic, m.partition, m.offset)):
@@ -135,7 +129,7 @@ async def test_daemon_topics_rebuild_its_mirror(kafka_broker: KafkaBroker, tmp_p
                                              publish=True), publish=publisher.publish)
         task = asyncio.create_task(daemon.run(install_signal_handlers=False))
         try:
-            await wait_for(lambda: daemon.committed_seq == relay.head)
+            await apoll(lambda: daemon.committed_seq == relay.head)
             assert store.fetchall("SELECT sync_state FROM repos WHERE did = ?", [gapped]) == [("desynchronized",)]
             # The backfill heals the gap and brings the records that predate the stream.
             summary = await backfill_from_request(store, {"dids": [gapped, healed]}, sink=DaemonSink(daemon),
@@ -153,7 +147,7 @@ async def test_daemon_topics_rebuild_its_mirror(kafka_broker: KafkaBroker, tmp_p
 
     assert not [r for r in want[0] if r[0] == dead]
     assert (dead, False) in {(r[0], r[3]) for r in want[1]}
-    msgs = await _consume_all(bs, ["skyfill.records", "skyfill.repos"], len(want[0]))
+    msgs = await consume_all(bs, ["skyfill.records", "skyfill.repos"], len(want[0]))
     objs = check_messages(msgs, "skyfill.records")
     ops = {(o["op"], o["source"]) for o in objs["skyfill.records"]}
     assert {("create", "firehose"), ("update", "firehose"), ("delete", "firehose"), ("create", "backfill")} <= ops
@@ -208,14 +202,14 @@ async def test_broker_outage_pauses_the_daemon_and_loses_nothing(kafka_broker: K
         task = asyncio.create_task(daemon.run(install_signal_handlers=False))
         watcher = asyncio.create_task(watch())
         try:
-            await wait_for(lambda: daemon.committed_seq == relay.head)
+            await apoll(lambda: daemon.committed_seq == relay.head)
             rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
             retries_before = metrics.KAFKA_PUBLISH_RETRIES._value.get()
             kafka_broker.freeze()
             frozen_at = daemon.committed_seq
             relay.append(later)  # the firehose keeps going while the broker is gone
             # the producer timed out (request_timeout_ms) and retried while the relay kept sending
-            await wait_for(lambda: metrics.KAFKA_PUBLISH_RETRIES._value.get() > retries_before
+            await apoll(lambda: metrics.KAFKA_PUBLISH_RETRIES._value.get() > retries_before
                            and (daemon.last_seq or 0) > frozen_at)
             # Paused, not buffering: the cursor stayed put, and the daemon read at most the batch
             # being published plus one open batch of the 4000 new events.
@@ -225,7 +219,7 @@ async def test_broker_outage_pauses_the_daemon_and_loses_nothing(kafka_broker: K
             assert daemon.last_seq < relay.head
             kafka_broker.thaw()
             t0 = time.monotonic()
-            await wait_for(lambda: daemon.committed_seq == relay.head)
+            await apoll(lambda: daemon.committed_seq == relay.head)
             catch_up = time.monotonic() - t0
             rss_after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         finally:
@@ -276,9 +270,9 @@ async def test_standalone_backfill_is_acknowledged_before_it_commits(
             try:
                 job = asyncio.create_task(run_backfill(store, dids=[a], config=config,
                                                        sink=DirectSink(store, publish=publisher.publish)))
-                await wait_for(lambda: srv.count(GET_REPO) == 4)
+                await apoll(lambda: srv.count(GET_REPO) == 4)
                 # the reconcile's diff is in the publisher, waiting for the frozen broker
-                await wait_for(lambda: publisher.held_messages > 0)
+                await apoll(lambda: publisher.held_messages > 0)
                 # Fetched and diffed, but the broker has not acknowledged: nothing is committed.
                 # (A separate cursor: the reconcile's transaction holds the writer's lock.)
                 assert not job.done()
@@ -299,7 +293,7 @@ async def test_standalone_backfill_is_acknowledged_before_it_commits(
         store.close()
     for did in world.dids:
         assert {(col, k): cid for d, col, k, cid, _ in want[0] if d == did} == new[did]
-    msgs = await _consume_all(bs, ["skyfill.records", "skyfill.repos"], len(want[0]))
+    msgs = await consume_all(bs, ["skyfill.records", "skyfill.repos"], len(want[0]))
     objs = check_messages(msgs, "skyfill.records")
     assert {o["op"] for o in objs["skyfill.records"]} == {"create", "delete"} | (
         {"update"} if any(o["op"] == "update" for o in objs["skyfill.records"]) else set())
@@ -408,7 +402,7 @@ async def test_two_workers_one_killed_publish_what_one_worker_does(kafka_broker:
                 await tasks[victim]
             await workers[victim].aclose()
             # The request the victim died on is redone by the survivor, not lost.
-            await wait_for(lambda: set(dids) <= inflight["done"], timeout=90)
+            await apoll(lambda: set(dids) <= inflight["done"], timeout=90)
             stop.set()
             await asyncio.wait_for(tasks[survivor], 30)
             assert srv.count(GET_REPO) > len(dids)
@@ -449,10 +443,10 @@ def test_gaps_enqueue_kafka_publishes_requests_and_plain_enqueue_still_means_db(
     out = CliRunner().invoke(main, [*base, "--enqueue", "kafka", "--kafka-bootstrap", kafka_broker.bootstrap])
     assert out.exit_code == 0, out.output
     assert orjson.loads(out.output)["enqueued"] == 2
-    msgs = asyncio.run(_consume_all(kafka_broker.bootstrap, ["skyfill.backfill"], 2))
-    schema = _schema("backfill.v1.json")
+    msgs = asyncio.run(consume_all(kafka_broker.bootstrap, ["skyfill.backfill"], 2))
+    backfill_schema = schema("backfill.v1.json")
     for m in msgs:
-        schema.validate(orjson.loads(m.value))
+        backfill_schema.validate(orjson.loads(m.value))
     assert sorted((m.key.decode(), orjson.loads(m.value)["reasons"]) for m in msgs) == [
         (d, ["explicit"]) for d in sorted(dids)]
     # `--enqueue` alone is the DuckDB queue, as before

@@ -23,6 +23,7 @@ from skyfill.errors import (
     UnsafeHostError,
 )
 from tests.faultserver import FaultServer, Reply, Seen, http_date, json_reply, rate_limited, redirect, xrpc_error
+from tests.support.wire import read_varint
 
 GET_REPO = "/xrpc/com.atproto.sync.getRepo"
 LIST_REPOS = "/xrpc/com.atproto.sync.listRepos"
@@ -52,22 +53,11 @@ def _requests_metric(result: str) -> float:
 
 def _block_boundaries(car: bytes) -> list[int]:
     """Offsets where each block section ends (CAR v1: varint length + CID + data)."""
-
-    def varint(pos: int) -> tuple[int, int]:
-        value = shift = 0
-        while True:
-            b = car[pos]
-            pos += 1
-            value |= (b & 0x7F) << shift
-            if not b & 0x80:
-                return value, pos
-            shift += 7
-
-    n, pos = varint(0)
+    n, pos = read_varint(car, 0)
     pos += n
     ends = []
     while pos < len(car):
-        n, pos = varint(pos)
+        n, pos = read_varint(car, pos)
         pos += n
         ends.append(pos)
     return ends

@@ -28,6 +28,8 @@ from skyfill.car import CarError, cid_to_str, read_car, verify_block
 from skyfill.crypto import PublicKey, atproto_key_from_did_doc, parse_public_key
 from skyfill.errors import RepoError, SignatureError
 
+from .support.wire import read_varint, varint
+
 VECTORS = Path(__file__).parent / "vectors" / "indigo"
 BNEWBOLD = VECTORS / "repo-testdata" / "bnewbold.robocracy.org.20250310005405.car"
 TESTING = VECTORS / "testing-testdata"
@@ -42,45 +44,22 @@ FAKERMAKER_DID = "did:plc:dpg45vsnuir2vqqqadsn6afg"
 
 # ---- CAR plumbing for tests (independent of skyfill.car) ----------------------------------
 
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while n > 0x7F:
-        out.append(0x80 | (n & 0x7F))
-        n >>= 7
-    out.append(n)
-    return bytes(out)
-
-
 def write_car(root: bytes, blocks: list[tuple[bytes, bytes]]) -> bytes:
     header = cbrrr.encode_dag_cbor({"version": 1, "roots": [cbrrr.CID(root)]})
-    parts = [_varint(len(header)), header]
+    parts = [varint(len(header)), header]
     for cid, data in blocks:
-        parts += [_varint(len(cid) + len(data)), cid, data]
+        parts += [varint(len(cid) + len(data)), cid, data]
     return b"".join(parts)
 
 
 def split_car(car: bytes) -> tuple[bytes, list[tuple[bytes, bytes]], list[int]]:
     """(root, [(cid, data)], block end offsets), by hand; CIDs here are all 36 bytes."""
-    pos, n, shift = 0, 0, 0
-    while True:
-        b = car[pos]
-        pos += 1
-        n |= (b & 0x7F) << shift
-        shift += 7
-        if not b & 0x80:
-            break
+    n, pos = read_varint(car, 0)
     root = bytes(cbrrr.decode_dag_cbor(car[pos : pos + n])["roots"][0])
     pos += n
     blocks, ends = [], [pos]
     while pos < len(car):
-        length, shift = 0, 0
-        while True:
-            b = car[pos]
-            pos += 1
-            length |= (b & 0x7F) << shift
-            shift += 7
-            if not b & 0x80:
-                break
+        length, pos = read_varint(car, pos)
         blocks.append((car[pos : pos + 36], car[pos + 36 : pos + length]))
         pos += length
         ends.append(pos)
@@ -690,7 +669,7 @@ def _nested(depth: int) -> bytes:
 
 
 def _car_with_header(header: bytes, rest: bytes = b"") -> bytes:
-    return _varint(len(header)) + header + rest
+    return varint(len(header)) + header + rest
 
 
 @pytest.mark.parametrize("depth", [3_000, 100_000])
@@ -744,7 +723,7 @@ def test_deeply_nested_record_is_kept_without_body(depth: int) -> None:
 
 def _header_car(header: Any) -> bytes:
     raw = cbrrr.encode_dag_cbor(header)
-    return _varint(len(raw)) + raw
+    return varint(len(raw)) + raw
 
 
 @pytest.mark.parametrize(

@@ -8,12 +8,10 @@ the generator's own repo after the last commit.
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -28,31 +26,23 @@ from bench.generate.firehose import World
 from bench.generate.identity import did_document
 from consumer.daemon import ConsumeConfig, Daemon
 from consumer.resync import DaemonSink
-from skyfill.daemon_client import call_daemon, find_daemon
 from storage import Store
 from tests.network import Create, LocalNetwork, PdsAccount, PdsClient, RecordRef, post_record
 from tests.oracle import assert_mirror_equals, commit_seq, fetch_truth, head_seq
 
 from .faultserver import FaultServer, Reply, json_reply
 from .relay import LocalRelay
+from .support.daemon import ROOT, announced, reap, spawn_consume, stored_cursor
+from .support.wait import apoll, poll
 
 GET_REPO = "/xrpc/com.atproto.sync.getRepo"
 POST = "app.bsky.feed.post"
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def truth(world: World, did: str) -> tuple[dict[tuple[str, str], str], str]:
     snap = parse_repo(world.repo_car(did), did=did, key=None)
     assert snap.rev is not None
     return dict(snap.records), snap.rev
-
-
-async def wait_for(predicate, timeout: float = 30) -> None:  # type: ignore[no-untyped-def]
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not predicate():
-        assert loop.time() < deadline, "timed out"
-        await asyncio.sleep(0.02)
 
 
 async def test_firehose_commits_racing_the_fetch_are_kept(tmp_path: Path) -> None:
@@ -71,17 +61,17 @@ async def test_firehose_commits_racing_the_fetch_are_kept(tmp_path: Path) -> Non
         store = Store(tmp_path / "race.duckdb")
         daemon = Daemon(store, ConsumeConfig(relay=relay.url, cursor=0, flush_interval=0.05))
         task = asyncio.create_task(daemon.run(install_signal_handlers=False))
-        await wait_for(lambda: daemon.committed_seq == relay.head)
+        await apoll(lambda: daemon.committed_seq == relay.head, timeout=30)
 
         backfill = asyncio.create_task(
             backfill_from_request(store, {"dids": dids}, sink=DaemonSink(daemon), plc_url=srv.url,
                                   allow_private_hosts=True)
         )
-        await wait_for(lambda: srv.count(GET_REPO) == len(dids))  # every fetch is in flight
+        await apoll(lambda: srv.count(GET_REPO) == len(dids), timeout=30)  # every fetch is in flight
         relay.append(during)
-        await wait_for(lambda: daemon.last_seq == relay.head)
+        await apoll(lambda: daemon.last_seq == relay.head, timeout=30)
         summary = await backfill
-        await wait_for(lambda: daemon.committed_seq == relay.head)
+        await apoll(lambda: daemon.committed_seq == relay.head, timeout=30)
         daemon.stop()
         await task
 
@@ -113,7 +103,7 @@ async def test_backfill_then_restart_keeps_the_reconciled_state(tmp_path: Path) 
         store = Store(db)
         daemon = Daemon(store, ConsumeConfig(relay=relay.url, cursor=0, flush_interval=0.05))
         task = asyncio.create_task(daemon.run(install_signal_handlers=False))
-        await wait_for(lambda: daemon.committed_seq == relay.head)
+        await apoll(lambda: daemon.committed_seq == relay.head, timeout=30)
         await backfill_from_request(store, {"dids": dids}, sink=DaemonSink(daemon), plc_url=srv.url,
                                     allow_private_hosts=True)
         daemon.stop()
@@ -124,7 +114,7 @@ async def test_backfill_then_restart_keeps_the_reconciled_state(tmp_path: Path) 
         store = Store(db)
         daemon = Daemon(store, ConsumeConfig(relay=relay.url, flush_interval=0.05))
         task = asyncio.create_task(daemon.run(install_signal_handlers=False))
-        await wait_for(lambda: daemon.committed_seq == relay.head)
+        await apoll(lambda: daemon.committed_seq == relay.head, timeout=30)
         daemon.stop()
         await task
         for did in dids:
@@ -160,18 +150,18 @@ async def test_two_backfills_of_one_did_at_once_end_like_one_after_the_other(tmp
         store = Store(tmp_path / "twice.duckdb")
         daemon = Daemon(store, ConsumeConfig(relay=relay.url, cursor=0, flush_interval=0.05))
         task = asyncio.create_task(daemon.run(install_signal_handlers=False))
-        await wait_for(lambda: daemon.committed_seq == relay.head)
+        await apoll(lambda: daemon.committed_seq == relay.head, timeout=30)
 
         def one() -> Any:  # what each `skyfill backfill --dids X` asks the daemon's admin API for
             return asyncio.create_task(backfill_from_request(
                 store, {"dids": [did]}, sink=DaemonSink(daemon), plc_url=srv.url, allow_private_hosts=True))
 
         first, second = one(), one()
-        await wait_for(lambda: srv.count(GET_REPO) == 2)  # the second fetch is in flight
+        await apoll(lambda: srv.count(GET_REPO) == 2, timeout=30)  # the second fetch is in flight
         relay.append(during)
-        await wait_for(lambda: daemon.committed_seq == relay.head)
+        await apoll(lambda: daemon.committed_seq == relay.head, timeout=30)
         summaries = await asyncio.gather(first, second)
-        await wait_for(lambda: daemon.committed_seq == relay.head)
+        await apoll(lambda: daemon.committed_seq == relay.head, timeout=30)
         daemon.stop()
         await task
 
@@ -191,34 +181,12 @@ async def test_two_backfills_of_one_did_at_once_end_like_one_after_the_other(tmp
 
 def _spawn_daemon(db: Path, net: LocalNetwork, cursor: int, plc_url: str) -> subprocess.Popen[bytes]:
     with open(db.with_suffix(".log"), "ab") as log:  # a file, not a pipe nobody drains
-        return subprocess.Popen(
-            [sys.executable, "-m", "skyfill", "consume", "--db", str(db), "--relay", net.pds_url,
-             "--cursor", str(cursor), "--flush-interval", "0.05", "--plc-url", plc_url, "--allow-private-hosts"],
-            cwd=ROOT, env={**os.environ, "SKYFILL_LOG_JSON": "1"}, stdout=subprocess.DEVNULL, stderr=log,
-        )
-
-
-def _announced(db: Path, proc: subprocess.Popen[bytes]) -> dict[str, Any]:
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, db.with_suffix(".log").read_text()
-        info = find_daemon(db)
-        if info is not None and info["pid"] == proc.pid:
-            return info
-        time.sleep(0.05)
-    raise AssertionError("the daemon did not announce itself")
-
-
-def _stored_cursor(info: dict[str, Any]) -> int:
-    cursors = call_daemon(info, "/status", timeout=10)["cursors"]
-    return int(cursors[0]["seq"]) if cursors else 0
+        return spawn_consume(db, net.pds_url, "--cursor", str(cursor), "--flush-interval", "0.05",
+                             "--plc-url", plc_url, "--allow-private-hosts", stderr=log)
 
 
 def _until(predicate: Callable[[], bool], what: str, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.02)
+    poll(predicate, timeout=timeout, what=what, interval=0.02)
 
 
 class SlowPdsLink:
@@ -264,7 +232,7 @@ def test_two_backfills_of_one_did_at_once_under_writes_equal_the_pds(
         link = SlowPdsLink(srv, pds_network, [x.did], hold=3.0)
         proc = _spawn_daemon(db, pds_network, start, srv.url)
         try:
-            info = _announced(db, proc)
+            info = announced(db, proc, log=db.with_suffix(".log"))
             backfill = [sys.executable, "-m", "skyfill", "backfill", "--db", str(db), "--dids", x.did,
                         "--plc-url", srv.url, "--allow-private-hosts", "--json"]
             live: list[RecordRef] = []
@@ -278,20 +246,18 @@ def test_two_backfills_of_one_did_at_once_under_writes_equal_the_pds(
                     c.delete_record(x, POST, live[-2].rkey)
                 tail = c.create_record(x, POST, post_record(f"round {round_} done"))
                 seq = commit_seq(c, x.did, tail.commit.rev, since=start)
-                _until(lambda: _stored_cursor(info) >= seq, "the daemon to store the writes")  # noqa: B023
+                _until(lambda: stored_cursor(info) >= seq, "the daemon to store the writes")  # noqa: B023
                 for p in pair:
                     out, err = p.communicate(timeout=120)
                     assert p.returncode == 0, err.decode()
                     assert orjson.loads(out)["repos_ok"] == 1
             last = c.create_record(x, POST, post_record("the end"))
             target = commit_seq(c, x.did, last.commit.rev, since=start)
-            _until(lambda: _stored_cursor(info) >= target, "the daemon to catch up")
+            _until(lambda: stored_cursor(info) >= target, "the daemon to catch up")
             proc.send_signal(signal.SIGTERM)
             assert proc.wait(15) == 0
         finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait(10)
+            reap(proc)
     con = duckdb.connect(str(db), read_only=True)
     try:
         assert_mirror_equals(con, c, [x.did])

@@ -18,26 +18,22 @@ import resource
 import shutil
 import signal
 import subprocess
-import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import duckdb
-import httpx
 import orjson
 import pytest
 
 from consumer.daemon import ConsumeConfig, Daemon
-from skyfill.daemon_client import call_daemon, find_daemon
 from skyfill.errors import StorageError
 from storage import Store
 
 from .relay import LocalRelay
-from .test_daemon import _seqs, expected_mirror, mirror_of, world_frames
-
-ROOT = Path(__file__).resolve().parent.parent
+from .support.daemon import announced, metrics, reap, spawn_consume, stored_cursor
+from .support.mirror import consume_until, expected_mirror, mirror_of, world_frames
+from .support.wait import apoll, free_port, poll
 
 
 @contextlib.contextmanager
@@ -96,53 +92,16 @@ class DiskFull:
             resource.prlimit(self.proc.pid, resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _spawn(db: Path, relay: LocalRelay, log: Path, disk: DiskFull, *extra: str) -> subprocess.Popen[bytes]:
     with open(log, "ab") as err:  # outside the small filesystem: the log must survive it
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "skyfill", "consume", "--db", str(db), "--relay", relay.url,
-             "--flush-interval", "0.05", "--batch-events", "200", *extra],
-            cwd=ROOT, env={**os.environ, "SKYFILL_LOG_JSON": "1"}, stdout=subprocess.DEVNULL, stderr=err,
-            preexec_fn=disk.preexec(),
-        )
+        proc = spawn_consume(db, relay.url, "--flush-interval", "0.05", "--batch-events", "200", *extra,
+                             stderr=err, preexec_fn=disk.preexec())
     disk.proc = proc
     return proc
 
 
-def _announced(db: Path, proc: subprocess.Popen[bytes], log: Path) -> dict[str, Any]:
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, log.read_text()
-        info = find_daemon(db)
-        if info is not None and info["pid"] == proc.pid:
-            return info
-        time.sleep(0.05)
-    raise AssertionError("the daemon did not announce itself")
-
-
-def _metrics(port: int) -> dict[str, float]:
-    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
-    return {line.split(" ")[0]: float(line.split(" ")[1]) for line in text.splitlines()
-            if line and not line.startswith("#")}
-
-
-def _stored_cursor(info: dict[str, Any]) -> int:
-    cursors = call_daemon(info, "/status", timeout=10)["cursors"]
-    return int(cursors[0]["seq"]) if cursors else 0
-
-
 def _until(predicate: Callable[[], bool], what: str, timeout: float = 90) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.1)
+    poll(predicate, timeout=timeout, what=what, interval=0.1)
 
 
 def _lines(log: Path) -> list[dict[str, Any]]:
@@ -173,38 +132,36 @@ def test_disk_full_is_reported_retried_and_resumed_when_space_returns(disk: Disk
     before, after = frames[:2000], frames[2000:]
     db = disk.where / "full.duckdb"
     log = tmp_path / "daemon.log"
-    port = _free_port()
+    port = free_port()
     with LocalRelay(before) as relay:
         proc = _spawn(db, relay, log, disk, "--cursor", "0", "--metrics-port", str(port))
         try:
-            info = _announced(db, proc, log)
-            _until(lambda: _stored_cursor(info) == relay.head, "the first frames to be stored")
+            info = announced(db, proc, log=log)
+            _until(lambda: stored_cursor(info) == relay.head, "the first frames to be stored")
             stored = relay.head
             disk.fill()
             relay.append(after)
-            _until(lambda: _metrics(port).get("skyfill_store_healthy") == 0, "skyfill_store_healthy 0")
+            _until(lambda: metrics(port).get("skyfill_store_healthy") == 0, "skyfill_store_healthy 0")
             failed = [e for e in _lines(log) if e["msg"].startswith("storage write failed")]
             assert len(failed) == 1, failed
             assert failed[0]["level"] == "error" and failed[0]["cursor"] == stored
             assert failed[0]["kind"] == ("no_space" if disk.how == "tmpfs" else "io"), failed[0]
             # Still alive, still answering, nothing stored past the outage; the lag gauge moves on.
-            lag = _metrics(port)["skyfill_firehose_lag_seconds"]
-            _until(lambda: _metrics(port)["skyfill_firehose_lag_seconds"] > lag, "the lag gauge to grow")
-            assert proc.poll() is None and _stored_cursor(info) == stored
-            assert _metrics(port)["skyfill_storage_committed_seq"] == stored
-            errors = sum(v for k, v in _metrics(port).items() if k.startswith("skyfill_storage_errors_total"))
+            lag = metrics(port)["skyfill_firehose_lag_seconds"]
+            _until(lambda: metrics(port)["skyfill_firehose_lag_seconds"] > lag, "the lag gauge to grow")
+            assert proc.poll() is None and stored_cursor(info) == stored
+            assert metrics(port)["skyfill_storage_committed_seq"] == stored
+            errors = sum(v for k, v in metrics(port).items() if k.startswith("skyfill_storage_errors_total"))
             assert errors >= 1
 
             disk.free()
-            _until(lambda: _stored_cursor(info) == relay.head, "the daemon to resume by itself")
-            assert _metrics(port)["skyfill_store_healthy"] == 1
+            _until(lambda: stored_cursor(info) == relay.head, "the daemon to resume by itself")
+            assert metrics(port)["skyfill_store_healthy"] == 1
             assert [e for e in _lines(log) if e["msg"] == "storage recovered"]
             proc.send_signal(signal.SIGTERM)
             assert proc.wait(15) == 0
         finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait(10)
+            reap(proc)
     assert mirror_of(db) == expected_mirror(frames)
     assert _coverage(db) == ["clean"]  # one span: the outage skipped no event
     print(f"disk full made with: {disk.how}")
@@ -217,22 +174,20 @@ def test_sigterm_during_the_outage_exits_non_zero_in_one_line_and_a_restart_lose
     before, after = frames[:1500], frames[1500:]
     db = disk.where / "stop.duckdb"
     log = tmp_path / "daemon.log"
-    port = _free_port()
+    port = free_port()
     with LocalRelay(before) as relay:
         proc = _spawn(db, relay, log, disk, "--cursor", "0", "--metrics-port", str(port))
         try:
-            info = _announced(db, proc, log)
-            _until(lambda: _stored_cursor(info) == relay.head, "the first frames to be stored")
+            info = announced(db, proc, log=log)
+            _until(lambda: stored_cursor(info) == relay.head, "the first frames to be stored")
             stored = relay.head
             disk.fill()
             relay.append(after)
-            _until(lambda: _metrics(port).get("skyfill_store_healthy") == 0, "skyfill_store_healthy 0")
+            _until(lambda: metrics(port).get("skyfill_store_healthy") == 0, "skyfill_store_healthy 0")
             proc.send_signal(signal.SIGTERM)
             assert proc.wait(30) == 4
         finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait(10)
+            reap(proc)
         lines = _lines(log)  # every line structured: no traceback anywhere
         assert lines[-1]["level"] == "error" and lines[-1]["msg"].startswith("exiting: stopped while storage was failing")
         assert "\n" not in lines[-1]["msg"] and "exc" not in lines[-1]
@@ -240,15 +195,13 @@ def test_sigterm_during_the_outage_exits_non_zero_in_one_line_and_a_restart_lose
         disk.free()
         proc = _spawn(db, relay, log, disk)  # resumes at the stored cursor
         try:
-            info = _announced(db, proc, log)
-            assert _stored_cursor(info) >= stored
-            _until(lambda: _stored_cursor(info) == relay.head, "the restart to catch up")
+            info = announced(db, proc, log=log)
+            assert stored_cursor(info) >= stored
+            _until(lambda: stored_cursor(info) == relay.head, "the restart to catch up")
             proc.send_signal(signal.SIGTERM)
             assert proc.wait(15) == 0
         finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait(10)
+            reap(proc)
     assert mirror_of(db) == expected_mirror(frames)
     # The first span could not be closed while the disk was full: the restart closed it.
     assert _coverage(db) in (["error", "clean"], ["crashed", "clean"])
@@ -274,9 +227,8 @@ async def test_an_invalidated_database_stops_the_daemon_in_one_line_with_the_cur
             store = Store(db)
             daemon = Daemon(store, ConsumeConfig(relay=relay.url, cursor=0, flush_interval=0.05, batch_events=200))
             task = asyncio.create_task(daemon.run(install_signal_handlers=False))
-            while daemon.committed_seq != relay.head:
-                assert not task.done()
-                await asyncio.sleep(0.02)
+            await apoll(lambda: task.done() or daemon.committed_seq == relay.head, what="the first frames stored")
+            assert daemon.committed_seq == relay.head, "the daemon stopped before storing the first frames"
             stored = relay.head
             disk.fill()
             with pytest.raises(StorageError, match="No space left on device"):
@@ -289,22 +241,6 @@ async def test_an_invalidated_database_stops_the_daemon_in_one_line_with_the_cur
             assert daemon.committed_seq == stored
             store.close()
             disk.free()
-            daemon = await _consume_to(db, relay, relay.head)
+            daemon = await consume_until(db, relay, relay.head)
         assert mirror_of(db) == expected_mirror(frames)
         assert _coverage(db)[-1] == "clean" and _coverage(db)[0] in ("error", "crashed")
-
-
-async def _consume_to(db: Path, relay: LocalRelay, seq: int) -> Daemon:
-    store = Store(db)
-    daemon = Daemon(store, ConsumeConfig(relay=relay.url, flush_interval=0.05))
-    task = asyncio.create_task(daemon.run(install_signal_handlers=False))
-    deadline = time.monotonic() + 60
-    try:
-        while daemon.committed_seq != seq:
-            assert not task.done() and time.monotonic() < deadline, "the restart did not catch up"
-            await asyncio.sleep(0.02)
-    finally:
-        daemon.stop()
-        await asyncio.wait_for(task, 10)
-        store.close()
-    return daemon

@@ -13,10 +13,11 @@ import orjson
 import pytest
 
 from consumer import Account, Commit, Identity, Sync, Tracker, Verdict, parse_frame
+from skyfill.car import read_car
 from skyfill.errors import FrameError
 from storage import Batch, RepoRow, Store
 
-from .test_frames import FIREHOSE, encode_frame, from_json, load
+from .support.wire import FIREHOSE, encode_car, encode_frame, from_json, load
 
 SCENARIOS = Path(__file__).parent / "vectors" / "indigo" / "relay-scenarios"
 NOW = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
@@ -227,10 +228,6 @@ def test_filter_keeps_wanted_collections_and_still_advances_rev() -> None:
 
 
 def test_too_big_commit_desynchronizes_and_stores_no_bodies() -> None:
-    from skyfill.car import read_car
-
-    from .test_frames import encode_car
-
     header, body = load("post_lifecycle__02.frame")
     _, blocks = read_car(body["blocks"])
     body["tooBig"] = True

@@ -3,13 +3,14 @@
 
 Real parts: a LocalRelay (WebSocket) replays bench.generate.World frames (real signed commits);
 a FaultServer plays the PLC directory serving the World's DID documents; the daemon writes a
-real DuckDB file. The expected mirror is the independent fold of tests/test_daemon.py.
+real DuckDB file. The expected mirror is the independent fold of tests/support/mirror.py.
 """
 
 from __future__ import annotations
 
 import asyncio
 import random
+import signal
 import threading
 import time
 from collections.abc import Callable
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import duckdb
+import httpx
 import libipld
 import pytest
 
@@ -37,7 +39,9 @@ from .network import Create, Delete, LocalNetwork, PdsAccount, Update, post_reco
 from .network import PdsClient as NetworkClient
 from .oracle import assert_mirror_equals, commit_seq, head_seq
 from .relay import LocalRelay, error_frame, frame_seq
-from .test_daemon import consume_until, expected_mirror, mirror_of
+from .support.daemon import announced, spawn_consume, stored_cursor
+from .support.mirror import consume_until, expected_mirror, mirror_of
+from .support.wait import free_port, poll
 
 
 def _checker(plc: FaultServer, **options: float) -> tuple[CommitVerifier, Resolver]:
@@ -232,36 +236,21 @@ async def test_sync_event_signature(tmp_path: Path) -> None:
 def test_cli_env_var_turns_verification_on(tmp_path: Path) -> None:
     """`SKYFILL_VERIFY=1 skyfill consume --plc-url ...`: the tampered frame shows up in
     /metrics as bad_signature, every other frame is stored, SIGTERM exits cleanly."""
-    import os
-    import signal
-    import subprocess
-    import sys
-
-    import httpx
-
-    from .test_daemon import ROOT, _free_port, _stored_cursor, _wait_for_daemon
-
     world = World(15, n_dids=10, retain_blocks=False)
     frames = list(world.frames(600))
     did, at = next((d, p[-1]) for d, p in _commit_positions(frames).items() if len(p) > 3)
     sent = list(frames)
     sent[at] = _tampered(frames[at])
     db = tmp_path / "cli.duckdb"
-    port = _free_port()
+    port = free_port()
     with FaultServer() as plc, LocalRelay(sent) as relay:
         _serve_docs(plc, world.identities)
-        env = {**os.environ, "SKYFILL_VERIFY": "1"}
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "skyfill", "consume", "--db", str(db), "--relay", relay.url, "--cursor", "0",
-             "--plc-url", plc.url, "--metrics-port", str(port), "--flush-interval", "0.05"],
-            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-        )
+        proc = spawn_consume(db, relay.url, "--cursor", "0", "--plc-url", plc.url, "--metrics-port", str(port),
+                             "--flush-interval", "0.05", env={"SKYFILL_VERIFY": "1"})
         try:
-            info = _wait_for_daemon(db, proc)
-            deadline = time.monotonic() + 60
-            while _stored_cursor(info) != relay.head:
-                assert time.monotonic() < deadline
-                time.sleep(0.1)
+            info = announced(db, proc)
+            poll(lambda: stored_cursor(info) == relay.head, timeout=60, what="the stored cursor at the head",
+                 interval=0.1)
             text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
             assert 'skyfill_firehose_errors_total{kind="bad_signature"} 1.0' in text
         finally:

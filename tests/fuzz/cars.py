@@ -47,6 +47,7 @@ from bench.generate.repo import generate_repo
 from skyfill.crypto import PublicKey, parse_public_key
 from skyfill.errors import RepoError
 from skyfill.syntax import is_nsid, is_record_key
+from tests.support.wire import read_varint, varint
 
 __all__ = [
     "run",
@@ -88,26 +89,6 @@ def _cid(block: bytes) -> bytes:
     return _DAG_CBOR + hashlib.sha256(block).digest()
 
 
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while n > 0x7F:
-        out.append(0x80 | (n & 0x7F))
-        n >>= 7
-    out.append(n)
-    return bytes(out)
-
-
-def _read_varint(data: bytes, pos: int) -> tuple[int, int]:
-    n = shift = 0
-    while True:
-        b = data[pos]
-        pos += 1
-        n |= (b & 0x7F) << shift
-        if not b & 0x80:
-            return n, pos
-        shift += 7
-
-
 def _nested(depth: int) -> bytes:
     return b"\x81" * depth + b"\x00"
 
@@ -124,9 +105,9 @@ def _header(roots: list[Any], version: Any = 1) -> bytes:
 
 
 def _car(header: bytes, blocks: list[tuple[bytes, bytes]]) -> bytes:
-    parts = [_varint(len(header)), header]
+    parts = [varint(len(header)), header]
     for cid, data in blocks:
-        parts += [_varint(len(cid) + len(data)), cid, data]
+        parts += [varint(len(cid) + len(data)), cid, data]
     return b"".join(parts)
 
 
@@ -183,12 +164,12 @@ class _Repo:
 def _repo(index: int) -> _Repo:
     source = sources()[index]
     car = source.car
-    n, pos = _read_varint(car, 0)
+    n, pos = read_varint(car, 0)
     root = bytes(cbrrr.decode_dag_cbor(car[pos : pos + n])["roots"][0])
     pos += n
     sections = []
     while pos < len(car):
-        n, pos = _read_varint(car, pos)
+        n, pos = read_varint(car, pos)
         sections.append((car[pos : pos + 36], car[pos + 36 : pos + n]))
         pos += n
     blocks = dict(sections)
@@ -303,7 +284,7 @@ def _varint_bomb(rng: random.Random, repo: _Repo) -> bytes:
     car = repo.source.car
     if rng.random() < 0.5:
         return bad + car
-    n, pos = _read_varint(car, 0)
+    n, pos = read_varint(car, 0)
     return car[: pos + n] + bad + car[pos + n :]
 
 

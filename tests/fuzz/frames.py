@@ -48,7 +48,8 @@ from skyfill.car import read_car
 from skyfill.errors import FrameError
 from skyfill.syntax import is_did
 from tests.relay import LocalRelay
-from tests.test_daemon import consume_until
+from tests.support.mirror import consume_until
+from tests.support.wire import encode_frame, varint
 
 __all__ = ["run", "run_daemon_check", "mutants", "write_corpus", "CORPUS", "MUTATORS", "check_input"]
 
@@ -90,18 +91,7 @@ def seeds(generated: int = 120) -> tuple[Seed, ...]:
 # -- encoding helpers --------------------------------------------------------------------------
 
 
-def frame(header: Any, body: Any) -> bytes:
-    return libipld.encode_dag_cbor(header) + libipld.encode_dag_cbor(body)
-
-
-def varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        b = n & 0x7F
-        n >>= 7
-        out.append(b | 0x80 if n else b)
-        if not n:
-            return bytes(out)
+frame = encode_frame
 
 
 def car(roots: list[bytes], blocks: list[tuple[bytes, bytes]], *, header: bytes | None = None) -> bytes:

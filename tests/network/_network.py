@@ -8,7 +8,6 @@ import secrets
 import selectors
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -18,6 +17,7 @@ from types import TracebackType
 
 from tests.network._client import PdsClient
 from tests.network._install import CACHE_DIR, install
+from tests.support.wait import free_port
 
 __all__ = ["LocalNetwork", "NetworkStartError"]
 
@@ -26,12 +26,6 @@ _DAY_MS = 24 * 3600 * 1000
 
 class NetworkStartError(RuntimeError):
     """The launcher exited or stayed silent; the message carries its stderr."""
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class LocalNetwork:
@@ -73,7 +67,7 @@ class LocalNetwork:
         data_dir.mkdir()
         config = {
             "plcPort": 0,
-            "pdsPort": _free_port(),
+            "pdsPort": free_port(),
             "dataDir": str(data_dir),
             "adminPassword": secrets.token_hex(12),
             "jwtSecret": secrets.token_hex(16),

@@ -1,0 +1,50 @@
+"""A scripted PLC directory + PDS on one FaultServer: generated identities and signed repo CARs."""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+from bench.generate.identity import Identity, did_document, make_identity
+from bench.generate.repo import generate_repo
+from tests.faultserver import FaultServer, Reply, Seen, json_reply, xrpc_error
+
+__all__ = ["GET_REPO", "World"]
+
+GET_REPO = "/xrpc/com.atproto.sync.getRepo"
+
+
+class World:
+    """DIDs, their documents and repos, served by one FaultServer (PLC at /, PDS at /xrpc)."""
+
+    def __init__(self, srv: FaultServer) -> None:
+        self.srv = srv
+        self.rng = random.Random(7)
+        self.docs: dict[str, Any] = {}
+        self.repos: dict[str, list[Reply]] = {}
+        self.plc_hits: dict[str, int] = {}
+        self.repo_hits: dict[str, int] = {}
+        srv.script(GET_REPO, self._get_repo)
+
+    def account(self, n_records: int = 20) -> tuple[Identity, bytes]:
+        ident = make_identity(self.rng)
+        car = generate_repo(self.rng, did=ident.did, key=ident.secret, n_records=n_records)
+        self.set_doc(ident.did, did_document(ident, self.srv.url))
+        self.repos[ident.did] = [Reply(200, car, {"Content-Type": "application/vnd.ipld.car"})]
+        return ident, car
+
+    def set_doc(self, did: str, doc: Any) -> None:
+        self.docs[did] = doc
+        self.srv.script(f"/{did}", lambda seen: self._plc(did))
+
+    def _plc(self, did: str) -> Reply:
+        self.plc_hits[did] = self.plc_hits.get(did, 0) + 1
+        return json_reply(self.docs[did])
+
+    def _get_repo(self, seen: Seen) -> Reply:
+        did = seen.query.get("did", "")
+        self.repo_hits[did] = self.repo_hits.get(did, 0) + 1
+        replies = self.repos.get(did)
+        if not replies:
+            return xrpc_error("RepoNotFound", "no such repo")
+        return replies.pop(0) if len(replies) > 1 else replies[0]
