@@ -173,8 +173,8 @@ class FaultServer:
                     for i in range(0, len(reply.body), 65536):
                         chunk = reply.body[i : i + 65536]
                         self.wfile.write(f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n")
-                    self.wfile.write(b"0\r\n\r\n")
                     server._answered(seen, reply.status)
+                    self.wfile.write(b"0\r\n\r\n")
                     return
                 length = reply.content_length if reply.content_length is not None else len(reply.body)
                 self.send_header("Content-Length", str(length))
@@ -182,9 +182,10 @@ class FaultServer:
                     self.send_header("Connection", "close")
                     self.close_connection = True
                 self.end_headers()
+                # recorded before the body goes out: once the client has the answer, so has `answered`
+                server._answered(seen, reply.status)
                 self.wfile.write(reply.body)
                 self.wfile.flush()
-                server._answered(seen, reply.status)
 
         self._httpd = _QuietServer((host, 0), _Handler)
         self._httpd.on_connect = self._connected
