@@ -1,10 +1,10 @@
 """backfill: fetch whole repos (getRepo), verify them, and reconcile them into storage."""
 
-from .hosts import SafeHttp, check_host
-from .identity import Identity, Resolver
-from .pds import ListedRepo, PdsClient
-from .ratelimit import HostLimiter
-from .repo import RepoSnapshot, materialize, parse_repo
+from skyfill.net.hosts import SafeHttp, check_host
+from skyfill.net.identity import Identity, Resolver
+from skyfill.net.pds import ListedRepo, PdsClient
+from skyfill.net.ratelimit import HostLimiter
+from skyfill.protocol.repo import RepoSnapshot, materialize, parse_repo
 from .backfiller import Backfiller, BackfillSummary, DirectSink, ReconcileSink, open_backfiller, recover_queue
 from .config import BackfillConfig
 from .gaps import Auditor, GapReport, PdsAuditor, Reason, detect_gaps

@@ -40,7 +40,7 @@ import libipld
 
 from skyfill import metrics
 from skyfill.backoff import backoff_delay
-from skyfill.crypto import PublicKey, parse_public_key
+from skyfill.protocol.crypto import PublicKey, parse_public_key
 from skyfill.errors import (
     IdentityError,
     RateLimited,
@@ -51,13 +51,13 @@ from skyfill.errors import (
     TerminalFetchError,
     UnsafeHostError,
 )
-from storage import TERMINAL_BACKFILL, BackfillStatus, Change, QueueState, ReconcileCounts, RecordColumns, Store
-from storage.writer import RECONCILE_CHUNK as _RECONCILE_CHUNK
+from skyfill.storage import TERMINAL_BACKFILL, BackfillStatus, Change, QueueState, ReconcileCounts, RecordColumns, Store
+from skyfill.storage.writer import RECONCILE_CHUNK as _RECONCILE_CHUNK
 
 from .config import BackfillConfig
-from .identity import Identity, Resolver
-from .pds import PdsClient
-from .repo import RepoSnapshot, materialize, parse_repo
+from skyfill.net.identity import Identity, Resolver
+from skyfill.net.pds import PdsClient
+from skyfill.protocol.repo import RepoSnapshot, materialize, parse_repo
 
 __all__ = [
     "Backfiller",

@@ -39,13 +39,13 @@ import duckdb
 import pyarrow as pa
 
 from skyfill.errors import ConfigError, FetchError, IdentityError, StorageError, SyntaxError_
-from skyfill.syntax import is_did
-from storage import CoverageEnd, Store
-from storage.queries import DESYNCHRONIZED, not_terminal
+from skyfill.protocol.syntax import is_did
+from skyfill.storage import CoverageEnd, Store
+from skyfill.storage.queries import DESYNCHRONIZED, not_terminal
 
 if TYPE_CHECKING:
-    from .identity import Resolver
-    from .pds import PdsClient
+    from skyfill.net.identity import Resolver
+    from skyfill.net.pds import PdsClient
 
 log = logging.getLogger(__name__)
 

@@ -28,7 +28,7 @@ import libipld
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.http11 import Request, Response
 
-from skyfill.car import cid_to_str, read_car
+from skyfill.protocol.car import cid_to_str, read_car
 
 from .generate.identity import Identity, did_document
 

@@ -1,7 +1,7 @@
 """consumer: the firehose side of skyfill: frames -> typed events -> per-DID state -> batches."""
 
-from .events import Account, Commit, Event, Identity, Info, Op, StreamError, Sync
-from .frames import FRAME_ERROR_KINDS, MAX_FRAME_SIZE, parse_frame
+from skyfill.protocol.events import Account, Commit, Event, Identity, Info, Op, StreamError, Sync
+from skyfill.protocol.frames import FRAME_ERROR_KINDS, MAX_FRAME_SIZE, parse_frame
 from .tracker import Tracker, Verdict
 from .verify import CommitVerifier
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from storage import Change, RecordChange, RepoChange, RepoRow
+from skyfill.storage import Change, RecordChange, RepoChange, RepoRow
 
-from .events import Account, Commit, Event, Identity, Sync
+from skyfill.protocol.events import Account, Commit, Event, Identity, Sync
 
 __all__ = ["changes_for", "repo_change"]
 

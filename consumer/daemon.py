@@ -59,16 +59,16 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 from skyfill import metrics
-from skyfill.crypto import PublicKey
+from skyfill.protocol.crypto import PublicKey
 from skyfill.errors import FrameError, FutureCursorError, IdentityError, StorageError
-from skyfill.syntax import collection_matcher
-from storage import Batch, CoverageEnd, CoverageSpan, Store
-from storage.writer import failure_kind
+from skyfill.protocol.syntax import collection_matcher
+from skyfill.storage import Batch, CoverageEnd, CoverageSpan, Store
+from skyfill.storage.writer import failure_kind
 
 from .changes import changes_for
 from .connection import source_name, stream_frames
-from .events import Account, Commit, Identity, Info, StreamError, Sync
-from .frames import parse_frame
+from skyfill.protocol.events import Account, Commit, Identity, Info, StreamError, Sync
+from skyfill.protocol.frames import parse_frame
 from .resync import Captures
 from .tracker import Tracker, Verdict
 

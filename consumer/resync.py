@@ -32,11 +32,11 @@ import copy
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from backfill.backfiller import thread_emitter
-from backfill.repo import materialize
-from storage import Batch, RecordPut, ReconcileCounts, SyncState
+from skyfill.backfill.backfiller import thread_emitter
+from skyfill.protocol.repo import materialize
+from skyfill.storage import Batch, RecordPut, ReconcileCounts, SyncState
 
-from .events import Commit
+from skyfill.protocol.events import Commit
 
 if TYPE_CHECKING:
     from .daemon import Daemon

@@ -31,9 +31,9 @@ from collections.abc import Callable, Iterable, Mapping
 from datetime import UTC, datetime
 from enum import StrEnum
 
-from storage import AccountStatus, Batch, RecordPut, RepoRow, SyncState
+from skyfill.storage import AccountStatus, Batch, RecordPut, RepoRow, SyncState
 
-from .events import Account, Commit, Event, Identity, Sync
+from skyfill.protocol.events import Account, Commit, Event, Identity, Sync
 
 __all__ = ["Tracker", "Verdict"]
 

@@ -46,13 +46,13 @@ from typing import TYPE_CHECKING, Final
 
 import libipld
 
-from skyfill.car import read_car
-from skyfill.crypto import PublicKey, parse_public_key, verify_signature
+from skyfill.protocol.car import read_car
+from skyfill.protocol.crypto import PublicKey, parse_public_key, verify_signature
 from skyfill.errors import ConfigError, IdentityError, RepoError
-from skyfill.mst import EMPTY_TREE, invert_commit
+from skyfill.protocol.mst import EMPTY_TREE, invert_commit
 
 if TYPE_CHECKING:
-    from backfill.identity import Identity, Resolver
+    from skyfill.net.identity import Identity, Resolver
 
 __all__ = ["CommitVerifier", "CheckResult", "check_frame", "check_frames"]
 

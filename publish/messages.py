@@ -15,7 +15,7 @@ import orjson
 
 from skyfill.errors import InputError
 
-from storage import Change, RecordChange, RepoChange
+from skyfill.storage import Change, RecordChange, RepoChange
 
 __all__ = [
     "SCHEMA_VERSION",

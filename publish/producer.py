@@ -34,7 +34,7 @@ from aiokafka.partitioner import murmur2
 from skyfill import metrics
 from skyfill.backoff import backoff_delay
 from skyfill.errors import ConfigError, PublishError
-from storage import Change
+from skyfill.storage import Change
 
 from .messages import RECORDS_TOPIC, REPOS_TOPIC, Message, Topics, encode_change
 from .topics import ensure_topics

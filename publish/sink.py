@@ -35,8 +35,8 @@ from aiokafka.errors import KafkaError
 
 from skyfill import metrics
 from skyfill.errors import InputError, PublishError, StorageError
-from skyfill.records import is_valid_datetime
-from storage import Batch, RecordPut, RepoRow, Store
+from skyfill.protocol.records import is_valid_datetime
+from skyfill.storage import Batch, RecordPut, RepoRow, Store
 
 from .messages import Topics, decode_value
 

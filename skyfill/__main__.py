@@ -1,3 +1,3 @@
-from .cli import main
+from skyfill.cli import main
 
 main()

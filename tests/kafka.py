@@ -26,7 +26,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO
 
-from skyfill.daemon_client import pid_alive
+from skyfill.app.daemon_client import pid_alive
 from tests.support.wait import free_port
 
 __all__ = ["KafkaBroker", "tansu_binary", "free_port"]

@@ -21,11 +21,11 @@ from pathlib import Path
 import orjson
 import pytest
 
-from consumer.admin import AdminServer
-from consumer.daemon import ConsumeConfig, Daemon
-from consumer.service import Services
-from skyfill.daemon_client import announce_path, find_daemon, process_start_time, read_announcement
-from storage import Store
+from skyfill.app.admin import AdminServer
+from skyfill.consumer.daemon import ConsumeConfig, Daemon
+from skyfill.app.service import Services
+from skyfill.app.daemon_client import announce_path, find_daemon, process_start_time, read_announcement
+from skyfill.storage import Store
 from tests.faultserver import FaultServer, xrpc_error
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from backfill.backfiller import premade
-from backfill.repo import RepoSnapshot, materialize, parse_repo
-from storage import Store
+from skyfill.backfill.backfiller import premade
+from skyfill.protocol.repo import RepoSnapshot, materialize, parse_repo
+from skyfill.storage import Store
 
 VECTORS = Path(__file__).parent / "vectors" / "indigo"
 GREENGROUND = VECTORS / "testing-testdata" / "greenground.repo.car"
@@ -106,8 +106,8 @@ def test_records_decoded_before_the_lock_survive_a_concurrent_change(store: Stor
 def test_chunked_reconcile_decodes_ahead_and_emits_every_change(
     store: Store, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import backfill.backfiller as backfiller
-    import storage.writer as writer
+    import skyfill.backfill.backfiller as backfiller
+    import skyfill.storage.writer as writer
 
     monkeypatch.setattr(writer, "RECONCILE_CHUNK", 1)  # 2 records -> 2 chunks, each decoded ahead
     monkeypatch.setattr(backfiller, "_RECONCILE_CHUNK", 1)
@@ -125,7 +125,7 @@ def commit_first(car: bytes) -> bytes:
     """The same CAR with the commit as its first block (how PDSes write getRepo)."""
     import libipld
 
-    from skyfill.car import read_car
+    from skyfill.protocol.car import read_car
 
     roots, blocks = read_car(car)
     header = libipld.encode_dag_cbor({"version": 1, "roots": roots})
@@ -144,7 +144,7 @@ def commit_first(car: bytes) -> bytes:
 def test_deferred_parse_reads_only_the_commit_and_still_checks_it() -> None:
     import json
 
-    from skyfill.crypto import atproto_key_from_did_doc
+    from skyfill.protocol.crypto import atproto_key_from_did_doc
     from skyfill.errors import RepoError, SignatureError
 
     testing = VECTORS / "testing-testdata"

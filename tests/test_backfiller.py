@@ -14,12 +14,12 @@ from typing import Any
 import pytest
 from tests.faultserver import FaultServer, Reply, json_reply, xrpc_error
 
-from backfill.backfiller import open_backfiller, recover_queue
-from backfill.config import BackfillConfig
-from backfill.gaps import PdsAuditor
-from backfill.repo import parse_repo
+from skyfill.backfill.backfiller import open_backfiller, recover_queue
+from skyfill.backfill.config import BackfillConfig
+from skyfill.backfill.gaps import PdsAuditor
+from skyfill.protocol.repo import parse_repo
 from bench.generate.identity import did_document, make_identity
-from storage import Store
+from skyfill.storage import Store
 from tests.support.served import GET_REPO, World
 
 

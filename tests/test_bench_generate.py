@@ -47,8 +47,8 @@ from bench.generate.repo import _draw_records
 from bench.harness import discover
 from bench.peer import installed as peer_installed
 from bench.servers import FirehoseServer, RepoServer
-from skyfill.car import read_car, verify_block
-from skyfill.records import is_valid_datetime
+from skyfill.protocol.car import read_car, verify_block
+from skyfill.protocol.records import is_valid_datetime
 
 ROOT = Path(__file__).resolve().parents[1]
 DID_RE = re.compile(r"^did:plc:[a-z2-7]{24}$")

@@ -25,8 +25,8 @@ import pytest
 from click.testing import CliRunner
 
 from skyfill.cli import main
-from skyfill.daemon_client import announce_path
-from storage import Store
+from skyfill.app.daemon_client import announce_path
+from skyfill.storage import Store
 
 ROOT = Path(__file__).resolve().parents[1]
 DID = "did:plc:aaaaaaaaaaaaaaaaaaaaaaaa"

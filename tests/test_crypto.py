@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-from skyfill.crypto import PublicKey, atproto_key_from_did_doc, parse_public_key, verify_signature
+from skyfill.protocol.crypto import PublicKey, atproto_key_from_did_doc, parse_public_key, verify_signature
 from skyfill.errors import IdentityError
 
 CRYPTO = Path(__file__).parent / "vectors" / "interop" / "crypto"

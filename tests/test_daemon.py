@@ -18,9 +18,9 @@ import libipld
 import orjson
 import pytest
 
-from consumer.daemon import ConsumeConfig, Daemon
+from skyfill.consumer.daemon import ConsumeConfig, Daemon
 from skyfill.errors import FutureCursorError
-from storage import Store
+from skyfill.storage import Store
 
 from .relay import LocalRelay, error_frame, info_frame
 from .support.daemon import ROOT, announced, spawn_consume, stored_cursor

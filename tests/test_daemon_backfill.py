@@ -15,10 +15,10 @@ import duckdb
 import libipld
 import orjson
 
-from backfill.repo import parse_repo
+from skyfill.protocol.repo import parse_repo
 from bench.generate.firehose import World
 from bench.generate.identity import did_document
-from skyfill.daemon_client import call_daemon
+from skyfill.app.daemon_client import call_daemon
 
 from .faultserver import FaultServer, Reply, json_reply
 from .relay import LocalRelay

@@ -27,12 +27,12 @@ from typing import Any, TypeVar
 import duckdb
 import pytest
 
-from backfill.cli import all_dids, run_backfill, run_gaps
-from backfill.config import BackfillConfig
-from backfill.handler import lambda_handler
-from consumer.daemon import ConsumeConfig, Daemon
-from consumer.resync import DaemonSink
-from storage import Store
+from skyfill.cli.backfill import all_dids, run_backfill, run_gaps
+from skyfill.backfill.config import BackfillConfig
+from skyfill.app.handler import lambda_handler
+from skyfill.consumer.daemon import ConsumeConfig, Daemon
+from skyfill.consumer.resync import DaemonSink
+from skyfill.storage import Store
 from tests.network import (
     Create,
     Delete,

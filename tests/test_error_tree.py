@@ -10,18 +10,18 @@ from pathlib import Path
 
 import pytest
 
-from backfill.gaps import detect_gaps
-from backfill.identity import Resolver
-from backfill.pds import PdsClient
-from backfill.ratelimit import HostLimiter
-from consumer.connection import Backoff
-from publish.messages import decode_value
-from publish.producer import KafkaPublisher
-from publish.requests import decode_request
+from skyfill.backfill.gaps import detect_gaps
+from skyfill.net.identity import Resolver
+from skyfill.net.pds import PdsClient
+from skyfill.net.ratelimit import HostLimiter
+from skyfill.consumer.connection import Backoff
+from skyfill.publish.messages import decode_value
+from skyfill.publish.producer import KafkaPublisher
+from skyfill.publish.requests import decode_request
 from skyfill.backoff import backoff_delay
 from skyfill.errors import ConfigError, InputError, PublishError, StorageError
-from storage import RepoChange, Store
-from storage.status import status_report
+from skyfill.storage import RepoChange, Store
+from skyfill.storage.status import status_report
 
 
 def test_store_read_of_a_broken_query_is_storage_error(tmp_path: Path) -> None:

@@ -14,10 +14,10 @@ import libipld
 import orjson
 import pytest
 
-from consumer import Account, Commit, Identity, Info, StreamError, Sync, parse_frame
-from consumer.connection import MAX_FRAME_BYTES, stream_frames
-from consumer.frames import FRAME_ERROR_KINDS
-from skyfill.car import read_car
+from skyfill.consumer import Account, Commit, Identity, Info, StreamError, Sync, parse_frame
+from skyfill.consumer.connection import MAX_FRAME_BYTES, stream_frames
+from skyfill.protocol.frames import FRAME_ERROR_KINDS
+from skyfill.protocol.car import read_car
 from skyfill.errors import FrameError, FrameTooLargeError, SkyfillError
 from skyfill.metrics import REGISTRY
 

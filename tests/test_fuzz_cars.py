@@ -13,11 +13,11 @@ import pytest
 from tests.faultserver import FaultServer, Reply, json_reply, xrpc_error
 from tests.fuzz.cars import REPO_ERROR_KINDS, CorpusCase, check_input, corpus_cases, run, sources
 
-from backfill.backfiller import BackfillSummary, open_backfiller
-from backfill.config import BackfillConfig
-from backfill.repo import parse_repo
+from skyfill.backfill.backfiller import BackfillSummary, open_backfiller
+from skyfill.backfill.config import BackfillConfig
+from skyfill.protocol.repo import parse_repo
 from bench.generate.identity import Identity, did_document, make_identity
-from storage import Store
+from skyfill.storage import Store
 
 CASES = corpus_cases()
 GET_REPO = "/xrpc/com.atproto.sync.getRepo"

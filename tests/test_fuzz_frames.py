@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from consumer.frames import FRAME_ERROR_KINDS, parse_frame
+from skyfill.protocol.frames import FRAME_ERROR_KINDS, parse_frame
 from skyfill.errors import FrameError
 
 from .fuzz.frames import CORPUS, corpus_cases, run, run_daemon_check

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from backfill.gaps import GapReport, HeldRevs, Reason, detect_gaps, downtime_spans
+from skyfill.backfill.gaps import GapReport, HeldRevs, Reason, detect_gaps, downtime_spans
 from skyfill.errors import SyntaxError_
-from storage import Store
+from skyfill.storage import Store
 
 T0 = datetime(2025, 3, 10, tzinfo=UTC)
 START = T0

@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
-from backfill.handler import lambda_handler
-from storage import Store
+from skyfill.app.handler import lambda_handler
+from skyfill.storage import Store
 from tests.faultserver import FaultServer
 from tests.support.served import World
 

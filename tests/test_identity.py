@@ -11,13 +11,13 @@ import coincurve
 import libipld
 import pytest
 
-from backfill.identity import Identity, Resolver
-from skyfill.syntax import is_did
-from backfill.pds import PdsClient
+from skyfill.net.identity import Identity, Resolver
+from skyfill.protocol.syntax import is_did
+from skyfill.net.pds import PdsClient
 from tests.faultserver import FaultServer, Reply, json_reply
-from skyfill.crypto import parse_public_key
+from skyfill.protocol.crypto import parse_public_key
 from skyfill.errors import IdentityError, UnsafeHostError
-from storage import Store
+from skyfill.storage import Store
 
 VECTORS = Path(__file__).parent / "vectors/indigo/testing-testdata"
 PLC_DID = "did:plc:wqgdnqlv2mwiio6pfchwtrff"  # greenground's DID document (legacy key type)

@@ -15,13 +15,13 @@ from typing import Any
 import orjson
 import pytest
 
-from publish import KafkaPublisher, encode_change, ensure_topics
-from publish.requests import enqueue_backfill
-from publish.sink import Sink
-from publish.worker import BackfillWorker
+from skyfill.publish import KafkaPublisher, encode_change, ensure_topics
+from skyfill.publish.requests import enqueue_backfill
+from skyfill.publish.sink import Sink
+from skyfill.publish.worker import BackfillWorker
 from skyfill import metrics
-from skyfill.records import is_valid_datetime
-from storage import Batch, Change, RecordChange, RecordPut, RepoChange, RepoRow, Store
+from skyfill.protocol.records import is_valid_datetime
+from skyfill.storage import Batch, Change, RecordChange, RecordPut, RepoChange, RepoRow, Store
 from tests.kafka import KafkaBroker
 from tests.support.topics import FAST, consume_all, schema
 

@@ -24,21 +24,21 @@ import libipld
 import orjson
 import pytest
 
-from backfill.api import backfill_from_request
-from backfill.backfiller import DirectSink, open_backfiller
-from backfill.cli import run_backfill
-from backfill.config import BackfillConfig
-from backfill.repo import parse_repo
+from skyfill.app.api import backfill_from_request
+from skyfill.backfill.backfiller import DirectSink, open_backfiller
+from skyfill.cli.backfill import run_backfill
+from skyfill.backfill.config import BackfillConfig
+from skyfill.protocol.repo import parse_repo
 from bench.generate.firehose import World
 from bench.generate.identity import Identity, did_document, make_identity
 from bench.generate.repo import generate_repo
-from consumer.daemon import ConsumeConfig, Daemon
-from consumer.resync import DaemonSink
-from publish import KafkaPublisher, Topics, enqueue_backfill, ensure_topics
-from publish.sink import Sink
-from publish.worker import BackfillWorker, backfill_one_from
+from skyfill.consumer.daemon import ConsumeConfig, Daemon
+from skyfill.consumer.resync import DaemonSink
+from skyfill.publish import KafkaPublisher, Topics, enqueue_backfill, ensure_topics
+from skyfill.publish.sink import Sink
+from skyfill.publish.worker import BackfillWorker, backfill_one_from
 from skyfill import metrics
-from storage import Change, RecordChange, Store
+from skyfill.storage import Change, RecordChange, Store
 from tests.kafka import KafkaBroker
 
 from .faultserver import FaultServer, Reply, Seen, json_reply

@@ -22,9 +22,9 @@ from atmst.mst.node_wrangler import NodeWrangler
 from cbrrr import CID
 
 from bench.generate import World
-from skyfill.car import read_car
+from skyfill.protocol.car import read_car
 from skyfill.errors import RepoError
-from skyfill.mst import EMPTY_NODE, PartialTree, encode_node, invert_commit
+from skyfill.protocol.mst import EMPTY_NODE, PartialTree, encode_node, invert_commit
 
 VECTORS = Path(__file__).parent / "vectors"
 FIXTURES = json.loads((VECTORS / "interop/firehose/commit-proof-fixtures.json").read_text())

@@ -14,7 +14,7 @@ import libipld
 import pytest
 from websockets.sync.client import connect
 
-from skyfill.car import cid_to_str, read_car, verify_block
+from skyfill.protocol.car import cid_to_str, read_car, verify_block
 from tests.network import (
     Create,
     Delete,

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from backfill.hosts import MAX_URL_LENGTH, SafeHttp, check_host, check_url, is_unsafe_address
-from backfill.pds import ListedRepo, PdsClient
-from backfill.ratelimit import HostLimiter, parse_retry_after
+from skyfill.net.hosts import MAX_URL_LENGTH, SafeHttp, check_host, check_url, is_unsafe_address
+from skyfill.net.pds import ListedRepo, PdsClient
+from skyfill.net.ratelimit import HostLimiter, parse_retry_after
 from skyfill import metrics
-from skyfill.car import read_car
+from skyfill.protocol.car import read_car
 from skyfill.errors import (
     RateLimited,
     RepoError,
@@ -232,7 +232,7 @@ async def test_client_refuses_loopback_name_at_connect(server: FaultServer, monk
     """The connect-time guard alone (what defeats DNS rebinding). Fault injection: the early
     check_host is replaced by one that passes, as a rebinding DNS answer would make it; the
     connection is still refused because the socket layer resolves and checks once more."""
-    import backfill.hosts as hosts
+    import skyfill.net.hosts as hosts
 
     async def passes(url: str, **_: object) -> hosts.Target:
         return hosts.check_url(url)  # the syntax half only: no address check

@@ -23,9 +23,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature, encode_dss_signature
 
-from backfill.repo import RepoSnapshot, materialize, parse_repo
-from skyfill.car import CarError, cid_to_str, read_car, verify_block
-from skyfill.crypto import PublicKey, atproto_key_from_did_doc, parse_public_key
+from skyfill.protocol.repo import RepoSnapshot, materialize, parse_repo
+from skyfill.protocol.car import CarError, cid_to_str, read_car, verify_block
+from skyfill.protocol.crypto import PublicKey, atproto_key_from_did_doc, parse_public_key
 from skyfill.errors import RepoError, SignatureError
 
 from .support.wire import read_varint, varint

@@ -20,13 +20,13 @@ import duckdb
 import httpx
 import orjson
 
-from backfill.repo import parse_repo
-from backfill.api import backfill_from_request
+from skyfill.protocol.repo import parse_repo
+from skyfill.app.api import backfill_from_request
 from bench.generate.firehose import World
 from bench.generate.identity import did_document
-from consumer.daemon import ConsumeConfig, Daemon
-from consumer.resync import DaemonSink
-from storage import Store
+from skyfill.consumer.daemon import ConsumeConfig, Daemon
+from skyfill.consumer.resync import DaemonSink
+from skyfill.storage import Store
 from tests.network import Create, LocalNetwork, PdsAccount, PdsClient, RecordRef, post_record
 from tests.oracle import assert_mirror_equals, commit_seq, fetch_truth, head_seq
 

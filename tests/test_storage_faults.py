@@ -26,9 +26,9 @@ import duckdb
 import orjson
 import pytest
 
-from consumer.daemon import ConsumeConfig, Daemon
+from skyfill.consumer.daemon import ConsumeConfig, Daemon
 from skyfill.errors import StorageError
-from storage import Store
+from skyfill.storage import Store
 
 from .relay import LocalRelay
 from .support.daemon import announced, metrics, reap, spawn_consume, stored_cursor

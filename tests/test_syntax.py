@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from skyfill.errors import SyntaxError_
-from skyfill.syntax import (
+from skyfill.protocol.syntax import (
     check_did,
     check_nsid,
     check_record_key,

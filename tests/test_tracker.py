@@ -12,10 +12,10 @@ import libipld
 import orjson
 import pytest
 
-from consumer import Account, Commit, Identity, Sync, Tracker, Verdict, parse_frame
-from skyfill.car import read_car
+from skyfill.consumer import Account, Commit, Identity, Sync, Tracker, Verdict, parse_frame
+from skyfill.protocol.car import read_car
 from skyfill.errors import FrameError
-from storage import Batch, RepoRow, Store
+from skyfill.storage import Batch, RepoRow, Store
 
 from .support.wire import FIREHOSE, encode_car, encode_frame, from_json, load
 

@@ -22,17 +22,17 @@ import httpx
 import libipld
 import pytest
 
-from backfill.identity import Resolver
-from backfill.pds import PdsClient
+from skyfill.net.identity import Resolver
+from skyfill.net.pds import PdsClient
 from bench.generate.firehose import World
 from bench.generate.identity import Identity, did_document, make_identity
 from bench.generate.repo import cid_for, sign_commit, write_car
-from consumer.daemon import ConsumeConfig, Daemon
-from consumer.events import Sync
-from consumer.frames import parse_frame
-from consumer.verify import CommitVerifier, check_frame
+from skyfill.consumer.daemon import ConsumeConfig, Daemon
+from skyfill.protocol.events import Sync
+from skyfill.protocol.frames import parse_frame
+from skyfill.consumer.verify import CommitVerifier, check_frame
 from skyfill.errors import IdentityError
-from storage import Store
+from skyfill.storage import Store
 
 from .faultserver import FaultServer, Reply, Seen, json_reply, xrpc_error
 from .network import Create, Delete, LocalNetwork, PdsAccount, Update, post_record
@@ -65,7 +65,7 @@ def _tampered(frame: bytes) -> bytes:
     altered block (the parser refuses a block that does not hash to its CID before any signature
     check, so a forged signature has to come with a matching CID)."""
     header, body = _decode(frame)
-    from skyfill.car import read_car
+    from skyfill.protocol.car import read_car
 
     roots, blocks = read_car(body["blocks"])
     commit = libipld.decode_dag_cbor(blocks.pop(body["commit"]))

@@ -179,8 +179,8 @@ def _serve_plc(seed: int, n_dids: int) -> None:
 async def _consume(
     db: str, relay: str, last_seq: int, batch_events: int, memory_limit: str | None, plc: str | None = None,
 ) -> dict[str, Any]:
-    from consumer.daemon import ConsumeConfig, Daemon
-    from storage import Store
+    from skyfill.consumer.daemon import ConsumeConfig, Daemon
+    from skyfill.storage import Store
 
     store = Store(db)
     if memory_limit:  # an experiment knob: DuckDB's buffer pool is most of the consumer's RSS
@@ -188,9 +188,9 @@ async def _consume(
     base_rss = rss_bytes()
     resolver = verifier = None
     if plc is not None:  # as `consume --verify`, minus the PLC rate limit (loopback)
-        from backfill.identity import Resolver
-        from backfill.pds import PdsClient
-        from consumer.verify import CommitVerifier
+        from skyfill.net.identity import Resolver
+        from skyfill.net.pds import PdsClient
+        from skyfill.consumer.verify import CommitVerifier
 
         client = PdsClient(per_host_rps=1e6, per_host_concurrency=32, max_retries=0)  # the Resolver trusts its PLC origin
         resolver = Resolver(plc_url=plc, client=client, store=store)
@@ -225,9 +225,9 @@ async def _consume(
 
 
 async def _backfill(db: str, plc: str, dids: list[str], concurrency: int) -> dict[str, Any]:
-    from backfill.cli import run_backfill
-    from backfill.config import BackfillConfig
-    from storage import Store
+    from skyfill.cli.backfill import run_backfill
+    from skyfill.backfill.config import BackfillConfig
+    from skyfill.storage import Store
 
     store = Store(db)
     config = BackfillConfig(plc_url=plc, allow_private_hosts=True, per_host_rps=1e6, concurrency=concurrency,

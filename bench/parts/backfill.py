@@ -37,15 +37,15 @@ def repo_sizes(ctx: Context) -> list[int]:
 
 
 def _config(plc: str, concurrency: int) -> Any:
-    from backfill.config import BackfillConfig
+    from skyfill.backfill.config import BackfillConfig
 
     return BackfillConfig(plc_url=plc, allow_private_hosts=True, per_host_rps=1e6, concurrency=concurrency,
                           per_host_concurrency=concurrency)
 
 
 def _backfill(db: Path, plc: str, dids: list[str], concurrency: int) -> tuple[float, Any]:
-    from backfill.cli import run_backfill
-    from storage import Store
+    from skyfill.cli.backfill import run_backfill
+    from skyfill.storage import Store
 
     with Store(db) as store:
         started = time.perf_counter()
@@ -67,7 +67,7 @@ def original_way(db: Path, pds: str, dids: list[str]) -> tuple[int, float]:
     from atproto import CAR, CID, models
     from atproto_client.models.utils import get_model_as_json
 
-    from storage import Store
+    from skyfill.storage import Store
 
     Store(db).close()  # the same schema as skyfill's
     con = duckdb.connect(str(db))

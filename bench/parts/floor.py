@@ -5,7 +5,7 @@ from __future__ import annotations
 import libipld
 
 from bench.harness import Context, Row, part, timed_rate
-from skyfill.car import read_car
+from skyfill.protocol.car import read_car
 
 from ._shared import frames, repo, walk_records
 

@@ -51,7 +51,7 @@ FROM (
 
 def add_repos(path: Path, *, lo: int, hi: int) -> float:
     """Add DIDs number lo..hi-1 (each in some sync state / backfill outcome); returns seconds."""
-    from storage import Store
+    from skyfill.storage import Store
 
     started = time.perf_counter()
     with Store(path) as store:
@@ -62,7 +62,7 @@ def add_repos(path: Path, *, lo: int, hi: int) -> float:
 
 def build_store(path: Path, *, n_dids: int, n_records: int) -> float:
     """Fill a fresh skyfill store; returns the seconds it took."""
-    from storage import Store
+    from skyfill.storage import Store
 
     started = time.perf_counter()
     with Store(path) as store:
@@ -118,8 +118,8 @@ def build_store(path: Path, *, n_dids: int, n_records: int) -> float:
 
 
 def measure(path: Path) -> tuple[dict[str, float], dict[str, int]]:
-    from backfill.gaps import detect_gaps
-    from storage import Store
+    from skyfill.backfill.gaps import detect_gaps
+    from skyfill.storage import Store
 
     with Store(path) as store:
         report = asyncio.run(detect_gaps(store, start=END - WINDOW, end=END, audit=None, now=END))

@@ -63,9 +63,9 @@ def verify_seconds_per_frame(ctx: Context, data: list[bytes]) -> float:
     re-encode it without `sig`, verify against the DID's key (keys already resolved)."""
     import libipld
 
-    from consumer.events import Commit
-    from consumer.frames import parse_frame
-    from skyfill.crypto import PublicKey, verify_signature
+    from skyfill.protocol.events import Commit
+    from skyfill.protocol.frames import parse_frame
+    from skyfill.protocol.crypto import PublicKey, verify_signature
 
     world = World(ctx.seed, n_dids=ctx.sizes.n_dids, retain_blocks=False)
     keys = {i.did: PublicKey("k256", i.public_key) for i in world.identities}
@@ -88,8 +88,8 @@ def inversion_seconds_per_frame(data: list[bytes]) -> float:
     CAR, undo the ops on the partial MST (skyfill.mst.invert_commit), compare with prevData."""
     import libipld
 
-    from skyfill.car import read_car
-    from skyfill.mst import invert_commit
+    from skyfill.protocol.car import read_car
+    from skyfill.protocol.mst import invert_commit
 
     decode_multi, decode = libipld.decode_dag_cbor_multi, libipld.decode_dag_cbor
 

@@ -32,12 +32,12 @@ def _ingest(ctx: Context) -> list[Row]:
     import pyarrow as pa
 
     from bench.generate import World
-    from consumer.events import Commit
-    from consumer.frames import parse_frame
-    from consumer.tracker import Tracker
-    from skyfill.crypto import PublicKey, verify_signature
-    from storage import Batch, Store
-    from storage.writer import _RECORD_SCHEMA, _REPO_FIELDS, _REPO_SCHEMA, _record_columns
+    from skyfill.protocol.events import Commit
+    from skyfill.protocol.frames import parse_frame
+    from skyfill.consumer.tracker import Tracker
+    from skyfill.protocol.crypto import PublicKey, verify_signature
+    from skyfill.storage import Batch, Store
+    from skyfill.storage.writer import _RECORD_SCHEMA, _REPO_FIELDS, _REPO_SCHEMA, _record_columns
 
     data = frames(ctx)
     n = len(data)
@@ -112,10 +112,10 @@ def _ingest(ctx: Context) -> list[Row]:
 def _backfill(ctx: Context) -> list[Row]:
     import httpx
 
-    from backfill.repo import materialize, parse_repo
+    from skyfill.protocol.repo import materialize, parse_repo
     from bench.servers import RepoServer
-    from skyfill.crypto import PublicKey
-    from storage import Store
+    from skyfill.protocol.crypto import PublicKey
+    from skyfill.storage import Store
 
     ident, car = repo(ctx)
     n = ctx.sizes.repo_records

@@ -29,7 +29,7 @@ import duckdb
 import libipld
 from websockets.sync.client import connect
 
-from skyfill.daemon_client import call_daemon, find_daemon
+from skyfill.app.daemon_client import call_daemon, find_daemon
 from tests.network import (
     Create,
     Delete,

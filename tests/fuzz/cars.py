@@ -41,12 +41,12 @@ from typing import Any, Final
 import cbrrr
 import coincurve
 
-from backfill.repo import materialize, parse_repo
+from skyfill.protocol.repo import materialize, parse_repo
 from bench.generate.identity import make_identity
 from bench.generate.repo import generate_repo
-from skyfill.crypto import PublicKey, parse_public_key
+from skyfill.protocol.crypto import PublicKey, parse_public_key
 from skyfill.errors import RepoError
-from skyfill.syntax import is_nsid, is_record_key
+from skyfill.protocol.syntax import is_nsid, is_record_key
 from tests.support.wire import read_varint, varint
 
 __all__ = [
@@ -661,7 +661,7 @@ def run(n: int, seed: int) -> dict[str, Any]:
     broken contract (empty = pass), each with the mutator, the seed and how to replay it."""
     started = time.perf_counter()
     rss_before = _rss_mb()
-    logger = logging.getLogger("backfill.repo")
+    logger = logging.getLogger("skyfill.protocol.repo")
     level = logger.level
     logger.setLevel(logging.ERROR)  # one warning per body-less record is materialize's job, not ours
     outcomes: Counter[str] = Counter()
@@ -748,7 +748,7 @@ def write_corpus(n: int = 4000, seed: int = 1) -> dict[str, dict[str, Any]]:
     """Keep the smallest mutant for each (mutator, outcome) seen in run(n, seed), plus the
     issue's own cases, as regression inputs with their expected outcome."""
     best: dict[tuple[str, str], tuple[int, bytes, int]] = {}
-    logging.getLogger("backfill.repo").setLevel(logging.ERROR)
+    logging.getLogger("skyfill.protocol.repo").setLevel(logging.ERROR)
     for name, index, car in mutants(n, seed):
         source = sources()[index]
         if len(car) > _MAX_KEPT_BYTES and name != "dag_bomb":

@@ -42,11 +42,11 @@ import libipld
 import orjson
 
 from bench.generate.firehose import World
-from consumer.events import Account, Commit, Identity, Info, StreamError, Sync
-from consumer.frames import FRAME_ERROR_KINDS, MAX_FRAME_SIZE, parse_frame
-from skyfill.car import read_car
+from skyfill.protocol.events import Account, Commit, Identity, Info, StreamError, Sync
+from skyfill.protocol.frames import FRAME_ERROR_KINDS, MAX_FRAME_SIZE, parse_frame
+from skyfill.protocol.car import read_car
 from skyfill.errors import FrameError
-from skyfill.syntax import is_did
+from skyfill.protocol.syntax import is_did
 from tests.relay import LocalRelay
 from tests.support.mirror import consume_until
 from tests.support.wire import encode_frame, varint
@@ -676,7 +676,7 @@ async def _consume(db: Path, frames: list[bytes], until: int) -> dict[str, int]:
 def run_daemon_check(n_mutants: int, seed: int) -> dict[str, Any]:
     """Mirror of a daemon fed valid + rejected mutants == mirror of a daemon fed the valid frames."""
     valid, mixed, kept = daemon_mix(n_mutants, seed)
-    quiet = logging.getLogger("consumer")
+    quiet = logging.getLogger("skyfill.consumer")
     level = quiet.level
     quiet.setLevel(logging.ERROR)  # one warning per skipped frame is the daemon's job, not ours
     try:

@@ -28,7 +28,7 @@ from typing import Any
 
 import duckdb
 
-from skyfill.daemon_client import call_daemon, find_daemon
+from skyfill.app.daemon_client import call_daemon, find_daemon
 from tests.network import Create, Delete, LocalNetwork, PdsAccount, PdsClient, like_record, post_record
 from tests.oracle import commit_seq, head_seq, mirror_diff
 

@@ -11,7 +11,7 @@ from typing import IO, Any
 
 import httpx
 
-from skyfill.daemon_client import call_daemon, find_daemon
+from skyfill.app.daemon_client import call_daemon, find_daemon
 
 from .wait import poll
 

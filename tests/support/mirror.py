@@ -11,8 +11,8 @@ import duckdb
 import libipld
 
 from bench.generate.firehose import World
-from consumer.daemon import ConsumeConfig, Daemon
-from storage import Store
+from skyfill.consumer.daemon import ConsumeConfig, Daemon
+from skyfill.storage import Store
 from tests.relay import LocalRelay
 
 __all__ = ["expected_mirror", "mirror_of", "world_frames", "frame_seqs", "consume_until"]

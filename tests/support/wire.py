@@ -9,7 +9,7 @@ from typing import Any
 
 import libipld
 
-from skyfill.car import cid_from_str
+from skyfill.protocol.car import cid_from_str
 
 __all__ = ["VECTORS", "FIREHOSE", "from_json", "encode_frame", "varint", "read_varint", "encode_car", "load"]
 

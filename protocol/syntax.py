@@ -17,7 +17,7 @@ import re
 from collections.abc import Callable, Sequence
 from typing import Final
 
-from .errors import SyntaxError_
+from skyfill.errors import SyntaxError_
 from .records import is_valid_datetime
 
 __all__ = [

@@ -12,17 +12,17 @@ from urllib.parse import urlsplit
 import click
 import orjson
 
-from backfill.config import BackfillConfig
-from skyfill.cli import FiniteFloatRange, db_option, json_option, one_line, option
-from skyfill.daemon_client import call_daemon, find_daemon, remove_announcement
+from skyfill.backfill.config import BackfillConfig
+from .options import FiniteFloatRange, db_option, json_option, one_line, option
+from skyfill.app.daemon_client import call_daemon, find_daemon, remove_announcement
 from skyfill.errors import ConfigError, DatabaseLocked, FutureCursorError, SkyfillError, StorageError
-from storage import Store
-from storage.status import status_report
+from skyfill.storage import Store
+from skyfill.storage.status import status_report
 
-from .connection import subscribe_url
+from skyfill.consumer.connection import subscribe_url
 
 if TYPE_CHECKING:
-    from .daemon import ConsumeConfig
+    from skyfill.consumer.daemon import ConsumeConfig
 
 __all__ = ["COMMANDS", "consume", "status"]
 
@@ -70,10 +70,10 @@ def consume(
     kafka_bootstrap: str | None, batch_events: int, flush_interval: float, duckdb_memory_limit: str | None, verify: bool,
 ) -> None:
     """Mirror the firehose (com.atproto.sync.subscribeRepos) into DuckDB."""
-    from .daemon import ConsumeConfig
+    from skyfill.consumer.daemon import ConsumeConfig
 
     try:
-        from skyfill.syntax import collection_matcher, is_nsid
+        from skyfill.protocol.syntax import collection_matcher, is_nsid
 
         patterns = tuple(p.strip() for p in collections.split(",") if p.strip())
         for p in patterns:
@@ -110,9 +110,9 @@ async def _serve(
 ) -> int:
     from skyfill import metrics
 
-    from .admin import AdminServer
-    from .daemon import Daemon
-    from .service import Services
+    from skyfill.app.admin import AdminServer
+    from skyfill.consumer.daemon import Daemon
+    from skyfill.app.service import Services
 
     if metrics_port is not None:
         try:
@@ -126,10 +126,10 @@ async def _serve(
         stack.push_async_callback(services.aclose)
         verifier = None
         if verify:
-            from backfill.identity import Resolver
-            from backfill.pds import PdsClient
+            from skyfill.net.identity import Resolver
+            from skyfill.net.pds import PdsClient
 
-            from .verify import CommitVerifier
+            from skyfill.consumer.verify import CommitVerifier
 
             # Keys of first-seen DIDs are fetched ahead of their events, many at once (see verify.py).
             client = PdsClient(allow_private_hosts=allow_private_hosts, per_host_concurrency=32, max_retries=2)

@@ -9,14 +9,14 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING, Any
 
-from backfill.api import BackfillRequest, EnqueueRequest, GapsRequest, backfill_from_request, gaps_from_request
-from storage import Store
-from storage.status import status_report
+from .api import BackfillRequest, EnqueueRequest, GapsRequest, backfill_from_request, gaps_from_request
+from skyfill.storage import Store
+from skyfill.storage.status import status_report
 
-from .resync import DaemonSink
+from skyfill.consumer.resync import DaemonSink
 
 if TYPE_CHECKING:
-    from .daemon import Daemon
+    from skyfill.consumer.daemon import Daemon
 
 __all__ = ["Services"]
 
@@ -39,7 +39,7 @@ class Services:
 
     async def start(self) -> None:
         if self.kafka_bootstrap:
-            from publish import KafkaPublisher
+            from skyfill.publish import KafkaPublisher
 
             self._publisher = KafkaPublisher(self.kafka_bootstrap)
             await self._publisher.start()
@@ -90,11 +90,11 @@ class Services:
 
     async def backfill_forever(self) -> None:
         """`consume --backfill`: keep desynchronized and queued DIDs repaired, like Tap's resyncers."""
-        from backfill.api import backfill_queue_once
+        from .api import backfill_queue_once
 
-        from .resync import DaemonSink
+        from skyfill.consumer.resync import DaemonSink
 
-        from backfill.backfiller import recover_queue
+        from skyfill.backfill.backfiller import recover_queue
 
         assert self.daemon is not None
         sink = DaemonSink(self.daemon)

@@ -20,7 +20,7 @@ from typing import Final
 
 import libipld
 
-from .errors import RepoError
+from skyfill.errors import RepoError
 
 __all__ = ["read_car", "read_header", "read_varint", "cid_to_str", "cid_from_str", "verify_block", "CarError"]
 

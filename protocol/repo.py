@@ -45,12 +45,12 @@ from typing import Any, Final
 import libipld
 import orjson
 
-from skyfill.car import CarError, cid_to_str, read_car, read_header, read_varint
-from skyfill.crypto import PublicKey, verify_signature
+from .car import CarError, cid_to_str, read_car, read_header, read_varint
+from .crypto import PublicKey, verify_signature
 from skyfill.errors import InputError, RepoError, SignatureError
-from skyfill.records import record_json
-from skyfill.syntax import is_nsid
-from storage.writer import RecordColumns
+from .records import record_json
+from .syntax import is_nsid
+from .columns import RecordColumns
 
 __all__ = ["RepoSnapshot", "parse_repo", "materialize"]
 

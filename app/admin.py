@@ -26,7 +26,7 @@ from typing import Any
 
 import orjson
 
-from skyfill.daemon_client import remove_announcement, write_announcement
+from .daemon_client import remove_announcement, write_announcement
 from skyfill.errors import ConfigError, SkyfillError
 
 __all__ = ["AdminServer", "Handler", "MAX_BODY", "MAX_CONNECTIONS", "HEAD_TIMEOUT", "BODY_TIMEOUT"]

@@ -27,7 +27,7 @@ from urllib.parse import urlsplit
 import httpx
 import orjson
 
-from .errors import DaemonError
+from skyfill.errors import DaemonError
 
 __all__ = [
     "Announcement",

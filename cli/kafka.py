@@ -9,10 +9,10 @@ from typing import Any
 
 import click
 
-from skyfill.cli import db_option, one_line, option
+from .options import db_option, one_line, option
 from skyfill.errors import SkyfillError
 
-from .messages import BACKFILL_TOPIC, RECORDS_TOPIC, REPOS_TOPIC, Topics
+from skyfill.publish.messages import BACKFILL_TOPIC, RECORDS_TOPIC, REPOS_TOPIC, Topics
 
 __all__ = ["COMMANDS", "sink", "backfill_worker"]
 
@@ -45,9 +45,9 @@ def _run(main: Callable[[asyncio.Event], Awaitable[Any]]) -> Any:
 def sink(kafka_bootstrap: str, db: str, group_id: str, records_topic: str, repos_topic: str,
          exit_when_idle: bool) -> None:
     """Build a DuckDB mirror from the skyfill topics alone (at-least-once, idempotent by rev)."""
-    from storage import Store
+    from skyfill.storage import Store
 
-    from .sink import Sink
+    from skyfill.publish.sink import Sink
 
     async def main(stop: asyncio.Event) -> None:
         with Store(db) as store:
@@ -78,12 +78,12 @@ def backfill_worker(kafka_bootstrap: str, db: str, group_id: str, topic: str, co
     Results go to the records/repos topics as whole-repo snapshots (`source: backfill`) for a
     shared `skyfill sink`; --db is this worker's working store (bookkeeping), not a mirror.
     """
-    from backfill.backfiller import DirectSink, open_backfiller
-    from backfill.config import BackfillConfig
-    from storage import Store
+    from skyfill.backfill.backfiller import DirectSink, open_backfiller
+    from skyfill.backfill.config import BackfillConfig
+    from skyfill.storage import Store
 
-    from .producer import KafkaPublisher
-    from .worker import BackfillWorker, backfill_one_from
+    from skyfill.publish.producer import KafkaPublisher
+    from skyfill.publish.worker import BackfillWorker, backfill_one_from
 
     extra: dict[str, Any] = {"plc_url": plc_url} if plc_url else {}
     try:

@@ -17,15 +17,15 @@ import click
 import orjson
 from click.core import ParameterSource
 
-from skyfill.cli import FiniteFloatRange, db_option, json_option, one_line, option
-from skyfill.daemon_client import call_daemon, find_daemon, remove_announcement
+from .options import FiniteFloatRange, db_option, json_option, one_line, option
+from skyfill.app.daemon_client import call_daemon, find_daemon, remove_announcement
 from skyfill.errors import ConfigError, DatabaseLocked, SkyfillError
-from storage import Store
-from storage.queries import not_terminal
+from skyfill.storage import Store
+from skyfill.storage.queries import not_terminal
 
-from .backfiller import BackfillSummary, ReconcileSink, open_backfiller, recover_queue
-from .config import ALL, DEFAULT_PLC_URL, BackfillConfig, parse_dids, parse_window
-from .gaps import PdsAuditor, Reason, detect_gaps
+from skyfill.backfill.backfiller import BackfillSummary, ReconcileSink, open_backfiller, recover_queue
+from skyfill.backfill.config import ALL, DEFAULT_PLC_URL, BackfillConfig, parse_dids, parse_window
+from skyfill.backfill.gaps import PdsAuditor, Reason, detect_gaps
 
 __all__ = ["COMMANDS", "run_gaps", "run_backfill", "all_dids", "gaps", "backfill"]
 
@@ -64,7 +64,7 @@ async def run_gaps(
         report = await detect_gaps(store, start=start, end=end, audit=None, explicit_dids=explicit_dids)
     out = report.to_json(with_dids=True)
     if mode == "kafka":
-        from publish import enqueue_backfill
+        from skyfill.publish import enqueue_backfill
 
         assert kafka_bootstrap is not None
         out["enqueued"] = await enqueue_backfill(kafka_bootstrap, report.reasons_by_did)
@@ -119,9 +119,9 @@ async def run_backfill(
     if from_queue == (dids is not None):
         raise ConfigError("give either DIDs or from_queue")
     if kafka_bootstrap is not None and sink is None:
-        from publish import KafkaPublisher
+        from skyfill.publish import KafkaPublisher
 
-        from .backfiller import DirectSink
+        from skyfill.backfill.backfiller import DirectSink
 
         async with KafkaPublisher(kafka_bootstrap) as publisher:
             return await run_backfill(store, dids=dids, config=config, from_queue=from_queue,

@@ -21,11 +21,11 @@ from datetime import datetime
 from typing import Any, Literal
 
 from skyfill.errors import ConfigError
-from storage import Store
+from skyfill.storage import Store
 
-from .backfiller import ReconcileSink, open_backfiller
-from .cli import run_backfill, run_gaps
-from .config import ALL, BackfillConfig, parse_dids, parse_window
+from skyfill.backfill.backfiller import ReconcileSink, open_backfiller
+from skyfill.cli.backfill import run_backfill, run_gaps
+from skyfill.backfill.config import ALL, BackfillConfig, parse_dids, parse_window
 
 __all__ = [
     "GapsRequest",

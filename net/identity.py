@@ -40,9 +40,9 @@ from urllib.parse import unquote
 import orjson
 
 from skyfill.errors import ConfigError, FetchError, IdentityError, InputError, UnsafeHostError
-from skyfill.crypto import parse_public_key
-from skyfill.syntax import is_did
-from storage import Store
+from skyfill.protocol.crypto import parse_public_key
+from skyfill.protocol.syntax import is_did
+from skyfill.storage import Store
 
 from .hosts import check_url
 from .pds import PdsClient

@@ -27,7 +27,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
-from .errors import IdentityError
+from skyfill.errors import IdentityError
 
 __all__ = ["PublicKey", "Curve", "parse_public_key", "verify_signature", "atproto_key_from_did_doc"]
 

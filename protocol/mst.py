@@ -34,7 +34,7 @@ from typing import Final, Union
 
 import libipld
 
-from .errors import RepoError
+from skyfill.errors import RepoError
 
 __all__ = ["invert_commit", "PartialTree", "key_height", "encode_node", "EMPTY_NODE", "EMPTY_TREE"]
 

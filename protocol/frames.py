@@ -57,10 +57,10 @@ from typing import Any, Final
 
 import libipld
 
-from skyfill.car import CarError, cid_to_str, read_car
+from .car import CarError, cid_to_str, read_car
 from skyfill.errors import FrameError, InputError
-from skyfill.records import is_valid_datetime, record_json
-from skyfill.syntax import is_did, is_handle, is_nsid, is_record_key, is_tid
+from .records import is_valid_datetime, record_json
+from .syntax import is_did, is_handle, is_nsid, is_record_key, is_tid
 
 from .events import Account, Commit, Event, Identity, Info, Op, StreamError, Sync
 

@@ -13,7 +13,7 @@ from typing import Any, Final
 import cbrrr
 import orjson
 
-from .errors import InputError
+from skyfill.errors import InputError
 
 __all__ = ["record_json", "is_valid_datetime"]
 

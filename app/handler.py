@@ -25,12 +25,12 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from skyfill.cli import DEFAULT_DB
+from skyfill.cli.options import DEFAULT_DB
 from skyfill.errors import ConfigError, SkyfillError
-from storage import Store
+from skyfill.storage import Store
 
-from .cli import run_backfill, run_gaps
-from .config import ALL, DEFAULT_PLC_URL, BackfillConfig, parse_dids, parse_when
+from skyfill.cli.backfill import run_backfill, run_gaps
+from skyfill.backfill.config import ALL, DEFAULT_PLC_URL, BackfillConfig, parse_dids, parse_when
 
 __all__ = ["lambda_handler", "config_from_env"]
 

@@ -1,0 +1,5 @@
+"""The `skyfill` command line: click only, no logic."""
+
+from .main import main
+
+__all__ = ["main"]
