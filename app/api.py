@@ -23,7 +23,7 @@ from typing import Any, Literal
 from skyfill.errors import ConfigError
 from skyfill.storage import Store
 
-from skyfill.backfill.backfiller import ReconcileSink, open_backfiller
+from skyfill.backfill.backfiller import Reconciler, open_backfiller
 from skyfill.cli.backfill import run_backfill, run_gaps
 from skyfill.backfill.config import ALL, BackfillConfig, parse_dids, parse_window
 
@@ -228,7 +228,7 @@ async def gaps_from_request(
 
 
 async def backfill_from_request(
-    store: Store, body: BackfillRequest | Mapping[str, Any], *, sink: ReconcileSink, plc_url: str,
+    store: Store, body: BackfillRequest | Mapping[str, Any], *, sink: Reconciler, plc_url: str,
     allow_private_hosts: bool,
 ) -> dict[str, Any]:
     """Run a backfill request (parsed, or a raw body to parse) with the daemon's settings as defaults."""
@@ -241,7 +241,7 @@ async def backfill_from_request(
 
 
 async def backfill_queue_once(
-    store: Store, *, sink: ReconcileSink, plc_url: str, allow_private_hosts: bool
+    store: Store, *, sink: Reconciler, plc_url: str, allow_private_hosts: bool
 ) -> dict[str, Any]:
     """One round of the daemon's own repair loop: queue every desynchronized DID, then work the queue."""
     desynced = await asyncio.to_thread(store.unqueued_desynchronized)

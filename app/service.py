@@ -13,7 +13,7 @@ from .api import BackfillRequest, EnqueueRequest, GapsRequest, backfill_from_req
 from skyfill.storage import Store
 from skyfill.storage.status import status_report
 
-from skyfill.consumer.resync import DaemonSink
+from skyfill.consumer.resync import DaemonReconciler
 
 if TYPE_CHECKING:
     from skyfill.consumer.daemon import Daemon
@@ -85,19 +85,19 @@ class Services:
     async def _backfill(self, body: Any) -> Any:
         req = BackfillRequest.parse(body)
         assert self.daemon is not None
-        return await backfill_from_request(self.store, req, sink=DaemonSink(self.daemon),
+        return await backfill_from_request(self.store, req, sink=DaemonReconciler(self.daemon),
                                            plc_url=self.plc_url, allow_private_hosts=self.allow_private_hosts)
 
     async def backfill_forever(self) -> None:
         """`consume --backfill`: keep desynchronized and queued DIDs repaired, like Tap's resyncers."""
         from .api import backfill_queue_once
 
-        from skyfill.consumer.resync import DaemonSink
+        from skyfill.consumer.resync import DaemonReconciler
 
         from skyfill.backfill.backfiller import recover_queue
 
         assert self.daemon is not None
-        sink = DaemonSink(self.daemon)
+        sink = DaemonReconciler(self.daemon)
         await asyncio.to_thread(recover_queue, self.store)  # claims a crash left 'in_progress'
         while True:
             try:

@@ -5,7 +5,7 @@ from skyfill.net.identity import Identity, Resolver
 from skyfill.net.pds import ListedRepo, PdsClient
 from skyfill.net.ratelimit import HostLimiter
 from skyfill.protocol.repo import RepoSnapshot, materialize, parse_repo
-from .backfiller import Backfiller, BackfillSummary, DirectSink, ReconcileSink, open_backfiller, recover_queue
+from .backfiller import Backfiller, BackfillSummary, StoreReconciler, Reconciler, open_backfiller, recover_queue
 from .config import BackfillConfig
 from .gaps import Auditor, GapReport, PdsAuditor, Reason, detect_gaps
 
@@ -22,8 +22,8 @@ __all__ = [
     "Identity",
     "Backfiller",
     "BackfillSummary",
-    "ReconcileSink",
-    "DirectSink",
+    "Reconciler",
+    "StoreReconciler",
     "open_backfiller",
     "recover_queue",
     "BackfillConfig",

@@ -51,7 +51,17 @@ from skyfill.errors import (
     TerminalFetchError,
     UnsafeHostError,
 )
-from skyfill.storage import TERMINAL_BACKFILL, BackfillStatus, Change, QueueState, ReconcileCounts, RecordColumns, Store
+from skyfill.storage import (
+    TERMINAL_BACKFILL,
+    BackfillStatus,
+    Change,
+    Publish,
+    QueueState,
+    ReconcileCounts,
+    RecordColumns,
+    Store,
+    thread_emitter,
+)
 from skyfill.storage.writer import RECONCILE_CHUNK as _RECONCILE_CHUNK
 
 from .config import BackfillConfig
@@ -62,10 +72,8 @@ from skyfill.protocol.repo import RepoSnapshot, materialize, parse_repo
 __all__ = [
     "Backfiller",
     "BackfillSummary",
-    "ReconcileSink",
-    "DirectSink",
-    "Publish",
-    "thread_emitter",
+    "Reconciler",
+    "StoreReconciler",
     "backoff",
     "recover_queue",
     "open_backfiller",
@@ -79,7 +87,7 @@ _HOST_PATIENCE = 30.0
 _QUEUE_CLAIM = 500
 
 
-class ReconcileSink(Protocol):
+class Reconciler(Protocol):
     """Where a verified snapshot goes. One `begin` per attempt, then exactly one `commit` or `abort`.
 
     begin(did)             called before the getRepo request is sent (start capturing racing events)
@@ -92,18 +100,6 @@ class ReconcileSink(Protocol):
     async def commit(self, did: str, snapshot: RepoSnapshot) -> ReconcileCounts: ...
 
     async def abort(self, did: str) -> None: ...
-
-
-Publish = Callable[[list[Change]], Awaitable[None]]
-
-
-def thread_emitter(publish: Publish, loop: asyncio.AbstractEventLoop) -> Callable[[list[Change]], None]:
-    """`Store.reconcile(emit=...)` runs in a worker thread: publish on `loop` and block until acked."""
-
-    def emit(changes: list[Change]) -> None:
-        asyncio.run_coroutine_threadsafe(publish(changes), loop).result()
-
-    return emit
 
 
 def premade(store: Store, snapshot: RepoSnapshot, *, every: bool) -> Callable[[list[tuple[str, str]]], Any]:
@@ -186,7 +182,7 @@ def premade(store: Store, snapshot: RepoSnapshot, *, every: bool) -> Callable[[l
     return serve
 
 
-class DirectSink:
+class StoreReconciler:
     """Standalone sink: no firehose runs in this process, so nothing can race the fetch.
 
     With `publish`, the reconciliation's changes are acknowledged by the broker before the
@@ -318,7 +314,7 @@ class Backfiller:
         store: Store,
         resolver: Resolver,
         client: PdsClient,
-        sink: ReconcileSink,
+        sink: Reconciler,
         *,
         config: BackfillConfig,
         progress: bool | None = None,
@@ -635,9 +631,9 @@ class Backfiller:
 
 @asynccontextmanager
 async def open_backfiller(
-    store: Store, *, config: BackfillConfig, sink: ReconcileSink | None = None, progress: bool | None = None
+    store: Store, *, config: BackfillConfig, sink: Reconciler | None = None, progress: bool | None = None
 ) -> AsyncIterator[Backfiller]:
-    """The one place a Backfiller is wired: guarded client, caching resolver, sink (DirectSink default)."""
+    """The one place a Backfiller is wired: guarded client, caching resolver, sink (StoreReconciler default)."""
     client = PdsClient(
         connect_timeout=config.connect_timeout,
         read_timeout=config.read_timeout,
@@ -660,7 +656,7 @@ async def open_backfiller(
         plc_url=config.plc_url, ttl=config.identity_ttl.total_seconds(), client=client, store=store
     )
     try:
-        yield Backfiller(store, resolver, client, sink or DirectSink(store), config=config, progress=progress)
+        yield Backfiller(store, resolver, client, sink or StoreReconciler(store), config=config, progress=progress)
     finally:
         await resolver.aclose()
         await client.aclose()

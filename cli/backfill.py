@@ -23,7 +23,7 @@ from skyfill.errors import ConfigError, DatabaseLocked, SkyfillError
 from skyfill.storage import Store
 from skyfill.storage.queries import not_terminal
 
-from skyfill.backfill.backfiller import BackfillSummary, ReconcileSink, open_backfiller, recover_queue
+from skyfill.backfill.backfiller import BackfillSummary, Reconciler, open_backfiller, recover_queue
 from skyfill.backfill.config import ALL, DEFAULT_PLC_URL, BackfillConfig, parse_dids, parse_window
 from skyfill.backfill.gaps import PdsAuditor, Reason, detect_gaps
 
@@ -105,7 +105,7 @@ async def run_backfill(
     dids: Sequence[str] | Literal["all"] | None,
     config: BackfillConfig,
     from_queue: bool = False,
-    sink: ReconcileSink | None = None,
+    sink: Reconciler | None = None,
     progress: bool | None = None,
     start: datetime | None = None,
     end: datetime | None = None,
@@ -121,11 +121,11 @@ async def run_backfill(
     if kafka_bootstrap is not None and sink is None:
         from skyfill.publish import KafkaPublisher
 
-        from skyfill.backfill.backfiller import DirectSink
+        from skyfill.backfill.backfiller import StoreReconciler
 
         async with KafkaPublisher(kafka_bootstrap) as publisher:
             return await run_backfill(store, dids=dids, config=config, from_queue=from_queue,
-                                      sink=DirectSink(store, publish=publisher.publish), progress=progress,
+                                      sink=StoreReconciler(store, publish=publisher.publish), progress=progress,
                                       start=start, end=end)
     async with open_backfiller(store, config=config, sink=sink, progress=progress) as bf:
         if from_queue:

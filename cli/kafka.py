@@ -78,7 +78,7 @@ def backfill_worker(kafka_bootstrap: str, db: str, group_id: str, topic: str, co
     Results go to the records/repos topics as whole-repo snapshots (`source: backfill`) for a
     shared `skyfill sink`; --db is this worker's working store (bookkeeping), not a mirror.
     """
-    from skyfill.backfill.backfiller import DirectSink, open_backfiller
+    from skyfill.backfill.backfiller import StoreReconciler, open_backfiller
     from skyfill.backfill.config import BackfillConfig
     from skyfill.storage import Store
 
@@ -95,7 +95,7 @@ def backfill_worker(kafka_bootstrap: str, db: str, group_id: str, topic: str, co
         with Store(db) as store:
             async with KafkaPublisher(kafka_bootstrap, records_topic=records_topic,
                                       repos_topic=repos_topic) as publisher:
-                sink = DirectSink(store, publish=publisher.publish, snapshot=True)
+                sink = StoreReconciler(store, publish=publisher.publish, snapshot=True)
                 async with open_backfiller(store, config=config, sink=sink, progress=False) as backfiller:
                     worker = BackfillWorker(kafka_bootstrap, backfill_one_from(backfiller), topic=topic,
                                             group_id=group_id, concurrency=concurrency)

@@ -62,7 +62,7 @@ from skyfill import metrics
 from skyfill.protocol.crypto import PublicKey
 from skyfill.errors import FrameError, FutureCursorError, IdentityError, StorageError
 from skyfill.protocol.syntax import collection_matcher
-from skyfill.storage import Batch, CoverageEnd, CoverageSpan, Store
+from skyfill.storage import Batch, CoverageEnd, CoverageSpan, Publish, Store
 from skyfill.storage.writer import failure_kind
 
 from .changes import changes_for
@@ -99,12 +99,11 @@ class ConsumeConfig:
     publish: bool = False                   # keep the unreduced change log for a publisher
 
 
-Publisher = Callable[[list], Awaitable[None]]
 
 
 class Daemon:
     def __init__(
-        self, store: Store, config: ConsumeConfig, *, publish: Publisher | None = None,
+        self, store: Store, config: ConsumeConfig, *, publish: Publish | None = None,
         verifier: CommitVerifier | None = None,
     ) -> None:
         self.store = store

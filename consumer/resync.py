@@ -32,16 +32,15 @@ import copy
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from skyfill.backfill.backfiller import thread_emitter
 from skyfill.protocol.repo import materialize
-from skyfill.storage import Batch, RecordPut, ReconcileCounts, SyncState
+from skyfill.storage import Batch, ReconcileCounts, RecordPut, SyncState, thread_emitter
 
 from skyfill.protocol.events import Commit
 
 if TYPE_CHECKING:
     from .daemon import Daemon
 
-__all__ = ["Capture", "Captures", "DaemonSink"]
+__all__ = ["Capture", "Captures", "DaemonReconciler"]
 
 
 @dataclass(slots=True, eq=False)
@@ -104,8 +103,8 @@ class Captures:
             del self._turns[did]
 
 
-class DaemonSink:
-    """The daemon-side ReconcileSink (see backfill.backfiller.ReconcileSink)."""
+class DaemonReconciler:
+    """The daemon-side Reconciler (see backfill.backfiller.Reconciler)."""
 
     def __init__(self, daemon: Daemon) -> None:
         self.daemon = daemon

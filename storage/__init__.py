@@ -1,6 +1,6 @@
 """storage: the DuckDB schema and the one writer all data goes through."""
 
-from .batch import Batch, Change, CoverageSpan, RecordChange, RecordPut, RepoChange, RepoRow
+from .batch import Batch, Change, CoverageSpan, Publish, RecordChange, RecordPut, RepoChange, RepoRow, thread_emitter
 from .states import TERMINAL_BACKFILL, AccountStatus, BackfillStatus, CoverageEnd, QueueState, SyncState
 from .writer import ReconcileCounts, RecordColumns, Store, open_store
 
@@ -12,6 +12,8 @@ __all__ = [
     "Change",
     "RecordChange",
     "RepoChange",
+    "Publish",
+    "thread_emitter",
     "Store",
     "open_store",
     "ReconcileCounts",

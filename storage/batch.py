@@ -13,10 +13,12 @@ The writer applies purges first, then deletes, then upserts, which reproduces th
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 
-__all__ = ["Batch", "RecordPut", "RepoRow", "CoverageSpan", "RecordChange", "RepoChange", "Change"]
+__all__ = ["Batch", "RecordPut", "RepoRow", "CoverageSpan", "RecordChange", "RepoChange", "Change", "Publish", "thread_emitter"]
 
 
 @dataclass(slots=True)
@@ -93,6 +95,19 @@ class RepoChange:
 
 
 Change = RecordChange | RepoChange
+
+# Where every change goes after it is stored (the Kafka publisher, or nothing): returns once the
+# changes are acknowledged. The daemon and the backfill both take one.
+Publish = Callable[[list[Change]], Awaitable[None]]
+
+
+def thread_emitter(publish: Publish, loop: asyncio.AbstractEventLoop) -> Callable[[list[Change]], None]:
+    """`Store.reconcile(emit=...)` runs in a worker thread: publish on `loop` and block until acked."""
+
+    def emit(changes: list[Change]) -> None:
+        asyncio.run_coroutine_threadsafe(publish(changes), loop).result()
+
+    return emit
 
 RecordKey = tuple[str, str, str]  # (did, collection, rkey)
 

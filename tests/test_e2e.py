@@ -31,7 +31,7 @@ from skyfill.cli.backfill import all_dids, run_backfill, run_gaps
 from skyfill.backfill.config import BackfillConfig
 from skyfill.app.handler import lambda_handler
 from skyfill.consumer.daemon import ConsumeConfig, Daemon
-from skyfill.consumer.resync import DaemonSink
+from skyfill.consumer.resync import DaemonReconciler
 from skyfill.storage import Store
 from tests.network import (
     Create,
@@ -98,7 +98,7 @@ def repo_row(con: Any, did: str) -> dict[str, Any]:
 
 class DaemonThread:
     """`Daemon(store, ConsumeConfig(...)).run()` on its own thread and loop; `call` runs a
-    coroutine on that loop (so a DaemonSink sees the same tracker and flush lock)."""
+    coroutine on that loop (so a DaemonReconciler sees the same tracker and flush lock)."""
 
     def __init__(self, store: Store, net: LocalNetwork, *, cursor: int | None) -> None:
         self.store = store
@@ -131,9 +131,9 @@ class DaemonThread:
         self.stop()
 
     @property
-    def sink(self) -> DaemonSink:
+    def sink(self) -> DaemonReconciler:
         assert self.daemon is not None
-        return DaemonSink(self.daemon)
+        return DaemonReconciler(self.daemon)
 
     def call(self, coro: Coroutine[Any, Any, T], timeout: float = 120) -> T:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)

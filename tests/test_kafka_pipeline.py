@@ -25,7 +25,7 @@ import orjson
 import pytest
 
 from skyfill.app.api import backfill_from_request
-from skyfill.backfill.backfiller import DirectSink, open_backfiller
+from skyfill.backfill.backfiller import StoreReconciler, open_backfiller
 from skyfill.cli.backfill import run_backfill
 from skyfill.backfill.config import BackfillConfig
 from skyfill.protocol.repo import parse_repo
@@ -33,7 +33,7 @@ from bench.generate.firehose import World
 from bench.generate.identity import Identity, did_document, make_identity
 from bench.generate.repo import generate_repo
 from skyfill.consumer.daemon import ConsumeConfig, Daemon
-from skyfill.consumer.resync import DaemonSink
+from skyfill.consumer.resync import DaemonReconciler
 from skyfill.publish import KafkaPublisher, Topics, enqueue_backfill, ensure_topics
 from skyfill.publish.sink import Sink
 from skyfill.publish.worker import BackfillWorker, backfill_one_from
@@ -132,7 +132,7 @@ async def test_daemon_topics_rebuild_its_mirror(kafka_broker: KafkaBroker, tmp_p
             await apoll(lambda: daemon.committed_seq == relay.head)
             assert store.fetchall("SELECT sync_state FROM repos WHERE did = ?", [gapped]) == [("desynchronized",)]
             # The backfill heals the gap and brings the records that predate the stream.
-            summary = await backfill_from_request(store, {"dids": [gapped, healed]}, sink=DaemonSink(daemon),
+            summary = await backfill_from_request(store, {"dids": [gapped, healed]}, sink=DaemonReconciler(daemon),
                                                   plc_url=srv.url, allow_private_hosts=True)
             assert summary["repos_ok"] == 2, summary
         finally:
@@ -269,7 +269,7 @@ async def test_standalone_backfill_is_acknowledged_before_it_commits(
             kafka_broker.freeze()
             try:
                 job = asyncio.create_task(run_backfill(store, dids=[a], config=config,
-                                                       sink=DirectSink(store, publish=publisher.publish)))
+                                                       sink=StoreReconciler(store, publish=publisher.publish)))
                 await apoll(lambda: srv.count(GET_REPO) == 4)
                 # the reconcile's diff is in the publisher, waiting for the frozen broker
                 await apoll(lambda: publisher.held_messages > 0)
@@ -345,7 +345,7 @@ async def worker(name: str, bs: str, tmp_path: Path, srv: FaultServer, *, group:
     config = BackfillConfig(plc_url=srv.url, allow_private_hosts=True, request_backoff=0.01, concurrency=2)
     try:
         async with KafkaPublisher(bs, records_topic=f"{prefix}.records", repos_topic=f"{prefix}.repos") as pub:
-            sink = DirectSink(store, publish=pub.publish, snapshot=True)
+            sink = StoreReconciler(store, publish=pub.publish, snapshot=True)
             async with open_backfiller(store, config=config, sink=sink, progress=False) as bf:
                 one = backfill_one_from(bf)
 
