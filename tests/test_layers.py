@@ -81,7 +81,7 @@ def test_installed_command_runs_from_the_installed_copy(installed: Installed) ->
 def test_layers_point_one_way(installed: Installed) -> None:
     lint = Path(sys.executable).with_name("lint-imports")
     # import-linter finds `skyfill` on PYTHONPATH first: the installed copy, whole.
-    checked = subprocess.run([str(lint), "--config", str(ROOT / "pyproject.toml"), "--no-cache"],
+    checked = subprocess.run([str(lint), str(ROOT / "pyproject.toml"), "--no-cache"],
                              capture_output=True, text=True, cwd=installed.venv,
                              env={**os.environ, "PYTHONPATH": os.pathsep.join([str(installed.site), *_dependencies()])})
     assert checked.returncode == 0, checked.stdout[-4000:] + checked.stderr[-2000:]
