@@ -42,17 +42,15 @@ import multiprocessing
 import time
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from typing import TYPE_CHECKING, Final
+from typing import Final
 
 import libipld
 
+from skyfill.errors import ConfigError, IdentityError, RepoError
+from skyfill.net.identity import Identity, Resolver
 from skyfill.protocol.car import read_car
 from skyfill.protocol.crypto import PublicKey, parse_public_key, verify_signature
-from skyfill.errors import ConfigError, IdentityError, RepoError
 from skyfill.protocol.mst import EMPTY_TREE, invert_commit
-
-if TYPE_CHECKING:
-    from skyfill.net.identity import Identity, Resolver
 
 __all__ = ["CommitVerifier", "CheckResult", "check_frame", "check_frames"]
 
