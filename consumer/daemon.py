@@ -43,8 +43,8 @@ from .config import ConsumeConfig
 from .counters import EventCounters
 from .connection import source_name, stream_frames
 from .tracker import Tracker, Verdict
-from .verified import verified_frames
-from .verify import CheckResult, CommitVerifier
+from .verified import Verified, verified_frames
+from .verify import CommitVerifier
 from .writer import BatchWriter
 
 __all__ = ["ConsumeConfig", "Daemon"]
@@ -187,7 +187,7 @@ class Daemon:
         finally:
             await frames.aclose()
 
-    async def _read_verified(self, frames: AsyncGenerator[tuple[Commit | Sync | None, bytes, CheckResult], None]) -> None:
+    async def _read_verified(self, frames: AsyncGenerator[Verified, None]) -> None:
         """--verify: apply or reject each frame by its verdict, in stream order (consumer/verified.py)."""
         try:
             async for event, data, verdict in frames:

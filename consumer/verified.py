@@ -26,7 +26,7 @@ from skyfill.protocol.frames import parse_frame
 from .connection import stream_frames
 from .verify import CheckResult, CommitVerifier, check_frame
 
-__all__ = ["VERIFY_CHUNK", "VERIFY_DEPTH", "VERIFY_WINDOW", "verified_frames"]
+__all__ = ["VERIFY_CHUNK", "VERIFY_DEPTH", "VERIFY_WINDOW", "Verified", "verified_frames"]
 
 VERIFY_WINDOW = 2048
 VERIFY_CHUNK = 256
@@ -36,12 +36,14 @@ _Item = tuple[Commit | Sync | None, bytes]
 # A chunk item's key, or why it has none (IdentityError), or None: a frame not checked.
 _Key = PublicKey | IdentityError | None
 _Chunk = tuple[list[_Item], list[_Key], asyncio.Future[list[CheckResult]]]
+# What verified_frames yields: a frame, its parsed #commit/#sync (None: not checked), its verdict.
+Verified = tuple[Commit | Sync | None, bytes, CheckResult]
 
 
 async def verified_frames(
     relay: str, verifier: CommitVerifier, *, last_seq: Callable[[], int | None], stop: asyncio.Event,
     want: Callable[[str], bool] | None = None,
-) -> AsyncIterator[tuple[Commit | Sync | None, bytes, CheckResult]]:
+) -> AsyncIterator[Verified]:
     """Yield (event, frame, verdict) in stream order. `event` is None for a frame that is not
     checked (anything but a parsed #commit or #sync: the caller handles the raw frame; its
     verdict is None). Otherwise the verdict is None (valid), or (kind, reason) with kind one of
