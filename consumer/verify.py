@@ -3,10 +3,10 @@
 Two parts, because one needs the network and the other must not:
 
 - Keys (`want`, `key`, `refresh`): a bounded {did: key} map in front of the Resolver, seeded in
-  bulk from the DuckDB `identities` table at start (`seed`). The daemon calls `want(did)` as
-  soon as it has parsed a frame, far ahead of applying it; every DID not in the map joins a
-  batch that is resolved concurrently (`Resolver.resolve_many`, `concurrency` requests in
-  flight). By the time the event reaches the head of the daemon's window its key is usually
+  bulk from the DuckDB `identities` table at start (`seed`). The read-ahead (verified.py) calls
+  `want(did)` as soon as it has parsed a frame, far ahead of applying it; every DID not in the
+  map joins a batch that is resolved concurrently (`Resolver.resolve_many`, `concurrency`
+  requests in flight). By the time the event reaches the head of the window its key is usually
   there; `await key(did)` waits for it otherwise. No DID ever costs one blocking round trip
   per event.
 - Checks (`check_frame`): pure and synchronous, run by `check_many` in a worker process (or
