@@ -35,7 +35,7 @@ from skyfill.storage import AccountStatus, Batch, RecordPut, RepoRow, SyncState
 
 from skyfill.protocol.events import Account, Commit, Event, Identity, Sync
 
-__all__ = ["Tracker", "Verdict"]
+__all__ = ["Tracker", "Verdict", "fold_ops"]
 
 _KNOWN_STATUS = frozenset(s.value for s in AccountStatus)
 _DESYNC = SyncState.DESYNCHRONIZED.value
@@ -62,6 +62,23 @@ def _event_time(text: str, fallback: Callable[[], datetime]) -> datetime:
     except ValueError:
         return fallback()
     return ts if ts.tzinfo is not None else ts.replace(tzinfo=UTC)
+
+
+def fold_ops(commit: Commit, batch: Batch, want: Callable[[str], bool] | None) -> None:
+    """Fold a commit's record ops (of the collections `want` keeps) into `batch` as puts and deletes.
+
+    The one place a commit becomes record writes: the tracker for every applied commit, the resync
+    for the captured commits it replays over a fetched repo."""
+    did = commit.did
+    rev = commit.rev
+    for op in commit.ops:
+        if want is not None and not want(op.collection):
+            continue
+        if op.action == "delete":
+            batch.delete_record(did, op.collection, op.rkey)
+        elif op.record is not None and op.cid is not None:
+            batch.put_record(did, op.collection, op.rkey, RecordPut(op.cid, rev, op.record, op.created_at))
+        # else: a create/update without its body (tooBig): the backfill brings it.
 
 
 class Tracker:
@@ -171,19 +188,8 @@ class Tracker:
         if event.too_big and reason is None:
             reason = "too_big"
 
-        did = event.did
-        rev = event.rev
-        want = self.want
-        for op in event.ops:
-            if want is not None and not want(op.collection):
-                continue
-            if op.action == "delete":
-                batch.delete_record(did, op.collection, op.rkey)
-            elif op.record is not None and op.cid is not None:
-                batch.put_record(did, op.collection, op.rkey, RecordPut(op.cid, rev, op.record, op.created_at))
-            # else: a create/update without its body (tooBig): the backfill brings it.
-
-        row.rev = rev
+        fold_ops(event, batch, self.want)
+        row.rev = event.rev
         row.data_cid = event.data_cid
         row.commit_cid = event.commit_cid
         return self._finish(row, reason, event.seq, event.time, batch)

@@ -3,10 +3,10 @@
 Two parts, because one needs the network and the other must not:
 
 - Keys (`want`, `key`, `refresh`): a bounded {did: key} map in front of the Resolver, seeded in
-  bulk from the DuckDB `identities` table at start (`seed`). The daemon calls `want(did)` as
-  soon as it has parsed a frame, far ahead of applying it; every DID not in the map joins a
-  batch that is resolved concurrently (`Resolver.resolve_many`, `concurrency` requests in
-  flight). By the time the event reaches the head of the daemon's window its key is usually
+  bulk from the DuckDB `identities` table at start (`seed`). The read-ahead (verified.py) calls
+  `want(did)` as soon as it has parsed a frame, far ahead of applying it; every DID not in the
+  map joins a batch that is resolved concurrently (`Resolver.resolve_many`, `concurrency`
+  requests in flight). By the time the event reaches the head of the window its key is usually
   there; `await key(did)` waits for it otherwise. No DID ever costs one blocking round trip
   per event.
 - Checks (`check_frame`): pure and synchronous, run by `check_many` in a worker process (or
@@ -42,17 +42,15 @@ import multiprocessing
 import time
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from typing import TYPE_CHECKING, Final
+from typing import Final
 
 import libipld
 
+from skyfill.errors import ConfigError, IdentityError, RepoError
+from skyfill.net.identity import Identity, Resolver
 from skyfill.protocol.car import read_car
 from skyfill.protocol.crypto import PublicKey, parse_public_key, verify_signature
-from skyfill.errors import ConfigError, IdentityError, RepoError
 from skyfill.protocol.mst import EMPTY_TREE, invert_commit
-
-if TYPE_CHECKING:
-    from skyfill.net.identity import Identity, Resolver
 
 __all__ = ["CommitVerifier", "CheckResult", "check_frame", "check_frames"]
 

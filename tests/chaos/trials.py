@@ -356,7 +356,7 @@ def _records(db: Path) -> set[tuple[Any, ...]]:
 
 
 # consume's exit code when storage failed for good (consumer/cli.py), and the daemon's log lines
-# for a storage outage (consumer/daemon.py)
+# for a storage outage (consumer/writer.py)
 _EXIT_STORAGE = 4
 _WRITE_FAILED = "storage write failed"
 _INVALIDATED = "storage failed; stopping"
@@ -369,7 +369,7 @@ def disk_full(ctx: Context, *, hold: float = 30, resume_wait: float = 60, size_m
     did (exit code, structured log lines, tracebacks, resumed by itself or not) and judges the
     mirror after it resumes or is restarted.
 
-    The promised behaviour (consumer/daemon.py, docs/reliability.md): on a failed write the daemon
+    The promised behaviour (consumer/writer.py, docs/reliability.md): on a failed write the daemon
     logs one structured `storage write failed` line and retries the same batch with backoff, then
     resumes by itself (`storage recovered`) once space returns. Exiting is accepted only the one
     way it is promised: DuckDB invalidated the database (`storage failed; stopping`), exit 4 with
