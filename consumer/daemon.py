@@ -63,7 +63,7 @@ from skyfill.protocol.crypto import PublicKey
 from skyfill.errors import FrameError, FutureCursorError, IdentityError, StorageError
 from skyfill.protocol.syntax import collection_matcher
 from skyfill.storage import Batch, CoverageEnd, CoverageSpan, Publish, Store
-from skyfill.storage.writer import failure_kind
+from skyfill.storage import failure_kind
 
 from .changes import changes_for
 from .connection import source_name, stream_frames
