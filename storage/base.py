@@ -118,7 +118,7 @@ class StoreBase:
             raise
 
     def close(self) -> None:
-        with self._lock:
+        with self._lock, storage_errors():
             self._conn.close()
 
     def __enter__(self) -> StoreBase:

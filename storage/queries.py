@@ -1,7 +1,7 @@
 """SQL predicates over the stored states, written once for every reader.
 
-The gap detector, `skyfill backfill --all`, the daemon's repair loop and its desynchronized-DIDs
-gauge all ask the same two questions of `repos`: "is this outcome final?" and "did this
+The gap detector, `skyfill backfill --all`, the backfill queue's repair-loop query (queue.py) and
+the desynchronized-DIDs gauge all ask the same two questions of `repos`: "is this outcome final?" and "did this
 DID's chain break?". The values are the `states` enums, never user input, so they are inlined.
 """
 
