@@ -64,11 +64,8 @@ class Services:
 
     async def _status(self, _body: Any) -> Any:
         def read() -> dict[str, Any]:
-            cur = self.store.cursor()
-            try:
-                return status_report(cur)
-            finally:
-                cur.close()
+            with self.store.read() as reader:
+                return status_report(reader)
 
         return await asyncio.to_thread(read)
 

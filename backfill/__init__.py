@@ -5,9 +5,11 @@ from skyfill.net.identity import Identity, Resolver
 from skyfill.net.pds import ListedRepo, PdsClient
 from skyfill.net.ratelimit import HostLimiter
 from skyfill.protocol.repo import RepoSnapshot, materialize, parse_repo
-from .backfiller import Backfiller, BackfillSummary, StoreReconciler, Reconciler, open_backfiller, recover_queue
+from .backfiller import Backfiller, open_backfiller, recover_queue
 from .config import BackfillConfig
 from .gaps import Auditor, GapReport, PdsAuditor, Reason, detect_gaps
+from .progress import BackfillSummary
+from .reconcile import Reconciler, StoreReconciler
 
 __all__ = [
     "RepoSnapshot",

@@ -35,12 +35,11 @@ from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any, Final
 
-import duckdb
 import pyarrow as pa
 
 from skyfill.errors import ConfigError, FetchError, IdentityError, StorageError, SyntaxError_
 from skyfill.protocol.syntax import is_did
-from skyfill.storage import CoverageEnd, Store
+from skyfill.storage import CoverageEnd, Reader, Store
 from skyfill.storage.queries import DESYNCHRONIZED, not_terminal
 
 if TYPE_CHECKING:
@@ -207,9 +206,9 @@ def downtime_spans(
     return [(a, b) for a, b in out if b - a >= min_downtime]
 
 
-def _column(con: Any, sql: str, params: Mapping[str, Any]) -> list[str]:
+def _column(reader: Reader, sql: str, params: Mapping[str, Any]) -> list[str]:
     used = {k: v for k, v in params.items() if f"${k}" in sql}  # DuckDB refuses unused names
-    table = con.sql(sql, params=used).to_arrow_table()
+    table = reader.fetch_arrow(sql, used)
     return table.column(0).to_pylist() if table.num_rows else []
 
 
@@ -243,51 +242,41 @@ async def detect_gaps(
     loop = asyncio.get_running_loop()
 
     def sql_reasons() -> tuple[list[tuple[datetime, datetime]], list[tuple[str, str | None, str]]]:
-        con = store.cursor()
-        try:
+        with store.read() as reader:
             for reason, sql in (
                 (Reason.DESYNCHRONIZED, _DESYNC_SQL),
                 (Reason.NEVER_BACKFILLED, _NEVER_SQL),
                 (Reason.REFERENCED, _REFERENCED_SQL),
             ):
                 t0 = loop.time()
-                found[reason.value] = _column(con, sql, params)
+                found[reason.value] = _column(reader, sql, params)
                 timings[reason.value] = loop.time() - t0
             t0 = loop.time()
-            rows = con.execute(
+            rows = reader.fetchall(
                 "SELECT first_event_at, last_event_at, ended = ? FROM coverage", [CoverageEnd.RUNNING.value]
-            ).fetchall()
+            )
             gaps = downtime_spans(rows, start=start, end=end, now=now, min_downtime=min_downtime)
             candidates: list[tuple[str, str | None, str]] = []
             if gaps:
-                con.register(
-                    "_gaps",
-                    pa.table(
-                        {"gap_start": [a for a, _ in gaps], "gap_end": [b for _, b in gaps]},
-                        schema=pa.schema([("gap_start", pa.timestamp("us", tz="UTC")),
-                                          ("gap_end", pa.timestamp("us", tz="UTC"))]),
-                    ),
+                spans = pa.table(
+                    {"gap_start": [a for a, _ in gaps], "gap_end": [b for _, b in gaps]},
+                    schema=pa.schema([("gap_start", pa.timestamp("us", tz="UTC")),
+                                      ("gap_end", pa.timestamp("us", tz="UTC"))]),
                 )
-                try:
+                with reader.registered("_gaps", spans):
                     if audit is None:
                         found[Reason.DOWNTIME.value] = _column(
-                            con, _DOWNTIME_NO_AUDIT_SQL, {"margin": no_audit_margin}
+                            reader, _DOWNTIME_NO_AUDIT_SQL, {"margin": no_audit_margin}
                         )
                     else:
-                        candidates = [
-                            (d, r, p) for d, r, p in con.execute(_DOWNTIME_CANDIDATES_SQL).fetchall()
-                        ]
-                finally:
-                    con.unregister("_gaps")
+                        candidates = [(d, r, p) for d, r, p in reader.fetchall(_DOWNTIME_CANDIDATES_SQL)]
             timings[Reason.DOWNTIME.value] = loop.time() - t0
             return gaps, candidates
-        finally:
-            con.close()
 
     try:
         gaps, candidates = await asyncio.to_thread(sql_reasons)
-    except duckdb.Error as exc:
-        raise StorageError(f"gap detection failed: {exc}") from exc
+    except StorageError as exc:
+        raise StorageError(f"gap detection failed: {exc}") from exc.__cause__
     if audit is not None and candidates:
         t0 = loop.time()
         by_host: dict[str, list[tuple[str, str | None]]] = {}

@@ -171,7 +171,7 @@ def status(db: str, as_json: bool) -> None:
             with Store(db, read_only=True) as store:
                 remove_announcement(db)  # we hold the file: an announcement beside it is stale
                 try:
-                    report = status_report(store.conn)
+                    report = status_report(store)
                 except StorageError as exc:
                     raise StorageError(f"cannot read {db}: {exc}") from exc.__cause__
     except DatabaseLocked as exc:

@@ -46,7 +46,7 @@ from skyfill import metrics
 from skyfill.backoff import backoff_delay
 from skyfill.errors import StorageError
 from skyfill.storage import Batch, Publish, Store
-from skyfill.storage.writer import failure_kind
+from skyfill.storage import failure_kind
 
 __all__ = ["BatchWriter"]
 

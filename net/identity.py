@@ -42,7 +42,7 @@ import orjson
 from skyfill.errors import ConfigError, FetchError, IdentityError, InputError, UnsafeHostError
 from skyfill.protocol.crypto import parse_public_key
 from skyfill.protocol.syntax import is_did
-from skyfill.storage import Store
+from skyfill.storage import IdentityRow, Store
 
 from .hosts import check_url
 from .pds import PdsClient
@@ -206,13 +206,12 @@ class Resolver:
         if self._store is None or not (identities or failed):
             return
         now = datetime.now(UTC)
-        rows: list[Any] = []
+        rows: list[IdentityRow] = []
         for i in identities:
-            rows += [i.did, i.pds, i.signing_key, i.handle, orjson.dumps(i.doc).decode(), now, None]
+            rows.append((i.did, i.pds, i.signing_key, i.handle, orjson.dumps(i.doc).decode(), now, None))
         for did, doc, error in failed:
-            rows += [did, None, None, None, orjson.dumps(doc).decode(), now, error]
-        values = ", ".join(["(?, ?, ?, ?, ?::JSON, ?, ?)"] * (len(rows) // 7))
-        await asyncio.to_thread(self._store.execute_write, _UPSERT_MANY.format(values=values), rows)
+            rows.append((did, None, None, None, orjson.dumps(doc).decode(), now, error))
+        await asyncio.to_thread(self._store.write_identities, rows)
 
     # -- fetching ----------------------------------------------------------------------------
 
@@ -286,10 +285,9 @@ class Resolver:
         if self._store is None:
             return
         await asyncio.to_thread(
-            self._store.execute_write,
-            _UPSERT,
-            [identity.did, identity.pds, identity.signing_key, identity.handle,
-             orjson.dumps(identity.doc).decode(), datetime.fromtimestamp(resolved_at, UTC), None],
+            self._store.write_identities,
+            [(identity.did, identity.pds, identity.signing_key, identity.handle,
+              orjson.dumps(identity.doc).decode(), datetime.fromtimestamp(resolved_at, UTC), None)],
         )
 
     async def _save_error(self, did: str, doc: dict[str, Any], error: str) -> None:
@@ -297,25 +295,9 @@ class Resolver:
         if self._store is None:
             return
         await asyncio.to_thread(
-            self._store.execute_write,
-            _UPSERT,
-            [did, None, None, None, orjson.dumps(doc).decode(), datetime.now(UTC), error],
+            self._store.write_identities,
+            [(did, None, None, None, orjson.dumps(doc).decode(), datetime.now(UTC), error)],
         )
-
-
-_UPSERT_MANY = (
-    "INSERT INTO identities (did, pds, signing_key, handle, doc, resolved_at, error) "
-    "VALUES {values} ON CONFLICT (did) DO UPDATE SET pds = excluded.pds, "
-    "signing_key = excluded.signing_key, handle = excluded.handle, doc = excluded.doc, "
-    "resolved_at = excluded.resolved_at, error = excluded.error"
-)
-
-_UPSERT = (
-    "INSERT INTO identities (did, pds, signing_key, handle, doc, resolved_at, error) "
-    "VALUES (?, ?, ?, ?, ?::JSON, ?, ?) ON CONFLICT (did) DO UPDATE SET pds = excluded.pds, "
-    "signing_key = excluded.signing_key, handle = excluded.handle, doc = excluded.doc, "
-    "resolved_at = excluded.resolved_at, error = excluded.error"
-)
 
 
 # -- parsing the document (pure) -----------------------------------------------------------

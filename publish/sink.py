@@ -28,7 +28,6 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-import duckdb
 import pyarrow as pa
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.errors import KafkaError
@@ -44,13 +43,7 @@ __all__ = ["Sink", "SinkStats"]
 
 log = logging.getLogger(__name__)
 
-_TOMBSTONES_DDL = (
-    "CREATE TABLE IF NOT EXISTS sink_tombstones (did VARCHAR NOT NULL, collection VARCHAR NOT NULL, "
-    "rkey VARCHAR NOT NULL, rev VARCHAR, PRIMARY KEY (did, collection, rkey))"
-)
-_SNAPSHOTS_DDL = "CREATE TABLE IF NOT EXISTS sink_snapshots (did VARCHAR PRIMARY KEY, rev VARCHAR NOT NULL)"
 _KEYS = pa.schema([("did", pa.string()), ("collection", pa.string()), ("rkey", pa.string())])
-_TOMBS = pa.schema([("did", pa.string()), ("collection", pa.string()), ("rkey", pa.string()), ("rev", pa.string())])
 
 RecordKey = tuple[str, str, str]
 
@@ -192,8 +185,7 @@ class Sink:
         self.stats = SinkStats()
 
     async def start(self) -> None:
-        self.store.execute_write(_TOMBSTONES_DDL)
-        self.store.execute_write(_SNAPSHOTS_DDL)
+        self.store.create_sink_tables()
         consumer = AIOKafkaConsumer(
             self.topics.records, self.topics.repos,
             bootstrap_servers=self.bootstrap, group_id=self.group_id, client_id=self._client_id,
@@ -258,8 +250,8 @@ class Sink:
                                                "offset": msg.offset, "error": str(exc)}})
         try:
             fold = self._load(records, repos)
-        except duckdb.Error as exc:  # the writes go through Store, which translates its own
-            raise StorageError(f"sink cannot read the stored revs: {exc}") from exc
+        except StorageError as exc:
+            raise StorageError(f"sink cannot read the stored revs: {exc}") from exc.__cause__
         # Repo messages first: an account deletion must be known before the records it purged.
         for m in repos:
             try:
@@ -273,29 +265,10 @@ class Sink:
             except (KeyError, TypeError, AttributeError) as exc:
                 invalid += 1
                 log.warning("skipping a malformed record message", extra={"ctx": {"error": repr(exc)}})
-        if fold.new_tombs:
-            # Committed before the batch: a tombstone without its delete only skips messages
-            # older than that delete, and the delete itself is replayed (offsets not committed).
-            keys = list(fold.new_tombs)
-            self.store.write_arrow(
-                "INSERT INTO sink_tombstones SELECT * FROM _t ON CONFLICT (did, collection, rkey) "
-                "DO UPDATE SET rev = excluded.rev",
-                "_t",
-                pa.table(
-                    {"did": [k[0] for k in keys], "collection": [k[1] for k in keys], "rkey": [k[2] for k in keys],
-                     "rev": [fold.new_tombs[k] for k in keys]},
-                    schema=_TOMBS,
-                ),
-            )
-        if fold.new_snapshots:
-            # Like tombstones: committed before the batch, and only ever makes older messages skip.
-            snaps = list(fold.new_snapshots.items())
-            self.store.write_arrow(
-                "INSERT INTO sink_snapshots SELECT * FROM _s ON CONFLICT (did) "
-                "DO UPDATE SET rev = greatest(sink_snapshots.rev, excluded.rev)",
-                "_s",
-                pa.table({"did": [d for d, _ in snaps], "rev": [r for _, r in snaps]}),
-            )
+        # Committed before the batch: a tombstone without its delete only skips messages older
+        # than that delete, and the delete itself is replayed (offsets not committed). Snapshot
+        # marks likewise only ever make older messages skip.
+        self.store.write_sink_marks(fold.new_tombs, fold.new_snapshots)
         self.store.apply(fold.batch)
         fold.stats.invalid = invalid
         self.stats.applied += fold.stats.applied
@@ -314,46 +287,39 @@ class Sink:
         tombs: dict[RecordKey, str | None] = {}
         seen: dict[str, _RepoSeen] = {}
         snapshots: dict[str, str] = {}
-        cur = self.store.cursor()
-        try:
+        with self.store.read() as reader:
             if snapshot_dids:
-                cur.register("_sd", pa.table({"did": snapshot_dids}))
-                for did, col, rkey, rev in cur.execute(
-                    "SELECT did, collection, rkey, rev FROM records WHERE did IN (SELECT did FROM _sd)"
-                ).fetchall():
-                    live[(did, col, rkey)] = rev
-                cur.unregister("_sd")
+                with reader.registered("_sd", pa.table({"did": snapshot_dids})):
+                    for did, col, rkey, rev in reader.fetchall(
+                        "SELECT did, collection, rkey, rev FROM records WHERE did IN (SELECT did FROM _sd)"
+                    ):
+                        live[(did, col, rkey)] = rev
             if dids:
-                cur.register("_sn", pa.table({"did": dids}))
-                snapshots.update(cur.execute(
-                    "SELECT did, rev FROM sink_snapshots WHERE did IN (SELECT did FROM _sn)").fetchall())
-                cur.unregister("_sn")
+                with reader.registered("_sn", pa.table({"did": dids})):
+                    snapshots.update(reader.fetchall(
+                        "SELECT did, rev FROM sink_snapshots WHERE did IN (SELECT did FROM _sn)"))
             if keys:
                 ks = list(keys)
-                cur.register("_k", pa.table(
+                with reader.registered("_k", pa.table(
                     {"did": [k[0] for k in ks], "collection": [k[1] for k in ks], "rkey": [k[2] for k in ks]},
                     schema=_KEYS,
-                ))
-                for did, col, rkey, rev, live_hit, trev, tomb_hit in cur.execute(
-                    "SELECT k.did, k.collection, k.rkey, r.rev, r.did IS NOT NULL, t.rev, t.did IS NOT NULL "
-                    "FROM _k k LEFT JOIN records r USING (did, collection, rkey) "
-                    "LEFT JOIN sink_tombstones t USING (did, collection, rkey)"
-                ).fetchall():
-                    if live_hit:
-                        live[(did, col, rkey)] = rev
-                    if tomb_hit:
-                        tombs[(did, col, rkey)] = trev
-                cur.unregister("_k")
+                )):
+                    for did, col, rkey, rev, live_hit, trev, tomb_hit in reader.fetchall(
+                        "SELECT k.did, k.collection, k.rkey, r.rev, r.did IS NOT NULL, t.rev, t.did IS NOT NULL "
+                        "FROM _k k LEFT JOIN records r USING (did, collection, rkey) "
+                        "LEFT JOIN sink_tombstones t USING (did, collection, rkey)"
+                    ):
+                        if live_hit:
+                            live[(did, col, rkey)] = rev
+                        if tomb_hit:
+                            tombs[(did, col, rkey)] = trev
             if dids:
-                cur.register("_d", pa.table({"did": dids}))
-                for did, rev, seq, at, status in cur.execute(
-                    "SELECT did, rev, last_seq, strftime(last_event_at AT TIME ZONE 'UTC', '%Y-%m-%dT%H:%M:%S.%fZ'), "
-                    "status FROM repos WHERE did IN (SELECT did FROM _d)"
-                ).fetchall():
-                    seen[did] = _RepoSeen(rev, seq, at, status)
-                cur.unregister("_d")
-        finally:
-            cur.close()
+                with reader.registered("_d", pa.table({"did": dids})):
+                    for did, rev, seq, at, status in reader.fetchall(
+                        "SELECT did, rev, last_seq, strftime(last_event_at AT TIME ZONE 'UTC', "
+                        "'%Y-%m-%dT%H:%M:%S.%fZ'), status FROM repos WHERE did IN (SELECT did FROM _d)"
+                    ):
+                        seen[did] = _RepoSeen(rev, seq, at, status)
         return _Fold(live=live, tombs=tombs, repos=seen, snapshots=snapshots)
 
 

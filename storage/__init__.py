@@ -1,8 +1,14 @@
 """storage: the DuckDB schema and the one writer all data goes through."""
 
+from skyfill.protocol.columns import RecordColumns
+
+from .base import Reader, failure_kind
 from .batch import Batch, Change, CoverageSpan, Publish, RecordChange, RecordPut, RepoChange, RepoRow, thread_emitter
+from .caches import IdentityRow
+from .queue import RetryPolicy
+from .reconcile import ReconcileCounts
 from .states import TERMINAL_BACKFILL, AccountStatus, BackfillStatus, CoverageEnd, QueueState, SyncState
-from .writer import ReconcileCounts, RecordColumns, Store, open_store
+from .store import Store, open_store
 
 __all__ = [
     "Batch",
@@ -15,9 +21,13 @@ __all__ = [
     "Publish",
     "thread_emitter",
     "Store",
+    "Reader",
     "open_store",
+    "failure_kind",
     "ReconcileCounts",
     "RecordColumns",
+    "RetryPolicy",
+    "IdentityRow",
     "SyncState",
     "AccountStatus",
     "BackfillStatus",

@@ -1,7 +1,7 @@
 """SQL predicates over the stored states, written once for every reader.
 
-The gap detector, `skyfill backfill --all`, the daemon's repair loop and its desynchronized-DIDs
-gauge all ask the same two questions of `repos`: "is this outcome final?" and "did this
+The gap detector, `skyfill backfill --all`, the backfill queue's repair-loop query (queue.py) and
+the desynchronized-DIDs gauge all ask the same two questions of `repos`: "is this outcome final?" and "did this
 DID's chain break?". The values are the `states` enums, never user input, so they are inlined.
 """
 
@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from typing import Final
 
-from .states import TERMINAL_BACKFILL, QueueState, SyncState
+from .states import TERMINAL_BACKFILL, SyncState
 
-__all__ = ["not_terminal", "DESYNCHRONIZED", "COUNT_DESYNCHRONIZED_SQL", "UNQUEUED_DESYNCHRONIZED_SQL"]
+__all__ = ["not_terminal", "DESYNCHRONIZED", "COUNT_DESYNCHRONIZED_SQL"]
 
 _TERMINAL_LIST: Final = "(" + ", ".join(f"'{s.value}'" for s in sorted(TERMINAL_BACKFILL)) + ")"
 
@@ -20,12 +20,6 @@ DESYNCHRONIZED: Final = f"sync_state = '{SyncState.DESYNCHRONIZED.value}'"
 
 # the DESYNCHRONIZED_DIDS gauge
 COUNT_DESYNCHRONIZED_SQL: Final = f"SELECT count(*) FROM repos WHERE {DESYNCHRONIZED}"
-
-# what the daemon's repair loop queues: active desynchronized DIDs not already queued
-UNQUEUED_DESYNCHRONIZED_SQL: Final = (
-    f"SELECT did FROM repos WHERE {DESYNCHRONIZED} AND active AND did NOT IN "
-    f"(SELECT did FROM backfill_queue WHERE state IN ('{QueueState.PENDING.value}', '{QueueState.IN_PROGRESS.value}'))"
-)
 
 
 def not_terminal(alias: str = "") -> str:

@@ -64,7 +64,6 @@ CREATE TABLE IF NOT EXISTS backfill_queue (
     reasons      VARCHAR[] NOT NULL,
     enqueued_at  TIMESTAMPTZ NOT NULL,
     state        VARCHAR NOT NULL DEFAULT 'pending',      -- QueueState
-    attempts     INTEGER NOT NULL DEFAULT 0,
     retry_after  TIMESTAMPTZ,
     error        VARCHAR,
     updated_at   TIMESTAMPTZ NOT NULL

@@ -2,27 +2,27 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 
-import duckdb
-
-from skyfill.errors import StorageError
+from .states import CoverageEnd
 
 __all__ = ["status_report"]
 
 
-def status_report(con: duckdb.DuckDBPyConnection) -> dict[str, Any]:
+class _Reads(Protocol):
+    def fetchall(self, sql: str, params: Iterable[Any] = ()) -> list[tuple[Any, ...]]: ...
+
+
+def status_report(reader: _Reads) -> dict[str, Any]:
     """Cursor, lag, repos by sync state and status, records by collection, queue and coverage.
 
-    A DuckDB failure leaves as StorageError."""
+    `reader`: a `Store` or one of its `read()` cursors. A DuckDB failure leaves as StorageError."""
     now = datetime.now(UTC)
 
     def rows(sql: str) -> list[tuple[Any, ...]]:
-        try:
-            return con.execute(sql).fetchall()
-        except duckdb.Error as exc:
-            raise StorageError(str(exc)) from exc
+        return reader.fetchall(sql)
 
     cursors = [
         {"source": s, "seq": q, "updated_at": u.isoformat() if u else None}
@@ -36,7 +36,7 @@ def status_report(con: duckdb.DuckDBPyConnection) -> dict[str, Any]:
     running = None
     if last:
         _, last_event_at, ended, *_ = last[0]
-        running = ended == "running"
+        running = ended == CoverageEnd.RUNNING.value
         if last_event_at is not None:
             lag = round((now - last_event_at).total_seconds(), 3)
     return {

@@ -24,6 +24,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import duckdb
 import libipld
 from atproto_core.car import CAR
 from atproto_core.cid import CID
@@ -89,9 +90,16 @@ def fetch_truth(client: PdsClient, did: str) -> Truth:
     return repo_truth(did, car)
 
 
+def rows_of(con: Any, sql: str, params: Iterable[Any] = ()) -> list[tuple[Any, ...]]:
+    """Rows of `sql` from a raw DuckDB connection, or a skyfill Store or one of its `read()` cursors."""
+    if isinstance(con, duckdb.DuckDBPyConnection):
+        return con.execute(sql, list(params)).fetchall()
+    return con.fetchall(sql, params)  # type: ignore[no-any-return]
+
+
 def _held(con: Any, did: str) -> tuple[dict[Key, str], tuple[Any, ...] | None]:
-    rows = con.execute("SELECT collection, rkey, cid FROM records WHERE did = ?", [did]).fetchall()
-    repo = con.execute("SELECT rev, status, active, sync_state FROM repos WHERE did = ?", [did]).fetchall()
+    rows = rows_of(con, "SELECT collection, rkey, cid FROM records WHERE did = ?", [did])
+    repo = rows_of(con, "SELECT rev, status, active, sync_state FROM repos WHERE did = ?", [did])
     return {(c, k): cid for c, k, cid in rows}, (repo[0] if repo else None)
 
 
@@ -125,7 +133,7 @@ def mirror_diff(
     truths: Mapping[str, Truth] | None = None,
     exhaustive: bool = True,
 ) -> list[str]:
-    """Readable differences between the store (`con`: a DuckDB connection or cursor) and the PDS.
+    """Readable differences between the store (`con`: see `rows_of`) and the PDS.
 
     `truths` overrides the live fetch for some DIDs (e.g. a snapshot taken before deactivation).
     With `exhaustive`, records of any DID outside `dids` are reported as extra too.
@@ -136,10 +144,10 @@ def mirror_diff(
         truth = (truths or {}).get(did) or fetch_truth(client, did)
         out.extend(_diff_one(con, truth))
     if exhaustive:
-        others = con.execute(
-            "SELECT did, collection, rkey, cid FROM records WHERE did NOT IN (SELECT unnest(?::VARCHAR[])) "
+        others = rows_of(
+            con, "SELECT did, collection, rkey, cid FROM records WHERE did NOT IN (SELECT unnest(?::VARCHAR[])) "
             "ORDER BY ALL", [wanted]
-        ).fetchall()
+        )
         out.extend(f"{d}: extra   {c}/{k} {cid} (a DID outside the scenario)" for d, c, k, cid in others)
     return out
 

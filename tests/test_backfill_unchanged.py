@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from skyfill.backfill.backfiller import premade
+from skyfill.backfill.reconcile import premade
 from skyfill.protocol.repo import RepoSnapshot, materialize, parse_repo
-from skyfill.storage import Store
+from tests.support.store import SetupStore
 
 VECTORS = Path(__file__).parent / "vectors" / "indigo"
 GREENGROUND = VECTORS / "testing-testdata" / "greenground.repo.car"
@@ -18,8 +18,8 @@ GREENGROUND_DID = "did:plc:kzcqyc3unb33eh5sxzsfs25z"
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> Iterator[Store]:
-    with Store(tmp_path / "m.duckdb") as s:
+def store(tmp_path: Path) -> Iterator[SetupStore]:
+    with SetupStore(tmp_path / "m.duckdb") as s:
         yield s
 
 
@@ -27,7 +27,7 @@ def snap(defer: str | None = None) -> RepoSnapshot:
     return parse_repo(GREENGROUND.read_bytes(), did=GREENGROUND_DID, key=None, defer_walk_if_data=defer)
 
 
-def reconcile(store: Store, s: RepoSnapshot, fetched: object = None, **kw: object) -> object:
+def reconcile(store: SetupStore, s: RepoSnapshot, fetched: object = None, **kw: object) -> object:
     return store.reconcile(
         s.did, rev=s.rev, data_cid=s.data_cid, commit_cid=s.commit_cid,
         fetched=fetched if fetched is not None else (lambda: s.records),
@@ -35,7 +35,7 @@ def reconcile(store: Store, s: RepoSnapshot, fetched: object = None, **kw: objec
     )
 
 
-def stored(store: Store) -> dict[tuple[str, str], str]:
+def stored(store: SetupStore) -> dict[tuple[str, str], str]:
     return {(c, k): cid for c, k, cid in store.fetchall("SELECT collection, rkey, cid FROM records")}
 
 
@@ -52,7 +52,7 @@ def test_deferred_walk_lists_the_same_records() -> None:
     assert snap(defer="bafy-other").walked == full.records
 
 
-def test_unchanged_root_skips_diff_and_keeps_records(store: Store) -> None:
+def test_unchanged_root_skips_diff_and_keeps_records(store: SetupStore) -> None:
     s = snap()
     first = reconcile(store, s)
     assert first.added == len(s.records)  # type: ignore[attr-defined]
@@ -70,7 +70,7 @@ def test_unchanged_root_skips_diff_and_keeps_records(store: Store) -> None:
         "UPDATE repos SET active = false, status = 'deactivated'",
     ],
 )
-def test_untrusted_row_gets_a_full_reconcile(store: Store, breakage: str) -> None:
+def test_untrusted_row_gets_a_full_reconcile(store: SetupStore, breakage: str) -> None:
     s = snap()
     reconcile(store, s)
     store.execute_write("DELETE FROM records WHERE rkey = (SELECT min(rkey) FROM records)")
@@ -81,7 +81,7 @@ def test_untrusted_row_gets_a_full_reconcile(store: Store, breakage: str) -> Non
     assert stored(store) == s.records
 
 
-def test_fast_path_off_when_the_caller_says_so(store: Store) -> None:
+def test_fast_path_off_when_the_caller_says_so(store: SetupStore) -> None:
     s = snap()
     reconcile(store, s)
     store.execute_write("DELETE FROM records WHERE rkey = (SELECT min(rkey) FROM records)")
@@ -89,7 +89,7 @@ def test_fast_path_off_when_the_caller_says_so(store: Store) -> None:
     assert stored(store) == s.records
 
 
-def test_records_decoded_before_the_lock_survive_a_concurrent_change(store: Store) -> None:
+def test_records_decoded_before_the_lock_survive_a_concurrent_change(store: SetupStore) -> None:
     s = snap()
     decode = premade(store, s, every=False)  # fresh DID: decodes every record now (consumes its blocks)
     reconcile(store, snap())  # meanwhile another writer stores the repo
@@ -104,13 +104,13 @@ def test_records_decoded_before_the_lock_survive_a_concurrent_change(store: Stor
 
 
 def test_chunked_reconcile_decodes_ahead_and_emits_every_change(
-    store: Store, monkeypatch: pytest.MonkeyPatch
+    store: SetupStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import skyfill.backfill.backfiller as backfiller
-    import skyfill.storage.writer as writer
+    import skyfill.backfill.reconcile as backfill_reconcile
+    import skyfill.storage.reconcile as storage_reconcile
 
-    monkeypatch.setattr(writer, "RECONCILE_CHUNK", 1)  # 2 records -> 2 chunks, each decoded ahead
-    monkeypatch.setattr(backfiller, "_RECONCILE_CHUNK", 1)
+    monkeypatch.setattr(storage_reconcile, "RECONCILE_CHUNK", 1)  # 2 records -> 2 chunks, each decoded ahead
+    monkeypatch.setattr(backfill_reconcile, "RECONCILE_CHUNK", 1)
     s = snap()
     sent: list[object] = []
     counts = store.reconcile(s.did, rev=s.rev, data_cid=s.data_cid, commit_cid=s.commit_cid,
@@ -162,7 +162,7 @@ def test_deferred_parse_reads_only_the_commit_and_still_checks_it() -> None:
         parse_repo(car, did="did:plc:someoneelse", key=None, defer_walk_if_data=full.data_cid)
 
 
-def test_trusted_root_with_no_stored_records_is_reconciled_in_full(store: Store) -> None:
+def test_trusted_root_with_no_stored_records_is_reconciled_in_full(store: SetupStore) -> None:
     # a purged account that comes back keeps its row synchronized under the old root
     s = snap()
     reconcile(store, s)

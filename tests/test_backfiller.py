@@ -19,7 +19,7 @@ from skyfill.backfill.config import BackfillConfig
 from skyfill.backfill.gaps import PdsAuditor
 from skyfill.protocol.repo import parse_repo
 from bench.generate.identity import did_document, make_identity
-from skyfill.storage import Store
+from tests.support.store import SetupStore
 from tests.support.served import GET_REPO, World
 
 
@@ -35,8 +35,8 @@ def world(srv: FaultServer) -> World:
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> Iterator[Store]:
-    s = Store(tmp_path / "bf.duckdb")
+def store(tmp_path: Path) -> Iterator[SetupStore]:
+    s = SetupStore(tmp_path / "bf.duckdb")
     yield s
     s.close()
 
@@ -56,7 +56,7 @@ def config(srv: FaultServer, **kw: Any) -> BackfillConfig:
     return BackfillConfig(plc_url=srv.url, allow_private_hosts=True, concurrency=4, **kw)
 
 
-def repo_row(store: Store, did: str) -> dict[str, Any]:
+def repo_row(store: SetupStore, did: str) -> dict[str, Any]:
     cols = ["rev", "data_cid", "sync_state", "backfill_status", "backfill_error", "backfill_attempts",
             "backfill_retry_after", "backfilled_at"]
     rows = store.fetchall(f"SELECT {', '.join(cols)} FROM repos WHERE did = ?", [did])
@@ -64,7 +64,7 @@ def repo_row(store: Store, did: str) -> dict[str, Any]:
     return dict(zip(cols, rows[0], strict=True))
 
 
-def stored(store: Store, did: str) -> dict[tuple[str, str], str]:
+def stored(store: SetupStore, did: str) -> dict[tuple[str, str], str]:
     return {(c, k): cid for c, k, cid in store.fetchall(
         "SELECT collection, rkey, cid FROM records WHERE did = ?", [did])}
 
@@ -89,7 +89,7 @@ def block_boundaries(car: bytes) -> list[int]:
     return out
 
 
-async def test_reconcile_adds_updates_deletes(store: Store, world: World, srv: FaultServer) -> None:
+async def test_reconcile_adds_updates_deletes(store: SetupStore, world: World, srv: FaultServer) -> None:
     ident, car = world.account(n_records=30)
     did = ident.did
     truth = parse_repo(car, did=did, key=None)
@@ -133,7 +133,7 @@ async def test_reconcile_adds_updates_deletes(store: Store, world: World, srv: F
      (xrpc_error("RepoDeactivated", "zzz"), "RepoDeactivated")],
 )
 async def test_terminal_fetch_outcomes_recorded_and_not_retried(
-    store: Store, world: World, srv: FaultServer, reply: Reply, status: str
+    store: SetupStore, world: World, srv: FaultServer, reply: Reply, status: str
 ) -> None:
     ident, _ = world.account()
     world.repos[ident.did] = [reply]
@@ -151,7 +151,7 @@ async def test_terminal_fetch_outcomes_recorded_and_not_retried(
     assert world.repo_hits[ident.did] == 1
 
 
-async def test_invalid_did_document_is_terminal(store: Store, world: World, srv: FaultServer) -> None:
+async def test_invalid_did_document_is_terminal(store: SetupStore, world: World, srv: FaultServer) -> None:
     ident, _ = world.account()
     doc = dict(world.docs[ident.did])
     doc["service"] = []  # no #atproto_pds
@@ -166,7 +166,7 @@ async def test_invalid_did_document_is_terminal(store: Store, world: World, srv:
     assert world.repo_hits.get(ident.did, 0) == 0
 
 
-async def test_signature_failure_reresolves_once_then_terminal(store: Store, world: World, srv: FaultServer) -> None:
+async def test_signature_failure_reresolves_once_then_terminal(store: SetupStore, world: World, srv: FaultServer) -> None:
     ident, _ = world.account()
     world.set_doc(ident.did, doc_with_wrong_key(ident.did, srv, 99))
     store.enqueue({ident.did: ["explicit"]})
@@ -180,7 +180,7 @@ async def test_signature_failure_reresolves_once_then_terminal(store: Store, wor
     assert stored(store, ident.did) == {}
 
 
-async def test_rotated_key_recovers_on_fresh_resolve(store: Store, world: World, srv: FaultServer) -> None:
+async def test_rotated_key_recovers_on_fresh_resolve(store: SetupStore, world: World, srv: FaultServer) -> None:
     ident, car = world.account()
     good = world.docs[ident.did]
     wrong = doc_with_wrong_key(ident.did, srv, 5)
@@ -194,7 +194,7 @@ async def test_rotated_key_recovers_on_fresh_resolve(store: Store, world: World,
     assert stored(store, ident.did) == parse_repo(car, did=ident.did, key=None).records
 
 
-async def test_no_verify_skips_signature(store: Store, world: World, srv: FaultServer) -> None:
+async def test_no_verify_skips_signature(store: SetupStore, world: World, srv: FaultServer) -> None:
     ident, car = world.account()
     world.set_doc(ident.did, doc_with_wrong_key(ident.did, srv, 5))
     async with open_backfiller(store, config=config(srv, verify=False)) as bf:
@@ -202,7 +202,7 @@ async def test_no_verify_skips_signature(store: Store, world: World, srv: FaultS
     assert summary.repos_ok == 1
 
 
-async def test_500_then_success(store: Store, world: World, srv: FaultServer) -> None:
+async def test_500_then_success(store: SetupStore, world: World, srv: FaultServer) -> None:
     ident, car = world.account()
     world.repos[ident.did] = [Reply(500, b"oops"), Reply(503, b"busy")] + world.repos[ident.did]
     async with open_backfiller(store, config=config(srv)) as bf:
@@ -212,7 +212,7 @@ async def test_500_then_success(store: Store, world: World, srv: FaultServer) ->
     assert repo_row(store, ident.did)["backfill_status"] == "ok"
 
 
-async def test_truncated_car_is_retryable_and_not_done(store: Store, world: World, srv: FaultServer) -> None:
+async def test_truncated_car_is_retryable_and_not_done(store: SetupStore, world: World, srv: FaultServer) -> None:
     ident, car = world.account(n_records=10)
     cut = block_boundaries(car)[-3]  # ends exactly at a block boundary: the CAR itself parses
     world.repos[ident.did] = [Reply(200, car[:cut])]
@@ -224,7 +224,9 @@ async def test_truncated_car_is_retryable_and_not_done(store: Store, world: Worl
     assert row["backfill_status"] == "retrying" and row["backfilled_at"] is None
     assert row["backfill_retry_after"] > datetime.now(UTC) + timedelta(seconds=20)
     assert "missing" in row["backfill_error"]
-    queue = store.fetchall("SELECT state, attempts, retry_after IS NOT NULL FROM backfill_queue")
+    # the attempt is counted once, on the repo row (the queue row only says when it is due again)
+    queue = store.fetchall("SELECT q.state, r.backfill_attempts, q.retry_after IS NOT NULL "
+                           "FROM backfill_queue q JOIN repos r USING (did)")
     assert queue == [("pending", 1, True)]
     assert stored(store, ident.did) == {}
 
@@ -237,7 +239,7 @@ async def test_truncated_car_is_retryable_and_not_done(store: Store, world: Worl
     assert store.fetchall("SELECT state FROM backfill_queue") == [("done",)]
 
 
-async def test_transient_failures_end_in_failed(store: Store, world: World, srv: FaultServer) -> None:
+async def test_transient_failures_end_in_failed(store: SetupStore, world: World, srv: FaultServer) -> None:
     ident, _ = world.account()
     world.repos[ident.did] = [Reply(500, b"down")]
     async with open_backfiller(store, config=config(srv, request_retries=0, max_attempts=2)) as bf:
@@ -248,7 +250,7 @@ async def test_transient_failures_end_in_failed(store: Store, world: World, srv:
     assert row["backfill_status"] == "Failed" and row["backfill_retry_after"] is None
 
 
-async def test_run_queue_skips_rows_not_yet_due_and_recovers_stranded(store: Store, world: World,
+async def test_run_queue_skips_rows_not_yet_due_and_recovers_stranded(store: SetupStore, world: World,
                                                                       srv: FaultServer) -> None:
     a, _ = world.account()
     b, _ = world.account()
@@ -262,7 +264,7 @@ async def test_run_queue_skips_rows_not_yet_due_and_recovers_stranded(store: Sto
     assert dict(store.fetchall("SELECT did, state FROM backfill_queue")) == {a.did: "pending", b.did: "done"}
 
 
-async def test_many_dids_concurrently(store: Store, world: World, srv: FaultServer) -> None:
+async def test_many_dids_concurrently(store: SetupStore, world: World, srv: FaultServer) -> None:
     accounts = [world.account(n_records=5) for _ in range(12)]
     async with open_backfiller(store, config=config(srv)) as bf:
         summary = await bf.run(i.did for i, _ in accounts)
@@ -270,7 +272,7 @@ async def test_many_dids_concurrently(store: Store, world: World, srv: FaultServ
     assert store.fetchall("SELECT count(DISTINCT did) FROM records")[0][0] == 12
 
 
-async def test_pds_auditor_flags_moved_heads(store: Store, world: World, srv: FaultServer) -> None:
+async def test_pds_auditor_flags_moved_heads(store: SetupStore, world: World, srv: FaultServer) -> None:
     # three accounts on one PDS: one moved past the held rev, one did not, one unknown to listRepos
     accounts = [world.account(n_records=2)[0] for _ in range(3)]
     moved, still, unlisted = (i.did for i in accounts)
@@ -289,7 +291,7 @@ async def test_pds_auditor_flags_moved_heads(store: Store, world: World, srv: Fa
         assert await audit_small({srv.url: [(unlisted, "3laaaaaaaaa22")]}) == {unlisted}
 
 
-async def test_rate_limited_host_defers_without_counting_an_attempt(store: Store, world: World,
+async def test_rate_limited_host_defers_without_counting_an_attempt(store: SetupStore, world: World,
                                                                     srv: FaultServer) -> None:
     from tests.faultserver import rate_limited
 
@@ -299,8 +301,8 @@ async def test_rate_limited_host_defers_without_counting_an_attempt(store: Store
     async with open_backfiller(store, config=config(srv)) as bf:
         summary = await bf.run_queue()
     assert summary.failed == {"deferred": 1} and summary.hosts_parked == 1
-    state, attempts, retry_after = store.fetchall("SELECT state, attempts, retry_after FROM backfill_queue")[0]
-    assert state == "pending" and attempts == 0
+    state, retry_after = store.fetchall("SELECT state, retry_after FROM backfill_queue")[0]
+    assert state == "pending" and store.backfill_attempts(ident.did) == 0
     assert retry_after > datetime.now(UTC) + timedelta(seconds=60)
     # a 429 is never a failure of the repo: nothing recorded on its row
     assert store.fetchall("SELECT count(*) FROM repos WHERE backfill_status IS NOT NULL")[0][0] == 0
@@ -329,7 +331,7 @@ ENDPOINTS = {
 
 @pytest.mark.parametrize("allow_private", [False, True], ids=["guarded", "allow-private"])
 @pytest.mark.parametrize("case", sorted(ENDPOINTS))
-async def test_unsafe_pds_endpoint_is_refused_without_connecting(store: Store, case: str, allow_private: bool) -> None:
+async def test_unsafe_pds_endpoint_is_refused_without_connecting(store: SetupStore, case: str, allow_private: bool) -> None:
     """Before: the PLC's host was trusted on ANY port (`plc-host-other-port` reached the
     victim), and `0177...` / 70,000 characters crashed the backfill with httpx.InvalidURL.
     Numeric spellings are refused even with allow_private_hosts (only `plc-host-other-port`
@@ -349,7 +351,7 @@ async def test_unsafe_pds_endpoint_is_refused_without_connecting(store: Store, c
     assert row["backfill_status"] == "UnsafeHost" and row["backfill_retry_after"] is None
 
 
-async def test_pds_on_the_plc_origin_is_not_a_plc_request(store: Store) -> None:
+async def test_pds_on_the_plc_origin_is_not_a_plc_request(store: SetupStore) -> None:
     """Trust is per request: a DID document naming the PLC's own origin as its PDS does not
     make getRepo a PLC request."""
     with FaultServer("127.0.0.2") as plc:
@@ -360,7 +362,7 @@ async def test_pds_on_the_plc_origin_is_not_a_plc_request(store: Store) -> None:
     assert summary.failed == {"UnsafeHost": 1}
 
 
-async def test_plc_redirect_to_its_host_on_another_port_is_refused(store: Store) -> None:
+async def test_plc_redirect_to_its_host_on_another_port_is_refused(store: SetupStore) -> None:
     """Before: the redirect target `http://127.0.0.2:<other port>/x` passed as the PLC's host."""
     with FaultServer("127.0.0.2") as plc, FaultServer("127.0.0.2") as victim:
         did = _plc_world(plc, "https://pds.invalid")
@@ -378,7 +380,7 @@ async def test_plc_redirect_to_its_host_on_another_port_is_refused(store: Store)
     ["http://127.2:{port}/x", "http://0177.0.0.2:{port}/x", "http://[::1:{port}/x", "http://127.0.0.2:{port}/" + "x" * 70_000],
     ids=["short", "octal", "unclosed-ipv6", "70k"],
 )
-async def test_pds_redirect_to_malformed_target_is_unsafe_host(store: Store, world: World, srv: FaultServer,
+async def test_pds_redirect_to_malformed_target_is_unsafe_host(store: SetupStore, world: World, srv: FaultServer,
                                                                location: str) -> None:
     with FaultServer("127.0.0.2") as victim:
         ident, _ = world.account()
@@ -393,7 +395,7 @@ async def test_pds_redirect_to_malformed_target_is_unsafe_host(store: Store, wor
 # -- issue 10: time is bounded ---------------------------------------------------------------
 
 
-async def test_trickling_pds_ends_in_retrying(store: Store, world: World, srv: FaultServer) -> None:
+async def test_trickling_pds_ends_in_retrying(store: SetupStore, world: World, srv: FaultServer) -> None:
     """Before: 1 byte every 2 s kept the backfill alive until the 900 s total timeout."""
     ident, car = world.account()
     world.repos[ident.did] = [Reply(200, car, trickle=0.1)]
@@ -406,7 +408,7 @@ async def test_trickling_pds_ends_in_retrying(store: Store, world: World, srv: F
     assert row["rev"] is None  # nothing half-stored
 
 
-async def test_always_429_host_ends_a_list_backfill(store: Store, world: World, srv: FaultServer) -> None:
+async def test_always_429_host_ends_a_list_backfill(store: SetupStore, world: World, srv: FaultServer) -> None:
     """Before: `backfill --dids` against a host answering 429 forever never finished. Now,
     past the patience (2 s here, 10 min by default) the DID is recorded 'retrying' with
     retry_after = the park's end, no attempt counted, and the run ends; no request was sent

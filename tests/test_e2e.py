@@ -44,7 +44,7 @@ from tests.network import (
     like_record,
     post_record,
 )
-from tests.oracle import assert_mirror_equals, commit_seq, fetch_truth, head_seq, mirror_diff
+from tests.oracle import assert_mirror_equals, commit_seq, fetch_truth, head_seq, mirror_diff, rows_of
 from tests.support.daemon import announced, reap, spawn_consume, stored_cursor
 from tests.support.wait import poll
 
@@ -91,7 +91,7 @@ def profile(client: PdsClient, who: PdsAccount, name: str) -> RecordRef:
 def repo_row(con: Any, did: str) -> dict[str, Any]:
     cols = ["rev", "handle", "active", "status", "sync_state", "desync_reason", "backfill_status",
             "backfill_retry_after", "backfilled_at"]
-    rows = con.execute(f"SELECT {', '.join(cols)} FROM repos WHERE did = ?", [did]).fetchall()
+    rows = rows_of(con, f"SELECT {', '.join(cols)} FROM repos WHERE did = ?", [did])
     assert rows, f"no repos row for {did}"
     return dict(zip(cols, rows[0], strict=True))
 
@@ -168,7 +168,7 @@ def dids_with(report: dict[str, Any], reason: str) -> set[str]:
 
 
 def coverage(con: Any) -> list[tuple[Any, ...]]:
-    return con.execute("SELECT first_event_at, last_event_at, ended FROM coverage ORDER BY id").fetchall()
+    return rows_of(con, "SELECT first_event_at, last_event_at, ended FROM coverage ORDER BY id")
 
 
 # -- scenarios -------------------------------------------------------------------------------
@@ -206,10 +206,10 @@ def test_live_activity_of_20_accounts_mirrors_exactly(
         commit, _ = c.apply_writes(big, writes)
         d.wait_for(commit_seq(c, big.did, commit.rev, since=start))
 
-        con = store.cursor()
+        con = store  # reads (under the write lock)
         assert_mirror_equals(con, c, [u.did for u in users])
         assert {u.handle for u in users} == {repo_row(con, u.did)["handle"] for u in users}
-        assert con.execute("SELECT count(*) FROM records WHERE did = ?", [big.did]).fetchall()[0][0] > 190
+        assert rows_of(con, "SELECT count(*) FROM records WHERE did = ?", [big.did])[0][0] > 190
     store.close()
 
 
@@ -236,10 +236,10 @@ def test_history_before_we_started_is_found_by_gaps_and_brought_in_by_backfill(
         like = c.create_record(liker, LIKE, like_record(quiet_post))
         d.wait_for(commit_seq(c, liker.did, like.commit.rev, since=start))
 
-        con = store.cursor()
+        con = store  # reads (under the write lock)
         everyone = [u.did for u in old] + [quiet.did, liker.did]
         # Before the backfill the mirror holds only what was seen live: not equal.
-        assert con.execute("SELECT count(*) FROM records WHERE did = ?", [old[0].did]).fetchall()[0][0] == 1
+        assert rows_of(con, "SELECT count(*) FROM records WHERE did = ?", [old[0].did])[0][0] == 1
 
         report = gaps_now(d, pds_network, window_start, enqueue=True)
         assert dids_with(report, "never_backfilled") == {u.did for u in old} | {liker.did}
@@ -276,7 +276,7 @@ def test_downtime_is_audited_per_did_and_backfill_repairs_writes_and_deletes(
         summary = d.call(run_backfill(store, dids=[u.did for u in users], config=bf_config(pds_network),
                                       sink=d.sink, progress=False))
         assert summary.repos_ok == 6
-    stopped_event_at = coverage(store.cursor())[-1][1]
+    stopped_event_at = coverage(store)[-1][1]
 
     # Downtime: four accounts change, two do not.
     a0, a1, a2, a3, a4, a5 = users
@@ -294,7 +294,7 @@ def test_downtime_is_audited_per_did_and_backfill_repairs_writes_and_deletes(
     with DaemonThread(store, pds_network, cursor=restart) as d:
         alive = post(c, a4, "after the restart, seen live")  # a4 changes, but we saw it
         d.wait_for(commit_seq(c, a4.did, alive.commit.rev, since=restart))
-        con = store.cursor()
+        con = store  # reads (under the write lock)
         first_event_at = coverage(con)[0][0]
         assert len(coverage(con)) == 2
 
@@ -330,7 +330,7 @@ def test_broken_chain_is_reported_desynchronized_and_repaired(
         three = post(c, b, "three")  # since = the dropped delete's rev != the rev we hold
         more = post(c, ok, "still fine")
         d.wait_for(commit_seq(c, ok.did, more.commit.rev, since=skip_to))
-        con = store.cursor()
+        con = store  # reads (under the write lock)
         row = repo_row(con, b.did)
         assert (row["sync_state"], row["desync_reason"], row["rev"]) == (
             "desynchronized", "since_mismatch", three.commit.rev)
@@ -369,7 +369,7 @@ def test_account_lifecycle_statuses_handles_and_terminal_backfills(
         last = post(c, renamed, "same account, new name")
         d.wait_for(commit_seq(c, renamed.did, last.commit.rev, since=start))
 
-        con = store.cursor()
+        con = store  # reads (under the write lock)
         state = {u.did: repo_row(con, u.did) for u in (deact, react, taken, gone, renamed)}
         assert (state[deact.did]["active"], state[deact.did]["status"]) == (False, "deactivated")
         assert (state[react.did]["active"], state[react.did]["status"]) == (True, "active")

@@ -44,11 +44,15 @@ def test_reads_of_a_closed_store_are_storage_errors(tmp_path: Path) -> None:
 
 def test_status_report_on_a_closed_connection_is_storage_error(tmp_path: Path) -> None:
     store = Store(tmp_path / "s.duckdb")
-    cur = store.cursor()
-    cur.close()
+    with store.read() as reader:
+        store.close()
+        with pytest.raises(StorageError):
+            status_report(reader)
     with pytest.raises(StorageError):
-        status_report(cur)
-    store.close()
+        status_report(store)
+    with pytest.raises(StorageError):
+        with store.read():
+            pass
 
 
 async def test_gap_detection_on_a_closed_store_is_storage_error(tmp_path: Path) -> None:

@@ -17,7 +17,7 @@ from skyfill.backfill.backfiller import BackfillSummary, open_backfiller
 from skyfill.backfill.config import BackfillConfig
 from skyfill.protocol.repo import parse_repo
 from bench.generate.identity import Identity, did_document, make_identity
-from skyfill.storage import Store
+from tests.support.store import SetupStore
 
 CASES = corpus_cases()
 GET_REPO = "/xrpc/com.atproto.sync.getRepo"
@@ -74,8 +74,8 @@ def srv() -> Iterator[FaultServer]:
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> Iterator[Store]:
-    s = Store(tmp_path / "hostile.duckdb")
+def store(tmp_path: Path) -> Iterator[SetupStore]:
+    s = SetupStore(tmp_path / "hostile.duckdb")
     yield s
     s.close()
 
@@ -91,7 +91,7 @@ def _doc(did: str, secret: bytes | None, url: str) -> dict[str, object]:
     return doc
 
 
-async def test_hostile_cars_leave_every_did_with_a_recorded_outcome(srv: FaultServer, store: Store) -> None:
+async def test_hostile_cars_leave_every_did_with_a_recorded_outcome(srv: FaultServer, store: SetupStore) -> None:
     served: dict[str, bytes] = {}
     srv.script(GET_REPO, lambda seen: Reply(200, served[seen.query["did"]]) if seen.query.get("did") in served
                else xrpc_error("RepoNotFound", "?"))
@@ -112,7 +112,7 @@ async def test_hostile_cars_leave_every_did_with_a_recorded_outcome(srv: FaultSe
             _assert_outcome(store, case, summary)
 
 
-def _assert_outcome(store: Store, case: CorpusCase, summary: BackfillSummary) -> None:
+def _assert_outcome(store: SetupStore, case: CorpusCase, summary: BackfillSummary) -> None:
     row = store.fetchall(
         "SELECT backfill_status, backfill_error, backfill_retry_after FROM repos WHERE did = ?", [case.did])
     assert row, case.file

@@ -10,7 +10,7 @@ import pytest
 
 from skyfill.backfill.gaps import GapReport, HeldRevs, Reason, detect_gaps, downtime_spans
 from skyfill.errors import SyntaxError_
-from skyfill.storage import Store
+from tests.support.store import SetupStore
 
 T0 = datetime(2025, 3, 10, tzinfo=UTC)
 START = T0
@@ -23,7 +23,7 @@ def h(hours: float) -> datetime:
 
 
 def add_repo(
-    store: Store,
+    store: SetupStore,
     did: str,
     *,
     first_seen: datetime,
@@ -43,14 +43,14 @@ def add_repo(
     )
 
 
-def add_record(store: Store, did: str, collection: str, rkey: str, record: dict, created_at: datetime) -> None:
+def add_record(store: SetupStore, did: str, collection: str, rkey: str, record: dict, created_at: datetime) -> None:
     store.execute_write(
         "INSERT INTO records (did, collection, rkey, cid, record, created_at, indexed_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
         [did, collection, rkey, "bafyreia", json.dumps(record), created_at, created_at],
     )
 
 
-def add_coverage(store: Store, first: datetime, last: datetime | None, ended: str = "clean") -> None:
+def add_coverage(store: SetupStore, first: datetime, last: datetime | None, ended: str = "clean") -> None:
     store.execute_write(
         "INSERT INTO coverage (source, first_event_at, last_event_at, started_at, ended) VALUES ('r', ?, ?, ?, ?)",
         [first, last, first, ended],
@@ -58,13 +58,13 @@ def add_coverage(store: Store, first: datetime, last: datetime | None, ended: st
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> Store:
-    s = Store(tmp_path / "gaps.duckdb")
+def store(tmp_path: Path) -> SetupStore:
+    s = SetupStore(tmp_path / "gaps.duckdb")
     yield s
     s.close()
 
 
-async def gaps(store: Store, **kw: object) -> GapReport:
+async def gaps(store: SetupStore, **kw: object) -> GapReport:
     kw.setdefault("audit", None)
     return await detect_gaps(store, start=START, end=END, now=NOW, **kw)  # type: ignore[arg-type]
 
@@ -73,7 +73,7 @@ def flagged(report: GapReport, reason: Reason) -> set[str]:
     return {d for d, rs in report.reasons_by_did.items() if reason.value in rs}
 
 
-async def test_desynchronized(store: Store) -> None:
+async def test_desynchronized(store: SetupStore) -> None:
     add_coverage(store, h(-48), h(60))  # no downtime
     add_repo(store, "did:plc:broken", first_seen=h(-48), last_event=h(-30), sync_state="desynchronized",
              desynced_at=h(2), backfilled_at=h(-40))
@@ -88,7 +88,7 @@ async def test_desynchronized(store: Store) -> None:
     assert report.counts["desynchronized"] == 1
 
 
-async def test_never_backfilled(store: Store) -> None:
+async def test_never_backfilled(store: SetupStore) -> None:
     add_coverage(store, h(-48), h(60))
     add_repo(store, "did:plc:fresh", first_seen=h(1), last_event=h(5))
     add_repo(store, "did:plc:done", first_seen=h(1), last_event=h(5), backfilled_at=h(6), backfill_status="ok")
@@ -100,7 +100,7 @@ async def test_never_backfilled(store: Store) -> None:
     assert flagged(report, Reason.NEVER_BACKFILLED) == {"did:plc:fresh", "did:plc:retrying"}
 
 
-async def test_referenced(store: Store) -> None:
+async def test_referenced(store: SetupStore) -> None:
     add_coverage(store, h(-48), h(60))
     add_repo(store, "did:plc:actor", first_seen=h(-40), last_event=h(-30), backfilled_at=h(-35), backfill_status="ok")
     add_repo(store, "did:plc:heldfull", first_seen=h(-40), last_event=h(-30), backfilled_at=h(-35), backfill_status="ok")
@@ -133,7 +133,7 @@ async def test_referenced(store: Store) -> None:
     }
 
 
-async def test_downtime_without_audit(store: Store) -> None:
+async def test_downtime_without_audit(store: SetupStore) -> None:
     add_coverage(store, h(-48), h(6))
     add_coverage(store, h(6) + timedelta(seconds=2), h(10))   # 2 s restart gap: not downtime
     add_coverage(store, h(14), h(60))                         # 10:00-14:00 uncovered
@@ -146,7 +146,7 @@ async def test_downtime_without_audit(store: Store) -> None:
     assert flagged(report, Reason.DOWNTIME) == {"did:plc:known"}
 
 
-async def test_downtime_with_audit_flags_only_moved_heads(store: Store) -> None:
+async def test_downtime_with_audit_flags_only_moved_heads(store: SetupStore) -> None:
     add_coverage(store, h(-48), h(10))
     add_coverage(store, h(14), h(60))
     add_repo(store, "did:plc:moved", first_seen=h(-40), last_event=h(-2), rev="3laaaaaaaaa22",
@@ -175,7 +175,7 @@ async def test_downtime_with_audit_flags_only_moved_heads(store: Store) -> None:
     assert report.audited and report.audit_candidates == 2
 
 
-async def test_explicit_and_merge(store: Store) -> None:
+async def test_explicit_and_merge(store: SetupStore) -> None:
     add_coverage(store, h(-48), h(60))
     add_repo(store, "did:plc:fresh", first_seen=h(1), last_event=h(5))
     report = await gaps(store, explicit_dids=["did:plc:fresh", "did:web:x.example"])
@@ -187,7 +187,7 @@ async def test_explicit_and_merge(store: Store) -> None:
         await gaps(store, explicit_dids=["not-a-did"])
 
 
-async def test_enqueue_is_idempotent(store: Store) -> None:
+async def test_enqueue_is_idempotent(store: SetupStore) -> None:
     add_coverage(store, h(-48), h(60))
     add_repo(store, "did:plc:fresh", first_seen=h(1), last_event=h(5))
     report = await gaps(store)
@@ -206,7 +206,7 @@ def test_downtime_spans_running_and_empty() -> None:
         (h(0), h(1)), (h(2), h(3))]
 
 
-def test_cli_gaps_json_and_enqueue(store: Store, tmp_path: Path) -> None:
+def test_cli_gaps_json_and_enqueue(store: SetupStore, tmp_path: Path) -> None:
     from click.testing import CliRunner
 
     from skyfill.cli import main

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from skyfill.app.handler import lambda_handler
-from skyfill.storage import Store
+from tests.support.store import SetupStore
 from tests.faultserver import FaultServer
 from tests.support.served import World
 
@@ -29,12 +29,12 @@ def env(tmp_path: Path, srv: FaultServer, monkeypatch: pytest.MonkeyPatch) -> Pa
     monkeypatch.setenv("SKYFILL_PLC_URL", srv.url)
     monkeypatch.setenv("SKYFILL_ALLOW_PRIVATE_HOSTS", "true")
     monkeypatch.setenv("SKYFILL_CONCURRENCY", "4")
-    Store(db).close()
+    SetupStore(db).close()
     return db
 
 
 def seed(db: Path, rows: list[tuple[str, datetime, datetime, str | None]]) -> None:
-    with Store(db) as store:
+    with SetupStore(db) as store:
         for did, first, last, status in rows:
             store.execute_write(
                 "INSERT INTO repos (did, first_seen_at, last_event_at, backfill_status) VALUES (?, ?, ?, ?)",
@@ -46,7 +46,7 @@ def day(d: int, h: int = 12) -> datetime:
 
 
 def records_of(db: Path) -> dict[str, int]:
-    with Store(db) as store:
+    with SetupStore(db) as store:
         return dict(store.fetchall("SELECT did, count(*) FROM records GROUP BY did"))
 
 
@@ -85,7 +85,7 @@ def test_backfill_all_limited_to_window(env: Path, srv: FaultServer) -> None:
 
 
 def test_determine_dids_to_backfill_enqueues_idempotently(env: Path) -> None:
-    with Store(env) as store:
+    with SetupStore(env) as store:
         store.execute_write("INSERT INTO coverage (source, first_event_at, last_event_at, started_at, ended) "
                             "VALUES ('r', ?, ?, ?, 'clean')", [day(1), day(20), day(1)])
     seed(env, [("did:plc:activeinwindow", day(1), day(10), None), ("did:plc:quiet", day(1), day(2), None)])
@@ -94,7 +94,7 @@ def test_determine_dids_to_backfill_enqueues_idempotently(env: Path) -> None:
     assert out["status"] == "success" and out["mode"] == "determine_dids_to_backfill"
     assert out["counts"]["never_backfilled"] == 1 and out["total"] == 1 and out["enqueued"] == 1
     assert lambda_handler(event, None)["enqueued"] == 0
-    with Store(env) as store:
+    with SetupStore(env) as store:
         assert store.fetchall("SELECT did, reasons FROM backfill_queue") == [
             ("did:plc:activeinwindow", ["never_backfilled"])]
 

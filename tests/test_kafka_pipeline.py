@@ -276,12 +276,9 @@ async def test_standalone_backfill_is_acknowledged_before_it_commits(
                 # Fetched and diffed, but the broker has not acknowledged: nothing is committed.
                 # (A separate cursor: the reconcile's transaction holds the writer's lock.)
                 assert not job.done()
-                cur = store.cursor()
-                try:
-                    stored = {(col, k): cid for col, k, cid in cur.execute(
-                        "SELECT collection, rkey, cid FROM records WHERE did = ?", [a]).fetchall()}
-                finally:
-                    cur.close()
+                with store.read() as reader:
+                    stored = {(col, k): cid for col, k, cid in reader.fetchall(
+                        "SELECT collection, rkey, cid FROM records WHERE did = ?", [a])}
                 assert stored == parse_repo(old[a], did=a, key=None).records
                 assert stored != new[a]
             finally:

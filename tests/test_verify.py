@@ -507,7 +507,7 @@ async def test_reference_pds_commits_prove_themselves(
         await client.aclose()
     assert not {k: v for k, v in daemon.counts.items() if k.startswith("error:") or k == "unverifiable"}
     assert daemon.counts.get("applied", 0) >= 4 * 9 + 21
-    await asyncio.to_thread(assert_mirror_equals, store.cursor(), c, dids)
+    await asyncio.to_thread(assert_mirror_equals, store, c, dids)
     store.close()
 
 

@@ -182,9 +182,8 @@ async def _consume(
     from skyfill.consumer.daemon import ConsumeConfig, Daemon
     from skyfill.storage import Store
 
-    store = Store(db)
-    if memory_limit:  # an experiment knob: DuckDB's buffer pool is most of the consumer's RSS
-        store.conn.execute(f"SET memory_limit = '{memory_limit}'")
+    # memory_limit: an experiment knob (DuckDB's buffer pool is most of the consumer's RSS)
+    store = Store(db, memory_limit=memory_limit or None)
     base_rss = rss_bytes()
     resolver = verifier = None
     if plc is not None:  # as `consume --verify`, minus the PLC rate limit (loopback)

@@ -37,7 +37,7 @@ def _ingest(ctx: Context) -> list[Row]:
     from skyfill.consumer.tracker import Tracker
     from skyfill.protocol.crypto import PublicKey, verify_signature
     from skyfill.storage import Batch, Store
-    from skyfill.storage.writer import _RECORD_SCHEMA, _REPO_FIELDS, _REPO_SCHEMA, _record_columns
+    from skyfill.storage.firehose import RECORD_SCHEMA, REPO_FIELDS, REPO_SCHEMA, record_columns
 
     data = frames(ctx)
     n = len(data)
@@ -68,14 +68,14 @@ def _ingest(ctx: Context) -> list[Row]:
     def build_arrow() -> float:
         t = _clock()
         for b in batches:
-            puts, dels = _record_columns(b)
-            pa.table(puts, schema=_RECORD_SCHEMA)
+            puts, dels = record_columns(b)
+            pa.table(puts, schema=RECORD_SCHEMA)
             pa.table(dels)
-            cols: dict[str, list[Any]] = {name: [] for name in _REPO_FIELDS}
+            cols: dict[str, list[Any]] = {name: [] for name in REPO_FIELDS}
             for row in b.repos.values():
-                for name in _REPO_FIELDS:
+                for name in REPO_FIELDS:
                     cols[name].append(getattr(row, name))
-            pa.table(cols, schema=_REPO_SCHEMA)
+            pa.table(cols, schema=REPO_SCHEMA)
         return _clock() - t
 
     # The best of two runs: the first pays pyarrow's one-time set-up, which at smoke sizes

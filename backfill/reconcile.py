@@ -1,0 +1,159 @@
+"""Where a verified repo snapshot goes: the `Reconciler` protocol and its standalone `StoreReconciler`.
+
+Sink ordering: `begin(did)` runs BEFORE the getRepo request is sent and is always paired with
+exactly one `commit` or `abort`, so a daemon-side reconciler can capture firehose commits that
+race the fetch (see consumer/resync.py). `premade` decodes the records a reconcile will ask for
+ahead of it, mostly outside the store's write lock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import libipld
+
+from skyfill.protocol.repo import RepoSnapshot, materialize
+from skyfill.storage import Publish, ReconcileCounts, RecordColumns, Store, thread_emitter
+from skyfill.storage.reconcile import RECONCILE_CHUNK
+
+__all__ = ["Reconciler", "StoreReconciler", "premade"]
+
+
+class Reconciler(Protocol):
+    """Where a verified snapshot goes. One `begin` per attempt, then exactly one `commit` or `abort`.
+
+    begin(did)             called before the getRepo request is sent (start capturing racing events)
+    commit(did, snapshot)  make storage equal the snapshot (+ anything newer captured); returns counts
+    abort(did)             the attempt failed; drop whatever `begin` set up
+    """
+
+    async def begin(self, did: str) -> None: ...
+
+    async def commit(self, did: str, snapshot: RepoSnapshot) -> ReconcileCounts: ...
+
+    async def abort(self, did: str) -> None: ...
+
+
+def premade(store: Store, snapshot: RepoSnapshot, *, every: bool) -> Callable[[list[tuple[str, str]]], Any]:
+    """A `materialize` for `Store.reconcile` that decodes ahead, mostly outside the write lock.
+
+    Record decoding is the costliest step of a fresh backfill. The diff is taken now against
+    the stored CIDs (read without the lock) and its first chunk is decoded before the lock is
+    taken; while reconcile writes chunk k, a thread decodes chunk k+1 (DuckDB releases the GIL
+    while it inserts). Reconcile diffs again inside its transaction: any request that is not
+    the predicted next chunk is decoded on the spot, so a store that changed meanwhile only
+    costs speed. At most two chunks of JSON exist at a time, whatever the repo's size.
+
+    The snapshot's blocks are CONSUMED as records are decoded (MST nodes at once: the walk is
+    done), so the freed memory is reused for the JSON. A snapshot whose walk was deferred (the
+    stored root matched: reconcile is expected to take its unchanged path) decodes on demand.
+    """
+    if snapshot.walked is None:
+        return lambda keys: materialize(snapshot, keys)
+    fetched = snapshot.records
+    if every:
+        keys = list(fetched)
+    else:
+        stored = store.stored_cids(snapshot.did)
+        keys = [key for key, cid in fetched.items() if stored.get(key) != cid] if stored else list(fetched)
+        del stored
+    blocks = snapshot.blocks
+    record_cids = {libipld.decode_multibase(cid)[1] for cid in fetched.values()}
+    for raw in [raw for raw in blocks if raw not in record_cids]:
+        del blocks[raw]
+    del record_cids
+    # a record CID still needed by a key not decoded here (identical records share a block)
+    keep = {fetched[key] for key in fetched.keys() - set(keys)} if len(keys) != len(fetched) else set()
+
+    def decode(part: list[tuple[str, str]]) -> RecordColumns:
+        cols = materialize(snapshot, part)
+        for cid in cols.cid:
+            if cid not in keep:
+                blocks.pop(libipld.decode_multibase(cid)[1], None)
+        return cols
+
+    # the chunk decoded ahead: its keys, then its columns (or the error) once its thread is done
+    ahead: dict[str, Any] = {"keys": [], "cols": None, "error": None, "thread": None}
+    spare: dict[tuple[str, str], tuple[RecordColumns, int]] = {}  # decoded, not handed out
+
+    def start(pos: int, size: int) -> None:
+        part = keys[pos : pos + size]
+        ahead.update(keys=part, cols=None, error=None, thread=None, pos=pos + size)
+        if not part:
+            return
+
+        def run() -> None:
+            try:
+                ahead["cols"] = decode(part)
+            except BaseException as exc:  # re-raised in the reconcile thread
+                ahead["error"] = exc
+
+        ahead["thread"] = threading.Thread(target=run, name="premade", daemon=True)
+        ahead["thread"].start()
+
+    def serve(wanted: list[tuple[str, str]]) -> RecordColumns:
+        if ahead["thread"] is not None:
+            ahead["thread"].join()
+            ahead["thread"] = None
+        if ahead["error"] is not None:
+            raise ahead["error"]
+        cols: RecordColumns | None = ahead["cols"]
+        if cols is not None and wanted == ahead["keys"]:
+            start(ahead["pos"], len(wanted))
+            return cols
+        # not the predicted chunk (the stored records changed, or another chunking): serve
+        # what was decoded from it, decode the rest here; no more decoding ahead
+        if cols is not None:
+            spare.update((key, (cols, i)) for i, key in enumerate(zip(cols.collection, cols.rkey)))
+        ahead.update(keys=[], cols=None)
+        extra = materialize(snapshot, [key for key in wanted if key not in spare])
+        at = {key: (extra, i) for i, key in enumerate(zip(extra.collection, extra.rkey))}
+        return RecordColumns.gather([spare.pop(key) if key in spare else at[key] for key in wanted])
+
+    start(0, RECONCILE_CHUNK)  # the first chunk decodes before the lock is taken
+    return serve
+
+
+class StoreReconciler:
+    """Standalone sink: no firehose runs in this process, so nothing can race the fetch.
+
+    With `publish`, the reconciliation's changes are acknowledged by the broker before the
+    local transaction commits (Store.reconcile's `emit`). `snapshot=True` (backfill workers,
+    whose local store is not the shared mirror) publishes every record of the fetched repo, not
+    the diff against a local copy that may be stale relative to the topics.
+    """
+
+    def __init__(self, store: Store, *, publish: Publish | None = None, snapshot: bool = False) -> None:
+        self.store = store
+        self.publish = publish
+        self.snapshot = snapshot
+        # publishing a snapshot needs every record: never skip the MST walk
+        self.trusts_data_root = not (snapshot and publish is not None)
+
+    async def begin(self, did: str) -> None:
+        return None
+
+    async def commit(self, did: str, snapshot: RepoSnapshot) -> ReconcileCounts:
+        emit = thread_emitter(self.publish, asyncio.get_running_loop()) if self.publish is not None else None
+
+        every = emit is not None and self.snapshot
+
+        def run() -> ReconcileCounts:
+            return self.store.reconcile(
+                did,
+                rev=snapshot.rev,
+                data_cid=snapshot.data_cid,
+                commit_cid=snapshot.commit_cid,
+                fetched=lambda: snapshot.records,
+                materialize=premade(self.store, snapshot, every=every),
+                emit=emit,
+                snapshot=self.snapshot,
+            )
+
+        return await asyncio.to_thread(run)
+
+    async def abort(self, did: str) -> None:
+        return None

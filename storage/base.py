@@ -1,0 +1,210 @@
+"""The DuckDB connection under `Store`: opening, transactions, reconnecting, reads, error translation.
+
+DuckDB lets one process write a file. Inside that process the store serialises writes with a
+lock, so the firehose batches, backfill reconciliations and queue updates never interleave
+inside a transaction. Nothing outside `skyfill.storage` gets the connection: writes are the
+named methods of `Store`, reads go through `fetchall` (under the write lock) or `read()` (a
+cursor of its own). Every DuckDB failure leaves a public method as StorageError.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import threading
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import pyarrow as pa
+
+from skyfill.errors import DatabaseLocked, StorageError
+
+__all__ = ["StoreBase", "Reader", "failure_kind", "storage_errors", "now_utc", "CHECKPOINT_THRESHOLD"]
+
+# Uncheckpointed rows stay in memory (DuckDB IN_MEMORY_TABLE ~ WAL size), so this trades RSS
+# for fewer checkpoints: 64 MB measured ~4x less COMMIT time than 16 MB for ~35 MB more memory.
+CHECKPOINT_THRESHOLD = "64MB"
+
+
+def now_utc() -> datetime:
+    return datetime.now(UTC)
+
+
+@contextmanager
+def storage_errors() -> Iterator[None]:
+    """A DuckDB failure of a read leaves a public Store method as StorageError, like a write's."""
+    try:
+        yield
+    except duckdb.Error as exc:
+        raise StorageError(str(exc)) from exc
+
+
+class Reader:
+    """A read cursor of its own, outside the write lock (see `StoreBase.read`)."""
+
+    def __init__(self, cursor: duckdb.DuckDBPyConnection) -> None:
+        self._cur = cursor
+
+    def fetchall(self, sql: str, params: Iterable[Any] = ()) -> list[tuple[Any, ...]]:
+        with storage_errors():
+            return self._cur.execute(sql, list(params)).fetchall()
+
+    def fetch_arrow(self, sql: str, params: Mapping[str, Any] | Sequence[Any] | None = None) -> pa.Table:
+        """The result as an Arrow table (named `$name` parameters as a mapping)."""
+        with storage_errors():
+            return self._cur.sql(sql, params=params).to_arrow_table()
+
+    @contextmanager
+    def registered(self, name: str, table: pa.Table) -> Iterator[None]:
+        """`table` is queryable as `name` on this cursor inside the block."""
+        with storage_errors():
+            self._cur.register(name, table)
+        try:
+            yield
+        finally:
+            with storage_errors():
+                self._cur.unregister(name)
+
+
+def _check_writable_dir(directory: Path) -> None:
+    """Make sure DuckDB will be able to write beside the file: it creates `<db>.wal` there on the
+    first commit, so a writable file in a read-only directory opens fine and fails only then."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=directory):
+            pass
+    except OSError as exc:
+        raise StorageError(f"cannot write in {str(directory) or '.'}: {exc.strerror or exc}") from exc
+
+
+class StoreBase:
+    """The DuckDB file: one connection, one write lock, one transaction at a time."""
+
+    def __init__(self, path: str | Path, *, read_only: bool = False, memory_limit: str | None = None) -> None:
+        self.path = str(path)
+        if self.path != ":memory:" and not read_only:
+            _check_writable_dir(Path(self.path).parent)
+        try:
+            self._conn = duckdb.connect(self.path, read_only=read_only)
+        except duckdb.Error as exc:
+            if isinstance(exc, duckdb.IOException) and "lock" in str(exc).lower():
+                raise DatabaseLocked(f"{self.path} is held by another process: {exc}") from exc
+            raise StorageError(f"cannot open {self.path}: {exc}") from exc
+        self._lock = threading.RLock()
+        self.read_only = read_only
+        try:
+            if not read_only:
+                schema = resources.files("skyfill.storage").joinpath("schema.sql").read_text()
+                self._conn.execute(schema)
+                # DuckDB checkpoints when the WAL passes 16 MB by default, and a checkpoint's cost grows
+                # with the table: on 200k firehose frames COMMIT was over half of Store.apply. Durability
+                # is unchanged (every COMMIT still syncs the WAL); a crash means a longer WAL replay.
+                self._conn.execute(f"SET checkpoint_threshold = '{CHECKPOINT_THRESHOLD}'")
+            if memory_limit is not None:
+                # DuckDB's buffer pool defaults to 80% of RAM. The primary-key index must fit inside
+                # the limit, so it has to grow with the mirror (100MB holds ~200k records' index).
+                try:
+                    self._conn.execute("SET memory_limit = ?", [memory_limit])
+                except duckdb.Error as exc:
+                    raise StorageError(f"bad memory limit {memory_limit!r}: {exc}") from exc
+        except BaseException as exc:
+            self._conn.close()
+            if isinstance(exc, duckdb.Error):  # e.g. a file truncated under its own header
+                raise StorageError(f"cannot open {self.path}: {exc}") from exc
+            raise
+
+    def close(self) -> None:
+        with self._lock, storage_errors():
+            self._conn.close()
+
+    def __enter__(self) -> StoreBase:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _txn(self, body: Callable[[duckdb.DuckDBPyConnection], Any]) -> Any:
+        """Run `body` in one transaction. Every DuckDB failure, COMMIT's included (a full disk
+        fails there: the WAL is written at COMMIT), leaves as StorageError with nothing stored."""
+        with self._lock:
+            con = self._conn
+            try:
+                con.execute("BEGIN TRANSACTION")
+            except duckdb.Error as exc:
+                raise StorageError(str(exc)) from exc
+            try:
+                result = body(con)
+                con.execute("COMMIT")
+            except BaseException as exc:
+                _rollback(con)
+                if isinstance(exc, duckdb.Error):
+                    raise StorageError(str(exc)) from exc
+                raise
+            return result
+
+    def reconnect(self) -> None:
+        """Replace a connection DuckDB invalidated after a fatal error (the only way to write again
+        in this process). Settings given to the constructor other than the checkpoint threshold
+        are not re-applied: meant for a last write (closing a coverage span) before exiting."""
+        with self._lock:
+            try:
+                self._conn.close()
+            except duckdb.Error:
+                pass  # closing an invalidated database may complain; it is released either way
+            try:
+                self._conn = duckdb.connect(self.path)
+                self._conn.execute(f"SET checkpoint_threshold = '{CHECKPOINT_THRESHOLD}'")
+            except duckdb.Error as exc:
+                raise StorageError(f"cannot reopen {self.path}: {exc}") from exc
+
+    # -- reads ----------------------------------------------------------------------------
+
+    def fetchall(self, sql: str, params: Iterable[Any] = ()) -> list[tuple[Any, ...]]:
+        """A read under the write lock (it sees no half-done transaction of this process)."""
+        with self._lock, storage_errors():
+            return self._conn.execute(sql, list(params)).fetchall()
+
+    @contextmanager
+    def read(self) -> Iterator[Reader]:
+        """A read cursor of its own, outside the write lock: long analytic reads (gap detection,
+        status) and reads from other threads do not wait for the writer, nor make it wait."""
+        with storage_errors():
+            cur = self._conn.cursor()
+        try:
+            yield Reader(cur)
+        finally:
+            try:
+                cur.close()
+            except duckdb.Error:
+                pass  # the database was invalidated meanwhile; the cursor is gone either way
+
+
+def _rollback(con: duckdb.DuckDBPyConnection) -> None:
+    try:
+        con.execute("ROLLBACK")
+    except duckdb.Error:
+        pass  # a failed COMMIT already ended the transaction, or the database is invalidated
+
+
+def failure_kind(exc: StorageError) -> str:
+    """What kind of storage failure `exc` is, as a metric label.
+
+    no_space      the filesystem is full (ENOSPC): writes work again once space returns
+    io            another I/O error reading or writing the files
+    invalidated   DuckDB invalidated the database after a fatal error (e.g. a checkpoint that
+                  hit a full disk): nothing works on this connection any more
+    other         anything else (out of memory, a constraint, a conversion)
+    """
+    cause = exc.__cause__
+    text = str(exc)
+    if isinstance(cause, duckdb.FatalException | duckdb.InternalException) or "database has been invalidated" in text:
+        return "invalidated"
+    if "No space left on device" in text or "Disk full" in text:
+        return "no_space"
+    if isinstance(cause, duckdb.IOException) or "Could not write file" in text or "Input/output error" in text:
+        return "io"
+    return "other"

@@ -1,0 +1,93 @@
+"""Side tables that are not the mirror: the DID-document cache and the Kafka sink's dedup marks.
+
+`identities` caches resolved DID documents for `skyfill.net.identity.Resolver` (which reads it
+through `Store.fetchall`). `sink_tombstones` / `sink_snapshots` belong to `skyfill.publish.sink`:
+created on the sink's first start, they hold the rev of each delete and snapshot it applied, so
+replayed or older messages are skipped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+
+import duckdb
+import pyarrow as pa
+
+from .base import StoreBase
+
+__all__ = ["Caches", "IdentityRow"]
+
+# did, pds, signing_key, handle, doc (JSON text), resolved_at, error (None for a usable document)
+IdentityRow = tuple[str, str | None, str | None, str | None, str, datetime, str | None]
+
+_UPSERT_IDENTITIES = (
+    "INSERT INTO identities (did, pds, signing_key, handle, doc, resolved_at, error) "
+    "VALUES {values} ON CONFLICT (did) DO UPDATE SET pds = excluded.pds, "
+    "signing_key = excluded.signing_key, handle = excluded.handle, doc = excluded.doc, "
+    "resolved_at = excluded.resolved_at, error = excluded.error"
+)
+
+_TOMBSTONES_DDL = (
+    "CREATE TABLE IF NOT EXISTS sink_tombstones (did VARCHAR NOT NULL, collection VARCHAR NOT NULL, "
+    "rkey VARCHAR NOT NULL, rev VARCHAR, PRIMARY KEY (did, collection, rkey))"
+)
+_SNAPSHOTS_DDL = "CREATE TABLE IF NOT EXISTS sink_snapshots (did VARCHAR PRIMARY KEY, rev VARCHAR NOT NULL)"
+_TOMBS = pa.schema([("did", pa.string()), ("collection", pa.string()), ("rkey", pa.string()), ("rev", pa.string())])
+
+
+class Caches(StoreBase):
+    """Store methods writing the identity cache and the Kafka sink's marks."""
+
+    def write_identities(self, rows: Sequence[IdentityRow]) -> None:
+        """Upsert resolved (or failed) DID documents, all in one transaction."""
+        if not rows:
+            return
+        values = ", ".join(["(?, ?, ?, ?, ?::JSON, ?, ?)"] * len(rows))
+        params = [v for row in rows for v in row]
+        self._txn(lambda con: con.execute(_UPSERT_IDENTITIES.format(values=values), params))
+
+    def create_sink_tables(self) -> None:
+        """The Kafka sink's own tables, if missing."""
+
+        def body(con: duckdb.DuckDBPyConnection) -> None:
+            con.execute(_TOMBSTONES_DDL)
+            con.execute(_SNAPSHOTS_DDL)
+
+        self._txn(body)
+
+    def write_sink_marks(
+        self, tombstones: Mapping[tuple[str, str, str], str | None], snapshots: Mapping[str, str]
+    ) -> None:
+        """Record the rev of each delete ((did, collection, rkey) -> rev) and each repo snapshot
+        (did -> rev) the sink applies; a snapshot mark only ever moves forward."""
+        tables: list[tuple[str, str, pa.Table]] = []
+        if tombstones:
+            keys = list(tombstones)
+            tables.append((
+                "INSERT INTO sink_tombstones SELECT * FROM _t ON CONFLICT (did, collection, rkey) "
+                "DO UPDATE SET rev = excluded.rev",
+                "_t",
+                pa.table({"did": [k[0] for k in keys], "collection": [k[1] for k in keys],
+                          "rkey": [k[2] for k in keys], "rev": [tombstones[k] for k in keys]}, schema=_TOMBS),
+            ))
+        if snapshots:
+            snaps = list(snapshots.items())
+            tables.append((
+                "INSERT INTO sink_snapshots SELECT * FROM _s ON CONFLICT (did) "
+                "DO UPDATE SET rev = greatest(sink_snapshots.rev, excluded.rev)",
+                "_s",
+                pa.table({"did": [d for d, _ in snaps], "rev": [r for _, r in snaps]}),
+            ))
+        if not tables:
+            return
+
+        def body(con: duckdb.DuckDBPyConnection) -> None:
+            for sql, name, table in tables:
+                con.register(name, table)
+                try:
+                    con.execute(sql)
+                finally:
+                    con.unregister(name)
+
+        self._txn(body)

@@ -1,0 +1,244 @@
+"""Reconcile: make the stored records of one DID equal a fetched, verified repo, in one transaction.
+
+The backfiller (standalone) and the daemon's resync both end here. See `Reconciling.reconcile`
+for the rules: the diff, the unchanged fast path under a trusted data root, the firehose
+effects captured meanwhile (`after`) and publishing inside the transaction (`emit`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from datetime import datetime
+
+import duckdb
+import pyarrow as pa
+
+from skyfill.protocol.columns import RecordColumns
+
+from .base import now_utc
+from .batch import Batch, Change, RecordChange, RepoChange
+from .firehose import KEY_SCHEMA, RECORD_SCHEMA, FirehoseWrites, record_columns
+from .queue import mark_backfilled
+from .states import BackfillStatus, SyncState
+
+__all__ = ["Reconciling", "ReconcileCounts", "RECONCILE_CHUNK"]
+
+# reconcile writes (and asks `materialize` for) at most this many records at a time
+RECONCILE_CHUNK = 50_000
+
+@dataclass(frozen=True, slots=True)
+class ReconcileCounts:
+    added: int
+    updated: int
+    deleted: int
+    unchanged: int
+
+
+class Reconciling(FirehoseWrites):
+    """Store methods of the reconcile, and the reads that let a caller prepare one outside the lock."""
+
+    def reconcile(
+        self,
+        did: str,
+        *,
+        rev: str | None,
+        data_cid: str,
+        commit_cid: str,
+        fetched: Mapping[tuple[str, str], str] | Callable[[], Mapping[tuple[str, str], str]],
+        materialize: Callable[[list[tuple[str, str]]], RecordColumns],
+        after: Batch | None = None,
+        emit: Callable[[list[Change]], None] | None = None,
+        snapshot: bool = False,
+        trust_data_root: bool = True,
+    ) -> ReconcileCounts:
+        """Make the stored records of `did` equal the fetched repo, in one transaction.
+
+        `fetched` maps (collection, rkey) -> CID for every record of the verified repo.
+        `materialize(keys)` decodes only the records that are missing or changed, so an
+        unchanged repo costs a CID comparison per record and no record decoding.
+        `after` (firehose effects newer than the fetched rev, captured while the repo was being
+        fetched) is applied in the same transaction, so the result is never older than what the
+        firehose had already stored.
+
+        `emit(changes)` (publishing) is called INSIDE the transaction, after every write and
+        before COMMIT: if it raises, nothing is stored, so the mirror never holds a reconcile
+        the topics lack. It receives `source: "backfill"` record changes, then one repo change
+        (`kind: "backfill"`, the row as this transaction leaves it). Without `snapshot` they
+        are the diff against the stored records (keys that `after` rewrites are left out: the
+        firehose already published their newer state); with `snapshot` every fetched record
+        is sent and the repo change says so, for subscribers that never saw this store's copy.
+
+        Unchanged fast path (`trust_data_root`): when the stored row already has this `data_cid`,
+        is synchronized, its last backfill is ok and the account is active, the stored records
+        ARE the MST under that root (it commits to every key and CID), so `fetched` is never
+        called/read and no record is compared; only the bookkeeping (and `after`) is written.
+        `fetched` may be a callable so that a caller can defer walking the MST until needed.
+        Callers whose stored records may differ from the repo under an equal root (a firehose
+        that drops collections) must pass trust_data_root=False.
+        """
+        now = now_utc()
+
+        def body(con: duckdb.DuckDBPyConnection) -> ReconcileCounts:
+            if trust_data_root and not (emit is not None and snapshot) and _same_root(con, did, data_cid):
+                # no stored records under a trusted root: an empty repo, or a purged account that
+                # came back (the purge leaves the row synchronized); the full path is cheap then
+                stored = int(con.execute("SELECT count(*) FROM records WHERE did = ?", [did]).fetchall()[0][0])
+                if stored:
+                    return _reconcile_unchanged(con, did, rev, stored, now, after, emit)
+            return _reconcile_full(con, fetched() if callable(fetched) else fetched)
+
+        def _reconcile_unchanged(
+            con: duckdb.DuckDBPyConnection, did: str, rev: str | None, stored: int,
+            now: datetime, after: Batch | None, emit: Callable[[list[Change]], None] | None,
+        ) -> ReconcileCounts:
+            _finish(con)
+            if emit is not None:
+                emit(_backfill_changes(con, did, rev, now, {}, None, (), skip=set(), snapshot=False))
+            return ReconcileCounts(added=0, updated=0, deleted=0, unchanged=stored)
+
+        def _finish(con: duckdb.DuckDBPyConnection) -> None:
+            con.execute(
+                "INSERT INTO repos (did, rev, data_cid, commit_cid, sync_state, first_seen_at) "
+                "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (did) DO UPDATE SET "
+                "rev = excluded.rev, data_cid = excluded.data_cid, commit_cid = excluded.commit_cid, "
+                "sync_state = excluded.sync_state, desync_reason = NULL, desynced_at = NULL",
+                [did, rev, data_cid, commit_cid, SyncState.SYNCHRONIZED.value, now],
+            )
+            mark_backfilled(con, did, rev, now)
+            if after is not None:
+                puts_cols, del_cols = record_columns(after)
+                self._apply_in(con, after, now, puts_cols, del_cols)
+
+        def _reconcile_full(
+            con: duckdb.DuckDBPyConnection, fetched: Mapping[tuple[str, str], str]
+        ) -> ReconcileCounts:
+            existing = dict(
+                ((c, k), cid)
+                for c, k, cid in con.execute(
+                    "SELECT collection, rkey, cid FROM records WHERE did = ?", [did]
+                ).fetchall()
+            )
+            changed = [key for key, cid in fetched.items() if existing.get(key) != cid]
+            gone = [key for key in existing if key not in fetched]
+            added = sum(1 for key in changed if key not in existing)
+            # snapshot: decode every record once (to publish it), write only the changed ones
+            every = materialize(list(fetched)) if emit is not None and snapshot else None
+            if gone:
+                dels = pa.table(
+                    {"did": [did] * len(gone), "collection": [k[0] for k in gone], "rkey": [k[1] for k in gone]},
+                    schema=KEY_SCHEMA,
+                )
+                con.register("_dels", dels)
+                con.execute(
+                    "DELETE FROM records r USING _dels d "
+                    "WHERE r.did = d.did AND r.collection = d.collection AND r.rkey = d.rkey"
+                )
+                con.unregister("_dels")
+            kept: list[RecordColumns] = []
+            # Chunks bound the decoded JSON and Arrow copies held at once; all in this transaction.
+            for lo in range(0, len(changed), RECONCILE_CHUNK):
+                part = changed[lo : lo + RECONCILE_CHUNK]
+                cols = _subset(every, set(part)) if every is not None else materialize(part)
+                n = len(cols.collection)
+                table = pa.table(
+                    {
+                        "did": [did] * n,
+                        "collection": cols.collection,
+                        "rkey": cols.rkey,
+                        "cid": cols.cid,
+                        "rev": [rev] * n,
+                        "record": cols.record,
+                        "created_at": cols.created_at,
+                    },
+                    schema=RECORD_SCHEMA,
+                )
+                # `existing` is every stored key of the DID, read in this transaction
+                self._upsert_records(con, table, now, insert_only=not existing)
+                del table
+                if emit is not None and every is None:
+                    kept.append(cols)
+                del cols
+            _finish(con)
+            if emit is not None:
+                sent = every if every is not None else (RecordColumns.concat(kept) if changed else None)
+                emit(_backfill_changes(con, did, rev, now, existing, sent, gone,
+                                       skip={(c, k) for d, c, k in (after.records if after else ()) if d == did},
+                                       snapshot=snapshot))
+            return ReconcileCounts(
+                added=added, updated=len(changed) - added, deleted=len(gone),
+                unchanged=len(fetched) - len(changed),
+            )
+
+        return self._txn(body)  # type: ignore[no-any-return]
+
+    def trusted_root(self, did: str) -> str | None:
+        """The stored data root under which `reconcile` would skip the diff (None: it would not).
+
+        A hint read on its own cursor, outside the write lock: reconcile re-checks it.
+        """
+        with self.read() as reader:
+            rows = reader.fetchall(f"SELECT data_cid FROM repos WHERE did = ? AND {_SAME_ROOT}",
+                                   [did, *_SAME_ROOT_ARGS])
+        return rows[0][0] if rows else None
+
+    def stored_cids(self, did: str) -> dict[tuple[str, str], str]:
+        """(collection, rkey) -> CID of the stored records of `did`, read outside the write lock."""
+        with self.read() as reader:
+            rows = reader.fetchall("SELECT collection, rkey, cid FROM records WHERE did = ?", [did])
+        return {(c, k): cid for c, k, cid in rows}
+
+
+# The stored records of a repo row matching this are exactly the MST under its data_cid.
+_SAME_ROOT = "sync_state = ? AND backfill_status = ? AND active IS NOT FALSE AND coalesce(status, 'active') = 'active'"
+_SAME_ROOT_ARGS = (SyncState.SYNCHRONIZED.value, BackfillStatus.OK.value)
+
+
+def _same_root(con: duckdb.DuckDBPyConnection, did: str, data_cid: str) -> bool:
+    """The stored records of `did` are exactly the repo under `data_cid` (see `Store.reconcile`)."""
+    rows = con.execute(
+        f"SELECT 1 FROM repos WHERE did = ? AND data_cid = ? AND {_SAME_ROOT}", [did, data_cid, *_SAME_ROOT_ARGS]
+    ).fetchall()
+    return bool(rows)
+
+
+def _subset(cols: RecordColumns, keys: set[tuple[str, str]]) -> RecordColumns:
+    return RecordColumns.gather(
+        [(cols, i) for i, key in enumerate(zip(cols.collection, cols.rkey, strict=True)) if key in keys]
+    )
+
+
+def _backfill_changes(
+    con: duckdb.DuckDBPyConnection,
+    did: str,
+    rev: str | None,
+    now: datetime,
+    existing: Mapping[tuple[str, str], str],
+    puts: RecordColumns | None,
+    gone: Iterable[tuple[str, str]],
+    *,
+    skip: set[tuple[str, str]],
+    snapshot: bool,
+) -> list[Change]:
+    """What a reconciliation changed, as `source: "backfill"` changes (see `Store.reconcile`)."""
+    at = now.strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+    out: list[Change] = []
+    if puts is not None:
+        for collection, rkey, cid, record in zip(puts.collection, puts.rkey, puts.cid, puts.record, strict=True):
+            if (collection, rkey) in skip:
+                continue
+            op = "update" if (collection, rkey) in existing else "create"
+            out.append(RecordChange(did=did, collection=collection, rkey=rkey, op=op, cid=cid, rev=rev,
+                                    seq=None, time=at, record=record, source="backfill"))
+    for collection, rkey in gone:
+        if (collection, rkey) not in skip:
+            out.append(RecordChange(did=did, collection=collection, rkey=rkey, op="delete", cid=None, rev=rev,
+                                    seq=None, time=at, record=None, source="backfill"))
+    row = con.execute(
+        "SELECT rev, data_cid, active, status, handle, sync_state, desync_reason FROM repos WHERE did = ?", [did]
+    ).fetchall()[0]
+    out.append(RepoChange(did=did, kind="backfill", rev=row[0], data_cid=row[1], active=bool(row[2]),
+                          status=row[3], handle=row[4], sync_state=row[5], desync_reason=row[6],
+                          seq=None, time=at, source="backfill", snapshot=snapshot))
+    return out
+

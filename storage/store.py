@@ -1,0 +1,32 @@
+"""`Store`: the DuckDB file and the only code that writes to it.
+
+One class, assembled from one module per reason to change:
+    base.py       the connection: opening, memory limit, transactions, reconnect, reads, errors
+    firehose.py   `apply(batch)` (records, repo rows, cursor, coverage atomically) and start-up reads
+    reconcile.py  `reconcile` a DID to a fetched repo, and the reads that prepare one
+    queue.py      the backfill queue's state machine (enqueue, claim, done, failed, deferred, recover)
+    caches.py     the identity cache and the Kafka sink's dedup marks
+Callers never get the connection: they write through these named methods and read through
+`fetchall` or `read()`; every DuckDB failure leaves as skyfill.errors.StorageError.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .caches import Caches
+from .queue import BackfillQueue
+from .reconcile import Reconciling
+
+__all__ = ["Store", "open_store"]
+
+
+class Store(Reconciling, BackfillQueue, Caches):
+    """The DuckDB file and the only code that writes to it."""
+
+    def __enter__(self) -> Store:
+        return self
+
+
+def open_store(path: str | Path, *, read_only: bool = False) -> Store:
+    return Store(path, read_only=read_only)
