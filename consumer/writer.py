@@ -45,8 +45,7 @@ from contextlib import asynccontextmanager
 from skyfill import metrics
 from skyfill.backoff import backoff_delay
 from skyfill.errors import StorageError
-from skyfill.storage import Batch, Publish, Store
-from skyfill.storage import failure_kind
+from skyfill.storage import Batch, Publish, Store, failure_kind
 
 __all__ = ["BatchWriter"]
 
