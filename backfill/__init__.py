@@ -1,6 +1,7 @@
 """backfill: fetch whole repos (getRepo), verify them, and reconcile them into storage."""
 
-from skyfill.net.hosts import SafeHttp, check_host
+from skyfill.net.guard import check_host
+from skyfill.net.http import SafeHttp
 from skyfill.net.identity import Identity, Resolver
 from skyfill.net.pds import ListedRepo, PdsClient
 from skyfill.net.ratelimit import HostLimiter

@@ -44,7 +44,7 @@ from skyfill.protocol.crypto import parse_public_key
 from skyfill.protocol.syntax import is_did
 from skyfill.storage import Store
 
-from .hosts import check_url
+from .guard import check_url
 from .pds import PdsClient
 
 __all__ = ["Resolver", "Identity"]
