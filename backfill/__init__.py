@@ -2,7 +2,7 @@
 
 from skyfill.net.guard import check_host
 from skyfill.net.http import SafeHttp
-from skyfill.net.identity import Identity, Resolver
+from skyfill.net.identity import ResolvedIdentity, Resolver
 from skyfill.net.pds import ListedRepo, PdsClient
 from skyfill.net.ratelimit import HostLimiter
 from skyfill.protocol.repo import RepoSnapshot, materialize, parse_repo
@@ -20,7 +20,7 @@ __all__ = [
     "PdsClient",
     "ListedRepo",
     "Resolver",
-    "Identity",
+    "ResolvedIdentity",
     "Backfiller",
     "BackfillSummary",
     "Reconciler",

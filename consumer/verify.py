@@ -52,7 +52,7 @@ from skyfill.errors import ConfigError, IdentityError, RepoError
 from skyfill.protocol.mst import EMPTY_TREE, invert_commit
 
 if TYPE_CHECKING:
-    from skyfill.net.identity import Identity, Resolver
+    from skyfill.net.identity import ResolvedIdentity, Resolver
 
 __all__ = ["CommitVerifier", "CheckResult", "check_frame", "check_frames"]
 
@@ -212,7 +212,7 @@ class CommitVerifier:
                 if did in self._pending:
                     self._settle(did, IdentityError(f"key resolution failed: {exc!r}", did=did))
 
-    def _settle(self, did: str, result: Identity | IdentityError) -> None:
+    def _settle(self, did: str, result: ResolvedIdentity | IdentityError) -> None:
         future = self._pending.pop(did, None)
         if isinstance(result, IdentityError):
             self._failed(did, result)
@@ -224,7 +224,7 @@ class CommitVerifier:
         if future is not None and not future.done():
             future.set_result(key)
 
-    def _learn(self, identity: Identity) -> PublicKey:
+    def _learn(self, identity: ResolvedIdentity) -> PublicKey:
         key = parse_public_key(identity.signing_key)  # Multikey form, validated by the resolver
         self._store_key(identity.did, key)
         self._unresolvable.pop(identity.did, None)
