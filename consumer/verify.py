@@ -47,7 +47,8 @@ from typing import TYPE_CHECKING, Final
 import libipld
 
 from skyfill.protocol.car import read_car
-from skyfill.protocol.crypto import PublicKey, parse_public_key, verify_signature
+from skyfill.protocol.commit import commit_signature_valid
+from skyfill.protocol.crypto import PublicKey, parse_public_key
 from skyfill.errors import ConfigError, IdentityError, RepoError
 from skyfill.protocol.mst import EMPTY_TREE, invert_commit
 
@@ -62,7 +63,6 @@ CheckResult = tuple[str, str] | None
 
 _decode: Final = libipld.decode_dag_cbor
 _decode_multi: Final = libipld.decode_dag_cbor_multi
-_encode: Final = libipld.encode_dag_cbor
 
 
 class CommitVerifier:
@@ -291,8 +291,7 @@ def check_frame(frame: bytes, key: PublicKey) -> CheckResult:
     if block is None:  # a tooBig commit may omit its commit block: nothing signed to check
         return "unverifiable", "tooBig commit without its commit block"
     commit = _decode(block)
-    sig = commit.pop("sig", None)
-    if type(sig) is not bytes or not verify_signature(key, _encode(commit), sig):
+    if not commit_signature_valid(commit, key):
         return "bad_signature", f"signature does not verify under {key.did_key()}"
     if header.get("t") == "#sync":
         return None

@@ -22,7 +22,7 @@ import libipld
 
 from skyfill.errors import RepoError
 
-__all__ = ["read_car", "read_header", "read_varint", "cid_to_str", "cid_from_str", "verify_block", "CarError"]
+__all__ = ["read_car", "read_header", "read_varint", "encode_varint", "cid_to_str", "cid_from_str", "verify_block", "CarError"]
 
 # CIDv1 prefixes of the two codecs atproto uses, both sha2-256 (0x12) with 32-byte digests.
 _DAG_CBOR_PREFIX: Final = b"\x01\x71\x12\x20"
@@ -154,15 +154,16 @@ def cid_from_str(cid: str) -> bytes:
     info = libipld.decode_cid(cid)
     digest: bytes = info["hash"]["digest"]
     return (
-        _encode_varint(info["version"])
-        + _encode_varint(info["codec"])
-        + _encode_varint(info["hash"]["code"])
-        + _encode_varint(len(digest))
+        encode_varint(info["version"])
+        + encode_varint(info["codec"])
+        + encode_varint(info["hash"]["code"])
+        + encode_varint(len(digest))
         + digest
     )
 
 
-def _encode_varint(n: int) -> bytes:
+def encode_varint(n: int) -> bytes:
+    """`n` (>= 0) as an unsigned LEB128 varint, as CARs frame their sections and CIDs their fields."""
     out = bytearray()
     while True:
         b = n & 0x7F

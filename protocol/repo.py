@@ -38,19 +38,21 @@ import hashlib
 import logging
 import re
 from bisect import bisect_left
-from itertools import repeat
 from dataclasses import dataclass, field
+from itertools import repeat
 from typing import Any, Final
 
 import libipld
 import orjson
 
-from .car import CarError, cid_to_str, read_car, read_header, read_varint
-from .crypto import PublicKey, verify_signature
 from skyfill.errors import InputError, RepoError, SignatureError
+
+from .car import CarError, cid_to_str, read_car, read_header, read_varint
+from .columns import RecordColumns
+from .commit import commit_signature_valid
+from .crypto import PublicKey
 from .records import record_json
 from .syntax import is_nsid
-from .columns import RecordColumns
 
 __all__ = ["RepoSnapshot", "parse_repo", "materialize"]
 
@@ -203,13 +205,11 @@ def _check_commit(commit: dict[str, Any], did: str, key: PublicKey | None) -> No
     if commit["did"] != did:
         raise _error(f"commit is for {commit['did']!r}, expected {did!r}", "did_mismatch", did)
     if key is not None:
-        # libipld re-encodes 36-byte CID-shaped byte strings as CID links, which is exactly
-        # what `data` and `prev` are; the signed bytes are the commit without `sig`.
         try:
-            unsigned = libipld.encode_dag_cbor({k: v for k, v in commit.items() if k != "sig"})
+            valid = commit_signature_valid(commit, key)
         except (ValueError, TypeError, OverflowError, RecursionError) as exc:
             raise _error(f"commit cannot be re-encoded for its signature: {exc!r}", "bad_commit", did) from exc
-        if not verify_signature(key, unsigned, commit["sig"]):
+        if not valid:
             raise SignatureError("commit signature does not verify", kind="bad_signature", did=did)
 
 
