@@ -158,17 +158,8 @@ class SafeHttp:
                 location = result.headers.get("location")
                 if result.status in REDIRECT_STATUSES and location:
                     next_hop = _redirect_target(target.url, location, host)
-            except UnsafeHostError:
-                metrics.BACKFILL_REQUESTS.labels(result="unsafe").inc()
-                raise
-            except _TooSlow:
-                metrics.BACKFILL_REQUESTS.labels(result="too_slow").inc()
-                raise
-            except RetryableFetchError:
-                metrics.BACKFILL_REQUESTS.labels(result="network").inc()
-                raise
-            except InputError:
-                metrics.BACKFILL_REQUESTS.labels(result="too_large").inc()
+            except (UnsafeHostError, RetryableFetchError, InputError) as exc:
+                metrics.BACKFILL_REQUESTS.labels(result=_failure_class(exc)).inc()
                 raise
             metrics.BACKFILL_REQUESTS.labels(result=_status_class(result.status)).inc()
             if limiter is not None:
@@ -265,6 +256,15 @@ async def _refuse_malformed_location(response: httpx.Response) -> None:
     location = response.headers.get("location")
     if response.status_code in REDIRECT_STATUSES and location:
         _redirect_target(response.request.url, location, host_key(response.request.url))
+
+
+def _failure_class(exc: Exception) -> str:
+    """The `result` label of a request that raised instead of answering."""
+    if isinstance(exc, UnsafeHostError):
+        return "unsafe"
+    if isinstance(exc, _TooSlow):
+        return "too_slow"
+    return "network" if isinstance(exc, RetryableFetchError) else "too_large"
 
 
 def _status_class(status: int) -> str:
