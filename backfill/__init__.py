@@ -1,7 +1,8 @@
 """backfill: fetch whole repos (getRepo), verify them, and reconcile them into storage."""
 
-from skyfill.net.hosts import SafeHttp, check_host
-from skyfill.net.identity import Identity, Resolver
+from skyfill.net.guard import check_host
+from skyfill.net.http import SafeHttp
+from skyfill.net.identity import ResolvedIdentity, Resolver
 from skyfill.net.pds import ListedRepo, PdsClient
 from skyfill.net.ratelimit import HostLimiter
 from skyfill.protocol.repo import RepoSnapshot, materialize, parse_repo
@@ -21,7 +22,7 @@ __all__ = [
     "PdsClient",
     "ListedRepo",
     "Resolver",
-    "Identity",
+    "ResolvedIdentity",
     "Backfiller",
     "BackfillSummary",
     "Reconciler",

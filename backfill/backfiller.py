@@ -43,7 +43,7 @@ from skyfill.errors import (
     TerminalFetchError,
     UnsafeHostError,
 )
-from skyfill.net.identity import Identity, Resolver
+from skyfill.net.identity import ResolvedIdentity, Resolver
 from skyfill.net.pds import PdsClient
 from skyfill.protocol.crypto import PublicKey, parse_public_key
 from skyfill.protocol.repo import RepoSnapshot, parse_repo
@@ -214,7 +214,7 @@ class Backfiller:
             if not committed:
                 await self.sink.abort(did)
 
-    async def _resolve(self, did: str, *, fresh: bool) -> Identity:
+    async def _resolve(self, did: str, *, fresh: bool) -> ResolvedIdentity:
         try:
             return await self.resolver.resolve(did, fresh=fresh)
         except IdentityError as exc:
@@ -227,7 +227,7 @@ class Backfiller:
         except UnsafeHostError as exc:
             raise _Outcome(BackfillStatus.UNSAFE_HOST, str(exc)) from exc
 
-    def _key(self, identity: Identity) -> PublicKey | None:
+    def _key(self, identity: ResolvedIdentity) -> PublicKey | None:
         if not self.config.verify:
             return None
         try:
@@ -235,7 +235,7 @@ class Backfiller:
         except (IdentityError, ValueError) as exc:
             raise _Outcome(BackfillStatus.INVALID_DID_DOC, f"signing key: {exc}") from exc
 
-    async def _fetch_and_parse(self, did: str, identity: Identity, give_up_at: float | None) -> RepoSnapshot:
+    async def _fetch_and_parse(self, did: str, identity: ResolvedIdentity, give_up_at: float | None) -> RepoSnapshot:
         car = await self._get_repo(did, identity.pds, give_up_at)
         try:
             return await self._parse(did, car, self._key(identity), hint=True)

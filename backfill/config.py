@@ -12,7 +12,7 @@ from typing import Final, Literal
 from skyfill.errors import ConfigError, UnsafeHostError
 from skyfill.protocol.syntax import is_did
 
-from skyfill.net.hosts import check_url
+from skyfill.net.guard import check_url
 
 __all__ = ["BackfillConfig", "DEFAULT_PLC_URL", "ALL", "parse_when", "parse_window", "parse_dids"]
 

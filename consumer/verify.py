@@ -47,9 +47,10 @@ from typing import Final
 import libipld
 
 from skyfill.errors import ConfigError, IdentityError, RepoError
-from skyfill.net.identity import Identity, Resolver
+from skyfill.net.identity import ResolvedIdentity, Resolver
 from skyfill.protocol.car import read_car
-from skyfill.protocol.crypto import PublicKey, parse_public_key, verify_signature
+from skyfill.protocol.commit import commit_signature_valid
+from skyfill.protocol.crypto import PublicKey, parse_public_key
 from skyfill.protocol.mst import EMPTY_TREE, invert_commit
 
 __all__ = ["CommitVerifier", "CheckResult", "check_frame", "check_frames"]
@@ -60,7 +61,6 @@ CheckResult = tuple[str, str] | None
 
 _decode: Final = libipld.decode_dag_cbor
 _decode_multi: Final = libipld.decode_dag_cbor_multi
-_encode: Final = libipld.encode_dag_cbor
 
 
 class CommitVerifier:
@@ -210,7 +210,7 @@ class CommitVerifier:
                 if did in self._pending:
                     self._settle(did, IdentityError(f"key resolution failed: {exc!r}", did=did))
 
-    def _settle(self, did: str, result: Identity | IdentityError) -> None:
+    def _settle(self, did: str, result: ResolvedIdentity | IdentityError) -> None:
         future = self._pending.pop(did, None)
         if isinstance(result, IdentityError):
             self._failed(did, result)
@@ -222,7 +222,7 @@ class CommitVerifier:
         if future is not None and not future.done():
             future.set_result(key)
 
-    def _learn(self, identity: Identity) -> PublicKey:
+    def _learn(self, identity: ResolvedIdentity) -> PublicKey:
         key = parse_public_key(identity.signing_key)  # Multikey form, validated by the resolver
         self._store_key(identity.did, key)
         self._unresolvable.pop(identity.did, None)
@@ -289,8 +289,7 @@ def check_frame(frame: bytes, key: PublicKey) -> CheckResult:
     if block is None:  # a tooBig commit may omit its commit block: nothing signed to check
         return "unverifiable", "tooBig commit without its commit block"
     commit = _decode(block)
-    sig = commit.pop("sig", None)
-    if type(sig) is not bytes or not verify_signature(key, _encode(commit), sig):
+    if not commit_signature_valid(commit, key):
         return "bad_signature", f"signature does not verify under {key.did_key()}"
     if header.get("t") == "#sync":
         return None

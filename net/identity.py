@@ -1,4 +1,4 @@
-"""DID -> Identity (PDS endpoint, signing key, handle), cached with a TTL.
+"""DID -> ResolvedIdentity (PDS endpoint, signing key, handle), cached with a TTL.
 
 did:plc is fetched from `{plc_url}/{did}`; did:web from `https://{host}/.well-known/did.json`
 (`%3A` encodes a port; path-style did:web is not allowed in atproto). Every fetch goes through
@@ -19,9 +19,10 @@ checked to be on its curve by `skyfill.crypto.parse_public_key`: legacy
 `EcdsaSecp256k1VerificationKey2019` / `EcdsaSecp256r1VerificationKey2019` keys are converted,
 so `parse_public_key(identity.signing_key)` needs no key type.
 
-Cache: an in-memory dict, backed by the DuckDB `identities` table when a Store is given.
-Rows older than `ttl` are ignored; terminal failures are recorded there with `error` set
-(for diagnosis) but never served from the cache. `fresh=True` skips both caches.
+Cache: an in-memory LRU dict, backed by an `IdentityCache` when one is given (storage.Store:
+its `identities` table; net sits below storage, so it only knows the protocol). Rows older
+than `ttl` are ignored; terminal failures are recorded there with `error` set (for
+diagnosis) but never served from the cache. `fresh=True` skips both caches.
 """
 
 from __future__ import annotations
@@ -31,10 +32,9 @@ import ipaddress
 import re
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import unquote
 
 import orjson
@@ -42,12 +42,11 @@ import orjson
 from skyfill.errors import ConfigError, FetchError, IdentityError, InputError, UnsafeHostError
 from skyfill.protocol.crypto import parse_public_key
 from skyfill.protocol.syntax import is_did
-from skyfill.storage import IdentityRow, Store
 
-from .hosts import check_url
+from .guard import check_url
 from .pds import PdsClient
 
-__all__ = ["Resolver", "Identity"]
+__all__ = ["Resolver", "ResolvedIdentity", "IdentityCache", "IdentityRow", "parse_did_doc"]
 
 _PLC_RE = re.compile(r"^did:plc:[a-z2-7]{24}$")
 _HOST_RE = re.compile(r"^(?=.{1,253}$)([a-zA-Z0-9]([a-zA-Z0-9-]{0,61}[a-zA-Z0-9])?)(\.[a-zA-Z0-9]([a-zA-Z0-9-]{0,61}[a-zA-Z0-9])?)*$")
@@ -55,12 +54,47 @@ _DOC_LIMIT = 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
-class Identity:
+class ResolvedIdentity:
+    """What a DID document says about its account (not the firehose's #identity event)."""
+
     did: str
     pds: str                 # #atproto_pds service endpoint, validated http(s) URL, no trailing /
     signing_key: str         # #atproto key, Multikey form ("zQ3s..." K-256, "zDn..." P-256)
     handle: str | None       # from alsoKnownAs at://, lower-cased, NOT verified bidirectionally
     doc: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class IdentityRow:
+    """One entry of the persistent identity cache: a resolved identity (`error` None) or a
+    terminal failure (`error` set, the other fields but `doc` None)."""
+
+    did: str
+    pds: str | None
+    signing_key: str | None
+    handle: str | None
+    doc: str                 # the DID document as JSON text
+    resolved_at: float       # epoch seconds
+    error: str | None = None
+
+
+class IdentityCache(Protocol):
+    """Where resolved identities persist across runs (storage.Store, its `identities` table).
+
+    Called from a worker thread; each call is one statement / one transaction."""
+
+    def load_identity(self, did: str, *, max_age: float) -> IdentityRow | None:
+        """The DID's row when it has no `error` and was resolved less than `max_age` seconds ago."""
+        ...
+
+    def fresh_signing_keys(self, *, max_age: float, limit: int) -> dict[str, str]:
+        """{did: signing_key} of up to `limit` rows without `error`, with a key, resolved less
+        than `max_age` seconds ago, newest first."""
+        ...
+
+    def save_identities(self, rows: Sequence[IdentityRow]) -> None:
+        """Upsert `rows` by DID (every column replaced), in one transaction."""
+        ...
 
 
 class Resolver:
@@ -71,12 +105,13 @@ class Resolver:
         ttl: float = 24 * 3600.0,
         client: PdsClient | None = None,
         allow_private_hosts: bool = False,
-        store: Store | None = None,
+        store: IdentityCache | None = None,
         memory_entries: int = 100_000,
     ) -> None:
         """`client`: share the PdsClient's guarded HTTP and host limits (its `allow_private_hosts`
         then decides). Either way, PLC fetches trust the exact origin of `plc_url`, which may
-        be on a private address; nothing else does."""
+        be on a private address; nothing else does. `store`: the persistent cache (a
+        storage.Store), if any."""
         try:
             check_url(plc_url)
         except UnsafeHostError as exc:
@@ -88,7 +123,7 @@ class Resolver:
         self._client = client or PdsClient(allow_private_hosts=allow_private_hosts, max_retries=2)
         self._allow_private = self._client.http.allow_private_hosts
         # LRU: a full-network backfill resolves millions of DIDs; memory must not grow with them.
-        self._memory: OrderedDict[str, tuple[Identity, float]] = OrderedDict()
+        self._memory: OrderedDict[str, tuple[ResolvedIdentity, float]] = OrderedDict()
         self._memory_entries = memory_entries
 
     async def aclose(self) -> None:
@@ -103,7 +138,7 @@ class Resolver:
 
     # -- public ------------------------------------------------------------------------------
 
-    async def resolve(self, did: str, *, fresh: bool = False) -> Identity:
+    async def resolve(self, did: str, *, fresh: bool = False) -> ResolvedIdentity:
         if not fresh:
             cached = self._memory.get(did)
             if cached is not None and time.time() - cached[1] < self._ttl:
@@ -124,7 +159,7 @@ class Resolver:
         await self._save(identity, now)
         return identity
 
-    def _remember(self, identity: Identity, resolved_at: float) -> None:
+    def _remember(self, identity: ResolvedIdentity, resolved_at: float) -> None:
         self._memory[identity.did] = (identity, resolved_at)
         self._memory.move_to_end(identity.did)
         while len(self._memory) > self._memory_entries:
@@ -140,18 +175,11 @@ class Resolver:
         in one query: a verifier seeds its key map with them at start-up."""
         if self._store is None:
             return {}
-        since = datetime.now(UTC) - timedelta(seconds=self._ttl)
-        rows = await asyncio.to_thread(
-            self._store.fetchall,
-            "SELECT did, signing_key FROM identities WHERE error IS NULL AND signing_key IS NOT NULL "
-            "AND resolved_at > ? ORDER BY resolved_at DESC LIMIT ?",
-            [since, limit],
-        )
-        return {did: key for did, key in rows}
+        return await asyncio.to_thread(self._store.fresh_signing_keys, max_age=self._ttl, limit=limit)
 
     async def resolve_many(
         self, dids: Iterable[str], *, concurrency: int = 32, timeout: float = 30.0
-    ) -> AsyncIterator[tuple[str, Identity | IdentityError]]:
+    ) -> AsyncIterator[tuple[str, ResolvedIdentity | IdentityError]]:
         """Resolve many DIDs at once, yielding (did, identity or error) as each one completes.
 
         The memory cache answers first; the rest are fetched with at most `concurrency`
@@ -164,10 +192,10 @@ class Resolver:
             raise ConfigError("concurrency must be positive")
         limit = asyncio.Semaphore(concurrency)
         now = time.time()
-        fetched: list[Identity] = []
+        fetched: list[ResolvedIdentity] = []
         failed: list[tuple[str, dict[str, Any], str]] = []
 
-        async def one(did: str) -> tuple[str, Identity | IdentityError]:
+        async def one(did: str) -> tuple[str, ResolvedIdentity | IdentityError]:
             async with limit:
                 try:
                     async with asyncio.timeout(timeout):
@@ -202,16 +230,15 @@ class Resolver:
                 task.cancel()
         await self._save_many(fetched, failed)
 
-    async def _save_many(self, identities: list[Identity], failed: list[tuple[str, dict[str, Any], str]]) -> None:
+    async def _save_many(
+        self, identities: list[ResolvedIdentity], failed: list[tuple[str, dict[str, Any], str]]
+    ) -> None:
         if self._store is None or not (identities or failed):
             return
-        now = datetime.now(UTC)
-        rows: list[IdentityRow] = []
-        for i in identities:
-            rows.append((i.did, i.pds, i.signing_key, i.handle, orjson.dumps(i.doc).decode(), now, None))
-        for did, doc, error in failed:
-            rows.append((did, None, None, None, orjson.dumps(doc).decode(), now, error))
-        await asyncio.to_thread(self._store.write_identities, rows)
+        now = time.time()
+        rows = [_row(i, now) for i in identities]
+        rows += [_failure_row(did, doc, error, now) for did, doc, error in failed]
+        await asyncio.to_thread(self._store.save_identities, rows)
 
     # -- fetching ----------------------------------------------------------------------------
 
@@ -263,47 +290,45 @@ class Resolver:
 
     # -- cache -------------------------------------------------------------------------------
 
-    async def _load(self, did: str) -> Identity | None:
+    async def _load(self, did: str) -> ResolvedIdentity | None:
         if self._store is None:
             return None
-        store = self._store
-        since = datetime.now(UTC) - timedelta(seconds=self._ttl)
-        rows = await asyncio.to_thread(
-            store.fetchall,
-            "SELECT pds, signing_key, handle, doc::VARCHAR, epoch(resolved_at) FROM identities "
-            "WHERE did = ? AND error IS NULL AND resolved_at > ?",
-            [did, since],
-        )
-        if not rows:
+        row = await asyncio.to_thread(self._store.load_identity, did, max_age=self._ttl)
+        if row is None or row.pds is None or row.signing_key is None:  # no error: both are set
             return None
-        pds, key, handle, doc_json, resolved_at = rows[0]
-        identity = Identity(did=did, pds=pds, signing_key=key, handle=handle, doc=orjson.loads(doc_json))
-        self._remember(identity, float(resolved_at))
+        identity = ResolvedIdentity(
+            did=did, pds=row.pds, signing_key=row.signing_key, handle=row.handle, doc=orjson.loads(row.doc)
+        )
+        self._remember(identity, row.resolved_at)
         return identity
 
-    async def _save(self, identity: Identity, resolved_at: float) -> None:
+    async def _save(self, identity: ResolvedIdentity, resolved_at: float) -> None:
         if self._store is None:
             return
-        await asyncio.to_thread(
-            self._store.write_identities,
-            [(identity.did, identity.pds, identity.signing_key, identity.handle,
-              orjson.dumps(identity.doc).decode(), datetime.fromtimestamp(resolved_at, UTC), None)],
-        )
+        await asyncio.to_thread(self._store.save_identities, [_row(identity, resolved_at)])
 
     async def _save_error(self, did: str, doc: dict[str, Any], error: str) -> None:
         self._memory.pop(did, None)
         if self._store is None:
             return
-        await asyncio.to_thread(
-            self._store.write_identities,
-            [(did, None, None, None, orjson.dumps(doc).decode(), datetime.now(UTC), error)],
-        )
+        await asyncio.to_thread(self._store.save_identities, [_failure_row(did, doc, error, time.time())])
+
+
+def _row(identity: ResolvedIdentity, resolved_at: float) -> IdentityRow:
+    return IdentityRow(
+        identity.did, identity.pds, identity.signing_key, identity.handle, orjson.dumps(identity.doc).decode(),
+        resolved_at,
+    )
+
+
+def _failure_row(did: str, doc: dict[str, Any], error: str, resolved_at: float) -> IdentityRow:
+    return IdentityRow(did, None, None, None, orjson.dumps(doc).decode(), resolved_at, error)
 
 
 # -- parsing the document (pure) -----------------------------------------------------------
 
 
-def parse_did_doc(did: str, doc: dict[str, Any]) -> Identity:
+def parse_did_doc(did: str, doc: dict[str, Any]) -> ResolvedIdentity:
     """Validate a DID document for `did` and extract what skyfill needs. Raises terminal
     IdentityError for anything unusable."""
 
@@ -339,7 +364,7 @@ def parse_did_doc(did: str, doc: dict[str, Any]) -> Identity:
             if isinstance(name, str) and name.startswith("at://") and len(name) > 5:
                 handle = name[5:].lower()
                 break
-    return Identity(did=did, pds=endpoint, signing_key=key, handle=handle, doc=doc)
+    return ResolvedIdentity(did=did, pds=endpoint, signing_key=key, handle=handle, doc=doc)
 
 
 def _find(did: str, entries: object, fragment: str) -> dict[str, Any] | None:

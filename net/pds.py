@@ -17,7 +17,7 @@ Outcomes of `PdsClient.get_repo` (the orchestrator relies on these):
     body over `max_car_bytes`             -> RepoError(kind="too_large"): terminal for this
                                              attempt, never retried inside the client
     a body that stops making progress     -> like a network error (retried, then
-    (see hosts.SafeHttp) or a request        RetryableFetchError)
+    (see http.SafeHttp) or a request        RetryableFetchError)
     past its size-scaled deadline
     a target (or redirect) on an unsafe host, or a malformed / over-long / non-canonical URL
                                           -> UnsafeHostError, before connecting
@@ -49,7 +49,7 @@ from skyfill.errors import (
     UnsafeHostError,
 )
 
-from .hosts import HttpResult, SafeHttp, host_key
+from .http import HttpResult, SafeHttp, host_key
 from .ratelimit import HostLimiter
 
 __all__ = ["PdsClient", "ListedRepo", "TERMINAL_REPO_ERRORS", "DEFAULT_MAX_CAR_BYTES"]
@@ -153,7 +153,7 @@ class PdsClient:
     ) -> HttpResult:
         """GET with rate limiting, 429 parking and retries; returns the first answer that is
         neither 429 nor 5xx (2xx or another 4xx). See the module docstring for what raises.
-        `trusted_origin`: the operator's PLC URL when this is a PLC request (hosts.SafeHttp)."""
+        `trusted_origin`: the operator's PLC URL when this is a PLC request (guard, http.SafeHttp)."""
         if deadline is None:
             deadline = time.time() + self._patience
         failures = 0

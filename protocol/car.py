@@ -22,12 +22,15 @@ import libipld
 
 from skyfill.errors import RepoError
 
-__all__ = ["read_car", "read_header", "read_varint", "cid_to_str", "cid_from_str", "verify_block", "CarError"]
+__all__ = ["read_car", "read_header", "read_varint", "encode_varint", "cid_to_str", "cid_from_str", "verify_block", "CarError",
+           "DAG_CBOR_CID_PREFIX", "CID_LEN"]
 
-# CIDv1 prefixes of the two codecs atproto uses, both sha2-256 (0x12) with 32-byte digests.
-_DAG_CBOR_PREFIX: Final = b"\x01\x71\x12\x20"
+# CIDv1 prefixes of the two codecs atproto uses, both sha2-256 (0x12) with 32-byte digests:
+# CIDv1, dag-cbor (0x71), sha2-256, 32 bytes is the form of every repo CID (commit, MST node,
+# record); CID_LEN is the length of either form.
+DAG_CBOR_CID_PREFIX: Final = b"\x01\x71\x12\x20"
 _RAW_PREFIX: Final = b"\x01\x55\x12\x20"
-_CID_LEN: Final = 36
+CID_LEN: Final = 36
 _MAX_HEADER: Final = 1 << 16
 _MAX_ROOTS: Final = 64
 _MAX_ROOT_LEN: Final = 128  # a CID: version + codec + hash code + digest length + <= 64-byte digest
@@ -58,8 +61,8 @@ def read_varint(data: bytes, pos: int) -> tuple[int, int]:
 def _cid_len(data: bytes, pos: int) -> int:
     """Length of the binary CID starting at `pos` (fast path for the common 36-byte form)."""
     prefix = data[pos : pos + 4]
-    if prefix == _DAG_CBOR_PREFIX or prefix == _RAW_PREFIX:
-        return _CID_LEN
+    if prefix == DAG_CBOR_CID_PREFIX or prefix == _RAW_PREFIX:
+        return CID_LEN
     if data[pos : pos + 2] == b"\x12\x20":  # CIDv0: a bare sha2-256 multihash
         return 34
     start = pos
@@ -126,7 +129,7 @@ def read_car(data: bytes) -> tuple[list[bytes], dict[bytes, bytes]]:
         if block_end > size:
             raise CarError("truncated CAR block", kind="car_truncated")
         prefix = data[pos : pos + 4]
-        clen = _CID_LEN if prefix == _DAG_CBOR_PREFIX or prefix == _RAW_PREFIX else _cid_len(data, pos)
+        clen = CID_LEN if prefix == DAG_CBOR_CID_PREFIX or prefix == _RAW_PREFIX else _cid_len(data, pos)
         if clen >= length:
             raise CarError("CAR block shorter than its CID", kind="car_malformed")
         blocks[data[pos : pos + clen]] = data[pos + clen : block_end]
@@ -137,7 +140,7 @@ def read_car(data: bytes) -> tuple[list[bytes], dict[bytes, bytes]]:
 def verify_block(cid: bytes, block: bytes) -> bool:
     """True when `block` hashes to `cid`: a CIDv1 (one-byte codec) or CIDv0 naming a sha2-256
     digest. Any other hash function or shape is refused (False)."""
-    if len(cid) == _CID_LEN and cid[0] == 1 and cid[1] < 0x80 and cid[2:4] == b"\x12\x20":
+    if len(cid) == CID_LEN and cid[0] == 1 and cid[1] < 0x80 and cid[2:4] == b"\x12\x20":
         return hashlib.sha256(block).digest() == cid[4:]
     if len(cid) == 34 and cid[:2] == b"\x12\x20":
         return hashlib.sha256(block).digest() == cid[2:]
@@ -154,15 +157,16 @@ def cid_from_str(cid: str) -> bytes:
     info = libipld.decode_cid(cid)
     digest: bytes = info["hash"]["digest"]
     return (
-        _encode_varint(info["version"])
-        + _encode_varint(info["codec"])
-        + _encode_varint(info["hash"]["code"])
-        + _encode_varint(len(digest))
+        encode_varint(info["version"])
+        + encode_varint(info["codec"])
+        + encode_varint(info["hash"]["code"])
+        + encode_varint(len(digest))
         + digest
     )
 
 
-def _encode_varint(n: int) -> bytes:
+def encode_varint(n: int) -> bytes:
+    """`n` (>= 0) as an unsigned LEB128 varint, as CARs frame their sections and CIDs their fields."""
     out = bytearray()
     while True:
         b = n & 0x7F

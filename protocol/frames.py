@@ -57,7 +57,7 @@ from typing import Any, Final
 
 import libipld
 
-from .car import CarError, cid_to_str, read_car
+from .car import CID_LEN, DAG_CBOR_CID_PREFIX, CarError, cid_to_str, read_car
 from skyfill.errors import FrameError, InputError
 from .records import is_valid_datetime, record_json
 from .syntax import is_did, is_handle, is_nsid, is_record_key, is_tid
@@ -81,9 +81,6 @@ _decode_multi: Final = libipld.decode_dag_cbor_multi
 _decode: Final = libipld.decode_dag_cbor
 _cid_str: Final = cid_to_str
 _sha256: Final = hashlib.sha256
-# CIDv1, dag-cbor (0x71), sha2-256 (0x12), 32-byte digest: the form of every repo CID.
-_CID_PREFIX: Final = b"\x01\x71\x12\x20"
-_CID_LEN: Final = 36
 _SEQ_LIMIT: Final = 2**63  # seqs are stored as DuckDB BIGINT
 # libipld raises RecursionError on deeply nested CBOR (~1,500 levels), not ValueError.
 _DECODE_ERRORS: Final = (ValueError, RecursionError)
@@ -208,7 +205,7 @@ def _commit(body: dict[str, Any], want: Callable[[str], bool] | None) -> Commit:
             append(Op(action, collection, rkey, None, prev_str, None, None))
             continue
         cid = raw.get("cid")
-        if type(cid) is not bytes or len(cid) != _CID_LEN or cid[:4] != _CID_PREFIX:  # _cid, inlined: hot
+        if type(cid) is not bytes or len(cid) != CID_LEN or cid[:4] != DAG_CBOR_CID_PREFIX:  # _cid, inlined: hot
             raise _Bad("bad_op", f"{action} {path} has no dag-cbor sha2-256 CID")
         block = blocks.get(cid)
         record: str | None = None
@@ -306,7 +303,7 @@ def _cid(value: object, kind: str, name: str) -> bytes:
     libipld decodes tag-42 links and byte strings alike to bytes, so a byte string of any
     content can stand where a CID belongs: only its form tells them apart.
     """
-    if type(value) is not bytes or len(value) != _CID_LEN or value[:4] != _CID_PREFIX:
+    if type(value) is not bytes or len(value) != CID_LEN or value[:4] != DAG_CBOR_CID_PREFIX:
         raise _Bad(kind, f"{name} is not a dag-cbor sha2-256 CID")
     return value
 

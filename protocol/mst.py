@@ -36,14 +36,15 @@ import libipld
 
 from skyfill.errors import RepoError
 
+from .car import DAG_CBOR_CID_PREFIX
+
 __all__ = ["invert_commit", "PartialTree", "key_height", "encode_node", "EMPTY_NODE", "EMPTY_TREE"]
 
 _sha256: Final = hashlib.sha256
 _decode: Final = libipld.decode_dag_cbor
 _encode: Final = libipld.encode_dag_cbor
-_CBOR_CID_PREFIX: Final = b"\x01\x71\x12\x20"   # CIDv1, dag-cbor, sha2-256, 32 bytes
 EMPTY_NODE: Final = b"\xa2\x61e\x80\x61l\xf6"   # {"e": [], "l": null}
-EMPTY_TREE: Final = _CBOR_CID_PREFIX + _sha256(EMPTY_NODE).digest()   # the root CID of an empty repo
+EMPTY_TREE: Final = DAG_CBOR_CID_PREFIX + _sha256(EMPTY_NODE).digest()   # the root CID of an empty repo
 KIND: Final = "bad_inversion"
 # What an MST key (`collection/rkey`) may hold; a key suffix outside it cannot be a key, nor a CID.
 _KEY_BYTES: Final = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789.-_:~/"
@@ -116,7 +117,7 @@ class PartialTree:
         block = self._blocks.get(cid)
         if block is None:
             raise _bad(f"the proof lacks MST node {libipld.encode_cid(cid)}")
-        if cid[:4] != _CBOR_CID_PREFIX or len(cid) != 36 or _sha256(block).digest() != cid[4:]:
+        if cid[:4] != DAG_CBOR_CID_PREFIX or len(cid) != 36 or _sha256(block).digest() != cid[4:]:
             raise _bad(f"MST node {libipld.encode_cid(cid)} does not hash to its CID")
         try:
             node = _decode(block)
@@ -309,7 +310,7 @@ def _cid_of(node: _Node) -> bytes:
     if cid is not None:
         return cid
     subs = [s if s is None or type(s) is bytes else _cid_of(s) for s in node.subs]  # type: ignore[arg-type]
-    cid = _CBOR_CID_PREFIX + _sha256(encode_node(node.keys, node.vals, subs)).digest()
+    cid = DAG_CBOR_CID_PREFIX + _sha256(encode_node(node.keys, node.vals, subs)).digest()
     node.cid = cid
     return cid
 

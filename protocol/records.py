@@ -8,6 +8,7 @@ and byte strings as {"$bytes": ...} exactly.
 from __future__ import annotations
 
 import re
+from datetime import UTC, datetime
 from typing import Any, Final
 
 import cbrrr
@@ -38,8 +39,6 @@ def is_valid_datetime(value: Any) -> bool:
     if not isinstance(value, str) or len(value) > 64 or not _DATETIME.match(value) or value.endswith("-00:00"):
         return False
     # the regex admits month 19 or hour 29: let the calendar have the last word
-    from datetime import UTC, datetime
-
     text = value.replace("Z", "+00:00") if value.endswith("Z") else value
     # Year 0000 is valid atproto syntax but below Python's datetime range: check it as year
     # 2000 (also a leap year), then refuse instants before 0000-01-01T00:00Z (a positive offset).

@@ -38,25 +38,26 @@ import hashlib
 import logging
 import re
 from bisect import bisect_left
-from itertools import repeat
 from dataclasses import dataclass, field
+from itertools import repeat
 from typing import Any, Final
 
 import libipld
 import orjson
 
-from .car import CarError, cid_to_str, read_car, read_header, read_varint
-from .crypto import PublicKey, verify_signature
 from skyfill.errors import InputError, RepoError, SignatureError
-from .records import record_json
-from .syntax import is_nsid
+
+from .car import DAG_CBOR_CID_PREFIX, CarError, cid_to_str, read_car, read_header, read_varint
 from .columns import RecordColumns
+from .commit import commit_signature_valid
+from .crypto import PublicKey
+from .records import record_json
+from .syntax import is_nsid, is_tid
 
 __all__ = ["RepoSnapshot", "parse_repo", "materialize"]
 
 log = logging.getLogger(__name__)
 
-_DAG_CBOR_PREFIX: Final = b"\x01\x71\x12\x20"
 # Heights come from 2-bit chunks of a sha256, so a real MST is never deeper than 128 layers.
 _MAX_DEPTH: Final = 130
 # collection (NSID characters) '/' record key (record-key characters); both non-empty.
@@ -68,7 +69,6 @@ _MAX_SHARING: Final = 4
 _SHARING_SLACK: Final = 1 << 20
 # every byte that may appear in `collection/rkey` keys joined by newlines
 _KEY_CHARS: Final = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.-_~:/\n"
-_TID: Final = re.compile(r"[234567abcdefghij][234567abcdefghijklmnopqrstuvwxyz]{12}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,7 +111,7 @@ def _verified(blocks: dict[bytes, bytes], cid: bytes, did: str, what: str) -> by
     if block is None:
         # a CAR cut at a block boundary parses; the hole only shows here (retryable)
         raise _error(f"{what} block {_cid_str(cid)} is missing from the CAR", "missing_block", did)
-    if cid[:4] != _DAG_CBOR_PREFIX or hashlib.sha256(block).digest() != cid[4:]:
+    if cid[:4] != DAG_CBOR_CID_PREFIX or hashlib.sha256(block).digest() != cid[4:]:
         raise _error(f"{what} block does not hash to its CID {_cid_str(cid)}", "bad_block_hash", did)
     return block
 
@@ -124,7 +124,7 @@ def _cid_str(cid: bytes) -> str:
 
 
 def _is_cid(value: Any) -> bool:
-    return type(value) is bytes and len(value) == 36 and value[:4] == _DAG_CBOR_PREFIX
+    return type(value) is bytes and len(value) == 36 and value[:4] == DAG_CBOR_CID_PREFIX
 
 
 def _read_commit(blocks: dict[bytes, bytes], root: bytes, did: str) -> dict[str, Any]:
@@ -141,7 +141,7 @@ def _read_commit(blocks: dict[bytes, bytes], root: bytes, did: str) -> dict[str,
     if version not in (2, 3) or type(version) is not int:
         raise _error(f"unsupported commit version {version!r}", "bad_commit", did)
     rev = commit.get("rev")
-    if version == 3 and not (isinstance(rev, str) and _TID.fullmatch(rev)):
+    if version == 3 and not is_tid(rev):
         raise _error(f"v3 commit has no valid rev: {rev!r}", "bad_commit", did)
     if rev is not None and not isinstance(rev, str):
         raise _error("commit rev is not a string", "bad_commit", did)
@@ -203,13 +203,11 @@ def _check_commit(commit: dict[str, Any], did: str, key: PublicKey | None) -> No
     if commit["did"] != did:
         raise _error(f"commit is for {commit['did']!r}, expected {did!r}", "did_mismatch", did)
     if key is not None:
-        # libipld re-encodes 36-byte CID-shaped byte strings as CID links, which is exactly
-        # what `data` and `prev` are; the signed bytes are the commit without `sig`.
         try:
-            unsigned = libipld.encode_dag_cbor({k: v for k, v in commit.items() if k != "sig"})
+            valid = commit_signature_valid(commit, key)
         except (ValueError, TypeError, OverflowError, RecursionError) as exc:
             raise _error(f"commit cannot be re-encoded for its signature: {exc!r}", "bad_commit", did) from exc
-        if not verify_signature(key, unsigned, commit["sig"]):
+        if not valid:
             raise SignatureError("commit signature does not verify", kind="bad_signature", did=did)
 
 
@@ -249,7 +247,7 @@ def _walk(blocks: dict[bytes, bytes], root: bytes, did: str) -> dict[tuple[str, 
         if depth > _MAX_DEPTH:
             raise _error("MST is deeper than any valid tree", "mst_too_deep", did)
         # A link of the wrong type fails here with TypeError, caught by the parent's handler.
-        if cid[:4] != _DAG_CBOR_PREFIX or len(cid) != 36:
+        if cid[:4] != DAG_CBOR_CID_PREFIX or len(cid) != 36:
             raise _error("MST link is not a DAG-CBOR sha2-256 CID", "bad_mst_node", did)
         if cid in seen:
             raise _error(f"MST node {_cid_str(cid)} is reached twice (not a tree)", "mst_revisit", did)
@@ -310,7 +308,7 @@ def _walk(blocks: dict[bytes, bytes], root: bytes, did: str) -> dict[tuple[str, 
     if set(map(type, cids)) != {bytes} or set(map(len, cids)) != {36}:
         raise _error("MST entry value is not a CID", "bad_mst_node", did)
     heads = b"".join(cids)
-    if any(heads[i::36] != _DAG_CBOR_PREFIX[i : i + 1] * len(cids) for i in range(4)):
+    if any(heads[i::36] != DAG_CBOR_CID_PREFIX[i : i + 1] * len(cids) for i in range(4)):
         raise _error("MST entry value is not a DAG-CBOR sha2-256 CID", "bad_mst_node", did)
     del heads
     if not all(map(blocks.__contains__, cids)):

@@ -135,9 +135,7 @@ class KafkaPublisher:
                 await producer.stop()
                 if not _retriable(exc):
                     raise PublishError(f"cannot start the Kafka producer: {exc!r}") from exc
-                self._outage(exc)
-                attempt += 1
-                await asyncio.sleep(self._backoff(attempt))
+                attempt = await self._pause(exc, attempt)
                 continue
             self._producer = producer
             self.idempotent = want
@@ -220,9 +218,7 @@ class KafkaPublisher:
                 except KafkaError as exc:
                     if not _retriable(exc):
                         raise PublishError(f"broker refused a batch for {topic}[{partition}]: {exc!r}") from exc
-                    self._outage(exc)
-                    attempt += 1
-                    await asyncio.sleep(self._backoff(attempt))
+                    attempt = await self._pause(exc, attempt)
                     continue
                 self._reachable()
                 metrics.KAFKA_PUBLISHED.labels(topic).inc(j - i)
@@ -241,6 +237,13 @@ class KafkaPublisher:
             except TimeoutError:
                 self._outage(KafkaTimeoutError("no acknowledgement within request_timeout_ms"))
 
+    async def _pause(self, exc: BaseException, attempt: int) -> int:
+        """Report the outage and wait out the backoff of the next attempt; returns its number."""
+        self._outage(exc)
+        attempt += 1
+        await asyncio.sleep(self._backoff(attempt))
+        return attempt
+
     async def _retry(self, call: Any) -> Any:
         attempt = 0
         while True:
@@ -249,14 +252,10 @@ class KafkaPublisher:
             except KafkaError as exc:
                 if not _retriable(exc):
                     raise PublishError(f"Kafka metadata request failed: {exc!r}") from exc
-                self._outage(exc)
-                attempt += 1
-                await asyncio.sleep(self._backoff(attempt))
+                attempt = await self._pause(exc, attempt)
                 continue
             if not result:  # topic unknown yet (being created): same as not reachable
-                self._outage(KafkaTimeoutError("no partitions known for topic"))
-                attempt += 1
-                await asyncio.sleep(self._backoff(attempt))
+                attempt = await self._pause(KafkaTimeoutError("no partitions known for topic"), attempt)
                 continue
             return result
 

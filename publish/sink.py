@@ -28,15 +28,15 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
 import pyarrow as pa
-from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
-from aiokafka.errors import KafkaError
 
 from skyfill import metrics
-from skyfill.errors import InputError, PublishError, StorageError
+from skyfill.errors import InputError, StorageError
 from skyfill.protocol.records import is_valid_datetime
 from skyfill.storage import Batch, RecordPut, RepoRow, Store
 
+from .consume_loop import ConsumeLoop, Polled
 from .messages import Topics, decode_value
 
 __all__ = ["Sink", "SinkStats"]
@@ -155,8 +155,6 @@ class _Fold:
 
 
 def _dumps(obj: Any) -> str:
-    import orjson
-
     return orjson.dumps(obj).decode()
 
 
@@ -178,31 +176,20 @@ class Sink:
         self.bootstrap = bootstrap
         self.group_id = group_id
         self.topics = topics
-        self._max_poll = max_poll_records
-        self._client_id = client_id
-        self._session_timeout_ms = session_timeout_ms
-        self._consumer: AIOKafkaConsumer | None = None
+        self._loop = ConsumeLoop(
+            (topics.records, topics.repos), self._handle,
+            who="sink", bootstrap=bootstrap, group_id=group_id, max_records=max_poll_records,
+            client_id=client_id, max_poll_records=max_poll_records, session_timeout_ms=session_timeout_ms,
+            heartbeat_interval_ms=max(100, session_timeout_ms // 3),
+        )
         self.stats = SinkStats()
 
     async def start(self) -> None:
         self.store.create_sink_tables()
-        consumer = AIOKafkaConsumer(
-            self.topics.records, self.topics.repos,
-            bootstrap_servers=self.bootstrap, group_id=self.group_id, client_id=self._client_id,
-            enable_auto_commit=False, auto_offset_reset="earliest", max_poll_records=self._max_poll,
-            session_timeout_ms=self._session_timeout_ms, heartbeat_interval_ms=max(100, self._session_timeout_ms // 3),
-        )
-        try:
-            await consumer.start()
-        except KafkaError as exc:
-            await consumer.stop()
-            raise PublishError(f"sink cannot join group {self.group_id} on {self.bootstrap}: {exc!r}") from exc
-        self._consumer = consumer
+        await self._loop.start()
 
     async def aclose(self) -> None:
-        consumer, self._consumer = self._consumer, None
-        if consumer is not None:
-            await consumer.stop()
+        await self._loop.stop()
 
     async def __aenter__(self) -> Sink:
         await self.start()
@@ -213,28 +200,18 @@ class Sink:
 
     async def step(self, *, timeout_ms: int = 1000) -> int:
         """Poll once, apply what came in one DuckDB transaction, then commit the offsets."""
-        consumer = self._consumer
-        if consumer is None:
-            raise PublishError("sink not started")
-        polled = await consumer.getmany(timeout_ms=timeout_ms, max_records=self._max_poll)
-        if not polled:
-            return 0
-        count = sum(len(v) for v in polled.values())
-        await asyncio.to_thread(self._apply, polled)
-        # Only now: a crash before this line replays these messages, which is harmless.
-        await consumer.commit({tp: msgs[-1].offset + 1 for tp, msgs in polled.items()})
-        return count
+        return await self._loop.step(timeout_ms=timeout_ms)
 
     async def run(self, *, stop: asyncio.Event | None = None, exit_when_idle: bool = False) -> SinkStats:
-        while stop is None or not stop.is_set():
-            n = await self.step()
-            if n == 0 and exit_when_idle:
-                break
+        await self._loop.run(stop=stop, exit_when_idle=exit_when_idle)
         return self.stats
 
     # -- applying ---------------------------------------------------------------------------
 
-    def _apply(self, polled: dict[TopicPartition, list[ConsumerRecord[Any, Any]]]) -> None:
+    async def _handle(self, polled: Polled) -> None:
+        await asyncio.to_thread(self._apply, polled)
+
+    def _apply(self, polled: Polled) -> None:
         records: list[dict[str, Any]] = []
         repos: list[dict[str, Any]] = []
         invalid = 0

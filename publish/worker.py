@@ -20,12 +20,13 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord
-from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
+from aiokafka import AIOKafkaProducer, ConsumerRecord
+from aiokafka.errors import KafkaError
 
 from skyfill import metrics
 from skyfill.errors import BackfillRetry, ConfigError, InputError, PublishError
 
+from .consume_loop import ConsumeLoop, Polled
 from .messages import BACKFILL_TOPIC
 from .requests import decode_request, encode_request
 
@@ -71,40 +72,31 @@ class BackfillWorker:
         self.topic = topic
         self.group_id = group_id
         self._backfill_one = backfill_one
-        self._concurrency = concurrency
         self._max_attempts = max_attempts
-        self._consumer_kwargs: dict[str, Any] = {
-            "bootstrap_servers": bootstrap,
-            "group_id": group_id,
-            "client_id": client_id,
-            "enable_auto_commit": False,
-            "auto_offset_reset": "earliest",
-            "max_poll_interval_ms": max_poll_interval_ms,
-            "session_timeout_ms": session_timeout_ms,
-            "heartbeat_interval_ms": heartbeat_interval_ms,
-        }
-        self._consumer: AIOKafkaConsumer | None = None
+        self._loop = ConsumeLoop(
+            (topic,), self._handle_batch,
+            who="backfill worker", bootstrap=bootstrap, group_id=group_id, max_records=concurrency,
+            redo_on_refused_commit=True, client_id=client_id, max_poll_interval_ms=max_poll_interval_ms,
+            session_timeout_ms=session_timeout_ms, heartbeat_interval_ms=heartbeat_interval_ms,
+        )
         self._producer: AIOKafkaProducer | None = None
         self.processed = 0
 
     async def start(self) -> None:
-        consumer = AIOKafkaConsumer(self.topic, **self._consumer_kwargs)
+        await self._loop.start()
         producer = AIOKafkaProducer(bootstrap_servers=self.bootstrap, acks="all")
         try:
-            await consumer.start()
             await producer.start()
         except KafkaError as exc:
-            await consumer.stop()
+            await self._loop.stop()
             await producer.stop()
-            raise PublishError(f"backfill worker cannot join {self.group_id} on {self.bootstrap}: {exc!r}") from exc
-        self._consumer, self._producer = consumer, producer
+            raise PublishError(f"backfill worker cannot join group {self.group_id} on {self.bootstrap}: {exc!r}") from exc
+        self._producer = producer
 
     async def aclose(self) -> None:
         """Leave the group WITHOUT committing anything in progress (that is the point)."""
-        consumer, self._consumer = self._consumer, None
+        await self._loop.stop()
         producer, self._producer = self._producer, None
-        if consumer is not None:
-            await consumer.stop()
         if producer is not None:
             await producer.stop()
 
@@ -116,32 +108,18 @@ class BackfillWorker:
         await self.aclose()
 
     async def run(self, *, stop: asyncio.Event | None = None, exit_when_idle: bool = False) -> int:
-        while stop is None or not stop.is_set():
-            n = await self.step()
-            if n == 0 and exit_when_idle:
-                break
+        await self._loop.run(stop=stop, exit_when_idle=exit_when_idle)
         return self.processed
 
     async def step(self, *, timeout_ms: int = 1000) -> int:
         """Take up to `concurrency` requests, backfill them, then commit their offsets."""
-        consumer = self._consumer
-        if consumer is None:
-            raise PublishError("worker not started")
-        polled = await consumer.getmany(timeout_ms=timeout_ms, max_records=self._concurrency)
-        if not polled:
-            return 0
+        return await self._loop.step(timeout_ms=timeout_ms)
+
+    async def _handle_batch(self, polled: Polled) -> None:
         async with asyncio.TaskGroup() as tg:
             for msgs in polled.values():
                 for msg in msgs:
                     tg.create_task(self._handle(msg))
-        offsets = {tp: msgs[-1].offset + 1 for tp, msgs in polled.items()}
-        try:
-            await consumer.commit(offsets)
-        except (CommitFailedError, IllegalStateError) as exc:
-            # The partitions moved to another member during the work; it replays them. Harmless.
-            log.warning("offset commit refused after a rebalance; requests will be redone",
-                        extra={"ctx": {"group": self.group_id, "error": repr(exc)}})
-        return sum(len(m) for m in polled.values())
 
     async def _handle(self, msg: ConsumerRecord[Any, Any]) -> None:
         try:

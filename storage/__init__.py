@@ -4,7 +4,6 @@ from skyfill.protocol.columns import RecordColumns
 
 from .base import Reader, failure_kind
 from .batch import Batch, Change, CoverageSpan, Publish, RecordChange, RecordPut, RepoChange, RepoRow, thread_emitter
-from .caches import IdentityRow
 from .queue import RetryPolicy
 from .reconcile import ReconcileCounts
 from .states import TERMINAL_BACKFILL, AccountStatus, BackfillStatus, CoverageEnd, QueueState, SyncState
@@ -27,7 +26,6 @@ __all__ = [
     "ReconcileCounts",
     "RecordColumns",
     "RetryPolicy",
-    "IdentityRow",
     "SyncState",
     "AccountStatus",
     "BackfillStatus",

@@ -1,7 +1,7 @@
 """Side tables that are not the mirror: the DID-document cache and the Kafka sink's dedup marks.
 
-`identities` caches resolved DID documents for `skyfill.net.identity.Resolver` (which reads it
-through `Store.fetchall`). `sink_tombstones` / `sink_snapshots` belong to `skyfill.publish.sink`:
+`identities` caches resolved DID documents for `skyfill.net.identity.Resolver` (Store is its
+`IdentityCache`). `sink_tombstones` / `sink_snapshots` belong to `skyfill.publish.sink`:
 created on the sink's first start, they hold the rev of each delete and snapshot it applied, so
 replayed or older messages are skipped.
 """
@@ -9,17 +9,17 @@ replayed or older messages are skipped.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import duckdb
 import pyarrow as pa
 
+from skyfill.net.identity import IdentityRow
+
 from .base import StoreBase
 
-__all__ = ["Caches", "IdentityRow"]
-
-# did, pds, signing_key, handle, doc (JSON text), resolved_at, error (None for a usable document)
-IdentityRow = tuple[str, str | None, str | None, str | None, str, datetime, str | None]
+__all__ = ["Caches"]
 
 _UPSERT_IDENTITIES = (
     "INSERT INTO identities (did, pds, signing_key, handle, doc, resolved_at, error) "
@@ -39,12 +39,33 @@ _TOMBS = pa.schema([("did", pa.string()), ("collection", pa.string()), ("rkey", 
 class Caches(StoreBase):
     """Store methods writing the identity cache and the Kafka sink's marks."""
 
-    def write_identities(self, rows: Sequence[IdentityRow]) -> None:
+    def load_identity(self, did: str, *, max_age: float) -> IdentityRow | None:
+        """The cached, usable document of `did` resolved less than `max_age` seconds ago."""
+        since = datetime.now(UTC) - timedelta(seconds=max_age)
+        rows = self.fetchall(
+            "SELECT pds, signing_key, handle, doc::VARCHAR, epoch(resolved_at) FROM identities "
+            "WHERE did = ? AND error IS NULL AND resolved_at > ?", [did, since])
+        if not rows:
+            return None
+        pds, key, handle, doc, resolved_at = rows[0]
+        return IdentityRow(did, pds, key, handle, doc, float(resolved_at))
+
+    def fresh_signing_keys(self, *, max_age: float, limit: int) -> dict[str, str]:
+        """Signing keys of the `limit` most recently resolved DIDs (to seed a verifier)."""
+        since = datetime.now(UTC) - timedelta(seconds=max_age)
+        rows = self.fetchall(
+            "SELECT did, signing_key FROM identities WHERE error IS NULL AND signing_key IS NOT NULL "
+            "AND resolved_at > ? ORDER BY resolved_at DESC LIMIT ?", [since, limit])
+        return {did: key for did, key in rows}
+
+    def save_identities(self, rows: Sequence[IdentityRow]) -> None:
         """Upsert resolved (or failed) DID documents, all in one transaction."""
         if not rows:
             return
+        params: list[Any] = []
+        for r in rows:
+            params += [r.did, r.pds, r.signing_key, r.handle, r.doc, datetime.fromtimestamp(r.resolved_at, UTC), r.error]
         values = ", ".join(["(?, ?, ?, ?, ?::JSON, ?, ?)"] * len(rows))
-        params = [v for row in rows for v in row]
         self._txn(lambda con: con.execute(_UPSERT_IDENTITIES.format(values=values), params))
 
     def create_sink_tables(self) -> None:

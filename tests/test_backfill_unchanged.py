@@ -9,8 +9,11 @@ from pathlib import Path
 import pytest
 
 from skyfill.backfill.reconcile import premade
+from skyfill.protocol.car import read_car
 from skyfill.protocol.repo import RepoSnapshot, materialize, parse_repo
 from tests.support.store import SetupStore
+
+from .support.wire import encode_car
 
 VECTORS = Path(__file__).parent / "vectors" / "indigo"
 GREENGROUND = VECTORS / "testing-testdata" / "greenground.repo.car"
@@ -123,22 +126,8 @@ def test_chunked_reconcile_decodes_ahead_and_emits_every_change(
 
 def commit_first(car: bytes) -> bytes:
     """The same CAR with the commit as its first block (how PDSes write getRepo)."""
-    import libipld
-
-    from skyfill.protocol.car import read_car
-
     roots, blocks = read_car(car)
-    header = libipld.encode_dag_cbor({"version": 1, "roots": roots})
-
-    def varint(n: int) -> bytes:
-        out = b""
-        while n >= 0x80:
-            out += bytes([(n & 0x7F) | 0x80])
-            n >>= 7
-        return out + bytes([n])
-
-    order = [roots[0]] + [c for c in blocks if c != roots[0]]
-    return varint(len(header)) + header + b"".join(varint(len(c) + len(blocks[c])) + c + blocks[c] for c in order)
+    return encode_car(roots, {roots[0]: blocks[roots[0]], **blocks})
 
 
 def test_deferred_parse_reads_only_the_commit_and_still_checks_it() -> None:

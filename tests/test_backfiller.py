@@ -21,6 +21,7 @@ from skyfill.protocol.repo import parse_repo
 from bench.generate.identity import did_document, make_identity
 from tests.support.store import SetupStore
 from tests.support.served import GET_REPO, World
+from tests.support.wire import read_varint
 
 
 @pytest.fixture
@@ -71,19 +72,9 @@ def stored(store: SetupStore, did: str) -> dict[tuple[str, str], str]:
 
 def block_boundaries(car: bytes) -> list[int]:
     """Offsets where each CAR section (header, then each block) ends."""
-    def varint(pos: int) -> tuple[int, int]:
-        n = shift = 0
-        while True:
-            b = car[pos]
-            n |= (b & 0x7F) << shift
-            pos += 1
-            if not b & 0x80:
-                return n, pos
-            shift += 7
-
     out, pos = [], 0
     while pos < len(car):
-        n, pos = varint(pos)
+        n, pos = read_varint(car, pos)
         pos += n
         out.append(pos)
     return out

@@ -11,7 +11,7 @@ import coincurve
 import libipld
 import pytest
 
-from skyfill.net.identity import Identity, Resolver
+from skyfill.net.identity import ResolvedIdentity, Resolver
 from skyfill.protocol.syntax import is_did
 from skyfill.net.pds import PdsClient
 from tests.faultserver import FaultServer, Reply, json_reply
@@ -70,7 +70,7 @@ async def test_resolves_did_web_with_port(server: FaultServer, client: PdsClient
     server.script("/.well-known/did.json", json_reply(make_doc(did, pds="https://pds.example.com/")))
     async with Resolver(plc_url=server.url, client=client) as resolver:
         ident = await resolver.resolve(did)
-    assert ident == Identity(did, "https://pds.example.com", MULTIKEY, "alice.example.com", ident.doc)
+    assert ident == ResolvedIdentity(did, "https://pds.example.com", MULTIKEY, "alice.example.com", ident.doc)
     assert server.count("/.well-known/did.json") == 1
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ast
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -33,11 +34,16 @@ class Installed:
 
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Installed]:
-    """`pip install --no-deps .` into a new, empty venv (the dependencies are this venv's)."""
+    """`pip install --no-deps .` into a new, empty venv (the dependencies are this venv's). From a
+    copy of the tree: pip builds in place, and a build/ left in the checkout would carry deleted
+    modules into the next wheel."""
     venv = tmp_path_factory.mktemp("venv") / "v"
+    source = tmp_path_factory.mktemp("source") / "skyfill"
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(
+        ".git", ".venv", ".cache", "build", "node_modules", "__pycache__", "*.egg-info", "data", "results"))
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, capture_output=True)
     py = venv / "bin" / "python"
-    done = subprocess.run([str(py), "-m", "pip", "install", "-q", "--no-deps", str(ROOT)],
+    done = subprocess.run([str(py), "-m", "pip", "install", "-q", "--no-deps", str(source)],
                           capture_output=True, text=True, cwd=venv)
     assert done.returncode == 0, done.stderr[-3000:]
     site = Path(subprocess.check_output([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],

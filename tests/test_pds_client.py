@@ -10,7 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from skyfill.net.hosts import MAX_URL_LENGTH, SafeHttp, check_host, check_url, is_unsafe_address
+from skyfill.net.guard import MAX_URL_LENGTH, Target, check_host, check_url, is_unsafe_address
+from skyfill.net import http as net_http
+from skyfill.net.http import SafeHttp
 from skyfill.net.pds import ListedRepo, PdsClient
 from skyfill.net.ratelimit import HostLimiter, parse_retry_after
 from skyfill import metrics
@@ -232,12 +234,10 @@ async def test_client_refuses_loopback_name_at_connect(server: FaultServer, monk
     """The connect-time guard alone (what defeats DNS rebinding). Fault injection: the early
     check_host is replaced by one that passes, as a rebinding DNS answer would make it; the
     connection is still refused because the socket layer resolves and checks once more."""
-    import skyfill.net.hosts as hosts
+    async def passes(url: str, **_: object) -> Target:
+        return check_url(url)  # the syntax half only: no address check
 
-    async def passes(url: str, **_: object) -> hosts.Target:
-        return hosts.check_url(url)  # the syntax half only: no address check
-
-    monkeypatch.setattr(hosts, "check_host", passes)
+    monkeypatch.setattr(net_http, "check_host", passes)
     async with SafeHttp(connect_timeout=0.5, read_timeout=0.5) as http:
         with pytest.raises(UnsafeHostError):
             await http.get(f"http://localhost:{server.port}{GET_REPO}", max_bytes=100)

@@ -15,6 +15,8 @@ from typing import Final
 import cbrrr
 import coincurve
 
+from skyfill.protocol.car import encode_varint
+
 from .identity import fake_did
 from .mst import Tree, cid_for
 from .records import PROFILE_KEY, RecordMaker, tid
@@ -60,22 +62,13 @@ def sign_commit(
     return cid_for(block), block
 
 
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while n > 0x7F:
-        out.append((n & 0x7F) | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
-
-
 def car_header(root: bytes) -> bytes:
     header = cbrrr.encode_dag_cbor({"roots": [cbrrr.CID(root)], "version": 1})
-    return _varint(len(header)) + header
+    return encode_varint(len(header)) + header
 
 
 def car_block(cid: bytes, block: bytes) -> bytes:
-    return _varint(len(cid) + len(block)) + cid + block
+    return encode_varint(len(cid) + len(block)) + cid + block
 
 
 def write_car(root: bytes, blocks: Iterable[tuple[bytes, bytes]]) -> bytes:
