@@ -113,18 +113,18 @@ class Application:
             background = [asyncio.create_task(self._backfill_forever())] if settings.run_backfill else []
             try:
                 await self.daemon.run(install_signal_handlers=install_signal_handlers)
-                return EXIT_OK
+                code = EXIT_OK
             except FutureCursorError as exc:
                 log.error(str(exc))
-                return EXIT_FUTURE_CURSOR
+                code = EXIT_FUTURE_CURSOR
             except SkyfillError as exc:  # logged when it happened; this is the exit's line
                 log.error(f"exiting: {exc}")
-                return EXIT_FATAL
+                code = EXIT_FATAL
             finally:
                 for task in background:
                     task.cancel()
                 await asyncio.gather(*background, return_exceptions=True)
-        raise AssertionError("unreachable")  # pragma: no cover - the exit stack does not swallow
+        return code
 
     async def _backfill_forever(self) -> None:
         """`consume --backfill`: keep desynchronized and queued DIDs repaired, like Tap's resyncers."""

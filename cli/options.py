@@ -6,7 +6,7 @@ environment."""
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 import click
@@ -22,7 +22,6 @@ __all__ = [
     "plc_option",
     "private_option",
     "backfill_options",
-    "given",
     "user_set",
     "one_line",
     "LOG_LEVELS",
@@ -97,11 +96,6 @@ def backfill_options(*, verify: bool = True) -> Callable[[F], F]:
         return f
 
     return apply
-
-
-def given(params: dict[str, Any], names: Iterable[str]) -> dict[str, Any]:
-    """The click parameters `names` (present in `params`) as a flat option mapping."""
-    return {name: params[name] for name in names if name in params}
 
 
 def user_set(ctx: click.Context, options: dict[str, Any]) -> dict[str, Any]:
