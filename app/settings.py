@@ -57,6 +57,9 @@ class Settings:
 
 
 _SETTINGS_OPTIONS: Final = tuple(f.name for f in fields(Settings) if f.name not in ("consume", "backfill"))
+# `verify` here is the firehose check (Settings.verify); the daemon's backfills always verify
+# unless `no_verify` is given.
+_BACKFILL_OPTIONS: Final = tuple(name for name in BACKFILL_OPTIONS if name != "verify")
 
 
 def check_relay(value: str) -> str:
@@ -99,7 +102,7 @@ def daemon_settings(options: Mapping[str, Any]) -> Settings:
     """Settings from one flat mapping of consume, backfill and application options (None = not
     given). The PLC directory's URL is checked here, whether or not --verify/--backfill use it."""
     rest = dict(options)
-    backfill = backfill_config({k: rest.pop(k) for k in BACKFILL_OPTIONS if k in rest},
+    backfill = backfill_config({k: rest.pop(k) for k in _BACKFILL_OPTIONS if k in rest},
                                label=lambda n: "--" + n.replace("_", "-"))
     consume = consume_config({k: rest.pop(k) for k in CONSUME_OPTIONS if k in rest})
     unknown = set(rest) - set(_SETTINGS_OPTIONS)

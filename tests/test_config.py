@@ -83,6 +83,14 @@ def test_the_daemon_backfills_with_the_config_it_was_given(tmp_path: Path) -> No
         app.store.close()
 
 
+def test_consume_verify_is_the_firehose_check() -> None:
+    """`consume --verify` checks firehose commits; it is not the backfill's `verify` (always on)."""
+    settings = daemon_settings({"verify": True})
+    assert settings.verify and settings.backfill.verify
+    assert not daemon_settings({"verify": False}).verify
+    assert daemon_settings({"verify": False}).backfill.verify
+
+
 def test_bad_consume_options_are_config_errors() -> None:
     with pytest.raises(ConfigError, match="--collections"):
         daemon_settings({"collections": "not an nsid"})
