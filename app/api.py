@@ -3,29 +3,30 @@
 A body carries the same options as the command line, as plain JSON values:
     gaps:      {"start", "end", "enqueue" (bool, "db" or "kafka"), "kafka_bootstrap", "audit", "dids",
                 "plc_url", "allow_private_hosts"}
-    backfill:  {"dids" (a list, or "all") | "from_queue", "concurrency", "per_host_rps", "verify",
-                "max_car_bytes", "max_attempts", "plc_url", "allow_private_hosts"}
+    backfill:  {"dids" (a list, or "all") | "from_queue", "concurrency", "per_host_rps", "verify" (or
+                "no_verify"), "max_car_bytes", "max_attempts", "plc_url", "allow_private_hosts"}
     enqueue:   {"dids" (a list), "reason"}
-Absent (or null) options take the daemon's own settings. Each body is parsed once into a frozen
-request (`GapsRequest.parse(...)` ...): an unknown key, a wrongly typed value or an invalid DID
-raises ConfigError with one line naming the field, before any work starts.
+Absent (or null) options keep the daemon's own BackfillConfig (the one `skyfill consume` was
+given); options are read by `skyfill.backfill.config.backfill_config`, as from every other source.
+Each body is parsed once into a frozen request (`GapsRequest.parse(...)` ...): an unknown key, a
+wrongly typed value or an invalid DID raises ConfigError with one line naming the field, before
+any work starts.
 """
 
 from __future__ import annotations
 
-import asyncio
-import math
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal
 
 from skyfill.errors import ConfigError
 from skyfill.storage import Store
 
-from skyfill.backfill.backfiller import Reconciler, open_backfiller
-from skyfill.cli.backfill import run_backfill, run_gaps
-from skyfill.backfill.config import ALL, BackfillConfig, parse_dids, parse_window
+from skyfill.backfill.backfiller import Reconciler
+from skyfill.backfill.config import ALL, OPTIONS, BackfillConfig, backfill_config, parse_dids, parse_window
+
+from .jobs import run_backfill, run_gaps
 
 __all__ = [
     "GapsRequest",
@@ -33,7 +34,7 @@ __all__ = [
     "EnqueueRequest",
     "gaps_from_request",
     "backfill_from_request",
-    "backfill_queue_once",
+    "ConfigOptions",
 ]
 
 _MAX_REASON = 200
@@ -54,28 +55,17 @@ class _Body:
     def take(self, key: str) -> Any:
         return self._body.pop(key, None)
 
+    def label(self, key: str) -> str:
+        return f"{self._route}: {key!r}"
+
     def bad(self, key: str, want: str) -> ConfigError:
-        return ConfigError(f"{self._route}: {key!r} must be {want}")
+        return ConfigError(f"{self.label(key)} must be {want}")
 
     def flag(self, key: str) -> bool | None:
         value = self.take(key)
         if value is not None and not isinstance(value, bool):
             raise self.bad(key, "true or false")
         return value
-
-    def integer(self, key: str) -> int | None:
-        value = self.take(key)
-        if value is not None and (type(value) is not int):
-            raise self.bad(key, "an integer")
-        return value
-
-    def number(self, key: str) -> float | None:
-        value = self.take(key)
-        if value is None:
-            return None
-        if type(value) not in (int, float) or not math.isfinite(value):
-            raise self.bad(key, "a finite number")
-        return float(value)
 
     def text(self, key: str) -> str | None:
         value = self.take(key)
@@ -106,36 +96,25 @@ class _Body:
             raise ConfigError(f"{self._route}: unknown field(s) {', '.join(sorted(map(repr, self._body)))}")
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class _ConfigOptions:
-    """Backfiller options a request may set; None keeps the daemon's own."""
+# The backfill options a request may set (the rest of BackfillConfig is the daemon's tuning).
+_GAPS_OPTIONS = ("plc_url", "allow_private_hosts")
 
-    plc_url: str | None = None
-    allow_private_hosts: bool | None = None
-    concurrency: int | None = None
-    per_host_rps: float | None = None
-    verify: bool | None = None
-    max_car_bytes: int | None = None
-    max_attempts: int | None = None
+
+@dataclass(frozen=True, slots=True)
+class ConfigOptions:
+    """The backfill options a request set, as given (checked by `backfill_config` when parsed);
+    the rest keep the daemon's own BackfillConfig."""
+
+    given: tuple[tuple[str, Any], ...] = ()
 
     @staticmethod
-    def read(body: _Body, *, all_options: bool) -> _ConfigOptions:
-        if not all_options:
-            return _ConfigOptions(plc_url=body.text("plc_url"), allow_private_hosts=body.flag("allow_private_hosts"))
-        return _ConfigOptions(
-            plc_url=body.text("plc_url"), allow_private_hosts=body.flag("allow_private_hosts"),
-            concurrency=body.integer("concurrency"), per_host_rps=body.number("per_host_rps"),
-            verify=body.flag("verify"), max_car_bytes=body.integer("max_car_bytes"),
-            max_attempts=body.integer("max_attempts"),
-        )
+    def read(body: _Body, names: tuple[str, ...]) -> ConfigOptions:
+        given = tuple((name, value) for name in names if (value := body.take(name)) is not None)
+        backfill_config(dict(given), label=body.label)  # types and values, before any work
+        return ConfigOptions(given)
 
-    def config(self, *, plc_url: str, allow_private_hosts: bool) -> BackfillConfig:
-        options: dict[str, Any] = {"plc_url": plc_url, "allow_private_hosts": allow_private_hosts}
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if value is not None:
-                options[f.name] = value
-        return BackfillConfig(**options)
+    def config(self, base: BackfillConfig) -> BackfillConfig:
+        return backfill_config(dict(self.given), base=base)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -146,7 +125,7 @@ class GapsRequest:
     kafka_bootstrap: str | None = None
     audit: bool = True
     dids: tuple[str, ...] = ()
-    options: _ConfigOptions = _ConfigOptions()
+    options: ConfigOptions = ConfigOptions()
 
     @classmethod
     def parse(cls, body: Any) -> GapsRequest:
@@ -170,7 +149,7 @@ class GapsRequest:
             raise ConfigError("gaps: enqueue kafka needs 'kafka_bootstrap'")
         audit = b.flag("audit")
         dids = b.dids("dids", allow_all=False)
-        options = _ConfigOptions.read(b, all_options=False)
+        options = ConfigOptions.read(b, _GAPS_OPTIONS)
         b.done()
         assert dids != ALL
         return cls(start=lo, end=hi, enqueue=enqueue, kafka_bootstrap=kafka_bootstrap,
@@ -181,14 +160,14 @@ class GapsRequest:
 class BackfillRequest:
     dids: tuple[str, ...] | Literal["all"] | None = None
     from_queue: bool = False
-    options: _ConfigOptions = _ConfigOptions()
+    options: ConfigOptions = ConfigOptions()
 
     @classmethod
     def parse(cls, body: Any) -> BackfillRequest:
         b = _Body(body, "backfill")
         dids = b.dids("dids", allow_all=True)
         from_queue = bool(b.flag("from_queue"))
-        options = _ConfigOptions.read(b, all_options=True)
+        options = ConfigOptions.read(b, OPTIONS)
         b.done()
         if (dids is None) == (not from_queue):
             raise ConfigError("backfill: give exactly one of 'dids' or 'from_queue': true")
@@ -217,36 +196,22 @@ class EnqueueRequest:
 
 
 async def gaps_from_request(
-    store: Store, body: GapsRequest | Mapping[str, Any], *, plc_url: str, allow_private_hosts: bool
+    store: Store, body: GapsRequest | Mapping[str, Any], *, config: BackfillConfig
 ) -> dict[str, Any]:
-    """Run a gaps request (parsed, or a raw body to parse) with the daemon's settings as defaults."""
+    """Run a gaps request (parsed, or a raw body to parse); options it does not set keep `config`."""
     req = body if isinstance(body, GapsRequest) else GapsRequest.parse(body)
-    config = req.options.config(plc_url=plc_url, allow_private_hosts=allow_private_hosts)
-    return await run_gaps(store, start=req.start, end=req.end, config=config, audit=req.audit,
+    return await run_gaps(store, start=req.start, end=req.end, config=req.options.config(config), audit=req.audit,
                           explicit_dids=req.dids, enqueue=req.enqueue or False,
                           kafka_bootstrap=req.kafka_bootstrap)
 
 
 async def backfill_from_request(
-    store: Store, body: BackfillRequest | Mapping[str, Any], *, sink: Reconciler, plc_url: str,
-    allow_private_hosts: bool,
+    store: Store, body: BackfillRequest | Mapping[str, Any], *, sink: Reconciler, config: BackfillConfig,
 ) -> dict[str, Any]:
-    """Run a backfill request (parsed, or a raw body to parse) with the daemon's settings as defaults."""
+    """Run a backfill request (parsed, or a raw body to parse) through `sink`; options it does not
+    set keep `config`."""
     req = body if isinstance(body, BackfillRequest) else BackfillRequest.parse(body)
-    config = req.options.config(plc_url=plc_url, allow_private_hosts=allow_private_hosts)
     dids = req.dids if req.dids in (None, ALL) else list(req.dids)
-    summary = await run_backfill(store, dids=dids, config=config, from_queue=req.from_queue, sink=sink,
-                                 progress=False)
+    summary = await run_backfill(store, dids=dids, config=req.options.config(config), from_queue=req.from_queue,
+                                 sink=sink, progress=False)
     return summary.to_json()
-
-
-async def backfill_queue_once(
-    store: Store, *, sink: Reconciler, plc_url: str, allow_private_hosts: bool
-) -> dict[str, Any]:
-    """One round of the daemon's own repair loop: queue every desynchronized DID, then work the queue."""
-    desynced = await asyncio.to_thread(store.unqueued_desynchronized)
-    if desynced:
-        await asyncio.to_thread(store.enqueue, {d: ["desynchronized"] for d in desynced})
-    config = BackfillConfig(plc_url=plc_url, allow_private_hosts=allow_private_hosts)
-    async with open_backfiller(store, config=config, sink=sink, progress=False) as bf:
-        return (await bf.run_queue()).to_json()

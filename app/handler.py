@@ -25,12 +25,12 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from skyfill.cli.options import DEFAULT_DB
+from skyfill.backfill.config import ALL, OPTIONS, BackfillConfig, backfill_config, parse_dids, parse_flag, parse_when
 from skyfill.errors import ConfigError, SkyfillError
 from skyfill.storage import Store
 
-from skyfill.cli.backfill import run_backfill, run_gaps
-from skyfill.backfill.config import ALL, DEFAULT_PLC_URL, BackfillConfig, parse_dids, parse_when
+from .jobs import run_backfill, run_gaps
+from .settings import DEFAULT_DB
 
 __all__ = ["lambda_handler", "config_from_env"]
 
@@ -38,40 +38,17 @@ log = logging.getLogger(__name__)
 
 _DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 _MODES = ("backfill", "determine_dids_to_backfill")
-_TRUE = {"1", "true", "yes", "on"}
-_FALSE = {"0", "false", "no", "off", ""}
 
 
-def _flag(env: Mapping[str, str], name: str) -> bool:
-    value = env.get(name, "").strip().lower()
-    if value in _TRUE:
-        return True
-    if value in _FALSE:
-        return False
-    raise ConfigError(f"{name} must be a boolean, got {value!r}")
-
-
-def _number(env: Mapping[str, str], name: str, kind: type[int] | type[float], default: float) -> Any:
-    value = env.get(name)
-    if value is None or value.strip() == "":
-        return kind(default)
-    try:
-        return kind(value)
-    except ValueError as exc:
-        raise ConfigError(f"{name} must be a number, got {value!r}") from exc
+def _env_name(option: str) -> str:
+    return "SKYFILL_" + option.upper()
 
 
 def config_from_env(env: Mapping[str, str]) -> BackfillConfig:
-    defaults = BackfillConfig()
-    return BackfillConfig(
-        plc_url=env.get("SKYFILL_PLC_URL") or DEFAULT_PLC_URL,
-        allow_private_hosts=_flag(env, "SKYFILL_ALLOW_PRIVATE_HOSTS"),
-        concurrency=_number(env, "SKYFILL_CONCURRENCY", int, defaults.concurrency),
-        per_host_rps=_number(env, "SKYFILL_PER_HOST_RPS", float, defaults.per_host_rps),
-        verify=not _flag(env, "SKYFILL_NO_VERIFY"),
-        max_attempts=_number(env, "SKYFILL_MAX_ATTEMPTS", int, defaults.max_attempts),
-        max_car_bytes=_number(env, "SKYFILL_MAX_CAR_BYTES", int, defaults.max_car_bytes),
-    )
+    """The backfiller's options from SKYFILL_<OPTION> variables (the CLI's names), through the
+    same builder as every other source; an unset or empty variable keeps the default."""
+    options = {name: env.get(_env_name(name)) for name in OPTIONS if name != "verify"}
+    return backfill_config(options, text=True, label=_env_name)
 
 
 def _date(event: Mapping[str, Any], key: str, *, required: bool) -> str | None:
@@ -105,9 +82,9 @@ def lambda_handler(event: Any, context: Any) -> dict[str, Any]:
             lo, hi = parse_when(start), parse_when(end, end_of_day=True)
             if hi < lo:
                 raise ConfigError("end_date is before start_date")
+            audit = not parse_flag(env.get("SKYFILL_NO_AUDIT", ""), "SKYFILL_NO_AUDIT")
             with Store(db) as store:
-                result = asyncio.run(run_gaps(store, start=lo, end=hi, config=config,
-                                              audit=not _flag(env, "SKYFILL_NO_AUDIT"), enqueue=True))
+                result = asyncio.run(run_gaps(store, start=lo, end=hi, config=config, audit=audit, enqueue=True))
             return {"status": "success", "mode": mode, "total": result["total"], "counts": result["counts"],
                     "enqueued": result["enqueued"], "downtime": result["downtime"]}
 

@@ -3,18 +3,29 @@ boundary (CLI, handler, daemon API)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from dataclasses import dataclass
+import math
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, fields, replace
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
-from typing import Final, Literal
+from typing import Any, Final, Literal
 
+from skyfill._fields import field_default
 from skyfill.errors import ConfigError, UnsafeHostError
+from skyfill.net.guard import check_url
 from skyfill.protocol.syntax import is_did
 
-from skyfill.net.guard import check_url
-
-__all__ = ["BackfillConfig", "DEFAULT_PLC_URL", "ALL", "parse_when", "parse_window", "parse_dids"]
+__all__ = [
+    "BackfillConfig",
+    "DEFAULT_PLC_URL",
+    "OPTIONS",
+    "backfill_config",
+    "parse_flag",
+    "ALL",
+    "parse_when",
+    "parse_window",
+    "parse_dids",
+]
 
 DEFAULT_PLC_URL = "https://plc.directory"
 
@@ -80,6 +91,85 @@ class BackfillConfig:
             raise ConfigError("need 0 < backoff_min <= backoff_max")
         if self.identity_ttl < timedelta(0):
             raise ConfigError("identity_ttl must be >= 0")
+
+    @classmethod
+    def field_default(cls, name: str) -> Any:
+        """The default of one field (what `--help` shows for its option)."""
+        return field_default(cls, name)
+
+
+# -- one builder for every boundary ----------------------------------------------------------------
+
+# The options a user sets, by one name everywhere: the CLI flag `--per-host-rps`, the environment
+# variable `SKYFILL_PER_HOST_RPS` (click and `lambda_handler`), the JSON key `per_host_rps` (the
+# admin API, the CLI -> daemon body). `no_verify` (a CLI flag, an environment variable) and `verify`
+# (a JSON key) set the same field. The rest of BackfillConfig is tuning, set from Python.
+OPTIONS: Final = ("plc_url", "allow_private_hosts", "concurrency", "per_host_rps", "verify", "no_verify",
+                  "max_car_bytes", "max_attempts")
+
+_KINDS: Final[dict[str, str]] = {f.name: str(f.type) for f in fields(BackfillConfig)}
+_TRUE: Final = frozenset({"1", "true", "yes", "on"})
+_FALSE: Final = frozenset({"0", "false", "no", "off", ""})
+
+
+def backfill_config(
+    options: Mapping[str, Any], *, base: BackfillConfig | None = None, text: bool = False,
+    label: Callable[[str], str] = repr,
+) -> BackfillConfig:
+    """The one way a BackfillConfig is built from user input: a flat mapping option name -> value
+    (names from `OPTIONS`). A value of None is an option not given: it keeps `base`'s setting, or
+    the dataclass default. Values must have their field's type (bool, int, finite number, str);
+    with `text` (the environment), strings are parsed first and an empty string is "not given".
+    `label(name)` names an option in an error: `'concurrency'`, `SKYFILL_CONCURRENCY`, ...
+    Raises ConfigError (one line) for an unknown name, a wrong type or an invalid setting."""
+    changes: dict[str, Any] = {}
+    for name, value in options.items():
+        if name not in OPTIONS:
+            raise ConfigError(f"unknown backfill option {name!r}")
+        if value is None or (text and isinstance(value, str) and value.strip() == ""):
+            continue
+        field = "verify" if name == "no_verify" else name
+        parsed = _typed(value, _KINDS[field], what=label(name), text=text)
+        changes[field] = (not parsed) if name == "no_verify" else parsed
+    if base is not None:
+        return replace(base, **changes)
+    return BackfillConfig(**changes)
+
+
+def parse_flag(value: str, what: str) -> bool:
+    """An environment variable's boolean: 1/true/yes/on or 0/false/no/off/(empty)."""
+    word = value.strip().lower()
+    if word in _TRUE:
+        return True
+    if word in _FALSE:
+        return False
+    raise ConfigError(f"{what} must be a boolean, got {word!r}")
+
+
+def _typed(value: Any, kind: str, *, what: str, text: bool) -> Any:
+    if text and isinstance(value, str) and kind != "str":
+        if kind == "bool":
+            return parse_flag(value, what)
+        try:
+            number = int(value) if kind == "int" else float(value)
+        except ValueError:
+            raise ConfigError(f"{what} must be a number, got {value!r}") from None
+        if not math.isfinite(number):
+            raise ConfigError(f"{what} must be a number, got {value!r}")
+        return number
+    if kind == "bool":
+        if not isinstance(value, bool):
+            raise ConfigError(f"{what} must be true or false")
+    elif kind == "int":
+        if type(value) is not int:
+            raise ConfigError(f"{what} must be an integer")
+    elif kind == "float":
+        if type(value) not in (int, float) or not math.isfinite(value):
+            raise ConfigError(f"{what} must be a finite number")
+        return float(value)
+    elif not isinstance(value, str):
+        raise ConfigError(f"{what} must be a string")
+    return value
 
 
 def parse_when(value: str, *, end_of_day: bool = False) -> datetime:

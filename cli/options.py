@@ -10,14 +10,27 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 import click
+from click.core import ParameterSource
 
-__all__ = ["option", "db_option", "json_option", "one_line", "LOG_LEVELS", "FiniteFloatRange", "DEFAULT_DB"]
+from skyfill.app.settings import DEFAULT_DB
+from skyfill.backfill.config import BackfillConfig
+
+__all__ = [
+    "option",
+    "db_option",
+    "json_option",
+    "plc_option",
+    "private_option",
+    "backfill_options",
+    "user_set",
+    "one_line",
+    "LOG_LEVELS",
+    "FiniteFloatRange",
+]
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 F = TypeVar("F", bound=Callable[..., Any])
-
-DEFAULT_DB = "data/skyfill.duckdb"
 
 
 def option(*decls: str, **kwargs: Any) -> Callable[[F], F]:
@@ -48,3 +61,45 @@ class FiniteFloatRange(click.FloatRange):
         return number
 
 
+# -- the backfiller's options (skyfill backfill, gaps, consume, backfill-worker) ---------------------
+# Their names are the builder's (skyfill.backfill.config.OPTIONS); their defaults are the dataclass's.
+
+
+def _default(name: str) -> Any:
+    return BackfillConfig.field_default(name)
+
+
+plc_option = option("--plc-url", default=_default("plc_url"), show_default=True, help="PLC directory.")
+private_option = option(
+    "--allow-private-hosts", is_flag=True, help="Allow loopback/private PDS and did:web hosts (tests only)."
+)
+concurrency_option = option("--concurrency", type=click.IntRange(1, 1024), default=_default("concurrency"),
+                            show_default=True, help="Repos in flight.")
+rps_option = option("--per-host-rps", type=FiniteFloatRange(0.01), default=_default("per_host_rps"),
+                    show_default=True, help="Requests/s per PDS.")
+no_verify_option = option("--no-verify", is_flag=True, help="Skip commit signature verification.")
+car_option = option("--max-car-bytes", type=click.IntRange(1024), default=_default("max_car_bytes"),
+                    show_default=True)
+attempts_option = option("--max-attempts", type=click.IntRange(1), default=_default("max_attempts"),
+                         show_default=True, help="Transient failures before a DID is marked Failed.")
+
+
+def backfill_options(*, verify: bool = True) -> Callable[[F], F]:
+    """The backfiller's tuning options (`--concurrency` ... `--max-attempts`); `verify=False` leaves
+    out `--no-verify` (where `--verify` means something else, as on `skyfill consume`)."""
+    decorators = [concurrency_option, rps_option, *([no_verify_option] if verify else []), car_option,
+                  attempts_option]
+
+    def apply(f: F) -> F:
+        for decorate in reversed(decorators):
+            f = decorate(f)
+        return f
+
+    return apply
+
+
+def user_set(ctx: click.Context, options: dict[str, Any]) -> dict[str, Any]:
+    """The options the user gave (flag, environment, ...); the rest are left out, so a running
+    daemon's own settings are not replaced by this command's defaults."""
+    return {name: value for name, value in options.items()
+            if ctx.get_parameter_source(name) not in (None, ParameterSource.DEFAULT)}

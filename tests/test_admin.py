@@ -1,7 +1,7 @@
 """The daemon's admin API and its announcement, against a real AdminServer on 127.0.0.1.
 
 Requests are written byte by byte on real sockets (so a test can stop in the middle of one), the
-routes are the daemon's own (`Services.routes()` over a real DuckDB file), and the commands run
+routes are the daemon's own (`AdminRoutes.table()` over a real DuckDB file), and the commands run
 as subprocesses (`python -m skyfill.cli`) that find the server through the announcement file.
 """
 
@@ -23,7 +23,9 @@ import pytest
 
 from skyfill.app.admin import AdminServer
 from skyfill.consumer.daemon import ConsumeConfig, Daemon
-from skyfill.app.service import Services
+from skyfill.app.routes import AdminRoutes
+from skyfill.backfill.config import BackfillConfig
+from skyfill.consumer.resync import DaemonReconciler
 from skyfill.app.daemon_client import announce_path, find_daemon, process_start_time, read_announcement
 from skyfill.storage import Store
 from tests.faultserver import FaultServer, xrpc_error
@@ -69,9 +71,9 @@ class Admin:
 async def admin(tmp_path: Path) -> AsyncIterator[Admin]:
     db = tmp_path / "a.duckdb"
     store = Store(db)
-    services = Services(store, plc_url="https://plc.directory", allow_private_hosts=False, kafka_bootstrap=None)
-    services.attach(Daemon(store, ConsumeConfig(relay="ws://127.0.0.1:1")))
-    server = AdminServer(db=str(db), routes=services.routes(), body_timeout=1.0, max_connections=8)
+    routes = AdminRoutes(store, reconciler=DaemonReconciler(Daemon(store, ConsumeConfig(relay="ws://127.0.0.1:1"))),
+                         config=BackfillConfig(plc_url="https://plc.directory"))
+    server = AdminServer(db=str(db), routes=routes.table(), body_timeout=1.0, max_connections=8)
     await server.start()
     try:
         yield Admin(server, store, db)
@@ -281,9 +283,10 @@ async def test_backfill_through_daemon_sends_only_options_the_user_set(tmp_path:
     with FaultServer() as daemon_plc, FaultServer() as user_plc:
         for srv in (daemon_plc, user_plc):
             srv.script(f"/{DID}", xrpc_error("NotFound", "DID not registered", 404))
-        services = Services(store, plc_url=daemon_plc.url, allow_private_hosts=True, kafka_bootstrap=None)
-        services.attach(Daemon(store, ConsumeConfig(relay="ws://127.0.0.1:1")))
-        server = AdminServer(db=str(db), routes=services.routes())
+        daemon = Daemon(store, ConsumeConfig(relay="ws://127.0.0.1:1"))
+        routes = AdminRoutes(store, reconciler=DaemonReconciler(daemon),
+                             config=BackfillConfig(plc_url=daemon_plc.url, allow_private_hosts=True))
+        server = AdminServer(db=str(db), routes=routes.table())
         await server.start()
         try:
             code, out, err = await _cli("backfill", "--db", str(db), "--dids", DID, "--json")

@@ -17,22 +17,14 @@ import orjson
 
 from skyfill.protocol.repo import parse_repo
 from bench.generate.firehose import World
-from bench.generate.identity import did_document
 from skyfill.app.daemon_client import call_daemon
 
-from .faultserver import FaultServer, Reply, json_reply
+from .faultserver import FaultServer
 from .relay import LocalRelay
 from .support.daemon import ROOT, announced, spawn_consume, stored_cursor
+from .support.served import GET_REPO, break_chain
+from .support.served import serve_firehose_world as _serve_world
 from .support.wait import poll
-
-GET_REPO = "/xrpc/com.atproto.sync.getRepo"
-
-
-def _serve_world(srv: FaultServer, world: World) -> None:
-    cars = {did: world.repo_car(did) for did in world.dids}
-    for ident in world.identities:
-        srv.script(f"/{ident.did}", json_reply(did_document(ident, srv.url)))
-    srv.script(GET_REPO, lambda seen: Reply(200, cars[seen.query["did"]]))
 
 
 def _spawn(db: Path, relay: LocalRelay, srv: FaultServer, *extra: str) -> subprocess.Popen[bytes]:
@@ -107,6 +99,31 @@ def test_consume_backfill_repairs_a_broken_chain_by_itself(tmp_path: Path) -> No
     con.close()
     assert row == ("synchronized", "ok")
     assert _records(db, victim) == dict(parse_repo(world.repo_car(victim), did=victim, key=None).records)
+
+
+def test_consume_backfill_uses_the_backfill_options_given(tmp_path: Path) -> None:
+    """`consume --backfill --max-car-bytes 1024`: the daemon's own repair loop runs with the user's
+    backfill options, not only --plc-url (before: its defaults, under which this repo fits)."""
+    world = World(22, n_dids=3, initial_records=(10, 10))
+    victim = world.dids[0]
+    relayed = break_chain(list(world.frames(150)), victim)
+    assert len(world.repo_car(victim)) > 1024
+    db = tmp_path / "o.duckdb"
+    with FaultServer() as srv, LocalRelay(relayed) as relay:
+        _serve_world(srv, world)
+        proc = _spawn(db, relay, srv, "--backfill", "--max-car-bytes", "1024")
+        try:
+            info = announced(db, proc)
+            poll(lambda: call_daemon(info, "/status")["repos"]["by_backfill_status"].get("Failed", 0) >= 1,
+                 timeout=90, what="the oversized repo marked Failed", interval=0.1)
+            assert srv.count(GET_REPO) >= 1
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=10) == 0
+    con = duckdb.connect(str(db), read_only=True)
+    row = con.execute("SELECT sync_state, backfill_status FROM repos WHERE did = ?", [victim]).fetchone()
+    con.close()
+    assert row == ("desynchronized", "Failed")
 
 
 def _repo_of(frame: bytes) -> str | None:

@@ -27,7 +27,7 @@ from typing import Any, TypeVar
 import duckdb
 import pytest
 
-from skyfill.cli.backfill import all_dids, run_backfill, run_gaps
+from skyfill.app.jobs import all_dids, run_backfill, run_gaps
 from skyfill.backfill.config import BackfillConfig
 from skyfill.app.handler import lambda_handler
 from skyfill.consumer.daemon import ConsumeConfig, Daemon

@@ -26,7 +26,7 @@ import pytest
 
 from skyfill.app.api import backfill_from_request
 from skyfill.backfill.backfiller import StoreReconciler, open_backfiller
-from skyfill.cli.backfill import run_backfill
+from skyfill.app.jobs import run_backfill
 from skyfill.backfill.config import BackfillConfig
 from skyfill.protocol.repo import parse_repo
 from bench.generate.firehose import World
@@ -133,7 +133,7 @@ async def test_daemon_topics_rebuild_its_mirror(kafka_broker: KafkaBroker, tmp_p
             assert store.fetchall("SELECT sync_state FROM repos WHERE did = ?", [gapped]) == [("desynchronized",)]
             # The backfill heals the gap and brings the records that predate the stream.
             summary = await backfill_from_request(store, {"dids": [gapped, healed]}, sink=DaemonReconciler(daemon),
-                                                  plc_url=srv.url, allow_private_hosts=True)
+                                                  config=BackfillConfig(plc_url=srv.url, allow_private_hosts=True))
             assert summary["repos_ok"] == 2, summary
         finally:
             daemon.stop()

@@ -22,6 +22,7 @@ import orjson
 
 from skyfill.protocol.repo import parse_repo
 from skyfill.app.api import backfill_from_request
+from skyfill.backfill.config import BackfillConfig
 from bench.generate.firehose import World
 from bench.generate.identity import did_document
 from skyfill.consumer.daemon import ConsumeConfig, Daemon
@@ -64,8 +65,8 @@ async def test_firehose_commits_racing_the_fetch_are_kept(tmp_path: Path) -> Non
         await apoll(lambda: daemon.committed_seq == relay.head, timeout=30)
 
         backfill = asyncio.create_task(
-            backfill_from_request(store, {"dids": dids}, sink=DaemonReconciler(daemon), plc_url=srv.url,
-                                  allow_private_hosts=True)
+            backfill_from_request(store, {"dids": dids}, sink=DaemonReconciler(daemon),
+                                  config=BackfillConfig(plc_url=srv.url, allow_private_hosts=True))
         )
         await apoll(lambda: srv.count(GET_REPO) == len(dids), timeout=30)  # every fetch is in flight
         relay.append(during)
@@ -104,8 +105,8 @@ async def test_backfill_then_restart_keeps_the_reconciled_state(tmp_path: Path) 
         daemon = Daemon(store, ConsumeConfig(relay=relay.url, cursor=0, flush_interval=0.05))
         task = asyncio.create_task(daemon.run(install_signal_handlers=False))
         await apoll(lambda: daemon.committed_seq == relay.head, timeout=30)
-        await backfill_from_request(store, {"dids": dids}, sink=DaemonReconciler(daemon), plc_url=srv.url,
-                                    allow_private_hosts=True)
+        await backfill_from_request(store, {"dids": dids}, sink=DaemonReconciler(daemon),
+                                    config=BackfillConfig(plc_url=srv.url, allow_private_hosts=True))
         daemon.stop()
         await task
         store.close()
@@ -154,7 +155,8 @@ async def test_two_backfills_of_one_did_at_once_end_like_one_after_the_other(tmp
 
         def one() -> Any:  # what each `skyfill backfill --dids X` asks the daemon's admin API for
             return asyncio.create_task(backfill_from_request(
-                store, {"dids": [did]}, sink=DaemonReconciler(daemon), plc_url=srv.url, allow_private_hosts=True))
+                store, {"dids": [did]}, sink=DaemonReconciler(daemon),
+                config=BackfillConfig(plc_url=srv.url, allow_private_hosts=True)))
 
         first, second = one(), one()
         await apoll(lambda: srv.count(GET_REPO) == 2, timeout=30)  # the second fetch is in flight

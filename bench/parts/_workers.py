@@ -224,7 +224,7 @@ async def _consume(
 
 
 async def _backfill(db: str, plc: str, dids: list[str], concurrency: int) -> dict[str, Any]:
-    from skyfill.cli.backfill import run_backfill
+    from skyfill.app.jobs import run_backfill
     from skyfill.backfill.config import BackfillConfig
     from skyfill.storage import Store
 

@@ -44,7 +44,7 @@ def _config(plc: str, concurrency: int) -> Any:
 
 
 def _backfill(db: Path, plc: str, dids: list[str], concurrency: int) -> tuple[float, Any]:
-    from skyfill.cli.backfill import run_backfill
+    from skyfill.app.jobs import run_backfill
     from skyfill.storage import Store
 
     with Store(db) as store:

@@ -516,7 +516,7 @@ def _fill(path: Path) -> int:
 # instead of a process start-up (1-2 s on a busy machine) apart, which would serialize them.
 _HELD_CLI = (
     "import runpy, sys\n"
-    "import backfill.cli, skyfill.cli\n"
+    "import skyfill.cli\n"
     "print('ready', file=sys.stderr, flush=True)\n"
     "sys.stdin.readline()\n"
     "sys.argv = ['skyfill', *sys.argv[1:]]\n"

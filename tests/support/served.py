@@ -5,11 +5,14 @@ from __future__ import annotations
 import random
 from typing import Any
 
+import libipld
+
+from bench.generate.firehose import World as FirehoseWorld
 from bench.generate.identity import Identity, did_document, make_identity
 from bench.generate.repo import generate_repo
 from tests.faultserver import FaultServer, Reply, Seen, json_reply, xrpc_error
 
-__all__ = ["GET_REPO", "World"]
+__all__ = ["GET_REPO", "World", "serve_firehose_world", "break_chain"]
 
 GET_REPO = "/xrpc/com.atproto.sync.getRepo"
 
@@ -48,3 +51,24 @@ class World:
         if not replies:
             return xrpc_error("RepoNotFound", "no such repo")
         return replies.pop(0) if len(replies) > 1 else replies[0]
+
+
+def serve_firehose_world(srv: FaultServer, world: FirehoseWorld) -> None:
+    """Serve a generated firehose world's DID documents (PLC at /) and repo CARs (getRepo) on `srv`."""
+    cars = {did: world.repo_car(did) for did in world.dids}
+    for ident in world.identities:
+        srv.script(f"/{ident.did}", json_reply(did_document(ident, srv.url)))
+    srv.script(GET_REPO, lambda seen: Reply(200, cars[seen.query["did"]]))
+
+
+def break_chain(frames: list[bytes], did: str) -> list[bytes]:
+    """`frames` without `did`'s second #commit: its next commit no longer chains on (a relay that
+    lost an event), so a consumer marks the repo desynchronized."""
+    commits = [i for i, frame in enumerate(frames) if _commit_repo(frame) == did]
+    assert len(commits) >= 3, f"{did} has {len(commits)} commits in these frames; need 3"
+    return frames[: commits[1]] + frames[commits[1] + 1 :]
+
+
+def _commit_repo(frame: bytes) -> str | None:
+    header, body = libipld.decode_dag_cbor_multi(frame)
+    return body.get("repo") if header.get("t") == "#commit" else None

@@ -1,0 +1,82 @@
+"""The ad-hoc commands (`skyfill status|gaps|backfill`): through a running daemon when one holds
+the database (DuckDB lets one process write a file), on the file itself otherwise.
+
+Each takes configs already built from the user's options. `daemon_options` are the backfill
+options the user set explicitly (a flat mapping, `skyfill.backfill.config.OPTIONS` names): only
+those go to a running daemon, whose own settings fill in the rest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+from typing import Any, Literal
+
+from skyfill.backfill.backfiller import BackfillSummary
+from skyfill.backfill.config import BackfillConfig
+from skyfill.errors import SkyfillError, StorageError
+from skyfill.storage import Store
+from skyfill.storage.status import status_report
+
+from .daemon_client import call_daemon, find_daemon, remove_announcement
+from .jobs import run_backfill, run_gaps
+
+__all__ = ["open_store", "status", "gaps", "backfill"]
+
+
+def open_store(db: str) -> Store:
+    """Open `db` for writing; holding it proves any daemon announcement beside it stale."""
+    store = Store(db)
+    try:
+        remove_announcement(db)
+    except SkyfillError:
+        store.close()
+        raise
+    return store
+
+
+def status(db: str) -> dict[str, Any]:
+    """Cursor, lag, repos by state, records by collection (`storage.status.status_report`)."""
+    daemon = find_daemon(db)
+    if daemon is not None:
+        return call_daemon(daemon, "/status", timeout=30)
+    with Store(db, read_only=True) as store:
+        remove_announcement(db)  # we hold the file: an announcement beside it is stale
+        try:
+            return status_report(store)
+        except StorageError as exc:
+            raise StorageError(f"cannot read {db}: {exc}") from exc.__cause__
+
+
+def gaps(
+    db: str, *, start: str, end: str, window: tuple[datetime, datetime], config: BackfillConfig,
+    daemon_options: Mapping[str, Any], audit: bool = True, explicit_dids: Sequence[str] = (),
+    enqueue: str | None = None, kafka_bootstrap: str | None = None,
+) -> dict[str, Any]:
+    """`jobs.run_gaps` for `window` (`start`/`end` as the user wrote them, for a daemon to parse)."""
+    daemon = find_daemon(db)
+    if daemon is not None:  # the daemon holds the file: let it do the work
+        return call_daemon(daemon, "/gaps", {
+            "start": start, "end": end, "enqueue": enqueue, "kafka_bootstrap": kafka_bootstrap,
+            "audit": audit, "dids": list(explicit_dids), **daemon_options,
+        })
+    lo, hi = window
+    with open_store(db) as store:
+        return asyncio.run(run_gaps(store, start=lo, end=hi, config=config, audit=audit,
+                                    explicit_dids=explicit_dids, enqueue=enqueue or False,
+                                    kafka_bootstrap=kafka_bootstrap))
+
+
+def backfill(
+    db: str, *, dids: Sequence[str] | Literal["all"] | None, from_queue: bool, config: BackfillConfig,
+    daemon_options: Mapping[str, Any], kafka_bootstrap: str | None = None, progress: bool = False,
+) -> BackfillSummary:
+    """`jobs.run_backfill`; through a running daemon's writer (and its own Kafka publisher, if any)."""
+    daemon = find_daemon(db)
+    if daemon is not None:  # the daemon holds the file: reconcile through its writer
+        data = call_daemon(daemon, "/backfill", {"dids": dids, "from_queue": from_queue, **daemon_options})
+        return BackfillSummary.from_json(data)
+    with open_store(db) as store:
+        return asyncio.run(run_backfill(store, dids=dids, from_queue=from_queue, config=config, progress=progress,
+                                        kafka_bootstrap=kafka_bootstrap))
