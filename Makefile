@@ -24,7 +24,7 @@ run: $(STAMP)
 
 # The local reference PDS + PLC (npm packages, Node 22) used by the end-to-end tests and the demo.
 network: $(STAMP)
-	$(PY) -m tests.network install
+	$(PY) -m tests.support.network install
 
 # @atproto/sync (npm, the reference TypeScript firehose consumer), the benchmark's peer, run by the
 # network's Node 22; installed into .cache/sync-peer (the bench smoke test runs it too).
@@ -57,13 +57,13 @@ backfill: $(STAMP)
 	$(SKYFILL) backfill --db $(DB) $(if $(filter queue,$(DIDS)),--from-queue,--dids $(DIDS))
 
 demo: $(STAMP) network
-	$(PY) -m tests.network.demo
+	$(PY) -m tests.support.network.demo
 
 kafka-up: $(STAMP)
-	$(PY) -m tests.kafka up
+	$(PY) -m tests.support.kafka up
 
 kafka-down: $(STAMP)
-	$(PY) -m tests.kafka down
+	$(PY) -m tests.support.kafka down
 
 clean:
 	rm -rf $(VENV) .cache

@@ -8,9 +8,9 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from tests.faultserver import FaultServer
-from tests.kafka import KafkaBroker
-from tests.network import LocalNetwork, PdsAccount, PdsClient
+from tests.support.faultserver import FaultServer
+from tests.support.kafka import KafkaBroker
+from tests.support.network import LocalNetwork, PdsAccount, PdsClient
 
 
 @pytest.fixture
@@ -20,7 +20,7 @@ def kafka_broker() -> Iterator[KafkaBroker]:
         yield broker
 
 
-# -- the local reference PDS + PLC (tests/network) ---------------------------------------
+# -- the local reference PDS + PLC (tests/support/network) ---------------------------------------
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -65,6 +65,6 @@ def make_account(pds_client: PdsClient) -> Callable[..., PdsAccount]:
 
 @pytest.fixture
 def server() -> Iterator[FaultServer]:
-    """A real scripted HTTP server on 127.0.0.1 (tests/faultserver.py) for PLC/PDS faults."""
+    """A real scripted HTTP server on 127.0.0.1 (tests/support/faultserver.py) for PLC/PDS faults."""
     with FaultServer() as srv:
         yield srv

@@ -26,7 +26,7 @@ from skyfill.consumer.daemon import ConsumeConfig, Daemon
 from skyfill.app.service import Services
 from skyfill.app.daemon_client import announce_path, find_daemon, process_start_time, read_announcement
 from skyfill.storage import Store
-from tests.faultserver import FaultServer, xrpc_error
+from tests.support.faultserver import FaultServer, xrpc_error
 
 ROOT = Path(__file__).resolve().parents[1]
 DID = "did:plc:aaaaaaaaaaaaaaaaaaaaaaaa"

@@ -32,7 +32,7 @@ from atmst.mst.node_wrangler import NodeWrangler
 from atproto import CAR, firehose_models, models, parse_subscribe_repos_message
 from coincurve.ecdsa import cdata_to_der, deserialize_compact
 
-from bench.generate import (
+from tests.support.generate import (
     COLLECTION_WEIGHTS,
     Tree,
     World,
@@ -43,7 +43,7 @@ from bench.generate import (
     iter_repo_car,
     make_identity,
 )
-from bench.generate.repo import _draw_records
+from tests.support.generate.repo import _draw_records
 from bench.harness import discover
 from bench.peer import installed as peer_installed
 from bench.servers import FirehoseServer, RepoServer

@@ -11,7 +11,7 @@ import cbrrr
 import duckdb
 import pytest
 
-from bench.generate import World
+from tests.support.generate import World
 from bench.harness import Context, Row, Sizes, discover
 from bench.parts import backfill as backfill_part
 from bench.parts import gaps as gaps_part

@@ -16,12 +16,12 @@ import libipld
 import orjson
 
 from skyfill.protocol.repo import parse_repo
-from bench.generate.firehose import World
-from bench.generate.identity import did_document
+from tests.support.generate.firehose import World
+from tests.support.generate.identity import did_document
 from skyfill.app.daemon_client import call_daemon
 
-from .faultserver import FaultServer, Reply, json_reply
-from .relay import LocalRelay
+from .support.faultserver import FaultServer, Reply, json_reply
+from .support.relay import LocalRelay
 from .support.daemon import ROOT, announced, spawn_consume, stored_cursor
 from .support.wait import poll
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import random
 from typing import Any
 
-from bench.generate.identity import Identity, did_document, make_identity
-from bench.generate.repo import generate_repo
-from tests.faultserver import FaultServer, Reply, Seen, json_reply, xrpc_error
+from tests.support.generate.identity import GeneratedIdentity, did_document, make_identity
+from tests.support.generate.repo import generate_repo
+from tests.support.faultserver import FaultServer, Reply, Seen, json_reply, xrpc_error
 
 __all__ = ["GET_REPO", "World"]
 
@@ -26,7 +26,7 @@ class World:
         self.repo_hits: dict[str, int] = {}
         srv.script(GET_REPO, self._get_repo)
 
-    def account(self, n_records: int = 20) -> tuple[Identity, bytes]:
+    def account(self, n_records: int = 20) -> tuple[GeneratedIdentity, bytes]:
         ident = make_identity(self.rng)
         car = generate_repo(self.rng, did=ident.did, key=ident.secret, n_records=n_records)
         self.set_doc(ident.did, did_document(ident, self.srv.url))
