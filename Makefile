@@ -31,8 +31,12 @@ network: $(STAMP)
 bench-peer-install: network
 	$(PY) -m bench.peer install
 
+# Every test, on TEST_WORKERS pytest-xdist workers: most tests wait on subprocesses and sockets,
+# so more workers than cores pays. Each worker starts its own local PDS network and hands out
+# ports from its own block (tests/support/wait.py). TEST_WORKERS=0 runs in one process.
+TEST_WORKERS ?= 4
 test: $(STAMP) network bench-peer-install
-	$(PY) -m pytest -q -p no:cacheprovider
+	$(PY) -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist worksteal
 
 bench: $(STAMP) bench-peer-install
 	$(PY) -m bench

@@ -44,8 +44,6 @@ from tests.support.generate import (
     make_identity,
 )
 from tests.support.generate.repo import _draw_records
-from bench.harness import discover
-from bench.peer import installed as peer_installed
 from bench.servers import FirehoseServer, RepoServer
 from skyfill.protocol.car import read_car, verify_block
 from skyfill.protocol.records import is_valid_datetime
@@ -389,30 +387,6 @@ def test_repo_server_serves_repos_heads_and_did_documents() -> None:
         # the reference resolver (@atproto/identity) asks for /{encodeURIComponent(did)}
         assert http.get("/" + did.replace(":", "%3A")).json() == doc
         assert server.requests["getRepo"] == 2 and server.requests["plc"] == 3
-
-
-# -- harness ------------------------------------------------------------------------------
-
-
-def test_bench_smoke_runs_and_writes_results(tmp_path: Path) -> None:
-    out = tmp_path / "latest.json"
-    # the @atproto/sync peer needs its npm install (make test does it); test_bench_smoke runs it too
-    parts = [p for p in discover() if p != "peer" or peer_installed() is not None]
-    proc = subprocess.run(
-        [sys.executable, "-m", "bench", "--smoke", "--out", str(out), *parts],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr
-    doc = json.loads(out.read_text())
-    assert doc["smoke"] is True and doc["errors"] == []
-    names = {row["name"] for row in doc["rows"]}
-    assert {"gen.frames", "gen.repo", "floor.frames.decode_multi", "floor.repo.decode_car_walk", "sdk.frames"} <= names
-    for row in doc["rows"]:
-        assert set(row) == {"name", "value", "unit", "target", "ok"}
-        assert isinstance(row["value"], (int, float)) and row["value"] > 0
 
 
 def test_servers_run_as_their_own_process() -> None:
