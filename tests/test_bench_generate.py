@@ -31,6 +31,7 @@ from atmst.mst.node_walker import NodeWalker
 from atmst.mst.node_wrangler import NodeWrangler
 from atproto import CAR, firehose_models, models, parse_subscribe_repos_message
 from coincurve.ecdsa import cdata_to_der, deserialize_compact
+from websockets.sync.client import connect
 
 from tests.support.generate import (
     COLLECTION_WEIGHTS,
@@ -356,8 +357,6 @@ async def test_firehose_server_streams_frames_and_honours_cursor() -> None:
 
 def test_firehose_server_runs_in_a_thread_for_sync_callers() -> None:
     frames = list(generate_frames(2, n_dids=3, n_frames=10))
-    from websockets.sync.client import connect
-
     with FirehoseServer(frames, close_when_done=True).threaded() as server:
         with connect(server.url) as ws:
             assert [ws.recv() for _ in frames] == frames
@@ -399,8 +398,6 @@ def test_servers_run_as_their_own_process() -> None:
     try:
         assert proc.stdout is not None
         info = json.loads(proc.stdout.readline())
-        from websockets.sync.client import connect
-
         with connect(info["firehose"], max_size=None) as ws:
             got = list(ws)
         assert len(got) == info["frames"] == 30
