@@ -24,15 +24,19 @@ run: $(STAMP)
 
 # The local reference PDS + PLC (npm packages, Node 22) used by the end-to-end tests and the demo.
 network: $(STAMP)
-	$(PY) -m tests.network install
+	$(PY) -m tests.support.network install
 
 # @atproto/sync (npm, the reference TypeScript firehose consumer), the benchmark's peer, run by the
 # network's Node 22; installed into .cache/sync-peer (the bench smoke test runs it too).
 bench-peer-install: network
 	$(PY) -m bench.peer install
 
+# Every test, on TEST_WORKERS pytest-xdist workers: most tests wait on subprocesses and sockets,
+# so more workers than cores pays. Each worker starts its own local PDS network and hands out
+# ports from its own block (tests/support/wait.py). TEST_WORKERS=0 runs in one process.
+TEST_WORKERS ?= 4
 test: $(STAMP) network bench-peer-install
-	$(PY) -m pytest -q -p no:cacheprovider
+	$(PY) -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist load
 
 bench: $(STAMP) bench-peer-install
 	$(PY) -m bench
@@ -57,13 +61,13 @@ backfill: $(STAMP)
 	$(SKYFILL) backfill --db $(DB) $(if $(filter queue,$(DIDS)),--from-queue,--dids $(DIDS))
 
 demo: $(STAMP) network
-	$(PY) -m tests.network.demo
+	$(PY) -m tests.support.network.demo
 
 kafka-up: $(STAMP)
-	$(PY) -m tests.kafka up
+	$(PY) -m tests.support.kafka up
 
 kafka-down: $(STAMP)
-	$(PY) -m tests.kafka down
+	$(PY) -m tests.support.kafka down
 
 clean:
 	rm -rf $(VENV) .cache

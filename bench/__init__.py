@@ -1,7 +1,7 @@
 """Benchmarks for skyfill and the deterministic atproto data they run on.
 
 `python -m bench [--smoke] [parts...]` runs registered parts (see `bench.harness`); the data
-generator lives in `bench.generate`, local firehose/PDS/PLC servers in `bench.servers`.
+generator lives in `tests.support.generate`, local firehose/PDS/PLC servers in `bench.servers`.
 """
 
 from .harness import Row, Sizes, part, registry

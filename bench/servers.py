@@ -30,7 +30,7 @@ from websockets.http11 import Request, Response
 
 from skyfill.protocol.car import cid_to_str, read_car
 
-from .generate.identity import Identity, did_document
+from tests.support.generate import GeneratedIdentity, World, did_document
 
 __all__ = ["FirehoseServer", "RepoServer", "SUBSCRIBE_PATH"]
 
@@ -154,7 +154,7 @@ class RepoServer:
     def __init__(
         self,
         repos: Mapping[str, bytes],
-        identities: Iterable[Identity] = (),
+        identities: Iterable[GeneratedIdentity] = (),
         *,
         pds_url: str | None = None,
     ) -> None:
@@ -291,8 +291,6 @@ class _Handler(BaseHTTPRequestHandler):
 
 async def _serve_world(seed: int, n_dids: int, n_frames: int, close_when_done: bool) -> None:
     """Draw a World, serve its frames and its end-state repos until cancelled."""
-    from .generate import World
-
     world = World(seed, n_dids=n_dids)
     frames = list(world.frames(n_frames))
     repos = {did: world.repo_car(did) for did in world.dids}

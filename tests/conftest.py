@@ -8,9 +8,9 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from tests.faultserver import FaultServer
-from tests.kafka import KafkaBroker
-from tests.network import LocalNetwork, PdsAccount, PdsClient
+from tests.support.faultserver import FaultServer
+from tests.support.kafka import KafkaBroker
+from tests.support.network import LocalNetwork, PdsAccount, PdsClient
 
 
 @pytest.fixture
@@ -20,7 +20,7 @@ def kafka_broker() -> Iterator[KafkaBroker]:
         yield broker
 
 
-# -- the local reference PDS + PLC (tests/network) ---------------------------------------
+# -- the local reference PDS + PLC (tests/support/network) ---------------------------------------
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -35,6 +35,16 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.kafka)
         if item.path.name.startswith("test_bench_"):
             item.add_marker(pytest.mark.bench)
+    # Longest first: under pytest-xdist (`--dist load` hands the first tests out round-robin)
+    # the slow modules start at once on every worker and the short ones fill in at the end,
+    # instead of one long test starting last. A module stays in one piece (its module-scoped
+    # fixtures are set up once per worker); the order within it is unchanged.
+    rank = {}
+    for item in items:
+        kind = 0 if item.get_closest_marker("bench") else 1 if item.get_closest_marker("kafka") else \
+            2 if item.get_closest_marker("pds") else 3
+        rank[item.path] = min(rank.get(item.path, kind), kind)
+    items.sort(key=lambda item: rank[item.path])  # stable: modules and their tests keep their order
 
 
 @pytest.fixture(scope="session")
@@ -65,6 +75,6 @@ def make_account(pds_client: PdsClient) -> Callable[..., PdsAccount]:
 
 @pytest.fixture
 def server() -> Iterator[FaultServer]:
-    """A real scripted HTTP server on 127.0.0.1 (tests/faultserver.py) for PLC/PDS faults."""
+    """A real scripted HTTP server on 127.0.0.1 (tests/support/faultserver.py) for PLC/PDS faults."""
     with FaultServer() as srv:
         yield srv

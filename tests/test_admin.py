@@ -28,7 +28,8 @@ from skyfill.backfill.config import BackfillConfig
 from skyfill.consumer.resync import DaemonReconciler
 from skyfill.app.daemon_client import announce_path, find_daemon, process_start_time, read_announcement
 from skyfill.storage import Store
-from tests.faultserver import FaultServer, xrpc_error
+from tests.support.faultserver import FaultServer, xrpc_error
+from tests.support.wait import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 DID = "did:plc:aaaaaaaaaaaaaaaaaaaaaaaa"
@@ -318,12 +319,6 @@ def foreign_pid() -> Iterator[int]:
         proc.wait()
 
 
-def _dead_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _silent_listener() -> tuple[socket.socket, threading.Thread]:
     """A port where something else now listens: it accepts and hangs up without a word."""
     sock = socket.socket()
@@ -365,7 +360,7 @@ def test_stale_announcement_naming_a_live_process(
     listener = None
     if kind == "no-start-time-dead-port":
         # As written by a daemon without /proc, or before start times were recorded.
-        info = {"pid": foreign_pid, "url": f"http://127.0.0.1:{_dead_port()}", "token": "t" * 32}
+        info = {"pid": foreign_pid, "url": f"http://127.0.0.1:{free_port()}", "token": "t" * 32}
     else:
         listener, _ = _silent_listener()
         start = process_start_time(foreign_pid)

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from bench.generate.firehose import World
+from tests.support.generate.firehose import World
 
-from .faultserver import FaultServer
-from .relay import LocalRelay
+from .support.faultserver import FaultServer
+from .support.relay import LocalRelay
 from .support.served import break_chain, serve_firehose_world
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "api.md"

@@ -1,5 +1,5 @@
 """The backfiller end to end: a real local HTTP server plays the PLC directory and the PDS,
-serving signed repo CARs (bench.generate) and scripted faults; the store is a real
+serving signed repo CARs (tests.support.generate) and scripted faults; the store is a real
 DuckDB file."""
 
 from __future__ import annotations
@@ -12,13 +12,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from tests.faultserver import FaultServer, Reply, json_reply, xrpc_error
+from tests.support.faultserver import FaultServer, Reply, json_reply, rate_limited, xrpc_error
 
 from skyfill.backfill.backfiller import open_backfiller, recover_queue
 from skyfill.backfill.config import BackfillConfig
 from skyfill.backfill.gaps import PdsAuditor
 from skyfill.protocol.repo import parse_repo
-from bench.generate.identity import did_document, make_identity
+from tests.support.generate.identity import did_document, make_identity
 from tests.support.store import SetupStore
 from tests.support.served import GET_REPO, World
 from tests.support.wire import read_varint
@@ -284,8 +284,6 @@ async def test_pds_auditor_flags_moved_heads(store: SetupStore, world: World, sr
 
 async def test_rate_limited_host_defers_without_counting_an_attempt(store: SetupStore, world: World,
                                                                     srv: FaultServer) -> None:
-    from tests.faultserver import rate_limited
-
     ident, _ = world.account()
     world.repos[ident.did] = [rate_limited(retry_after="120")]
     store.enqueue({ident.did: ["explicit"]})
@@ -404,7 +402,6 @@ async def test_always_429_host_ends_a_list_backfill(store: SetupStore, world: Wo
     past the patience (2 s here, 10 min by default) the DID is recorded 'retrying' with
     retry_after = the park's end, no attempt counted, and the run ends; no request was sent
     before a Retry-After expired."""
-    from tests.faultserver import rate_limited
 
     ident, _ = world.account()
     world.repos[ident.did] = [rate_limited(retry_after="1")]

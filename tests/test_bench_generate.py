@@ -31,8 +31,9 @@ from atmst.mst.node_walker import NodeWalker
 from atmst.mst.node_wrangler import NodeWrangler
 from atproto import CAR, firehose_models, models, parse_subscribe_repos_message
 from coincurve.ecdsa import cdata_to_der, deserialize_compact
+from websockets.sync.client import connect
 
-from bench.generate import (
+from tests.support.generate import (
     COLLECTION_WEIGHTS,
     Tree,
     World,
@@ -43,9 +44,7 @@ from bench.generate import (
     iter_repo_car,
     make_identity,
 )
-from bench.generate.repo import _draw_records
-from bench.harness import discover
-from bench.peer import installed as peer_installed
+from tests.support.generate.repo import _draw_records
 from bench.servers import FirehoseServer, RepoServer
 from skyfill.protocol.car import read_car, verify_block
 from skyfill.protocol.records import is_valid_datetime
@@ -358,8 +357,6 @@ async def test_firehose_server_streams_frames_and_honours_cursor() -> None:
 
 def test_firehose_server_runs_in_a_thread_for_sync_callers() -> None:
     frames = list(generate_frames(2, n_dids=3, n_frames=10))
-    from websockets.sync.client import connect
-
     with FirehoseServer(frames, close_when_done=True).threaded() as server:
         with connect(server.url) as ws:
             assert [ws.recv() for _ in frames] == frames
@@ -391,30 +388,6 @@ def test_repo_server_serves_repos_heads_and_did_documents() -> None:
         assert server.requests["getRepo"] == 2 and server.requests["plc"] == 3
 
 
-# -- harness ------------------------------------------------------------------------------
-
-
-def test_bench_smoke_runs_and_writes_results(tmp_path: Path) -> None:
-    out = tmp_path / "latest.json"
-    # the @atproto/sync peer needs its npm install (make test does it); test_bench_smoke runs it too
-    parts = [p for p in discover() if p != "peer" or peer_installed() is not None]
-    proc = subprocess.run(
-        [sys.executable, "-m", "bench", "--smoke", "--out", str(out), *parts],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr
-    doc = json.loads(out.read_text())
-    assert doc["smoke"] is True and doc["errors"] == []
-    names = {row["name"] for row in doc["rows"]}
-    assert {"gen.frames", "gen.repo", "floor.frames.decode_multi", "floor.repo.decode_car_walk", "sdk.frames"} <= names
-    for row in doc["rows"]:
-        assert set(row) == {"name", "value", "unit", "target", "ok"}
-        assert isinstance(row["value"], (int, float)) and row["value"] > 0
-
-
 def test_servers_run_as_their_own_process() -> None:
     proc = subprocess.Popen(
         [sys.executable, "-m", "bench.servers", "--seed", "3", "--dids", "4", "--frames", "30", "--close-when-done"],
@@ -425,8 +398,6 @@ def test_servers_run_as_their_own_process() -> None:
     try:
         assert proc.stdout is not None
         info = json.loads(proc.stdout.readline())
-        from websockets.sync.client import connect
-
         with connect(info["firehose"], max_size=None) as ws:
             got = list(ws)
         assert len(got) == info["frames"] == 30

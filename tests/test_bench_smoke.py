@@ -1,17 +1,24 @@
 """The skyfill benchmark parts at tiny sizes, so `make bench` keeps working. No timing assertions:
 each part checks its own results (records stored, repos reconciled, reasons found) and raises
-when they are wrong; these tests check what the table reports."""
+when they are wrong; these tests check what the table reports.
+
+Each part runs once: ingest, backfill, profile and peer here in-process, every other part through
+`python -m bench --smoke`, which also checks the results file."""
 
 from __future__ import annotations
 
+import json
 import math
+import subprocess
+import sys
 from collections import Counter
+from pathlib import Path
 
 import cbrrr
 import duckdb
 import pytest
 
-from bench.generate import World
+from tests.support.generate import World
 from bench.harness import Context, Row, Sizes, discover
 from bench.parts import backfill as backfill_part
 from bench.parts import gaps as gaps_part
@@ -21,6 +28,9 @@ from bench.peer import PeerInstall
 from bench.peer import installed as peer_installed
 
 PARTS = discover()
+ROOT = Path(__file__).resolve().parents[1]
+# the parts the tests below run in-process; `python -m bench` runs the others
+IN_PROCESS = {"ingest", "backfill", "profile", "peer"}
 
 
 def _ctx() -> Context:
@@ -86,6 +96,27 @@ def test_profile_reports_each_stage_and_the_floor() -> None:
         assert f"profile.ingest.{stage}" in rows
     for stage in ("floor_libipld", "fetch", "parse_walk", "materialize", "duckdb", "duckdb_unchanged"):
         assert f"profile.backfill.{stage}" in rows
+
+
+def test_bench_smoke_runs_and_writes_results(tmp_path: Path) -> None:
+    out = tmp_path / "latest.json"
+    parts = [p for p in PARTS if p not in IN_PROCESS]
+    assert {"gen", "floor", "sdk", "gaps"} <= set(parts)
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "--smoke", "--seed", "7", "--out", str(out), *parts],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(out.read_text())
+    assert doc["smoke"] is True and doc["errors"] == []
+    names = {row["name"] for row in doc["rows"]}
+    assert {"gen.frames", "gen.repo", "floor.frames.decode_multi", "floor.repo.decode_car_walk", "sdk.frames"} <= names
+    for row in doc["rows"]:
+        assert set(row) == {"name", "value", "unit", "target", "ok"}
+        assert isinstance(row["value"], (int, float)) and row["value"] > 0
 
 
 def _peer_or_skip() -> PeerInstall:

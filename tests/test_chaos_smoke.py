@@ -8,7 +8,7 @@ import random
 from pathlib import Path
 
 from tests.chaos import Context, kill9, table
-from tests.network import LocalNetwork, PdsClient
+from tests.support.network import LocalNetwork, PdsClient
 
 
 def test_one_kill_9_under_load_then_restart_loses_nothing(

@@ -1,13 +1,12 @@
 """The consumer daemon end to end: a real local relay (WebSocket) -> `skyfill consume` -> a real DuckDB file.
 
-Frames come from bench.generate.World: signed commits with intact chains. The expected mirror is
+Frames come from tests.support.generate.World: signed commits with intact chains. The expected mirror is
 computed independently of skyfill by folding each frame's ops in seq order.
 """
 
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import subprocess
 import sys
@@ -22,7 +21,7 @@ from skyfill.consumer.daemon import ConsumeConfig, Daemon
 from skyfill.errors import FutureCursorError
 from skyfill.storage import Store
 
-from .relay import LocalRelay, error_frame, info_frame
+from .support.relay import LocalRelay, error_frame, info_frame
 from .support.daemon import ROOT, announced, spawn_consume, stored_cursor
 from .support.daemon import metrics as daemon_metrics
 from .support.mirror import consume_until, expected_mirror, frame_seqs, mirror_of, world_frames

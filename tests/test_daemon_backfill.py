@@ -16,11 +16,12 @@ import libipld
 import orjson
 
 from skyfill.protocol.repo import parse_repo
-from bench.generate.firehose import World
+from tests.support.generate.firehose import World
 from skyfill.app.daemon_client import call_daemon
 
-from .faultserver import FaultServer
-from .relay import LocalRelay
+from .support.faultserver import FaultServer
+from .support.relay import LocalRelay
+
 from .support.daemon import ROOT, announced, spawn_consume, stored_cursor
 from .support.served import GET_REPO, break_chain
 from .support.served import serve_firehose_world as _serve_world

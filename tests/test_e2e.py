@@ -1,5 +1,5 @@
 """End to end against the real reference PDS: after every scenario the DuckDB mirror equals what
-the PDS serves (tests/oracle.py: getRepo walked independently; same (collection, rkey, cid) set,
+the PDS serves (tests/support/oracle.py: getRepo walked independently; same (collection, rkey, cid) set,
 same rev, nothing missing, nothing extra, nothing stale).
 
 One PDS serves the whole session (the `pds_network` fixture); every test makes its own accounts
@@ -33,7 +33,7 @@ from skyfill.app.handler import lambda_handler
 from skyfill.consumer.daemon import ConsumeConfig, Daemon
 from skyfill.consumer.resync import DaemonReconciler
 from skyfill.storage import Store
-from tests.network import (
+from tests.support.network import (
     Create,
     Delete,
     LocalNetwork,
@@ -44,7 +44,7 @@ from tests.network import (
     like_record,
     post_record,
 )
-from tests.oracle import assert_mirror_equals, commit_seq, fetch_truth, head_seq, mirror_diff, rows_of
+from tests.support.oracle import assert_mirror_equals, commit_seq, fetch_truth, head_seq, mirror_diff, rows_of
 from tests.support.daemon import announced, reap, spawn_consume, stored_cursor
 from tests.support.wait import poll
 

@@ -21,7 +21,7 @@ from skyfill.protocol.car import read_car
 from skyfill.errors import FrameError, FrameTooLargeError, SkyfillError
 from skyfill.metrics import REGISTRY
 
-from .relay import LocalRelay
+from .support.relay import LocalRelay
 from .support.mirror import consume_until, expected_mirror, mirror_of, world_frames
 from .support.wire import FIREHOSE, VECTORS, encode_car, encode_frame, from_json, load, varint
 

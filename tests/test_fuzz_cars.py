@@ -10,13 +10,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from tests.faultserver import FaultServer, Reply, json_reply, xrpc_error
+from tests.support.faultserver import FaultServer, Reply, json_reply, xrpc_error
 from tests.fuzz.cars import REPO_ERROR_KINDS, CorpusCase, check_input, corpus_cases, run, sources
 
 from skyfill.backfill.backfiller import BackfillSummary, open_backfiller
 from skyfill.backfill.config import BackfillConfig
 from skyfill.protocol.repo import parse_repo
-from bench.generate.identity import Identity, did_document, make_identity
+from tests.support.generate.identity import GeneratedIdentity, did_document, make_identity
 from tests.support.store import SetupStore
 
 CASES = corpus_cases()
@@ -82,7 +82,7 @@ def store(tmp_path: Path) -> Iterator[SetupStore]:
 
 def _doc(did: str, secret: bytes | None, url: str) -> dict[str, object]:
     """The seed's DID document: its real key for generated seeds, any key for the vectors."""
-    ident = Identity(did=did, handle="hostile.test", secret=secret) if secret else make_identity(random.Random(3))
+    ident = GeneratedIdentity(did=did, handle="hostile.test", secret=secret) if secret else make_identity(random.Random(3))
     doc = did_document(ident, url)
     doc["id"] = did
     for vm in doc["verificationMethod"]:  # type: ignore[union-attr]

@@ -12,7 +12,7 @@ import pytest
 
 from skyfill.app.handler import lambda_handler
 from tests.support.store import SetupStore
-from tests.faultserver import FaultServer
+from tests.support.faultserver import FaultServer
 from tests.support.served import World
 
 

@@ -14,7 +14,7 @@ import pytest
 from skyfill.net.identity import ResolvedIdentity, Resolver
 from skyfill.protocol.syntax import is_did
 from skyfill.net.pds import PdsClient
-from tests.faultserver import FaultServer, Reply, json_reply
+from tests.support.faultserver import FaultServer, Reply, json_reply
 from skyfill.protocol.crypto import parse_public_key
 from skyfill.errors import IdentityError, UnsafeHostError
 from skyfill.storage import Store

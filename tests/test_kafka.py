@@ -22,7 +22,7 @@ from skyfill.publish.worker import BackfillWorker
 from skyfill import metrics
 from skyfill.protocol.records import is_valid_datetime
 from skyfill.storage import Batch, Change, RecordChange, RecordPut, RepoChange, RepoRow, Store
-from tests.kafka import KafkaBroker
+from tests.support.kafka import KafkaBroker
 from tests.support.topics import FAST, consume_all, schema
 
 pytestmark = pytest.mark.kafka

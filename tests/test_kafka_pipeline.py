@@ -1,9 +1,9 @@
 """Kafka end to end: the daemon publishing real firehose frames, a broker outage, backfills
 (in-daemon, standalone and scaled-out workers) and the sink rebuilding the mirror from the topics.
 
-Real parts only: a Tansu broker (tests/kafka.py), a local relay replaying signed frames from
-bench.generate.World (tests/relay.py), a local HTTP server playing PLC + PDS with signed repo
-CARs (tests/faultserver.py), real DuckDB files. Tansu refuses the idempotent producer, so the
+Real parts only: a Tansu broker (tests/support/kafka.py), a local relay replaying signed frames from
+tests.support.generate.World (tests/support/relay.py), a local HTTP server playing PLC + PDS with signed repo
+CARs (tests/support/faultserver.py), real DuckDB files. Tansu refuses the idempotent producer, so the
 publisher runs its documented fallback (acks=all, one batch in flight per partition).
 """
 
@@ -29,9 +29,9 @@ from skyfill.backfill.backfiller import StoreReconciler, open_backfiller
 from skyfill.app.jobs import run_backfill
 from skyfill.backfill.config import BackfillConfig
 from skyfill.protocol.repo import parse_repo
-from bench.generate.firehose import World
-from bench.generate.identity import Identity, did_document, make_identity
-from bench.generate.repo import generate_repo
+from tests.support.generate.firehose import World
+from tests.support.generate.identity import GeneratedIdentity, did_document, make_identity
+from tests.support.generate.repo import generate_repo
 from skyfill.consumer.daemon import ConsumeConfig, Daemon
 from skyfill.consumer.resync import DaemonReconciler
 from skyfill.publish import KafkaPublisher, Topics, enqueue_backfill, ensure_topics
@@ -39,10 +39,10 @@ from skyfill.publish.sink import Sink
 from skyfill.publish.worker import BackfillWorker, backfill_one_from
 from skyfill import metrics
 from skyfill.storage import Change, RecordChange, Store
-from tests.kafka import KafkaBroker
+from tests.support.kafka import KafkaBroker
 
-from .faultserver import FaultServer, Reply, Seen, json_reply
-from .relay import LocalRelay
+from .support.faultserver import FaultServer, Reply, Seen, json_reply
+from .support.relay import LocalRelay
 from .support.topics import FAST, consume_all, schema
 from .support.wait import apoll
 
@@ -302,12 +302,12 @@ async def test_standalone_backfill_is_acknowledged_before_it_commits(
 
 
 class Repos:
-    """Signed repos (bench.generate) for a set of DIDs, served by a FaultServer as PLC + PDS.
+    """Signed repos (tests.support.generate) for a set of DIDs, served by a FaultServer as PLC + PDS.
     The first getRepo of `hang_on` stalls (until the server stops) so a worker can die mid-fetch."""
 
     def __init__(self, srv: FaultServer, n: int, *, hang_on: int | None = None) -> None:
         rng = random.Random(31)
-        self.idents: list[Identity] = [make_identity(rng) for _ in range(n)]
+        self.idents: list[GeneratedIdentity] = [make_identity(rng) for _ in range(n)]
         self.cars = {i.did: generate_repo(rng, did=i.did, key=i.secret, n_records=rng.randint(3, 25))
                      for i in self.idents}
         self.hang_did = self.idents[hang_on].did if hang_on is not None else None

@@ -4,7 +4,7 @@ Reference cases: the six commit-proof fixtures of bluesky-social/atproto-interop
 adds, dels, the roots before and after, the CIDs of the blocks in the proof). The trees are
 built with the `atmst` package, an independent MST implementation used here as an oracle only:
 the proof is checked on exactly the fixture's blocks, so a missing node or a wrong result fails.
-Then real generated firehose frames (bench.generate), and real MST nodes from the network.
+Then real generated firehose frames (tests.support.generate), and real MST nodes from the network.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from atmst.mst.node_store import NodeStore
 from atmst.mst.node_wrangler import NodeWrangler
 from cbrrr import CID
 
-from bench.generate import World
+from tests.support.generate import World
 from skyfill.protocol.car import read_car
 from skyfill.errors import RepoError
 from skyfill.protocol.mst import EMPTY_NODE, PartialTree, encode_node, invert_commit

@@ -15,7 +15,7 @@ import pytest
 from websockets.sync.client import connect
 
 from skyfill.protocol.car import cid_to_str, read_car, verify_block
-from tests.network import (
+from tests.support.network import (
     Create,
     Delete,
     LocalNetwork,

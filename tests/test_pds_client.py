@@ -24,7 +24,7 @@ from skyfill.errors import (
     TerminalFetchError,
     UnsafeHostError,
 )
-from tests.faultserver import FaultServer, Reply, Seen, http_date, json_reply, rate_limited, redirect, xrpc_error
+from tests.support.faultserver import FaultServer, Reply, Seen, http_date, json_reply, rate_limited, redirect, xrpc_error
 from tests.support.wire import read_varint
 
 GET_REPO = "/xrpc/com.atproto.sync.getRepo"

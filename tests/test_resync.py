@@ -23,16 +23,16 @@ import orjson
 from skyfill.protocol.repo import parse_repo
 from skyfill.app.api import backfill_from_request
 from skyfill.backfill.config import BackfillConfig
-from bench.generate.firehose import World
-from bench.generate.identity import did_document
+from tests.support.generate.firehose import World
+from tests.support.generate.identity import did_document
 from skyfill.consumer.daemon import ConsumeConfig, Daemon
 from skyfill.consumer.resync import DaemonReconciler
 from skyfill.storage import Store
-from tests.network import Create, LocalNetwork, PdsAccount, PdsClient, RecordRef, post_record
-from tests.oracle import assert_mirror_equals, commit_seq, fetch_truth, head_seq
+from tests.support.network import Create, LocalNetwork, PdsAccount, PdsClient, RecordRef, post_record
+from tests.support.oracle import assert_mirror_equals, commit_seq, fetch_truth, head_seq
 
-from .faultserver import FaultServer, Reply, json_reply
-from .relay import LocalRelay
+from .support.faultserver import FaultServer, Reply, json_reply
+from .support.relay import LocalRelay
 from .support.daemon import ROOT, announced, reap, spawn_consume, stored_cursor
 from .support.wait import apoll, poll
 

@@ -30,7 +30,7 @@ from skyfill.consumer.daemon import ConsumeConfig, Daemon
 from skyfill.errors import StorageError
 from skyfill.storage import Store
 
-from .relay import LocalRelay
+from .support.relay import LocalRelay
 from .support.daemon import announced, metrics, reap, spawn_consume, stored_cursor
 from .support.mirror import consume_until, expected_mirror, mirror_of, world_frames
 from .support.wait import apoll, free_port, poll

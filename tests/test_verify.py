@@ -1,7 +1,7 @@
 """`consume --verify`: every #commit/#sync signature checked against the DID's #atproto key, and every
 #commit's MST inversion proof (its ops must turn the signed tree back into `prevData`).
 
-Real parts: a LocalRelay (WebSocket) replays bench.generate.World frames (real signed commits);
+Real parts: a LocalRelay (WebSocket) replays tests.support.generate.World frames (real signed commits);
 a FaultServer plays the PLC directory serving the World's DID documents; the daemon writes a
 real DuckDB file. The expected mirror is the independent fold of tests/support/mirror.py.
 """
@@ -24,9 +24,9 @@ import pytest
 
 from skyfill.net.identity import Resolver
 from skyfill.net.pds import PdsClient
-from bench.generate.firehose import World
-from bench.generate.identity import Identity, did_document, make_identity
-from bench.generate.repo import cid_for, sign_commit, write_car
+from tests.support.generate.firehose import World
+from tests.support.generate.identity import GeneratedIdentity, did_document, make_identity
+from tests.support.generate.repo import cid_for, sign_commit, write_car
 from skyfill.consumer.daemon import ConsumeConfig, Daemon
 from skyfill.protocol.events import Sync
 from skyfill.protocol.frames import parse_frame
@@ -34,11 +34,11 @@ from skyfill.consumer.verify import CommitVerifier, check_frame
 from skyfill.errors import IdentityError
 from skyfill.storage import Store
 
-from .faultserver import FaultServer, Reply, Seen, json_reply, xrpc_error
-from .network import Create, Delete, LocalNetwork, PdsAccount, Update, post_record
-from .network import PdsClient as NetworkClient
-from .oracle import assert_mirror_equals, commit_seq, head_seq
-from .relay import LocalRelay, error_frame, frame_seq
+from .support.faultserver import FaultServer, Reply, Seen, json_reply, xrpc_error
+from .support.network import Create, Delete, LocalNetwork, PdsAccount, Update, post_record
+from .support.network import PdsClient as NetworkClient
+from .support.oracle import assert_mirror_equals, commit_seq, head_seq
+from .support.relay import LocalRelay, error_frame, frame_seq
 from .support.daemon import announced, spawn_consume, stored_cursor
 from .support.mirror import consume_until, expected_mirror, mirror_of
 from .support.wait import free_port, poll
@@ -50,7 +50,7 @@ def _checker(plc: FaultServer, **options: float) -> tuple[CommitVerifier, Resolv
     return CommitVerifier(resolver, **options), resolver
 
 
-def _serve_docs(plc: FaultServer, identities: tuple[Identity, ...]) -> None:
+def _serve_docs(plc: FaultServer, identities: tuple[GeneratedIdentity, ...]) -> None:
     for ident in identities:
         plc.script(f"/{ident.did}", json_reply(did_document(ident, "https://pds.invalid")))
 
@@ -151,7 +151,7 @@ async def test_rotated_key_recovers_with_one_fresh_resolve(tmp_path: Path) -> No
     before = list(world.frames(300))
     did = max(_commit_positions(before).items(), key=lambda kv: len(kv[1]))[0]
     old = next(i for i in world.identities if i.did == did)
-    new = Identity(did=old.did, handle=old.handle, secret=make_identity(random.Random(99)).secret)
+    new = GeneratedIdentity(did=old.did, handle=old.handle, secret=make_identity(random.Random(99)).secret)
     world._by_did[did].key = new.key                   # the account signs with its new key from here on
     after = list(world.frames(300))
     assert did in _commit_positions(after)
@@ -217,7 +217,7 @@ async def test_sync_event_signature(tmp_path: Path) -> None:
             checker.forget(ident.did)
             resolver.forget(ident.did)
             plc.script(f"/{ident.did}", json_reply(did_document(
-                Identity(did=ident.did, handle=ident.handle, secret=other.secret), "https://pds.invalid")))
+                GeneratedIdentity(did=ident.did, handle=ident.handle, secret=other.secret), "https://pds.invalid")))
             wrong = await checker.key(ident.did)
             assert check_frame(frame, wrong)[0] == "bad_signature"  # type: ignore[index]
             assert check_frame(frame, await checker.refresh(ident.did))[0] == "bad_signature"  # type: ignore[index]
@@ -345,7 +345,7 @@ async def test_first_seen_dids_are_resolved_concurrently(tmp_path: Path) -> None
     most = 0
     lock = threading.Condition()
 
-    def document(ident: Identity) -> Callable[[Seen], Reply]:
+    def document(ident: GeneratedIdentity) -> Callable[[Seen], Reply]:
         reply = json_reply(did_document(ident, "https://pds.invalid"))
 
         def handler(_seen: Seen) -> Reply:
@@ -522,7 +522,9 @@ async def test_a_plc_that_does_not_answer_does_not_stall_the_stream(tmp_path: Pa
     with FaultServer() as plc, LocalRelay(frames) as relay:
         _serve_docs(plc, world.identities)
         plc.script(f"/{slow}", Reply(200, b"{}", delay=5.0))
-        checker, resolver = _checker(plc, resolve_timeout=0.5)
+        # 2 s, well under the slow answer's 5 s: the other documents must come in time even on a
+        # machine busy with other test workers (0.5 s lost some of them under load)
+        checker, resolver = _checker(plc, resolve_timeout=2.0)
         try:
             daemon = await consume_until(tmp_path / "t.duckdb", relay, relay.head, cursor=0, verifier=checker)
         finally:

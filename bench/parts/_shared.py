@@ -6,7 +6,7 @@ import random
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-from bench.generate import Identity, World, generate_repo, make_identity
+from tests.support.generate import GeneratedIdentity, World, generate_repo, make_identity
 from bench.harness import Context
 
 __all__ = ["frames", "repo", "walk_records"]
@@ -22,8 +22,8 @@ def frames(ctx: Context) -> list[bytes]:
     return ctx.memo("frames", draw)
 
 
-def repo(ctx: Context) -> tuple[Identity, bytes]:
-    def build() -> tuple[Identity, bytes]:
+def repo(ctx: Context) -> tuple[GeneratedIdentity, bytes]:
+    def build() -> tuple[GeneratedIdentity, bytes]:
         ident = make_identity(random.Random(ctx.seed))
         return ident, generate_repo(ctx.seed, did=ident.did, key=ident.secret, n_records=ctx.sizes.repo_records)
 

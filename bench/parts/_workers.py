@@ -138,7 +138,7 @@ def repo_spec(seed: int, sizes: list[int]) -> dict[str, Any]:
 
 
 def _serve_repos(spec: dict[str, Any]) -> None:
-    from bench.generate import generate_repo, make_identity
+    from tests.support.generate import generate_repo, make_identity
     from bench.servers import RepoServer
 
     rng = random.Random(spec["seed"])
@@ -163,7 +163,7 @@ def _serve_repos(spec: dict[str, Any]) -> None:
 
 
 def _serve_plc(seed: int, n_dids: int) -> None:
-    from bench.generate import World
+    from tests.support.generate import World
     from bench.servers import RepoServer
 
     world = World(seed, n_dids=n_dids, retain_blocks=False)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 
-from bench.generate import World, generate_repo, make_identity
+from tests.support.generate import World, generate_repo, make_identity
 from bench.harness import Context, Row, part, timed_rate
 
 # 200,000 frames "well under a minute"; a 300,000-record repo in well under 30 s.

@@ -1,6 +1,6 @@
 """`ingest`: firehose frames -> `consumer.Daemon` -> a DuckDB file, end to end, three processes.
 
-A relay process streams pre-generated frames (bench.generate.World: many DIDs, chains intact)
+A relay process streams pre-generated frames (tests.support.generate.World: many DIDs, chains intact)
 over a real WebSocket; a consumer process runs the real daemon from cursor 0 and stops when
 the last seq is committed (decoded, tracked, written, cursor stored). The verified run does
 the same with every commit signature checked, its keys resolved from a PLC process serving the
@@ -18,7 +18,7 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from bench.generate import World
+from tests.support.generate import World
 from bench.harness import Context, Row, part, timed_rate
 
 from ._workers import read_frames, run_json, spawn, write_frames

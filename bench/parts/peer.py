@@ -24,7 +24,7 @@ from typing import Any
 
 import libipld
 
-from bench.generate import World
+from tests.support.generate import World
 from bench.harness import Context, Row, part
 from bench.peer import PeerInstall, installed
 

@@ -31,7 +31,7 @@ def _clock() -> float:
 def _ingest(ctx: Context) -> list[Row]:
     import pyarrow as pa
 
-    from bench.generate import World
+    from tests.support.generate import World
     from skyfill.protocol.events import Commit
     from skyfill.protocol.frames import parse_frame
     from skyfill.consumer.tracker import Tracker

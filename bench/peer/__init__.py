@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
-from tests.network import install_package, package_installed
-from tests.network import installed as network_installed
+from tests.support.network import install_package, package_installed
+from tests.support.network import installed as network_installed
 
 __all__ = ["PeerInstall", "install", "installed", "PACKAGE_DIR", "CACHE_DIR", "SCRIPT"]
 

@@ -2,9 +2,9 @@
 local reference PDS, a firehose head watcher, a TCP proxy that can freeze, and the oracle's
 verdict as counts.
 
-Everything here drives real parts: the reference PDS (tests/network), the skyfill CLI in its own
+Everything here drives real parts: the reference PDS (tests/support/network), the skyfill CLI in its own
 process group (so a kill takes every child with it), real DuckDB files read back by the oracle
-(tests/oracle.py). The only stand-in is `FreezableProxy`, for a relay that hangs: a real relay
+(tests/support/oracle.py). The only stand-in is `FreezableProxy`, for a relay that hangs: a real relay
 cannot be frozen on demand while the PDS behind it keeps accepting writes.
 """
 
@@ -30,7 +30,7 @@ import libipld
 from websockets.sync.client import connect
 
 from skyfill.app.daemon_client import call_daemon, find_daemon
-from tests.network import (
+from tests.support.network import (
     Create,
     Delete,
     LocalNetwork,
@@ -42,7 +42,7 @@ from tests.network import (
     like_record,
     post_record,
 )
-from tests.oracle import mirror_diff, repo_truth
+from tests.support.oracle import mirror_diff, repo_truth
 
 __all__ = [
     "ROOT",
@@ -535,7 +535,7 @@ class FreezableProxy:
 
 @dataclass
 class Verdict:
-    """tests/oracle.py's diff of the mirror against getRepo, counted by kind."""
+    """tests/support/oracle.py's diff of the mirror against getRepo, counted by kind."""
 
     repos: int = 0
     records: int = 0

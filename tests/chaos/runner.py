@@ -14,7 +14,7 @@ from pathlib import Path
 
 from tests.chaos._harness import ChaosError
 from tests.chaos.trials import FIXES_IN_FLIGHT, TRIALS, Context, TrialResult
-from tests.network import LocalNetwork
+from tests.support.network import LocalNetwork
 
 __all__ = ["main", "run_trials", "table"]
 

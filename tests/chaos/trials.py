@@ -2,7 +2,7 @@
 random generator) and returns a `TrialResult` whose `line()` is one line of figures.
 
 Every trial ends the same way: the load stops, one sentinel write is made, the daemon stores
-that sentinel's seq (it has caught up), it is stopped with SIGTERM, and tests/oracle.py compares
+that sentinel's seq (it has caught up), it is stopped with SIGTERM, and tests/support/oracle.py compares
 its DuckDB file with every account's getRepo (records lost / extra / stale, wrong rev).
 """
 
@@ -24,9 +24,9 @@ from typing import Any
 
 import duckdb
 
-from tests.kafka import KafkaBroker
-from tests.network import Create, LocalNetwork, PdsAccount, PdsClient, post_record
-from tests.oracle import head_seq
+from tests.support.kafka import KafkaBroker
+from tests.support.network import Create, LocalNetwork, PdsAccount, PdsClient, post_record
+from tests.support.oracle import head_seq
 
 from ._harness import (
     ROOT,

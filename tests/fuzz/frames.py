@@ -1,7 +1,7 @@
 """Structure-aware fuzzing of the firehose frame parser and of the daemon behind it.
 
 Seeds are real frames: the derived firehose vectors (re-encoded relay captures) and frames of a
-generated network (bench.generate.World: signed commits, intact chains). Each input is one seed
+generated network (tests.support.generate.World: signed commits, intact chains). Each input is one seed
 changed by one mutation that knows the frame's structure: a CID replaced by garbage, a field of
 the wrong type, deep CBOR nesting (in the frame, a record block, the commit block, the CAR
 header), truncation, bit flips, a block tampered under its CID, a block keyed by non-CID bytes,
@@ -41,13 +41,13 @@ import duckdb
 import libipld
 import orjson
 
-from bench.generate.firehose import World
+from tests.support.generate.firehose import World
 from skyfill.protocol.events import Account, Commit, Identity, Info, StreamError, Sync
 from skyfill.protocol.frames import FRAME_ERROR_KINDS, MAX_FRAME_SIZE, parse_frame
 from skyfill.protocol.car import read_car
 from skyfill.errors import FrameError
 from skyfill.protocol.syntax import is_did
-from tests.relay import LocalRelay
+from tests.support.relay import LocalRelay
 from tests.support.mirror import consume_until
 from tests.support.wire import encode_frame, varint
 

@@ -10,10 +10,10 @@ from pathlib import Path
 import duckdb
 import libipld
 
-from bench.generate.firehose import World
+from tests.support.generate.firehose import World
 from skyfill.consumer.daemon import ConsumeConfig, Daemon
 from skyfill.storage import Store
-from tests.relay import LocalRelay
+from tests.support.relay import LocalRelay
 
 __all__ = ["expected_mirror", "mirror_of", "world_frames", "frame_seqs", "consume_until"]
 
@@ -49,7 +49,7 @@ def mirror_of(db: Path) -> tuple[dict[tuple[str, str, str], str], dict[str, str]
 
 
 def world_frames(seed: int, n_dids: int, n_frames: int) -> list[bytes]:
-    """`n_frames` signed firehose frames of a generated world (bench.generate)."""
+    """`n_frames` signed firehose frames of a generated world (tests.support.generate)."""
     return list(World(seed, n_dids=n_dids, retain_blocks=False).frames(n_frames))
 
 

@@ -7,10 +7,10 @@ from typing import Any
 
 import libipld
 
-from bench.generate.firehose import World as FirehoseWorld
-from bench.generate.identity import Identity, did_document, make_identity
-from bench.generate.repo import generate_repo
-from tests.faultserver import FaultServer, Reply, Seen, json_reply, xrpc_error
+from tests.support.generate.firehose import World as FirehoseWorld
+from tests.support.generate.identity import GeneratedIdentity, did_document, make_identity
+from tests.support.generate.repo import generate_repo
+from tests.support.faultserver import FaultServer, Reply, Seen, json_reply, xrpc_error
 
 __all__ = ["GET_REPO", "World", "serve_firehose_world", "break_chain"]
 
@@ -29,7 +29,7 @@ class World:
         self.repo_hits: dict[str, int] = {}
         srv.script(GET_REPO, self._get_repo)
 
-    def account(self, n_records: int = 20) -> tuple[Identity, bytes]:
+    def account(self, n_records: int = 20) -> tuple[GeneratedIdentity, bytes]:
         ident = make_identity(self.rng)
         car = generate_repo(self.rng, did=ident.did, key=ident.secret, n_records=n_records)
         self.set_doc(ident.did, did_document(ident, self.srv.url))

@@ -17,7 +17,7 @@ FAST = 3000  # session timeout: Tansu holds a group join for about half of it
 
 def schema(name: str) -> jsonschema.Draft202012Validator:
     """The published message schema `name` (publish/schema), checked, with format checks on."""
-    text = resources.files("publish").joinpath(f"schema/{name}").read_text()
+    text = resources.files("skyfill.publish").joinpath(f"schema/{name}").read_text()
     loaded = json.loads(text)
     jsonschema.Draft202012Validator.check_schema(loaded)
     return jsonschema.Draft202012Validator(loaded, format_checker=jsonschema.FormatChecker())

@@ -8,7 +8,7 @@
 That Tansu build keeps its log in memory only: stopping it loses every topic. Freeze it to
 simulate an outage instead.
 
-`python -m tests.kafka up|down` starts/stops a detached broker for `make kafka-up|kafka-down`,
+`python -m tests.support.kafka up|down` starts/stops a detached broker for `make kafka-up|kafka-down`,
 remembering its pid and port in .cache/kafka.json.
 """
 
@@ -162,7 +162,7 @@ def _down() -> int:
 
 def main(argv: list[str]) -> int:
     if len(argv) != 1 or argv[0] not in ("up", "down"):
-        print("usage: python -m tests.kafka up|down", file=sys.stderr)
+        print("usage: python -m tests.support.kafka up|down", file=sys.stderr)
         return 2
     return _up() if argv[0] == "up" else _down()
 

@@ -1,7 +1,7 @@
 'use strict'
 // Runs one in-memory PLC directory and one reference PDS on 127.0.0.1 for skyfill's tests.
 //
-//   node launcher.js '<json config>'   (written by tests/network/_network.py)
+//   node launcher.js '<json config>'   (written by tests/support/network/_network.py)
 //
 // Config: {plcPort, pdsPort, dataDir, adminPassword, jwtSecret, plcRotationKeyHex,
 //          repoBackfillLimitMs, pdsEnv: {...extra @atproto/pds ServerEnvironment fields}}

@@ -1,6 +1,6 @@
 """`make demo`: skyfill end to end on this machine, against a real local PDS + PLC.
 
-    python -m tests.network.demo
+    python -m tests.support.network.demo
 
 1. starts the local network (reference PDS + in-memory PLC on 127.0.0.1);
 2. creates accounts with history written before skyfill ever ran;
@@ -10,7 +10,7 @@
    (the missed events are gone, as after an outage longer than a relay's replay window);
 5. runs `skyfill gaps --enqueue` and `skyfill backfill --from-queue` (the CLI, which talks to the
    running daemon through its admin API), then `skyfill status`;
-6. stops the daemon and checks the DuckDB mirror against every account's getRepo (tests/oracle.py);
+6. stops the daemon and checks the DuckDB mirror against every account's getRepo (tests/support/oracle.py);
 7. stops everything. Exit status 0 only when the mirror equals the PDS.
 """
 
@@ -29,8 +29,8 @@ from typing import Any
 import duckdb
 
 from skyfill.app.daemon_client import call_daemon, find_daemon
-from tests.network import Create, Delete, LocalNetwork, PdsAccount, PdsClient, like_record, post_record
-from tests.oracle import commit_seq, head_seq, mirror_diff
+from tests.support.network import Create, Delete, LocalNetwork, PdsAccount, PdsClient, like_record, post_record
+from tests.support.oracle import commit_seq, head_seq, mirror_diff
 
 POST = "app.bsky.feed.post"
 LIKE = "app.bsky.feed.like"
@@ -132,7 +132,7 @@ class Demo:
 
         step("live: the daemon runs while accounts write")
         window_start = datetime.now(UTC) - timedelta(seconds=1)
-        start = head_seq(c)  # the live head, pinned (see tests/oracle.head_seq)
+        start = head_seq(c)  # the live head, pinned (see tests/support/oracle.head_seq)
         self.start_daemon(start)
         new = [self.account(n) for n in ("dave", "erin")]
         everyone = old + new

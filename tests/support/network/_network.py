@@ -15,8 +15,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
 
-from tests.network._client import PdsClient
-from tests.network._install import CACHE_DIR, install
+from tests.support.network._client import PdsClient
+from tests.support.network._install import CACHE_DIR, install
 from tests.support.wait import free_port
 
 __all__ = ["LocalNetwork", "NetworkStartError"]

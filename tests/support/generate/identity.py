@@ -9,7 +9,7 @@ from typing import Any, Final
 import coincurve
 import libipld
 
-__all__ = ["Identity", "make_identity", "fake_did", "did_document", "multikey"]
+__all__ = ["GeneratedIdentity", "make_identity", "fake_did", "did_document", "multikey"]
 
 _B32: Final = "abcdefghijklmnopqrstuvwxyz234567"
 _K256_MULTICODEC: Final = b"\xe7\x01"
@@ -21,7 +21,7 @@ _NAMES: Final = (
 
 
 @dataclass(frozen=True, slots=True)
-class Identity:
+class GeneratedIdentity:
     did: str
     handle: str
     secret: bytes = field(repr=False)  # 32-byte K-256 private key
@@ -41,14 +41,14 @@ def fake_did(rng: random.Random) -> str:
     return "did:plc:" + "".join(rng.choice(_B32) for _ in range(24))
 
 
-def make_identity(rng: random.Random, *, handle_domain: str = "test") -> Identity:
+def make_identity(rng: random.Random, *, handle_domain: str = "test") -> GeneratedIdentity:
     while True:  # a secret must lie in [1, n-1]; retrying keeps the draw deterministic
         secret = rng.getrandbits(256)
         if 0 < secret < _CURVE_ORDER:
             break
     did = fake_did(rng)
     handle = f"{rng.choice(_NAMES)}{rng.randrange(100_000)}.{handle_domain}"
-    return Identity(did=did, handle=handle, secret=secret.to_bytes(32, "big"))
+    return GeneratedIdentity(did=did, handle=handle, secret=secret.to_bytes(32, "big"))
 
 
 def multikey(public_key: bytes) -> str:
@@ -56,7 +56,7 @@ def multikey(public_key: bytes) -> str:
     return libipld.encode_multibase("z", _K256_MULTICODEC + public_key)
 
 
-def did_document(identity: Identity, pds_url: str) -> dict[str, Any]:
+def did_document(identity: GeneratedIdentity, pds_url: str) -> dict[str, Any]:
     """The DID document plc.directory would return for this identity, its PDS at `pds_url`."""
     did = identity.did
     return {

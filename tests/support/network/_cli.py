@@ -1,4 +1,4 @@
-"""`python -m tests.network install|up`."""
+"""`python -m tests.support.network install|up`."""
 
 from __future__ import annotations
 
@@ -6,10 +6,10 @@ import json
 import signal
 import threading
 
-from tests.network._install import main_install
-from tests.network._network import LocalNetwork
+from tests.support.network._install import main_install
+from tests.support.network._network import LocalNetwork
 
-_USAGE = """usage: python -m tests.network COMMAND
+_USAGE = """usage: python -m tests.support.network COMMAND
   install   install the pinned PDS + PLC + Node 22 into .cache/pds-network (idempotent)
   up        run a fresh network in the foreground; prints its URLs as JSON; Ctrl-C stops it"""
 

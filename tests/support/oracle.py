@@ -30,7 +30,7 @@ from atproto_core.car import CAR
 from atproto_core.cid import CID
 from websockets.sync.client import connect
 
-from tests.network import PdsAccount, PdsClient, XrpcError, post_record
+from tests.support.network import PdsAccount, PdsClient, XrpcError, post_record
 
 __all__ = [
     "Truth",

@@ -6,7 +6,7 @@ firehose frames whose per-DID chains (`since`/`prevData`) are intact.
 """
 
 from .firehose import FIREHOSE_EPOCH_MICROS, FIRST_SEQ, World, generate_frames
-from .identity import Identity, did_document, fake_did, make_identity, multikey
+from .identity import GeneratedIdentity, did_document, fake_did, make_identity, multikey
 from .mst import Tree, cid_for, key_height
 from .records import COLLECTION_WEIGHTS, RecordMaker, iso_time, tid
 from .repo import generate_repo, iter_repo_car, sign_commit, write_car
@@ -18,7 +18,7 @@ __all__ = [
     "iter_repo_car",
     "sign_commit",
     "write_car",
-    "Identity",
+    "GeneratedIdentity",
     "make_identity",
     "fake_did",
     "did_document",

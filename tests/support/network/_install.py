@@ -30,7 +30,7 @@ from pathlib import Path
 __all__ = ["NetworkInstall", "install", "installed", "install_package", "package_installed", "CACHE_DIR", "PACKAGE_DIR"]
 
 PACKAGE_DIR = Path(__file__).resolve().parent
-REPO_ROOT = PACKAGE_DIR.parents[1]
+REPO_ROOT = PACKAGE_DIR.parents[2]
 CACHE_DIR = REPO_ROOT / ".cache" / "pds-network"
 _MANIFESTS = ("package.json", "package-lock.json")
 _LAUNCHER = "launcher.js"

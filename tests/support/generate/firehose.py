@@ -19,7 +19,7 @@ from typing import Any, Final
 import cbrrr
 import coincurve
 
-from .identity import Identity, make_identity
+from .identity import GeneratedIdentity, make_identity
 from .mst import Tree
 from .records import PROFILE_KEY, RecordMaker, iso_time, tid
 from .repo import REPO_EPOCH_MICROS, car_block, car_header, sign_commit, write_car
@@ -39,7 +39,7 @@ _HEADERS: Final = {t: _encode({"op": 1, "t": t}) for t in ("#commit", "#identity
 
 @dataclass(slots=True)
 class _Account:
-    identity: Identity
+    identity: GeneratedIdentity
     key: coincurve.PrivateKey
     tree: Tree
     cids: dict[bytes, bytes]                 # live record key -> record CID
@@ -86,7 +86,7 @@ class World:
             raise ValueError("n_dids must be >= 1")
         rng = random.Random(seed)
         self._rng = rng
-        self.identities: tuple[Identity, ...] = tuple(
+        self.identities: tuple[GeneratedIdentity, ...] = tuple(
             make_identity(rng, handle_domain=handle_domain) for _ in range(n_dids)
         )
         dids = [i.did for i in self.identities]
@@ -115,7 +115,7 @@ class World:
     def last_seq(self) -> int:
         return self._seq
 
-    def _initial_account(self, ident: Identity, n: int, retain: bool) -> _Account:
+    def _initial_account(self, ident: GeneratedIdentity, n: int, retain: bool) -> _Account:
         account = _Account(
             identity=ident, key=ident.key, tree=Tree(), cids={}, keys=[], pos={},
             blocks={} if retain else None,
