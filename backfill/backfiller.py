@@ -343,12 +343,7 @@ async def open_backfiller(
 ) -> AsyncIterator[Backfiller]:
     """The one place a Backfiller is wired: guarded client, caching resolver, sink (StoreReconciler default)."""
     client = PdsClient(
-        connect_timeout=config.connect_timeout,
-        read_timeout=config.read_timeout,
-        min_transfer_bytes=config.min_transfer_bytes,
-        transfer_window=config.transfer_window,
-        deadline_base=config.request_deadline_base,
-        deadline_rate=config.request_deadline_rate,
+        transfer=config.transfer(),
         max_car_bytes=config.max_car_bytes,
         per_host_rps=config.per_host_rps,
         per_host_concurrency=config.per_host_concurrency,

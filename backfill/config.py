@@ -13,6 +13,7 @@ from typing import Any, Final, Literal
 from skyfill._fields import field_default
 from skyfill.errors import ConfigError, UnsafeHostError
 from skyfill.net.guard import check_url
+from skyfill.net.http import Transfer
 from skyfill.protocol.syntax import is_did
 
 __all__ = [
@@ -39,15 +40,16 @@ class BackfillConfig:
     verify: bool = True                   # check the commit signature against the DID document key
     allow_private_hosts: bool = False     # allow loopback/private PDS endpoints (tests, local networks)
     max_car_bytes: int = 512 * 1024 * 1024
-    connect_timeout: float = 10.0
-    read_timeout: float = 60.0            # silence (no byte at all) tolerated while reading
-    # A body must keep moving: each further `min_transfer_bytes` within `transfer_window`
-    # seconds, and a whole request within request_deadline_base + cap / request_deadline_rate
-    # seconds (64 s for a DID document, ~35 min for a repo at the 512 MiB cap).
-    min_transfer_bytes: int = 64 * 1024
-    transfer_window: float = 30.0
-    request_deadline_base: float = 60.0
-    request_deadline_rate: float = 256 * 1024  # bytes/s
+    # Request time limits (net.http.Transfer holds the defaults): a body must keep moving, each
+    # further `min_transfer_bytes` within `transfer_window` seconds, and a whole request must end
+    # within request_deadline_base + cap / request_deadline_rate seconds (64 s for a DID
+    # document, ~35 min for a repo at the 512 MiB cap). Whole repos tolerate a longer silence.
+    connect_timeout: float = field_default(Transfer, "connect_timeout")
+    read_timeout: float = 60.0
+    min_transfer_bytes: int = field_default(Transfer, "min_transfer_bytes")
+    transfer_window: float = field_default(Transfer, "transfer_window")
+    request_deadline_base: float = field_default(Transfer, "deadline_base")
+    request_deadline_rate: float = field_default(Transfer, "deadline_rate")
     # A host parked by rate limits: the longest park any header can ask for, and how long one
     # DID of `backfill --dids` waits for parked hosts in total before it is recorded
     # 'retrying' with retry_after = the park's end (the queue mode defers at once instead).
@@ -91,6 +93,12 @@ class BackfillConfig:
             raise ConfigError("need 0 < backoff_min <= backoff_max")
         if self.identity_ttl < timedelta(0):
             raise ConfigError("identity_ttl must be >= 0")
+
+    def transfer(self) -> Transfer:
+        """The request time limits of these options, for the PDS client."""
+        return Transfer(connect_timeout=self.connect_timeout, read_timeout=self.read_timeout,
+                        min_transfer_bytes=self.min_transfer_bytes, transfer_window=self.transfer_window,
+                        deadline_base=self.request_deadline_base, deadline_rate=self.request_deadline_rate)
 
     @classmethod
     def field_default(cls, name: str) -> Any:

@@ -26,7 +26,7 @@ from skyfill.errors import ConfigError, InputError, RetryableFetchError, UnsafeH
 from .guard import MAX_URL_LENGTH, GuardedTransport, Target, check_host, check_url, trusting
 from .ratelimit import HostLimiter
 
-__all__ = ["SafeHttp", "HttpResult", "host_key", "REDIRECT_STATUSES"]
+__all__ = ["SafeHttp", "Transfer", "HttpResult", "host_key", "REDIRECT_STATUSES"]
 
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 _ERROR_BODY_LIMIT = 64 * 1024  # bytes read from a non-2xx answer (enough for an XRPC error)
@@ -40,6 +40,26 @@ def host_key(url: str | httpx.URL) -> str:
     except (httpx.InvalidURL, ValueError, TypeError, UnicodeError):
         return str(url)[:80]
     return f"{host}:{port}" if port is not None else host
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Transfer:
+    """How long a request may take, written once for every client (SafeHttp, PdsClient, the
+    backfill's options): connect within `connect_timeout`, never `read_timeout` of silence,
+    each further `min_transfer_bytes` within `transfer_window` seconds, and the whole request
+    within `deadline_base + max_bytes / deadline_rate` seconds."""
+
+    connect_timeout: float = 10.0
+    read_timeout: float = 30.0
+    min_transfer_bytes: int = 64 * 1024
+    transfer_window: float = 30.0
+    deadline_base: float = 60.0
+    deadline_rate: float = 256 * 1024   # bytes/s
+
+    def __post_init__(self) -> None:
+        if (self.connect_timeout <= 0 or self.read_timeout <= 0 or self.min_transfer_bytes < 1
+                or self.transfer_window <= 0 or self.deadline_base <= 0 or self.deadline_rate <= 0):
+            raise ConfigError("timeouts, transfer limits and deadlines must be positive")
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,30 +89,24 @@ class SafeHttp:
     def __init__(
         self,
         *,
-        connect_timeout: float = 10.0,
-        read_timeout: float = 30.0,
-        min_transfer_bytes: int = 64 * 1024,
-        transfer_window: float = 30.0,
-        deadline_base: float = 60.0,
-        deadline_rate: float = 256 * 1024,
+        transfer: Transfer = Transfer(),
         max_connections: int = 64,
         max_redirects: int = 3,
         allow_private_hosts: bool = False,
         user_agent: str = "skyfill",
     ) -> None:
-        if min_transfer_bytes < 1 or transfer_window <= 0 or deadline_base <= 0 or deadline_rate <= 0:
-            raise ConfigError("transfer limits and deadlines must be positive")
         self.allow_private_hosts = allow_private_hosts
-        self._connect_timeout = connect_timeout
-        self._min_transfer = min_transfer_bytes
-        self._window = transfer_window
-        self._deadline_base = deadline_base
-        self._deadline_rate = deadline_rate
+        self._connect_timeout = transfer.connect_timeout
+        self._min_transfer = transfer.min_transfer_bytes
+        self._window = transfer.transfer_window
+        self._deadline_base = transfer.deadline_base
+        self._deadline_rate = transfer.deadline_rate
         self._max_redirects = max_redirects
         limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
         self._client = httpx.AsyncClient(
             transport=GuardedTransport(limits=limits, allow_private=allow_private_hosts),
-            timeout=httpx.Timeout(connect=connect_timeout, read=read_timeout, write=read_timeout, pool=None),
+            timeout=httpx.Timeout(connect=transfer.connect_timeout, read=transfer.read_timeout,
+                                  write=transfer.read_timeout, pool=None),
             follow_redirects=False,
             trust_env=False,
             headers={"User-Agent": user_agent},

@@ -49,7 +49,7 @@ from skyfill.errors import (
     UnsafeHostError,
 )
 
-from .http import HttpResult, SafeHttp, host_key
+from .http import HttpResult, SafeHttp, Transfer, host_key
 from .ratelimit import HostLimiter
 
 __all__ = ["PdsClient", "ListedRepo", "TERMINAL_REPO_ERRORS", "DEFAULT_MAX_CAR_BYTES"]
@@ -77,12 +77,7 @@ class PdsClient:
     def __init__(
         self,
         *,
-        connect_timeout: float = 10.0,
-        read_timeout: float = 30.0,
-        min_transfer_bytes: int = 64 * 1024,
-        transfer_window: float = 30.0,
-        deadline_base: float = 60.0,
-        deadline_rate: float = 256 * 1024,
+        transfer: Transfer = Transfer(),
         max_car_bytes: int = DEFAULT_MAX_CAR_BYTES,
         per_host_rps: float = 10.0,
         per_host_concurrency: int = 4,
@@ -111,12 +106,7 @@ class PdsClient:
             max_park=max_park,
         )
         self.http = SafeHttp(
-            connect_timeout=connect_timeout,
-            read_timeout=read_timeout,
-            min_transfer_bytes=min_transfer_bytes,
-            transfer_window=transfer_window,
-            deadline_base=deadline_base,
-            deadline_rate=deadline_rate,
+            transfer=transfer,
             max_connections=global_concurrency,
             max_redirects=max_redirects,
             allow_private_hosts=allow_private_hosts,

@@ -11,8 +11,9 @@ import coincurve
 import libipld
 import pytest
 
-from skyfill.net.identity import ResolvedIdentity, Resolver
 from skyfill.protocol.syntax import is_did
+from skyfill.net.http import Transfer
+from skyfill.net.identity import ResolvedIdentity, Resolver
 from skyfill.net.pds import PdsClient
 from tests.support.faultserver import FaultServer, Reply, json_reply
 from skyfill.protocol.crypto import parse_public_key
@@ -42,7 +43,8 @@ def make_doc(did: str, *, pds: str = "https://pds.example.com", **overrides: Any
 @pytest.fixture
 async def client() -> AsyncIterator[PdsClient]:
     async with PdsClient(
-        allow_private_hosts=True, connect_timeout=0.5, read_timeout=0.5, max_retries=1, backoff_base=0.01
+        allow_private_hosts=True, transfer=Transfer(connect_timeout=0.5, read_timeout=0.5), max_retries=1,
+        backoff_base=0.01
     ) as c:
         yield c
 

@@ -12,7 +12,7 @@ import pytest
 
 from skyfill.net.guard import MAX_URL_LENGTH, Target, check_host, check_url, is_unsafe_address
 from skyfill.net import http as net_http
-from skyfill.net.http import SafeHttp
+from skyfill.net.http import SafeHttp, Transfer
 from skyfill.net.pds import ListedRepo, PdsClient
 from skyfill.net.ratelimit import HostLimiter, parse_retry_after
 from skyfill import metrics
@@ -38,8 +38,7 @@ CAR = (Path(__file__).parent / "vectors/indigo/repo-testdata/bnewbold.robocracy.
 async def client() -> AsyncIterator[PdsClient]:
     async with PdsClient(
         allow_private_hosts=True,  # the fault server is on 127.0.0.1
-        connect_timeout=0.5,
-        read_timeout=0.5,
+        transfer=Transfer(connect_timeout=0.5, read_timeout=0.5),
         max_retries=2,
         backoff_base=0.01,
         max_car_bytes=len(CAR) + 10,
@@ -213,7 +212,7 @@ async def test_redirect_loop_is_bounded(server: FaultServer, client: PdsClient) 
 @pytest.mark.parametrize("target", ["http://10.0.0.1/xrpc/x", "http://169.254.169.254/latest/meta-data", "http://[::1]:1/"])
 async def test_redirect_to_private_address_is_refused_without_connecting(server: FaultServer, target: str) -> None:
     # The first hop is trusted (the caller's trusted origin), the redirect target is not.
-    async with PdsClient(connect_timeout=0.5, read_timeout=0.5, max_retries=0) as c:
+    async with PdsClient(transfer=Transfer(connect_timeout=0.5, read_timeout=0.5), max_retries=0) as c:
         server.script(GET_REPO, redirect(target))
         with pytest.raises(UnsafeHostError):
             await c.fetch(f"{server.url}{GET_REPO}", trusted_origin=server.url)
@@ -238,7 +237,7 @@ async def test_client_refuses_loopback_name_at_connect(server: FaultServer, monk
         return check_url(url)  # the syntax half only: no address check
 
     monkeypatch.setattr(net_http, "check_host", passes)
-    async with SafeHttp(connect_timeout=0.5, read_timeout=0.5) as http:
+    async with SafeHttp(transfer=Transfer(connect_timeout=0.5, read_timeout=0.5)) as http:
         with pytest.raises(UnsafeHostError):
             await http.get(f"http://localhost:{server.port}{GET_REPO}", max_bytes=100)
     assert server.count(GET_REPO) == 0
@@ -483,7 +482,8 @@ async def test_trickling_body_is_cut_after_one_window(server: FaultServer) -> No
     server.script(GET_REPO, Reply(200, CAR, trickle=0.1))
     before = _requests_metric("too_slow")
     async with PdsClient(
-        allow_private_hosts=True, max_retries=0, read_timeout=5, min_transfer_bytes=1024, transfer_window=1.0
+        allow_private_hosts=True, max_retries=0,
+        transfer=Transfer(read_timeout=5, min_transfer_bytes=1024, transfer_window=1.0)
     ) as c:
         with pytest.raises(RetryableFetchError, match="stalled"):
             await asyncio.wait_for(c.get_repo(server.url, DID), timeout=60)
@@ -494,7 +494,8 @@ async def test_steady_slow_body_is_not_cut(server: FaultServer) -> None:
     # 4 KiB every 0.05 s: each window of 1 s sees far more than the 1 KiB minimum.
     server.script(GET_REPO, Reply(200, CAR, trickle=0.05, trickle_bytes=4096))
     async with PdsClient(
-        allow_private_hosts=True, max_retries=0, read_timeout=5, min_transfer_bytes=1024, transfer_window=1.0
+        allow_private_hosts=True, max_retries=0,
+        transfer=Transfer(read_timeout=5, min_transfer_bytes=1024, transfer_window=1.0)
     ) as c:
         assert await c.get_repo(server.url, DID) == CAR
 
@@ -504,8 +505,9 @@ async def test_request_deadline_scales_with_the_size_cap(server: FaultServer) ->
     still ends at the request deadline: base 0.5 s + cap / rate = 1.5 s here."""
     server.script(GET_REPO, Reply(200, CAR, trickle=0.05))
     async with PdsClient(
-        allow_private_hosts=True, max_retries=0, read_timeout=5, min_transfer_bytes=1, transfer_window=5.0,
-        deadline_base=0.5, deadline_rate=len(CAR), max_car_bytes=len(CAR),
+        allow_private_hosts=True, max_retries=0, max_car_bytes=len(CAR),
+        transfer=Transfer(read_timeout=5, min_transfer_bytes=1, transfer_window=5.0, deadline_base=0.5,
+                          deadline_rate=len(CAR)),
     ) as c:
         assert c.http.request_deadline(len(CAR)) == 1.5
         with pytest.raises(RetryableFetchError, match="no complete answer within"):
