@@ -25,6 +25,9 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGE_DIRS = ("skyfill", "protocol", "net", "storage", "consumer", "backfill", "publish", "app", "cli")
 MAX_LINES = 400
 
+# One worker builds and installs the package for all of them (`make test` runs --dist loadgroup).
+pytestmark = pytest.mark.xdist_group("installed")
+
 
 @dataclass(frozen=True)
 class Installed:
