@@ -35,7 +35,7 @@ class Installed:
     site: Path
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def installed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Installed]:
     """`pip install --no-deps .` into a new, empty venv (the dependencies are this venv's). From a
     copy of the tree: pip builds in place, and a build/ left in the checkout would carry deleted
