@@ -36,7 +36,7 @@ bench-peer-install: network
 # ports from its own block (tests/support/wait.py). TEST_WORKERS=0 runs in one process.
 TEST_WORKERS ?= 4
 test: $(STAMP) network bench-peer-install
-	$(PY) -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist loadgroup
+	$(PY) -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist load
 
 bench: $(STAMP) bench-peer-install
 	$(PY) -m bench

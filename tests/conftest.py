@@ -35,7 +35,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.kafka)
         if item.path.name.startswith("test_bench_"):
             item.add_marker(pytest.mark.bench)
-    # Longest first: under pytest-xdist (`--dist loadgroup` hands ungrouped the first tests out round-robin)
+    # Longest first: under pytest-xdist (`--dist load` hands the first tests out round-robin)
     # the slow modules start at once on every worker and the short ones fill in at the end,
     # instead of one long test starting last. A module stays in one piece (its module-scoped
     # fixtures are set up once per worker); the order within it is unchanged.

@@ -10,6 +10,7 @@ into another object's private attributes, no package module over 400 lines.
 from __future__ import annotations
 
 import ast
+import fcntl
 import os
 import shutil
 import subprocess
@@ -25,9 +26,6 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGE_DIRS = ("skyfill", "protocol", "net", "storage", "consumer", "backfill", "publish", "app", "cli")
 MAX_LINES = 400
 
-# One worker builds and installs the package for all of them (`make test` runs --dist loadgroup).
-pytestmark = pytest.mark.xdist_group("installed")
-
 
 @dataclass(frozen=True)
 class Installed:
@@ -36,21 +34,28 @@ class Installed:
 
 
 @pytest.fixture(scope="session")
-def installed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Installed]:
-    """`pip install --no-deps .` into a new, empty venv (the dependencies are this venv's). From a
-    copy of the tree: pip builds in place, and a build/ left in the checkout would carry deleted
+def installed(tmp_path_factory: pytest.TempPathFactory, worker_id: str) -> Iterator[Installed]:
+    """`pip install --no-deps .` into a new, empty venv (the dependencies are this venv's), once
+    per run: under pytest-xdist the first worker builds it and the others wait on the lock. From
+    a copy of the tree: pip builds in place, and a build/ left in the checkout would carry deleted
     modules into the next wheel."""
-    venv = tmp_path_factory.mktemp("venv") / "v"
-    source = tmp_path_factory.mktemp("source") / "skyfill"
-    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(
-        ".git", ".venv", ".cache", "build", "node_modules", "__pycache__", "*.egg-info", "data", "results"))
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, capture_output=True)
-    py = venv / "bin" / "python"
-    done = subprocess.run([str(py), "-m", "pip", "install", "-q", "--no-deps", str(source)],
-                          capture_output=True, text=True, cwd=venv)
-    assert done.returncode == 0, done.stderr[-3000:]
-    site = Path(subprocess.check_output([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                                        text=True).strip())
+    root = tmp_path_factory.getbasetemp()
+    if worker_id != "master":
+        root = root.parent  # the run's workers share this folder
+    venv = root / "installed" / "venv"
+    with open(root / "installed.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (root / "installed" / "done").exists():
+            source = root / "installed" / "source"
+            shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(
+                ".git", ".venv", ".cache", "build", "node_modules", "__pycache__", "*.egg-info", "data", "results"))
+            subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, capture_output=True)
+            done = subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "--no-deps", str(source)],
+                                  capture_output=True, text=True, cwd=venv)
+            assert done.returncode == 0, done.stderr[-3000:]
+            (root / "installed" / "done").touch()
+    site = Path(subprocess.check_output(
+        [str(venv / "bin" / "python"), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], text=True).strip())
     yield Installed(venv=venv, site=site)
 
 
