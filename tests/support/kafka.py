@@ -27,7 +27,7 @@ from types import TracebackType
 from typing import IO
 
 from skyfill.app.daemon_client import pid_alive
-from tests.support.wait import free_port
+from tests.support.wait import free_port, poll
 
 __all__ = ["KafkaBroker", "tansu_binary", "free_port"]
 
@@ -54,6 +54,12 @@ def _wait_listening(port: int, proc: subprocess.Popen[bytes], timeout: float) ->
         except OSError:
             time.sleep(0.02)
     raise TimeoutError(f"tansu did not listen on 127.0.0.1:{port} within {timeout}s")
+
+
+def _state(pid: int) -> str:
+    """The process state letter from /proc/PID/stat (R running, S sleeping, T stopped, ...)."""
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0]
 
 
 class KafkaBroker:
@@ -93,9 +99,12 @@ class KafkaBroker:
         return self
 
     def freeze(self) -> None:
-        """SIGSTOP: the socket stays open but nothing answers, like a hung or partitioned broker."""
+        """SIGSTOP: the socket stays open but nothing answers, like a hung or partitioned broker.
+        Returns once the kernel reports the process stopped (the signal is delivered
+        asynchronously)."""
         os.kill(self.pid, signal.SIGSTOP)
         self._frozen = True
+        poll(lambda: _state(self.pid) in ("T", "t"), timeout=10, what="the broker stopped", interval=0.005)
 
     def thaw(self) -> None:
         os.kill(self.pid, signal.SIGCONT)
