@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
+from collections.abc import Iterable
 from typing import Any
 
 import click
@@ -104,25 +105,24 @@ def _print_status(report: dict[str, Any]) -> None:
     console.print(f"[bold]cursor[/] {cursors}   [bold]lag[/] {'n/a' if lag is None else f'{lag:.1f}s'}"
                   f"   [bold]consumer[/] {'running' if report['consumer_running'] else 'stopped'}")
     repos = report["repos"]
-    table = Table(title=f"repos: {repos['total']}")
-    table.add_column("sync state")
-    table.add_column("count", justify="right")
-    for k, v in repos["by_sync_state"].items():
-        table.add_row(k, str(v))
-    for k, v in repos["by_status"].items():
-        table.add_row(f"status {k}", str(v))
-    for k, v in repos["by_backfill_status"].items():
-        table.add_row(f"backfill {k}", str(v))
-    console.print(table)
+    console.print(_counts(f"repos: {repos['total']}", "sync state", [
+        *repos["by_sync_state"].items(),
+        *((f"status {k}", v) for k, v in repos["by_status"].items()),
+        *((f"backfill {k}", v) for k, v in repos["by_backfill_status"].items()),
+    ]))
     records = report["records"]
-    rt = Table(title=f"records: {records['total']}")
-    rt.add_column("collection")
-    rt.add_column("count", justify="right")
-    for k, v in records["by_collection"].items():
-        rt.add_row(k, str(v))
-    console.print(rt)
+    console.print(_counts(f"records: {records['total']}", "collection", records["by_collection"].items()))
     if report["backfill_queue"]:
         console.print("backfill queue: " + ", ".join(f"{k}={v}" for k, v in report["backfill_queue"].items()))
 
 
 COMMANDS = [consume, status]
+
+
+def _counts(title: str, label: str, rows: Iterable[tuple[str, Any]]) -> Table:
+    table = Table(title=title)
+    table.add_column(label)
+    table.add_column("count", justify="right")
+    for k, v in rows:
+        table.add_row(k, str(v))
+    return table

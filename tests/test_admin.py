@@ -311,7 +311,7 @@ async def test_backfill_through_daemon_sends_only_options_the_user_set(tmp_path:
 @pytest.fixture
 def foreign_pid() -> Iterator[int]:
     """A live process that is not a skyfill daemon (what a reused pid points at after kill -9)."""
-    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    proc = subprocess.Popen([sys.executable, "-c", "import signal; signal.pause()"])
     try:
         yield proc.pid
     finally:

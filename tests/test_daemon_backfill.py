@@ -12,7 +12,6 @@ import sys
 from pathlib import Path
 
 import duckdb
-import libipld
 import orjson
 
 from skyfill.protocol.repo import parse_repo
@@ -72,12 +71,8 @@ def test_backfill_cli_goes_through_the_running_daemon(tmp_path: Path) -> None:
 
 def test_consume_backfill_repairs_a_broken_chain_by_itself(tmp_path: Path) -> None:
     world = World(22, n_dids=3, initial_records=(10, 10))
-    frames = list(world.frames(150))
     victim = world.dids[0]
-    # Drop one commit of the victim in the middle: its next commit no longer chains on.
-    idx = [i for i, f in enumerate(frames) if _repo_of(f) == victim]
-    assert len(idx) >= 3
-    relayed = frames[: idx[1]] + frames[idx[1] + 1 :]
+    relayed = break_chain(list(world.frames(150)), victim)
     db = tmp_path / "b.duckdb"
     with FaultServer() as srv, LocalRelay(relayed) as relay:
         _serve_world(srv, world)
@@ -95,10 +90,7 @@ def test_consume_backfill_repairs_a_broken_chain_by_itself(tmp_path: Path) -> No
         finally:
             proc.send_signal(signal.SIGTERM)
             assert proc.wait(timeout=10) == 0
-    con = duckdb.connect(str(db), read_only=True)
-    row = con.execute("SELECT sync_state, backfill_status FROM repos WHERE did = ?", [victim]).fetchone()
-    con.close()
-    assert row == ("synchronized", "ok")
+    assert _repo_state(db, victim) == ("synchronized", "ok")
     assert _records(db, victim) == dict(parse_repo(world.repo_car(victim), did=victim, key=None).records)
 
 
@@ -121,12 +113,13 @@ def test_consume_backfill_uses_the_backfill_options_given(tmp_path: Path) -> Non
         finally:
             proc.send_signal(signal.SIGTERM)
             assert proc.wait(timeout=10) == 0
+    assert _repo_state(db, victim) == ("desynchronized", "Failed")
+
+
+def _repo_state(db: Path, did: str) -> tuple[str, str] | None:
+    """(sync_state, backfill_status) of `did`'s repos row."""
     con = duckdb.connect(str(db), read_only=True)
-    row = con.execute("SELECT sync_state, backfill_status FROM repos WHERE did = ?", [victim]).fetchone()
-    con.close()
-    assert row == ("desynchronized", "Failed")
-
-
-def _repo_of(frame: bytes) -> str | None:
-    header, body = libipld.decode_dag_cbor_multi(frame)
-    return body.get("repo") if header.get("t") == "#commit" else None
+    try:
+        return con.execute("SELECT sync_state, backfill_status FROM repos WHERE did = ?", [did]).fetchone()
+    finally:
+        con.close()
