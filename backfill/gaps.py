@@ -11,8 +11,8 @@ Python only merges the DID sets. A DID may carry several reasons.
                       the coverage spans); DIDs first seen before such a stretch are audited
                       against their PDS (head rev moved past the held rev?) or, without an
                       auditor, flagged when their last event is within `no_audit_margin` of it
-    referenced        DIDs that records created in the window liked, reposted, replied to
-                      (parent and root), quoted or followed, whose repos were never backfilled
+    referenced        DIDs that records seen in the window (event_at) liked, reposted, replied
+                      to (parent and root), quoted or followed, whose repos were never backfilled
     explicit          DIDs the caller named
 
 Terminal outcomes are not retried by accident: every automatic reason skips DIDs whose last
@@ -68,7 +68,6 @@ UNKNOWN_HOST: Final = ""
 DEFAULT_NO_AUDIT_MARGIN: Final = timedelta(hours=24)
 DEFAULT_MIN_DOWNTIME: Final = timedelta(seconds=5)
 
-_DID_RE_SQL: Final = "^did:[a-z]+:[a-zA-Z0-9._:%-]*[a-zA-Z0-9._-]$"
 
 
 
@@ -127,27 +126,16 @@ WHERE first_seen_at <= $end AND last_event_at >= $start
   AND backfilled_at IS NULL AND active AND {not_terminal()}
 """
 
-# One JSON parse per record extracts every path; which path applies depends on the collection
-# (a post has no `subject`, a like no `reply`), the others come back NULL. A like's `$.subject`
-# is an object and comes back as JSON text starting with '{', so only follows pass the 'did:' test.
+# `refs` holds the DIDs each like/repost/post/follow references, extracted when the record was
+# written (storage/schema.sql record_refs): no JSON is parsed here. "Created in the window" is
+# the record's event time (when the network saw it), not its claimed createdAt.
 _REFERENCED_SQL: Final = f"""
-WITH refs AS (
-    SELECT unnest(json_extract_string(record, [
-        '$.subject', '$.subject.uri', '$.reply.parent.uri', '$.reply.root.uri',
-        '$.embed.record.uri', '$.embed.record.record.uri'])) AS ref
-    FROM records
-    WHERE collection IN ('app.bsky.feed.like', 'app.bsky.feed.repost',
-                         'app.bsky.feed.post', 'app.bsky.graph.follow')
-      AND created_at >= $start AND created_at <= $end
-),
-dids AS (
-    SELECT DISTINCT CASE WHEN starts_with(ref, 'did:') THEN ref ELSE split_part(ref, '/', 3) END AS did
-    FROM refs
-    WHERE starts_with(ref, 'did:') OR starts_with(ref, 'at://did:')
+WITH dids AS (
+    SELECT DISTINCT unnest(refs) AS did FROM records
+    WHERE refs IS NOT NULL AND event_at >= $start AND event_at <= $end
 )
 SELECT d.did FROM dids d LEFT JOIN repos r ON r.did = d.did
-WHERE regexp_full_match(d.did, '{_DID_RE_SQL}') AND length(d.did) <= 2048
-  AND (r.did IS NULL OR (r.backfilled_at IS NULL AND r.active AND {not_terminal('r')}))
+WHERE r.did IS NULL OR (r.backfilled_at IS NULL AND r.active AND {not_terminal('r')})
 """
 
 # DIDs that existed before some downtime stretch; `_gaps(gap_start, gap_end)` is registered.

@@ -77,7 +77,7 @@ def fold_ops(commit: Commit, batch: Batch, want: Callable[[str], bool] | None) -
         if op.action == "delete":
             batch.delete_record(did, op.collection, op.rkey)
         elif op.record is not None and op.cid is not None:
-            batch.put_record(did, op.collection, op.rkey, RecordPut(op.cid, rev, op.record, op.created_at))
+            batch.put_record(did, op.collection, op.rkey, RecordPut(op.cid, rev, op.record, op.created_at, commit.time))
         # else: a create/update without its body (tooBig): the backfill brings it.
 
 

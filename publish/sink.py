@@ -107,6 +107,9 @@ class _Fold:
                 RecordPut(
                     cid=m["cid"], rev=rev, record=_dumps(record),
                     created_at=created if is_valid_datetime(created) else None,
+                    # a firehose message's time is the event's; a backfill message's is the
+                    # reconcile's wall clock, so the store derives it from the TID instead
+                    event_at=m.get("time") if m.get("source") == "firehose" else None,
                 ),
             )
             self.live[key] = rev

@@ -10,7 +10,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 __all__ = ["REGISTRY", "serve", "FIREHOSE_EVENTS", "FIREHOSE_ERRORS", "FIREHOSE_UNVERIFIABLE", "FIREHOSE_VERDICTS",
            "FIREHOSE_LAST_SEQ", "FIREHOSE_LAG", "FIREHOSE_CONNECTED", "FIREHOSE_RECONNECTS",
            "DESYNCHRONIZED", "DESYNCHRONIZED_DIDS", "BATCH_WRITE_SECONDS", "BATCH_EVENTS",
-           "STORE_HEALTHY", "STORAGE_ERRORS", "STORAGE_COMMITTED_SEQ",
+           "STORE_HEALTHY", "STORAGE_ERRORS", "STORAGE_COMMITTED_SEQ", "STORE_COMPACTIONS", "STORE_COMPACTION_SECONDS",
            "BACKFILL_REPOS", "BACKFILL_RECORDS", "BACKFILL_HOSTS_PARKED", "BACKFILL_REQUESTS",
            "KAFKA_CONNECTED", "KAFKA_PUBLISH_RETRIES", "KAFKA_PUBLISHED", "KAFKA_SINK_MESSAGES",
            "KAFKA_WORKER_REQUESTS"]
@@ -60,6 +60,14 @@ STORAGE_ERRORS = Counter(
     "skyfill_storage_errors_total",
     "Failed batch writes, by kind (no_space, io, invalidated, other); each failed retry counts",
     ["kind"], registry=REGISTRY,
+)
+STORE_COMPACTIONS = Counter(
+    "skyfill_store_compactions_total", "Compactions of the version logs into the bases, by outcome (ok|failed)",
+    ["outcome"], registry=REGISTRY,
+)
+STORE_COMPACTION_SECONDS = Histogram(
+    "skyfill_store_compaction_seconds", "Seconds per compaction", registry=REGISTRY,
+    buckets=(0.01, 0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
 )
 STORAGE_COMMITTED_SEQ = Gauge(
     "skyfill_storage_committed_seq", "The stored cursor: last seq whose effects are durable", registry=REGISTRY

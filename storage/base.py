@@ -14,7 +14,6 @@ import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +21,8 @@ import duckdb
 import pyarrow as pa
 
 from skyfill.errors import DatabaseLocked, StorageError
+
+from .migrate import prepare_schema
 
 __all__ = ["StoreBase", "Reader", "failure_kind", "storage_errors", "now_utc", "CHECKPOINT_THRESHOLD"]
 
@@ -97,9 +98,8 @@ class StoreBase:
         self._lock = threading.RLock()
         self.read_only = read_only
         try:
+            prepare_schema(self._conn, self.path, read_only=read_only)
             if not read_only:
-                schema = resources.files("skyfill.storage").joinpath("schema.sql").read_text()
-                self._conn.execute(schema)
                 # DuckDB checkpoints when the WAL passes 16 MB by default, and a checkpoint's cost grows
                 # with the table: on 200k firehose frames COMMIT was over half of Store.apply. Durability
                 # is unchanged (every COMMIT still syncs the WAL); a crash means a longer WAL replay.

@@ -27,6 +27,7 @@ class RecordPut:
     rev: str | None
     record: str | None          # JSON text in the atproto JSON form
     created_at: str | None      # the record's createdAt when it is a valid atproto datetime
+    event_at: str | None = None  # the firehose event's `time` (ISO); None: the TID time of rkey/rev
 
 
 @dataclass(slots=True)

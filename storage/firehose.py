@@ -15,9 +15,11 @@ from typing import Any
 import duckdb
 import pyarrow as pa
 
-from .base import StoreBase, now_utc
+from .base import now_utc
 from .batch import Batch, RepoRow
+from .compaction import Compacting
 from .queries import COUNT_DESYNCHRONIZED_SQL
+from .records import append_deletes, append_purges, append_puts, next_version
 from .states import CoverageEnd
 
 __all__ = ["FirehoseWrites", "RECORD_SCHEMA", "KEY_SCHEMA", "REPO_SCHEMA", "REPO_FIELDS", "record_columns"]
@@ -33,6 +35,7 @@ RECORD_SCHEMA = pa.schema(
         ("rev", pa.string()),
         ("record", pa.string()),
         ("created_at", pa.string()),
+        ("event_at", pa.string()),
     ]
 )
 KEY_SCHEMA = pa.schema([("did", pa.string()), ("collection", pa.string()), ("rkey", pa.string())])
@@ -54,7 +57,6 @@ REPO_SCHEMA = pa.schema(
     ]
 )
 REPO_FIELDS = [f.name for f in REPO_SCHEMA]
-# Uncheckpointed rows stay in memory (DuckDB IN_MEMORY_TABLE ~ WAL size), so this trades RSS
 def record_columns(batch: Batch) -> tuple[dict[str, list[Any]], dict[str, list[Any]]]:
     """Split a reduced batch into upsert columns and delete-key columns."""
     # Column-wise comprehensions, not one append per cell: this runs in the writer thread and
@@ -71,6 +73,7 @@ def record_columns(batch: Batch) -> tuple[dict[str, list[Any]], dict[str, list[A
     puts["rev"] = [p.rev for p in put_rows]
     puts["record"] = [p.record for p in put_rows]
     puts["created_at"] = [p.created_at for p in put_rows]
+    puts["event_at"] = [p.event_at for p in put_rows]
     dels: dict[str, list[Any]] = dict(zip(("did", "collection", "rkey"), _transpose(del_keys), strict=True))
     return puts, dels
 
@@ -95,7 +98,7 @@ def ts_sql(col: str) -> str:
     return f"TRY_CAST({col} AS TIMESTAMPTZ)"
 
 
-class FirehoseWrites(StoreBase):
+class FirehoseWrites(Compacting):
     """Store methods for the firehose consumer and the Kafka sink (`apply`) and their start-up reads."""
 
     def apply(self, batch: Batch) -> None:
@@ -105,6 +108,7 @@ class FirehoseWrites(StoreBase):
         now = now_utc()
         puts_cols, del_cols = record_columns(batch)
         self._txn(lambda con: self._apply_in(con, batch, now, puts_cols, del_cols))
+        self._note_appended(len(batch.records) + len(batch.purged_dids))
 
     def _apply_in(
         self,
@@ -114,19 +118,13 @@ class FirehoseWrites(StoreBase):
         puts_cols: dict[str, list[Any]],
         del_cols: dict[str, list[Any]],
     ) -> None:
+        v = next_version(con)
         if batch.purged_dids:
-            con.register("_purged", pa.table({"did": sorted(batch.purged_dids)}))
-            con.execute("DELETE FROM records WHERE did IN (SELECT did FROM _purged)")
-            con.unregister("_purged")
+            append_purges(con, v, sorted(batch.purged_dids))
         if del_cols["did"]:
-            con.register("_dels", arrow_table(del_cols, KEY_SCHEMA))
-            con.execute(
-                "DELETE FROM records r USING _dels d "
-                "WHERE r.did = d.did AND r.collection = d.collection AND r.rkey = d.rkey"
-            )
-            con.unregister("_dels")
+            append_deletes(con, v, arrow_table(del_cols, KEY_SCHEMA), now)
         if puts_cols["did"]:
-            self._upsert_records(con, arrow_table(puts_cols, RECORD_SCHEMA), now)
+            append_puts(con, v, arrow_table(puts_cols, RECORD_SCHEMA), now)
         if batch.repos:
             self._upsert_repos(con, batch.repos.values())
         if batch.cursor is not None:
@@ -144,23 +142,6 @@ class FirehoseWrites(StoreBase):
                 f"last_event_at = coalesce({ts_sql('?::VARCHAR')}, last_event_at) WHERE id = ?",
                 [c.first_seq, c.last_seq, c.first_event_at, c.last_event_at, c.id],
             )
-
-    @staticmethod
-    def _upsert_records(
-        con: duckdb.DuckDBPyConnection, table: pa.Table, now: datetime, *, insert_only: bool = False
-    ) -> None:
-        # insert_only: the caller knows no key exists yet (a plain INSERT is ~35% cheaper)
-        upsert = "" if insert_only else (
-            " ON CONFLICT (did, collection, rkey) DO UPDATE SET cid = excluded.cid, rev = excluded.rev, "
-            "record = excluded.record, created_at = excluded.created_at, indexed_at = excluded.indexed_at"
-        )
-        con.register("_puts", table)
-        con.execute(
-            "INSERT INTO records "
-            f"SELECT did, collection, rkey, cid, rev, record::JSON, {ts_sql('created_at')}, ? FROM _puts" + upsert,
-            [now],
-        )
-        con.unregister("_puts")
 
     @staticmethod
     def _upsert_repos(con: duckdb.DuckDBPyConnection, rows: Iterable[RepoRow]) -> None:

@@ -20,6 +20,7 @@ from .base import now_utc
 from .batch import Batch, Change, RecordChange, RepoChange
 from .firehose import KEY_SCHEMA, RECORD_SCHEMA, FirehoseWrites, record_columns
 from .queue import mark_backfilled
+from .records import COUNT_STORED_SQL, STORED_CIDS_SQL, append_deletes, append_puts, next_version
 from .states import BackfillStatus, SyncState
 
 __all__ = ["Reconciling", "ReconcileCounts", "RECONCILE_CHUNK"]
@@ -83,7 +84,7 @@ class Reconciling(FirehoseWrites):
             if trust_data_root and not (emit is not None and snapshot) and _same_root(con, did, data_cid):
                 # no stored records under a trusted root: an empty repo, or a purged account that
                 # came back (the purge leaves the row synchronized); the full path is cheap then
-                stored = int(con.execute("SELECT count(*) FROM records WHERE did = ?", [did]).fetchall()[0][0])
+                stored = int(con.execute(COUNT_STORED_SQL, [did]).fetchall()[0][0])
                 if stored:
                     return _reconcile_unchanged(con, did, rev, stored, now, after, emit)
             return _reconcile_full(con, fetched() if callable(fetched) else fetched)
@@ -115,26 +116,20 @@ class Reconciling(FirehoseWrites):
         ) -> ReconcileCounts:
             existing = dict(
                 ((c, k), cid)
-                for c, k, cid in con.execute(
-                    "SELECT collection, rkey, cid FROM records WHERE did = ?", [did]
-                ).fetchall()
+                for c, k, cid in con.execute(STORED_CIDS_SQL, [did]).fetchall()
             )
             changed = [key for key, cid in fetched.items() if existing.get(key) != cid]
             gone = [key for key in existing if key not in fetched]
             added = sum(1 for key in changed if key not in existing)
             # snapshot: decode every record once (to publish it), write only the changed ones
             every = materialize(list(fetched)) if emit is not None and snapshot else None
+            v = next_version(con)
             if gone:
                 dels = pa.table(
                     {"did": [did] * len(gone), "collection": [k[0] for k in gone], "rkey": [k[1] for k in gone]},
                     schema=KEY_SCHEMA,
                 )
-                con.register("_dels", dels)
-                con.execute(
-                    "DELETE FROM records r USING _dels d "
-                    "WHERE r.did = d.did AND r.collection = d.collection AND r.rkey = d.rkey"
-                )
-                con.unregister("_dels")
+                append_deletes(con, v, dels, now)
             kept: list[RecordColumns] = []
             # Chunks bound the decoded JSON and Arrow copies held at once; all in this transaction.
             for lo in range(0, len(changed), RECONCILE_CHUNK):
@@ -150,11 +145,11 @@ class Reconciling(FirehoseWrites):
                         "rev": [rev] * n,
                         "record": cols.record,
                         "created_at": cols.created_at,
+                        "event_at": [None] * n,   # a fetched repo has no event time: the TID's
                     },
                     schema=RECORD_SCHEMA,
                 )
-                # `existing` is every stored key of the DID, read in this transaction
-                self._upsert_records(con, table, now, insert_only=not existing)
+                append_puts(con, v, table, now)
                 del table
                 if emit is not None and every is None:
                     kept.append(cols)
@@ -170,7 +165,9 @@ class Reconciling(FirehoseWrites):
                 unchanged=len(fetched) - len(changed),
             )
 
-        return self._txn(body)  # type: ignore[no-any-return]
+        counts: ReconcileCounts = self._txn(body)
+        self._note_appended(counts.added + counts.updated + counts.deleted + (len(after.records) if after else 0))
+        return counts
 
     def trusted_root(self, did: str) -> str | None:
         """The stored data root under which `reconcile` would skip the diff (None: it would not).
@@ -185,7 +182,7 @@ class Reconciling(FirehoseWrites):
     def stored_cids(self, did: str) -> dict[tuple[str, str], str]:
         """(collection, rkey) -> CID of the stored records of `did`, read outside the write lock."""
         with self.read() as reader:
-            rows = reader.fetchall("SELECT collection, rkey, cid FROM records WHERE did = ?", [did])
+            rows = reader.fetchall(STORED_CIDS_SQL, [did])
         return {(c, k): cid for c, k, cid in rows}
 
 

@@ -24,18 +24,74 @@ CREATE TABLE IF NOT EXISTS repos (
     backfilled_rev       VARCHAR
 );
 
--- One row per live record.
-CREATE TABLE IF NOT EXISTS records (
+-- Records: an append-only log of versions folded by compaction into a deduplicated base
+-- (storage/records.py). Nothing here has a primary key or is ever UPDATEd: DuckDB re-writes a
+-- whole indexed table at the COMMIT of an upsert, so those costs grew with the mirror. Users
+-- query the `records` view (storage/views.sql): one row per live record.
+CREATE SEQUENCE IF NOT EXISTS write_version;   -- one value per reduced batch written (`v`)
+
+CREATE TABLE IF NOT EXISTS record_log (
+    v           BIGINT NOT NULL,
+    did         VARCHAR NOT NULL,
+    collection  VARCHAR NOT NULL,
+    rkey        VARCHAR NOT NULL,
+    cid         VARCHAR,              -- NULL: the key was deleted at v
+    rev         VARCHAR,
+    record      JSON USING COMPRESSION zstd,
+    created_at  TIMESTAMPTZ,
+    indexed_at  TIMESTAMPTZ NOT NULL,
+    event_at    TIMESTAMPTZ,
+    refs        VARCHAR[]
+);
+
+-- Account deletions: every record of `did` written before version v is gone.
+CREATE TABLE IF NOT EXISTS record_purges (
+    v    BIGINT NOT NULL,
+    did  VARCHAR NOT NULL
+);
+
+-- One row per live record as of the last compaction, sorted by (did, collection, rkey) when
+-- written, so a DID's rows sit in few row groups and `WHERE did = ?` is served by zone maps.
+CREATE TABLE IF NOT EXISTS record_base (
     did         VARCHAR NOT NULL,
     collection  VARCHAR NOT NULL,
     rkey        VARCHAR NOT NULL,
     cid         VARCHAR NOT NULL,
     rev         VARCHAR,
-    record      JSON,
-    created_at  TIMESTAMPTZ,
-    indexed_at  TIMESTAMPTZ NOT NULL,
-    PRIMARY KEY (did, collection, rkey)
+    record      JSON USING COMPRESSION zstd,
+    created_at  TIMESTAMPTZ,          -- what the record claims (`createdAt`), as written
+    indexed_at  TIMESTAMPTZ NOT NULL, -- when this mirror stored this version
+    event_at    TIMESTAMPTZ,          -- when the network saw it: firehose `time`, else TID time of rkey, else of rev
+    refs        VARCHAR[]             -- DIDs a like/repost/post/follow references, extracted at write time
 );
+
+-- Key/value facts about the file itself (schema_version).
+CREATE TABLE IF NOT EXISTS meta (
+    key    VARCHAR PRIMARY KEY,
+    value  VARCHAR NOT NULL
+);
+
+-- The microseconds of a TID (13 base32-sortable chars) as a timestamp; NULL when `t` is not a TID.
+CREATE OR REPLACE MACRO tid_time(t) AS CASE
+    WHEN regexp_full_match(t, '[234567abcdefghij][234567abcdefghijklmnopqrstuvwxyz]{12}') THEN
+        make_timestamptz(list_reduce(
+            list_transform(range(1, 14), lambda i: (instr('234567abcdefghijklmnopqrstuvwxyz', t[i]) - 1)::BIGINT),
+            lambda acc, x: acc * 32 + x) >> 10)
+END;
+
+-- The DIDs a record references: the subject of a follow (a DID) or of a like/repost (an at://
+-- URI), a post's reply parent and root and its quoted record. NULL for other collections.
+CREATE OR REPLACE MACRO record_refs(collection, record) AS CASE
+    WHEN collection IN ('app.bsky.feed.like', 'app.bsky.feed.repost', 'app.bsky.feed.post', 'app.bsky.graph.follow') THEN
+        list_distinct(list_filter(
+            list_transform(
+                json_extract_string(record, ['$.subject', '$.subject.uri', '$.reply.parent.uri', '$.reply.root.uri',
+                                             '$.embed.record.uri', '$.embed.record.record.uri']),
+                lambda ref: CASE WHEN starts_with(ref, 'did:') THEN ref
+                                 WHEN starts_with(ref, 'at://did:') THEN split_part(ref, '/', 3) END),
+            lambda d: d IS NOT NULL AND length(d) <= 2048
+                      AND regexp_full_match(d, '^did:[a-z]+:[a-zA-Z0-9._:%-]*[a-zA-Z0-9._-]$')))
+END;
 
 -- Where to resume each firehose source. Written in the same transaction as the effects.
 CREATE TABLE IF NOT EXISTS cursors (

@@ -76,7 +76,7 @@ def test_unchanged_root_skips_diff_and_keeps_records(store: SetupStore) -> None:
 def test_untrusted_row_gets_a_full_reconcile(store: SetupStore, breakage: str) -> None:
     s = snap()
     reconcile(store, s)
-    store.execute_write("DELETE FROM records WHERE rkey = (SELECT min(rkey) FROM records)")
+    store.delete_records("rkey = (SELECT min(rkey) FROM records)")
     store.execute_write(breakage)
     assert store.trusted_root(s.did) is None
     counts = reconcile(store, s)
@@ -87,7 +87,7 @@ def test_untrusted_row_gets_a_full_reconcile(store: SetupStore, breakage: str) -
 def test_fast_path_off_when_the_caller_says_so(store: SetupStore) -> None:
     s = snap()
     reconcile(store, s)
-    store.execute_write("DELETE FROM records WHERE rkey = (SELECT min(rkey) FROM records)")
+    store.delete_records("rkey = (SELECT min(rkey) FROM records)")
     assert reconcile(store, s, trust_data_root=False).added == 1  # type: ignore[attr-defined]
     assert stored(store) == s.records
 
@@ -96,7 +96,7 @@ def test_records_decoded_before_the_lock_survive_a_concurrent_change(store: Setu
     s = snap()
     decode = premade(store, s, every=False)  # fresh DID: decodes every record now (consumes its blocks)
     reconcile(store, snap())  # meanwhile another writer stores the repo
-    store.execute_write("DELETE FROM records WHERE rkey = (SELECT min(rkey) FROM records)")
+    store.delete_records("rkey = (SELECT min(rkey) FROM records)")
     store.execute_write("UPDATE repos SET sync_state = 'desynchronized'")
     counts = store.reconcile(s.did, rev=s.rev, data_cid=s.data_cid, commit_cid=s.commit_cid,
                              fetched=s.records, materialize=decode)
@@ -155,6 +155,6 @@ def test_trusted_root_with_no_stored_records_is_reconciled_in_full(store: SetupS
     # a purged account that comes back keeps its row synchronized under the old root
     s = snap()
     reconcile(store, s)
-    store.execute_write("DELETE FROM records")
+    store.delete_records()
     assert reconcile(store, s).added == len(s.records)  # type: ignore[attr-defined]
     assert stored(store) == s.records

@@ -88,11 +88,10 @@ async def test_reconcile_adds_updates_deletes(store: SetupStore, world: World, s
     matching, changed, missing = keys[:10], keys[10:15], keys[15:]
     vanished = [("app.bsky.feed.like", "3kgone000000a"), ("app.bsky.feed.post", "3kgone000000b")]
     now = datetime.now(UTC)
-    for key, cid in [(k, truth.records[k]) for k in matching] + [(k, "bafyreistale") for k in changed] + [
-            (k, "bafyreivanished") for k in vanished]:
-        store.execute_write(
-            "INSERT INTO records (did, collection, rkey, cid, record, indexed_at) VALUES (?, ?, ?, ?, '{}', ?)",
-            [did, key[0], key[1], cid, now])
+    store.put_records(
+        (did, key[0], key[1], cid, "{}", None, None)
+        for key, cid in [(k, truth.records[k]) for k in matching] + [(k, "bafyreistale") for k in changed] + [
+            (k, "bafyreivanished") for k in vanished])
     store.execute_write(
         "INSERT INTO repos (did, first_seen_at, sync_state, desynced_at) VALUES (?, ?, 'desynchronized', ?)",
         [did, now, now])

@@ -71,8 +71,8 @@ def _with_uncheckpointed_wal(path: Path) -> None:
         "con = duckdb.connect(sys.argv[1])\n"
         "con.execute(\"SET checkpoint_threshold = '1GB'\")\n"
         "con.execute(\"INSERT INTO cursors VALUES ('relay', 1, now())\")\n"
-        "con.execute(\"INSERT INTO records SELECT 'did:plc:x', 'app.bsky.feed.post', 'k' || i, 'c', NULL, NULL, "
-        "NULL, now() FROM range(500) t(i)\")\n"
+        "con.execute(\"INSERT INTO record_log (v, did, collection, rkey, cid, indexed_at) SELECT 1, 'did:plc:x', "
+        "'app.bsky.feed.post', 'k' || i, 'c', now() FROM range(500) t(i)\")\n"
         "os._exit(0)\n"  # no checkpoint, no clean close: the WAL stays
     )
     subprocess.run([sys.executable, "-c", code, str(path)], check=True)

@@ -44,10 +44,8 @@ def add_repo(
 
 
 def add_record(store: SetupStore, did: str, collection: str, rkey: str, record: dict, created_at: datetime) -> None:
-    store.execute_write(
-        "INSERT INTO records (did, collection, rkey, cid, record, created_at, indexed_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
-        [did, collection, rkey, "bafyreia", json.dumps(record), created_at, created_at],
-    )
+    at = created_at.isoformat()
+    store.put_records([(did, collection, rkey, "bafyreia", json.dumps(record), at, at)])
 
 
 def add_coverage(store: SetupStore, first: datetime, last: datetime | None, ended: str = "clean") -> None:

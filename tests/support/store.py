@@ -12,7 +12,7 @@ from typing import Any
 
 import duckdb
 
-from skyfill.storage import Store
+from skyfill.storage import Batch, RecordPut, Store
 
 __all__ = ["SetupStore"]
 
@@ -25,6 +25,23 @@ class SetupStore(Store):
             con.execute(sql, list(params))
 
         self._txn(body)
+
+    def put_records(self, rows: Iterable[tuple[str, str, str, str, str | None, str | None, str | None]]) -> None:
+        """Store (did, collection, rkey, cid, record JSON, createdAt ISO, event time ISO) rows, one
+        batch, through the write path (records are versions appended to a log: no raw INSERT)."""
+        batch = Batch()
+        for did, collection, rkey, cid, record, created_at, event_at in rows:
+            batch.put_record(did, collection, rkey, RecordPut(cid, None, record, created_at, event_at))
+        self.apply(batch)
+
+    def delete_records(self, where: str = "true", params: Iterable[Any] = ()) -> int:
+        """Delete the live records matching `where` (SQL over the `records` view) as the firehose would."""
+        keys = self.fetchall(f"SELECT did, collection, rkey FROM records WHERE {where}", params)
+        batch = Batch()
+        for did, collection, rkey in keys:
+            batch.delete_record(did, collection, rkey)
+        self.apply(batch)
+        return len(keys)
 
     def __enter__(self) -> SetupStore:
         return self

@@ -1,0 +1,114 @@
+"""Compaction: fold the version logs into the deduplicated bases, beside the writers.
+
+Every write appends to a log (storage/records.py), so the log grows until a compaction folds
+it into the base; the views stay correct at any log size, they only get slower as it grows.
+`Store` counts the rows it appends and, past `COMPACT_AFTER_ROWS`, starts one compaction in a
+background thread. The compaction runs on its own cursor and transaction, NOT under the write
+lock: writers keep appending meanwhile (they never delete, and only compaction does, so the
+two never conflict), and it folds only versions committed when it started (v <= upto_v).
+A failed compaction changes nothing (one transaction): it is logged, counted, and retried
+after the next `COMPACT_AFTER_ROWS` appends. `compact()` runs one in the caller's thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+from typing import Any, Final
+
+import duckdb
+
+from skyfill import metrics
+from skyfill.errors import StorageError
+
+from .base import StoreBase, storage_errors
+from .records import RecordCompaction, compact_records
+
+__all__ = ["Compacting", "Compaction", "COMPACT_AFTER_ROWS"]
+
+log = logging.getLogger(__name__)
+
+# Rows appended (record versions, deletions, purges) after which a compaction starts. The views
+# anti-join the log: at 250k rows that costs a few ms per query; a compaction of a 100M-record
+# base costs seconds of CPU, so this keeps it to a small share of a busy firehose's time.
+COMPACT_AFTER_ROWS: Final = 250_000
+
+_LOG_MAX_V = """
+SELECT coalesce(max(v), 0) FROM (
+    SELECT max(v) AS v FROM record_log UNION ALL SELECT max(v) FROM record_purges
+)
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class Compaction:
+    records: RecordCompaction | None   # None: nothing to fold
+
+
+class Compacting(StoreBase):
+    """Store methods that fold the logs into the bases (see the module docstring)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._compact_lock = threading.Lock()
+        self._compactor: threading.Thread | None = None
+        self._appended = 0
+
+    def close(self) -> None:
+        self.wait_compaction()
+        super().close()
+
+    def compact(self) -> Compaction:
+        """Fold every committed log row into the bases, now, in this thread."""
+        with self._compact_lock, storage_errors():
+            cur = self._conn.cursor()
+            try:
+                return self._compact_on(cur)
+            finally:
+                cur.close()
+
+    def _compact_on(self, cur: duckdb.DuckDBPyConnection) -> Compaction:
+        cur.execute("BEGIN TRANSACTION")
+        try:
+            upto = int(cur.execute(_LOG_MAX_V).fetchall()[0][0])
+            result = compact_records(cur, upto) if upto else None
+            cur.execute("COMMIT")
+        except BaseException:
+            try:
+                cur.execute("ROLLBACK")
+            except duckdb.Error:
+                pass  # a failed COMMIT already ended the transaction
+            raise
+        if result is not None and result.log_rows + result.purges:
+            metrics.STORE_COMPACTIONS.labels("ok").inc()
+            metrics.STORE_COMPACTION_SECONDS.observe(result.seconds)
+            log.info("compacted the record log", extra={"ctx": {
+                "log_rows": result.log_rows, "purges": result.purges, "base_deleted": result.base_deleted,
+                "base_inserted": result.base_inserted, "seconds": round(result.seconds, 3)}})
+        return Compaction(records=result)
+
+    def _note_appended(self, rows: int) -> None:
+        """Count appended log rows; start a background compaction past the threshold."""
+        self._appended += rows
+        if self._appended < COMPACT_AFTER_ROWS or self.read_only:
+            return
+        if self._compactor is not None and self._compactor.is_alive():
+            return
+        self._appended = 0
+        self._compactor = threading.Thread(target=self._compact_in_background, name="skyfill-compact", daemon=True)
+        self._compactor.start()
+
+    def _compact_in_background(self) -> None:
+        try:
+            self.compact()
+        except StorageError as exc:
+            metrics.STORE_COMPACTIONS.labels("failed").inc()
+            log.error("compaction failed; the logs are kept and it is retried later",
+                      extra={"ctx": {"error": str(exc)}})
+
+    def wait_compaction(self) -> None:
+        """Wait for a background compaction to end (close() does)."""
+        worker = self._compactor
+        if worker is not None:
+            worker.join()

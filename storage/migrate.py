@@ -1,0 +1,80 @@
+"""Bring a database file to the current schema when it is opened.
+
+    schema_version 1   `records` and `repos` were tables with primary keys, upserted in place
+    schema_version 2   versioned logs + compacted bases behind `records` and `repos` views
+
+A writable open creates what is missing and migrates a version-1 file in ONE transaction (a
+crash part-way leaves the file as it was), then (re)creates the views. A read-only open cannot
+migrate: it refuses a version-1 file with the command that migrates it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from importlib import resources
+from typing import Final
+
+import duckdb
+
+from skyfill.errors import StorageError
+
+from .records import migrate_records_v1
+
+__all__ = ["SCHEMA_VERSION", "MIGRATE_COMMAND", "prepare_schema", "schema_version"]
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION: Final = 2
+MIGRATE_COMMAND: Final = "skyfill migrate --db {path}"
+
+
+def _sql(name: str) -> str:
+    return resources.files("skyfill.storage").joinpath(name).read_text()
+
+
+def _is_table(con: duckdb.DuckDBPyConnection, name: str) -> bool:
+    rows = con.execute(
+        "SELECT 1 FROM duckdb_tables() WHERE database_name = current_database() AND schema_name = 'main' "
+        "AND table_name = ?",
+        [name],
+    ).fetchall()
+    return bool(rows)
+
+
+def schema_version(con: duckdb.DuckDBPyConnection) -> int | None:
+    """The file's schema version; None for a new, empty file."""
+    if _is_table(con, "meta"):
+        rows = con.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchall()
+        if rows:
+            return int(rows[0][0])
+    if _is_table(con, "records"):
+        return 1
+    return None
+
+
+def prepare_schema(con: duckdb.DuckDBPyConnection, path: str, *, read_only: bool) -> None:
+    """Create, migrate or check the schema of the open file (see the module docstring)."""
+    version = schema_version(con)
+    if version is not None and version > SCHEMA_VERSION:
+        raise StorageError(f"{path} has schema version {version}, newer than this skyfill's "
+                           f"{SCHEMA_VERSION}: upgrade skyfill to open it")
+    if read_only:
+        if version is not None and version < SCHEMA_VERSION:
+            raise StorageError(f"{path} is in the schema version {version} layout and this open is read-only: "
+                               f"migrate it first with `{MIGRATE_COMMAND.format(path=path)}`")
+        return
+    started = time.perf_counter()
+    con.execute("BEGIN TRANSACTION")
+    try:
+        con.execute(_sql("schema.sql"))
+        moved = migrate_records_v1(con) if version == 1 else 0
+        con.execute(_sql("views.sql"))
+        con.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", [str(SCHEMA_VERSION)])
+        con.execute("COMMIT")
+    except BaseException:
+        con.execute("ROLLBACK")
+        raise
+    if version == 1:
+        log.info("migrated the database to schema version %d", SCHEMA_VERSION,
+                 extra={"ctx": {"path": path, "records": moved, "seconds": round(time.perf_counter() - started, 1)}})

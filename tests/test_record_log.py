@@ -1,0 +1,261 @@
+"""The records layout: versions appended to a log, compacted into a base, one row per live record in the view.
+
+Every test compares the `records` view with a plain Python model of what the writes mean, before
+and after compactions, so a wrong anti-join, a lost purge or a compaction that folds too much shows
+up as a row too many or too few.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import duckdb
+import pytest
+
+from skyfill.errors import StorageError
+from skyfill.storage import Batch, RecordColumns, RecordPut, Store
+from skyfill.storage import compaction as compaction_module
+from tests.support.generate.records import tid
+from tests.support.wait import poll
+
+Key = tuple[str, str, str]
+LIKE = "app.bsky.feed.like"
+POST = "app.bsky.feed.post"
+FOLLOW = "app.bsky.graph.follow"
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[Store]:
+    s = Store(tmp_path / "s.duckdb")
+    yield s
+    s.close()
+
+
+def live(store: Store) -> dict[Key, str]:
+    rows = store.fetchall("SELECT did, collection, rkey, cid FROM records")
+    out = {(d, c, k): cid for d, c, k, cid in rows}
+    assert len(out) == len(rows), "the view shows a key twice"
+    return out
+
+
+def log_rows(store: Store) -> int:
+    return int(store.fetchall("SELECT (SELECT count(*) FROM record_log) + (SELECT count(*) FROM record_purges)")[0][0])
+
+
+def put(batch: Batch, key: Key, cid: str, record: str = "{}", event_at: str | None = None) -> None:
+    batch.put_record(*key, RecordPut(cid, "3kaaaaaaaaaaa", record, None, event_at))
+
+
+def test_updates_deletes_and_recreates_show_the_newest_version_before_and_after_compaction(store: Store) -> None:
+    a, b, c = ("did:plc:a", POST, "1"), ("did:plc:a", POST, "2"), ("did:plc:b", LIKE, "1")
+    steps: list[list[tuple[Key, str | None]]] = [
+        [(a, "X1"), (b, "Y1"), (c, "Z1")],
+        [(a, "X2")],                 # update
+        [(b, None)],                 # delete
+        [(b, "Y2"), (c, None)],      # re-create and delete
+    ]
+    model: dict[Key, str] = {}
+    for i, step in enumerate(steps):
+        batch = Batch()
+        for key, cid in step:
+            if cid is None:
+                batch.delete_record(*key)
+                model.pop(key, None)
+            else:
+                put(batch, key, cid)
+                model[key] = cid
+        store.apply(batch)
+        assert live(store) == model
+        if i == 1:
+            store.compact()                     # half the history in the base, half in the log
+            assert log_rows(store) == 0 and live(store) == model
+    store.compact()
+    assert log_rows(store) == 0
+    assert live(store) == model == {a: "X2", b: "Y2"}
+    assert store.fetchall("SELECT count(*) FROM record_base")[0][0] == 2
+
+
+def test_account_deletion_removes_base_and_log_rows_but_not_a_recreate_after_it(store: Store) -> None:
+    gone, other = "did:plc:gone", "did:plc:other"
+    first = Batch()
+    for i in range(3):
+        put(first, (gone, POST, str(i)), f"c{i}")
+    put(first, (other, POST, "0"), "o")
+    store.apply(first)
+    store.compact()                              # the DID's rows are in the base
+    second = Batch()
+    put(second, (gone, POST, "9"), "c9")         # in the log, before the purge
+    store.apply(second)
+    purge = Batch()
+    purge.purge_did(gone)
+    put(purge, (gone, LIKE, "new"), "n")         # the account came back in the same batch
+    store.apply(purge)
+    expect = {(other, POST, "0"): "o", (gone, LIKE, "new"): "n"}
+    assert live(store) == expect
+    store.compact()
+    assert live(store) == expect and log_rows(store) == 0
+
+
+def reconcile(store: Store, did: str, records: dict[tuple[str, str], str], rev: str) -> object:
+    def materialize(keys: list[tuple[str, str]]) -> RecordColumns:
+        return RecordColumns(collection=[k[0] for k in keys], rkey=[k[1] for k in keys],
+                             cid=[records[k] for k in keys], record=["{}" for _ in keys],
+                             created_at=[None for _ in keys])
+
+    return store.reconcile(did, rev=rev, data_cid=f"root-{rev}", commit_cid=f"commit-{rev}",
+                           fetched=records, materialize=materialize)
+
+
+def test_a_backfill_snapshot_deletes_what_vanished_from_the_base_and_the_log(store: Store) -> None:
+    did = "did:plc:snap"
+    batch = Batch()
+    for i in range(4):
+        put(batch, (did, POST, f"k{i}"), f"old{i}")
+    store.apply(batch)
+    store.compact()
+    newer = Batch()
+    put(newer, (did, POST, "k4"), "old4")        # a log row the snapshot lacks too
+    store.apply(newer)
+    counts = reconcile(store, did, {(POST, "k0"): "old0", (POST, "k1"): "new1", (LIKE, "l"): "L"}, tid(1_700_000_000_000_000, 1))
+    assert (counts.added, counts.updated, counts.deleted, counts.unchanged) == (1, 1, 3, 1)  # type: ignore[attr-defined]
+    expect = {(did, POST, "k0"): "old0", (did, POST, "k1"): "new1", (did, LIKE, "l"): "L"}
+    assert live(store) == expect
+    store.compact()
+    assert live(store) == expect
+
+
+def test_event_time_is_the_firehose_time_else_the_tid_of_the_rkey_else_of_the_rev(store: Store) -> None:
+    did = "did:plc:time"
+    live_batch = Batch()
+    put(live_batch, ("did:plc:live", POST, tid(1_600_000_000_000_000, 3)), "a", event_at="2026-11-30T12:00:00.000Z")
+    store.apply(live_batch)
+    rkey_tid = tid(1_650_000_000_000_000, 7)
+    rev = tid(1_660_000_000_000_000, 1)
+    reconcile(store, did, {(POST, rkey_tid): "b", ("app.bsky.actor.profile", "self"): "c"}, rev)
+    got = {(c, k): t for c, k, t in store.fetchall("SELECT collection, rkey, event_at FROM records")}
+    assert got[(POST, tid(1_600_000_000_000_000, 3))] == datetime(2026, 11, 30, 12, tzinfo=UTC)
+    assert got[(POST, rkey_tid)] == datetime.fromtimestamp(1_650_000_000, UTC)
+    assert got[("app.bsky.actor.profile", "self")] == datetime.fromtimestamp(1_660_000_000, UTC)
+
+
+def test_referenced_dids_are_extracted_when_written(store: Store) -> None:
+    did = "did:plc:refs"
+    batch = Batch()
+    put(batch, (did, LIKE, "1"), "a", '{"subject": {"uri": "at://did:plc:liked/app.bsky.feed.post/x", "cid": "b"}}')
+    put(batch, (did, FOLLOW, "2"), "b", '{"subject": "did:plc:followed"}')
+    put(batch, (did, POST, "3"), "c", '{"text": "hi", "reply": {"parent": {"uri": "at://did:plc:p/app.bsky.feed.post/1"},'
+        ' "root": {"uri": "at://did:plc:r/app.bsky.feed.post/1"}}, "embed": {"record": {"uri": "at://did:web:q.example/x/y"}}}')
+    put(batch, (did, "app.bsky.graph.block", "4"), "d", '{"subject": "did:plc:blocked"}')
+    put(batch, (did, FOLLOW, "5"), "e", '{"subject": "not a did"}')
+    store.apply(batch)
+    refs = {k: sorted(r) if r is not None else None for k, r in store.fetchall("SELECT rkey, refs FROM records")}
+    assert refs == {"1": ["did:plc:liked"], "2": ["did:plc:followed"],
+                    "3": ["did:plc:p", "did:plc:r", "did:web:q.example"], "4": None, "5": []}
+
+
+def test_compaction_racing_writes_ends_like_the_writes_alone(store: Store) -> None:
+    rng = random.Random(11)
+    dids = [f"did:plc:race{i}" for i in range(8)]
+    model: dict[Key, str] = {}
+    stop = threading.Event()
+    errors: list[BaseException] = []
+    compactions = 0
+
+    def compact_until_stopped() -> None:
+        nonlocal compactions
+        try:
+            while not stop.is_set():
+                store.compact()
+                compactions += 1
+        except BaseException as exc:  # noqa: BLE001 - reported by the test below
+            errors.append(exc)
+
+    worker = threading.Thread(target=compact_until_stopped)
+    worker.start()
+    try:
+        for n in range(300):
+            batch = Batch()
+            for _ in range(rng.randrange(1, 20)):
+                did = rng.choice(dids)
+                key = (did, rng.choice((POST, LIKE)), str(rng.randrange(30)))
+                roll = rng.random()
+                if roll < 0.02:
+                    batch.purge_did(did)
+                    for k in [k for k in model if k[0] == did]:
+                        del model[k]
+                elif roll < 0.3:
+                    batch.delete_record(*key)
+                    model.pop(key, None)
+                else:
+                    cid = f"c{n}-{rng.randrange(10**6)}"
+                    put(batch, key, cid)
+                    model[key] = cid
+            store.apply(batch)
+            if n % 50 == 0:
+                assert live(store) == model
+    finally:
+        stop.set()
+        worker.join()
+    assert not errors, errors
+    assert compactions > 0
+    assert live(store) == model
+    store.compact()
+    assert live(store) == model and log_rows(store) == 0
+
+
+def test_a_background_compaction_starts_past_the_threshold(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(compaction_module, "COMPACT_AFTER_ROWS", 50)
+    model: dict[Key, str] = {}
+    for n in range(6):
+        batch = Batch()
+        for i in range(20):
+            key = ("did:plc:bg", POST, f"{n}-{i}")
+            put(batch, key, "x")
+            model[key] = "x"
+        store.apply(batch)
+    poll(lambda: store.fetchall("SELECT count(*) FROM record_base")[0][0] >= 40, timeout=30,
+         what="a background compaction to fold the log")
+    store.wait_compaction()
+    assert live(store) == model
+
+
+def make_v1(path: Path) -> None:
+    con = duckdb.connect(str(path))
+    con.execute((FIXTURES / "schema_v1.sql").read_text())
+    like = '{"$type": "app.bsky.feed.like", "subject": {"uri": "at://did:plc:target/app.bsky.feed.post/x", "cid": "b"}}'
+    con.execute("INSERT INTO records VALUES (?, ?, ?, ?, ?, ?, ?, now())",
+                ["did:plc:old", LIKE, tid(1_650_000_000_000_000, 0), "c1", "3kaaaaaaaaaaa", like, "2022-04-15T05:06:40Z"])
+    con.execute("INSERT INTO records VALUES (?, ?, ?, ?, ?, ?, NULL, now())",
+                ["did:plc:old", "app.bsky.actor.profile", "self", "c2", tid(1_660_000_000_000_000, 0), "{}"])
+    con.execute("INSERT INTO repos (did, rev, first_seen_at) VALUES ('did:plc:old', 'r', now())")
+    con.close()
+
+
+def test_a_v1_file_is_migrated_on_open(tmp_path: Path) -> None:
+    path = tmp_path / "v1.duckdb"
+    make_v1(path)
+    with Store(path) as s:
+        rows = s.fetchall("SELECT rkey, cid, event_at, refs FROM records ORDER BY rkey")
+        assert rows == [
+            (tid(1_650_000_000_000_000, 0), "c1", datetime.fromtimestamp(1_650_000_000, UTC), ["did:plc:target"]),
+            ("self", "c2", datetime.fromtimestamp(1_660_000_000, UTC), None),
+        ]
+        assert s.fetchall("SELECT value FROM meta WHERE key = 'schema_version'") == [("2",)]
+        batch = Batch()
+        batch.delete_record("did:plc:old", "app.bsky.actor.profile", "self")
+        s.apply(batch)
+        assert len(s.fetchall("SELECT * FROM records")) == 1
+    with Store(path) as s:                       # a second open changes nothing
+        assert len(s.fetchall("SELECT * FROM records")) == 1
+
+
+def test_a_read_only_open_of_a_v1_file_names_the_command_that_migrates_it(tmp_path: Path) -> None:
+    path = tmp_path / "v1.duckdb"
+    make_v1(path)
+    with pytest.raises(StorageError, match=r"skyfill migrate --db .*v1\.duckdb"):
+        Store(path, read_only=True)
