@@ -16,13 +16,13 @@ from typing import Any, Literal
 from skyfill.backfill.backfiller import BackfillSummary
 from skyfill.backfill.config import BackfillConfig
 from skyfill.errors import SkyfillError, StorageError
-from skyfill.storage import Store
+from skyfill.storage import Store, schema_version_of
 from skyfill.storage.status import status_report
 
 from .daemon_client import call_daemon, find_daemon, remove_announcement
 from .jobs import run_backfill, run_gaps
 
-__all__ = ["open_store", "status", "gaps", "backfill"]
+__all__ = ["open_store", "status", "gaps", "backfill", "migrate", "compact"]
 
 
 def open_store(db: str) -> Store:
@@ -47,6 +47,22 @@ def status(db: str) -> dict[str, Any]:
             return status_report(store)
         except StorageError as exc:
             raise StorageError(f"cannot read {db}: {exc}") from exc.__cause__
+
+
+def migrate(db: str) -> dict[str, Any]:
+    """Open `db` for writing, which migrates an older layout (storage/migrate.py)."""
+    with open_store(db) as store:
+        return {"db": db, "schema_version": schema_version_of(store)}
+
+
+def compact(db: str) -> dict[str, Any]:
+    """Fold the version logs into the bases now (a running daemon does it on its own)."""
+    with open_store(db) as store:
+        result = store.compact().records
+    if result is None:
+        return {"db": db, "log_rows": 0, "purges": 0, "seconds": 0.0}
+    return {"db": db, "log_rows": result.log_rows, "purges": result.purges, "base_deleted": result.base_deleted,
+            "base_inserted": result.base_inserted, "seconds": round(result.seconds, 3)}
 
 
 def gaps(

@@ -53,7 +53,9 @@ class Settings:
     kafka_bootstrap: str | None = None  # publish every change to this broker before storing it
     metrics_port: int | None = None     # Prometheus metrics on 127.0.0.1:PORT
     admin_port: int = 0                 # admin API on 127.0.0.1:PORT (0: any free port)
-    duckdb_memory_limit: str | None = None  # DuckDB's buffer pool cap (e.g. "512MB")
+    # DuckDB's buffer pool cap. Nothing needs to stay resident any more (no primary-key index), so
+    # a small pool keeps the daemon's RSS flat at any store size; big joins spill to disk.
+    duckdb_memory_limit: str | None = "320MB"
 
 
 _SETTINGS_OPTIONS: Final = tuple(f.name for f in fields(Settings) if f.name not in ("consume", "backfill"))

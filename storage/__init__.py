@@ -7,7 +7,7 @@ from .batch import Batch, Change, CoverageSpan, Publish, RecordChange, RecordPut
 from .queue import RetryPolicy
 from .reconcile import ReconcileCounts
 from .states import TERMINAL_BACKFILL, AccountStatus, BackfillStatus, CoverageEnd, QueueState, SyncState
-from .store import Store, open_store
+from .store import Store, open_store, schema_version_of
 
 __all__ = [
     "Batch",
@@ -22,6 +22,7 @@ __all__ = [
     "Store",
     "Reader",
     "open_store",
+    "schema_version_of",
     "failure_kind",
     "ReconcileCounts",
     "RecordColumns",

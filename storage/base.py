@@ -105,8 +105,8 @@ class StoreBase:
                 # is unchanged (every COMMIT still syncs the WAL); a crash means a longer WAL replay.
                 self._conn.execute(f"SET checkpoint_threshold = '{CHECKPOINT_THRESHOLD}'")
             if memory_limit is not None:
-                # DuckDB's buffer pool defaults to 80% of RAM. The primary-key index must fit inside
-                # the limit, so it has to grow with the mirror (100MB holds ~200k records' index).
+                # DuckDB's buffer pool defaults to 80% of RAM. The big tables have no index that must
+                # stay resident, so a small limit holds at any size (joins and sorts spill to disk).
                 try:
                     self._conn.execute("SET memory_limit = ?", [memory_limit])
                 except duckdb.Error as exc:

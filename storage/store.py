@@ -6,6 +6,8 @@ One class, assembled from one module per reason to change:
     reconcile.py  `reconcile` a DID to a fetched repo, and the reads that prepare one
     queue.py      the backfill queue's state machine (enqueue, claim, done, failed, deferred, recover)
     caches.py     the identity cache and the Kafka sink's dedup marks
+    compaction.py folding the record log into the base, beside the writers (records.py: the tables)
+    migrate.py    bringing an older file to the current schema on open
 Callers never get the connection: they write through these named methods and read through
 `fetchall` or `read()`; every DuckDB failure leaves as skyfill.errors.StorageError.
 """
@@ -15,10 +17,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from .caches import Caches
+from .migrate import SCHEMA_VERSION
 from .queue import BackfillQueue
 from .reconcile import Reconciling
 
-__all__ = ["Store", "open_store"]
+__all__ = ["Store", "open_store", "schema_version_of"]
 
 
 class Store(Reconciling, BackfillQueue, Caches):
@@ -30,3 +33,9 @@ class Store(Reconciling, BackfillQueue, Caches):
 
 def open_store(path: str | Path, *, read_only: bool = False) -> Store:
     return Store(path, read_only=read_only)
+
+
+def schema_version_of(store: Store) -> int:
+    """The schema version of an open store (always the current one: opening migrates)."""
+    rows = store.fetchall("SELECT value FROM meta WHERE key = 'schema_version'")
+    return int(rows[0][0]) if rows else SCHEMA_VERSION

@@ -7,7 +7,10 @@ up as a row too many or too few.
 
 from __future__ import annotations
 
+import json
 import random
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -259,3 +262,24 @@ def test_a_read_only_open_of_a_v1_file_names_the_command_that_migrates_it(tmp_pa
     make_v1(path)
     with pytest.raises(StorageError, match=r"skyfill migrate --db .*v1\.duckdb"):
         Store(path, read_only=True)
+
+
+def test_the_cli_migrates_then_status_reads_and_compact_folds(tmp_path: Path) -> None:
+    path = tmp_path / "v1.duckdb"
+    make_v1(path)
+    cli = [sys.executable, "-m", "skyfill"]
+    refused = subprocess.run([*cli, "status", "--db", str(path)], capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 1 and f"skyfill migrate --db {path}" in refused.stderr, refused.stderr
+    done = subprocess.run([*cli, "migrate", "--db", str(path)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and json.loads(done.stdout)["schema_version"] == 2, done.stderr
+    status = subprocess.run([*cli, "status", "--db", str(path), "--json"], capture_output=True, text=True, timeout=120)
+    assert status.returncode == 0, status.stderr
+    assert json.loads(status.stdout)["records"]["total"] == 2
+    with Store(path) as s:
+        batch = Batch()
+        batch.delete_record("did:plc:old", "app.bsky.actor.profile", "self")
+        s.apply(batch)
+    compacted = subprocess.run([*cli, "compact", "--db", str(path)], capture_output=True, text=True, timeout=120)
+    assert compacted.returncode == 0 and json.loads(compacted.stdout)["log_rows"] == 1, compacted.stderr
+    with Store(path) as s:
+        assert log_rows(s) == 0 and len(s.fetchall("SELECT * FROM records")) == 1

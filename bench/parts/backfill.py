@@ -67,9 +67,11 @@ def original_way(db: Path, pds: str, dids: list[str]) -> tuple[int, float]:
     from atproto import CAR, CID, models
     from atproto_client.models.utils import get_model_as_json
 
-    from skyfill.storage import Store
 
-    Store(db).close()  # the same schema as skyfill's
+    # the records table as it was before skyfill's versioned layout: a primary key, upserted
+    v1_schema = Path(__file__).resolve().parents[2] / "tests" / "fixtures" / "schema_v1.sql"
+    with duckdb.connect(str(db)) as setup:
+        setup.execute(v1_schema.read_text())
     con = duckdb.connect(str(db))
     stored = 0
     inserting = 0.0

@@ -75,7 +75,8 @@ def build_store(path: Path, *, n_dids: int, n_records: int) -> float:
         known = n_dids
         space = n_dids + n_dids // 5  # a sixth of the referenced DIDs are not in `repos`
         con.execute(f"""
-        INSERT INTO records
+        INSERT INTO record_base (did, collection, rkey, cid, rev, record, created_at, indexed_at, event_at, refs)
+        SELECT *, created_at, record_refs(collection, record) FROM (
         SELECT did, collection, rkey, 'bafyrei' || md5('v' || i), '3l' || substr(md5('w' || i), 1, 11),
                CASE collection
                  WHEN 'app.bsky.feed.like' THEN '{{"$type":"app.bsky.feed.like","subject":{{"uri":"at://' || tgt
@@ -107,7 +108,7 @@ def build_store(path: Path, *, n_dids: int, n_records: int) -> float:
             FROM (SELECT i, hash(i) % 100 AS h,
                          TIMESTAMPTZ '{end}' - to_seconds((hash(i * 5) % 5184000)::BIGINT) AS created_at
                   FROM range({n_records}) t(i))
-        )
+        )) AS g(did, collection, rkey, cid, rev, record, created_at, indexed_at) ORDER BY did, collection, rkey
         """)
         con.execute(f"""
         INSERT INTO coverage (source, first_seq, last_seq, first_event_at, last_event_at, started_at, stopped_at, ended)
