@@ -55,10 +55,11 @@ def migrate(db: str) -> dict[str, Any]:
         return {"db": db, "schema_version": schema_version_of(store)}
 
 
-def compact(db: str) -> dict[str, Any]:
-    """Fold the version logs into the bases now (a running daemon does it on its own)."""
+def compact(db: str, *, full: bool = False) -> dict[str, Any]:
+    """Fold the version logs into the bases now (a running daemon does it on its own); `full`
+    also rewrites the base in key order (see `Store.compact`)."""
     with open_store(db) as store:
-        result = store.compact().records
+        result = store.compact(full=full).records
     if result is None:
         return {"db": db, "log_rows": 0, "purges": 0, "seconds": 0.0}
     return {"db": db, "log_rows": result.log_rows, "purges": result.purges, "base_deleted": result.base_deleted,

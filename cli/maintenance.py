@@ -8,7 +8,7 @@ import orjson
 from skyfill.app import commands
 from skyfill.errors import DatabaseLocked, SkyfillError
 
-from .options import db_option, one_line
+from .options import db_option, one_line, option
 
 __all__ = ["COMMANDS", "migrate", "compact"]
 
@@ -32,13 +32,16 @@ def migrate(db: str) -> None:
 
 @click.command()
 @db_option
-def compact(db: str) -> None:
+@option("--full", is_flag=True,
+        help="Also rewrite the whole base in (did, collection, rkey) order: per-DID reads stay fast "
+             "after many compactions. Minutes at 10^8 records; twice the base's disk space meanwhile.")
+def compact(db: str, full: bool) -> None:
     """Fold the record log into the deduplicated base now.
 
     Writes only ever append; a compaction folds what they appended, in the background, every
     250,000 rows. Run this after a large backfill, before copying the file or querying it hard."""
     try:
-        report = commands.compact(db)
+        report = commands.compact(db, full=full)
     except DatabaseLocked as exc:
         raise click.ClickException(f"{one_line(exc)} (the running daemon compacts on its own)") from exc
     except SkyfillError as exc:

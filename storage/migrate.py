@@ -21,7 +21,7 @@ from skyfill.errors import StorageError
 
 from .records import migrate_records_v1
 
-__all__ = ["SCHEMA_VERSION", "MIGRATE_COMMAND", "prepare_schema", "schema_version"]
+__all__ = ["SCHEMA_VERSION", "MIGRATE_COMMAND", "prepare_schema", "schema_version", "schema_sql"]
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +29,8 @@ SCHEMA_VERSION: Final = 2
 MIGRATE_COMMAND: Final = "skyfill migrate --db {path}"
 
 
-def _sql(name: str) -> str:
+def schema_sql(name: str = "schema.sql") -> str:
+    """The text of a packaged SQL file (schema.sql: every table, idempotent; views.sql)."""
     return resources.files("skyfill.storage").joinpath(name).read_text()
 
 
@@ -67,9 +68,9 @@ def prepare_schema(con: duckdb.DuckDBPyConnection, path: str, *, read_only: bool
     started = time.perf_counter()
     con.execute("BEGIN TRANSACTION")
     try:
-        con.execute(_sql("schema.sql"))
+        con.execute(schema_sql("schema.sql"))
         moved = migrate_records_v1(con) if version == 1 else 0
-        con.execute(_sql("views.sql"))
+        con.execute(schema_sql("views.sql"))
         con.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", [str(SCHEMA_VERSION)])
         con.execute("COMMIT")
     except BaseException:
