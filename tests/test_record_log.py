@@ -326,7 +326,8 @@ def compact_forever():
     while True:
         store.compact(full=n % 4 == 3)
         n += 1
-        print("C", flush=True)
+        sys.stdout.write("C\\n")   # one write per line: the two threads never interleave inside one
+        sys.stdout.flush()
 threading.Thread(target=compact_forever, daemon=True).start()
 n = 0
 while True:
@@ -339,7 +340,8 @@ while True:
         else:
             batch.put_record(*key, RecordPut(cid, None, "{}", None, None))
     store.apply(batch)
-    print("B", n, flush=True)
+    sys.stdout.write(f"B {n}\\n")
+    sys.stdout.flush()
     n += 1
 '''
 
