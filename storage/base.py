@@ -23,6 +23,8 @@ import pyarrow as pa
 
 from skyfill.errors import DatabaseLocked, StorageError
 
+from . import repos
+
 __all__ = ["StoreBase", "Reader", "failure_kind", "storage_errors", "now_utc", "CHECKPOINT_THRESHOLD"]
 
 # Uncheckpointed rows stay in memory (DuckDB IN_MEMORY_TABLE ~ WAL size), so this trades RSS
@@ -95,11 +97,13 @@ class StoreBase:
                 raise DatabaseLocked(f"{self.path} is held by another process: {exc}") from exc
             raise StorageError(f"cannot open {self.path}: {exc}") from exc
         self._lock = threading.RLock()
+        self._txn_version: int | None = None
         self.read_only = read_only
         try:
             if not read_only:
                 schema = resources.files("skyfill.storage").joinpath("schema.sql").read_text()
                 self._conn.execute(schema)
+                self._create_repos()
                 # DuckDB checkpoints when the WAL passes 16 MB by default, and a checkpoint's cost grows
                 # with the table: on 200k firehose frames COMMIT was over half of Store.apply. Durability
                 # is unchanged (every COMMIT still syncs the WAL); a crash means a longer WAL replay.
@@ -116,6 +120,26 @@ class StoreBase:
             if isinstance(exc, duckdb.Error):  # e.g. a file truncated under its own header
                 raise StorageError(f"cannot open {self.path}: {exc}") from exc
             raise
+
+    def _create_repos(self) -> None:
+        con = self._conn
+        if repos.is_v1(con):  # a v1 file: migrated in one transaction
+            con.execute("BEGIN TRANSACTION")
+            try:
+                repos.migrate_v1(con)
+                con.execute("COMMIT")
+            except BaseException:
+                _rollback(con)
+                raise
+        else:
+            repos.create_repos(con)
+
+    def _version(self, con: duckdb.DuckDBPyConnection) -> int:
+        """The write version of the open transaction: one `write_version` value per transaction,
+        taken on first use; every log row the transaction appends carries it."""
+        if self._txn_version is None:
+            self._txn_version = int(con.execute("SELECT nextval('write_version')").fetchall()[0][0])
+        return self._txn_version
 
     def close(self) -> None:
         with self._lock, storage_errors():
@@ -136,6 +160,7 @@ class StoreBase:
                 con.execute("BEGIN TRANSACTION")
             except duckdb.Error as exc:
                 raise StorageError(str(exc)) from exc
+            self._txn_version = None
             try:
                 result = body(con)
                 con.execute("COMMIT")
@@ -144,6 +169,8 @@ class StoreBase:
                 if isinstance(exc, duckdb.Error):
                     raise StorageError(str(exc)) from exc
                 raise
+            finally:
+                self._txn_version = None
             return result
 
     def reconnect(self) -> None:

@@ -15,6 +15,7 @@ from typing import Any
 import duckdb
 import pyarrow as pa
 
+from . import repos
 from .base import StoreBase, now_utc
 from .batch import Batch, RepoRow
 from .queries import COUNT_DESYNCHRONIZED_SQL
@@ -162,22 +163,16 @@ class FirehoseWrites(StoreBase):
         )
         con.unregister("_puts")
 
-    @staticmethod
-    def _upsert_repos(con: duckdb.DuckDBPyConnection, rows: Iterable[RepoRow]) -> None:
+    def _upsert_repos(self, con: duckdb.DuckDBPyConnection, rows: Iterable[RepoRow]) -> None:
+        """Append each row's head group to repo_log (first_seen_at is write-once: the view keeps
+        the first value ever stored, so a row's own counts only for a new DID)."""
         now = now_utc()
         cols: dict[str, list[Any]] = {name: [] for name in REPO_FIELDS}
         for row in rows:
             for name in REPO_FIELDS:
                 cols[name].append(getattr(row, name))
         cols["first_seen_at"] = [v or now for v in cols["first_seen_at"]]
-        con.register("_repos", arrow_table(cols, REPO_SCHEMA))
-        updates = ", ".join(f"{n} = excluded.{n}" for n in REPO_FIELDS[1:] if n != "first_seen_at")
-        select = ", ".join(ts_sql(n) if n == "last_event_at" else n for n in REPO_FIELDS)
-        con.execute(
-            f"INSERT INTO repos ({', '.join(REPO_FIELDS)}) SELECT {select} FROM _repos "
-            f"ON CONFLICT (did) DO UPDATE SET {updates}"
-        )
-        con.unregister("_repos")
+        repos.append_head(con, self._version(con), arrow_table(cols, REPO_SCHEMA))
 
     # -- cursor, coverage, per-DID state at start-up ---------------------------------------
 

@@ -6,6 +6,7 @@ One class, assembled from one module per reason to change:
     reconcile.py  `reconcile` a DID to a fetched repo, and the reads that prepare one
     queue.py      the backfill queue's state machine (enqueue, claim, done, failed, deferred, recover)
     caches.py     the identity cache and the Kafka sink's dedup marks
+    repo_reads.py point reads of per-DID state (the daemon's tracker cache); repos.py is the repos layout
 Callers never get the connection: they write through these named methods and read through
 `fetchall` or `read()`; every DuckDB failure leaves as skyfill.errors.StorageError.
 """
@@ -17,11 +18,12 @@ from pathlib import Path
 from .caches import Caches
 from .queue import BackfillQueue
 from .reconcile import Reconciling
+from .repo_reads import RepoReads
 
 __all__ = ["Store", "open_store"]
 
 
-class Store(Reconciling, BackfillQueue, Caches):
+class Store(Reconciling, BackfillQueue, Caches, RepoReads):
     """The DuckDB file and the only code that writes to it."""
 
     def __enter__(self) -> Store:

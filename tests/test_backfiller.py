@@ -94,7 +94,7 @@ async def test_reconcile_adds_updates_deletes(store: SetupStore, world: World, s
             "INSERT INTO records (did, collection, rkey, cid, record, indexed_at) VALUES (?, ?, ?, ?, '{}', ?)",
             [did, key[0], key[1], cid, now])
     store.execute_write(
-        "INSERT INTO repos (did, first_seen_at, sync_state, desynced_at) VALUES (?, ?, 'desynchronized', ?)",
+        "INSERT INTO repo_base (did, first_seen_at, sync_state, desynced_at) VALUES (?, ?, 'desynchronized', ?)",
         [did, now, now])
 
     async with open_backfiller(store, config=config(srv)) as bf:

@@ -12,7 +12,7 @@ from typing import Any
 
 import duckdb
 
-from skyfill.storage import Store
+from skyfill.storage import Store, repos
 
 __all__ = ["SetupStore"]
 
@@ -23,6 +23,34 @@ class SetupStore(Store):
 
         def body(con: duckdb.DuckDBPyConnection) -> None:
             con.execute(sql, list(params))
+
+        self._txn(body)
+
+    def compact_repos(self) -> int:
+        """Fold every committed repo_log row into repo_base, on a cursor of its own (as the
+        compaction does: outside the write lock). Returns the DIDs rewritten."""
+        cur = self._conn.cursor()
+        try:
+            cur.execute("BEGIN TRANSACTION")
+            upto = repos.committed_version(cur)
+            n = repos.compact(cur, upto) if upto is not None else 0
+            cur.execute("COMMIT")
+            return n
+        finally:
+            cur.close()
+
+    def update_repos(self, assignments: str, where: str = "TRUE") -> None:
+        """`UPDATE repos SET <assignments> WHERE <where>` on the v2 layout: fold the log into the
+        base, then update the base rows (the view is not updatable)."""
+        self.compact_repos()
+        self.execute_write(f"UPDATE repo_base SET {assignments} WHERE {where}")
+
+    def delete_repo(self, did: str) -> None:
+        """Forget `did`'s repos row (base and log)."""
+
+        def body(con: duckdb.DuckDBPyConnection) -> None:
+            con.execute("DELETE FROM repo_base WHERE did = ?", [did])
+            con.execute("DELETE FROM repo_log WHERE did = ?", [did])
 
         self._txn(body)
 
