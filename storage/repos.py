@@ -33,7 +33,7 @@ import pyarrow as pa
 
 __all__ = [
     "HEAD_FIELDS", "BACKFILL_FIELDS", "REPO_COLUMNS", "REPOS_DDL", "create_repos", "is_v1", "migrate_v1",
-    "append_head", "append_head_row", "append_backfill", "current_rows", "current_row", "compact", "committed_version",
+    "append_head", "append_head_row", "append_backfill", "current_rows", "point_sql", "merge_point", "current_row", "compact", "committed_version",
 ]
 
 log = logging.getLogger(__name__)
@@ -214,6 +214,28 @@ def current_rows(con: duckdb.DuckDBPyConnection, dids: Sequence[str], columns: I
         return con.execute(f"SELECT {cols} FROM repos WHERE did = ?", [dids[0]]).fetchall()
     marks = ", ".join("?" for _ in dids)
     return con.execute(f"SELECT {cols} FROM repos WHERE did IN ({marks})", list(dids)).fetchall()
+
+
+def point_sql(columns: Sequence[str]) -> str:
+    """One DID's base row (v 0, part 'base') and log rows, oldest first, in one statement (one
+    snapshot; parameters: did twice). `merge_point` makes them the view's row: two plain point
+    reads, where planning the view itself costs several times the reads."""
+    cols = ", ".join(columns)
+    return (f"SELECT 0 AS v, 'base' AS part, {cols} FROM repo_base WHERE did = ? "
+            f"UNION ALL SELECT v, part, {cols} FROM repo_log WHERE did = ? ORDER BY v")
+
+
+def merge_point(columns: Sequence[str], rows: Sequence[tuple[Any, ...]]) -> tuple[Any, ...] | None:
+    """The view's values of `columns` (head columns only) from `point_sql`'s rows, or None."""
+    if not rows:
+        return None
+    base = rows[0][2:] if rows[0][1] == "base" else None
+    heads = [row[2:] for row in rows if row[1] == _HEAD]
+    values = list(heads[-1] if heads else base if base is not None else rows[-1][2:])
+    if "first_seen_at" in columns:  # write-once: the oldest stored value (the base's, else the lowest v)
+        at = list(columns).index("first_seen_at")
+        values[at] = rows[0][2:][at]
+    return tuple(values)
 
 
 # -- compaction --------------------------------------------------------------------------------------

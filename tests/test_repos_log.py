@@ -275,3 +275,24 @@ def _fields(row: RepoRow) -> dict[str, Any]:
     text = out.pop("last_event_at")
     out["last_event_at"] = datetime.fromisoformat(text.replace("Z", "+00:00")) if text else None
     return out
+
+
+def test_point_reads_equal_the_view(store: SetupStore) -> None:
+    a, b, c = "did:plc:pa", "did:plc:pb", "did:plc:pc"
+    store.record_backfill_failure(c, status=BackfillStatus.RETRYING, error="x", policy=POLICY)  # backfill group only
+    apply_heads(store, head(a, 1), head(b, 2))
+    store.compact_repos()
+    apply_heads(store, head(a, 3, handle="a.test", first_seen_at=T0 + timedelta(days=3)))
+    store.defer_backfill(b, T0, error="parked")
+    head_cols = "did, rev, data_cid, commit_cid, last_seq, last_event_at, handle, active, status, sync_state, " \
+                "desync_reason, desynced_at, first_seen_at"
+    for did in (a, b, c):
+        row = store.repo_row(did)
+        assert row is not None
+        expected = one(store, did, head_cols)
+        got = _fields(row)
+        assert tuple(got[f] for f in head_cols.split(", ")) == expected
+    assert store.repo_row("did:plc:none") is None
+    many = store.repo_rows([a, b, c, "did:plc:none"] + [f"did:plc:x{i}" for i in range(40)])
+    assert sorted(many) == [a, b, c]
+    assert all(_fields(many[d]) == _fields(store.repo_row(d)) for d in (a, b, c))  # type: ignore[arg-type]
