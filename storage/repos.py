@@ -33,7 +33,7 @@ import pyarrow as pa
 
 __all__ = [
     "HEAD_FIELDS", "BACKFILL_FIELDS", "REPO_COLUMNS", "REPOS_DDL", "create_repos", "is_v1", "migrate_v1",
-    "append_head", "append_head_row", "append_backfill", "current_rows", "point_sql", "merge_point", "current_row", "compact", "committed_version",
+    "append_head", "append_head_row", "append_backfill", "current_rows", "point_sql", "merge_point", "resort", "current_row", "compact", "committed_version",
 ]
 
 log = logging.getLogger(__name__)
@@ -261,3 +261,19 @@ def compact(con: duckdb.DuckDBPyConnection, upto_v: int) -> int:
     finally:
         con.execute("DROP TABLE IF EXISTS _repo_merged")
     return n
+
+
+def resort(con: duckdb.DuckDBPyConnection) -> int:
+    """Rewrite repo_base sorted by did, in the caller's transaction (own cursor, like `compact`).
+
+    `compact` appends the rows it rewrites at the end of the base, sorted among themselves only:
+    those row groups span every did, so each point read also scans them. Call this when they
+    add up to a few row groups (122,880 rows each). Returns the rows rewritten."""
+    cols = ", ".join(REPO_COLUMNS)
+    con.execute(f"CREATE OR REPLACE TEMP TABLE _repo_sorted AS SELECT {cols} FROM repo_base ORDER BY did")
+    try:
+        con.execute("DELETE FROM repo_base")
+        con.execute(f"INSERT INTO repo_base ({cols}) SELECT {cols} FROM _repo_sorted ORDER BY did")
+        return int(con.execute("SELECT count(*) FROM repo_base").fetchall()[0][0])
+    finally:
+        con.execute("DROP TABLE IF EXISTS _repo_sorted")

@@ -95,6 +95,17 @@ def test_head_then_backfill_then_compaction_then_more(store: SetupStore) -> None
     again = view(store)
     store.compact_repos()
     assert view(store) == again and counts(store) == (2, 0)
+    # re-sorting the base (compaction appends its rows at the end) changes no row either
+    cur = store.read_cursor_for_tests()
+    try:
+        cur.execute("BEGIN TRANSACTION")
+        assert repos.resort(cur) == 2
+        cur.execute("COMMIT")
+    finally:
+        cur.close()
+    assert view(store) == again
+    dids = [r[0] for r in store.fetchall("SELECT did FROM repo_base")]
+    assert dids == sorted(dids)
 
 
 def test_first_seen_at_is_never_overwritten(store: SetupStore) -> None:

@@ -26,10 +26,14 @@ class SetupStore(Store):
 
         self._txn(body)
 
+    def read_cursor_for_tests(self) -> duckdb.DuckDBPyConnection:
+        """A DuckDB cursor of its own (a maintenance transaction beside the writers); close it."""
+        return self._conn.cursor()
+
     def compact_repos(self) -> int:
         """Fold every committed repo_log row into repo_base, on a cursor of its own (as the
         compaction does: outside the write lock). Returns the DIDs rewritten."""
-        cur = self._conn.cursor()
+        cur = self.read_cursor_for_tests()
         try:
             cur.execute("BEGIN TRANSACTION")
             upto = repos.committed_version(cur)
