@@ -69,6 +69,9 @@ class Daemon:
         self.want = collection_matcher(config.collections) if config.collections else None
         # a bounded cache of per-DID state, filled from the store on a miss (consumer/tracker.py)
         self.tracker = Tracker(want=self.want, load=store.repo_row, capacity=config.tracker_capacity)
+        # One scan of the per-DID state at start-up (a column or two): the gauge's first value, and a
+        # damaged file fails here with StorageError instead of at the first cold DID.
+        metrics.DESYNCHRONIZED_DIDS.set(store.count_desynchronized())
         stored = store.load_cursor(self.source)
         self.last_seq: int | None = config.cursor if config.cursor is not None else stored
         # The cursor is exclusive, but the reference PDS can send the event AT the cursor again
