@@ -1,8 +1,8 @@
 """Per-DID firehose state (sync 1.1): which events to apply, and when a repo's chain breaks.
 
-The tracker owns the live `RepoRow` of every DID seen, in memory, and folds each event into a
-storage Batch. It never reads or writes the database itself; the daemon seals batches (copying
-the rows) and writes them.
+The tracker owns the live `RepoRow` of the DIDs it holds (a bounded cache, see Memory below) and
+folds each event into a storage Batch. It never writes the database (the daemon seals batches,
+copying the rows, and writes them); it reads a DID's committed row through `load` on a miss.
 
 Rules, in the order they are checked:
 1. seq: an event whose seq <= the highest seq seen on this stream is dropped (stale_seq). Every
