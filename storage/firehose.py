@@ -204,7 +204,7 @@ class FirehoseWrites(StoreBase):
         )
 
     def load_repos(self) -> dict[str, RepoRow]:
-        """Every DID's firehose-owned state, for the in-memory tracker at start-up."""
+        """Every DID's firehose-owned state (a full scan; the daemon reads rows as needed: `repo_row`)."""
         table = self.fetchall(
             "SELECT did, rev, data_cid, commit_cid, last_seq, CAST(last_event_at AS VARCHAR), "
             "handle, active, status, sync_state, desync_reason, desynced_at, first_seen_at FROM repos"

@@ -14,6 +14,8 @@ import pytest
 from skyfill.consumer import Account, Identity, Tracker, Verdict
 from skyfill.storage import Batch, BackfillStatus, RepoRow, RetryPolicy, Store, repos
 
+from .support.mirror import consume_until, expected_mirror, mirror_of, world_frames
+from .support.relay import LocalRelay
 from .support.store import SetupStore
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
@@ -307,3 +309,22 @@ def test_point_reads_equal_the_view(store: SetupStore) -> None:
     many = store.repo_rows([a, b, c, "did:plc:none"] + [f"did:plc:x{i}" for i in range(40)])
     assert sorted(many) == [a, b, c]
     assert all(_fields(many[d]) == _fields(store.repo_row(d)) for d in (a, b, c))  # type: ignore[arg-type]
+
+
+async def test_a_daemon_with_a_tiny_tracker_cache_stores_what_a_big_one_does(tmp_path: Path) -> None:
+    """Rows evicted and read back (capacity 5 of 40 DIDs, 100-event batches, a restart and a
+    compaction midway) give the same mirror and the same repos rows as holding every row."""
+    frames = world_frames(3, 40, 2400)
+    small, big = tmp_path / "small.duckdb", tmp_path / "big.duckdb"
+    with LocalRelay(frames[:1200]) as relay:
+        daemon = await consume_until(small, relay, relay.head, cursor=0, tracker_capacity=5, batch_events=100)
+        assert daemon.tracker.loads > 100 and len(daemon.tracker.rows) <= 5 + 100  # evicted, read back
+        await consume_until(big, relay, relay.head, cursor=0)
+        with SetupStore(small) as s:
+            assert s.compact_repos() > 0
+        relay.append(frames[1200:])
+        await consume_until(small, relay, relay.head, tracker_capacity=5, batch_events=100)
+        await consume_until(big, relay, relay.head)
+    assert mirror_of(small) == mirror_of(big) == expected_mirror(frames)
+    with Store(small) as a, Store(big) as b:
+        assert view(a) == view(b)
