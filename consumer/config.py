@@ -16,3 +16,5 @@ class ConsumeConfig:
     batch_events: int = 5000                # seal a batch after this many events ...
     flush_interval: float = 0.5             # ... or this many seconds
     publish: bool = False                   # keep the unreduced change log for a publisher
+    # per-DID rows the tracker keeps in memory (least recently used evicted; a miss is a point read)
+    tracker_capacity: int = 200_000

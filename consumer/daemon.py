@@ -7,7 +7,7 @@ write is in flight, and with Kafka publishing on none is stored before the broke
 
 Worked example (kill -9 safety): events 100..180 are processed, batch A (100..150) is
 committed with cursor 150, batch B (151..180) is being written when the process dies.
-On restart the tracker is rebuilt from `repos` (state as of 150) and the stream resumes at
+On restart the tracker reads rows from `repos` as DIDs come (state as of 150) and the stream resumes at
 cursor 150: events 151..180 are applied again on the same state, giving the same rows.
 
 The cursor never moves backwards within a coverage span: an event or a bad frame whose seq is
@@ -67,7 +67,11 @@ class Daemon:
         self._verifier = verifier
         # The collection filter (None: every collection is mirrored).
         self.want = collection_matcher(config.collections) if config.collections else None
-        self.tracker = Tracker(store.load_repos(), want=self.want)
+        # a bounded cache of per-DID state, filled from the store on a miss (consumer/tracker.py)
+        self.tracker = Tracker(want=self.want, load=store.repo_row, capacity=config.tracker_capacity)
+        # One scan of the per-DID state at start-up (a column or two): the gauge's first value, and a
+        # damaged file fails here with StorageError instead of at the first cold DID.
+        metrics.DESYNCHRONIZED_DIDS.set(store.count_desynchronized())
         stored = store.load_cursor(self.source)
         self.last_seq: int | None = config.cursor if config.cursor is not None else stored
         # The cursor is exclusive, but the reference PDS can send the event AT the cursor again
@@ -112,7 +116,7 @@ class Daemon:
                 loop.add_signal_handler(sig, self.stop)
         self._span = CoverageSpan(id=await asyncio.to_thread(self.store.start_coverage, self.source))
         log.info("consuming", extra={"ctx": {"source": self.source, "cursor": self.last_seq,
-                                              "repos": len(self.tracker.rows)}})
+                                              "cached_repos": len(self.tracker.rows)}})
         metrics.STORE_HEALTHY.set(1)
         if self.committed_seq is not None:
             metrics.STORAGE_COMMITTED_SEQ.set(self.committed_seq)
@@ -360,6 +364,9 @@ class Daemon:
         # The tracker keeps mutating its live rows; the batch must carry the state as of its cursor.
         batch.repos = {did: copy.copy(row) for did, row in batch.repos.items()}
         self._batch = self._new_batch()
+        # every batch before this one is stored (the writer waited for it): evict beyond capacity
+        self.tracker.sealed()
+        self.tracker.trim(self.writer.committed_batches)
         self._batch_started = time.monotonic()
         self._counters.export(self.last_seq)
         return batch

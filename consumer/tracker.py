@@ -1,8 +1,8 @@
 """Per-DID firehose state (sync 1.1): which events to apply, and when a repo's chain breaks.
 
-The tracker owns the live `RepoRow` of every DID seen, in memory, and folds each event into a
-storage Batch. It never reads or writes the database itself; the daemon seals batches (copying
-the rows) and writes them.
+The tracker owns the live `RepoRow` of the DIDs it holds (a bounded cache, see Memory below) and
+folds each event into a storage Batch. It never writes the database (the daemon seals batches,
+copying the rows, and writes them); it reads a DID's committed row through `load` on a miss.
 
 Rules, in the order they are checked:
 1. seq: an event whose seq <= the highest seq seen on this stream is dropped (stale_seq). Every
@@ -23,10 +23,18 @@ Rules, in the order they are checked:
    #identity stores the handle when one is given.
 A new DID starts with sync_state unknown: nothing has proven that we hold its whole repo.
 first_seen_at and desynced_at are event times (the `time` of the event), not the wall clock.
+
+Memory: with `load` (the daemon passes `Store.repo_row`) `rows` is a bounded LRU cache, not every
+DID: a DID not cached is read from the store on first use, and `trim` evicts the least recently
+used rows beyond `capacity`, but never a row changed since the last committed batch (its change
+is not in the store yet: reading it back would lose it). Batches are numbered as the daemon
+seals them (`sealed()`); a row changed while batch n fills is pinned until n batches committed.
+`row(did)` pins too: its caller may change the live row (the resync does).
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -82,7 +90,8 @@ def fold_ops(commit: Commit, batch: Batch, want: Callable[[str], bool] | None) -
 
 
 class Tracker:
-    """In-memory per-DID state. `rows` is what `Store.load_repos()` returned at start-up."""
+    """Per-DID state: `rows` given up front, plus (with `load`) the rows read from the store on a
+    miss, at most about `capacity` of them once `trim` ran (see the module docstring)."""
 
     def __init__(
         self,
@@ -90,12 +99,19 @@ class Tracker:
         *,
         want: Callable[[str], bool] | None = None,
         clock: Callable[[], datetime] = _utcnow,
+        load: Callable[[str], RepoRow | None] | None = None,
+        capacity: int | None = None,
     ) -> None:
-        self.rows: dict[str, RepoRow] = (
-            dict(rows) if isinstance(rows, Mapping) else {row.did: row for row in rows}
+        self.rows: OrderedDict[str, RepoRow] = OrderedDict(
+            rows.items() if isinstance(rows, Mapping) else ((row.did, row) for row in rows)
         )
         self.want = want
         self._clock = clock
+        self._load = load
+        self.capacity = capacity
+        self._filling = 1                  # the number of the batch now filling (1 = the first)
+        self._pinned: dict[str, int] = {}  # did -> the batch holding its last change
+        self.loads = 0                     # misses read from the store
         self.stream_seq: int | None = None
         self.counts: dict[Verdict, int] = {v: 0 for v in Verdict}
         self.desync_reasons: dict[str, int] = {}
@@ -103,7 +119,12 @@ class Tracker:
     # -- queries --------------------------------------------------------------------------
 
     def row(self, did: str) -> RepoRow | None:
-        return self.rows.get(did)
+        """The live row of `did` (read from the store on a miss), pinned until the batch now
+        filling is committed: the caller may change it."""
+        row = self._get(did)
+        if row is not None:
+            self._pinned[did] = self._filling
+        return row
 
     @property
     def desynchronized_total(self) -> int:
@@ -111,6 +132,31 @@ class Tracker:
         return self.counts[Verdict.DESYNCHRONIZED]
 
     # -- changes --------------------------------------------------------------------------
+
+    def sealed(self) -> None:
+        """The daemon sealed the filling batch (it holds something): the next one starts."""
+        self._filling += 1
+
+    def trim(self, committed: int) -> int:
+        """Evict least recently used rows beyond `capacity` whose last change is in one of the
+        first `committed` batches (committed: the store holds it). Returns the rows evicted."""
+        if self.capacity is None or len(self.rows) <= self.capacity:
+            return 0
+        excess = len(self.rows) - self.capacity
+        pinned = self._pinned
+        gone: list[str] = []
+        for did in self.rows:
+            batch = pinned.get(did)
+            if batch is None or batch <= committed:
+                gone.append(did)
+                if len(gone) == excess:
+                    break
+        for did in gone:
+            del self.rows[did]
+            pinned.pop(did, None)
+        if len(pinned) > 2 * len(self.rows):  # pins of rows long evicted or committed
+            self._pinned = {d: b for d, b in pinned.items() if b > committed and d in self.rows}
+        return len(gone)
 
     def reset_stream(self) -> None:
         """Forget the stream's seq mark: the next event starts a new seq sequence."""
@@ -121,9 +167,10 @@ class Tracker:
 
         A head newer than `rev` (a commit applied while the repo was being fetched) is kept.
         """
-        row = self.rows.get(did)
+        row = self._get(did)
         if row is None:
             row = self.rows[did] = RepoRow(did=did, first_seen_at=self._clock())
+        self._pinned[did] = self._filling
         if row.rev is None or rev is None or row.rev <= rev:
             row.rev, row.data_cid, row.commit_cid = rev, data_cid, commit_cid
         row.sync_state = SyncState.SYNCHRONIZED.value
@@ -166,7 +213,7 @@ class Tracker:
     # -- internals ------------------------------------------------------------------------
 
     def _commit(self, event: Commit, batch: Batch) -> Verdict:
-        row = self.rows.get(event.did)
+        row = self._get(event.did)
         reason: str | None = None
         if row is not None:
             if not row.active:
@@ -195,7 +242,7 @@ class Tracker:
         return self._finish(row, reason, event.seq, event.time, batch)
 
     def _sync(self, event: Sync, batch: Batch) -> Verdict:
-        row = self.rows.get(event.did)
+        row = self._get(event.did)
         reason: str | None = None
         if row is not None:
             if not row.active:
@@ -222,16 +269,29 @@ class Tracker:
         self._touch(row, seq, time, batch)
         return verdict
 
+    def _get(self, did: str) -> RepoRow | None:
+        """The row of `did`: cached (now the most recently used), else read from the store."""
+        rows = self.rows
+        row = rows.get(did)
+        if row is not None:
+            rows.move_to_end(did)
+        elif self._load is not None:
+            row = self._load(did)
+            self.loads += 1
+            if row is not None:
+                rows[did] = row
+        return row
+
     def _row_for(self, did: str, time: str) -> RepoRow:
-        row = self.rows.get(did)
+        row = self._get(did)
         if row is None:
             row = self.rows[did] = RepoRow(did=did, first_seen_at=_event_time(time, self._clock))
         return row
 
-    @staticmethod
-    def _touch(row: RepoRow, seq: int, time: str, batch: Batch) -> None:
+    def _touch(self, row: RepoRow, seq: int, time: str, batch: Batch) -> None:
         row.last_seq = seq
         row.last_event_at = time
+        self._pinned[row.did] = self._filling
         batch.put_repo(row)
 
     def _count(self, verdict: Verdict) -> Verdict:

@@ -70,6 +70,7 @@ class BatchWriter:
         self.store = store
         self.publish = publish
         self.committed_seq = committed_seq   # the cursor of the last batch stored
+        self.committed_batches = 0           # batches stored by this writer (they are written in order)
         self.lock = asyncio.Lock()           # held while sealing a batch and starting its write
         # A batch write that failed for good (an invalidated database, a stop during an outage, a
         # publish refused): its events are lost from memory, so nothing may be written after it,
@@ -141,6 +142,7 @@ class BatchWriter:
             self.failed = exc
             self.dead.set()
             raise
+        self.committed_batches += 1
         metrics.BATCH_WRITE_SECONDS.observe(time.perf_counter() - started)
         metrics.BATCH_EVENTS.inc(batch.events)
         if batch.cursor is not None:

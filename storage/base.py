@@ -96,6 +96,7 @@ class StoreBase:
                 raise DatabaseLocked(f"{self.path} is held by another process: {exc}") from exc
             raise StorageError(f"cannot open {self.path}: {exc}") from exc
         self._lock = threading.RLock()
+        self._txn_version: int | None = None
         self.read_only = read_only
         try:
             prepare_schema(self._conn, self.path, read_only=read_only)
@@ -117,6 +118,13 @@ class StoreBase:
                 raise StorageError(f"cannot open {self.path}: {exc}") from exc
             raise
 
+    def _version(self, con: duckdb.DuckDBPyConnection) -> int:
+        """The write version of the open transaction: one `write_version` value per transaction,
+        taken on first use; every log row the transaction appends carries it."""
+        if self._txn_version is None:
+            self._txn_version = int(con.execute("SELECT nextval('write_version')").fetchall()[0][0])
+        return self._txn_version
+
     def close(self) -> None:
         with self._lock, storage_errors():
             self._conn.close()
@@ -136,6 +144,7 @@ class StoreBase:
                 con.execute("BEGIN TRANSACTION")
             except duckdb.Error as exc:
                 raise StorageError(str(exc)) from exc
+            self._txn_version = None
             try:
                 result = body(con)
                 con.execute("COMMIT")
@@ -144,6 +153,8 @@ class StoreBase:
                 if isinstance(exc, duckdb.Error):
                     raise StorageError(str(exc)) from exc
                 raise
+            finally:
+                self._txn_version = None
             return result
 
     def reconnect(self) -> None:

@@ -1,6 +1,6 @@
 """Compaction: fold the version logs into the deduplicated bases, beside the writers.
 
-Every write appends to a log (storage/records.py), so the log grows until a compaction folds
+Every write appends to a log (storage/records.py, storage/repos.py), so the log grows until a compaction folds
 it into the base; the views stay correct at any log size, they only get slower as it grows.
 `Store` counts the rows it appends and, past `COMPACT_AFTER_ROWS`, starts one compaction in a
 background thread. The compaction runs on its own cursor and transaction, NOT under the write
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -23,6 +24,7 @@ from skyfill import metrics
 from skyfill.errors import StorageError
 
 from .base import StoreBase, storage_errors
+from . import repos
 from .migrate import schema_sql
 from .records import RecordCompaction, compact_records
 
@@ -38,6 +40,7 @@ COMPACT_AFTER_ROWS: Final = 250_000
 _LOG_MAX_V = """
 SELECT coalesce(max(v), 0) FROM (
     SELECT max(v) AS v FROM record_log UNION ALL SELECT max(v) FROM record_purges
+    UNION ALL SELECT max(v) FROM repo_log
 )
 """
 
@@ -45,6 +48,7 @@ SELECT coalesce(max(v), 0) FROM (
 @dataclass(frozen=True, slots=True)
 class Compaction:
     records: RecordCompaction | None   # None: nothing to fold
+    repos: int = 0                     # DIDs whose repo_base row was rewritten
 
 
 class Compacting(StoreBase):
@@ -75,11 +79,14 @@ class Compacting(StoreBase):
                 cur.close()
 
     def _compact_on(self, cur: duckdb.DuckDBPyConnection, *, full: bool) -> Compaction:
+        started = time.perf_counter()
         cur.execute("BEGIN TRANSACTION")
         try:
             upto = int(cur.execute(_LOG_MAX_V).fetchall()[0][0])
             result = compact_records(cur, upto) if upto else None
+            repo_rows = repos.compact(cur, upto) if upto else 0
             if full:
+                repos.resort(cur)
                 # the table is re-created from schema.sql so it keeps its column compression
                 cur.execute("ALTER TABLE record_base RENAME TO record_base_unsorted")
                 cur.execute(schema_sql())
@@ -92,13 +99,14 @@ class Compacting(StoreBase):
             except duckdb.Error:
                 pass  # a failed COMMIT already ended the transaction
             raise
-        if result is not None and result.log_rows + result.purges:
+        if result is not None and result.log_rows + result.purges + repo_rows:
             metrics.STORE_COMPACTIONS.labels("ok").inc()
-            metrics.STORE_COMPACTION_SECONDS.observe(result.seconds)
-            log.info("compacted the record log", extra={"ctx": {
+            metrics.STORE_COMPACTION_SECONDS.observe(time.perf_counter() - started)
+            log.info("compacted the version logs", extra={"ctx": {
                 "log_rows": result.log_rows, "purges": result.purges, "base_deleted": result.base_deleted,
-                "base_inserted": result.base_inserted, "seconds": round(result.seconds, 3)}})
-        return Compaction(records=result)
+                "base_inserted": result.base_inserted, "repos": repo_rows, "full": full,
+                "seconds": round(time.perf_counter() - started, 3)}})
+        return Compaction(records=result, repos=repo_rows)
 
     def _note_appended(self, rows: int) -> None:
         """Count appended log rows; start a background compaction past the threshold."""

@@ -15,6 +15,7 @@ from typing import Any
 import duckdb
 import pyarrow as pa
 
+from . import repos
 from .base import now_utc
 from .batch import Batch, RepoRow
 from .compaction import Compacting
@@ -108,7 +109,7 @@ class FirehoseWrites(Compacting):
         now = now_utc()
         puts_cols, del_cols = record_columns(batch)
         self._txn(lambda con: self._apply_in(con, batch, now, puts_cols, del_cols))
-        self._note_appended(len(batch.records) + len(batch.purged_dids))
+        self._note_appended(len(batch.records) + len(batch.purged_dids) + len(batch.repos))
 
     def _apply_in(
         self,
@@ -143,22 +144,16 @@ class FirehoseWrites(Compacting):
                 [c.first_seq, c.last_seq, c.first_event_at, c.last_event_at, c.id],
             )
 
-    @staticmethod
-    def _upsert_repos(con: duckdb.DuckDBPyConnection, rows: Iterable[RepoRow]) -> None:
+    def _upsert_repos(self, con: duckdb.DuckDBPyConnection, rows: Iterable[RepoRow]) -> None:
+        """Append each row's head group to repo_log (first_seen_at is write-once: the view keeps
+        the first value ever stored, so a row's own counts only for a new DID)."""
         now = now_utc()
         cols: dict[str, list[Any]] = {name: [] for name in REPO_FIELDS}
         for row in rows:
             for name in REPO_FIELDS:
                 cols[name].append(getattr(row, name))
         cols["first_seen_at"] = [v or now for v in cols["first_seen_at"]]
-        con.register("_repos", arrow_table(cols, REPO_SCHEMA))
-        updates = ", ".join(f"{n} = excluded.{n}" for n in REPO_FIELDS[1:] if n != "first_seen_at")
-        select = ", ".join(ts_sql(n) if n == "last_event_at" else n for n in REPO_FIELDS)
-        con.execute(
-            f"INSERT INTO repos ({', '.join(REPO_FIELDS)}) SELECT {select} FROM _repos "
-            f"ON CONFLICT (did) DO UPDATE SET {updates}"
-        )
-        con.unregister("_repos")
+        repos.append_head(con, self._version(con), arrow_table(cols, REPO_SCHEMA))
 
     # -- cursor, coverage, per-DID state at start-up ---------------------------------------
 
@@ -190,7 +185,7 @@ class FirehoseWrites(Compacting):
         )
 
     def load_repos(self) -> dict[str, RepoRow]:
-        """Every DID's firehose-owned state, for the in-memory tracker at start-up."""
+        """Every DID's firehose-owned state (a full scan; the daemon reads rows as needed: `repo_row`)."""
         table = self.fetchall(
             "SELECT did, rev, data_cid, commit_cid, last_seq, CAST(last_event_at AS VARCHAR), "
             "handle, active, status, sync_state, desync_reason, desynced_at, first_seen_at FROM repos"

@@ -19,6 +19,7 @@ import duckdb
 
 from skyfill.errors import StorageError
 
+from . import repos
 from .records import migrate_records_v1
 
 __all__ = ["SCHEMA_VERSION", "MIGRATE_COMMAND", "prepare_schema", "schema_version", "schema_sql"]
@@ -70,6 +71,10 @@ def prepare_schema(con: duckdb.DuckDBPyConnection, path: str, *, read_only: bool
     try:
         con.execute(schema_sql("schema.sql"))
         moved = migrate_records_v1(con) if version == 1 else 0
+        if repos.is_v1(con):
+            repos.migrate_v1(con)
+        else:
+            repos.create_repos(con)
         con.execute(schema_sql("views.sql"))
         con.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", [str(SCHEMA_VERSION)])
         con.execute("COMMIT")

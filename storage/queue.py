@@ -24,13 +24,14 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Final
+from typing import Any, Final
 
 import duckdb
 import pyarrow as pa
 
 from skyfill.backoff import backoff_delay
 
+from . import repos
 from .base import StoreBase, now_utc
 from .queries import DESYNCHRONIZED
 from .states import BackfillStatus, QueueState
@@ -68,17 +69,23 @@ class RetryPolicy:
         return timedelta(seconds=seconds)
 
 
-def mark_backfilled(con: duckdb.DuckDBPyConnection, did: str, rev: str | None, now: datetime) -> None:
-    """ok/done: the reconcile of `did` commits in this transaction (its repo row exists)."""
-    con.execute(
-        "UPDATE repos SET backfill_status = ?, backfill_error = NULL, backfill_attempts = 0, "
-        "backfill_retry_after = NULL, backfilled_at = ?, backfilled_rev = ? WHERE did = ?",
-        [BackfillStatus.OK.value, now, rev, did],
-    )
+def mark_backfilled(con: duckdb.DuckDBPyConnection, v: int, did: str, rev: str | None, now: datetime) -> None:
+    """ok/done: the reconcile of `did` commits in this transaction (write version `v`; its repo row exists)."""
+    group = {"backfill_status": BackfillStatus.OK.value, "backfill_error": None, "backfill_attempts": 0,
+             "backfill_retry_after": None, "backfilled_at": now, "backfilled_rev": rev}
+    repos.append_backfill(con, v, did, group, first_seen_at=now)
     con.execute(
         "UPDATE backfill_queue SET state = ?, error = NULL, updated_at = ? WHERE did = ?",
         [QueueState.DONE.value, now, did],
     )
+
+
+def _backfill_group(con: duckdb.DuckDBPyConnection, did: str) -> dict[str, Any]:
+    """The current backfill group of `did` (the defaults when it has no row), read in this transaction."""
+    rows = repos.current_rows(con, [did], repos.BACKFILL_FIELDS)
+    if not rows:
+        return {c: None for c in repos.BACKFILL_FIELDS} | {"backfill_attempts": 0}
+    return dict(zip(repos.BACKFILL_FIELDS, rows[0][1:], strict=True))
 
 
 class BackfillQueue(StoreBase):
@@ -162,8 +169,8 @@ class BackfillQueue(StoreBase):
         now = now_utc()
 
         def body(con: duckdb.DuckDBPyConnection) -> tuple[BackfillStatus, str]:
-            rows = con.execute("SELECT backfill_attempts FROM repos WHERE did = ?", [did]).fetchall()
-            attempts = (int(rows[0][0]) if rows else 0) + 1
+            group = _backfill_group(con, did)
+            attempts = int(group["backfill_attempts"] or 0) + 1
             final, message, retry_after = status, error, None
             if status is BackfillStatus.RETRYING:
                 if attempts >= policy.max_attempts:
@@ -171,13 +178,9 @@ class BackfillQueue(StoreBase):
                 else:
                     retry_after = now + policy.delay(attempts)
             stored = message[:_MAX_ERROR]
-            con.execute(
-                "INSERT INTO repos (did, first_seen_at, backfill_status, backfill_error, backfill_attempts, "
-                "backfill_retry_after) VALUES (?, ?, ?, ?, 1, ?) ON CONFLICT (did) DO UPDATE SET "
-                "backfill_status = excluded.backfill_status, backfill_error = excluded.backfill_error, "
-                "backfill_attempts = repos.backfill_attempts + 1, backfill_retry_after = excluded.backfill_retry_after",
-                [did, now, final.value, stored, retry_after],
-            )
+            group.update(backfill_status=final.value, backfill_error=stored, backfill_attempts=attempts,
+                         backfill_retry_after=retry_after)
+            repos.append_backfill(con, self._version(con), did, group, first_seen_at=now)
             con.execute(
                 "UPDATE backfill_queue SET state = ?, retry_after = ?, error = ?, updated_at = ? WHERE did = ?",
                 [_PENDING if retry_after is not None else QueueState.FAILED.value, retry_after, stored, now, did],
@@ -200,13 +203,10 @@ class BackfillQueue(StoreBase):
                 [_PENDING, retry_after, now, did],
             )
             if error is not None:
-                con.execute(
-                    "INSERT INTO repos (did, first_seen_at, backfill_status, backfill_error, backfill_attempts, "
-                    "backfill_retry_after) VALUES (?, ?, ?, ?, 0, ?) ON CONFLICT (did) DO UPDATE SET "
-                    "backfill_status = excluded.backfill_status, backfill_error = excluded.backfill_error, "
-                    "backfill_retry_after = excluded.backfill_retry_after",
-                    [did, now, BackfillStatus.RETRYING.value, error, retry_after],
-                )
+                group = _backfill_group(con, did)
+                group.update(backfill_status=BackfillStatus.RETRYING.value, backfill_error=error,
+                             backfill_retry_after=retry_after)
+                repos.append_backfill(con, self._version(con), did, group, first_seen_at=now)
 
         self._txn(body)
 

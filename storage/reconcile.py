@@ -16,6 +16,7 @@ import pyarrow as pa
 
 from skyfill.protocol.columns import RecordColumns
 
+from . import repos
 from .base import now_utc
 from .batch import Batch, Change, RecordChange, RepoChange
 from .firehose import KEY_SCHEMA, RECORD_SCHEMA, FirehoseWrites, record_columns
@@ -99,14 +100,15 @@ class Reconciling(FirehoseWrites):
             return ReconcileCounts(added=0, updated=0, deleted=0, unchanged=stored)
 
         def _finish(con: duckdb.DuckDBPyConnection) -> None:
-            con.execute(
-                "INSERT INTO repos (did, rev, data_cid, commit_cid, sync_state, first_seen_at) "
-                "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (did) DO UPDATE SET "
-                "rev = excluded.rev, data_cid = excluded.data_cid, commit_cid = excluded.commit_cid, "
-                "sync_state = excluded.sync_state, desync_reason = NULL, desynced_at = NULL",
-                [did, rev, data_cid, commit_cid, SyncState.SYNCHRONIZED.value, now],
-            )
-            mark_backfilled(con, did, rev, now)
+            v = self._version(con)
+            # `after`'s head group of this DID (appended below) replaces this one whole: one per transaction
+            if after is None or did not in after.repos:
+                current = repos.current_row(con, did)
+                head = {c: current[c] for c in repos.HEAD_FIELDS} if current else {**_NEW_HEAD, "first_seen_at": now}
+                head.update(rev=rev, data_cid=data_cid, commit_cid=commit_cid,
+                            sync_state=SyncState.SYNCHRONIZED.value, desync_reason=None, desynced_at=None)
+                repos.append_head_row(con, v, did, head)
+            mark_backfilled(con, v, did, rev, now)
             if after is not None:
                 puts_cols, del_cols = record_columns(after)
                 self._apply_in(con, after, now, puts_cols, del_cols)
@@ -166,7 +168,8 @@ class Reconciling(FirehoseWrites):
             )
 
         counts: ReconcileCounts = self._txn(body)
-        self._note_appended(counts.added + counts.updated + counts.deleted + (len(after.records) if after else 0))
+        self._note_appended(counts.added + counts.updated + counts.deleted + 2
+                            + (len(after.records) + len(after.repos) if after else 0))
         return counts
 
     def trusted_root(self, did: str) -> str | None:
@@ -185,6 +188,9 @@ class Reconciling(FirehoseWrites):
             rows = reader.fetchall(STORED_CIDS_SQL, [did])
         return {(c, k): cid for c, k, cid in rows}
 
+
+# the head group of a DID that has no row yet (the v1 table's defaults)
+_NEW_HEAD = {c: None for c in repos.HEAD_FIELDS} | {"active": True, "status": "active", "sync_state": "unknown"}
 
 # The stored records of a repo row matching this are exactly the MST under its data_cid.
 _SAME_ROOT = "sync_state = ? AND backfill_status = ? AND active IS NOT FALSE AND coalesce(status, 'active') = 'active'"

@@ -1,28 +1,6 @@
 -- skyfill's DuckDB schema. States are plain strings stored as-is (see storage/states.py).
 
--- One row per account (DID): the last commit seen and what we know of the account.
-CREATE TABLE IF NOT EXISTS repos (
-    did                  VARCHAR PRIMARY KEY,
-    rev                  VARCHAR,          -- TID of the last applied commit
-    data_cid             VARCHAR,          -- MST root of that commit
-    commit_cid           VARCHAR,          -- CID of that signed commit block
-    last_seq             BIGINT,           -- firehose seq of the last event applied for this DID
-    last_event_at        TIMESTAMPTZ,      -- `time` of that event
-    handle               VARCHAR,
-    active               BOOLEAN NOT NULL DEFAULT TRUE,
-    status               VARCHAR NOT NULL DEFAULT 'active',   -- AccountStatus
-    sync_state           VARCHAR NOT NULL DEFAULT 'unknown',  -- SyncState
-    desync_reason        VARCHAR,
-    desynced_at          TIMESTAMPTZ,
-    first_seen_at        TIMESTAMPTZ NOT NULL,
-    -- backfill bookkeeping: outcome stored as-is, retries on the row so they survive restarts
-    backfill_status      VARCHAR,          -- BackfillStatus
-    backfill_error       VARCHAR,
-    backfill_attempts    INTEGER NOT NULL DEFAULT 0,
-    backfill_retry_after TIMESTAMPTZ,
-    backfilled_at        TIMESTAMPTZ,
-    backfilled_rev       VARCHAR
-);
+-- `repos` (one row per account) is storage/repos.py's: repo_base, repo_log and the view.
 
 -- Records: an append-only log of versions folded by compaction into a deduplicated base
 -- (storage/records.py). Nothing here has a primary key or is ever UPDATEd: DuckDB re-writes a

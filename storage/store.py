@@ -6,7 +6,9 @@ One class, assembled from one module per reason to change:
     reconcile.py  `reconcile` a DID to a fetched repo, and the reads that prepare one
     queue.py      the backfill queue's state machine (enqueue, claim, done, failed, deferred, recover)
     caches.py     the identity cache and the Kafka sink's dedup marks
-    compaction.py folding the record log into the base, beside the writers (records.py: the tables)
+    repo_reads.py point reads of per-DID state (the daemon's tracker cache)
+    compaction.py folding the version logs into the bases, beside the writers (records.py and
+                  repos.py: the tables, their appends and their compaction)
     migrate.py    bringing an older file to the current schema on open
 Callers never get the connection: they write through these named methods and read through
 `fetchall` or `read()`; every DuckDB failure leaves as skyfill.errors.StorageError.
@@ -20,11 +22,12 @@ from .caches import Caches
 from .migrate import SCHEMA_VERSION
 from .queue import BackfillQueue
 from .reconcile import Reconciling
+from .repo_reads import RepoReads
 
 __all__ = ["Store", "open_store", "schema_version_of"]
 
 
-class Store(Reconciling, BackfillQueue, Caches):
+class Store(Reconciling, BackfillQueue, Caches, RepoReads):
     """The DuckDB file and the only code that writes to it."""
 
     def __enter__(self) -> Store:

@@ -68,16 +68,16 @@ def test_unchanged_root_skips_diff_and_keeps_records(store: SetupStore) -> None:
 @pytest.mark.parametrize(
     "breakage",
     [
-        "UPDATE repos SET sync_state = 'desynchronized'",
-        "UPDATE repos SET backfill_status = 'retrying'",
-        "UPDATE repos SET active = false, status = 'deactivated'",
+        "sync_state = 'desynchronized'",
+        "backfill_status = 'retrying'",
+        "active = false, status = 'deactivated'",
     ],
 )
 def test_untrusted_row_gets_a_full_reconcile(store: SetupStore, breakage: str) -> None:
     s = snap()
     reconcile(store, s)
     store.delete_records("rkey = (SELECT min(rkey) FROM records)")
-    store.execute_write(breakage)
+    store.update_repos(breakage)
     assert store.trusted_root(s.did) is None
     counts = reconcile(store, s)
     assert counts.added == 1  # type: ignore[attr-defined]
@@ -97,7 +97,7 @@ def test_records_decoded_before_the_lock_survive_a_concurrent_change(store: Setu
     decode = premade(store, s, every=False)  # fresh DID: decodes every record now (consumes its blocks)
     reconcile(store, snap())  # meanwhile another writer stores the repo
     store.delete_records("rkey = (SELECT min(rkey) FROM records)")
-    store.execute_write("UPDATE repos SET sync_state = 'desynchronized'")
+    store.update_repos("sync_state = 'desynchronized'")
     counts = store.reconcile(s.did, rev=s.rev, data_cid=s.data_cid, commit_cid=s.commit_cid,
                              fetched=s.records, materialize=decode)
     assert (counts.added, counts.unchanged) == (1, len(s.records) - 1)

@@ -50,13 +50,13 @@ def _truncated_to_half(path: Path) -> None:
     Store(path).close()
     con = duckdb.connect(str(path))
     con.execute(
-        "INSERT INTO repos (did, rev, sync_state, first_seen_at, last_event_at) SELECT 'did:plc:' || "
+        "INSERT INTO repo_base (did, rev, sync_state, first_seen_at, last_event_at) SELECT 'did:plc:' || "
         "md5(i::VARCHAR)[:24], md5(i::VARCHAR), CASE WHEN i % 3 = 0 THEN 'synchronized' ELSE 'desynchronized' "
         "END, now(), now() FROM range(50000) t(i)"
     )
     con.execute("CHECKPOINT")
     # The data blocks of the tables come after a 12 KiB header; keep the first half of them.
-    last = con.execute("SELECT max(block_id) FROM pragma_storage_info('repos') WHERE block_id >= 0").fetchone()
+    last = con.execute("SELECT max(block_id) FROM pragma_storage_info('repo_base') WHERE block_id >= 0").fetchone()
     block = con.execute("SELECT block_size FROM pragma_database_size()").fetchone()
     con.close()
     assert last is not None and block is not None and last[0] >= 4

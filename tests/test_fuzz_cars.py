@@ -107,7 +107,7 @@ async def test_hostile_cars_leave_every_did_with_a_recorded_outcome(srv: FaultSe
             served[case.did] = case.car
             # each case starts from a never-backfilled DID (a stored root would skip unchanged walks)
             store.delete_records("did = ?", [case.did])
-            store.execute_write("DELETE FROM repos WHERE did = ?", [case.did])
+            store.delete_repo(case.did)
             summary = await (verified if seed.secret is not None else unverified).run([case.did])
             _assert_outcome(store, case, summary)
 

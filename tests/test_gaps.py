@@ -37,7 +37,7 @@ def add_repo(
     status: str = "active",
 ) -> None:
     store.execute_write(
-        "INSERT INTO repos (did, rev, first_seen_at, last_event_at, sync_state, desynced_at, backfilled_at, "
+        "INSERT INTO repo_base (did, rev, first_seen_at, last_event_at, sync_state, desynced_at, backfilled_at, "
         "backfill_status, active, status) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         [did, rev, first_seen, last_event, sync_state, desynced_at, backfilled_at, backfill_status, active, status],
     )

@@ -37,7 +37,7 @@ def seed(db: Path, rows: list[tuple[str, datetime, datetime, str | None]]) -> No
     with SetupStore(db) as store:
         for did, first, last, status in rows:
             store.execute_write(
-                "INSERT INTO repos (did, first_seen_at, last_event_at, backfill_status) VALUES (?, ?, ?, ?)",
+                "INSERT INTO repo_base (did, first_seen_at, last_event_at, backfill_status) VALUES (?, ?, ?, ?)",
                 [did, first, last, status])
 
 

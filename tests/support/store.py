@@ -43,5 +43,25 @@ class SetupStore(Store):
         self.apply(batch)
         return len(keys)
 
+    def compact_repos(self) -> int:
+        """Fold every committed log row into the bases (records and repos), as the background
+        compaction does. Returns the DIDs whose repo_base row was rewritten."""
+        return self.compact().repos
+
+    def update_repos(self, assignments: str, where: str = "TRUE") -> None:
+        """`UPDATE repos SET <assignments> WHERE <where>` on the v2 layout: fold the log into the
+        base, then update the base rows (the view is not updatable)."""
+        self.compact_repos()
+        self.execute_write(f"UPDATE repo_base SET {assignments} WHERE {where}")
+
+    def delete_repo(self, did: str) -> None:
+        """Forget `did`'s repos row (base and log)."""
+
+        def body(con: duckdb.DuckDBPyConnection) -> None:
+            con.execute("DELETE FROM repo_base WHERE did = ?", [did])
+            con.execute("DELETE FROM repo_log WHERE did = ?", [did])
+
+        self._txn(body)
+
     def __enter__(self) -> SetupStore:
         return self

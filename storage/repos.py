@@ -1,0 +1,279 @@
+"""Per-DID state (`repos`) as an append-only log over a deduplicated base, merged by a view.
+
+Layout (no primary key, no UPDATE: every write is an append, see docs in DESIGN11):
+    repo_base   one row per DID, sorted by did when built (a point read is served by zone maps)
+    repo_log    appended rows `(v, part, did, <every repos column>)`: `v` is the write version of
+                the transaction, `part` says which column group of the row is authoritative:
+                  head      rev .. first_seen_at (what the firehose owns, `HEAD_FIELDS`)
+                  backfill  backfill_status .. backfilled_rev (`BACKFILL_FIELDS`)
+                A writer appends the WHOLE group it owns; the other group's columns hold the
+                defaults and count only for a DID that has no row of that group anywhere.
+    repos       the view: one row per DID, same columns and meaning as the v1 table.
+
+Merge rule (the view and `compact` share it): per DID and group, the log row of that group with
+the highest v wins, else the base row (version 0), else the other group's newest row (its
+defaults). `first_seen_at` is write-once: the oldest stored value (base, else the lowest v).
+A transaction writes at most one row per (did, part): versions are one per transaction.
+
+`compact(con, upto_v)` folds log rows with v <= upto_v into the base; it only deletes base rows
+it replaces and log rows it folded, and writers only append, so it runs on its own cursor and
+transaction while writers go on. `migrate_v1(con)` turns a v1 file's `repos` table into this.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from datetime import datetime
+from typing import Any, Final
+
+import duckdb
+import pyarrow as pa
+
+__all__ = [
+    "HEAD_FIELDS", "BACKFILL_FIELDS", "REPO_COLUMNS", "REPOS_DDL", "create_repos", "is_v1", "migrate_v1",
+    "append_head", "append_head_row", "append_backfill", "current_rows", "point_sql", "merge_point", "resort", "current_row", "compact", "committed_version",
+]
+
+log = logging.getLogger(__name__)
+
+# column -> (type, DEFAULT/NOT NULL of the v1 table), in the v1 table's order
+_COLUMNS: Final[dict[str, tuple[str, str]]] = {
+    "rev": ("VARCHAR", ""),
+    "data_cid": ("VARCHAR", ""),
+    "commit_cid": ("VARCHAR", ""),
+    "last_seq": ("BIGINT", ""),
+    "last_event_at": ("TIMESTAMPTZ", ""),
+    "handle": ("VARCHAR", ""),
+    "active": ("BOOLEAN", "NOT NULL DEFAULT TRUE"),
+    "status": ("VARCHAR", "NOT NULL DEFAULT 'active'"),
+    "sync_state": ("VARCHAR", "NOT NULL DEFAULT 'unknown'"),
+    "desync_reason": ("VARCHAR", ""),
+    "desynced_at": ("TIMESTAMPTZ", ""),
+    "first_seen_at": ("TIMESTAMPTZ", "NOT NULL"),
+    "backfill_status": ("VARCHAR", ""),
+    "backfill_error": ("VARCHAR", ""),
+    "backfill_attempts": ("INTEGER", "NOT NULL DEFAULT 0"),
+    "backfill_retry_after": ("TIMESTAMPTZ", ""),
+    "backfilled_at": ("TIMESTAMPTZ", ""),
+    "backfilled_rev": ("VARCHAR", ""),
+}
+REPO_COLUMNS: Final = ("did", *_COLUMNS)
+HEAD_FIELDS: Final = tuple(list(_COLUMNS)[: list(_COLUMNS).index("first_seen_at") + 1])
+BACKFILL_FIELDS: Final = tuple(c for c in _COLUMNS if c not in HEAD_FIELDS)
+_HEAD, _BACKFILL = "head", "backfill"
+_MERGED_HEAD: Final = tuple(c for c in HEAD_FIELDS if c != "first_seen_at")
+
+
+def _base_columns() -> str:
+    return ",\n    ".join(f"{name} {typ} {rule}".rstrip() for name, (typ, rule) in _COLUMNS.items())
+
+
+def _log_columns() -> str:
+    # NOT NULL is the writer's business in the log; the defaults fill the group a row does not own
+    return ",\n    ".join(
+        f"{name} {typ}" + (" " + rule.replace("NOT NULL ", "") if "DEFAULT" in rule else "")
+        for name, (typ, rule) in _COLUMNS.items()
+    )
+
+
+_CREATE_TABLES: Final = f"""
+CREATE SEQUENCE IF NOT EXISTS write_version;
+-- one row per DID: the state folded in by the last compaction (see storage/repos.py)
+CREATE TABLE IF NOT EXISTS repo_base (
+    did VARCHAR NOT NULL,
+    {_base_columns()}
+);
+-- appended by every write; `part` names the authoritative column group ('head' | 'backfill')
+CREATE TABLE IF NOT EXISTS repo_log (
+    v BIGINT NOT NULL,
+    part VARCHAR NOT NULL,
+    did VARCHAR NOT NULL,
+    {_log_columns()}
+);
+"""
+
+
+def _merged_sql(log_where: str) -> str:
+    """One merged row per DID that has log rows matching `log_where` (base row included)."""
+    cols = ", ".join(_COLUMNS)
+    head = ", ".join(f"{c} := {c}" for c in _MERGED_HEAD)
+    back = ", ".join(f"{c} := {c}" for c in BACKFILL_FIELDS)
+    out = ", ".join(
+        [f"h.{c} AS {c}" for c in _MERGED_HEAD]
+        + ["first_seen_at"]
+        + [f"f.{c} AS {c}" for c in BACKFILL_FIELDS]
+    )
+    return f"""SELECT did, {out} FROM (
+    SELECT did, arg_max(struct_pack({head}), hv) AS h, arg_max(struct_pack({back}), fv) AS f,
+           arg_min(first_seen_at, v) AS first_seen_at
+    FROM (
+        SELECT did, 0 AS v, 0 AS hv, 0 AS fv, {cols} FROM repo_base
+        WHERE did IN (SELECT did FROM repo_log WHERE {log_where})
+        UNION ALL
+        SELECT did, v, CASE WHEN part = '{_HEAD}' THEN v ELSE -1 END, CASE WHEN part = '{_BACKFILL}' THEN v ELSE -1 END,
+               {cols} FROM repo_log WHERE {log_where}
+    ) GROUP BY did
+)"""
+
+
+_VIEW: Final = f"""CREATE OR REPLACE VIEW repos AS
+SELECT did, {", ".join(_COLUMNS)} FROM repo_base b WHERE NOT EXISTS (SELECT 1 FROM repo_log l WHERE l.did = b.did)
+UNION ALL
+{_merged_sql("TRUE")}"""
+
+REPOS_DDL: Final = _CREATE_TABLES + _VIEW + ";\n"
+
+
+def create_repos(con: duckdb.DuckDBPyConnection) -> None:
+    """The v2 tables and the `repos` view, if missing (the view is re-created: always current)."""
+    con.execute(REPOS_DDL)
+
+
+def is_v1(con: duckdb.DuckDBPyConnection) -> bool:
+    """The file holds a v1 `repos` (a base table, with its primary key) to migrate."""
+    rows = con.execute(
+        "SELECT count(*) FROM duckdb_tables() WHERE table_name = 'repos' AND schema_name = current_schema() "
+        "AND database_name = current_database()"
+    ).fetchall()
+    return bool(rows[0][0])
+
+
+def migrate_v1(con: duckdb.DuckDBPyConnection) -> int:
+    """Turn a v1 `repos` table into repo_base (sorted by did), repo_log and the view; the caller
+    holds the transaction. Returns the rows copied."""
+    started = time.monotonic()
+    con.execute("ALTER TABLE repos RENAME TO repos_v1")
+    con.execute(_CREATE_TABLES)
+    cols = ", ".join(REPO_COLUMNS)
+    con.execute(f"INSERT INTO repo_base ({cols}) SELECT {cols} FROM repos_v1 ORDER BY did")
+    count = int(con.execute("SELECT count(*) FROM repo_base").fetchall()[0][0])
+    con.execute("DROP TABLE repos_v1")
+    con.execute(_VIEW)
+    log.info("migrated repos to the v2 layout",
+             extra={"ctx": {"rows": count, "seconds": round(time.monotonic() - started, 3)}})
+    return count
+
+
+# -- writes (inside the caller's transaction, `v` = its write version) ---------------------------
+
+def append_head(con: duckdb.DuckDBPyConnection, v: int, table: pa.Table) -> None:
+    """Append head groups: `table` has did and every HEAD_FIELDS column (last_event_at may be the
+    event's ISO text: it is parsed here). One row per DID."""
+    select = ", ".join(
+        f"TRY_CAST({c} AS TIMESTAMPTZ)" if c == "last_event_at" and table.schema.field(c).type == pa.string() else c
+        for c in HEAD_FIELDS
+    )
+    con.register("_repo_heads", table)
+    try:
+        con.execute(
+            f"INSERT INTO repo_log (v, part, did, {', '.join(HEAD_FIELDS)}) "
+            f"SELECT ?, '{_HEAD}', did, {select} FROM _repo_heads",
+            [v],
+        )
+    finally:
+        con.unregister("_repo_heads")
+
+
+def append_head_row(con: duckdb.DuckDBPyConnection, v: int, did: str, head: Mapping[str, Any]) -> None:
+    """Append one DID's head group (`head` holds every HEAD_FIELDS column)."""
+    names = ", ".join(HEAD_FIELDS)
+    marks = ", ".join("?" for _ in HEAD_FIELDS)
+    con.execute(
+        f"INSERT INTO repo_log (v, part, did, {names}) VALUES (?, '{_HEAD}', ?, {marks})",
+        [v, did, *(head[c] for c in HEAD_FIELDS)],
+    )
+
+
+def append_backfill(
+    con: duckdb.DuckDBPyConnection, v: int, did: str, group: Mapping[str, Any], *, first_seen_at: datetime
+) -> None:
+    """Append one DID's backfill group (`group` holds every BACKFILL_FIELDS column).
+    `first_seen_at` counts only when the DID has no row yet (it is write-once)."""
+    names = ", ".join(BACKFILL_FIELDS)
+    marks = ", ".join("?" for _ in BACKFILL_FIELDS)
+    con.execute(
+        f"INSERT INTO repo_log (v, part, did, first_seen_at, {names}) VALUES (?, '{_BACKFILL}', ?, ?, {marks})",
+        [v, did, first_seen_at, *(group[c] for c in BACKFILL_FIELDS)],
+    )
+
+
+# -- reads -----------------------------------------------------------------------------------------
+
+def current_row(con: duckdb.DuckDBPyConnection, did: str) -> dict[str, Any] | None:
+    """The `repos` row of `did` as this transaction sees it (a point read), or None."""
+    rows = con.execute(f"SELECT {', '.join(REPO_COLUMNS)} FROM repos WHERE did = ?", [did]).fetchall()
+    return dict(zip(REPO_COLUMNS, rows[0], strict=True)) if rows else None
+
+
+def current_rows(con: duckdb.DuckDBPyConnection, dids: Sequence[str], columns: Iterable[str]) -> list[tuple[Any, ...]]:
+    """`did, <columns>` of the `repos` rows of `dids` (a point read each: zone maps on the base)."""
+    cols = ", ".join(["did", *columns])
+    if len(dids) == 1:
+        return con.execute(f"SELECT {cols} FROM repos WHERE did = ?", [dids[0]]).fetchall()
+    marks = ", ".join("?" for _ in dids)
+    return con.execute(f"SELECT {cols} FROM repos WHERE did IN ({marks})", list(dids)).fetchall()
+
+
+def point_sql(columns: Sequence[str]) -> str:
+    """One DID's base row (v 0, part 'base') and log rows, oldest first, in one statement (one
+    snapshot; parameters: did twice). `merge_point` makes them the view's row: two plain point
+    reads, where planning the view itself costs several times the reads."""
+    cols = ", ".join(columns)
+    return (f"SELECT 0 AS v, 'base' AS part, {cols} FROM repo_base WHERE did = ? "
+            f"UNION ALL SELECT v, part, {cols} FROM repo_log WHERE did = ? ORDER BY v")
+
+
+def merge_point(columns: Sequence[str], rows: Sequence[tuple[Any, ...]]) -> tuple[Any, ...] | None:
+    """The view's values of `columns` (head columns only) from `point_sql`'s rows, or None."""
+    if not rows:
+        return None
+    base = rows[0][2:] if rows[0][1] == "base" else None
+    heads = [row[2:] for row in rows if row[1] == _HEAD]
+    values = list(heads[-1] if heads else base if base is not None else rows[-1][2:])
+    if "first_seen_at" in columns:  # write-once: the oldest stored value (the base's, else the lowest v)
+        at = list(columns).index("first_seen_at")
+        values[at] = rows[0][2:][at]
+    return tuple(values)
+
+
+# -- compaction --------------------------------------------------------------------------------------
+
+def committed_version(con: duckdb.DuckDBPyConnection) -> int | None:
+    """The highest write version this transaction sees in the log (None: the log is empty)."""
+    rows = con.execute("SELECT max(v) FROM repo_log").fetchall()
+    return None if rows[0][0] is None else int(rows[0][0])
+
+
+def compact(con: duckdb.DuckDBPyConnection, upto_v: int) -> int:
+    """Fold the log rows with v <= upto_v into repo_base, in the caller's transaction (its own
+    cursor: writers keep appending meanwhile). Returns the DIDs whose base row was rewritten."""
+    where = f"v <= {int(upto_v)}"
+    con.execute(f"CREATE OR REPLACE TEMP TABLE _repo_merged AS {_merged_sql(where)}")
+    try:
+        n = int(con.execute("SELECT count(*) FROM _repo_merged").fetchall()[0][0])
+        if n:
+            con.execute("DELETE FROM repo_base WHERE did IN (SELECT did FROM _repo_merged)")
+            cols = ", ".join(REPO_COLUMNS)
+            con.execute(f"INSERT INTO repo_base ({cols}) SELECT {cols} FROM _repo_merged ORDER BY did")
+            con.execute(f"DELETE FROM repo_log WHERE {where}")
+    finally:
+        con.execute("DROP TABLE IF EXISTS _repo_merged")
+    return n
+
+
+def resort(con: duckdb.DuckDBPyConnection) -> int:
+    """Rewrite repo_base sorted by did, in the caller's transaction (own cursor, like `compact`).
+
+    `compact` appends the rows it rewrites at the end of the base, sorted among themselves only:
+    those row groups span every did, so each point read also scans them. Call this when they
+    add up to a few row groups (122,880 rows each). Returns the rows rewritten."""
+    cols = ", ".join(REPO_COLUMNS)
+    con.execute(f"CREATE OR REPLACE TEMP TABLE _repo_sorted AS SELECT {cols} FROM repo_base ORDER BY did")
+    try:
+        con.execute("DELETE FROM repo_base")
+        con.execute(f"INSERT INTO repo_base ({cols}) SELECT {cols} FROM _repo_sorted ORDER BY did")
+        return int(con.execute("SELECT count(*) FROM repo_base").fetchall()[0][0])
+    finally:
+        con.execute("DROP TABLE IF EXISTS _repo_sorted")
