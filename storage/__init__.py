@@ -8,6 +8,7 @@ from .queue import RetryPolicy
 from .reconcile import ReconcileCounts
 from .states import TERMINAL_BACKFILL, AccountStatus, BackfillStatus, CoverageEnd, QueueState, SyncState
 from .store import Store, open_store
+from .views import EVENT_AT_SQL, TYPED_VIEWS
 
 __all__ = [
     "Batch",
@@ -32,4 +33,6 @@ __all__ = [
     "QueueState",
     "CoverageEnd",
     "TERMINAL_BACKFILL",
+    "TYPED_VIEWS",
+    "EVENT_AT_SQL",
 ]

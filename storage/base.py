@@ -23,6 +23,8 @@ import pyarrow as pa
 
 from skyfill.errors import DatabaseLocked, StorageError
 
+from .views import views_sql
+
 __all__ = ["StoreBase", "Reader", "failure_kind", "storage_errors", "now_utc", "CHECKPOINT_THRESHOLD"]
 
 # Uncheckpointed rows stay in memory (DuckDB IN_MEMORY_TABLE ~ WAL size), so this trades RSS
@@ -100,6 +102,7 @@ class StoreBase:
             if not read_only:
                 schema = resources.files("skyfill.storage").joinpath("schema.sql").read_text()
                 self._conn.execute(schema)
+                self._conn.execute(views_sql())  # the typed views over records (storage/views.sql)
                 # DuckDB checkpoints when the WAL passes 16 MB by default, and a checkpoint's cost grows
                 # with the table: on 200k firehose frames COMMIT was over half of Store.apply. Durability
                 # is unchanged (every COMMIT still syncs the WAL); a crash means a longer WAL replay.
