@@ -24,6 +24,7 @@ Adaptations common to both layouts:
 
 from __future__ import annotations
 
+import argparse
 import time
 from typing import Any, Final
 
@@ -38,6 +39,7 @@ __all__ = [
     "mirror_queries",
     "build_json_table",
     "run",
+    "main",
 ]
 
 JSON_TABLE: Final = "jsonbench_json"
@@ -142,3 +144,26 @@ def run(con: duckdb.DuckDBPyConnection, repeats: int = 3, *, event_at: str = EVE
         out["answers"][name] = mirror_rows
     out["min_speedup"] = min(out["speedup"].values())
     return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m bench.scale.jsonbench DB [--event-at SQL] [--repeats N]`: build the JSON table
+    inside DB (a copy: it is written to) and print both layouts' times."""
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("db")
+    parser.add_argument("--event-at", default=EVENT_AT_SQL, help="event-time expression over records")
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args(argv)
+    with duckdb.connect(args.db) as con:
+        started = time.perf_counter()
+        rows = build_json_table(con, args.event_at)
+        print(f"{JSON_TABLE}: {rows} events built in {time.perf_counter() - started:.1f} s")
+        result = run(con, args.repeats, event_at=args.event_at)
+    for name in result["mirror"]:
+        print(f"{name}  mirror {result['mirror'][name]:.4f} s   json {result['json'][name]:.4f} s   "
+              f"x{result['speedup'][name]:.1f}")
+    print(f"smallest speed-up x{result['min_speedup']:.1f}")
+
+
+if __name__ == "__main__":
+    main()
