@@ -191,3 +191,13 @@ def test_maker_collections_have_views() -> None:
     rng = random.Random(1)
     maker = RecordMaker(rng, peers=["did:plc:x"])
     assert {maker.collection() for _ in range(2000)} == set(VIEW_OF)
+
+
+@pytest.mark.parametrize("name", ["r", "records", "posts"])
+def test_database_file_names_do_not_shadow_view_columns(tmp_path: Path, name: str) -> None:
+    # DuckDB names the catalog after the file: r.duckdb once made `r.reply` a table reference
+    records = crafted()
+    for _ in range(2):  # created, then re-created on the next open
+        with Store(tmp_path / f"{name}.duckdb") as s:
+            write_records(s, records)
+            check_views(s, records)
