@@ -124,7 +124,7 @@ def export_parquet(
             written[collection] = rows
             if on_collection is not None:
                 on_collection(collection, rows)
-    files = sum(1 for _ in directory.glob("collection=*/date=*/*.parquet"))
+    files = sum(1 for c in written for _ in (directory / f"collection={c}").glob("date=*/*.parquet"))
     for collection in skipped:
         log.warning("export: collection skipped (not an NSID, unsafe as a folder name)",
                     extra={"ctx": {"collection": collection[:200]}})

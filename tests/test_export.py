@@ -106,6 +106,10 @@ def test_non_empty_directory_refused_unless_overwrite(store: Store, tmp_path: Pa
     summary = export_parquet(store, out, collections=[POST, LIKE], overwrite=True)
     assert duckdb_rows(out) == stored_rows(store, "WHERE collection IN (?, ?)", [POST, LIKE])
     assert summary.rows == len(duckdb_rows(out))
+    assert summary.files == len(list(out.glob(f"collection={POST}/*/*.parquet"))) + len(
+        list(out.glob(f"collection={LIKE}/*/*.parquet")))
+    only_posts = export_parquet(store, out, collections=[POST], overwrite=True)
+    assert only_posts.files == len(list(out.glob(f"collection={POST}/*/*.parquet")))
     assert (out / "README").read_text() == "mine"  # only the exported collections' folders are replaced
 
 
