@@ -43,6 +43,9 @@ def test_layouts_agree_and_answers_are_not_trivial(db: Path) -> None:
             assert set(result[layout]) == {"q1", "q2", "q3", "q4", "q5"}
             assert all(s > 0 for s in result[layout].values())
         assert result["min_speedup"] == min(result["speedup"].values())
+        named = {row.name: row for row in jsonbench.rows(result)}
+        assert named["scale.jsonbench.q1"].value == round(result["mirror"]["q1"], 4)
+        assert named["scale.jsonbench.vs_json"].target == jsonbench.SPEEDUP_TARGET
 
 
 def test_json_rows_are_jetstream_events(db: Path) -> None:

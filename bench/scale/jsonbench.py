@@ -30,6 +30,7 @@ from typing import Any, Final
 
 import duckdb
 
+from bench.harness import Row
 from skyfill.storage import EVENT_AT_SQL
 
 __all__ = [
@@ -39,10 +40,15 @@ __all__ = [
     "mirror_queries",
     "build_json_table",
     "run",
+    "rows",
     "main",
+    "QUERY_TARGET_S",
+    "SPEEDUP_TARGET",
 ]
 
 JSON_TABLE: Final = "jsonbench_json"
+QUERY_TARGET_S: Final = 0.5     # issue 11: each query <= 0.5 s at 10M records on this machine
+SPEEDUP_TARGET: Final = 5.0     # ... and >= 5x faster than on the JSON column
 _POSTS_LIKES_REPOSTS: Final = "['app.bsky.feed.post', 'app.bsky.feed.repost', 'app.bsky.feed.like']"
 
 
@@ -143,6 +149,15 @@ def run(con: duckdb.DuckDBPyConnection, repeats: int = 3, *, event_at: str = EVE
         out["speedup"][name] = json_s / mirror_s if mirror_s > 0 else float("inf")
         out["answers"][name] = mirror_rows
     out["min_speedup"] = min(out["speedup"].values())
+    return out
+
+
+def rows(result: dict[str, Any], *, prefix: str = "scale.jsonbench") -> list[Row]:
+    """`run`'s result as bench rows: `<prefix>.q1`..`q5` (mirror seconds), `<prefix>.json.q1`..
+    (informational) and `<prefix>.vs_json` (the smallest speed-up)."""
+    out = [Row.at_most(f"{prefix}.{name}", round(s, 4), "s", QUERY_TARGET_S) for name, s in result["mirror"].items()]
+    out += [Row(f"{prefix}.json.{name}", round(s, 4), "s") for name, s in result["json"].items()]
+    out.append(Row.at_least(f"{prefix}.vs_json", round(result["min_speedup"], 1), "x", SPEEDUP_TARGET))
     return out
 
 
