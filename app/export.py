@@ -118,6 +118,7 @@ def export_parquet(
         skipped = [c for c, _ in counts if not is_nsid(c)]
         _prepare(directory, [c for c, _ in todo], overwrite)
         reader.fetchall("SET preserve_insertion_order = false")
+        reader.fetchall("SET enable_progress_bar = false")  # DuckDB's own bar would garble ours
         written: dict[str, int] = {}
         for collection, _ in todo:
             rows = _copy(reader, directory / f"collection={collection}", collection, where, params)
