@@ -8,6 +8,7 @@ from .queue import RetryPolicy
 from .reconcile import ReconcileCounts
 from .states import TERMINAL_BACKFILL, AccountStatus, BackfillStatus, CoverageEnd, QueueState, SyncState
 from .store import Store, open_store, schema_version_of
+from .views import TYPED_VIEWS
 
 __all__ = [
     "Batch",
@@ -33,4 +34,5 @@ __all__ = [
     "QueueState",
     "CoverageEnd",
     "TERMINAL_BACKFILL",
+    "TYPED_VIEWS",
 ]

@@ -16,3 +16,105 @@ SELECT n.did, n.collection, n.rkey, n.cid, n.rev, n.record, n.created_at, n.inde
 FROM newest n
 WHERE n.cid IS NOT NULL
   AND NOT EXISTS (SELECT 1 FROM record_purges p WHERE p.did = n.did AND p.v > n.v);
+
+-- skyfill's typed views: one row per live record of the collections people query most, with the
+-- record's fields as columns. Plain views over `records`: no extra storage, no write cost; each
+-- parses a record's JSON once (json_transform into a struct `r`, then its fields). Fields are read
+-- as (r).x: a bare r.x would name a table x of a catalog r when the database file is r.duckdb.
+--   uri           at://<did>/<collection>/<rkey> of the record itself
+--   created_at    the record's claimed createdAt (records.created_at: NULL when not a valid datetime)
+--   event_at      when the network saw it (records.event_at)
+-- Fields a record lacks, or holds with another JSON type than the lexicon's, are NULL (json_transform
+-- is lenient: a number where a string belongs comes through as its text).
+
+CREATE OR REPLACE VIEW posts AS
+SELECT did, rkey, 'at://' || did || '/app.bsky.feed.post/' || rkey AS uri, cid,
+       (r).text AS text,
+       (r).langs AS langs,
+       (r).reply.parent.uri AS reply_parent_uri,
+       (r).reply.root.uri AS reply_root_uri,
+       -- app.bsky.embed.record: embed.record is the strongRef; app.bsky.embed.recordWithMedia:
+       -- embed.record is an app.bsky.embed.record whose .record is the strongRef
+       coalesce((r).embed.record.uri, (r).embed.record.record.uri) AS quote_uri,
+       (r).embed."$type" AS embed_type,
+       created_at, event_at
+FROM (
+    SELECT did, rkey, cid, created_at, event_at,
+           json_transform(record, '{"text": "VARCHAR", "langs": ["VARCHAR"],
+               "reply": {"parent": {"uri": "VARCHAR"}, "root": {"uri": "VARCHAR"}},
+               "embed": {"$type": "VARCHAR", "record": {"uri": "VARCHAR", "record": {"uri": "VARCHAR"}}}}') AS r
+    FROM records WHERE collection = 'app.bsky.feed.post'
+);
+
+CREATE OR REPLACE VIEW likes AS
+SELECT did, rkey, 'at://' || did || '/app.bsky.feed.like/' || rkey AS uri,
+       (r).subject.uri AS subject_uri, (r).subject.cid AS subject_cid,
+       nullif(split_part((r).subject.uri, '/', 3), '') AS subject_did,
+       created_at, event_at
+FROM (
+    SELECT did, rkey, created_at, event_at,
+           json_transform(record, '{"subject": {"uri": "VARCHAR", "cid": "VARCHAR"}}') AS r
+    FROM records WHERE collection = 'app.bsky.feed.like'
+);
+
+CREATE OR REPLACE VIEW reposts AS
+SELECT did, rkey, 'at://' || did || '/app.bsky.feed.repost/' || rkey AS uri,
+       (r).subject.uri AS subject_uri, (r).subject.cid AS subject_cid,
+       nullif(split_part((r).subject.uri, '/', 3), '') AS subject_did,
+       created_at, event_at
+FROM (
+    SELECT did, rkey, created_at, event_at,
+           json_transform(record, '{"subject": {"uri": "VARCHAR", "cid": "VARCHAR"}}') AS r
+    FROM records WHERE collection = 'app.bsky.feed.repost'
+);
+
+CREATE OR REPLACE VIEW follows AS
+SELECT did, rkey, 'at://' || did || '/app.bsky.graph.follow/' || rkey AS uri,
+       json_extract_string(record, '$.subject') AS subject_did,
+       created_at, event_at
+FROM records WHERE collection = 'app.bsky.graph.follow';
+
+CREATE OR REPLACE VIEW blocks AS
+SELECT did, rkey, 'at://' || did || '/app.bsky.graph.block/' || rkey AS uri,
+       json_extract_string(record, '$.subject') AS subject_did,
+       created_at, event_at
+FROM records WHERE collection = 'app.bsky.graph.block';
+
+-- One row per account: the profile record's key is always 'self'.
+CREATE OR REPLACE VIEW profiles AS
+SELECT did, cid,
+       (r).displayName AS display_name,
+       (r).description AS description,
+       -- a blob's CID is ref.$link; legacy blobs (before the blob type) carried it as `cid`
+       coalesce((r).avatar.ref."$link", (r).avatar.cid) AS avatar_cid,
+       coalesce((r).banner.ref."$link", (r).banner.cid) AS banner_cid,
+       (r).pinnedPost.uri AS pinned_post_uri,
+       created_at, event_at
+FROM (
+    SELECT did, cid, created_at, event_at,
+           json_transform(record, '{"displayName": "VARCHAR", "description": "VARCHAR",
+               "avatar": {"ref": {"$link": "VARCHAR"}, "cid": "VARCHAR"},
+               "banner": {"ref": {"$link": "VARCHAR"}, "cid": "VARCHAR"},
+               "pinnedPost": {"uri": "VARCHAR"}}') AS r
+    FROM records WHERE collection = 'app.bsky.actor.profile' AND rkey = 'self'
+);
+
+CREATE OR REPLACE VIEW lists AS
+SELECT did, rkey, 'at://' || did || '/app.bsky.graph.list/' || rkey AS uri,
+       (r).name AS name, (r).purpose AS purpose, (r).description AS description,
+       created_at, event_at
+FROM (
+    SELECT did, rkey, created_at, event_at,
+           json_transform(record, '{"name": "VARCHAR", "purpose": "VARCHAR", "description": "VARCHAR"}') AS r
+    FROM records WHERE collection = 'app.bsky.graph.list'
+);
+
+CREATE OR REPLACE VIEW list_items AS
+SELECT did, rkey, 'at://' || did || '/app.bsky.graph.listitem/' || rkey AS uri,
+       (r).list AS list_uri, (r).subject AS subject_did,
+       created_at, event_at
+FROM (
+    SELECT did, rkey, created_at, event_at,
+           json_transform(record, '{"list": "VARCHAR", "subject": "VARCHAR"}') AS r
+    FROM records WHERE collection = 'app.bsky.graph.listitem'
+);
