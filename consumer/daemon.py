@@ -42,6 +42,7 @@ from .changes import changes_for
 from .config import ConsumeConfig
 from .counters import EventCounters
 from .connection import source_name, stream_frames
+from .known_dids import KnownDids
 from .tracker import Tracker, Verdict
 from .verified import Verified, verified_frames
 from .verify import CommitVerifier
@@ -68,7 +69,8 @@ class Daemon:
         # The collection filter (None: every collection is mirrored).
         self.want = collection_matcher(config.collections) if config.collections else None
         # a bounded cache of per-DID state, filled from the store on a miss (consumer/tracker.py)
-        self.tracker = Tracker(want=self.want, load=store.repo_row, capacity=config.tracker_capacity)
+        self.tracker = Tracker(want=self.want, load=store.repo_row, capacity=config.tracker_capacity,
+                               known=KnownDids(store.did_fingerprints()))
         # One scan of the per-DID state at start-up (a column or two): the gauge's first value, and a
         # damaged file fails here with StorageError instead of at the first cold DID.
         metrics.DESYNCHRONIZED_DIDS.set(store.count_desynchronized())

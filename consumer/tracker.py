@@ -39,9 +39,10 @@ from collections.abc import Callable, Iterable, Mapping
 from datetime import UTC, datetime
 from enum import StrEnum
 
+from skyfill.protocol.events import Account, Commit, Event, Identity, Sync
 from skyfill.storage import AccountStatus, Batch, RecordPut, RepoRow, SyncState
 
-from skyfill.protocol.events import Account, Commit, Event, Identity, Sync
+from .known_dids import KnownDids
 
 __all__ = ["Tracker", "Verdict", "fold_ops"]
 
@@ -101,6 +102,7 @@ class Tracker:
         clock: Callable[[], datetime] = _utcnow,
         load: Callable[[str], RepoRow | None] | None = None,
         capacity: int | None = None,
+        known: KnownDids | None = None,
     ) -> None:
         self.rows: OrderedDict[str, RepoRow] = OrderedDict(
             rows.items() if isinstance(rows, Mapping) else ((row.did, row) for row in rows)
@@ -108,6 +110,7 @@ class Tracker:
         self.want = want
         self._clock = clock
         self._load = load
+        self._known = known                # DIDs `load` may find (None: try every miss)
         self.capacity = capacity
         self._filling = 1                  # the number of the batch now filling (1 = the first)
         self._pinned: dict[str, int] = {}  # did -> the batch holding its last change
@@ -170,6 +173,8 @@ class Tracker:
         row = self._get(did)
         if row is None:
             row = self.rows[did] = RepoRow(did=did, first_seen_at=self._clock())
+            if self._known is not None:
+                self._known.add(did)
         self._pinned[did] = self._filling
         if row.rev is None or rev is None or row.rev <= rev:
             row.rev, row.data_cid, row.commit_cid = rev, data_cid, commit_cid
@@ -275,7 +280,7 @@ class Tracker:
         row = rows.get(did)
         if row is not None:
             rows.move_to_end(did)
-        elif self._load is not None:
+        elif self._load is not None and (self._known is None or self._known.may_hold(did)):
             row = self._load(did)
             self.loads += 1
             if row is not None:
@@ -286,6 +291,8 @@ class Tracker:
         row = self._get(did)
         if row is None:
             row = self.rows[did] = RepoRow(did=did, first_seen_at=_event_time(time, self._clock))
+            if self._known is not None:
+                self._known.add(did)
         return row
 
     def _touch(self, row: RepoRow, seq: int, time: str, batch: Batch) -> None:

@@ -312,7 +312,8 @@ async def test_a_daemon_with_a_tiny_tracker_cache_stores_what_a_big_one_does(tmp
     small, big = tmp_path / "small.duckdb", tmp_path / "big.duckdb"
     with LocalRelay(frames[:1200]) as relay:
         daemon = await consume_until(small, relay, relay.head, cursor=0, tracker_capacity=5, batch_events=100)
-        assert daemon.tracker.loads > 100 and len(daemon.tracker.rows) <= 5 + 100  # evicted, read back
+        # more reads than DIDs: evicted rows were read back (a DID new to the store is never read)
+        assert daemon.tracker.loads > 40 and len(daemon.tracker.rows) <= 5 + 100
         await consume_until(big, relay, relay.head, cursor=0)
         with SetupStore(small) as s:
             assert s.compact_repos() > 0
