@@ -1,0 +1,106 @@
+"""`python -m bench.scale [--smoke] [--sizes 0,10m,100m] [--out PATH]`: the mirror at network scale.
+
+For each size (records already in the store: 0 = an empty file), in one run and side by side:
+the daemon ingesting the same firehose frames, a fresh backfill of the same generated repos,
+bytes per live record and `detect_gaps` per reason (see measure.py); the JSONBench queries at
+10M (bench/scale/jsonbench.py). Stores are built once (build.py) and cached under .cache/scale/.
+`--smoke` runs everything at tiny sizes in a couple of minutes (tests/test_bench_scale.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+
+import duckdb
+
+from bench.harness import Context, Row, Sizes, render, write_results
+
+from .build import CACHE_DIR, ensure_store, label
+from .measure import Plan, SizeResult, measure_size, rows_for, servers
+
+try:  # the five JSONBench queries land in their own module
+    from . import jsonbench
+except ImportError:  # TODO(merge): bench/scale/jsonbench.py (run(con)) is not on this branch yet
+    jsonbench = None
+
+DEFAULT_OUT = Path(__file__).resolve().parents[1] / "results" / "scale.json"
+DEFAULT_SIZES = "0,10m,100m"
+SMOKE_SIZES = "0,20k"
+JSONBENCH_SIZE = 10_000_000
+SMOKE_POOL = 5_000
+
+
+def parse_size(text: str) -> int:
+    text = text.strip().lower()
+    mult = {"k": 1_000, "m": 1_000_000}.get(text[-1:], 1)
+    return int(float(text[:-1] if mult > 1 else text) * mult)
+
+
+def _jsonbench_rows(db: Path) -> list[Row]:
+    if jsonbench is None:
+        print("  jsonbench: bench/scale/jsonbench.py is missing; no scale.jsonbench.* rows", flush=True)
+        return []
+    with duckdb.connect(str(db)) as con:
+        out = jsonbench.run(con)
+    if isinstance(out, dict):  # {name: seconds}
+        return [Row(name, float(value), "s") for name, value in out.items()]
+    return list(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.scale", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--smoke", action="store_true", help=f"tiny sizes ({SMOKE_SIZES}); about two minutes")
+    parser.add_argument("--sizes", help=f"records in the store per run (default {DEFAULT_SIZES})")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON results file")
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--cache", type=Path, default=CACHE_DIR, help="where built stores are kept")
+    args = parser.parse_args(argv)
+    sizes = [parse_size(s) for s in (args.sizes or (SMOKE_SIZES if args.smoke else DEFAULT_SIZES)).split(",")]
+    started = time.perf_counter()
+
+    def say(msg: str) -> None:
+        print(f"[{time.perf_counter() - started:7.1f}s] {msg}", flush=True)
+
+    plan = Plan.for_run(smoke=args.smoke, seed=args.seed)
+    jsonbench_at = min(sizes, key=lambda n: abs(n - (sizes[-1] if args.smoke else JSONBENCH_SIZE)))
+    results: list[SizeResult] = []
+    errors: list[str] = []
+    rows: list[Row] = []
+    with tempfile.TemporaryDirectory(prefix="skyfill-scale-") as tmp, servers(plan, Path(tmp), say) as srv:
+        for n in sizes:
+            result = SizeResult(label(n), n)
+            try:
+                cached = None
+                if n:
+                    built = ensure_store(n, cache_dir=args.cache, progress=say,
+                                         **({"pool_size": SMOKE_POOL} if args.smoke else {}))
+                    result.build_seconds = built.seconds
+                    cached = built.path
+                    say(f"[{result.label}] store {'cached' if built.cached else 'built'}: {built.path}")
+                extra: Callable[[Path], list[Row]] | None = _jsonbench_rows if n == jsonbench_at and n else None
+                results.append(measure_size(result, cached, srv, say, extra))
+            except Exception as exc:  # report and go on with the other sizes
+                errors.append(f"size {result.label}: {type(exc).__name__}: {exc}\n{traceback.format_exc()}")
+                rows.append(Row(f"scale.{result.label}.error", math.nan, "", None, False))
+                say(f"[{result.label}] FAILED: {type(exc).__name__}: {exc}")
+        rows = rows_for(results, srv, smoke=args.smoke) + rows
+    say("done")
+    ctx = Context(sizes=Sizes.for_run(smoke=args.smoke), seed=args.seed)
+    render(rows, title="skyfill bench-scale" + (" (smoke)" if args.smoke else ""))
+    write_results(args.out, rows, ctx, errors)
+    for err in errors:
+        print(err, file=sys.stderr)
+    print(f"results: {args.out}")
+    return 1 if errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
