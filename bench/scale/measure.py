@@ -149,7 +149,7 @@ def measure_size(result: SizeResult, cached: Path | None, srv: Servers, say: _Sa
             f"peak RSS {result.ingest['peak_rss'] / 1e6:.0f} MB ({result.ingest['seconds']:.1f}s)")
         result.backfill = run_json("backfill", str(db), srv.pds, "4", *srv.dids, timeout=3600)
         summary = result.backfill["summary"]
-        if summary.get("repos_failed") or summary.get("records_added") != srv.records:
+        if summary["repos_failed"] or summary["records"]["added"] != srv.records:
             raise AssertionError(f"[{result.label}] backfill of {srv.records} records: {summary}")
         say(f"[{result.label}] backfill: {srv.records / result.backfill['seconds']:,.0f} records/s "
             f"({result.backfill['seconds']:.1f}s)")
