@@ -98,3 +98,17 @@ def test_cached_store_is_reused_until_the_build_version_changes(tmp_path, monkey
     assert again.cached and again.path == first.path
     monkeypatch.setattr(build, "BUILD_VERSION", build.BUILD_VERSION + 1)
     assert not build.ensure_store(3_000, cache_dir=tmp_path, pool_size=300, progress=lambda _m: None).cached
+
+
+def test_v2_build_fills_the_base_tables_with_refs_and_event_times(tmp_path) -> None:
+    built = build.ensure_store(3_000, layout="v2", cache_dir=tmp_path, pool_size=300, progress=lambda _m: None)
+    with duckdb.connect(str(built.path), read_only=True) as con:
+        assert con.execute("SELECT count(*) FROM record_base").fetchall()[0][0] == 3_000
+        assert con.execute("SELECT count(*) FROM repo_base").fetchall()[0][0] == 300
+        assert con.execute("SELECT count(*) FROM record_base WHERE event_at IS NULL").fetchall()[0][0] == 0
+        # likes, reposts and follows reference one DID each
+        per = dict(con.execute("SELECT collection, min(len(refs)) FROM record_base GROUP BY ALL").fetchall())
+        assert per["app.bsky.feed.like"] == per["app.bsky.graph.follow"] == 1
+        assert con.execute(
+            "SELECT bool_and(list_contains(refs, json_extract_string(record, '$.subject'))) FROM record_base "
+            "WHERE collection = 'app.bsky.graph.follow'").fetchall()[0][0]

@@ -62,6 +62,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON results file")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--cache", type=Path, default=CACHE_DIR, help="where built stores are kept")
+    parser.add_argument("--build-only", action="store_true", help="build (or keep) the cached stores, measure nothing")
+    parser.add_argument("--layout", choices=("auto", "v2"), default="auto",
+                        help="with --build-only: v2 builds the v2 base tables even before Store creates them")
     args = parser.parse_args(argv)
     sizes = [parse_size(s) for s in (args.sizes or (SMOKE_SIZES if args.smoke else DEFAULT_SIZES)).split(",")]
     started = time.perf_counter()
@@ -69,6 +72,15 @@ def main(argv: list[str] | None = None) -> int:
     def say(msg: str) -> None:
         print(f"[{time.perf_counter() - started:7.1f}s] {msg}", flush=True)
 
+    pool = {"pool_size": SMOKE_POOL} if args.smoke else {}
+    if args.build_only:
+        for n in sizes:
+            if n:
+                built = ensure_store(n, layout=None if args.layout == "auto" else args.layout,
+                                     cache_dir=args.cache, progress=say, **pool)
+                say(f"{built.path}: {built.records:,} records, {built.path.stat().st_size / 1e9:.2f} GB, "
+                    + ("cached" if built.cached else f"built in {built.seconds:.0f}s"))
+        return 0
     plan = Plan.for_run(smoke=args.smoke, seed=args.seed)
     jsonbench_at = min(sizes, key=lambda n: abs(n - (sizes[-1] if args.smoke else JSONBENCH_SIZE)))
     results: list[SizeResult] = []
@@ -80,8 +92,7 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 cached = None
                 if n:
-                    built = ensure_store(n, cache_dir=args.cache, progress=say,
-                                         **({"pool_size": SMOKE_POOL} if args.smoke else {}))
+                    built = ensure_store(n, cache_dir=args.cache, progress=say, **pool)
                     result.build_seconds = built.seconds
                     cached = built.path
                     say(f"[{result.label}] store {'cached' if built.cached else 'built'}: {built.path}")
