@@ -4,7 +4,9 @@ For each size (records already in the store: 0 = an empty file), in one run and 
 the daemon ingesting the same firehose frames, a fresh backfill of the same generated repos,
 bytes per live record and `detect_gaps` per reason (see measure.py); the JSONBench queries at
 10M (bench/scale/jsonbench.py). Stores are built once (build.py) and cached under .cache/scale/.
-`--smoke` runs everything at tiny sizes in a couple of minutes (tests/test_bench_scale.py).
+`--smoke` runs everything at tiny sizes in a couple of minutes (tests/test_bench_scale.py);
+`--build-only` builds the cached stores and stops (`--layout v2`: the v2 base tables even before
+`Store` creates them, cached as <size>-v2-bare.duckdb; only its size and build time mean anything).
 """
 
 from __future__ import annotations

@@ -61,6 +61,7 @@ SPAN_MICROS = 60 * 86_400_000_000             # ... and starts 60 days earlier
 POOL_SIZE = 200_000
 CHUNK_RECORDS = 2_000_000                     # records per INSERT (one sort each)
 DIDS_PER_RECORD = 10
+BUILD_MEMORY = "4GB"                          # DuckDB's buffer pool while building (default: 80% of RAM)
 UNKNOWN_PEERS = 6                             # 1 in 6 referenced DIDs has no repos row
 _S32 = "234567abcdefghijklmnopqrstuvwxyz"
 _Progress = Callable[[str], None]
@@ -279,6 +280,7 @@ def build_store(path: Path, n_records: int, *, layout: str, pool: pa.Table, prog
         if layout == "v2":
             _ensure_v2_tables(con)  # TODO(merge): delete with _ensure_v2_tables
         con.execute("SET enable_progress_bar = false")
+        con.execute(f"SET memory_limit = '{BUILD_MEMORY}'")  # the machine is shared; a chunk's sort fits
         tmp = path.parent / (path.name + ".tmp")
         con.execute(f"SET temp_directory = '{tmp}'")
         _macros(con)
