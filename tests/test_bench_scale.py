@@ -12,12 +12,13 @@ import subprocess
 import sys
 from datetime import UTC
 from pathlib import Path
+from types import SimpleNamespace
 
 import duckdb
 import pytest
 
+from bench.scale import __main__ as scale_main
 from bench.scale import build
-from bench.scale.__main__ import parse_size
 from skyfill.backfill.gaps import Reason
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -55,7 +56,7 @@ def test_smoke_run_reports_every_row_for_every_size(tmp_path) -> None:
 
 
 def test_sizes_parse() -> None:
-    assert [parse_size(s) for s in ("0", "20k", "10m", "100M", "1.5m")] == [0, 20_000, 10_000_000, 100_000_000,
+    assert [scale_main.parse_size(s) for s in ("0", "20k", "10m", "100M", "1.5m")] == [0, 20_000, 10_000_000, 100_000_000,
                                                                            1_500_000]
 
 
@@ -112,3 +113,20 @@ def test_v2_build_fills_the_base_tables_with_refs_and_event_times(tmp_path) -> N
         assert con.execute(
             "SELECT bool_and(list_contains(refs, json_extract_string(record, '$.subject'))) FROM record_base "
             "WHERE collection = 'app.bsky.graph.follow'").fetchall()[0][0]
+
+
+def test_jsonbench_results_become_rows(monkeypatch, tmp_path) -> None:
+    """The shape bench/scale/jsonbench.py's run(con) returns -> scale.jsonbench.* rows."""
+    seen = []
+
+    def run(con):
+        seen.append(con.execute("SELECT 42").fetchall())
+        return {"rows": 3, "mirror": {f"q{i}": 0.01 * i for i in range(1, 6)},
+                "json": {f"q{i}": 0.1 * i for i in range(1, 6)}, "speedup": {}, "min_speedup": 10.0}
+
+    monkeypatch.setattr(scale_main, "jsonbench", SimpleNamespace(run=run))
+    rows = {r.name: r for r in scale_main._jsonbench_rows(tmp_path / "x.duckdb", smoke=False)}
+    assert seen == [[(42,)]]
+    assert [f"scale.jsonbench.q{i}" for i in range(1, 6)] == [n for n in rows if n.startswith("scale.jsonbench.q")]
+    assert rows["scale.jsonbench.q5"].value == 0.05 and rows["scale.jsonbench.q5"].ok is True
+    assert rows["scale.jsonbench.vs_json"].value == 10.0 and rows["scale.jsonbench.vs_json"].target == 5.0
