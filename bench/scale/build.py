@@ -53,7 +53,7 @@ __all__ = [
     "make_pool",
 ]
 
-BUILD_VERSION = 1
+BUILD_VERSION = 2
 ROOT = Path(__file__).resolve().parents[2]
 CACHE_DIR = ROOT / ".cache" / "scale"
 END_MICROS = FIREHOSE_EPOCH_MICROS            # a built store's history ends where the bench firehose begins
@@ -113,8 +113,14 @@ def _peers(n_dids: int, count: int, rng: random.Random) -> list[str]:
     return out
 
 
-def _refs(record: dict[str, Any]) -> list[str]:
-    """DIDs a record references: subject (DID or URI), reply parent/root, quoted record."""
+_REF_COLLECTIONS = ("app.bsky.feed.like", "app.bsky.feed.repost", "app.bsky.feed.post", "app.bsky.graph.follow")
+
+
+def _refs(record: dict[str, Any]) -> list[str] | None:
+    """DIDs a record references (as the store's record_refs): a like/repost/follow's subject (DID
+    or URI), a post's reply parent/root and quoted record; None for other collections."""
+    if record.get("$type") not in _REF_COLLECTIONS:
+        return None
     uris: list[Any] = []
     subject = record.get("subject")
     uris.append(subject.get("uri") if isinstance(subject, dict) else subject)
