@@ -72,16 +72,25 @@ class Built:
     path: Path
     records: int
     dids: int
-    layout: str          # "v1": records/repos tables; "v2": record_base/repo_base under views
+    layout: str          # "v1": records/repos tables; "v2": record_base/repo_base under views (_layout_of)
     seconds: float       # how long the file took to build (a cached file: when it was built)
     cached: bool
 
 
+_KINDS_SQL = "SELECT table_name, table_type FROM information_schema.tables WHERE table_name IN ('records', 'repos')"
+
+
+def _layout_of(kinds: dict[str, str]) -> str:
+    """"v2": `records` and `repos` are views over record_base / repo_base; "v1": both tables;
+    "v2-records" / "v2-repos": only one of them is a view (a branch with half of the new layout)."""
+    views = {name for name, kind in kinds.items() if kind == "VIEW"}
+    return "v2" if views == {"records", "repos"} else "v1" if not views else f"v2-{views.pop()}"
+
+
 def current_layout() -> str:
-    """The layout `Store` creates today: "v2" when `records` is a view over record_base."""
+    """The layout `Store` creates today (see `_layout_of`)."""
     with Store(":memory:") as store:
-        rows = store.fetchall("SELECT table_type FROM information_schema.tables WHERE table_name = 'records'")
-    return "v2" if rows and rows[0][0] == "VIEW" else "v1"
+        return _layout_of(dict(store.fetchall(_KINDS_SQL)))
 
 
 def did_of(n: int) -> str:
@@ -279,12 +288,14 @@ def build_store(path: Path, n_records: int, *, layout: str, pool: pa.Table, prog
     n_dids = max(1, n_records // DIDS_PER_RECORD)
     if n_records >= 1024 * pool.num_rows:
         raise ValueError(f"{n_records} records need a pool over {n_records // 1024} bodies")
-    if layout == "v1" or current_layout() == "v2":
+    bare = layout != current_layout()  # TODO(merge): delete with _ensure_v2_tables (then never bare)
+    if not bare:
         Store(path).close()  # every table, view and sequence of the store; rows are added around its writer
     con = duckdb.connect(str(path))
     try:
-        if layout == "v2":
+        if bare:
             _ensure_v2_tables(con)  # TODO(merge): delete with _ensure_v2_tables
+        kinds = dict(con.execute(_KINDS_SQL).fetchall())
         con.execute("SET enable_progress_bar = false")
         con.execute(f"SET memory_limit = '{BUILD_MEMORY}'")  # the machine is shared; a chunk's sort fits
         tmp = path.parent / (path.name + ".tmp")
@@ -294,10 +305,10 @@ def build_store(path: Path, n_records: int, *, layout: str, pool: pa.Table, prog
         con.execute("CREATE TEMP TABLE pool AS SELECT * REPLACE (body::JSON AS body) FROM pool_arrow")
         con.unregister("pool_arrow")
         con.execute(_DIDS_SQL.format(n=n_records, dids=n_dids))
-        repos = "repos" if layout == "v1" else "repo_base"
+        repos = "repo_base" if kinds["repos"] == "VIEW" else "repos"
         con.execute(_REPOS_SQL.format(table=repos, pool=pool.num_rows))
         progress(f"  {n_dids:,} repos rows in {time.perf_counter() - started:.0f}s")
-        table, columns = _V1_RECORDS if layout == "v1" else _V2_RECORDS
+        table, columns = _V2_RECORDS if kinds["records"] == "VIEW" else _V1_RECORDS
         per_chunk = max(1, CHUNK_RECORDS // DIDS_PER_RECORD)
         for lo in range(0, n_dids, per_chunk):
             con.execute(f"INSERT INTO {table} ({columns}) SELECT {columns} FROM ("
