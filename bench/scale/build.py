@@ -8,8 +8,10 @@ then synthesises the keys around them:
 - N/10 DIDs `did:plc:` + 24 base32 chars of md5(DID number); records per DID are skewed like a
   real network (DID d holds floor(N*sqrt((d+1)/D)) - floor(N*sqrt(d/D)): a few accounts with
   tens of thousands of records, most with 5-10), the DID numbers scattered in key order;
-- record number i takes pool body i mod P, its TID rkey is that body's createdAt time with clock
-  id i div P (unique per DID as long as N < 1024 * P), its CID 'bafyrei' + 52 base32 chars of hashes of i;
+- record number i takes pool body p = i mod P; its TID rkey is that body's createdAt time with
+  clock id q = i div P (unique as long as N < 1024 * P), its CID 'bafyrei' + 50 random base32
+  chars drawn for p + 2 chars of q (unique, 59 chars like a real dag-cbor CIDv1); created_at and
+  event_at are the body's createdAt (so a one-day window holds P/60 distinct bodies, each ~N/P times);
 - one repos row per DID (98% synchronized and backfilled; 1% desynchronized, 1% never
   backfilled, so every gap reason has rows to find), a cursor and two coverage spans with a
   two-hour outage in the last day.
@@ -60,7 +62,7 @@ END_MICROS = FIREHOSE_EPOCH_MICROS            # a built store's history ends whe
 SPAN_MICROS = 60 * 86_400_000_000             # ... and starts 60 days earlier
 POOL_SIZE = 200_000
 CHUNK_RECORDS = 2_000_000                     # records per INSERT (one sort each)
-DIDS_PER_RECORD = 10
+RECORDS_PER_DID = 10
 BUILD_MEMORY = "4GB"                          # DuckDB's buffer pool while building (default: 80% of RAM)
 UNKNOWN_PEERS = 6                             # 1 in 6 referenced DIDs has no repos row
 _S32 = "234567abcdefghijklmnopqrstuvwxyz"
@@ -285,7 +287,7 @@ def _macros(con: duckdb.DuckDBPyConnection) -> None:
 def build_store(path: Path, n_records: int, *, layout: str, pool: pa.Table, progress: _Progress = print) -> float:
     """Write a store of n_records records (n_records // 10 DIDs) to `path`; returns seconds."""
     started = time.perf_counter()
-    n_dids = max(1, n_records // DIDS_PER_RECORD)
+    n_dids = max(1, n_records // RECORDS_PER_DID)
     if n_records >= 1024 * pool.num_rows:
         raise ValueError(f"{n_records} records need a pool over {n_records // 1024} bodies")
     bare = layout != current_layout()  # TODO(merge): delete with _ensure_v2_tables (then never bare)
@@ -309,7 +311,7 @@ def build_store(path: Path, n_records: int, *, layout: str, pool: pa.Table, prog
         con.execute(_REPOS_SQL.format(table=repos, pool=pool.num_rows))
         progress(f"  {n_dids:,} repos rows in {time.perf_counter() - started:.0f}s")
         table, columns = _V2_RECORDS if kinds["records"] == "VIEW" else _V1_RECORDS
-        per_chunk = max(1, CHUNK_RECORDS // DIDS_PER_RECORD)
+        per_chunk = max(1, CHUNK_RECORDS // RECORDS_PER_DID)
         for lo in range(0, n_dids, per_chunk):
             con.execute(f"INSERT INTO {table} ({columns}) SELECT {columns} FROM ("
                         + _KEYS_SQL.format(pool=pool.num_rows, lo=lo, hi=lo + per_chunk) + ")")
@@ -338,7 +340,7 @@ def ensure_store(n_records: int, *, layout: str | None = None, cache_dir: Path =
     (base tables only, `_ensure_v2_tables`) cached apart, for its build time and size only."""
     layout = layout or current_layout()
     bare = layout != current_layout()  # TODO(merge): always False once Store creates the v2 tables
-    n_dids = max(1, n_records // DIDS_PER_RECORD)
+    n_dids = max(1, n_records // RECORDS_PER_DID)
     path = cache_dir / f"{label(n_records)}{f'-{layout}-bare' if bare else ''}.duckdb"
     meta_path = path.with_suffix(".json")
     want = {"version": BUILD_VERSION, "layout": layout + ("-bare" if bare else ""), "records": n_records,
