@@ -8,7 +8,7 @@ DB     ?= data/skyfill.duckdb
 RELAY  ?= wss://bsky.network
 KAFKA  ?=
 
-.PHONY: run test bench bench-peer-install chaos fuzz status gaps backfill demo kafka-up kafka-down network clean install
+.PHONY: run test bench bench-scale bench-peer-install chaos fuzz status gaps backfill demo kafka-up kafka-down network clean install
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +40,12 @@ test: $(STAMP) network bench-peer-install
 
 bench: $(STAMP) bench-peer-install
 	$(PY) -m bench
+
+# The mirror at network scale (not part of `make test`): ingest, backfill, bytes/record and gap
+# detection into stores already holding 0, 10M and 100M records, side by side. Builds the stores
+# once into .cache/scale/ (<= 45 min the first time, <= 15 min after). SCALE_ARGS="--sizes 0,10m".
+bench-scale: $(STAMP)
+	$(PY) -m bench.scale $(SCALE_ARGS)
 
 # Fault trials against the local PDS (kill -9, relay and broker freezes, disk full, concurrent
 # backfills): <= 15 min, not part of `make test`. CHAOS_ARGS="--quick" or "--only kill9".

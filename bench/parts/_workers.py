@@ -210,12 +210,13 @@ async def _consume(
         if verifier is not None:
             await verifier.aclose()
             await client.aclose()
+    peak_rss = peak_rss_bytes()  # the daemon's peak, before the counts below (a scan of the whole store)
     records = store.fetchall("SELECT count(*) FROM records")[0][0]
     repos = store.fetchall("SELECT count(*) FROM repos")[0][0]
     store.close()
     return {
         "seconds": seconds,
-        "peak_rss": peak_rss_bytes(),
+        "peak_rss": peak_rss,
         "base_rss": base_rss,
         "records": records,
         "repos": repos,

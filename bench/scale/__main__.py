@@ -1,0 +1,129 @@
+"""`python -m bench.scale [--smoke] [--sizes 0,10m,100m] [--out PATH]`: the mirror at network scale.
+
+For each size (records already in the store: 0 = an empty file), in one run and side by side:
+the daemon ingesting the same firehose frames, a fresh backfill of the same generated repos,
+bytes per live record and `detect_gaps` per reason (see measure.py); the JSONBench queries at
+10M (bench/scale/jsonbench.py). Stores are built once (build.py) and cached under .cache/scale/.
+`--smoke` runs everything at tiny sizes in a couple of minutes (tests/test_bench_scale.py);
+`--build-only` builds the cached stores and stops (`--layout v2`: the v2 base tables even before
+`Store` creates them, cached as <size>-v2-bare.duckdb; only its size and build time mean anything).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+
+import duckdb
+
+from bench.harness import Context, Row, Sizes, render, write_results
+
+from .build import CACHE_DIR, ensure_store, label
+from .measure import Plan, SizeResult, measure_size, rows_for, servers
+
+try:  # the five JSONBench queries land in their own module
+    from . import jsonbench
+except ImportError:  # TODO(merge): bench/scale/jsonbench.py (run(con)) is not on this branch yet
+    jsonbench = None
+
+DEFAULT_OUT = Path(__file__).resolve().parents[1] / "results" / "scale.json"
+DEFAULT_SIZES = "0,10m,100m"
+SMOKE_SIZES = "0,20k"
+JSONBENCH_SIZE = 10_000_000
+JSONBENCH_Q_TARGET_S = 0.5
+JSONBENCH_SPEEDUP_TARGET = 5.0
+SMOKE_POOL = 5_000
+
+
+def parse_size(text: str) -> int:
+    text = text.strip().lower()
+    mult = {"k": 1_000, "m": 1_000_000}.get(text[-1:], 1)
+    return int(float(text[:-1] if mult > 1 else text) * mult)
+
+
+def _jsonbench_rows(db: Path, *, smoke: bool) -> list[Row]:
+    """JSONBench's five queries on the mirror (seconds, best of 3) and the smallest speed-up over
+    the same queries on a one-JSON-column table of the same records (built inside the copy)."""
+    if jsonbench is None:
+        print("  jsonbench: bench/scale/jsonbench.py is missing; no scale.jsonbench.* rows", flush=True)
+        return []
+    with duckdb.connect(str(db)) as con:
+        out = jsonbench.run(con)
+    rows = [Row.at_most(f"scale.jsonbench.{q}", s, "s", None if smoke else JSONBENCH_Q_TARGET_S)
+            for q, s in out["mirror"].items()]
+    rows += [Row(f"scale.jsonbench.json.{q}", s, "s") for q, s in out["json"].items()]
+    rows.append(Row.at_least("scale.jsonbench.vs_json", out["min_speedup"], "x",
+                             None if smoke else JSONBENCH_SPEEDUP_TARGET))
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.scale", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--smoke", action="store_true", help=f"tiny sizes ({SMOKE_SIZES}); about two minutes")
+    parser.add_argument("--sizes", help=f"records in the store per run (default {DEFAULT_SIZES})")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON results file")
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--cache", type=Path, default=CACHE_DIR, help="where built stores are kept")
+    parser.add_argument("--build-only", action="store_true", help="build (or keep) the cached stores, measure nothing")
+    parser.add_argument("--layout", choices=("auto", "v2"), default="auto",
+                        help="with --build-only: v2 builds the v2 base tables even before Store creates them")
+    args = parser.parse_args(argv)
+    sizes = [parse_size(s) for s in (args.sizes or (SMOKE_SIZES if args.smoke else DEFAULT_SIZES)).split(",")]
+    started = time.perf_counter()
+
+    def say(msg: str) -> None:
+        print(f"[{time.perf_counter() - started:7.1f}s] {msg}", flush=True)
+
+    pool = {"pool_size": SMOKE_POOL} if args.smoke else {}
+    if args.build_only:
+        for n in sizes:
+            if n:
+                built = ensure_store(n, layout=None if args.layout == "auto" else args.layout,
+                                     cache_dir=args.cache, progress=say, **pool)
+                say(f"{built.path}: {built.records:,} records, {built.path.stat().st_size / 1e9:.2f} GB, "
+                    + ("cached" if built.cached else f"built in {built.seconds:.0f}s"))
+        return 0
+    plan = Plan.for_run(smoke=args.smoke, seed=args.seed)
+    jsonbench_at = min(sizes, key=lambda n: abs(n - (sizes[-1] if args.smoke else JSONBENCH_SIZE)))
+    results: list[SizeResult] = []
+    errors: list[str] = []
+    rows: list[Row] = []
+    with tempfile.TemporaryDirectory(prefix="skyfill-scale-") as tmp, servers(plan, Path(tmp), say) as srv:
+        for n in sizes:
+            result = SizeResult(label(n), n)
+            try:
+                cached = None
+                if n:
+                    built = ensure_store(n, cache_dir=args.cache, progress=say, **pool)
+                    result.build_seconds = built.seconds
+                    cached = built.path
+                    say(f"[{result.label}] store {'cached' if built.cached else 'built'}: {built.path}")
+                extra: Callable[[Path], list[Row]] | None = None
+                if n and n == jsonbench_at:
+                    extra = partial(_jsonbench_rows, smoke=args.smoke)
+                results.append(measure_size(result, cached, srv, say, extra))
+            except Exception as exc:  # report and go on with the other sizes
+                errors.append(f"size {result.label}: {type(exc).__name__}: {exc}\n{traceback.format_exc()}")
+                rows.append(Row(f"scale.{result.label}.error", math.nan, "", None, False))
+                say(f"[{result.label}] FAILED: {type(exc).__name__}: {exc}")
+        rows = rows_for(results, srv, smoke=args.smoke) + rows
+    say("done")
+    ctx = Context(sizes=Sizes.for_run(smoke=args.smoke), seed=args.seed)
+    render(rows, title="skyfill bench-scale" + (" (smoke)" if args.smoke else ""))
+    write_results(args.out, rows, ctx, errors)
+    for err in errors:
+        print(err, file=sys.stderr)
+    print(f"results: {args.out}")
+    return 1 if errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
