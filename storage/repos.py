@@ -119,7 +119,7 @@ def _merged_sql(log_where: str) -> str:
 
 
 _VIEW: Final = f"""CREATE OR REPLACE VIEW repos AS
-SELECT did, {", ".join(_COLUMNS)} FROM repo_base b WHERE NOT EXISTS (SELECT 1 FROM repo_log l WHERE l.did = b.did)
+SELECT did, {", ".join(_COLUMNS)} FROM repo_base b WHERE b.did NOT IN (SELECT did FROM repo_log)
 UNION ALL
 {_merged_sql("TRUE")}"""
 

@@ -2,20 +2,24 @@
 
 -- One row per live record: base rows not overridden by the log and not purged, plus the newest
 -- log row of each key when it is not a deletion and no later purge of its DID removed it.
+-- Base rows of DIDs absent from the logs (nearly all of them) pass an anti-join on `did` alone;
+-- only the few DIDs with log rows are matched key by key. A correlated NOT EXISTS on the three key
+-- columns cost 36 s at 10M records with EMPTY logs (DuckDB de-duplicated the outer keys), an
+-- anti-join on the three columns 1.6 s, this 0.3 s.
 CREATE OR REPLACE VIEW records AS
-WITH newest AS (
-    SELECT * FROM record_log
-    QUALIFY row_number() OVER (PARTITION BY did, collection, rkey ORDER BY v DESC) = 1
-)
 SELECT b.did, b.collection, b.rkey, b.cid, b.rev, b.record, b.created_at, b.indexed_at, b.event_at, b.refs
 FROM record_base b
-WHERE NOT EXISTS (SELECT 1 FROM record_log l WHERE l.did = b.did AND l.collection = b.collection AND l.rkey = b.rkey)
-  AND NOT EXISTS (SELECT 1 FROM record_purges p WHERE p.did = b.did)
+WHERE b.did NOT IN (SELECT did FROM record_log UNION ALL SELECT did FROM record_purges)
+UNION ALL
+SELECT b.did, b.collection, b.rkey, b.cid, b.rev, b.record, b.created_at, b.indexed_at, b.event_at, b.refs
+FROM (SELECT * FROM record_base WHERE did IN (SELECT did FROM record_log)) b
+ANTI JOIN record_log l ON l.did = b.did AND l.collection = b.collection AND l.rkey = b.rkey
+ANTI JOIN record_purges p ON p.did = b.did
 UNION ALL
 SELECT n.did, n.collection, n.rkey, n.cid, n.rev, n.record, n.created_at, n.indexed_at, n.event_at, n.refs
-FROM newest n
-WHERE n.cid IS NOT NULL
-  AND NOT EXISTS (SELECT 1 FROM record_purges p WHERE p.did = n.did AND p.v > n.v);
+FROM (SELECT * FROM record_log QUALIFY row_number() OVER (PARTITION BY did, collection, rkey ORDER BY v DESC) = 1) n
+ANTI JOIN record_purges p ON p.did = n.did AND p.v > n.v
+WHERE n.cid IS NOT NULL;
 
 -- skyfill's typed views: one row per live record of the collections people query most, with the
 -- record's fields as columns. Plain views over `records`: no extra storage, no write cost; each
