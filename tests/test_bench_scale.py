@@ -104,7 +104,7 @@ def test_cached_store_is_reused_until_the_build_version_changes(tmp_path, monkey
 
 
 def test_v2_build_fills_the_base_tables_with_refs_and_event_times(tmp_path) -> None:
-    built = build.ensure_store(3_000, layout="v2", cache_dir=tmp_path, pool_size=300, progress=lambda _m: None)
+    built = build.ensure_store(3_000, cache_dir=tmp_path, pool_size=300, progress=lambda _m: None)
     with duckdb.connect(str(built.path), read_only=True) as con:
         assert con.execute("SELECT count(*) FROM record_base").fetchall()[0][0] == 3_000
         assert con.execute("SELECT count(*) FROM repo_base").fetchall()[0][0] == 300
@@ -121,7 +121,7 @@ def test_jsonbench_results_become_rows(monkeypatch, tmp_path) -> None:
     """The shape bench/scale/jsonbench.py's run(con) returns -> scale.jsonbench.* rows."""
     seen = []
 
-    def run(con):
+    def run(con, **_kw):
         seen.append(con.execute("SELECT 42").fetchall())
         return {"rows": 3, "mirror": {f"q{i}": 0.01 * i for i in range(1, 6)},
                 "json": {f"q{i}": 0.1 * i for i in range(1, 6)}, "speedup": {}, "min_speedup": 10.0}

@@ -185,27 +185,6 @@ _REPO_COLUMNS = """
 """
 
 
-def _ensure_v2_tables(con: duckdb.DuckDBPyConnection) -> None:
-    """TODO(merge): delete. DESIGN11's base tables, for building a v2 store before `Store` creates them."""
-    con.execute(f"""
-    CREATE TABLE IF NOT EXISTS record_base (
-        did VARCHAR NOT NULL, collection VARCHAR NOT NULL, rkey VARCHAR NOT NULL,
-        cid VARCHAR NOT NULL, rev VARCHAR, record JSON USING COMPRESSION zstd,
-        created_at TIMESTAMPTZ, event_at TIMESTAMPTZ, indexed_at TIMESTAMPTZ NOT NULL, refs VARCHAR[]);
-    CREATE TABLE IF NOT EXISTS repo_base (did VARCHAR NOT NULL, {_REPO_COLUMNS});
-    CREATE TABLE IF NOT EXISTS cursors (source VARCHAR PRIMARY KEY, seq BIGINT NOT NULL,
-                                        updated_at TIMESTAMPTZ NOT NULL);
-    CREATE SEQUENCE IF NOT EXISTS coverage_id;
-    CREATE TABLE IF NOT EXISTS coverage (
-        id BIGINT PRIMARY KEY DEFAULT nextval('coverage_id'), source VARCHAR NOT NULL, first_seq BIGINT,
-        last_seq BIGINT, first_event_at TIMESTAMPTZ, last_event_at TIMESTAMPTZ, started_at TIMESTAMPTZ NOT NULL,
-        stopped_at TIMESTAMPTZ, ended VARCHAR NOT NULL DEFAULT 'running');
-    -- stand-ins for the views (no log tables yet), so main's read queries run on a bare file
-    CREATE VIEW IF NOT EXISTS records AS SELECT * FROM record_base;
-    CREATE VIEW IF NOT EXISTS repos AS SELECT * FROM repo_base;
-    """)
-
-
 # -- SQL ---------------------------------------------------------------------------------------------
 
 def _ts(micros_expr: str) -> str:
@@ -290,13 +269,9 @@ def build_store(path: Path, n_records: int, *, layout: str, pool: pa.Table, prog
     n_dids = max(1, n_records // RECORDS_PER_DID)
     if n_records >= 1024 * pool.num_rows:
         raise ValueError(f"{n_records} records need a pool over {n_records // 1024} bodies")
-    bare = layout != current_layout()  # TODO(merge): delete with _ensure_v2_tables (then never bare)
-    if not bare:
-        Store(path).close()  # every table, view and sequence of the store; rows are added around its writer
+    Store(path).close()  # every table, view and sequence of the store; rows are added around its writer
     con = duckdb.connect(str(path))
     try:
-        if bare:
-            _ensure_v2_tables(con)  # TODO(merge): delete with _ensure_v2_tables
         kinds = dict(con.execute(_KINDS_SQL).fetchall())
         con.execute("SET enable_progress_bar = false")
         con.execute(f"SET memory_limit = '{BUILD_MEMORY}'")  # the machine is shared; a chunk's sort fits
@@ -332,19 +307,15 @@ def label(n_records: int) -> str:
     return str(n_records)
 
 
-def ensure_store(n_records: int, *, layout: str | None = None, cache_dir: Path = CACHE_DIR,
+def ensure_store(n_records: int, *, cache_dir: Path = CACHE_DIR,
                  pool_size: int = POOL_SIZE, progress: _Progress = print) -> Built:
-    """The cached store of n_records records, built first when missing or stale.
-
-    layout None: the one `Store` creates. "v2" while `Store` still creates v1: a bare v2 file
-    (base tables only, `_ensure_v2_tables`) cached apart, for its build time and size only."""
-    layout = layout or current_layout()
-    bare = layout != current_layout()  # TODO(merge): always False once Store creates the v2 tables
+    """The cached store of n_records records in the layout `Store` creates, built first when
+    missing or stale (another BUILD_VERSION or layout)."""
+    layout = current_layout()
     n_dids = max(1, n_records // RECORDS_PER_DID)
-    path = cache_dir / f"{label(n_records)}{f'-{layout}-bare' if bare else ''}.duckdb"
+    path = cache_dir / f"{label(n_records)}.duckdb"
     meta_path = path.with_suffix(".json")
-    want = {"version": BUILD_VERSION, "layout": layout + ("-bare" if bare else ""), "records": n_records,
-            "pool": pool_size}
+    want = {"version": BUILD_VERSION, "layout": layout, "records": n_records, "pool": pool_size}
     if path.exists() and meta_path.exists():
         meta = json.loads(meta_path.read_text())
         if {k: meta.get(k) for k in want} == want:

@@ -99,10 +99,8 @@ class SizeResult:
 
 
 def live_records(con: duckdb.DuckDBPyConnection) -> int:
-    """Live records of a store: the `records` table or view; a bare v2 build has only record_base."""
-    names = {r[0] for r in con.execute("SELECT table_name FROM information_schema.tables").fetchall()}
-    table = "records" if "records" in names else "record_base"
-    return int(con.execute(f"SELECT count(*) FROM {table}").fetchall()[0][0])
+    """Live records of a store (one row per live record in the `records` view)."""
+    return int(con.execute("SELECT count(*) FROM records").fetchall()[0][0])
 
 
 def gap_timings(path: Path) -> tuple[dict[str, float], dict[str, int]]:
