@@ -1,13 +1,14 @@
 """Compaction: fold the version logs into the deduplicated bases, beside the writers.
 
-Every write appends to a log (storage/records.py, storage/repos.py), so the log grows until a compaction folds
-it into the base; the views stay correct at any log size, they only get slower as it grows.
-`Store` counts the rows it appends and, past `COMPACT_AFTER_ROWS`, starts one compaction in a
-background thread. The compaction runs on its own cursor and transaction, NOT under the write
-lock: writers keep appending meanwhile (they never delete, and only compaction does, so the
-two never conflict), and it folds only versions committed when it started (v <= upto_v).
-A failed compaction changes nothing (one transaction): it is logged, counted, and retried
-after the next `COMPACT_AFTER_ROWS` appends. `compact()` runs one in the caller's thread.
+Every write appends to a log (storage/records.py, storage/repos.py), so the logs grow until a
+compaction folds them into the bases; the views stay correct at any log size, they only get
+slower as it grows. `Store` counts the rows in the logs (at open, then as it appends) and, past
+`COMPACT_AFTER_ROWS`, starts one compaction in a background thread at its next write. The
+compaction runs on its own cursor and transaction, NOT under the write lock: writers keep
+appending meanwhile (they never delete, and only compaction does, so the two never conflict),
+and it folds only versions committed when it started (v <= upto_v). A failed compaction changes
+nothing (one transaction): it is logged, counted, and retried after the next
+`COMPACT_AFTER_ROWS` appends. `compact()` runs one in the caller's thread.
 """
 
 from __future__ import annotations
@@ -45,6 +46,11 @@ SELECT coalesce(max(v), 0) FROM (
 """
 
 
+_LOG_ROWS = """
+SELECT (SELECT count(*) FROM record_log) + (SELECT count(*) FROM record_purges) + (SELECT count(*) FROM repo_log)
+"""
+
+
 @dataclass(frozen=True, slots=True)
 class Compaction:
     records: RecordCompaction | None   # None: nothing to fold
@@ -58,7 +64,9 @@ class Compacting(StoreBase):
         super().__init__(*args, **kwargs)
         self._compact_lock = threading.Lock()
         self._compactor: threading.Thread | None = None
-        self._appended = 0
+        # what earlier processes left in the logs counts too: a file written by many short
+        # processes (backfills, sinks) is compacted by the first write past the threshold
+        self._appended = 0 if self.read_only else int(self.fetchall(_LOG_ROWS)[0][0])
 
     def close(self) -> None:
         self.wait_compaction()
