@@ -33,7 +33,7 @@ import pyarrow as pa
 
 __all__ = [
     "HEAD_FIELDS", "BACKFILL_FIELDS", "REPO_COLUMNS", "REPOS_DDL", "create_repos", "is_v1", "migrate_v1",
-    "append_head", "append_head_row", "append_backfill", "current_rows", "point_sql", "merge_point", "resort", "current_row", "compact", "committed_version",
+    "append_head", "append_head_row", "append_backfill", "current_rows", "point_sql", "merge_point", "resort", "current_row", "compact",
 ]
 
 log = logging.getLogger(__name__)
@@ -239,12 +239,6 @@ def merge_point(columns: Sequence[str], rows: Sequence[tuple[Any, ...]]) -> tupl
 
 
 # -- compaction --------------------------------------------------------------------------------------
-
-def committed_version(con: duckdb.DuckDBPyConnection) -> int | None:
-    """The highest write version this transaction sees in the log (None: the log is empty)."""
-    rows = con.execute("SELECT max(v) FROM repo_log").fetchall()
-    return None if rows[0][0] is None else int(rows[0][0])
-
 
 def compact(con: duckdb.DuckDBPyConnection, upto_v: int) -> int:
     """Fold the log rows with v <= upto_v into repo_base, in the caller's transaction (its own
