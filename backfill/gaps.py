@@ -12,7 +12,11 @@ Python only merges the DID sets. A DID may carry several reasons.
                       against their PDS (head rev moved past the held rev?) or, without an
                       auditor, flagged when their last event is within `no_audit_margin` of it
     referenced        DIDs that records seen in the window (event_at) liked, reposted, replied
-                      to (parent and root), quoted or followed, whose repos were never backfilled
+                      to (parent and root), quoted or followed, whose repos were never backfilled.
+                      The window is rounded outward to whole hours (UTC): the referenced DIDs are
+                      kept per hour (storage/refs.py), so records seen in the hours around `start`
+                      and `end` count too (a conservative superset), and so do records deleted
+                      since they were seen; records outside those hours never count
     explicit          DIDs the caller named
 
 Terminal outcomes are not retried by accident: every automatic reason skips DIDs whose last
@@ -41,6 +45,7 @@ from skyfill.errors import ConfigError, FetchError, IdentityError, StorageError,
 from skyfill.protocol.syntax import is_did
 from skyfill.storage import CoverageEnd, Reader, Store
 from skyfill.storage.queries import DESYNCHRONIZED, not_terminal
+from skyfill.storage.refs import REFERENCED_SQL
 
 if TYPE_CHECKING:
     from skyfill.net.identity import Resolver
@@ -126,14 +131,12 @@ WHERE first_seen_at <= $end AND last_event_at >= $start
   AND backfilled_at IS NULL AND active AND {not_terminal()}
 """
 
-# `refs` holds the DIDs each like/repost/post/follow references, extracted when the record was
-# written (storage/schema.sql record_refs): no JSON is parsed here. "Created in the window" is
-# the record's event time (when the network saw it), not its claimed createdAt.
+# The referenced DIDs come from storage/refs.py's table, filled when the records were written
+# (the record_refs macro): no JSON is parsed here and no record is read. "Seen in the window" is
+# the record's event time (when the network saw it), not its claimed createdAt, rounded outward
+# to whole hours (the table keeps hours): a superset of the DIDs referenced inside [start, end].
 _REFERENCED_SQL: Final = f"""
-WITH dids AS (
-    SELECT DISTINCT unnest(refs) AS did FROM records
-    WHERE refs IS NOT NULL AND event_at >= $start AND event_at <= $end
-)
+WITH dids AS ({REFERENCED_SQL})
 SELECT d.did FROM dids d LEFT JOIN repos r ON r.did = d.did
 WHERE r.did IS NULL OR (r.backfilled_at IS NULL AND r.active AND {not_terminal('r')})
 """

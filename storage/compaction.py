@@ -25,7 +25,7 @@ from skyfill import metrics
 from skyfill.errors import StorageError
 
 from .base import StoreBase, storage_errors
-from . import repos
+from . import refs, repos
 from .migrate import schema_sql
 from .records import RecordCompaction, compact_records
 
@@ -41,7 +41,7 @@ COMPACT_AFTER_ROWS: Final = 250_000
 _LOG_MAX_V = """
 SELECT coalesce(max(v), 0) FROM (
     SELECT max(v) AS v FROM record_log UNION ALL SELECT max(v) FROM record_purges
-    UNION ALL SELECT max(v) FROM repo_log
+    UNION ALL SELECT max(v) FROM repo_log UNION ALL SELECT max(v) FROM ref_log
 )
 """
 
@@ -93,8 +93,10 @@ class Compacting(StoreBase):
             upto = int(cur.execute(_LOG_MAX_V).fetchall()[0][0])
             result = compact_records(cur, upto) if upto else None
             repo_rows = repos.compact(cur, upto) if upto else 0
+            ref_pairs = refs.compact(cur, upto) if upto else 0
             if full:
                 repos.resort(cur)
+                refs.resort(cur)
                 # the table is re-created from schema.sql so it keeps its column compression
                 cur.execute("ALTER TABLE record_base RENAME TO record_base_unsorted")
                 cur.execute(schema_sql())
@@ -112,7 +114,7 @@ class Compacting(StoreBase):
             metrics.STORE_COMPACTION_SECONDS.observe(time.perf_counter() - started)
             log.info("compacted the version logs", extra={"ctx": {
                 "log_rows": result.log_rows, "purges": result.purges, "base_deleted": result.base_deleted,
-                "base_inserted": result.base_inserted, "repos": repo_rows, "full": full,
+                "base_inserted": result.base_inserted, "repos": repo_rows, "ref_pairs": ref_pairs, "full": full,
                 "seconds": round(time.perf_counter() - started, 3)}})
         return Compaction(records=result, repos=repo_rows)
 

@@ -2,10 +2,13 @@
 
     schema_version 1   `records` and `repos` were tables with primary keys, upserted in place
     schema_version 2   versioned logs + compacted bases behind `records` and `repos` views
+                       (a file written before storage/refs.py keeps each record's referenced DIDs
+                       in a `refs` column of record_base/record_log: moved into ref_base on open,
+                       whatever the schema_version, because the condition is the column itself)
 
-A writable open creates what is missing and migrates a version-1 file in ONE transaction (a
-crash part-way leaves the file as it was), then (re)creates the views. A read-only open cannot
-migrate: it refuses a version-1 file with the command that migrates it.
+A writable open creates what is missing and migrates a version-1 file (or a `refs` column) in ONE
+transaction (a crash part-way leaves the file as it was), then (re)creates the views. A read-only
+open cannot migrate: it refuses such a file with the command that migrates it.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import duckdb
 
 from skyfill.errors import StorageError
 
-from . import repos
+from . import refs, repos
 from .records import migrate_records_v1
 
 __all__ = ["SCHEMA_VERSION", "MIGRATE_COMMAND", "prepare_schema", "schema_version", "schema_sql"]
@@ -65,12 +68,19 @@ def prepare_schema(con: duckdb.DuckDBPyConnection, path: str, *, read_only: bool
         if version is not None and version < SCHEMA_VERSION:
             raise StorageError(f"{path} is in the schema version {version} layout and this open is read-only: "
                                f"migrate it first with `{MIGRATE_COMMAND.format(path=path)}`")
+        if version is not None and refs.has_refs_column(con):
+            raise StorageError(f"{path} keeps referenced DIDs per record (the `refs` column) and this open is "
+                               f"read-only: migrate it first with `{MIGRATE_COMMAND.format(path=path)}`")
         return
     started = time.perf_counter()
     con.execute("BEGIN TRANSACTION")
     try:
         con.execute(schema_sql("schema.sql"))
+        con.execute(refs.REFS_DDL)
         moved = migrate_records_v1(con) if version == 1 else 0
+        if version == 1:
+            refs.fill_from(con, "record_base")
+        pairs = refs.migrate_refs_column(con) if refs.has_refs_column(con) else None
         if repos.is_v1(con):
             repos.migrate_v1(con)
         else:
@@ -84,3 +94,6 @@ def prepare_schema(con: duckdb.DuckDBPyConnection, path: str, *, read_only: bool
     if version == 1:
         log.info("migrated the database to schema version %d", SCHEMA_VERSION,
                  extra={"ctx": {"path": path, "records": moved, "seconds": round(time.perf_counter() - started, 1)}})
+    if pairs is not None:
+        log.info("moved the records' refs column into ref_base (referenced DIDs by hour)",
+                 extra={"ctx": {"path": path, "pairs": pairs, "seconds": round(time.perf_counter() - started, 1)}})

@@ -31,6 +31,8 @@ from datetime import datetime
 import duckdb
 import pyarrow as pa
 
+from . import refs
+
 __all__ = [
     "next_version",
     "append_puts",
@@ -46,11 +48,10 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 # What a write computes per row beyond what it was given: the event time (the given firehose
-# time, else the TID time of the rkey, else of the commit rev) and the referenced DIDs.
-_DERIVED = (
-    "coalesce(TRY_CAST(event_at AS TIMESTAMPTZ), tid_time(rkey), tid_time(rev)), record_refs(collection, record)"
-)
-_COLUMNS = "did, collection, rkey, cid, rev, record, created_at, indexed_at, event_at, refs"
+# time, else the TID time of the rkey, else of the commit rev). The DIDs a record references go
+# to storage/refs.py's table, in the same transaction.
+_DERIVED = "coalesce(TRY_CAST(event_at AS TIMESTAMPTZ), tid_time(rkey), tid_time(rev))"
+_COLUMNS = "did, collection, rkey, cid, rev, record, created_at, indexed_at, event_at"
 
 STORED_CIDS_SQL = "SELECT collection, rkey, cid FROM records WHERE did = ?"
 COUNT_STORED_SQL = "SELECT count(*) FROM records WHERE did = ?"
@@ -72,6 +73,7 @@ def append_puts(con: duckdb.DuckDBPyConnection, v: int, table: pa.Table, now: da
             f"{_DERIVED} FROM _puts",
             [v, now],
         )
+        refs.append(con, v, "_puts", _DERIVED)
     finally:
         con.unregister("_puts")
 
@@ -154,7 +156,7 @@ def migrate_records_v1(con: duckdb.DuckDBPyConnection) -> int:
     moved = _count(con.execute(
         f"INSERT INTO record_base ({_COLUMNS}) "
         "SELECT did, collection, rkey, cid, rev, record, created_at, indexed_at, "
-        "coalesce(tid_time(rkey), tid_time(rev)), record_refs(collection, record) "
+        "coalesce(tid_time(rkey), tid_time(rev)) "
         "FROM records ORDER BY did, collection, rkey"
     ))
     con.execute("DROP TABLE records")

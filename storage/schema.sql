@@ -18,8 +18,7 @@ CREATE TABLE IF NOT EXISTS record_log (
     record      JSON USING COMPRESSION zstd,
     created_at  TIMESTAMPTZ,
     indexed_at  TIMESTAMPTZ NOT NULL,
-    event_at    TIMESTAMPTZ,
-    refs        VARCHAR[]
+    event_at    TIMESTAMPTZ
 );
 
 -- Account deletions: every record of `did` written before version v is gone.
@@ -39,9 +38,9 @@ CREATE TABLE IF NOT EXISTS record_base (
     record      JSON USING COMPRESSION zstd,
     created_at  TIMESTAMPTZ,          -- what the record claims (`createdAt`), as written
     indexed_at  TIMESTAMPTZ NOT NULL, -- when this mirror stored this version
-    event_at    TIMESTAMPTZ,          -- when the network saw it: firehose `time`, else TID time of rkey, else of rev
-    refs        VARCHAR[]             -- DIDs a like/repost/post/follow references, extracted at write time
+    event_at    TIMESTAMPTZ           -- when the network saw it: firehose `time`, else TID time of rkey, else of rev
 );
+-- The DIDs records reference, by hour of event_at: ref_log / ref_base (storage/refs.py).
 
 -- Key/value facts about the file itself (schema_version).
 CREATE TABLE IF NOT EXISTS meta (
