@@ -96,26 +96,24 @@ CREATE TABLE IF NOT EXISTS repo_log (
 
 
 def _merged_sql(log_where: str) -> str:
-    """One merged row per DID that has log rows matching `log_where` (base row included)."""
+    """One merged row per DID that has log rows matching `log_where` (base row included).
+
+    One aggregate per column (not one struct per group): a query on the view that needs a few
+    columns reads only those of repo_base (DuckDB drops the unused aggregates and their inputs),
+    where a struct of every column read the whole row of every base row (8 s at 10M DIDs)."""
     cols = ", ".join(_COLUMNS)
-    head = ", ".join(f"{c} := {c}" for c in _MERGED_HEAD)
-    back = ", ".join(f"{c} := {c}" for c in BACKFILL_FIELDS)
     out = ", ".join(
-        [f"h.{c} AS {c}" for c in _MERGED_HEAD]
-        + ["first_seen_at"]
-        + [f"f.{c} AS {c}" for c in BACKFILL_FIELDS]
+        [f"arg_max_null({c}, hv) AS {c}" for c in _MERGED_HEAD]
+        + ["arg_min(first_seen_at, v) AS first_seen_at"]
+        + [f"arg_max_null({c}, fv) AS {c}" for c in BACKFILL_FIELDS]
     )
     return f"""SELECT did, {out} FROM (
-    SELECT did, arg_max(struct_pack({head}), hv) AS h, arg_max(struct_pack({back}), fv) AS f,
-           arg_min(first_seen_at, v) AS first_seen_at
-    FROM (
-        SELECT did, 0 AS v, 0 AS hv, 0 AS fv, {cols} FROM repo_base
-        WHERE did IN (SELECT did FROM repo_log WHERE {log_where})
-        UNION ALL
-        SELECT did, v, CASE WHEN part = '{_HEAD}' THEN v ELSE -1 END, CASE WHEN part = '{_BACKFILL}' THEN v ELSE -1 END,
-               {cols} FROM repo_log WHERE {log_where}
-    ) GROUP BY did
-)"""
+    SELECT did, 0 AS v, 0 AS hv, 0 AS fv, {cols} FROM repo_base
+    WHERE did IN (SELECT did FROM repo_log WHERE {log_where})
+    UNION ALL
+    SELECT did, v, CASE WHEN part = '{_HEAD}' THEN v ELSE -1 END, CASE WHEN part = '{_BACKFILL}' THEN v ELSE -1 END,
+           {cols} FROM repo_log WHERE {log_where}
+) GROUP BY did"""
 
 
 _VIEW: Final = f"""CREATE OR REPLACE VIEW repos AS

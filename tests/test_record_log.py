@@ -147,18 +147,26 @@ def test_event_time_is_the_firehose_time_else_the_tid_of_the_rkey_else_of_the_re
 
 
 def test_referenced_dids_are_extracted_when_written(store: Store) -> None:
+    """Each record is seen in its own hour, so the (hour, did) pairs of ref_log say which record
+    referenced which DIDs (storage/refs.py)."""
     did = "did:plc:refs"
     batch = Batch()
-    put(batch, (did, LIKE, "1"), "a", '{"subject": {"uri": "at://did:plc:liked/app.bsky.feed.post/x", "cid": "b"}}')
-    put(batch, (did, FOLLOW, "2"), "b", '{"subject": "did:plc:followed"}')
+    put(batch, (did, LIKE, "1"), "a", '{"subject": {"uri": "at://did:plc:liked/app.bsky.feed.post/x", "cid": "b"}}',
+        "2026-11-30T01:10:00Z")
+    put(batch, (did, FOLLOW, "2"), "b", '{"subject": "did:plc:followed"}', "2026-11-30T02:10:00Z")
     put(batch, (did, POST, "3"), "c", '{"text": "hi", "reply": {"parent": {"uri": "at://did:plc:p/app.bsky.feed.post/1"},'
-        ' "root": {"uri": "at://did:plc:r/app.bsky.feed.post/1"}}, "embed": {"record": {"uri": "at://did:web:q.example/x/y"}}}')
-    put(batch, (did, "app.bsky.graph.block", "4"), "d", '{"subject": "did:plc:blocked"}')
-    put(batch, (did, FOLLOW, "5"), "e", '{"subject": "not a did"}')
+        ' "root": {"uri": "at://did:plc:r/app.bsky.feed.post/1"}}, "embed": {"record": {"uri": "at://did:web:q.example/x/y"}}}',
+        "2026-11-30T03:10:00Z")
+    put(batch, (did, "app.bsky.graph.block", "4"), "d", '{"subject": "did:plc:blocked"}', "2026-11-30T04:10:00Z")
+    put(batch, (did, FOLLOW, "5"), "e", '{"subject": "not a did"}', "2026-11-30T05:10:00Z")
     store.apply(batch)
-    refs = {k: sorted(r) if r is not None else None for k, r in store.fetchall("SELECT rkey, refs FROM records")}
-    assert refs == {"1": ["did:plc:liked"], "2": ["did:plc:followed"],
-                    "3": ["did:plc:p", "did:plc:r", "did:web:q.example"], "4": None, "5": []}
+    refs: dict[int, list[str]] = {}
+    for hour, ref in store.fetchall("SELECT hour, did FROM ref_log ORDER BY did"):
+        assert hour == datetime(2026, 11, 30, hour.hour, tzinfo=UTC)
+        refs.setdefault(hour.hour, []).append(ref)
+    assert refs == {1: ["did:plc:liked"], 2: ["did:plc:followed"], 3: ["did:plc:p", "did:plc:r", "did:web:q.example"]}
+    assert "refs" not in {c for (c,) in store.fetchall(
+        "SELECT column_name FROM duckdb_columns() WHERE table_name IN ('records', 'record_base', 'record_log')")}
 
 
 def test_compaction_racing_writes_ends_like_the_writes_alone(store: Store) -> None:
@@ -243,11 +251,14 @@ def test_a_v1_file_is_migrated_on_open(tmp_path: Path) -> None:
     path = tmp_path / "v1.duckdb"
     make_v1(path)
     with Store(path) as s:
-        rows = s.fetchall("SELECT rkey, cid, event_at, refs FROM records ORDER BY rkey")
+        rows = s.fetchall("SELECT rkey, cid, event_at FROM records ORDER BY rkey")
         assert rows == [
-            (tid(1_650_000_000_000_000, 0), "c1", datetime.fromtimestamp(1_650_000_000, UTC), ["did:plc:target"]),
-            ("self", "c2", datetime.fromtimestamp(1_660_000_000, UTC), None),
+            (tid(1_650_000_000_000_000, 0), "c1", datetime.fromtimestamp(1_650_000_000, UTC)),
+            ("self", "c2", datetime.fromtimestamp(1_660_000_000, UTC)),
         ]
+        # the like's referenced DID, in the hour of its event time (storage/refs.py)
+        assert s.fetchall("SELECT hour, did FROM ref_base") == [
+            (datetime.fromtimestamp(1_650_000_000 // 3600 * 3600, UTC), "did:plc:target")]
         assert s.fetchall("SELECT value FROM meta WHERE key = 'schema_version'") == [("2",)]
         batch = Batch()
         batch.delete_record("did:plc:old", "app.bsky.actor.profile", "self")
