@@ -109,12 +109,17 @@ def test_v2_build_fills_the_base_tables_with_refs_and_event_times(tmp_path) -> N
         assert con.execute("SELECT count(*) FROM record_base").fetchall()[0][0] == 3_000
         assert con.execute("SELECT count(*) FROM repo_base").fetchall()[0][0] == 300
         assert con.execute("SELECT count(*) FROM record_base WHERE event_at IS NULL").fetchall()[0][0] == 0
-        # likes, reposts and follows reference one DID each
-        per = dict(con.execute("SELECT collection, min(len(refs)) FROM record_base GROUP BY ALL").fetchall())
-        assert per["app.bsky.feed.like"] == per["app.bsky.graph.follow"] == 1
+        # likes and follows reference one DID each, kept by hour of their event time in ref_base
         assert con.execute(
-            "SELECT bool_and(list_contains(refs, json_extract_string(record, '$.subject'))) FROM record_base "
+            "SELECT bool_and(EXISTS (SELECT 1 FROM ref_base f WHERE f.hour = ref_hour(r.event_at) "
+            "AND f.did = json_extract_string(r.record, '$.subject'))) FROM record_base r "
             "WHERE collection = 'app.bsky.graph.follow'").fetchall()[0][0]
+        assert con.execute(
+            "SELECT bool_and(EXISTS (SELECT 1 FROM ref_base f WHERE f.hour = ref_hour(r.event_at) "
+            "AND f.did = split_part(json_extract_string(r.record, '$.subject.uri'), '/', 3))) FROM record_base r "
+            "WHERE collection = 'app.bsky.feed.like'").fetchall()[0][0]
+        assert con.execute("SELECT count(*) FROM ref_base").fetchall()[0][0] == con.execute(
+            "SELECT count(*) FROM (SELECT DISTINCT hour, did FROM ref_base)").fetchall()[0][0]
 
 
 def test_jsonbench_results_become_rows(monkeypatch, tmp_path) -> None:

@@ -65,7 +65,7 @@ def add_repos(path: Path, *, lo: int, hi: int) -> float:
 
 def build_store(path: Path, *, n_dids: int, n_records: int) -> float:
     """Fill a fresh skyfill store; returns the seconds it took."""
-    from skyfill.storage import Store
+    from skyfill.storage import Store, refs
 
     started = time.perf_counter()
     Store(path).close()  # the schema; the rows are generated in SQL, around skyfill's writer
@@ -75,8 +75,8 @@ def build_store(path: Path, *, n_dids: int, n_records: int) -> float:
         known = n_dids
         space = n_dids + n_dids // 5  # a sixth of the referenced DIDs are not in `repos`
         con.execute(f"""
-        INSERT INTO record_base (did, collection, rkey, cid, rev, record, created_at, indexed_at, event_at, refs)
-        SELECT *, created_at, record_refs(collection, record) FROM (
+        INSERT INTO record_base (did, collection, rkey, cid, rev, record, created_at, indexed_at, event_at)
+        SELECT *, created_at FROM (
         SELECT did, collection, rkey, 'bafyrei' || md5('v' || i), '3l' || substr(md5('w' || i), 1, 11),
                CASE collection
                  WHEN 'app.bsky.feed.like' THEN '{{"$type":"app.bsky.feed.like","subject":{{"uri":"at://' || tgt
@@ -110,6 +110,7 @@ def build_store(path: Path, *, n_dids: int, n_records: int) -> float:
                   FROM range({n_records}) t(i))
         )) AS g(did, collection, rkey, cid, rev, record, created_at, indexed_at) ORDER BY did, collection, rkey
         """)
+        refs.fill_from(con, "record_base")  # the referenced DIDs by hour, as writes append them
         con.execute(f"""
         INSERT INTO coverage (source, first_seq, last_seq, first_event_at, last_event_at, started_at, stopped_at, ended)
         VALUES ('bench', 1, 1000, TIMESTAMPTZ '{end}' - INTERVAL 30 DAY, TIMESTAMPTZ '{end}' - INTERVAL 74 HOUR,

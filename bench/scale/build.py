@@ -55,7 +55,7 @@ __all__ = [
     "make_pool",
 ]
 
-BUILD_VERSION = 2
+BUILD_VERSION = 3
 ROOT = Path(__file__).resolve().parents[2]
 CACHE_DIR = ROOT / ".cache" / "scale"
 END_MICROS = FIREHOSE_EPOCH_MICROS            # a built store's history ends where the bench firehose begins
@@ -234,7 +234,7 @@ SELECT k.did, p.collection,
        concat(p.tid11, b32c(k.i // {{pool}}, 1), b32c(k.i // {{pool}}, 0)) AS rkey,
        {_cid('p', 'k.i', '{pool}')} AS cid, k.rev,
        p.body AS record, {_ts('p.micros')} AS created_at, {_ts('p.micros')} AS event_at,
-       {_ts('p.micros + 2000000')} AS indexed_at, p.refs
+       {_ts('p.micros + 2000000')} AS indexed_at
 FROM (SELECT did, rev, off + j AS i
       FROM (SELECT did, rev, off, unnest(range(c)) AS j FROM dids WHERE rank >= {{lo}} AND rank < {{hi}})) k
 JOIN pool p ON p.p = k.i % {{pool}}
@@ -242,7 +242,12 @@ ORDER BY k.did, p.collection, rkey
 """
 
 _V1_RECORDS = ("records", "did, collection, rkey, cid, rev, record, created_at, indexed_at")
-_V2_RECORDS = ("record_base", "did, collection, rkey, cid, rev, record, created_at, event_at, indexed_at, refs")
+_V2_RECORDS = ("record_base", "did, collection, rkey, cid, rev, record, created_at, event_at, indexed_at")
+# the referenced DIDs by hour (storage/refs.py) of the pool rows the records use (record i uses row i % pool)
+_V2_REFS = """
+INSERT INTO ref_base SELECT DISTINCT ref_hour(make_timestamptz(micros)) AS hour, unnest(refs) AS did
+FROM pool WHERE p < {n} ORDER BY hour, did
+"""
 
 _CURSOR_COVERAGE_SQL = f"""
 INSERT INTO cursors VALUES ('wss://bsky.network', 1000000000, {_ts(END_MICROS)});
@@ -292,6 +297,8 @@ def build_store(path: Path, n_records: int, *, layout: str, pool: pa.Table, prog
                         + _KEYS_SQL.format(pool=pool.num_rows, lo=lo, hi=lo + per_chunk) + ")")
             done = min(n_dids, lo + per_chunk)
             progress(f"  records of {done:,}/{n_dids:,} DIDs in {time.perf_counter() - started:.0f}s")
+        if kinds["records"] == "VIEW":
+            con.execute(_V2_REFS.format(n=n_records))
         con.execute(_CURSOR_COVERAGE_SQL)
         con.execute("DROP TABLE dids; DROP TABLE pool")
         con.execute("CHECKPOINT")
