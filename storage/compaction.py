@@ -1,7 +1,7 @@
 """Compaction: fold the version logs into the deduplicated bases, beside the writers.
 
-Every write appends to a log (storage/records.py, storage/repos.py, storage/refs.py), so the logs grow until a
-compaction folds them into the bases; the views stay correct at any log size, they only get
+Every write appends to a log (storage/records.py, storage/repos.py, storage/refs.py), so the
+logs grow until a compaction folds them into the bases; the views stay correct at any log size, they only get
 slower as it grows. `Store` counts the rows in the logs (at open, then as it appends) and, past
 `COMPACT_AFTER_ROWS`, starts one compaction in a background thread at its next write. The
 compaction runs on its own cursor and transaction, NOT under the write lock: writers keep
