@@ -359,7 +359,8 @@ async def open_backfiller(
         plc_url=config.plc_url, ttl=config.identity_ttl.total_seconds(), client=client, store=store
     )
     try:
-        yield Backfiller(store, resolver, client, sink or StoreReconciler(store), config=config, progress=progress)
+        sink = sink or StoreReconciler(store, collections=config.collections)
+        yield Backfiller(store, resolver, client, sink, config=config, progress=progress)
     finally:
         await resolver.aclose()
         await client.aclose()
