@@ -15,7 +15,7 @@ from skyfill.backfill.config import BackfillConfig
 from skyfill.backfill.discover import DiscoverySummary, discover
 from skyfill.backfill.identities import SyncSummary, sync_identities
 from skyfill.net.listing import ListingClient
-from skyfill.net.plc import PlcExport
+from skyfill.net.plc import EXPORT_PAGE, PlcExport
 from skyfill.storage import Store
 
 __all__ = ["DEFAULT_DISCOVER_RELAY", "run_discover", "run_identities_sync"]
@@ -35,8 +35,9 @@ async def run_discover(
 
 
 async def run_identities_sync(
-    store: Store, *, config: BackfillConfig, max_pages: int | None = None
+    store: Store, *, config: BackfillConfig, max_pages: int | None = None, page_size: int = EXPORT_PAGE
 ) -> SyncSummary:
     """Import the PLC export at `config.plc_url` from the stored cursor to its end."""
     async with open_backfiller(store, config=config, progress=False) as bf:
-        return await sync_identities(store, PlcExport(bf.client, config.plc_url), max_pages=max_pages)
+        export = PlcExport(bf.client, config.plc_url, count=page_size)
+        return await sync_identities(store, export, max_pages=max_pages)
