@@ -63,7 +63,7 @@ def discover(db: str, relay: str, collections: tuple[str, ...], restart: bool, h
         click.echo(orjson.dumps(out, option=orjson.OPT_INDENT_2).decode())
         return
     lines = [f"discover {out['relay']} ({out['mode']}{'' if out['fresh'] else ', resumed'}): "
-             f"{out['listed']} repos listed in {out['pages']} pages from {out['hosts']} host(s)",
+             f"{out['listed']} repos listed in {out['pages']} page(s) from {out['hosts']} host(s)",
              f"  hosts done        {out['hosts_done']}",
              f"  hosts failed      {out['hosts_failed']}",
              f"  entries skipped   {out['skipped']}",
@@ -96,7 +96,7 @@ def sync(db: str, max_pages: int | None, as_json: bool, **options: Any) -> None:
     if as_json:
         click.echo(orjson.dumps(out, option=orjson.OPT_INDENT_2).decode())
         return
-    lines = [f"identities sync {out['plc']}: {out['operations']} operations in {out['pages']} pages"
+    lines = [f"identities sync {out['plc']}: {out['operations']} operations in {out['pages']} page(s)"
              f"{' (complete)' if out['complete'] else ''}",
              f"  stored            {out['stored']}",
              f"  refused           {out['refused']}",
