@@ -20,7 +20,7 @@ from typing import Final
 from skyfill.protocol.syntax import collection_matcher
 from skyfill.storage import Reader
 from skyfill.storage.discovery import ALL_COLLECTIONS
-from skyfill.storage.network_gaps import FILTER_CHANGED_SQL, FILTERS_SQL, STALE_SQL, UNSEEN_SQL
+from skyfill.storage.network_gaps import FILTER_CHANGED_SQL, FILTERS_SQL, LISTED_GAPS_SQL
 
 __all__ = ["UNSEEN", "STALE", "FILTER_CHANGED", "network_gaps", "covers"]
 
@@ -55,7 +55,10 @@ def _column(reader: Reader, sql: str, params: dict[str, object] | None = None) -
 
 def network_gaps(reader: Reader, *, collections: Sequence[str] = ()) -> dict[str, list[str]]:
     """{reason: DIDs} for the three reasons (filter_changed only when `collections` is given)."""
-    found = {UNSEEN: _column(reader, UNSEEN_SQL), STALE: _column(reader, STALE_SQL), FILTER_CHANGED: []}
+    found: dict[str, list[str]] = {UNSEEN: [], STALE: [], FILTER_CHANGED: []}
+    listed = reader.fetch_arrow(LISTED_GAPS_SQL)
+    for did, reason in zip(listed.column(0).to_pylist(), listed.column(1).to_pylist(), strict=True):
+        found[reason].append(did)
     if collections:
         short = [f for f in _column(reader, FILTERS_SQL) if not covers(f, collections)]
         if short:

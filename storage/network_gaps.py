@@ -20,7 +20,7 @@ from typing import Final
 
 from .queries import not_terminal
 
-__all__ = ["UNSEEN_SQL", "STALE_SQL", "FILTER_CHANGED_SQL", "FILTERS_SQL", "LISTED_COUNT_SQL"]
+__all__ = ["LISTED_GAPS_SQL", "UNSEEN_SQL", "STALE_SQL", "FILTER_CHANGED_SQL", "FILTERS_SQL", "LISTED_COUNT_SQL"]
 
 _LISTED: Final = """
 WITH listed AS (
@@ -29,6 +29,14 @@ WITH listed AS (
            coalesce(arg_max(active, n) FILTER (WHERE active IS NOT NULL), TRUE) AS active
     FROM listed_repos GROUP BY did
 )"""
+
+# both listing reasons in one pass over the listings and one join with `repos`: (did, reason)
+LISTED_GAPS_SQL: Final = f"""{_LISTED}
+SELECT l.did, CASE WHEN r.did IS NULL THEN 'unseen' ELSE 'stale' END AS reason
+FROM listed l LEFT JOIN repos r ON r.did = l.did
+WHERE l.active AND (r.did IS NULL
+                    OR (l.rev IS NOT NULL AND (r.rev IS NULL OR l.rev > r.rev) AND {not_terminal('r')}))
+"""
 
 UNSEEN_SQL: Final = f"""{_LISTED}
 SELECT l.did FROM listed l LEFT JOIN repos r ON r.did = l.did
