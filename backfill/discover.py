@@ -13,6 +13,9 @@ by the next one (`restart` forces that). A host that fails (network, garbage, a 
 cap, an unsafe address) stops ITS enumeration with the error recorded on its cursor row and counted
 in the summary; the other hosts go on. Entries that are not well formed (invalid DID, no rev) are
 skipped and counted (`skipped`), never stored.
+
+An unfinished relay run resumes every host enumeration it registered, whichever `--relay` the new
+run names; `restart` starts over.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from skyfill import metrics
 from skyfill.errors import ConfigError, FetchError, InputError
 from skyfill.net.listing import LIST_BY_COLLECTION, LIST_HOSTS, LIST_REPOS, ListingClient, NotARelay, host_url
 from skyfill.protocol.syntax import is_nsid
@@ -98,8 +102,9 @@ async def discover(
 
     summary.hosts = len(todo)
     await asyncio.gather(*(one(h, e) for h, e in todo))
+    wanted = set(todo)
     summary.hosts_done = sum(
-        1 for c in await asyncio.to_thread(store.enum_cursors) if c.done and (c.host, c.endpoint) in set(todo))
+        1 for c in await asyncio.to_thread(store.enum_cursors) if c.done and (c.host, c.endpoint) in wanted)
     summary.elapsed = time.monotonic() - started
     log.info("discovery finished", extra={"ctx": summary.to_json() | {"errors": len(summary.errors)}})
     return summary
@@ -167,6 +172,7 @@ async def _enumerate(
             summary.errors[host if endpoint == LIST_REPOS else f"{host} {endpoint}"] = str(exc)
             log.warning("enumeration stopped", extra={"ctx": {"host": host, "endpoint": endpoint, "error": str(exc)}})
             await asyncio.to_thread(store.enumeration_failed, host, endpoint, str(exc))
+            metrics.DISCOVERY_HOSTS.labels(result="failed").inc()
             return
         _log_skipped(host, skipped)
         if nxt is not None and (nxt == cursor or nxt in seen):
@@ -176,7 +182,10 @@ async def _enumerate(
         summary.pages += 1
         summary.listed += len(rows)
         summary.skipped += len(skipped)
+        metrics.DISCOVERY_REPOS.labels(result="listed").inc(len(rows))
+        metrics.DISCOVERY_REPOS.labels(result="skipped").inc(len(skipped))
         if nxt is None:
+            metrics.DISCOVERY_HOSTS.labels(result="done").inc()
             return
         seen.add(nxt)
         cursor = nxt

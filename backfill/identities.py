@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from skyfill import metrics
 from skyfill.errors import FetchError, InputError
 from skyfill.net.plc import PlcExport
 from skyfill.storage import Store
@@ -72,6 +73,8 @@ async def sync_identities(
         summary.operations += page.lines
         summary.stored += len(page.entries)
         summary.refused += len(page.bad_lines)
+        metrics.PLC_EXPORT_OPERATIONS.labels(result="stored").inc(len(page.entries))
+        metrics.PLC_EXPORT_OPERATIONS.labels(result="skipped").inc(page.lines - len(page.entries))
         pending += len(page.entries)
         if done:
             summary.complete = True
