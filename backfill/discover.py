@@ -117,7 +117,7 @@ async def _hosts(
     listHosts first), or the relay itself when it is a single PDS."""
     stored = {(c.host, c.endpoint): c for c in await asyncio.to_thread(store.enum_cursors)}
     parent = stored.get((relay, LIST_HOSTS))
-    if parent is None and (relay, LIST_REPOS) in stored:
+    if (relay, LIST_REPOS) in stored:
         summary.mode = "pds"  # an unfinished single-PDS run
     elif parent is None or not parent.done:
         cursor = parent.cursor if parent is not None else None
@@ -125,9 +125,13 @@ async def _hosts(
             try:
                 page = await listing.list_hosts(relay, cursor)
             except NotARelay as exc:
-                if parent is not None or cursor is not None:
-                    raise
+                if cursor is not None:  # it listed hosts before: a failure like any other
+                    summary.errors[relay] = f"listHosts: {exc}"
+                    await asyncio.to_thread(store.enumeration_failed, relay, LIST_HOSTS, str(exc))
+                    break
                 log.info("not a relay: listing it as a single PDS", extra={"ctx": {"host": relay, "why": str(exc)}})
+                if parent is not None:  # a failed attempt left the listHosts row open: close it
+                    await asyncio.to_thread(store.save_listing, relay, LIST_HOSTS, [], cursor=None, skipped=0)
                 summary.mode = "pds"
                 return [(relay, LIST_REPOS)]
             except (FetchError, InputError) as exc:

@@ -207,3 +207,18 @@ def test_covers() -> None:
     assert not covers("app.bsky.feed.post", ["app.bsky.feed.*"])
     assert not covers("app.bsky.feed.post", ["*"])
     assert covers("app.bsky.feed.like,app.bsky.feed.post", ["app.bsky.feed.post"])
+
+
+def test_a_failed_list_hosts_then_a_single_pds(tmp_path: Path, server: FaultServer) -> None:
+    # the first listHosts answer is over the page cap (a failure, recorded); then the host says it
+    # is no relay: its own listRepos is listed, and the run after lists it again from the start
+    server.script(LIST_HOSTS_PATH, Reply(200, b"{}", content_length=64 * 1024 * 1024),
+                  json_reply({"error": "MethodNotImplemented"}, 501))
+    server.script(LIST_REPOS_PATH, pages([repo(1)]))
+    with Store(tmp_path / "d.duckdb") as store:
+        failed = asyncio.run(run_discover(store, relay=server.url, config=CONFIG))
+        assert failed.mode == "relay" and failed.hosts == 0 and "exceeds" in failed.errors[server.url]
+        second = asyncio.run(run_discover(store, relay=server.url, config=CONFIG))
+        assert (second.mode, second.fresh, second.listed, second.errors) == ("pds", False, 1, {})
+        third = asyncio.run(run_discover(store, relay=server.url, config=CONFIG))
+        assert (third.mode, third.fresh, third.listed) == ("pds", True, 1)
