@@ -9,6 +9,7 @@ are in tests/test_discover_pds.py.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
@@ -18,11 +19,13 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 
 from skyfill.app.network import run_discover
 from skyfill.backfill.config import BackfillConfig
 from skyfill.backfill.gaps import Reason, detect_gaps
 from skyfill.backfill.network import covers
+from skyfill.cli.main import main
 from skyfill.net.listing import LIST_HOSTS, LIST_REPOS, host_url
 from skyfill.storage import Store
 from skyfill.storage.discovery import ListedRow
@@ -222,3 +225,21 @@ def test_a_failed_list_hosts_then_a_single_pds(tmp_path: Path, server: FaultServ
         assert (second.mode, second.fresh, second.listed, second.errors) == ("pds", False, 1, {})
         third = asyncio.run(run_discover(store, relay=server.url, config=CONFIG))
         assert (third.mode, third.fresh, third.listed) == ("pds", True, 1)
+
+
+def test_cli_gaps_discover_and_identities_sync(tmp_path: Path, server: FaultServer) -> None:
+    server.script(LIST_REPOS_PATH, pages([repo(1), repo(2)]))
+    server.script("/export", Reply(200, b"", {"Content-Type": "application/jsonlines"}))
+    db = str(tmp_path / "c.duckdb")
+    runner = CliRunner()
+    out = runner.invoke(main, ["gaps", "--db", db, "--start", "2026-01-01", "--end", "2026-01-02", "--no-audit",
+                               "--discover", "--relay", server.url, "--allow-private-hosts",
+                               "--collections", "app.bsky.feed.*", "--json"])
+    assert out.exit_code == 0, out.output
+    report = json.loads(out.stdout)
+    assert report["discovery"]["listed"] == 2 and report["counts"]["unseen"] == 2
+    assert sorted(report["dids"]) == [did(1), did(2)]
+    out = runner.invoke(main, ["identities", "sync", "--db", db, "--plc-url", server.url, "--allow-private-hosts"])
+    assert out.exit_code == 0 and "(complete)" in out.output, out.output
+    out = runner.invoke(main, ["discover", "--db", db, "--relay", server.url, "--collection", "app.bsky.feed.*"])
+    assert out.exit_code != 0 and "exact NSIDs" in out.output
