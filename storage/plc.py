@@ -50,6 +50,14 @@ SELECT pds, signing_key, handle, tombstone, error FROM (
 ) ORDER BY created_at DESC LIMIT 1
 """
 
+# the same, for every DID of the registered `_want(did)` at once (one scan instead of one read each)
+_BATCH_SQL: Final = f"""
+SELECT did, arg_max(struct_pack(pds, signing_key, handle, tombstone, error), created_at) AS s FROM (
+    SELECT {_COLS} FROM plc_base WHERE did IN (SELECT did FROM _want)
+    UNION ALL SELECT {_COLS} FROM plc_log WHERE did IN (SELECT did FROM _want)
+) GROUP BY did
+"""
+
 _FOLD_SQL: Final = f"""
 CREATE OR REPLACE TEMP TABLE _plc_folded AS
 SELECT did, arg_max(struct_pack(created_at, pds, signing_key, handle, tombstone, error), created_at) AS s
@@ -66,6 +74,12 @@ class FoldResult:
 
 class PlcBulk(Caches):
     """Store methods of `skyfill identities sync`; `load_identity` falls back to the bulk table."""
+
+    # the rows of the last two `prefetch_identities` (did -> row, None: no usable row), served by
+    # `load_identity` without a point read each: a backfill prefetches chunk k+1 while DIDs of
+    # chunk k are still in flight, so two generations are kept (bounded: two chunks)
+    _bulk_ahead: dict[str, IdentityRow | None] | None = None
+    _bulk_before: dict[str, IdentityRow | None] | None = None
 
     def save_plc_page(self, plc: str, entries: Sequence[PlcEntry], *, after: str | None, lines: int,
                       skipped: int, done: bool) -> None:
@@ -129,21 +143,49 @@ class PlcBulk(Caches):
             return row
         return self.bulk_identity(did, max_age=max_age)
 
-    def bulk_identity(self, did: str, *, max_age: float) -> IdentityRow | None:
-        """`did` as the PLC export says, when the export was read within `max_age` seconds."""
+    def _synced_at(self, max_age: float) -> datetime | None:
         synced = self.fetchall("SELECT max(updated_at) FROM enum_cursors WHERE endpoint = ?", [PLC_ENDPOINT])
         synced_at = synced[0][0] if synced else None
         if synced_at is None or synced_at < datetime.now(UTC) - timedelta(seconds=max_age):
             return None
+        return synced_at  # type: ignore[no-any-return]
+
+    def bulk_identity(self, did: str, *, max_age: float) -> IdentityRow | None:
+        """`did` as the PLC export says, when the export was read within `max_age` seconds."""
+        for ahead in (self._bulk_ahead, self._bulk_before):
+            if ahead is not None and did in ahead:
+                return ahead[did]
+        synced_at = self._synced_at(max_age)
+        if synced_at is None:
+            return None
         with self.read() as reader:
             rows = reader.fetch_arrow(_POINT_SQL, {"did": did}).to_pylist()
-        if not rows:
-            return None
-        r = rows[0]
-        if r["tombstone"] or r["error"] is not None or r["pds"] is None or r["signing_key"] is None:
-            return None
-        return IdentityRow(did, r["pds"], r["signing_key"], r["handle"], _doc(did, r["pds"], r["signing_key"], r["handle"]),
-                           synced_at.timestamp())
+        return _usable(did, rows[0], synced_at) if rows else None
+
+    def prefetch_identities(self, dids: Sequence[str], *, max_age: float) -> int:
+        """Read the bulk rows of `dids` in one query, for `load_identity` to serve (a point read
+        costs ~15 ms at 2M DIDs: one row group scanned per DID; a batch of 500 is one scan).
+        Returns the DIDs with a usable row."""
+        synced_at = self._synced_at(max_age)
+        self._bulk_before = self._bulk_ahead
+        if synced_at is None or not dids:
+            self._bulk_ahead = None
+            return 0
+        with self.read() as reader, reader.registered("_want", pa.table({"did": list(dids)})):
+            rows = reader.fetch_arrow(_BATCH_SQL).to_pylist()
+        ahead: dict[str, IdentityRow | None] = dict.fromkeys(dids)
+        for row in rows:
+            ahead[row["did"]] = _usable(row["did"], row["s"], synced_at)
+        self._bulk_ahead = ahead
+        return sum(1 for r in ahead.values() if r is not None)
+
+
+def _usable(did: str, r: dict[str, object], synced_at: datetime) -> IdentityRow | None:
+    pds, key, handle = r["pds"], r["signing_key"], r["handle"]
+    if r["tombstone"] or r["error"] is not None or not isinstance(pds, str) or not isinstance(key, str):
+        return None
+    handle = handle if isinstance(handle, str) else None
+    return IdentityRow(did, pds, key, handle, _doc(did, pds, key, handle), synced_at.timestamp())
 
 
 def _doc(did: str, pds: str, key: str, handle: str | None) -> str:

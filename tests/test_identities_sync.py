@@ -121,6 +121,12 @@ def test_sync_pages_resumes_and_keeps_the_newest(tmp_path: Path, plc: tuple[Faul
         assert store.fetchall("SELECT count(*) FROM plc_log")[0][0] == 0   # folded
         assert store.fetchall("SELECT count(*) FROM plc_base")[0][0] == 5
 
+        # a backfill's chunk of DIDs in one read: served from it afterwards (unknown/tombstoned: misses)
+        assert store.prefetch_identities([did(1), did(2), did(3), did(99)], max_age=3600) == 2
+        served = store.load_identity(did(1), max_age=3600)
+        assert served is not None and served.pds == "https://moved.example"
+        assert store.load_identity(did(2), max_age=3600) is None and store.load_identity(did(99), max_age=3600) is None
+
         async def resolve() -> str:
             # a PLC that is not there: the answer can only come from the bulk table
             async with Resolver(plc_url="http://127.0.0.1:9", store=store, allow_private_hosts=True) as r:
