@@ -15,14 +15,15 @@ from typing import Any, Literal
 
 from skyfill.backfill.backfiller import BackfillSummary
 from skyfill.backfill.config import BackfillConfig
-from skyfill.errors import SkyfillError, StorageError
+from skyfill.errors import ConfigError, SkyfillError, StorageError
 from skyfill.storage import Store, schema_version_of
 from skyfill.storage.status import status_report
 
 from .daemon_client import call_daemon, find_daemon, remove_announcement
 from .jobs import run_backfill, run_gaps
+from .network import run_discover, run_identities_sync
 
-__all__ = ["open_store", "status", "gaps", "backfill", "migrate", "compact"]
+__all__ = ["open_store", "status", "gaps", "backfill", "migrate", "compact", "discover", "identities_sync"]
 
 
 def open_store(db: str) -> Store:
@@ -69,10 +70,14 @@ def compact(db: str, *, full: bool = False) -> dict[str, Any]:
 def gaps(
     db: str, *, start: str, end: str, window: tuple[datetime, datetime], config: BackfillConfig,
     daemon_options: Mapping[str, Any], audit: bool = True, explicit_dids: Sequence[str] = (),
-    enqueue: str | None = None, kafka_bootstrap: str | None = None,
+    enqueue: str | None = None, kafka_bootstrap: str | None = None, discover_relay: str | None = None,
+    collections: Sequence[str] = (),
 ) -> dict[str, Any]:
     """`jobs.run_gaps` for `window` (`start`/`end` as the user wrote them, for a daemon to parse)."""
     daemon = find_daemon(db)
+    if daemon is not None and (discover_relay or collections):
+        raise ConfigError("gaps --discover/--collections work on the file: stop `skyfill consume` first, "
+                          "or run `skyfill discover` while it is stopped")
     if daemon is not None:  # the daemon holds the file: let it do the work
         return call_daemon(daemon, "/gaps", {
             "start": start, "end": end, "enqueue": enqueue, "kafka_bootstrap": kafka_bootstrap,
@@ -82,7 +87,8 @@ def gaps(
     with open_store(db) as store:
         return asyncio.run(run_gaps(store, start=lo, end=hi, config=config, audit=audit,
                                     explicit_dids=explicit_dids, enqueue=enqueue or False,
-                                    kafka_bootstrap=kafka_bootstrap))
+                                    kafka_bootstrap=kafka_bootstrap, discover_relay=discover_relay,
+                                    collections=collections))
 
 
 def backfill(
@@ -91,9 +97,29 @@ def backfill(
 ) -> BackfillSummary:
     """`jobs.run_backfill`; through a running daemon's writer (and its own Kafka publisher, if any)."""
     daemon = find_daemon(db)
+    if daemon is not None and config.collections:
+        raise ConfigError("backfill --collections works on the file: stop `skyfill consume` first")
     if daemon is not None:  # the daemon holds the file: reconcile through its writer
         data = call_daemon(daemon, "/backfill", {"dids": dids, "from_queue": from_queue, **daemon_options})
         return BackfillSummary.from_json(data)
     with open_store(db) as store:
         return asyncio.run(run_backfill(store, dids=dids, from_queue=from_queue, config=config, progress=progress,
                                         kafka_bootstrap=kafka_bootstrap))
+
+
+def discover(
+    db: str, *, relay: str, config: BackfillConfig, collections: Sequence[str] = (), restart: bool = False,
+    host_concurrency: int = 16,
+) -> dict[str, Any]:
+    """`network.run_discover` on the file (discovery writes a lot: it needs the file to itself)."""
+    with open_store(db) as store:
+        summary = asyncio.run(run_discover(store, relay=relay, config=config, collections=collections,
+                                           restart=restart, host_concurrency=host_concurrency))
+    return summary.to_json()
+
+
+def identities_sync(db: str, *, config: BackfillConfig, max_pages: int | None = None) -> dict[str, Any]:
+    """`network.run_identities_sync` on the file."""
+    with open_store(db) as store:
+        summary = asyncio.run(run_identities_sync(store, config=config, max_pages=max_pages))
+    return summary.to_json()

@@ -28,6 +28,8 @@ from skyfill.publish import BackfillWorker, KafkaPublisher, Sink, SinkStats, Top
 from skyfill.storage import Store
 from skyfill.storage.queries import not_terminal
 
+from .network import run_discover
+
 __all__ = [
     "run_gaps",
     "run_backfill",
@@ -49,8 +51,14 @@ async def run_gaps(
     explicit_dids: Iterable[str] = (),
     enqueue: bool | str = False,
     kafka_bootstrap: str | None = None,
+    discover_relay: str | None = None,
+    collections: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Detect gaps for [start, end]; with `enqueue`, queue them for a backfill.
+
+    `discover_relay`: enumerate the repos of that relay (or single PDS) first (`skyfill discover`),
+    so `unseen` and `stale` cover the network; `collections`: what the mirror should hold now
+    (`filter_changed`).
 
     `enqueue`: False/None (report only), True or "db" (the DuckDB queue, idempotent: `enqueued`
     counts new rows), "kafka" (one request per DID on skyfill.backfill at `kafka_bootstrap`, for
@@ -61,13 +69,18 @@ async def run_gaps(
     mode = _enqueue_mode(enqueue)
     if mode == "kafka" and not kafka_bootstrap:
         raise ConfigError("--enqueue kafka needs --kafka-bootstrap")
+    discovery = await run_discover(store, relay=discover_relay, config=config) if discover_relay else None
     if audit:
         async with open_backfiller(store, config=config, progress=False) as bf:
             auditor = PdsAuditor(bf.client, bf.resolver)
-            report = await detect_gaps(store, start=start, end=end, audit=auditor, explicit_dids=explicit_dids)
+            report = await detect_gaps(store, start=start, end=end, audit=auditor, explicit_dids=explicit_dids,
+                                       collections=collections)
     else:
-        report = await detect_gaps(store, start=start, end=end, audit=None, explicit_dids=explicit_dids)
+        report = await detect_gaps(store, start=start, end=end, audit=None, explicit_dids=explicit_dids,
+                                   collections=collections)
     out = report.to_json(with_dids=True)
+    if discovery is not None:
+        out["discovery"] = discovery.to_json()
     if mode == "kafka":
         assert kafka_bootstrap is not None
         out["enqueued"] = await enqueue_backfill(kafka_bootstrap, report.reasons_by_did)
@@ -123,9 +136,9 @@ async def run_backfill(
         raise ConfigError("give either DIDs or from_queue")
     if kafka_bootstrap is not None and sink is None:
         async with KafkaPublisher(kafka_bootstrap) as publisher:
-            return await run_backfill(store, dids=dids, config=config, from_queue=from_queue,
-                                      sink=StoreReconciler(store, publish=publisher.publish), progress=progress,
-                                      start=start, end=end)
+            sink = StoreReconciler(store, publish=publisher.publish, collections=config.collections)
+            return await run_backfill(store, dids=dids, config=config, from_queue=from_queue, sink=sink,
+                                      progress=progress, start=start, end=end)
     async with open_backfiller(store, config=config, sink=sink, progress=progress) as bf:
         if from_queue:
             await asyncio.to_thread(recover_queue, store)

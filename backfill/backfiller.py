@@ -24,6 +24,7 @@ counter and backoff included); where a snapshot goes is backfill/reconcile.py.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import sys
 import time
@@ -149,11 +150,15 @@ class Backfiller:
                 room.release()
                 tick()
 
-        for did in dids:
-            await room.acquire()
-            task = asyncio.create_task(one(did))
-            tasks.add(task)
-            task.add_done_callback(tasks.discard)
+        ttl = self.config.identity_ttl.total_seconds()
+        for chunk in _chunks(dids, _QUEUE_CLAIM):
+            # the bulk identities (`identities sync`) of the chunk in one read, not one per DID
+            await asyncio.to_thread(self.store.prefetch_identities, chunk, max_age=ttl)
+            for did in chunk:
+                await room.acquire()
+                task = asyncio.create_task(one(did))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
         if tasks:
             await asyncio.gather(*tasks)
 
@@ -359,10 +364,17 @@ async def open_backfiller(
         plc_url=config.plc_url, ttl=config.identity_ttl.total_seconds(), client=client, store=store
     )
     try:
-        yield Backfiller(store, resolver, client, sink or StoreReconciler(store), config=config, progress=progress)
+        sink = sink or StoreReconciler(store, collections=config.collections)
+        yield Backfiller(store, resolver, client, sink, config=config, progress=progress)
     finally:
         await resolver.aclose()
         await client.aclose()
+
+
+def _chunks(items: Iterable[str], size: int) -> Iterator[list[str]]:
+    it = iter(items)
+    while chunk := list(itertools.islice(it, size)):
+        yield chunk
 
 
 class _Outcome(Exception):

@@ -61,6 +61,10 @@ class BackfillConfig:
     backoff_min: timedelta = timedelta(minutes=1)
     backoff_max: timedelta = timedelta(hours=1)
     identity_ttl: timedelta = timedelta(hours=24)
+    # Store only these collections (NSIDs or prefixes with .*; empty: every collection). Each
+    # backfill records the filter it used, per DID: `gaps --collections` flags DIDs whose last
+    # backfill's filter falls short of what is wanted now (filter_changed).
+    collections: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         try:

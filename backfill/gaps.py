@@ -18,6 +18,9 @@ Python only merges the DID sets. A DID may carry several reasons.
                       and `end` count too (a conservative superset), and so do records deleted
                       since they were seen; records outside those hours never count
     explicit          DIDs the caller named
+    unseen, stale, filter_changed   the whole network (backfill/network.py): DIDs a discovery
+                      listed that were never held or whose listed rev is newer than the held one,
+                      and DIDs backfilled with a collections filter narrower than `collections`
 
 Terminal outcomes are not retried by accident: every automatic reason skips DIDs whose last
 backfill ended in a terminal status (RepoTakendown, SignatureFailed, ...), except
@@ -46,6 +49,8 @@ from skyfill.protocol.syntax import is_did
 from skyfill.storage import CoverageEnd, Reader, Store
 from skyfill.storage.queries import DESYNCHRONIZED, not_terminal
 from skyfill.storage.refs import REFERENCED_SQL
+
+from . import network
 
 if TYPE_CHECKING:
     from skyfill.net.identity import Resolver
@@ -82,6 +87,9 @@ class Reason(StrEnum):
     NEVER_BACKFILLED = "never_backfilled"
     DOWNTIME = "downtime"
     REFERENCED = "referenced"
+    UNSEEN = network.UNSEEN
+    STALE = network.STALE
+    FILTER_CHANGED = network.FILTER_CHANGED
     EXPLICIT = "explicit"
 
 
@@ -213,6 +221,7 @@ async def detect_gaps(
     no_audit_margin: timedelta = DEFAULT_NO_AUDIT_MARGIN,
     min_downtime: timedelta = DEFAULT_MIN_DOWNTIME,
     now: datetime | None = None,
+    collections: Sequence[str] = (),
 ) -> GapReport:
     """Find the DIDs that need a backfill for [start, end] (both inclusive), with their reasons.
 
@@ -242,6 +251,9 @@ async def detect_gaps(
                 t0 = loop.time()
                 found[reason.value] = _column(reader, sql, params)
                 timings[reason.value] = loop.time() - t0
+            t0 = loop.time()
+            found.update(network.network_gaps(reader, collections=collections))
+            timings["network"] = loop.time() - t0
             t0 = loop.time()
             rows = reader.fetchall(
                 "SELECT first_event_at, last_event_at, ended = ? FROM coverage", [CoverageEnd.RUNNING.value]

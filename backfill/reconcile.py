@@ -9,14 +9,17 @@ ahead of it, mostly outside the store's write lock.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 import libipld
 
 from skyfill.protocol.repo import RepoSnapshot, materialize
+from skyfill.protocol.syntax import collection_matcher
 from skyfill.storage import Publish, ReconcileCounts, RecordColumns, Store, thread_emitter
+from skyfill.storage.discovery import ALL_COLLECTIONS, canonical_filter
 from skyfill.storage.reconcile import RECONCILE_CHUNK
 
 __all__ = ["Reconciler", "StoreReconciler", "premade"]
@@ -124,14 +127,31 @@ class StoreReconciler:
     local transaction commits (Store.reconcile's `emit`). `snapshot=True` (backfill workers,
     whose local store is not the shared mirror) publishes every record of the fetched repo, not
     the diff against a local copy that may be stale relative to the topics.
+
+    `collections` (NSIDs or prefixes with .*): store only those records of the repo (the others
+    the DID holds are deleted: the mirror equals getRepo restricted to them). After each commit
+    the filter used is recorded for the DID (`Store.record_backfill_filter`, "*" for none, once a
+    filtered backfill ever ran), in its own transaction: a crash between the two leaves the
+    previous filter recorded. The daemon's own reconciler (consumer/resync.py) stores every
+    collection and records nothing: a DID it refetches after a filtered backfill stays flagged
+    `filter_changed` (one backfill too many, never a hole).
     """
 
-    def __init__(self, store: Store, *, publish: Publish | None = None, snapshot: bool = False) -> None:
+    def __init__(
+        self, store: Store, *, publish: Publish | None = None, snapshot: bool = False,
+        collections: Sequence[str] = (),
+    ) -> None:
         self.store = store
         self.publish = publish
         self.snapshot = snapshot
-        # publishing a snapshot needs every record: never skip the MST walk
-        self.trusts_data_root = not (snapshot and publish is not None)
+        self.want = collection_matcher(list(collections)) if collections else None
+        self.filter = canonical_filter(collections)
+        # a whole backfill records "*" only once some filtered one exists (it must override that
+        # DID's narrower filter); a mirror never filtered spends no transaction on it
+        self.records_filter = self.filter != ALL_COLLECTIONS or store.has_backfill_filters()
+        # publishing a snapshot needs every record: never skip the MST walk; a filtered store
+        # holds a part of the MST, so an equal root proves nothing about it
+        self.trusts_data_root = not (snapshot and publish is not None) and self.want is None
 
     async def begin(self, did: str) -> None:
         return None
@@ -140,6 +160,10 @@ class StoreReconciler:
         emit = thread_emitter(self.publish, asyncio.get_running_loop()) if self.publish is not None else None
 
         every = emit is not None and self.snapshot
+        want = self.want
+        if want is not None:
+            snapshot = dataclasses.replace(
+                snapshot, walked={key: cid for key, cid in snapshot.records.items() if want(key[0])})
 
         def run() -> ReconcileCounts:
             return self.store.reconcile(
@@ -151,9 +175,13 @@ class StoreReconciler:
                 materialize=premade(self.store, snapshot, every=every),
                 emit=emit,
                 snapshot=self.snapshot,
+                trust_data_root=self.trusts_data_root,
             )
 
-        return await asyncio.to_thread(run)
+        counts = await asyncio.to_thread(run)
+        if self.records_filter:
+            await asyncio.to_thread(self.store.record_backfill_filter, [did], self.filter)
+        return counts
 
     async def abort(self, did: str) -> None:
         return None

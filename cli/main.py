@@ -14,7 +14,7 @@ import duckdb
 from skyfill._logging import configure_logging
 from skyfill.errors import SkyfillError
 
-from . import backfill, consume, export, kafka, maintenance
+from . import backfill, consume, export, kafka, maintenance, network
 from .options import LOG_LEVELS, one_line, option
 
 __all__ = ["main"]
@@ -52,6 +52,6 @@ def main(log_level: str, log_json: bool) -> None:
     configure_logging(level=log_level, json_lines=log_json)
 
 
-for _module in (consume, backfill, kafka, maintenance, export):
+for _module in (consume, backfill, kafka, maintenance, export, network):
     for _command in _module.COMMANDS:
         main.add_command(_command)

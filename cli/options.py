@@ -26,6 +26,7 @@ __all__ = [
     "one_line",
     "LOG_LEVELS",
     "FiniteFloatRange",
+    "rps_option",
 ]
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")

@@ -115,3 +115,21 @@ BACKFILL_RATE_LIMIT_HEADERS = Counter(
     registry=REGISTRY,
 )
 __all__ += ["BACKFILL_RATE_LIMIT_HEADERS"]
+
+DISCOVERY_REPOS = Counter(
+    "skyfill_discovery_repos_total",
+    "Repo entries a discovery read from listRepos / listReposByCollection, by result (listed, skipped)",
+    ["result"],
+    registry=REGISTRY,
+)
+DISCOVERY_HOSTS = Counter(
+    "skyfill_discovery_hosts_total", "Host enumerations a discovery ended, by result (done, failed)", ["result"],
+    registry=REGISTRY,
+)
+PLC_EXPORT_OPERATIONS = Counter(
+    "skyfill_plc_export_operations_total",
+    "PLC export lines `identities sync` read, by result (stored, skipped: nullified, refused)",
+    ["result"],
+    registry=REGISTRY,
+)
+__all__ += ["DISCOVERY_REPOS", "DISCOVERY_HOSTS", "PLC_EXPORT_OPERATIONS"]

@@ -112,3 +112,64 @@ CREATE TABLE IF NOT EXISTS identities (
     resolved_at  TIMESTAMPTZ NOT NULL,
     error        VARCHAR
 );
+
+-- The whole network (issue 12; storage/discovery.py, storage/plc.py). Append-only like the logs above:
+-- the listings and the PLC export grow to tens of millions of rows, so no primary key, no upsert.
+
+-- Every repo a host listed (listRepos) or a collection directory named (listReposByCollection:
+-- head/rev NULL), one row per listing; the `listed` view keeps each DID's newest listing.
+CREATE SEQUENCE IF NOT EXISTS listing_seq;
+CREATE TABLE IF NOT EXISTS listed_repos (
+    n          BIGINT NOT NULL,       -- listing_seq: the newest listing of a DID has the highest n
+    did        VARCHAR NOT NULL,
+    host       VARCHAR NOT NULL,      -- the host (URL) that listed it
+    endpoint   VARCHAR NOT NULL,      -- listRepos | listReposByCollection:<nsid>
+    head       VARCHAR,
+    rev        VARCHAR,
+    active     BOOLEAN,
+    status     VARCHAR,
+    listed_at  TIMESTAMPTZ NOT NULL
+);
+
+-- Where each enumeration stands: one row per (host, endpoint), small (one per PDS host), written in
+-- the same transaction as the rows of the page it points past. cursor NULL + done: listed to the end.
+CREATE TABLE IF NOT EXISTS enum_cursors (
+    host        VARCHAR NOT NULL,
+    endpoint    VARCHAR NOT NULL,     -- listHosts | listRepos | listReposByCollection:<nsid> | plc_export
+    cursor      VARCHAR,
+    done        BOOLEAN NOT NULL DEFAULT FALSE,
+    pages       BIGINT NOT NULL DEFAULT 0,
+    items       BIGINT NOT NULL DEFAULT 0,
+    skipped     BIGINT NOT NULL DEFAULT 0,
+    error       VARCHAR,              -- the last failure of this enumeration (it stopped there)
+    updated_at  TIMESTAMPTZ NOT NULL,
+    PRIMARY KEY (host, endpoint)
+);
+
+-- The PLC directory's export, newest operation per DID (storage/plc.py): plc_log is appended page by
+-- page; `fold` rewrites plc_base (one row per DID, sorted by did: a point read touches one row group).
+CREATE TABLE IF NOT EXISTS plc_log (
+    did          VARCHAR NOT NULL,
+    created_at   TIMESTAMPTZ NOT NULL,  -- the operation's createdAt: the newest wins
+    pds          VARCHAR,               -- NULL: tombstone, or an operation a resolve would refuse
+    signing_key  VARCHAR,
+    handle       VARCHAR,
+    tombstone    BOOLEAN NOT NULL DEFAULT FALSE,
+    error        VARCHAR
+);
+CREATE TABLE IF NOT EXISTS plc_base (
+    did          VARCHAR NOT NULL,
+    created_at   TIMESTAMPTZ NOT NULL,
+    pds          VARCHAR,
+    signing_key  VARCHAR,
+    handle       VARCHAR,
+    tombstone    BOOLEAN NOT NULL DEFAULT FALSE,
+    error        VARCHAR
+);
+
+-- The collections filter each backfill used, per DID (NULL filter: every collection), newest row wins.
+CREATE TABLE IF NOT EXISTS backfill_filters (
+    did          VARCHAR NOT NULL,
+    filter       VARCHAR NOT NULL,      -- canonical: sorted patterns joined by ","; "*" = every collection
+    recorded_at  TIMESTAMPTZ NOT NULL
+);

@@ -6,6 +6,8 @@ One class, assembled from one module per reason to change:
     reconcile.py  `reconcile` a DID to a fetched repo, and the reads that prepare one
     queue.py      the backfill queue's state machine (enqueue, claim, done, failed, deferred, recover)
     caches.py     the identity cache and the Kafka sink's dedup marks
+    plc.py        the PLC export in bulk (`identities sync`), the identity cache's fallback
+    discovery.py  listed repos, enumeration cursors, the collections filter of each backfill
     repo_reads.py point reads of per-DID state (the daemon's tracker cache)
     compaction.py folding the version logs into the bases, beside the writers (records.py and
                   repos.py: the tables, their appends and their compaction)
@@ -19,7 +21,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from .caches import Caches
+from .discovery import Discovery
 from .migrate import SCHEMA_VERSION
+from .plc import PlcBulk
 from .queue import BackfillQueue
 from .reconcile import Reconciling
 from .repo_reads import RepoReads
@@ -27,7 +31,7 @@ from .repo_reads import RepoReads
 __all__ = ["Store", "open_store", "schema_version_of"]
 
 
-class Store(Reconciling, BackfillQueue, Caches, RepoReads):
+class Store(Reconciling, BackfillQueue, PlcBulk, Caches, Discovery, RepoReads):
     """The DuckDB file and the only code that writes to it."""
 
     def __enter__(self) -> Store:

@@ -52,7 +52,10 @@ class NetworkInstall:
 
     @property
     def launcher(self) -> Path:
-        return self.root / _LAUNCHER
+        # named by content: several checkouts share one install (.cache is linked), and each
+        # must start the launcher of its own tree, not the last one another run copied there
+        digest = hashlib.sha256((PACKAGE_DIR / _LAUNCHER).read_bytes()).hexdigest()[:12]
+        return self.root / f"launcher-{digest}.js"
 
     @property
     def stamp(self) -> Path:

@@ -37,7 +37,18 @@ async function main() {
   const plcLib = require('@did-plc/server')
   const { PDS, envToCfg, envToSecrets } = await import('@atproto/pds')
 
-  const plc = plcLib.PlcServer.create({ db: plcLib.Database.mock(), port: cfg.plcPort })
+  const db = plcLib.Database.mock()
+  // @did-plc/server 0.0.1's in-memory database answers /export with nothing (its exportOps is a
+  // stub); the Postgres one pages every operation by createdAt. Serve the mock's own operations the
+  // way the Postgres query does (ordered by createdAt, `createdAt > after`, at most `count`), so the
+  // real /export route can be tested: everything else about the route is the package's.
+  db.exportOps = async (count, after) => Object.values(db.contents).flat()
+    .filter((op) => !after || op.createdAt > after)
+    .sort((a, b) => a.createdAt - b.createdAt)
+    .slice(0, count)
+    .map((op) => ({ did: op.did, operation: op.operation, cid: op.cid.toString(), nullified: op.nullified,
+                    createdAt: op.createdAt.toISOString() }))
+  const plc = plcLib.PlcServer.create({ db, port: cfg.plcPort })
   const plcListener = await plc.start().catch((err) => fail('PLC start', err))
   const plcPort = plcListener.address().port
   const plcUrl = `http://${LOOPBACK}:${plcPort}`
