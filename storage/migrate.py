@@ -2,8 +2,9 @@
 
     schema_version 1   `records` and `repos` were tables with primary keys, upserted in place
     schema_version 2   versioned logs + compacted bases behind `records` and `repos` views
+    schema_version 3   record CIDs stored binary (storage/cids.py); the view shows them as text
 
-A writable open creates what is missing and migrates a version-1 file in ONE transaction (a
+A writable open creates what is missing and migrates an older file in ONE transaction (a
 crash part-way leaves the file as it was), then (re)creates the views. A read-only open cannot
 migrate: it refuses a version-1 file with the command that migrates it.
 """
@@ -20,13 +21,14 @@ import duckdb
 from skyfill.errors import StorageError
 
 from . import repos
-from .records import migrate_records_v1
+from .cids import CID_MACROS_SQL
+from .records import migrate_records_text_cids, migrate_records_v1
 
 __all__ = ["SCHEMA_VERSION", "MIGRATE_COMMAND", "prepare_schema", "schema_version", "schema_sql"]
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION: Final = 2
+SCHEMA_VERSION: Final = 3
 MIGRATE_COMMAND: Final = "skyfill migrate --db {path}"
 
 
@@ -70,7 +72,9 @@ def prepare_schema(con: duckdb.DuckDBPyConnection, path: str, *, read_only: bool
     con.execute("BEGIN TRANSACTION")
     try:
         con.execute(schema_sql("schema.sql"))
+        con.execute(CID_MACROS_SQL)
         moved = migrate_records_v1(con) if version == 1 else 0
+        moved += migrate_records_text_cids(con)  # v2: text CIDs (a no-op on v1 or new files)
         if repos.is_v1(con):
             repos.migrate_v1(con)
         else:
@@ -81,6 +85,6 @@ def prepare_schema(con: duckdb.DuckDBPyConnection, path: str, *, read_only: bool
     except BaseException:
         con.execute("ROLLBACK")
         raise
-    if version == 1:
+    if version is not None and version < SCHEMA_VERSION:
         log.info("migrated the database to schema version %d", SCHEMA_VERSION,
                  extra={"ctx": {"path": path, "records": moved, "seconds": round(time.perf_counter() - started, 1)}})
