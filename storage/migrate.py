@@ -5,8 +5,9 @@
                        (a file written before storage/refs.py keeps each record's referenced DIDs
                        in a `refs` column of record_base/record_log: moved into ref_base on open,
                        whatever the schema_version, because the condition is the column itself)
+    schema_version 3   record CIDs stored binary (storage/cids.py); the view shows them as text
 
-A writable open creates what is missing and migrates a version-1 file (or a `refs` column) in ONE
+A writable open creates what is missing and migrates an older file (or a `refs` column) in ONE
 transaction (a crash part-way leaves the file as it was), then (re)creates the views. A read-only
 open cannot migrate: it refuses such a file with the command that migrates it.
 """
@@ -23,13 +24,14 @@ import duckdb
 from skyfill.errors import StorageError
 
 from . import refs, repos
-from .records import migrate_records_v1
+from .cids import CID_MACROS_SQL
+from .records import migrate_records_text_cids, migrate_records_v1
 
 __all__ = ["SCHEMA_VERSION", "MIGRATE_COMMAND", "prepare_schema", "schema_version", "schema_sql"]
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION: Final = 2
+SCHEMA_VERSION: Final = 3
 MIGRATE_COMMAND: Final = "skyfill migrate --db {path}"
 
 
@@ -77,10 +79,12 @@ def prepare_schema(con: duckdb.DuckDBPyConnection, path: str, *, read_only: bool
     try:
         con.execute(schema_sql("schema.sql"))
         con.execute(refs.REFS_DDL)
+        con.execute(CID_MACROS_SQL)
         moved = migrate_records_v1(con) if version == 1 else 0
         if version == 1:
             refs.fill_from(con, "record_base")
         pairs = refs.migrate_refs_column(con) if refs.has_refs_column(con) else None
+        moved += migrate_records_text_cids(con)  # v2: text CIDs (a no-op on v1 or new files)
         if repos.is_v1(con):
             repos.migrate_v1(con)
         else:
@@ -91,7 +95,7 @@ def prepare_schema(con: duckdb.DuckDBPyConnection, path: str, *, read_only: bool
     except BaseException:
         con.execute("ROLLBACK")
         raise
-    if version == 1:
+    if version is not None and version < SCHEMA_VERSION:
         log.info("migrated the database to schema version %d", SCHEMA_VERSION,
                  extra={"ctx": {"path": path, "records": moved, "seconds": round(time.perf_counter() - started, 1)}})
     if pairs is not None:

@@ -13,7 +13,7 @@ CREATE TABLE IF NOT EXISTS record_log (
     did         VARCHAR NOT NULL,
     collection  VARCHAR NOT NULL,
     rkey        VARCHAR NOT NULL,
-    cid         VARCHAR,              -- NULL: the key was deleted at v
+    cid         BLOB,                 -- cid_bin(CID text), storage/cids.py; NULL: the key was deleted at v
     rev         VARCHAR,
     record      JSON USING COMPRESSION zstd,
     created_at  TIMESTAMPTZ,
@@ -33,7 +33,7 @@ CREATE TABLE IF NOT EXISTS record_base (
     did         VARCHAR NOT NULL,
     collection  VARCHAR NOT NULL,
     rkey        VARCHAR NOT NULL,
-    cid         VARCHAR NOT NULL,
+    cid         BLOB NOT NULL,        -- cid_bin(CID text): a dag-cbor CID's 32-byte sha256 digest, else the text
     rev         VARCHAR,
     record      JSON USING COMPRESSION zstd,
     created_at  TIMESTAMPTZ,          -- what the record claims (`createdAt`), as written

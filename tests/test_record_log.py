@@ -22,6 +22,7 @@ import pytest
 from skyfill.errors import StorageError
 from skyfill.storage import Batch, RecordColumns, RecordPut, Store
 from skyfill.storage import compaction as compaction_module
+from skyfill.storage.migrate import SCHEMA_VERSION
 from tests.support.generate.records import tid
 from tests.support.wait import poll
 
@@ -259,7 +260,7 @@ def test_a_v1_file_is_migrated_on_open(tmp_path: Path) -> None:
         # the like's referenced DID, in the hour of its event time (storage/refs.py)
         assert s.fetchall("SELECT hour, did FROM ref_base") == [
             (datetime.fromtimestamp(1_650_000_000 // 3600 * 3600, UTC), "did:plc:target")]
-        assert s.fetchall("SELECT value FROM meta WHERE key = 'schema_version'") == [("2",)]
+        assert s.fetchall("SELECT value FROM meta WHERE key = 'schema_version'") == [(str(SCHEMA_VERSION),)]
         batch = Batch()
         batch.delete_record("did:plc:old", "app.bsky.actor.profile", "self")
         s.apply(batch)
@@ -282,7 +283,7 @@ def test_the_cli_migrates_then_status_reads_and_compact_folds(tmp_path: Path) ->
     refused = subprocess.run([*cli, "status", "--db", str(path)], capture_output=True, text=True, timeout=120)
     assert refused.returncode == 1 and f"skyfill migrate --db {path}" in refused.stderr, refused.stderr
     done = subprocess.run([*cli, "migrate", "--db", str(path)], capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0 and json.loads(done.stdout)["schema_version"] == 2, done.stderr
+    assert done.returncode == 0 and json.loads(done.stdout)["schema_version"] == SCHEMA_VERSION, done.stderr
     status = subprocess.run([*cli, "status", "--db", str(path), "--json"], capture_output=True, text=True, timeout=120)
     assert status.returncode == 0, status.stderr
     assert json.loads(status.stdout)["records"]["total"] == 2

@@ -77,7 +77,7 @@ def build_store(path: Path, *, n_dids: int, n_records: int) -> float:
         con.execute(f"""
         INSERT INTO record_base (did, collection, rkey, cid, rev, record, created_at, indexed_at, event_at)
         SELECT *, created_at FROM (
-        SELECT did, collection, rkey, 'bafyrei' || md5('v' || i), '3l' || substr(md5('w' || i), 1, 11),
+        SELECT did, collection, rkey, cid_bin('bafyrei' || md5('v' || i)), '3l' || substr(md5('w' || i), 1, 11),
                CASE collection
                  WHEN 'app.bsky.feed.like' THEN '{{"$type":"app.bsky.feed.like","subject":{{"uri":"at://' || tgt
                       || '/app.bsky.feed.post/' || tid || '","cid":"' || cid || '"}},"createdAt":"' || ts || '"}}'

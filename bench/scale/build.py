@@ -10,7 +10,8 @@ then synthesises the keys around them:
   tens of thousands of records, most with 5-10), the DID numbers scattered in key order;
 - record number i takes pool body p = i mod P; its TID rkey is that body's createdAt time with
   clock id q = i div P (unique as long as N < 1024 * P), its CID 'bafyrei' + 50 random base32
-  chars drawn for p + 2 chars of q (unique, 59 chars like a real dag-cbor CIDv1); created_at and
+  chars drawn for p + 2 chars of q (unique, 59 chars in the canonical form of a real dag-cbor
+  CIDv1, so the store keeps its 32-byte digest); created_at and
   event_at are the body's createdAt (so a one-day window holds P/60 distinct bodies, each ~N/P times);
 - one repos row per DID (98% synchronized and backfilled; 1% desynchronized, 1% never
   backfilled, so every gap reason has rows to find), a cursor and two coverage spans with a
@@ -55,7 +56,7 @@ __all__ = [
     "make_pool",
 ]
 
-BUILD_VERSION = 3
+BUILD_VERSION = 4                             # 3: canonical record CIDs, stored binary (schema 3); 4: no refs column (ref_base)
 ROOT = Path(__file__).resolve().parents[2]
 CACHE_DIR = ROOT / ".cache" / "scale"
 END_MICROS = FIREHOSE_EPOCH_MICROS            # a built store's history ends where the bench firehose begins
@@ -207,9 +208,12 @@ ORDER BY did
 
 
 def _cid(p: str, i: str, pool: str = "{pool}") -> str:
-    """SQL: a unique CID for number i: pool row p's 50 random chars + 2 chars of the cycle i // P (< 1024)."""
+    """SQL: a unique CID for number i in the canonical form of a dag-cbor sha256 CIDv1, as the network's:
+    'bafyrei', a char of 'a'-'h' (its first 2 bits belong to the prefix), 48 of pool row p's random
+    chars, 2 chars of the cycle i // P (< 1024), a char whose last 2 bits (padding) are 0."""
     q = f"({i} // {pool})"
-    return f"concat('bafyrei', {p}.cid50, b32c({q}, 1), b32c({q}, 0))"
+    return (f"concat('bafyrei', substr('abcdefgh', ascii({p}.cid50[1]) % 8 + 1, 1), {p}.cid50[2:49], "
+            f"b32c({q}, 1), b32c({q}, 0), substr('aeimquy4', ascii({p}.cid50[50]) % 8 + 1, 1))")
 
 
 _REPOS_SQL = f"""
@@ -232,7 +236,7 @@ ORDER BY did
 _KEYS_SQL = f"""
 SELECT k.did, p.collection,
        concat(p.tid11, b32c(k.i // {{pool}}, 1), b32c(k.i // {{pool}}, 0)) AS rkey,
-       {_cid('p', 'k.i', '{pool}')} AS cid, k.rev,
+       cid_bin({_cid('p', 'k.i', '{pool}')}) AS cid, k.rev,
        p.body AS record, {_ts('p.micros')} AS created_at, {_ts('p.micros')} AS event_at,
        {_ts('p.micros + 2000000')} AS indexed_at
 FROM (SELECT did, rev, off + j AS i
