@@ -14,6 +14,7 @@ import pytest
 
 from skyfill.backfill.gaps import Reason, detect_gaps
 from skyfill.errors import StorageError
+from skyfill.storage.migrate import SCHEMA_VERSION
 from skyfill.storage import Store, repos
 from tests.support.store import SetupStore
 
@@ -112,7 +113,7 @@ def test_a_file_with_the_refs_column_is_migrated_on_open(tmp_path: Path) -> None
                                               "WHERE table_name IN ('records', 'record_base', 'record_log')")}
         assert "refs" not in columns and "event_at" in columns
         assert s.fetchall("SELECT count(*) FROM records") == [(4,)]
-        assert s.fetchall("SELECT value FROM meta WHERE key = 'schema_version'") == [("2",)]
+        assert s.fetchall("SELECT value FROM meta WHERE key = 'schema_version'") == [(str(SCHEMA_VERSION),)]
     with Store(path) as s:                         # a second open changes nothing
         assert s.fetchall("SELECT count(*) FROM ref_base") == [(3,)]
     with Store(path, read_only=True) as s:
