@@ -96,10 +96,8 @@ CREATE TABLE IF NOT EXISTS repo_log (
 """
 
 
-def _merged_sql(log_where: str, base_dids: str = "") -> str:
-    """One merged row per DID that has log rows matching `log_where` (base row included).
-    `base_dids`: a constant list `'a', 'b'` of the DIDs among them that have base rows, which
-    lets the base scan prune by zone maps instead of reading every column of every row."""
+def _merged_sql(log_where: str) -> str:
+    """One merged row per DID that has log rows matching `log_where` (base row included)."""
     cols = ", ".join(_COLUMNS)
     head = ", ".join(f"{c} := {c}" for c in _MERGED_HEAD)
     back = ", ".join(f"{c} := {c}" for c in BACKFILL_FIELDS)
@@ -113,7 +111,7 @@ def _merged_sql(log_where: str, base_dids: str = "") -> str:
            arg_min(first_seen_at, v) AS first_seen_at
     FROM (
         SELECT did, 0 AS v, 0 AS hv, 0 AS fv, {cols} FROM repo_base
-        WHERE did IN (SELECT did FROM repo_log WHERE {log_where}){f" AND did IN ({base_dids})" if base_dids else ""}
+        WHERE did IN (SELECT did FROM repo_log WHERE {log_where})
         UNION ALL
         SELECT did, v, CASE WHEN part = '{_HEAD}' THEN v ELSE -1 END, CASE WHEN part = '{_BACKFILL}' THEN v ELSE -1 END,
                {cols} FROM repo_log WHERE {log_where}
@@ -263,7 +261,7 @@ def compact(con: duckdb.DuckDBPyConnection, upto_v: int) -> int:
     """Fold the log rows with v <= upto_v into repo_base, in the caller's transaction (its own
     cursor: writers keep appending meanwhile). Returns the DIDs whose base row was rewritten."""
     where = f"v <= {int(upto_v)}"
-    con.execute(f"CREATE OR REPLACE TEMP TABLE _repo_merged AS {_merged_sql(where, _logged_in_base(con, where))}")
+    con.execute(f"CREATE OR REPLACE TEMP TABLE _repo_merged AS {_merged_sql(where)}")
     try:
         n = int(con.execute("SELECT count(*) FROM _repo_merged").fetchall()[0][0])
         if n:
@@ -274,22 +272,6 @@ def compact(con: duckdb.DuckDBPyConnection, upto_v: int) -> int:
     finally:
         con.execute("DROP TABLE IF EXISTS _repo_merged")
     return n
-
-
-# Up to this many logged DIDs, compaction lists those the base holds (a scan of its `did` column
-# alone, pruned by zone maps) so the merge reads their base rows only: at 10M DIDs the merge read
-# every column of every base row, 11-20 s for 31-1,000 logged DIDs.
-_PREFILTER_DIDS: Final = 1_000
-
-
-def _logged_in_base(con: duckdb.DuckDBPyConnection, where: str) -> str:
-    """The logged DIDs (log rows matching `where`) with base rows, as SQL constants ('' = unknown:
-    too many to list; "NULL" = none of them)."""
-    if int(con.execute(f"SELECT count(DISTINCT did) FROM repo_log WHERE {where}").fetchall()[0][0]) > _PREFILTER_DIDS:
-        return ""
-    rows = con.execute(f"SELECT DISTINCT b.did FROM repo_base b SEMI JOIN (SELECT DISTINCT did FROM repo_log "
-                       f"WHERE {where}) l ON b.did = l.did").fetchall()
-    return ", ".join("'" + r[0].replace("'", "''") + "'" for r in rows) or "NULL"
 
 
 def resort(con: duckdb.DuckDBPyConnection) -> int:
