@@ -59,7 +59,7 @@ def _check_relay(ctx: click.Context, param: click.Parameter, value: str) -> str:
 @option("--flush-interval", type=FiniteFloatRange(0.01, 3600), default=default("flush_interval"), show_default=True,
         help="Seconds before a partial batch is written.")
 @option("--duckdb-memory-limit", default=None,
-        help="Cap DuckDB's buffer pool (e.g. 2GB); default 320MB (large queries spill to disk).")
+        help="Cap DuckDB's buffer pool (e.g. 2GB); default 256MB (large queries spill to disk).")
 @plc_option
 @private_option
 @backfill_options(verify=False)

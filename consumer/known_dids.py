@@ -24,7 +24,7 @@ __all__ = ["KnownDids"]
 
 class KnownDids:
     def __init__(self, fingerprints: array.array[int]) -> None:
-        self._sorted = fingerprints    # ascending, as Store.did_fingerprints returns them
+        self._sorted = fingerprints    # ascending (repeats allowed), as Store.did_fingerprints returns them
         self._added: set[str] = set()
 
     def __len__(self) -> int:

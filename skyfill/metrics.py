@@ -11,6 +11,7 @@ __all__ = ["REGISTRY", "serve", "FIREHOSE_EVENTS", "FIREHOSE_ERRORS", "FIREHOSE_
            "FIREHOSE_LAST_SEQ", "FIREHOSE_LAG", "FIREHOSE_CONNECTED", "FIREHOSE_RECONNECTS",
            "DESYNCHRONIZED", "DESYNCHRONIZED_DIDS", "BATCH_WRITE_SECONDS", "BATCH_EVENTS",
            "STORE_HEALTHY", "STORAGE_ERRORS", "STORAGE_COMMITTED_SEQ", "STORE_COMPACTIONS", "STORE_COMPACTION_SECONDS",
+           "STORE_RECONCILE_READS",
            "BACKFILL_REPOS", "BACKFILL_RECORDS", "BACKFILL_HOSTS_PARKED", "BACKFILL_REQUESTS",
            "KAFKA_CONNECTED", "KAFKA_PUBLISH_RETRIES", "KAFKA_PUBLISHED", "KAFKA_SINK_MESSAGES",
            "KAFKA_WORKER_REQUESTS"]
@@ -63,6 +64,12 @@ STORAGE_ERRORS = Counter(
 )
 STORE_COMPACTIONS = Counter(
     "skyfill_store_compactions_total", "Compactions of the version logs into the bases, by outcome (ok|failed)",
+    ["outcome"], registry=REGISTRY,
+)
+STORE_RECONCILE_READS = Counter(
+    "skyfill_store_reconcile_reads_total",
+    "Reconciles by how they learnt the DID's stored state: read (its records and repos row, through "
+    "the views) or skipped (the store holds no row of the DID: nothing to read)",
     ["outcome"], registry=REGISTRY,
 )
 STORE_COMPACTION_SECONDS = Histogram(

@@ -59,6 +59,19 @@ class Reader:
         with storage_errors():
             return self._cur.sql(sql, params=params).to_arrow_table()
 
+    def arrow_batches(self, sql: str, rows: int = 1 << 20) -> Iterator[pa.RecordBatch]:
+        """The result as Arrow record batches of up to `rows` rows, streamed: a big result is
+        never materialised whole on the Python side."""
+        with storage_errors():
+            reader = self._cur.sql(sql).to_arrow_reader(rows)
+        while True:
+            with storage_errors():
+                try:
+                    batch = reader.read_next_batch()
+                except StopIteration:
+                    return
+            yield batch
+
     @contextmanager
     def registered(self, name: str, table: pa.Table) -> Iterator[None]:
         """`table` is queryable as `name` on this cursor inside the block."""

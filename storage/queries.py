@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Final
 
+from .repos import count_heads_sql
 from .states import TERMINAL_BACKFILL, SyncState
 
 __all__ = ["not_terminal", "DESYNCHRONIZED", "COUNT_DESYNCHRONIZED_SQL"]
@@ -18,8 +19,9 @@ _TERMINAL_LIST: Final = "(" + ", ".join(f"'{s.value}'" for s in sorted(TERMINAL_
 # the chain of the DID broke; a backfill must repair it (reason in desync_reason)
 DESYNCHRONIZED: Final = f"sync_state = '{SyncState.DESYNCHRONIZED.value}'"
 
-# the DESYNCHRONIZED_DIDS gauge
-COUNT_DESYNCHRONIZED_SQL: Final = f"SELECT count(*) FROM repos WHERE {DESYNCHRONIZED}"
+# the DESYNCHRONIZED_DIDS gauge (= count(*) FROM repos WHERE DESYNCHRONIZED, read at the daemon's
+# start and every 10 s: through the view it took 1.5-13 s at 10M DIDs, this 0.8 s)
+COUNT_DESYNCHRONIZED_SQL: Final = count_heads_sql(DESYNCHRONIZED)
 
 
 def not_terminal(alias: str = "") -> str:

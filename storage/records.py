@@ -126,11 +126,14 @@ def compact_records(con: duckdb.DuckDBPyConnection, upto_v: int) -> RecordCompac
             "DELETE FROM record_base WHERE did IN (SELECT did FROM record_purges WHERE v <= ?)", [upto_v]))
     inserted = 0
     if log_rows:
-        deleted += _count(con.execute(
-            "DELETE FROM record_base b USING (SELECT DISTINCT did, collection, rkey FROM record_log WHERE v <= ?) l "
-            "WHERE b.did = l.did AND b.collection = l.collection AND b.rkey = l.rkey",
-            [upto_v],
-        ))
+        in_base = _logged_dids_in_base(con, upto_v)
+        if in_base is None or in_base:
+            only = f" AND b.did IN ({', '.join('?' for _ in in_base)})" if in_base else ""
+            deleted += _count(con.execute(
+                "DELETE FROM record_base b USING (SELECT DISTINCT did, collection, rkey FROM record_log WHERE v <= ?) l "
+                "WHERE b.did = l.did AND b.collection = l.collection AND b.rkey = l.rkey" + only,
+                [upto_v, *(in_base or ())],
+            ))
         inserted = _count(con.execute(
             f"INSERT INTO record_base ({_COLUMNS}) "
             f"SELECT {_COLUMNS} FROM (SELECT * FROM record_log WHERE v <= $v "
@@ -145,6 +148,24 @@ def compact_records(con: duckdb.DuckDBPyConnection, upto_v: int) -> RecordCompac
         con.execute("DELETE FROM record_purges WHERE v <= ?", [upto_v])
     return RecordCompaction(upto_v=upto_v, log_rows=log_rows, purges=purges, base_deleted=deleted,
                             base_inserted=inserted, seconds=time.perf_counter() - started)
+
+
+# Up to this many logged DIDs, compaction first finds which of them the base holds (reading only
+# the base's `did` column, pruned by zone maps) and deletes among their rows only. At 10^8 records
+# the three-key join reads every base key: 17 s for 16 logged DIDs none of which is in the base,
+# against 0.1 s for the `did` alone; 1,000 DIDs as a constant list prune to 2.4 s.
+_PREFILTER_DIDS = 1_000
+
+
+def _logged_dids_in_base(con: duckdb.DuckDBPyConnection, upto_v: int) -> list[str] | None:
+    """The DIDs with log rows (v <= upto_v) that have base rows; None: too many to list."""
+    logged = int(con.execute("SELECT count(DISTINCT did) FROM record_log WHERE v <= ?", [upto_v]).fetchall()[0][0])
+    if logged > _PREFILTER_DIDS:
+        return None
+    rows = con.execute(
+        "SELECT DISTINCT b.did FROM record_base b SEMI JOIN (SELECT DISTINCT did FROM record_log WHERE v <= ?) l "
+        "ON b.did = l.did", [upto_v]).fetchall()
+    return [r[0] for r in rows]
 
 
 def _count(result: duckdb.DuckDBPyConnection) -> int:

@@ -29,6 +29,10 @@ def did_fingerprint(did: str) -> int:
     """The fingerprint `RepoReads.did_fingerprints` lists (32 bits: distinct DIDs may share one)."""
     return int.from_bytes(hashlib.md5(did.encode()).digest()[:4], "big")
 
+
+_FINGERPRINTS: Final = (f"SELECT {_FINGERPRINT_SQL} AS f FROM (SELECT did FROM repo_base UNION ALL "
+                        "SELECT did FROM repo_log) ORDER BY f")
+
 # RepoRow's fields, in order (last_event_at as the text the firehose sent, like RepoRow holds it)
 _HEAD = ("did, rev, data_cid, commit_cid, last_seq, CAST(last_event_at AS VARCHAR), handle, active, status, "
          "sync_state, desync_reason, desynced_at, first_seen_at")
@@ -48,19 +52,20 @@ class RepoReads(StoreBase):
     """Store methods reading the firehose-owned state of some DIDs, on a cursor of their own."""
 
     def did_fingerprints(self) -> array.array[int]:
-        """The sorted fingerprints of every DID with a `repos` row (4 bytes a DID): a DID whose
-        fingerprint is not in it has no row, which a point read would take milliseconds to say."""
-        with self.read() as reader:
-            table = reader.fetch_arrow(
-                f"SELECT DISTINCT {_FINGERPRINT_SQL} AS f FROM (SELECT did FROM repo_base UNION ALL "
-                "SELECT did FROM repo_log) ORDER BY f"
-            )
-        column = table.column(0).combine_chunks()
+        """The fingerprints of every DID with a `repos` row, ascending (4 bytes a DID; a DID with
+        rows in both the base and the log is listed twice): a DID whose fingerprint is not in it
+        has no row, which a point read would take milliseconds to say.
+
+        Streamed into the array batch by batch: no DISTINCT (a hash table of every DID) and no
+        whole Arrow result beside the array."""
         out = array.array("I")
-        if len(column):
-            data = column.buffers()[1]
-            assert data is not None
-            out.frombytes(memoryview(data)[column.offset * 4 : (column.offset + len(column)) * 4])
+        with self.read() as reader:
+            for batch in reader.arrow_batches(_FINGERPRINTS):
+                column = batch.column(0)
+                data = column.buffers()[1]
+                assert column.null_count == 0
+                if data is not None and len(column):
+                    out.frombytes(memoryview(data)[column.offset * 4 : (column.offset + len(column)) * 4])
         return out
 
     def repo_row(self, did: str) -> RepoRow | None:

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from skyfill.backfill.reconcile import premade
+from skyfill.metrics import REGISTRY
 from skyfill.protocol.car import read_car
 from skyfill.protocol.repo import RepoSnapshot, materialize, parse_repo
 from tests.support.store import SetupStore
@@ -158,3 +159,36 @@ def test_trusted_root_with_no_stored_records_is_reconciled_in_full(store: SetupS
     store.delete_records()
     assert reconcile(store, s).added == len(s.records)  # type: ignore[attr-defined]
     assert stored(store) == s.records
+
+
+def _reads(outcome: str) -> float:
+    return REGISTRY.get_sample_value("skyfill_store_reconcile_reads_total", {"outcome": outcome}) or 0.0
+
+
+def test_a_did_new_to_the_store_is_reconciled_without_reading_stored_rows(store: SetupStore) -> None:
+    """The store holds nothing of the DID (no record, no repos row, base or log): the reconcile
+    writes the whole repo without reading stored records or the repos row; once the DID has a
+    row of any kind (here: only a stale record, no repos row) every reconcile reads them."""
+    s = snap()
+    other = "did:plc:someoneelse"
+    store.put_records([(other, "app.bsky.feed.like", "3k", "bafyx", '{"a":1}', None, None)])
+    store.compact()
+    read, skipped = _reads("read"), _reads("skipped")
+    assert store.stored_cids(s.did) == {} and store.trusted_root(s.did) is None
+    counts = reconcile(store, s)
+    assert (_reads("read"), _reads("skipped")) == (read, skipped + 1)
+    assert counts.added == len(s.records) == 2 and stored(store).keys() == s.records.keys() | {("app.bsky.feed.like", "3k")}
+    assert store.fetchall("SELECT sync_state, backfill_status FROM repos WHERE did = ?", [s.did]) == [("synchronized", "ok")]
+
+    # a stale record of a DID that has no repos row: read, and removed by the reconcile
+    fresh = SetupStore(store.path + ".2")
+    try:
+        fresh.put_records([(s.did, "app.bsky.feed.post", "stale", "bafystale", '{"t":1}', None, None)])
+        fresh.delete_repo(s.did)
+        assert fresh.fetchall("SELECT count(*) FROM repos")[0][0] == 0
+        read, skipped = _reads("read"), _reads("skipped")
+        counts = reconcile(fresh, s)
+        assert (_reads("read"), _reads("skipped")) == (read + 1, skipped)
+        assert counts.deleted == 1 and stored(fresh) == dict(s.records)
+    finally:
+        fresh.close()

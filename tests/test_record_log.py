@@ -408,3 +408,26 @@ def test_rows_left_in_the_logs_by_earlier_processes_count_toward_the_threshold(
         s.apply(batch)                   # the first write starts the compaction the logs call for
         s.wait_compaction()
         assert log_rows(s) == 0 and live(s) == model
+
+
+@pytest.mark.parametrize("n_dids", [5, 1_200])  # the base DIDs listed first, and too many to list
+def test_compaction_replaces_base_rows_of_logged_dids_among_new_ones(store: Store, n_dids: int) -> None:
+    old = [f"did:plc:old{i:05d}" for i in range(n_dids)]
+    batch = Batch()
+    for did in old:
+        put(batch, (did, "app.bsky.feed.post", "a"), "bafyold")
+        put(batch, (did, "app.bsky.feed.post", "b"), "bafykeep")
+    store.apply(batch)
+    store.compact()
+    batch = Batch()
+    for did in old:
+        put(batch, (did, "app.bsky.feed.post", "a"), "bafynew")
+    put(batch, ("did:plc:stranger", "app.bsky.feed.post", "a"), "bafystranger")
+    store.apply(batch)
+    expected = {(d, "app.bsky.feed.post", "a"): "bafynew" for d in old} | {
+        (d, "app.bsky.feed.post", "b"): "bafykeep" for d in old} | {("did:plc:stranger", "app.bsky.feed.post", "a"): "bafystranger"}
+    assert live(store) == expected
+    result = store.compact().records
+    assert result is not None and result.base_deleted == n_dids and result.base_inserted == n_dids + 1
+    assert live(store) == expected and log_rows(store) == 0
+    assert store.fetchall("SELECT count(*) FROM record_base")[0][0] == 2 * n_dids + 1

@@ -323,3 +323,28 @@ async def test_a_daemon_with_a_tiny_tracker_cache_stores_what_a_big_one_does(tmp
     assert mirror_of(small) == mirror_of(big) == expected_mirror(frames)
     with Store(small) as a, Store(big) as b:
         assert view(a) == view(b)
+
+
+def test_desynchronized_count_equals_the_view(store: SetupStore) -> None:
+    """The gauge's count (read without the view's merge) equals the view's, whatever mix of base
+    rows, head versions and backfill-only rows the DIDs have, before and after compaction."""
+    def desync(did: str, seq: int) -> RepoRow:
+        return head(did, seq, sync_state="desynchronized", desync_reason="rev-gap")
+
+    def check() -> None:
+        want = store.fetchall("SELECT count(*) FROM repos WHERE sync_state = 'desynchronized'")[0][0]
+        assert store.count_desynchronized() == want
+
+    check()
+    apply_heads(store, desync("did:plc:a", 1), desync("did:plc:b", 2), head("did:plc:c", 3), head("did:plc:g", 4))
+    store.compact_repos()
+    check()
+    apply_heads(store, head("did:plc:b", 5), desync("did:plc:c", 6), desync("did:plc:d", 7), desync("did:plc:e", 8))
+    apply_heads(store, head("did:plc:e", 9), desync("did:plc:d", 10))
+    store.record_backfill_failure("did:plc:f", status=BackfillStatus.RETRYING, error="x", policy=POLICY)
+    store.record_backfill_failure("did:plc:a", status=BackfillStatus.RETRYING, error="x", policy=POLICY)
+    check()
+    assert store.count_desynchronized() == 3   # a (base, backfill log row after), c and d (log)
+    store.compact_repos()
+    check()
+    assert store.count_desynchronized() == 3

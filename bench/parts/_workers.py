@@ -179,11 +179,14 @@ def _serve_plc(seed: int, n_dids: int) -> None:
 async def _consume(
     db: str, relay: str, last_seq: int, batch_events: int, memory_limit: str | None, plc: str | None = None,
 ) -> dict[str, Any]:
+    from skyfill.app.settings import default
     from skyfill.consumer.daemon import ConsumeConfig, Daemon
     from skyfill.storage import Store
 
-    # memory_limit: an experiment knob (DuckDB's buffer pool is most of the consumer's RSS)
-    store = Store(db, memory_limit=memory_limit or None)
+    # DuckDB's buffer pool as `skyfill consume` sets it (Settings.duckdb_memory_limit) unless an
+    # experiment gives another: without one DuckDB takes up to 80% of RAM and the peak RSS measured
+    # is its cache, not the daemon's footprint
+    store = Store(db, memory_limit=memory_limit or default("duckdb_memory_limit"))
     base_rss = rss_bytes()
     resolver = verifier = None
     if plc is not None:  # as `consume --verify`, minus the PLC rate limit (loopback)
