@@ -19,7 +19,7 @@ import duckdb
 
 from skyfill.errors import StorageError
 
-from . import repos
+from . import queue_log, repos
 from .records import migrate_records_v1
 
 __all__ = ["SCHEMA_VERSION", "MIGRATE_COMMAND", "prepare_schema", "schema_version", "schema_sql"]
@@ -75,6 +75,7 @@ def prepare_schema(con: duckdb.DuckDBPyConnection, path: str, *, read_only: bool
             repos.migrate_v1(con)
         else:
             repos.create_repos(con)
+        queue_log.create_queue(con)
         con.execute(schema_sql("views.sql"))
         con.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", [str(SCHEMA_VERSION)])
         con.execute("COMMIT")

@@ -7,10 +7,17 @@ Two rows hold a DID's backfill state, both written only here:
     pending | in_progress    --enqueue--------------> unchanged  (gains the new reasons)
     pending (due)            --claim_backfills------> in_progress
     in_progress              --recover_queue--------> pending    (a process died holding it)
-    any                      --mark_backfilled------> done       (the reconcile committed)
+    any queued               --mark_backfilled------> done       (the reconcile committed)
     any                      --record_backfill_failure, retrying --> pending (retry_after)
     any                      --record_backfill_failure, terminal --> failed
     any                      --defer_backfill-------> pending    (retry_after = the host's park end)
+Each transition APPENDS the DID's whole row to queue_log (storage/queue_log.py: no primary key,
+no UPDATE, newest row per DID wins, compaction folds it like repo_log), so its cost does not grow
+with the queue. Claims come from memory: `claim_backfills` pops DIDs from a chunk of due pending
+rows read once, ordered by (host, did), and appends their in_progress rows; the next chunk is
+read after the last key, and a pass that finds nothing after it starts again from the beginning
+(rows due meanwhile, deferred ones). A DID whose row changed after its chunk was read by another
+path than this store (another process) may be handed out once more: a refetch, never a loss.
 
 `repos.backfill_status` (BackfillStatus) - the outcome of the last attempt: `ok` (with
 backfilled_at/rev), `retrying` (with backfill_retry_after) or a terminal status
@@ -21,6 +28,7 @@ leaves it alone. `RetryPolicy` turns it into "retry at" or "give up" (status Fai
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -31,7 +39,7 @@ import pyarrow as pa
 
 from skyfill.backoff import backoff_delay
 
-from . import repos
+from . import queue_log, repos
 from .base import StoreBase, now_utc
 from .queries import DESYNCHRONIZED
 from .states import BackfillStatus, QueueState
@@ -74,10 +82,14 @@ def mark_backfilled(con: duckdb.DuckDBPyConnection, v: int, did: str, rev: str |
     group = {"backfill_status": BackfillStatus.OK.value, "backfill_error": None, "backfill_attempts": 0,
              "backfill_retry_after": None, "backfilled_at": now, "backfilled_rev": rev}
     repos.append_backfill(con, v, did, group, first_seen_at=now)
-    con.execute(
-        "UPDATE backfill_queue SET state = ?, error = NULL, updated_at = ? WHERE did = ?",
-        [QueueState.DONE.value, now, did],
-    )
+    _transition(con, v, did, now, state=QueueState.DONE.value, error=None)
+
+
+def _transition(con: duckdb.DuckDBPyConnection, v: int, did: str, now: datetime, **changes: Any) -> None:
+    """Append `did`'s queue row with `changes` (nothing when the DID was never queued)."""
+    row = queue_log.current(con, [did]).get(did)
+    if row is not None:
+        queue_log.append(con, v, [row | changes | {"updated_at": now}])
 
 
 def _backfill_group(con: duckdb.DuckDBPyConnection, did: str) -> dict[str, Any]:
@@ -88,71 +100,98 @@ def _backfill_group(con: duckdb.DuckDBPyConnection, did: str) -> dict[str, Any]:
     return dict(zip(repos.BACKFILL_FIELDS, rows[0][1:], strict=True))
 
 
+# due pending DIDs read into memory at a time by `claim_backfills` (one pass over the queue each)
+_CLAIM_CHUNK = 20_000
+
+
 class BackfillQueue(StoreBase):
     """Store methods for the backfill queue and the backfill outcome of repo rows."""
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # the chunk claims pop from: whole rows of due pending DIDs, ordered by (host, did)
+        self._claimable: deque[dict[str, Any]] = deque()
+        self._claim_after: tuple[str, str] | None = None
+        self._requeued: set[str] = set()  # enqueued since the chunk was read: its copy is stale
+
     def enqueue(self, reasons_by_did: Mapping[str, Iterable[str]]) -> int:
-        """Add DIDs to the backfill queue; a DID already pending gains the new reasons. Returns new rows."""
+        """Add DIDs to the backfill queue; a DID already pending gains the new reasons. Returns new rows.
+
+        The DID's PDS host is stored with it when the identity cache knows it."""
         if not reasons_by_did:
             return 0
         now = now_utc()
-        table = pa.table(
-            {
-                "did": list(reasons_by_did),
-                "reasons": [sorted(set(r)) for r in reasons_by_did.values()],
-            },
-            schema=pa.schema([("did", pa.string()), ("reasons", pa.list_(pa.string()))]),
-        )
-        count_open = f"SELECT count(*) FROM backfill_queue WHERE state IN {_OPEN}"
+        wanted = {did: set(r) for did, r in reasons_by_did.items()}
 
         def body(con: duckdb.DuckDBPyConnection) -> int:
-            con.register("_q", table)
-            before = con.execute(count_open).fetchall()[0][0]
-            con.execute(
-                "INSERT INTO backfill_queue (did, reasons, enqueued_at, state, updated_at) "
-                "SELECT did, reasons, ?, ?, ? FROM _q ON CONFLICT (did) DO UPDATE SET "
-                "reasons = list_sort(list_distinct(list_concat("
-                f"  CASE WHEN backfill_queue.state IN {_OPEN} THEN backfill_queue.reasons ELSE [] END,"
-                "  excluded.reasons))), "
-                f"state = CASE WHEN backfill_queue.state = '{_IN_PROGRESS}' THEN '{_IN_PROGRESS}' ELSE '{_PENDING}' END, "
-                f"enqueued_at = CASE WHEN backfill_queue.state IN {_OPEN} "
-                "  THEN backfill_queue.enqueued_at ELSE excluded.enqueued_at END, "
-                "updated_at = excluded.updated_at",
-                [now, _PENDING, now],
-            )
-            con.unregister("_q")
-            after = con.execute(count_open).fetchall()[0][0]
-            return int(after - before)
+            dids = list(wanted)
+            rows = queue_log.current(con, dids)
+            hosts = _hosts(con, dids)
+            out, new = [], 0
+            for did, reasons in wanted.items():
+                row = rows.get(did)
+                if row is not None and row["state"] in (_PENDING, _IN_PROGRESS):
+                    merged = sorted(set(row["reasons"]) | reasons)
+                    if merged == list(row["reasons"]) and row["host"] == (hosts.get(did) or row["host"]):
+                        continue
+                    out.append(row | {"reasons": merged, "updated_at": now, "host": hosts.get(did) or row["host"]})
+                    continue
+                new += 1
+                out.append({"did": did, "reasons": sorted(reasons), "enqueued_at": now, "state": _PENDING,
+                            "retry_after": None, "error": None, "updated_at": now, "host": hosts.get(did)})
+            queue_log.append(con, self._version(con), out)
+            self._requeued.update(r["did"] for r in out)
+            return new
 
         return int(self._txn(body))
 
     def claim_backfills(self, limit: int) -> list[str]:
-        """pending -> in_progress for up to `limit` DIDs whose retry_after has passed, oldest first."""
+        """pending -> in_progress for up to `limit` due DIDs, in (host, did) order, from memory."""
         now = now_utc()
 
         def body(con: duckdb.DuckDBPyConnection) -> list[str]:
-            rows = con.execute(
-                "UPDATE backfill_queue SET state = ?, updated_at = ? WHERE did IN ("
-                "  SELECT did FROM backfill_queue WHERE state = ? AND (retry_after IS NULL OR retry_after <= ?)"
-                "  ORDER BY enqueued_at, did LIMIT ?) RETURNING did",
-                [_IN_PROGRESS, now, _PENDING, now, limit],
-            ).fetchall()
-            return [r[0] for r in rows]
+            taken: list[dict[str, Any]] = []
+            restarted = self._claim_after is None
+            while len(taken) < limit:
+                if not self._claimable:
+                    chunk = self._read_chunk(con, now)
+                    if not chunk and not restarted:
+                        self._claim_after, restarted = None, True
+                        chunk = self._read_chunk(con, now)
+                    if not chunk:
+                        break
+                row = self._claimable.popleft()
+                if row["did"] not in self._requeued:
+                    taken.append(row | {"state": _IN_PROGRESS, "updated_at": now})
+            queue_log.append(con, self._version(con), taken)
+            return [r["did"] for r in taken]
 
-        return list(self._txn(body))
+        claimed: list[str] = self._txn(body)
+        self._note_appended(len(claimed))
+        return claimed
+
+    def _read_chunk(self, con: duckdb.DuckDBPyConnection, now: datetime) -> list[dict[str, Any]]:
+        chunk = queue_log.load_pending(con, now, self._claim_after, _CLAIM_CHUNK)
+        self._requeued.clear()
+        if chunk:
+            last = chunk[-1]
+            self._claim_after = (last["host"] or "", last["did"])
+            self._claimable.extend(chunk)
+        return chunk
 
     def recover_queue(self) -> int:
         """in_progress -> pending for rows a process that died left claimed (call at start-up)."""
+        now = now_utc()
 
         def body(con: duckdb.DuckDBPyConnection) -> int:
-            rows = con.execute(
-                "UPDATE backfill_queue SET state = ?, updated_at = ? WHERE state = ? RETURNING did",
-                [_PENDING, now_utc(), _IN_PROGRESS],
-            ).fetchall()
-            return len(rows)
+            rows = queue_log.in_state(con, _IN_PROGRESS)
+            return queue_log.append(con, self._version(con), [r | {"state": _PENDING, "updated_at": now} for r in rows])
 
-        return int(self._txn(body))
-
+        recovered = int(self._txn(body))
+        # what was claimable before is read again: recovered rows are due at once
+        self._claimable.clear()
+        self._claim_after = None
+        return recovered
     def backfill_attempts(self, did: str) -> int:
         """Failed attempts counted for `did` since its last successful backfill."""
         rows = self.fetchall("SELECT backfill_attempts FROM repos WHERE did = ?", [did])
@@ -181,13 +220,12 @@ class BackfillQueue(StoreBase):
             group.update(backfill_status=final.value, backfill_error=stored, backfill_attempts=attempts,
                          backfill_retry_after=retry_after)
             repos.append_backfill(con, self._version(con), did, group, first_seen_at=now)
-            con.execute(
-                "UPDATE backfill_queue SET state = ?, retry_after = ?, error = ?, updated_at = ? WHERE did = ?",
-                [_PENDING if retry_after is not None else QueueState.FAILED.value, retry_after, stored, now, did],
-            )
+            _transition(con, self._version(con), did, now, retry_after=retry_after, error=stored,
+                        state=_PENDING if retry_after is not None else QueueState.FAILED.value)
             return final, message
 
         result: tuple[BackfillStatus, str] = self._txn(body)
+        self._note_appended(2)
         return result
 
     def defer_backfill(self, did: str, retry_after: datetime, *, error: str | None = None) -> None:
@@ -198,10 +236,7 @@ class BackfillQueue(StoreBase):
         now = now_utc()
 
         def body(con: duckdb.DuckDBPyConnection) -> None:
-            con.execute(
-                "UPDATE backfill_queue SET state = ?, retry_after = ?, updated_at = ? WHERE did = ?",
-                [_PENDING, retry_after, now, did],
-            )
+            _transition(con, self._version(con), did, now, state=_PENDING, retry_after=retry_after)
             if error is not None:
                 group = _backfill_group(con, did)
                 group.update(backfill_status=BackfillStatus.RETRYING.value, backfill_error=error,
@@ -209,7 +244,19 @@ class BackfillQueue(StoreBase):
                 repos.append_backfill(con, self._version(con), did, group, first_seen_at=now)
 
         self._txn(body)
+        self._note_appended(2)
 
     def unqueued_desynchronized(self) -> list[str]:
         """Active DIDs with a broken chain that are not pending or in progress in the backfill queue."""
         return [did for (did,) in self.fetchall(UNQUEUED_DESYNCHRONIZED_SQL)]
+
+
+def _hosts(con: duckdb.DuckDBPyConnection, dids: list[str]) -> dict[str, str]:
+    """The PDS endpoint the identity cache holds for each of `dids` that has one."""
+    con.register("_queue_hosts", pa.table({"did": dids}))
+    try:
+        rows = con.execute("SELECT did, pds FROM identities WHERE pds IS NOT NULL AND did IN "
+                           "(SELECT did FROM _queue_hosts)").fetchall()
+    finally:
+        con.unregister("_queue_hosts")
+    return {did: pds for did, pds in rows}
