@@ -13,11 +13,11 @@ Two rows hold a DID's backfill state, both written only here:
     any                      --defer_backfill-------> pending    (retry_after = the host's park end)
 Each transition APPENDS the DID's whole row to queue_log (storage/queue_log.py: no primary key,
 no UPDATE, newest row per DID wins, compaction folds it like repo_log), so its cost does not grow
-with the queue. Claims come from memory: `claim_backfills` pops DIDs from a chunk of due pending
-rows read once, ordered by (host, did), and appends their in_progress rows; the next chunk is
-read after the last key, and a pass that finds nothing after it starts again from the beginning
-(rows due meanwhile, deferred ones). A DID whose row changed after its chunk was read by another
-path than this store (another process) may be handed out once more: a refetch, never a loss.
+with the queue. Claims come from memory: `claim_backfills` pops DIDs from a chunk of due
+pending rows read in one pass (at most `_CLAIM_PER_HOST` per host, hosts interleaved, so a chunk
+feeds many hosts at once) and appends their in_progress rows; the next chunk is read when this
+one is used up, and no longer holds them. A DID whose row another process changed after its
+chunk was read may be handed out once more: a refetch, never a loss.
 
 `repos.backfill_status` (BackfillStatus) - the outcome of the last attempt: `ok` (with
 backfilled_at/rev), `retrying` (with backfill_retry_after) or a terminal status
@@ -85,9 +85,11 @@ def mark_backfilled(con: duckdb.DuckDBPyConnection, v: int, did: str, rev: str |
     _transition(con, v, did, now, state=QueueState.DONE.value, error=None)
 
 
-def _transition(con: duckdb.DuckDBPyConnection, v: int, did: str, now: datetime, **changes: Any) -> None:
-    """Append `did`'s queue row with `changes` (nothing when the DID was never queued)."""
-    row = queue_log.current(con, [did]).get(did)
+def _transition(con: duckdb.DuckDBPyConnection, v: int, did: str, now: datetime,
+                row: dict[str, Any] | None = None, **changes: Any) -> None:
+    """Append `did`'s queue row (`row`: its current one when the caller holds it) with `changes`
+    (nothing when the DID was never queued)."""
+    row = row or queue_log.current(con, [did]).get(did)
     if row is not None:
         queue_log.append(con, v, [row | changes | {"updated_at": now}])
 
@@ -100,8 +102,10 @@ def _backfill_group(con: duckdb.DuckDBPyConnection, did: str) -> dict[str, Any]:
     return dict(zip(repos.BACKFILL_FIELDS, rows[0][1:], strict=True))
 
 
-# due pending DIDs read into memory at a time by `claim_backfills` (one pass over the queue each)
+# due pending DIDs read into memory at a time by `claim_backfills` (one pass over the queue each),
+# at most _CLAIM_PER_HOST of one host
 _CLAIM_CHUNK = 20_000
+_CLAIM_PER_HOST = 200
 
 
 class BackfillQueue(StoreBase):
@@ -109,10 +113,11 @@ class BackfillQueue(StoreBase):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        # the chunk claims pop from: whole rows of due pending DIDs, ordered by (host, did)
+        # the chunk claims pop from: whole rows of due pending DIDs, hosts interleaved
         self._claimable: deque[dict[str, Any]] = deque()
-        self._claim_after: tuple[str, str] | None = None
         self._requeued: set[str] = set()  # enqueued since the chunk was read: its copy is stale
+        # rows this store claimed, until their outcome is recorded (at most the DIDs in flight)
+        self._claimed: dict[str, dict[str, Any]] = {}
 
     def enqueue(self, reasons_by_did: Mapping[str, Iterable[str]]) -> int:
         """Add DIDs to the backfill queue; a DID already pending gains the new reasons. Returns new rows.
@@ -146,38 +151,36 @@ class BackfillQueue(StoreBase):
         return int(self._txn(body))
 
     def claim_backfills(self, limit: int) -> list[str]:
-        """pending -> in_progress for up to `limit` due DIDs, in (host, did) order, from memory."""
+        """pending -> in_progress for up to `limit` due DIDs, hosts interleaved, from memory."""
+        return [did for did, _ in self.claim_backfills_with_hosts(limit)]
+
+    def claim_backfills_with_hosts(self, limit: int) -> list[tuple[str, str | None]]:
+        """`claim_backfills`, each DID with the PDS endpoint stored at enqueue (None: unknown)."""
         now = now_utc()
 
-        def body(con: duckdb.DuckDBPyConnection) -> list[str]:
+        def body(con: duckdb.DuckDBPyConnection) -> list[dict[str, Any]]:
             taken: list[dict[str, Any]] = []
-            restarted = self._claim_after is None
+            fresh = False
             while len(taken) < limit:
                 if not self._claimable:
-                    chunk = self._read_chunk(con, now)
-                    if not chunk and not restarted:
-                        self._claim_after, restarted = None, True
-                        chunk = self._read_chunk(con, now)
-                    if not chunk:
-                        break
+                    if fresh:
+                        break  # this call read the table already: nothing more is due
+                    self._requeued.clear()
+                    self._claimable.extend(queue_log.load_pending(con, now, _CLAIM_CHUNK, _CLAIM_PER_HOST))
+                    fresh = True
+                    continue
                 row = self._claimable.popleft()
                 if row["did"] not in self._requeued:
                     taken.append(row | {"state": _IN_PROGRESS, "updated_at": now})
             queue_log.append(con, self._version(con), taken)
-            return [r["did"] for r in taken]
+            if len(self._claimed) > 4 * _CLAIM_CHUNK:
+                self._claimed.clear()  # done ones are never popped here; the log read is the fallback
+            self._claimed.update((r["did"], r) for r in taken)
+            return taken
 
-        claimed: list[str] = self._txn(body)
+        claimed: list[dict[str, Any]] = self._txn(body)
         self._note_appended(len(claimed))
-        return claimed
-
-    def _read_chunk(self, con: duckdb.DuckDBPyConnection, now: datetime) -> list[dict[str, Any]]:
-        chunk = queue_log.load_pending(con, now, self._claim_after, _CLAIM_CHUNK)
-        self._requeued.clear()
-        if chunk:
-            last = chunk[-1]
-            self._claim_after = (last["host"] or "", last["did"])
-            self._claimable.extend(chunk)
-        return chunk
+        return [(r["did"], r["host"]) for r in claimed]
 
     def recover_queue(self) -> int:
         """in_progress -> pending for rows a process that died left claimed (call at start-up)."""
@@ -188,9 +191,9 @@ class BackfillQueue(StoreBase):
             return queue_log.append(con, self._version(con), [r | {"state": _PENDING, "updated_at": now} for r in rows])
 
         recovered = int(self._txn(body))
+        self._claimed.clear()
         # what was claimable before is read again: recovered rows are due at once
         self._claimable.clear()
-        self._claim_after = None
         return recovered
     def backfill_attempts(self, did: str) -> int:
         """Failed attempts counted for `did` since its last successful backfill."""
@@ -220,7 +223,8 @@ class BackfillQueue(StoreBase):
             group.update(backfill_status=final.value, backfill_error=stored, backfill_attempts=attempts,
                          backfill_retry_after=retry_after)
             repos.append_backfill(con, self._version(con), did, group, first_seen_at=now)
-            _transition(con, self._version(con), did, now, retry_after=retry_after, error=stored,
+            _transition(con, self._version(con), did, now, self._claimed.pop(did, None),
+                        retry_after=retry_after, error=stored,
                         state=_PENDING if retry_after is not None else QueueState.FAILED.value)
             return final, message
 
@@ -236,7 +240,8 @@ class BackfillQueue(StoreBase):
         now = now_utc()
 
         def body(con: duckdb.DuckDBPyConnection) -> None:
-            _transition(con, self._version(con), did, now, state=_PENDING, retry_after=retry_after)
+            _transition(con, self._version(con), did, now, self._claimed.pop(did, None),
+                        state=_PENDING, retry_after=retry_after)
             if error is not None:
                 group = _backfill_group(con, did)
                 group.update(backfill_status=BackfillStatus.RETRYING.value, backfill_error=error,

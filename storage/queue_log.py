@@ -11,8 +11,8 @@ each claim's COMMIT, see bench/queue_claims.py):
 A transaction appends at most one row per DID, so "newest" is unambiguous. `host` is the DID's
 PDS host when it was known at enqueue (the scheduler groups and paces by it; NULL = resolve
 first). `compact(con, upto_v)` folds log rows with v <= upto_v into the base on its own cursor,
-like repos.py; `load_pending` reads one chunk of due pending DIDs ordered by (host, did), after
-a key: the scheduler pops claims from memory and reads the table once per chunk, never per claim.
+like repos.py; `load_pending` reads one chunk of due pending DIDs, hosts interleaved: the store pops
+claims from memory and reads the table once per chunk, never per claim.
 """
 
 from __future__ import annotations
@@ -113,11 +113,13 @@ def current(con: duckdb.DuckDBPyConnection, dids: Sequence[str]) -> dict[str, di
     if not dids:
         return out
     if len(dids) <= 32:
+        # the log first (small; a claimed DID's row is there until a compaction): a base read
+        # filters on did with no useful zone map ('did:plc:' fills the 8-byte string stats)
         for did in dids:
-            rows = con.execute(
-                f"SELECT {_COLS} FROM (SELECT 0 AS v, {_COLS} FROM queue_base WHERE did = ? "
-                f"UNION ALL SELECT v, {_COLS} FROM queue_log WHERE did = ?) ORDER BY v DESC LIMIT 1",
-                [did, did]).fetchall()
+            rows = con.execute(f"SELECT {_COLS} FROM queue_log WHERE did = ? ORDER BY v DESC LIMIT 1",
+                               [did]).fetchall()
+            if not rows:
+                rows = con.execute(f"SELECT {_COLS} FROM queue_base WHERE did = ? LIMIT 1", [did]).fetchall()
             if rows:
                 out[did] = dict(zip(QUEUE_COLUMNS, rows[0], strict=True))
         return out
@@ -129,19 +131,17 @@ def current(con: duckdb.DuckDBPyConnection, dids: Sequence[str]) -> dict[str, di
     return {r[0]: dict(zip(QUEUE_COLUMNS, r, strict=True)) for r in rows}
 
 
-def load_pending(
-    con: duckdb.DuckDBPyConnection, now: datetime, after: tuple[str, str] | None, limit: int
-) -> list[dict[str, Any]]:
-    """Up to `limit` whole rows of due pending DIDs ordered by (host, did) after the key `after`
-    (an unknown host sorts as ''). One pass over the table per chunk, never per claim."""
-    where = "state = 'pending' AND (retry_after IS NULL OR retry_after <= ?)"
-    params: list[Any] = [now]
-    if after is not None:
-        where += " AND (coalesce(host, ''), did) > (?, ?)"
-        params += list(after)
+def load_pending(con: duckdb.DuckDBPyConnection, now: datetime, limit: int, per_host: int) -> list[dict[str, Any]]:
+    """Up to `limit` whole rows of due pending DIDs, at most `per_host` of each host, the hosts
+    interleaved (every host's first DID, then every host's second, ...): a chunk spans as many
+    hosts as it can. DIDs of an unknown host are spread over 256 buckets by hash. One pass over
+    the table per chunk, never per claim."""
     rows = con.execute(
-        f"SELECT {_COLS} FROM backfill_queue WHERE {where} ORDER BY coalesce(host, ''), did LIMIT ?",
-        [*params, limit]).fetchall()
+        f"SELECT {_COLS} FROM backfill_queue WHERE state = 'pending' AND (retry_after IS NULL OR retry_after <= ?) "
+        "QUALIFY row_number() OVER (PARTITION BY coalesce(host, 'unknown:' || (hash(did) % 256)::VARCHAR) "
+        "ORDER BY did) <= ? ORDER BY row_number() OVER (PARTITION BY coalesce(host, 'unknown:' || "
+        "(hash(did) % 256)::VARCHAR) ORDER BY did), coalesce(host, ''), did LIMIT ?",
+        [now, per_host, limit]).fetchall()
     return [dict(zip(QUEUE_COLUMNS, r, strict=True)) for r in rows]
 
 
