@@ -14,7 +14,7 @@ Two rows hold a DID's backfill state, both written only here:
 Each transition APPENDS the DID's whole row to queue_log (storage/queue_log.py: no primary key,
 no UPDATE, newest row per DID wins, compaction folds it like repo_log), so its cost does not grow
 with the queue. Claims come from memory: `claim_backfills` pops DIDs from a chunk of due
-pending rows read in one pass (at most `_CLAIM_PER_HOST` per host, hosts interleaved, so a chunk
+pending rows read in one scan that stops at `_CLAIM_CHUNK` rows (hosts interleaved, so a chunk
 feeds many hosts at once) and appends their in_progress rows; the next chunk is read when this
 one is used up, and no longer holds them. A DID whose row another process changed after its
 chunk was read may be handed out once more: a refetch, never a loss.
@@ -77,10 +77,12 @@ class RetryPolicy:
         return timedelta(seconds=seconds)
 
 
-def mark_backfilled(con: duckdb.DuckDBPyConnection, v: int, did: str, rev: str | None, now: datetime) -> None:
-    """ok/done: the reconcile of `did` commits in this transaction (write version `v`; its repo row exists)."""
+def mark_backfilled(con: duckdb.DuckDBPyConnection, v: int, did: str, rev: str | None, now: datetime,
+                    run: str | None = None) -> None:
+    """ok/done: the reconcile of `did` commits in this transaction (write version `v`; its repo row
+    exists). The repo row records when (`backfilled_at`) and in which backfill `run`."""
     group = {"backfill_status": BackfillStatus.OK.value, "backfill_error": None, "backfill_attempts": 0,
-             "backfill_retry_after": None, "backfilled_at": now, "backfilled_rev": rev}
+             "backfill_retry_after": None, "backfilled_at": now, "backfilled_rev": rev, "backfill_run": run}
     repos.append_backfill(con, v, did, group, first_seen_at=now)
     _transition(con, v, did, now, state=QueueState.DONE.value, error=None)
 
@@ -102,10 +104,8 @@ def _backfill_group(con: duckdb.DuckDBPyConnection, did: str) -> dict[str, Any]:
     return dict(zip(repos.BACKFILL_FIELDS, rows[0][1:], strict=True))
 
 
-# due pending DIDs read into memory at a time by `claim_backfills` (one pass over the queue each),
-# at most _CLAIM_PER_HOST of one host
+# due pending DIDs read into memory at a time by `claim_backfills` (a scan that stops there)
 _CLAIM_CHUNK = 20_000
-_CLAIM_PER_HOST = 200
 
 
 class BackfillQueue(StoreBase):
@@ -166,7 +166,7 @@ class BackfillQueue(StoreBase):
                     if fresh:
                         break  # this call read the table already: nothing more is due
                     self._requeued.clear()
-                    self._claimable.extend(queue_log.load_pending(con, now, _CLAIM_CHUNK, _CLAIM_PER_HOST))
+                    self._claimable.extend(queue_log.load_pending(con, now, _CLAIM_CHUNK))
                     fresh = True
                     continue
                 row = self._claimable.popleft()

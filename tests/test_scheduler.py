@@ -134,6 +134,9 @@ async def test_a_parked_host_waits_for_retry_after_while_the_other_completes(
     assert dict(store.fetchall("SELECT state, count(*) FROM backfill_queue GROUP BY 1")) == {"done": 14}
     attempts = store.fetchall("SELECT max(backfill_attempts) FROM repos")
     assert attempts == [(0,)]
+    # the "complete" signal: every DID's row names this run and when it completed
+    runs = store.fetchall("SELECT DISTINCT backfill_run, count(backfilled_at) FROM repos GROUP BY 1")
+    assert len(runs) == 1 and runs[0][0] and runs[0][1] == 14
     done = {h: metrics.REGISTRY.get_sample_value("skyfill_backfill_host_repos", {"host": h, "state": "done"})
             for h in (host_key(host_a.url), host_key(plc.url))}
     assert done == {host_key(host_a.url): 6, host_key(plc.url): 8}
