@@ -4,21 +4,30 @@ hosts, one of which answers 429 + Retry-After (tests.support.faultserver)."""
 from __future__ import annotations
 
 import asyncio
+import os
 import random
+import signal
+import subprocess
+import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import orjson
 import pytest
 from tests.support.faultserver import FaultServer, Reply, Seen, json_reply, rate_limited
 from tests.support.served import GET_REPO, World
 from tests.support.store import SetupStore
+from tests.support.wait import poll
 
 from skyfill import metrics
 from skyfill.backfill.backfiller import open_backfiller
 from skyfill.backfill.config import BackfillConfig
 from skyfill.backfill.scheduler import TOP_HOSTS, HostScheduler
 from skyfill.net.http import host_key
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_parked_host_gets_nothing_while_others_go_round_robin() -> None:
@@ -140,3 +149,62 @@ async def test_a_parked_host_waits_for_retry_after_while_the_other_completes(
     done = {h: metrics.REGISTRY.get_sample_value("skyfill_backfill_host_repos", {"host": h, "state": "done"})
             for h in (host_key(host_a.url), host_key(plc.url))}
     assert done == {host_key(host_a.url): 6, host_key(plc.url): 8}
+
+
+# -- kill -9 mid-run, then restart -----------------------------------------------------------------
+
+
+def _backfill_process(db: Path, plc_url: str) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "skyfill.cli", "backfill", "--db", str(db), "--from-queue", "--plc-url", plc_url,
+         "--allow-private-hosts", "--concurrency", "1", "--json"],
+        cwd=ROOT, env={k: v for k, v in os.environ.items() if not k.startswith("SKYFILL_")},
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )
+
+
+def test_kill_9_mid_run_then_restart_refetches_no_finished_repo(plc: FaultServer, tmp_path: Path) -> None:
+    """`skyfill backfill --from-queue` (one DID at a time: a DID's getRepo is asked only after
+    the previous DID committed) is killed with SIGKILL while the 6th getRepo hangs; the restart
+    hands the claimed DIDs back to pending and fetches exactly the DIDs not done: no finished
+    repo is fetched again (getRepo requests counted per DID)."""
+    world = World(plc)
+    dids = [world.account(n_records=3)[0].did for _ in range(12)]
+    release = threading.Event()
+    served: list[str] = []
+
+    def get_repo(seen: Seen) -> Reply:
+        did = seen.query["did"]
+        served.append(did)
+        if len(served) > 5 and not release.is_set():
+            release.wait(60)  # the 6th request hangs until the process is dead
+            return Reply(503)
+        return world.repos[did][0]
+
+    plc.script(GET_REPO, get_repo)
+    db = tmp_path / "kill.duckdb"
+    with SetupStore(db) as store:
+        store.enqueue({did: ["unseen"] for did in dids})
+    proc = _backfill_process(db, plc.url)
+    try:
+        poll(lambda: len(served) >= 6 or proc.poll() is not None, timeout=120, what="the 6th getRepo")
+        assert proc.poll() is None, proc.communicate()
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+    finally:
+        release.set()
+        if proc.poll() is None:
+            proc.kill()
+    first_run = list(served)
+    with SetupStore(db) as store:
+        done = {d for (d,) in store.fetchall("SELECT did FROM backfill_queue WHERE state = 'done'")}
+        states = dict(store.fetchall("SELECT state, count(*) FROM backfill_queue GROUP BY 1"))
+    assert done == set(first_run[:5]) and states == {"done": 5, "in_progress": 7}  # one claim took all 12
+    served.clear()
+    proc = _backfill_process(db, plc.url)
+    out, err = proc.communicate(timeout=180)
+    assert proc.returncode == 0, err.decode()[-2000:]
+    assert orjson.loads(out)["repos_ok"] == 7
+    assert sorted(served) == sorted(set(dids) - done), "a finished repo was fetched again"
+    with SetupStore(db) as store:
+        assert dict(store.fetchall("SELECT state, count(*) FROM backfill_queue GROUP BY 1")) == {"done": 12}
