@@ -122,8 +122,9 @@ class Backfiller:
         tally = Tally()
         started = time.monotonic()
         patience = min(_HOST_PATIENCE, self.config.rate_limit_patience.total_seconds())
-        with self._session(tally) as tick:
-            await work_queue(self, tally, tick, patience=patience)
+        due = await asyncio.to_thread(self.store.due_count) if self._progress else None
+        with self._session(tally, due) as tick:
+            await work_queue(self, tally, tick, patience=patience, total=due)
         return tally.summary(time.monotonic() - started)
 
     async def backfill_did(self, did: str, tally: Tally, *, defer: bool) -> bool:
@@ -135,11 +136,11 @@ class Backfiller:
         await self._record_deferred(did, _Deferred(retry_after.timestamp(), host), tally, queue_only=True)
 
     @contextmanager
-    def _session(self, tally: Tally) -> Iterator[Any]:
+    def _session(self, tally: Tally, total: int | None = None) -> Iterator[Any]:
         """One run: the hosts parked meanwhile go into `tally`; a progress bar if wanted."""
         self._parked_seen = set()
         try:
-            with display(tally, enabled=self._progress, parked_hosts=self.client.parked_hosts) as tick:
+            with display(tally, enabled=self._progress, parked_hosts=self.client.parked_hosts, total=total) as tick:
                 yield tick
         finally:
             tally.parked |= self._parked_seen

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -32,12 +33,18 @@ if TYPE_CHECKING:
 __all__ = ["work_queue", "UNKNOWN_HOST"]
 
 UNKNOWN_HOST = ""          # DIDs whose identity could not be resolved: their attempt records why
+log = logging.getLogger(__name__)
+
 _CLAIM = 500
 _EXPORT_EVERY = 1.0        # seconds between per-host gauge updates and long-park checks
+_LOG_EVERY = 30.0          # seconds between progress log lines
 
 
-async def work_queue(bf: Backfiller, tally: Tally, tick: Callable[[], None], *, patience: float) -> None:
-    """Claim and backfill every due DID of the queue, host-fairly (see the module docstring)."""
+async def work_queue(
+    bf: Backfiller, tally: Tally, tick: Callable[[], None], *, patience: float, total: int | None = None
+) -> None:
+    """Claim and backfill every due DID of the queue, host-fairly (see the module docstring).
+    Off a terminal, a progress line is logged every 30 s (done, rate, ETA against `total`)."""
     config = bf.config
     sched = HostScheduler(per_host=config.per_host_concurrency, parked=bf.client.parked_hosts)
     room = max(_CLAIM, config.concurrency * 8)
@@ -80,8 +87,14 @@ async def work_queue(bf: Backfiller, tally: Tally, tick: Callable[[], None], *, 
                 sched.release(host, ok=ok)
                 tick()
 
+    started = last_line = time.monotonic()
+
     async def watch() -> None:
+        nonlocal last_line
         while True:
+            if time.monotonic() - last_line >= _LOG_EVERY:
+                last_line = time.monotonic()
+                _log_progress(tally, sched, started, total)
             sched.export_metrics()
             await _defer_long_parks(bf, sched, tally, patience)
             await asyncio.sleep(_EXPORT_EVERY)
@@ -94,6 +107,17 @@ async def work_queue(bf: Backfiller, tally: Tally, tick: Callable[[], None], *, 
         with contextlib.suppress(asyncio.CancelledError):
             await watcher
         sched.export_metrics()
+
+
+def _log_progress(tally: Tally, sched: HostScheduler, started: float, total: int | None) -> None:
+    done = tally.ok + sum(tally.failed.values())
+    rate = done / max(1e-9, time.monotonic() - started)
+    ctx: dict[str, object] = {"done": done, "ok": tally.ok, "failed": done - tally.ok, "waiting": len(sched),
+                              "hosts_parked": len(sched.waiting_parked()), "repos_per_s": round(rate, 2)}
+    if total:
+        ctx["total"] = total
+        ctx["eta_s"] = round((total - done) / rate) if rate > 0 and total > done else None
+    log.info("backfill progress", extra={"ctx": ctx})
 
 
 async def _defer_long_parks(bf: Backfiller, sched: HostScheduler, tally: Tally, patience: float) -> None:

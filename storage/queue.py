@@ -182,6 +182,12 @@ class BackfillQueue(StoreBase):
         self._note_appended(len(claimed))
         return [(r["did"], r["host"]) for r in claimed]
 
+    def due_count(self) -> int:
+        """Pending DIDs due now (one pass over the queue: for a progress total, not per claim)."""
+        rows = self.fetchall("SELECT count(*) FROM backfill_queue WHERE state = ? AND "
+                             "(retry_after IS NULL OR retry_after <= ?)", [_PENDING, now_utc()])
+        return int(rows[0][0])
+
     def recover_queue(self) -> int:
         """in_progress -> pending for rows a process that died left claimed (call at start-up)."""
         now = now_utc()
