@@ -136,9 +136,9 @@ async def run_backfill(
         raise ConfigError("give either DIDs or from_queue")
     if kafka_bootstrap is not None and sink is None:
         async with KafkaPublisher(kafka_bootstrap) as publisher:
-            return await run_backfill(store, dids=dids, config=config, from_queue=from_queue,
-                                      sink=StoreReconciler(store, publish=publisher.publish), progress=progress,
-                                      start=start, end=end)
+            sink = StoreReconciler(store, publish=publisher.publish, collections=config.collections)
+            return await run_backfill(store, dids=dids, config=config, from_queue=from_queue, sink=sink,
+                                      progress=progress, start=start, end=end)
     async with open_backfiller(store, config=config, sink=sink, progress=progress) as bf:
         if from_queue:
             await asyncio.to_thread(recover_queue, store)

@@ -21,7 +21,7 @@ import libipld
 from skyfill.protocol.repo import RepoSnapshot, materialize
 from skyfill.protocol.syntax import collection_matcher
 from skyfill.storage import Publish, ReconcileCounts, RecordColumns, Store, thread_emitter
-from skyfill.storage.discovery import canonical_filter
+from skyfill.storage.discovery import ALL_COLLECTIONS, canonical_filter
 from skyfill.storage.reconcile import RECONCILE_CHUNK
 
 __all__ = ["Reconciler", "StoreReconciler", "premade", "new_run_id"]
@@ -137,8 +137,11 @@ class StoreReconciler:
 
     `collections` (NSIDs or prefixes with .*): store only those records of the repo (the others
     the DID holds are deleted: the mirror equals getRepo restricted to them). After each commit
-    the filter used is recorded for the DID (`Store.record_backfill_filter`, "*" for none), in its
-    own transaction: a crash between the two leaves the previous filter recorded.
+    the filter used is recorded for the DID (`Store.record_backfill_filter`, "*" for none, once a
+    filtered backfill ever ran), in its own transaction: a crash between the two leaves the
+    previous filter recorded. The daemon's own reconciler (consumer/resync.py) stores every
+    collection and records nothing: a DID it refetches after a filtered backfill stays flagged
+    `filter_changed` (one backfill too many, never a hole).
     """
 
     def __init__(
@@ -153,6 +156,9 @@ class StoreReconciler:
         self.snapshot = snapshot
         self.want = collection_matcher(list(collections)) if collections else None
         self.filter = canonical_filter(collections)
+        # a whole backfill records "*" only once some filtered one exists (it must override that
+        # DID's narrower filter); a mirror never filtered spends no transaction on it
+        self.records_filter = self.filter != ALL_COLLECTIONS or store.has_backfill_filters()
         # publishing a snapshot needs every record: never skip the MST walk; a filtered store
         # holds a part of the MST, so an equal root proves nothing about it
         self.trusts_data_root = not (snapshot and publish is not None) and self.want is None
@@ -184,7 +190,8 @@ class StoreReconciler:
             )
 
         counts = await asyncio.to_thread(run)
-        await asyncio.to_thread(self.store.record_backfill_filter, [did], self.filter)
+        if self.records_filter:
+            await asyncio.to_thread(self.store.record_backfill_filter, [did], self.filter)
         return counts
 
     async def abort(self, did: str) -> None:

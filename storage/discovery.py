@@ -135,6 +135,10 @@ class Discovery(StoreBase):
             "ON CONFLICT (host, endpoint) DO UPDATE SET error = excluded.error, updated_at = excluded.updated_at",
             [host, endpoint, error[:500], now_utc()]))
 
+    def has_backfill_filters(self) -> bool:
+        """Whether any backfill ever recorded a filter (none: every DID was backfilled whole)."""
+        return bool(self.fetchall("SELECT EXISTS (SELECT 1 FROM backfill_filters)")[0][0])
+
     def record_backfill_filter(self, dids: Sequence[str], filter_: str) -> None:
         """The collections filter (canonical_filter) the last backfill of each of `dids` used."""
         if not dids:
