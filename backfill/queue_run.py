@@ -21,8 +21,9 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
-from skyfill.errors import SkyfillError
 from skyfill.net.http import host_key
+
+from skyfill.errors import SkyfillError
 
 from .progress import Tally
 from .scheduler import HostScheduler

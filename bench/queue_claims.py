@@ -18,7 +18,6 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import duckdb
-
 from skyfill.storage import open_store
 
 _V1 = """CREATE TABLE backfill_queue (did VARCHAR PRIMARY KEY, reasons VARCHAR[] NOT NULL,

@@ -16,16 +16,16 @@ from pathlib import Path
 
 import orjson
 import pytest
-from tests.support.faultserver import FaultServer, Reply, Seen, json_reply, rate_limited
-from tests.support.served import GET_REPO, World
-from tests.support.store import SetupStore
-from tests.support.wait import poll
-
-from skyfill import metrics
 from skyfill.backfill.backfiller import open_backfiller
 from skyfill.backfill.config import BackfillConfig
 from skyfill.backfill.scheduler import TOP_HOSTS, HostScheduler
 from skyfill.net.http import host_key
+
+from skyfill import metrics
+from tests.support.faultserver import FaultServer, Reply, Seen, json_reply, rate_limited
+from tests.support.served import GET_REPO, World
+from tests.support.store import SetupStore
+from tests.support.wait import poll
 
 ROOT = Path(__file__).resolve().parents[1]
 
