@@ -160,6 +160,7 @@ class BackfillQueue(StoreBase):
 
         def body(con: duckdb.DuckDBPyConnection) -> list[dict[str, Any]]:
             taken: list[dict[str, Any]] = []
+            seen: set[str] = set()  # a chunk read in this call still shows what it took as pending
             fresh = False
             while len(taken) < limit:
                 if not self._claimable:
@@ -170,7 +171,8 @@ class BackfillQueue(StoreBase):
                     fresh = True
                     continue
                 row = self._claimable.popleft()
-                if row["did"] not in self._requeued:
+                if row["did"] not in self._requeued and row["did"] not in seen:
+                    seen.add(row["did"])
                     taken.append(row | {"state": _IN_PROGRESS, "updated_at": now})
             queue_log.append(con, self._version(con), taken)
             if len(self._claimed) > 4 * _CLAIM_CHUNK:
