@@ -52,6 +52,7 @@ from skyfill.storage import TERMINAL_BACKFILL, BackfillStatus, ReconcileCounts, 
 
 from .config import BackfillConfig
 from .progress import BackfillSummary, Tally, display
+from .queue_run import work_queue
 from .reconcile import Reconciler, StoreReconciler
 
 __all__ = [
@@ -117,23 +118,29 @@ class Backfiller:
         return tally.summary(time.monotonic() - started)
 
     async def run_queue(self) -> BackfillSummary:
-        """Claim pending queue rows whose retry_after has passed, in chunks, until none is due."""
+        """Backfill every due queue row, host-fairly (backfill/queue_run.py), until none is due."""
         tally = Tally()
         started = time.monotonic()
-        with self._session(tally) as tick:
-            while True:
-                claimed = await asyncio.to_thread(self.store.claim_backfills, _QUEUE_CLAIM)
-                if not claimed:
-                    break
-                await self._drive(claimed, tally, tick, defer=True)
+        patience = min(_HOST_PATIENCE, self.config.rate_limit_patience.total_seconds())
+        due = await asyncio.to_thread(self.store.due_count) if self._progress else None
+        with self._session(tally, due) as tick:
+            await work_queue(self, tally, tick, patience=patience, total=due)
         return tally.summary(time.monotonic() - started)
 
+    async def backfill_did(self, did: str, tally: Tally, *, defer: bool) -> bool:
+        """One DID to its outcome (module docstring), counted in `tally`. True when backfilled."""
+        return await self._backfill_one(did, tally, defer=defer)
+
+    async def defer_parked(self, did: str, host: str, retry_after: datetime, tally: Tally) -> None:
+        """A DID not attempted because `host` stays parked: due again at `retry_after`."""
+        await self._record_deferred(did, _Deferred(retry_after.timestamp(), host), tally, queue_only=True)
+
     @contextmanager
-    def _session(self, tally: Tally) -> Iterator[Any]:
+    def _session(self, tally: Tally, total: int | None = None) -> Iterator[Any]:
         """One run: the hosts parked meanwhile go into `tally`; a progress bar if wanted."""
         self._parked_seen = set()
         try:
-            with display(tally, enabled=self._progress, parked_hosts=self.client.parked_hosts) as tick:
+            with display(tally, enabled=self._progress, parked_hosts=self.client.parked_hosts, total=total) as tick:
                 yield tick
         finally:
             tally.parked |= self._parked_seen
@@ -164,7 +171,7 @@ class Backfiller:
 
     # -- one DID -----------------------------------------------------------------------------
 
-    async def _backfill_one(self, did: str, tally: Tally, *, defer: bool) -> None:
+    async def _backfill_one(self, did: str, tally: Tally, *, defer: bool) -> bool:
         give_up_at: float | None = None  # list mode: the end of this DID's rate-limit patience
         while True:
             try:
@@ -173,7 +180,7 @@ class Backfiller:
             except _Deferred as d:
                 if defer:
                     await self._record_deferred(did, d, tally, queue_only=True)
-                    return
+                    return False
                 # list mode: wait out the park without holding a work slot, then go again,
                 # as long as the park ends within the patience counted from the first one
                 now = time.time()
@@ -181,16 +188,16 @@ class Backfiller:
                     give_up_at = now + self.config.rate_limit_patience.total_seconds()
                 if d.retry_at > give_up_at:
                     await self._record_deferred(did, d, tally, queue_only=False)
-                    return
+                    return False
                 await asyncio.sleep(max(0.0, d.retry_at - now))
                 continue
             except _Outcome as o:
                 await self._record_failure(did, o, tally)
-                return
+                return False
             except Exception as exc:  # a bug must not strand the DID 'in_progress' or stop the run
                 log.exception("backfill crashed", extra={"ctx": {"did": did}})
                 await self._record_failure(did, _Outcome(BackfillStatus.RETRYING, f"internal: {exc!r}"), tally)
-                return
+                return False
             tally.ok += 1
             tally.added += counts.added
             tally.updated += counts.updated
@@ -200,7 +207,7 @@ class Backfiller:
             for change, n in (("added", counts.added), ("updated", counts.updated), ("deleted", counts.deleted)):
                 if n:
                     metrics.BACKFILL_RECORDS.labels(change=change).inc(n)
-            return
+            return True
 
     async def _attempt(self, did: str, give_up_at: float | None = None) -> ReconcileCounts:
         """One try. Raises _Outcome (what to record) or _Deferred (rate limited)."""

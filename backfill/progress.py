@@ -7,7 +7,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 __all__ = ["BackfillSummary", "Tally", "display"]
 
@@ -74,9 +74,11 @@ class Tally:
 
 
 @contextmanager
-def display(tally: Tally, *, enabled: bool, parked_hosts: Callable[[], Any]) -> Iterator[Callable[[], None]]:
-    """A progress bar on the terminal while the run goes (when `enabled`); yields `tick()`,
-    to call whenever a DID is done."""
+def display(
+    tally: Tally, *, enabled: bool, parked_hosts: Callable[[], Any], total: int | None = None
+) -> Iterator[Callable[[], None]]:
+    """A progress bar on the terminal while the run goes (when `enabled`), with an ETA when the
+    `total` is known (a queue run); yields `tick()`, to call whenever a DID is done."""
     if not enabled:
         yield lambda: None
         return
@@ -85,9 +87,10 @@ def display(tally: Tally, *, enabled: bool, parked_hosts: Callable[[], Any]) -> 
         BarColumn(),
         TextColumn("{task.completed} repos  {task.fields[records]} records  {task.fields[parked]} hosts parked"),
         TimeElapsedColumn(),
+        TimeRemainingColumn(),
         transient=False,
     ) as bar:
-        task = bar.add_task("repos", total=None, records=0, parked=0)
+        task = bar.add_task("repos", total=total, records=0, parked=0)
 
         def tick() -> None:
             done = tally.ok + sum(tally.failed.values())

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import secrets
 import threading
 from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
 from typing import Any, Protocol
 
 import libipld
@@ -22,7 +24,12 @@ from skyfill.storage import Publish, ReconcileCounts, RecordColumns, Store, thre
 from skyfill.storage.discovery import ALL_COLLECTIONS, canonical_filter
 from skyfill.storage.reconcile import RECONCILE_CHUNK
 
-__all__ = ["Reconciler", "StoreReconciler", "premade"]
+__all__ = ["Reconciler", "StoreReconciler", "premade", "new_run_id"]
+
+
+def new_run_id() -> str:
+    """A backfill run's id: its start time (sortable), then 6 random hex digits."""
+    return datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ") + "-" + secrets.token_hex(3)
 
 
 class Reconciler(Protocol):
@@ -139,9 +146,12 @@ class StoreReconciler:
 
     def __init__(
         self, store: Store, *, publish: Publish | None = None, snapshot: bool = False,
-        collections: Sequence[str] = (),
+        collections: Sequence[str] = (), run: str | None = None,
     ) -> None:
         self.store = store
+        # this backfill run's id, recorded on each repo row it completes (repos.backfill_run)
+        # and sent with its `kind: "backfill"` repo message
+        self.run = run or new_run_id()
         self.publish = publish
         self.snapshot = snapshot
         self.want = collection_matcher(list(collections)) if collections else None
@@ -176,6 +186,7 @@ class StoreReconciler:
                 emit=emit,
                 snapshot=self.snapshot,
                 trust_data_root=self.trusts_data_root,
+                run=self.run,
             )
 
         counts = await asyncio.to_thread(run)

@@ -88,6 +88,7 @@ def encode_repo(change: RepoChange) -> bytes:
             "time": change.time,
             "source": change.source,
             "snapshot": change.snapshot,
+            "run": change.run,
         }
     )
 
@@ -126,4 +127,5 @@ def repo_change_from(obj: dict[str, Any]) -> RepoChange:
         active=bool(obj["active"]), status=obj["status"], handle=obj.get("handle"),
         sync_state=obj["sync_state"], desync_reason=obj.get("desync_reason"), seq=obj.get("seq"),
         time=obj.get("time"), source=obj["source"], snapshot=bool(obj.get("snapshot", False)),
+        run=obj.get("run"),
     )

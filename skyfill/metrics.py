@@ -12,7 +12,7 @@ __all__ = ["REGISTRY", "serve", "FIREHOSE_EVENTS", "FIREHOSE_ERRORS", "FIREHOSE_
            "DESYNCHRONIZED", "DESYNCHRONIZED_DIDS", "BATCH_WRITE_SECONDS", "BATCH_EVENTS",
            "STORE_HEALTHY", "STORAGE_ERRORS", "STORAGE_COMMITTED_SEQ", "STORE_COMPACTIONS", "STORE_COMPACTION_SECONDS",
            "STORE_RECONCILE_READS",
-           "BACKFILL_REPOS", "BACKFILL_RECORDS", "BACKFILL_HOSTS_PARKED", "BACKFILL_REQUESTS",
+           "BACKFILL_REPOS", "BACKFILL_RECORDS", "BACKFILL_HOSTS_PARKED", "BACKFILL_HOST_REPOS", "BACKFILL_REQUESTS",
            "KAFKA_CONNECTED", "KAFKA_PUBLISH_RETRIES", "KAFKA_PUBLISHED", "KAFKA_SINK_MESSAGES",
            "KAFKA_WORKER_REQUESTS"]
 
@@ -87,6 +87,12 @@ BACKFILL_RECORDS = Counter(
 )
 BACKFILL_HOSTS_PARKED = Gauge(
     "skyfill_backfill_hosts_parked", "PDS hosts parked by rate limits", registry=REGISTRY
+)
+# per host: only the 20 hosts with most queued DIDs by name, the rest summed as host="other"
+# (backfill/scheduler.py), so the series stay bounded with thousands of hosts
+BACKFILL_HOST_REPOS = Gauge(
+    "skyfill_backfill_host_repos", "DIDs of a backfill run per PDS host, by state "
+    "(queued, in_flight, parked = 1 while the host is parked, done, failed)", ["host", "state"], registry=REGISTRY
 )
 BACKFILL_REQUESTS = Counter(
     "skyfill_backfill_requests_total", "HTTP requests to PDS/PLC hosts, by result", ["result"], registry=REGISTRY

@@ -93,6 +93,8 @@ class RepoChange:
     # kind "backfill" only: the record messages at `rev` are the WHOLE repo, so every record of
     # the DID older than `rev` that they do not rewrite is gone.
     snapshot: bool = False
+    # kind "backfill" only: the backfill run that completed this DID (repos.backfill_run)
+    run: str | None = None
 
 
 Change = RecordChange | RepoChange

@@ -25,7 +25,7 @@ from skyfill import metrics
 from skyfill.errors import StorageError
 
 from .base import StoreBase, storage_errors
-from . import refs, repos
+from . import queue_log, refs, repos
 from .migrate import schema_sql
 from .records import RecordCompaction, compact_records
 
@@ -41,13 +41,14 @@ COMPACT_AFTER_ROWS: Final = 250_000
 _LOG_MAX_V = """
 SELECT coalesce(max(v), 0) FROM (
     SELECT max(v) AS v FROM record_log UNION ALL SELECT max(v) FROM record_purges
-    UNION ALL SELECT max(v) FROM repo_log UNION ALL SELECT max(v) FROM ref_log
+    UNION ALL SELECT max(v) FROM repo_log UNION ALL SELECT max(v) FROM ref_log UNION ALL SELECT max(v) FROM queue_log
 )
 """
 
 
 _LOG_ROWS = """
 SELECT (SELECT count(*) FROM record_log) + (SELECT count(*) FROM record_purges) + (SELECT count(*) FROM repo_log)
+     + (SELECT count(*) FROM queue_log)
 """
 
 
@@ -55,6 +56,7 @@ SELECT (SELECT count(*) FROM record_log) + (SELECT count(*) FROM record_purges) 
 class Compaction:
     records: RecordCompaction | None   # None: nothing to fold
     repos: int = 0                     # DIDs whose repo_base row was rewritten
+    queue: int = 0                     # DIDs whose queue_base row was rewritten
 
 
 class Compacting(StoreBase):
@@ -94,6 +96,7 @@ class Compacting(StoreBase):
             result = compact_records(cur, upto) if upto else None
             repo_rows = repos.compact(cur, upto) if upto else 0
             ref_pairs = refs.compact(cur, upto) if upto else 0
+            queue_rows = queue_log.compact(cur, upto) if upto else 0
             if full:
                 repos.resort(cur)
                 refs.resort(cur)
@@ -109,14 +112,15 @@ class Compacting(StoreBase):
             except duckdb.Error:
                 pass  # a failed COMMIT already ended the transaction
             raise
-        if result is not None and result.log_rows + result.purges + repo_rows:
+        if result is not None and result.log_rows + result.purges + repo_rows + queue_rows:
             metrics.STORE_COMPACTIONS.labels("ok").inc()
             metrics.STORE_COMPACTION_SECONDS.observe(time.perf_counter() - started)
             log.info("compacted the version logs", extra={"ctx": {
                 "log_rows": result.log_rows, "purges": result.purges, "base_deleted": result.base_deleted,
-                "base_inserted": result.base_inserted, "repos": repo_rows, "ref_pairs": ref_pairs, "full": full,
+                "base_inserted": result.base_inserted, "repos": repo_rows, "ref_pairs": ref_pairs, "queue": queue_rows,
+                "full": full,
                 "seconds": round(time.perf_counter() - started, 3)}})
-        return Compaction(records=result, repos=repo_rows)
+        return Compaction(records=result, repos=repo_rows, queue=queue_rows)
 
     def _note_appended(self, rows: int) -> None:
         """Count appended log rows; start a background compaction past the threshold."""

@@ -6,6 +6,7 @@
                        in a `refs` column of record_base/record_log: moved into ref_base on open,
                        whatever the schema_version, because the condition is the column itself)
     schema_version 3   record CIDs stored binary (storage/cids.py); the view shows them as text
+    schema_version 4   the backfill queue an append-only log (storage/queue_log.py); repos.backfill_run
 
 A writable open creates what is missing and migrates an older file (or a `refs` column) in ONE
 transaction (a crash part-way leaves the file as it was), then (re)creates the views. A read-only
@@ -23,7 +24,7 @@ import duckdb
 
 from skyfill.errors import StorageError
 
-from . import refs, repos
+from . import queue_log, refs, repos
 from .cids import CID_MACROS_SQL
 from .records import migrate_records_text_cids, migrate_records_v1
 
@@ -31,7 +32,7 @@ __all__ = ["SCHEMA_VERSION", "MIGRATE_COMMAND", "prepare_schema", "schema_versio
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION: Final = 3
+SCHEMA_VERSION: Final = 4
 MIGRATE_COMMAND: Final = "skyfill migrate --db {path}"
 
 
@@ -89,6 +90,7 @@ def prepare_schema(con: duckdb.DuckDBPyConnection, path: str, *, read_only: bool
             repos.migrate_v1(con)
         else:
             repos.create_repos(con)
+        queue_log.create_queue(con)
         con.execute(schema_sql("views.sql"))
         con.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", [str(SCHEMA_VERSION)])
         con.execute("COMMIT")

@@ -7,10 +7,17 @@ Two rows hold a DID's backfill state, both written only here:
     pending | in_progress    --enqueue--------------> unchanged  (gains the new reasons)
     pending (due)            --claim_backfills------> in_progress
     in_progress              --recover_queue--------> pending    (a process died holding it)
-    any                      --mark_backfilled------> done       (the reconcile committed)
+    any queued               --mark_backfilled------> done       (the reconcile committed)
     any                      --record_backfill_failure, retrying --> pending (retry_after)
     any                      --record_backfill_failure, terminal --> failed
     any                      --defer_backfill-------> pending    (retry_after = the host's park end)
+Each transition APPENDS the DID's whole row to queue_log (storage/queue_log.py: no primary key,
+no UPDATE, newest row per DID wins, compaction folds it like repo_log), so its cost does not grow
+with the queue. Claims come from memory: `claim_backfills` pops DIDs from a chunk of due
+pending rows read in one scan that stops at `_CLAIM_CHUNK` rows (hosts interleaved, so a chunk
+feeds many hosts at once) and appends their in_progress rows; the next chunk is read when this
+one is used up, and no longer holds them. A DID whose row another process changed after its
+chunk was read may be handed out once more: a refetch, never a loss.
 
 `repos.backfill_status` (BackfillStatus) - the outcome of the last attempt: `ok` (with
 backfilled_at/rev), `retrying` (with backfill_retry_after) or a terminal status
@@ -21,6 +28,7 @@ leaves it alone. `RetryPolicy` turns it into "retry at" or "give up" (status Fai
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -31,7 +39,7 @@ import pyarrow as pa
 
 from skyfill.backoff import backoff_delay
 
-from . import repos
+from . import queue_log, repos
 from .base import StoreBase, now_utc
 from .queries import DESYNCHRONIZED
 from .states import BackfillStatus, QueueState
@@ -69,15 +77,23 @@ class RetryPolicy:
         return timedelta(seconds=seconds)
 
 
-def mark_backfilled(con: duckdb.DuckDBPyConnection, v: int, did: str, rev: str | None, now: datetime) -> None:
-    """ok/done: the reconcile of `did` commits in this transaction (write version `v`; its repo row exists)."""
+def mark_backfilled(con: duckdb.DuckDBPyConnection, v: int, did: str, rev: str | None, now: datetime,
+                    run: str | None = None) -> None:
+    """ok/done: the reconcile of `did` commits in this transaction (write version `v`; its repo row
+    exists). The repo row records when (`backfilled_at`) and in which backfill `run`."""
     group = {"backfill_status": BackfillStatus.OK.value, "backfill_error": None, "backfill_attempts": 0,
-             "backfill_retry_after": None, "backfilled_at": now, "backfilled_rev": rev}
+             "backfill_retry_after": None, "backfilled_at": now, "backfilled_rev": rev, "backfill_run": run}
     repos.append_backfill(con, v, did, group, first_seen_at=now)
-    con.execute(
-        "UPDATE backfill_queue SET state = ?, error = NULL, updated_at = ? WHERE did = ?",
-        [QueueState.DONE.value, now, did],
-    )
+    _transition(con, v, did, now, state=QueueState.DONE.value, error=None)
+
+
+def _transition(con: duckdb.DuckDBPyConnection, v: int, did: str, now: datetime,
+                row: dict[str, Any] | None = None, **changes: Any) -> None:
+    """Append `did`'s queue row (`row`: its current one when the caller holds it) with `changes`
+    (nothing when the DID was never queued)."""
+    row = row or queue_log.current(con, [did]).get(did)
+    if row is not None:
+        queue_log.append(con, v, [row | changes | {"updated_at": now}])
 
 
 def _backfill_group(con: duckdb.DuckDBPyConnection, did: str) -> dict[str, Any]:
@@ -88,71 +104,105 @@ def _backfill_group(con: duckdb.DuckDBPyConnection, did: str) -> dict[str, Any]:
     return dict(zip(repos.BACKFILL_FIELDS, rows[0][1:], strict=True))
 
 
+# due pending DIDs read into memory at a time by `claim_backfills` (a scan that stops there)
+_CLAIM_CHUNK = 20_000
+
+
 class BackfillQueue(StoreBase):
     """Store methods for the backfill queue and the backfill outcome of repo rows."""
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # the chunk claims pop from: whole rows of due pending DIDs, hosts interleaved
+        self._claimable: deque[dict[str, Any]] = deque()
+        self._requeued: set[str] = set()  # enqueued since the chunk was read: its copy is stale
+        # rows this store claimed, until their outcome is recorded (at most the DIDs in flight)
+        self._claimed: dict[str, dict[str, Any]] = {}
+
     def enqueue(self, reasons_by_did: Mapping[str, Iterable[str]]) -> int:
-        """Add DIDs to the backfill queue; a DID already pending gains the new reasons. Returns new rows."""
+        """Add DIDs to the backfill queue; a DID already pending gains the new reasons. Returns new rows.
+
+        The DID's PDS host is stored with it when the identity cache knows it."""
         if not reasons_by_did:
             return 0
         now = now_utc()
-        table = pa.table(
-            {
-                "did": list(reasons_by_did),
-                "reasons": [sorted(set(r)) for r in reasons_by_did.values()],
-            },
-            schema=pa.schema([("did", pa.string()), ("reasons", pa.list_(pa.string()))]),
-        )
-        count_open = f"SELECT count(*) FROM backfill_queue WHERE state IN {_OPEN}"
+        wanted = {did: set(r) for did, r in reasons_by_did.items()}
 
         def body(con: duckdb.DuckDBPyConnection) -> int:
-            con.register("_q", table)
-            before = con.execute(count_open).fetchall()[0][0]
-            con.execute(
-                "INSERT INTO backfill_queue (did, reasons, enqueued_at, state, updated_at) "
-                "SELECT did, reasons, ?, ?, ? FROM _q ON CONFLICT (did) DO UPDATE SET "
-                "reasons = list_sort(list_distinct(list_concat("
-                f"  CASE WHEN backfill_queue.state IN {_OPEN} THEN backfill_queue.reasons ELSE [] END,"
-                "  excluded.reasons))), "
-                f"state = CASE WHEN backfill_queue.state = '{_IN_PROGRESS}' THEN '{_IN_PROGRESS}' ELSE '{_PENDING}' END, "
-                f"enqueued_at = CASE WHEN backfill_queue.state IN {_OPEN} "
-                "  THEN backfill_queue.enqueued_at ELSE excluded.enqueued_at END, "
-                "updated_at = excluded.updated_at",
-                [now, _PENDING, now],
-            )
-            con.unregister("_q")
-            after = con.execute(count_open).fetchall()[0][0]
-            return int(after - before)
+            dids = list(wanted)
+            rows = queue_log.current(con, dids)
+            hosts = _hosts(con, dids)
+            out, new = [], 0
+            for did, reasons in wanted.items():
+                row = rows.get(did)
+                if row is not None and row["state"] in (_PENDING, _IN_PROGRESS):
+                    merged = sorted(set(row["reasons"]) | reasons)
+                    if merged == list(row["reasons"]) and row["host"] == (hosts.get(did) or row["host"]):
+                        continue
+                    out.append(row | {"reasons": merged, "updated_at": now, "host": hosts.get(did) or row["host"]})
+                    continue
+                new += 1
+                out.append({"did": did, "reasons": sorted(reasons), "enqueued_at": now, "state": _PENDING,
+                            "retry_after": None, "error": None, "updated_at": now, "host": hosts.get(did)})
+            queue_log.append(con, self._version(con), out)
+            self._requeued.update(r["did"] for r in out)
+            return new
 
         return int(self._txn(body))
 
     def claim_backfills(self, limit: int) -> list[str]:
-        """pending -> in_progress for up to `limit` DIDs whose retry_after has passed, oldest first."""
+        """pending -> in_progress for up to `limit` due DIDs, hosts interleaved, from memory."""
+        return [did for did, _ in self.claim_backfills_with_hosts(limit)]
+
+    def claim_backfills_with_hosts(self, limit: int) -> list[tuple[str, str | None]]:
+        """`claim_backfills`, each DID with the PDS endpoint stored at enqueue (None: unknown)."""
         now = now_utc()
 
-        def body(con: duckdb.DuckDBPyConnection) -> list[str]:
-            rows = con.execute(
-                "UPDATE backfill_queue SET state = ?, updated_at = ? WHERE did IN ("
-                "  SELECT did FROM backfill_queue WHERE state = ? AND (retry_after IS NULL OR retry_after <= ?)"
-                "  ORDER BY enqueued_at, did LIMIT ?) RETURNING did",
-                [_IN_PROGRESS, now, _PENDING, now, limit],
-            ).fetchall()
-            return [r[0] for r in rows]
+        def body(con: duckdb.DuckDBPyConnection) -> list[dict[str, Any]]:
+            taken: list[dict[str, Any]] = []
+            seen: set[str] = set()  # a chunk read in this call still shows what it took as pending
+            fresh = False
+            while len(taken) < limit:
+                if not self._claimable:
+                    if fresh:
+                        break  # this call read the table already: nothing more is due
+                    self._requeued.clear()
+                    self._claimable.extend(queue_log.load_pending(con, now, _CLAIM_CHUNK))
+                    fresh = True
+                    continue
+                row = self._claimable.popleft()
+                if row["did"] not in self._requeued and row["did"] not in seen:
+                    seen.add(row["did"])
+                    taken.append(row | {"state": _IN_PROGRESS, "updated_at": now})
+            queue_log.append(con, self._version(con), taken)
+            if len(self._claimed) > 4 * _CLAIM_CHUNK:
+                self._claimed.clear()  # done ones are never popped here; the log read is the fallback
+            self._claimed.update((r["did"], r) for r in taken)
+            return taken
 
-        return list(self._txn(body))
+        claimed: list[dict[str, Any]] = self._txn(body)
+        self._note_appended(len(claimed))
+        return [(r["did"], r["host"]) for r in claimed]
+
+    def due_count(self) -> int:
+        """Pending DIDs due now (one pass over the queue: for a progress total, not per claim)."""
+        rows = self.fetchall("SELECT count(*) FROM backfill_queue WHERE state = ? AND "
+                             "(retry_after IS NULL OR retry_after <= ?)", [_PENDING, now_utc()])
+        return int(rows[0][0])
 
     def recover_queue(self) -> int:
         """in_progress -> pending for rows a process that died left claimed (call at start-up)."""
+        now = now_utc()
 
         def body(con: duckdb.DuckDBPyConnection) -> int:
-            rows = con.execute(
-                "UPDATE backfill_queue SET state = ?, updated_at = ? WHERE state = ? RETURNING did",
-                [_PENDING, now_utc(), _IN_PROGRESS],
-            ).fetchall()
-            return len(rows)
+            rows = queue_log.in_state(con, _IN_PROGRESS)
+            return queue_log.append(con, self._version(con), [r | {"state": _PENDING, "updated_at": now} for r in rows])
 
-        return int(self._txn(body))
-
+        recovered = int(self._txn(body))
+        self._claimed.clear()
+        # what was claimable before is read again: recovered rows are due at once
+        self._claimable.clear()
+        return recovered
     def backfill_attempts(self, did: str) -> int:
         """Failed attempts counted for `did` since its last successful backfill."""
         rows = self.fetchall("SELECT backfill_attempts FROM repos WHERE did = ?", [did])
@@ -181,13 +231,13 @@ class BackfillQueue(StoreBase):
             group.update(backfill_status=final.value, backfill_error=stored, backfill_attempts=attempts,
                          backfill_retry_after=retry_after)
             repos.append_backfill(con, self._version(con), did, group, first_seen_at=now)
-            con.execute(
-                "UPDATE backfill_queue SET state = ?, retry_after = ?, error = ?, updated_at = ? WHERE did = ?",
-                [_PENDING if retry_after is not None else QueueState.FAILED.value, retry_after, stored, now, did],
-            )
+            _transition(con, self._version(con), did, now, self._claimed.pop(did, None),
+                        retry_after=retry_after, error=stored,
+                        state=_PENDING if retry_after is not None else QueueState.FAILED.value)
             return final, message
 
         result: tuple[BackfillStatus, str] = self._txn(body)
+        self._note_appended(2)
         return result
 
     def defer_backfill(self, did: str, retry_after: datetime, *, error: str | None = None) -> None:
@@ -198,10 +248,8 @@ class BackfillQueue(StoreBase):
         now = now_utc()
 
         def body(con: duckdb.DuckDBPyConnection) -> None:
-            con.execute(
-                "UPDATE backfill_queue SET state = ?, retry_after = ?, updated_at = ? WHERE did = ?",
-                [_PENDING, retry_after, now, did],
-            )
+            _transition(con, self._version(con), did, now, self._claimed.pop(did, None),
+                        state=_PENDING, retry_after=retry_after)
             if error is not None:
                 group = _backfill_group(con, did)
                 group.update(backfill_status=BackfillStatus.RETRYING.value, backfill_error=error,
@@ -209,7 +257,19 @@ class BackfillQueue(StoreBase):
                 repos.append_backfill(con, self._version(con), did, group, first_seen_at=now)
 
         self._txn(body)
+        self._note_appended(2)
 
     def unqueued_desynchronized(self) -> list[str]:
         """Active DIDs with a broken chain that are not pending or in progress in the backfill queue."""
         return [did for (did,) in self.fetchall(UNQUEUED_DESYNCHRONIZED_SQL)]
+
+
+def _hosts(con: duckdb.DuckDBPyConnection, dids: list[str]) -> dict[str, str]:
+    """The PDS endpoint the identity cache holds for each of `dids` that has one."""
+    con.register("_queue_hosts", pa.table({"did": dids}))
+    try:
+        rows = con.execute("SELECT did, pds FROM identities WHERE pds IS NOT NULL AND did IN "
+                           "(SELECT did FROM _queue_hosts)").fetchall()
+    finally:
+        con.unregister("_queue_hosts")
+    return {did: pds for did, pds in rows}

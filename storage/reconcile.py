@@ -54,6 +54,7 @@ class Reconciling(FirehoseWrites):
         emit: Callable[[list[Change]], None] | None = None,
         snapshot: bool = False,
         trust_data_root: bool = True,
+        run: str | None = None,
     ) -> ReconcileCounts:
         """Make the stored records of `did` equal the fetched repo, in one transaction.
 
@@ -101,7 +102,7 @@ class Reconciling(FirehoseWrites):
         ) -> ReconcileCounts:
             _finish(con, new=False)
             if emit is not None:
-                emit(_backfill_changes(con, did, rev, now, {}, None, (), skip=set(), snapshot=False))
+                emit(_backfill_changes(con, did, rev, now, {}, None, (), skip=set(), snapshot=False, run=run))
             return ReconcileCounts(added=0, updated=0, deleted=0, unchanged=stored)
 
         def _finish(con: duckdb.DuckDBPyConnection, *, new: bool) -> None:
@@ -113,7 +114,7 @@ class Reconciling(FirehoseWrites):
                 head.update(rev=rev, data_cid=data_cid, commit_cid=commit_cid,
                             sync_state=SyncState.SYNCHRONIZED.value, desync_reason=None, desynced_at=None)
                 repos.append_head_row(con, v, did, head)
-            mark_backfilled(con, v, did, rev, now)
+            mark_backfilled(con, v, did, rev, now, run)
             if after is not None:
                 puts_cols, del_cols = record_columns(after)
                 self._apply_in(con, after, now, puts_cols, del_cols)
@@ -166,7 +167,7 @@ class Reconciling(FirehoseWrites):
                 sent = every if every is not None else (RecordColumns.concat(kept) if changed else None)
                 emit(_backfill_changes(con, did, rev, now, existing, sent, gone,
                                        skip={(c, k) for d, c, k in (after.records if after else ()) if d == did},
-                                       snapshot=snapshot))
+                                       snapshot=snapshot, run=run))
             return ReconcileCounts(
                 added=added, updated=len(changed) - added, deleted=len(gone),
                 unchanged=len(fetched) - len(changed),
@@ -243,6 +244,7 @@ def _backfill_changes(
     *,
     skip: set[tuple[str, str]],
     snapshot: bool,
+    run: str | None,
 ) -> list[Change]:
     """What a reconciliation changed, as `source: "backfill"` changes (see `Store.reconcile`)."""
     at = now.strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
@@ -263,6 +265,6 @@ def _backfill_changes(
     ).fetchall()[0]
     out.append(RepoChange(did=did, kind="backfill", rev=row[0], data_cid=row[1], active=bool(row[2]),
                           status=row[3], handle=row[4], sync_state=row[5], desync_reason=row[6],
-                          seq=None, time=at, source="backfill", snapshot=snapshot))
+                          seq=None, time=at, source="backfill", snapshot=snapshot, run=run))
     return out
 

@@ -59,7 +59,11 @@ _COLUMNS: Final[dict[str, tuple[str, str]]] = {
     "backfill_retry_after": ("TIMESTAMPTZ", ""),
     "backfilled_at": ("TIMESTAMPTZ", ""),
     "backfilled_rev": ("VARCHAR", ""),
+    # the backfill run whose reconcile set backfilled_at (the "backfill complete" signal, per run);
+    # added after schema version 2's first release: `create_repos` adds it to older files
+    "backfill_run": ("VARCHAR", ""),
 }
+_ADDED: Final = ("backfill_run",)  # columns a v1 `repos` table does not have
 REPO_COLUMNS: Final = ("did", *_COLUMNS)
 HEAD_FIELDS: Final = tuple(list(_COLUMNS)[: list(_COLUMNS).index("first_seen_at") + 1])
 BACKFILL_FIELDS: Final = tuple(c for c in _COLUMNS if c not in HEAD_FIELDS)
@@ -127,7 +131,11 @@ REPOS_DDL: Final = _CREATE_TABLES + _VIEW + ";\n"
 
 def create_repos(con: duckdb.DuckDBPyConnection) -> None:
     """The v2 tables and the `repos` view, if missing (the view is re-created: always current)."""
-    con.execute(REPOS_DDL)
+    con.execute(_CREATE_TABLES)
+    for table in ("repo_base", "repo_log"):
+        for name in _ADDED:
+            con.execute(f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {name} {_COLUMNS[name][0]}")
+    con.execute(_VIEW)
 
 
 def is_v1(con: duckdb.DuckDBPyConnection) -> bool:
@@ -145,7 +153,7 @@ def migrate_v1(con: duckdb.DuckDBPyConnection) -> int:
     started = time.monotonic()
     con.execute("ALTER TABLE repos RENAME TO repos_v1")
     con.execute(_CREATE_TABLES)
-    cols = ", ".join(REPO_COLUMNS)
+    cols = ", ".join(c for c in REPO_COLUMNS if c not in _ADDED)
     con.execute(f"INSERT INTO repo_base ({cols}) SELECT {cols} FROM repos_v1 ORDER BY did")
     count = int(con.execute("SELECT count(*) FROM repo_base").fetchall()[0][0])
     con.execute("DROP TABLE repos_v1")

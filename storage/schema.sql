@@ -91,16 +91,7 @@ CREATE TABLE IF NOT EXISTS coverage (
     ended           VARCHAR NOT NULL DEFAULT 'running'    -- CoverageEnd
 );
 
--- DIDs waiting for a backfill, with the reasons the gap detector found. Idempotent by DID.
-CREATE TABLE IF NOT EXISTS backfill_queue (
-    did          VARCHAR PRIMARY KEY,
-    reasons      VARCHAR[] NOT NULL,
-    enqueued_at  TIMESTAMPTZ NOT NULL,
-    state        VARCHAR NOT NULL DEFAULT 'pending',      -- QueueState
-    retry_after  TIMESTAMPTZ,
-    error        VARCHAR,
-    updated_at   TIMESTAMPTZ NOT NULL
-);
+-- The backfill queue (`backfill_queue`, a view over queue_base + queue_log) is storage/queue_log.py's.
 
 -- Resolved DID documents (PDS endpoint, signing key), cached with a TTL.
 CREATE TABLE IF NOT EXISTS identities (

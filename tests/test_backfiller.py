@@ -222,7 +222,7 @@ async def test_truncated_car_is_retryable_and_not_done(store: SetupStore, world:
 
     # once retry_after has passed and the PDS serves the whole CAR, the queue completes it
     world.repos[ident.did] = [Reply(200, car)]
-    store.execute_write("UPDATE backfill_queue SET retry_after = now() - INTERVAL 1 MINUTE")
+    store.execute_write("UPDATE queue_log SET retry_after = now() - INTERVAL 1 MINUTE")
     async with open_backfiller(store, config=config(srv)) as bf:
         summary = await bf.run_queue()
     assert summary.repos_ok == 1
@@ -245,8 +245,8 @@ async def test_run_queue_skips_rows_not_yet_due_and_recovers_stranded(store: Set
     a, _ = world.account()
     b, _ = world.account()
     store.enqueue({a.did: ["explicit"], b.did: ["explicit"]})
-    store.execute_write("UPDATE backfill_queue SET retry_after = now() + INTERVAL 1 HOUR WHERE did = ?", [a.did])
-    store.execute_write("UPDATE backfill_queue SET state = 'in_progress' WHERE did = ?", [b.did])
+    store.execute_write("UPDATE queue_log SET retry_after = now() + INTERVAL 1 HOUR WHERE did = ?", [a.did])
+    store.execute_write("UPDATE queue_log SET state = 'in_progress' WHERE did = ?", [b.did])
     assert recover_queue(store) == 1
     async with open_backfiller(store, config=config(srv)) as bf:
         summary = await bf.run_queue()

@@ -212,7 +212,9 @@ def _v1_file(path: Path) -> list[tuple[Any, ...]]:
         "CASE WHEN i % 4 = 0 THEN 'ok' END, i % 4, CASE WHEN i % 4 = 0 THEN '3l' || i END FROM range(3000) t(i)"
     )
     con.execute("INSERT INTO cursors VALUES ('relay', 77, now())")
-    rows = con.execute(f"SELECT {COLS} FROM repos ORDER BY did").fetchall()
+    # a v1 table has no backfill_run (added later): the migrated rows have it NULL
+    v1_cols = COLS.replace(", backfill_run", ", NULL AS backfill_run")
+    rows = con.execute(f"SELECT {v1_cols} FROM repos ORDER BY did").fetchall()
     con.close()
     return rows
 

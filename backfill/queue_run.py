@@ -1,0 +1,132 @@
+"""Working the durable queue host-fairly: claims feed a HostScheduler, workers take from it.
+
+    claim (500, hosts interleaved) -> host of each DID (stored at enqueue, else resolved first)
+      -> HostScheduler (per-host FIFOs, bounded by `room`) -> `concurrency` workers -> outcome
+
+Bounds: at most `room` + one claim of DIDs wait in memory; `config.concurrency` DIDs (and so
+CARs, each at most `max_car_bytes`) are in flight; each host gets at most
+`per_host_concurrency` of them, and the limiter paces its requests. A parked host's DIDs wait
+here, no attempt counted; when its park ends later than the patience (`rate_limit_patience`,
+at most 30 s) they go back to the queue as deferred (retry_after = the park's end) and the run
+goes on with the other hosts. The run ends when nothing due is left and every worker is idle.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING
+
+from skyfill.net.http import host_key
+
+from skyfill.errors import SkyfillError
+
+from .progress import Tally
+from .scheduler import HostScheduler
+
+if TYPE_CHECKING:
+    from .backfiller import Backfiller
+
+__all__ = ["work_queue", "UNKNOWN_HOST"]
+
+UNKNOWN_HOST = ""          # DIDs whose identity could not be resolved: their attempt records why
+log = logging.getLogger(__name__)
+
+_CLAIM = 500
+_EXPORT_EVERY = 1.0        # seconds between per-host gauge updates and long-park checks
+_LOG_EVERY = 30.0          # seconds between progress log lines
+
+
+async def work_queue(
+    bf: Backfiller, tally: Tally, tick: Callable[[], None], *, patience: float, total: int | None = None
+) -> None:
+    """Claim and backfill every due DID of the queue, host-fairly (see the module docstring).
+    Off a terminal, a progress line is logged every 30 s (done, rate, ETA against `total`)."""
+    config = bf.config
+    sched = HostScheduler(per_host=config.per_host_concurrency, parked=bf.client.parked_hosts)
+    room = max(_CLAIM, config.concurrency * 8)
+    ttl = config.identity_ttl.total_seconds()
+
+    async def host_of(did: str, pds: str | None) -> str:
+        if pds is None:
+            try:
+                pds = (await bf.resolver.resolve(did)).pds
+            except SkyfillError:
+                return UNKNOWN_HOST  # the attempt resolves again and records the failure
+        try:
+            return host_key(pds)
+        except ValueError:
+            return UNKNOWN_HOST
+
+    async def feed() -> None:
+        try:
+            while True:
+                await sched.wait_room(room)
+                rows = await asyncio.to_thread(bf.store.claim_backfills_with_hosts, _CLAIM)
+                if not rows:
+                    return
+                unknown = [did for did, pds in rows if pds is None]
+                if unknown:
+                    await asyncio.to_thread(bf.store.prefetch_identities, unknown, max_age=ttl)
+                hosts = await asyncio.gather(*(host_of(did, pds) for did, pds in rows))
+                for (did, _), host in zip(rows, hosts, strict=True):
+                    sched.add(host, did)
+        finally:
+            sched.close()
+
+    async def work() -> None:
+        while (item := await sched.take()) is not None:
+            host, did = item
+            ok = False
+            try:
+                ok = await bf.backfill_did(did, tally, defer=True)
+            finally:
+                sched.release(host, ok=ok)
+                tick()
+
+    started = last_line = time.monotonic()
+
+    async def watch() -> None:
+        nonlocal last_line
+        while True:
+            if time.monotonic() - last_line >= _LOG_EVERY:
+                last_line = time.monotonic()
+                _log_progress(tally, sched, started, total)
+            sched.export_metrics()
+            await _defer_long_parks(bf, sched, tally, patience)
+            await asyncio.sleep(_EXPORT_EVERY)
+
+    watcher = asyncio.create_task(watch())
+    try:
+        await asyncio.gather(feed(), *(work() for _ in range(config.concurrency)))
+    finally:
+        watcher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watcher
+        sched.export_metrics()
+
+
+def _log_progress(tally: Tally, sched: HostScheduler, started: float, total: int | None) -> None:
+    done = tally.ok + sum(tally.failed.values())
+    rate = done / max(1e-9, time.monotonic() - started)
+    ctx: dict[str, object] = {"done": done, "ok": tally.ok, "failed": done - tally.ok, "waiting": len(sched),
+                              "hosts_parked": len(sched.waiting_parked()), "repos_per_s": round(rate, 2)}
+    if total:
+        ctx["total"] = total
+        ctx["eta_s"] = round((total - done) / rate) if rate > 0 and total > done else None
+    log.info("backfill progress", extra={"ctx": ctx})
+
+
+async def _defer_long_parks(bf: Backfiller, sched: HostScheduler, tally: Tally, patience: float) -> None:
+    """DIDs waiting for a host parked past the patience go back to the queue (no attempt counted)."""
+    limit = time.time() + patience
+    for host, until in sched.waiting_parked().items():
+        if until <= limit:
+            continue
+        retry_after = datetime.fromtimestamp(until, UTC)
+        for did in sched.drain(host):
+            await bf.defer_parked(did, host, retry_after, tally)
