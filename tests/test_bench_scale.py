@@ -20,6 +20,9 @@ import pytest
 from bench.scale import __main__ as scale_main
 from bench.scale import build
 from skyfill.backfill.gaps import Reason
+from skyfill.errors import StorageError
+from skyfill.storage import Store
+from skyfill.storage.migrate import SCHEMA_VERSION
 
 # each reason's query is timed on its own, except the three over discovery listings: one pass (`network`)
 TIMED = [r.value for r in Reason if r not in (Reason.EXPLICIT, Reason.UNSEEN, Reason.STALE, Reason.FILTER_CHANGED)] + ["network"]
@@ -107,6 +110,20 @@ def test_cached_store_is_reused_until_the_build_version_changes(tmp_path, monkey
     assert again.cached and again.path == first.path
     monkeypatch.setattr(build, "BUILD_VERSION", build.BUILD_VERSION + 1)
     assert not build.ensure_store(3_000, cache_dir=tmp_path, pool_size=300, progress=lambda _m: None).cached
+
+
+def test_a_cached_store_of_an_older_schema_version_is_migrated_when_reused(tmp_path) -> None:
+    """The measurements open copies read-only (gaps): a cached store written by an older schema
+    version must be migrated once when reused, or every measurement of that size fails."""
+    first = build.ensure_store(3_000, cache_dir=tmp_path, pool_size=300, progress=lambda _m: None)
+    with duckdb.connect(str(first.path)) as con:
+        con.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", [str(SCHEMA_VERSION - 1)])
+    with pytest.raises(StorageError, match="skyfill migrate"):
+        Store(first.path, read_only=True)
+    again = build.ensure_store(3_000, cache_dir=tmp_path, pool_size=300, progress=lambda _m: None)
+    assert again.cached
+    with Store(again.path, read_only=True) as store:
+        assert store.fetchall("SELECT count(*) FROM records") == [(3_000,)]
 
 
 def test_v2_build_fills_the_base_tables_with_refs_and_event_times(tmp_path) -> None:

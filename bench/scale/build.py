@@ -330,6 +330,8 @@ def ensure_store(n_records: int, *, cache_dir: Path = CACHE_DIR,
     if path.exists() and meta_path.exists():
         meta = json.loads(meta_path.read_text())
         if {k: meta.get(k) for k in want} == want:
+            with Store(path):  # a store cached by an older schema version is migrated on open, once
+                pass
             return Built(path, n_records, n_dids, layout, float(meta.get("build_seconds", 0.0)), cached=True)
     cache_dir.mkdir(parents=True, exist_ok=True)
     meta_path.unlink(missing_ok=True)
