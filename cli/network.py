@@ -37,6 +37,11 @@ def _run(call: Any) -> dict[str, Any]:
     return result
 
 
+def _echo(out: dict[str, Any], as_json: bool, lines: list[str]) -> None:
+    """The result as indented JSON, or the summary lines."""
+    click.echo(orjson.dumps(out, option=orjson.OPT_INDENT_2).decode() if as_json else "\n".join(lines))
+
+
 @click.command("discover")
 @db_option
 @relay_option
@@ -59,17 +64,13 @@ def discover(db: str, relay: str, collections: tuple[str, ...], restart: bool, h
         raise click.BadParameter(one_line(exc)) from exc
     out = _run(lambda: commands.discover(db, relay=relay, config=config, collections=collections,
                                          restart=restart, host_concurrency=host_concurrency))
-    if as_json:
-        click.echo(orjson.dumps(out, option=orjson.OPT_INDENT_2).decode())
-        return
-    lines = [f"discover {out['relay']} ({out['mode']}{'' if out['fresh'] else ', resumed'}): "
+    _echo(out, as_json, [f"discover {out['relay']} ({out['mode']}{'' if out['fresh'] else ', resumed'}): "
              f"{out['listed']} repos listed in {out['pages']} page(s) from {out['hosts']} host(s)",
              f"  hosts done        {out['hosts_done']}",
              f"  hosts failed      {out['hosts_failed']}",
              f"  entries skipped   {out['skipped']}",
              *(f"  error  {host}: {error}" for host, error in sorted(out["errors"].items())[:20]),
-             f"  elapsed           {out['elapsed']:.1f} s"]
-    click.echo("\n".join(lines))
+             f"  elapsed           {out['elapsed']:.1f} s"])
 
 
 @click.group("identities")
@@ -93,17 +94,13 @@ def sync(db: str, max_pages: int | None, as_json: bool, **options: Any) -> None:
     except ConfigError as exc:
         raise click.BadParameter(one_line(exc)) from exc
     out = _run(lambda: commands.identities_sync(db, config=config, max_pages=max_pages))
-    if as_json:
-        click.echo(orjson.dumps(out, option=orjson.OPT_INDENT_2).decode())
-        return
-    lines = [f"identities sync {out['plc']}: {out['operations']} operations in {out['pages']} page(s)"
+    _echo(out, as_json, [f"identities sync {out['plc']}: {out['operations']} operations in {out['pages']} page(s)"
              f"{' (complete)' if out['complete'] else ''}",
              f"  stored            {out['stored']}",
              f"  refused           {out['refused']}",
              f"  DIDs in bulk      {out['folded_dids']}",
              *([f"  error             {out['error']}"] if out["error"] else []),
-             f"  elapsed           {out['elapsed']:.1f} s"]
-    click.echo("\n".join(lines))
+             f"  elapsed           {out['elapsed']:.1f} s"])
 
 
 COMMANDS = [discover, identities]

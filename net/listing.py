@@ -16,7 +16,7 @@ and 429 parking, retries of 5xx and network errors). A page is hostile input:
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final, Generic, TypeVar
 
@@ -117,39 +117,18 @@ class ListingClient:
             if cursor is None:  # the very first page: a PDS answers garbage or 404 here
                 raise NotARelay(f"{relay} does not list hosts: {exc}", host=exc.host) from exc
             raise
-        hosts: list[ListedHost] = []
-        skipped: list[str] = []
-        for item in items:
-            host = _host(item)
-            if host is None:
-                skipped.append(f"listHosts: malformed entry {_short(item)}")
-            elif host.status not in _SKIPPED_HOST_STATUSES:
-                hosts.append(host)
-        return Page(hosts, nxt, skipped)
+        hosts, skipped = _parsed(items, _host, LIST_HOSTS)
+        return Page([h for h in hosts if h.status not in _SKIPPED_HOST_STATUSES], nxt, skipped)
 
     async def list_repos(self, host: str, cursor: str | None) -> Page[ListedRepo]:
         items, nxt = await self._page(host, LIST_REPOS, self._params(cursor), "repos")
-        repos: list[ListedRepo] = []
-        skipped: list[str] = []
-        for item in items:
-            repo = _repo(item)
-            if repo is None:
-                skipped.append(f"listRepos: malformed entry {_short(item)}")
-            else:
-                repos.append(repo)
+        repos, skipped = _parsed(items, _repo, LIST_REPOS)
         return Page(repos, nxt, skipped)
 
     async def list_by_collection(self, relay: str, collection: str, cursor: str | None) -> Page[str]:
         params = {**self._params(cursor), "collection": collection}
         items, nxt = await self._page(relay, LIST_BY_COLLECTION, params, "repos")
-        dids: list[str] = []
-        skipped: list[str] = []
-        for item in items:
-            did = item.get("did") if isinstance(item, dict) else None
-            if is_did(did):
-                dids.append(did)
-            else:
-                skipped.append(f"listReposByCollection: malformed entry {_short(item)}")
+        dids, skipped = _parsed(items, _listed_did, LIST_BY_COLLECTION)
         return Page(dids, nxt, skipped)
 
     def _params(self, cursor: str | None) -> dict[str, str]:
@@ -171,6 +150,24 @@ def _status_error(result: HttpResult, method: str, host: str) -> RetryableFetchE
     if method == LIST_HOSTS and (result.status in (400, 404, 405, 501) or error == "MethodNotImplemented"):
         return NotARelay(text, host=host)
     return RetryableFetchError(text, host=host)
+
+
+def _parsed(items: list[Any], parse: Callable[[object], T | None], method: str) -> tuple[list[T], list[str]]:
+    """The entries `parse` accepts, and one line per entry it refused (None)."""
+    good: list[T] = []
+    skipped: list[str] = []
+    for item in items:
+        value = parse(item)
+        if value is None:
+            skipped.append(f"{method.rsplit('.', 1)[-1]}: malformed entry {_short(item)}")
+        else:
+            good.append(value)
+    return good, skipped
+
+
+def _listed_did(item: object) -> str | None:
+    did = item.get("did") if isinstance(item, dict) else None
+    return did if is_did(did) else None
 
 
 def _short(item: object) -> str:
