@@ -20,17 +20,23 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
-
 from skyfill.app.jobs import run_backfill
 from skyfill.app.network import run_discover, run_identities_sync
 from skyfill.backfill.config import BackfillConfig
 from skyfill.backfill.gaps import detect_gaps
-from skyfill.net.listing import LIST_BY_COLLECTION, LIST_HOSTS
 from skyfill.storage import Store
-from tests.support.faultserver import FaultServer, Reply, Seen, json_reply
-from tests.support.network import Create, LocalNetwork, PdsAccount, PdsClient, like_record, post_record
+
+from tests.support.faultserver import FaultServer, Reply, json_reply
+from tests.support.network import (
+    Create,
+    LocalNetwork,
+    PdsAccount,
+    PdsClient,
+    like_record,
+    post_record,
+)
+from tests.support.relay_stand_in import serve_relay
 
 pytestmark = pytest.mark.pds
 
@@ -120,22 +126,9 @@ def test_a_wider_collections_filter_flags_filter_changed(
 
 
 def stand_in_relay(relay: FaultServer, net: LocalNetwork, hostile: FaultServer) -> None:
-    """listHosts over the local PDS (and a hostile host); listReposByCollection asked of the PDS."""
-    pds_host = net.pds_url.removeprefix("http://")
-    relay.script(f"/xrpc/{LIST_HOSTS}", json_reply({"hosts": [
-        {"hostname": pds_host, "status": "active", "accountCount": 1},
-        {"hostname": f"127.0.0.1:{hostile.port}", "status": "active"}]}))
-
-    def by_collection(seen: Seen) -> Reply:
-        collection = seen.query["collection"]
-        with httpx.Client(base_url=net.pds_url, timeout=30) as http:
-            listed = http.get("/xrpc/com.atproto.sync.listRepos", params={"limit": 1000}).json()["repos"]
-            dids = [r["did"] for r in listed if http.get(
-                "/xrpc/com.atproto.repo.listRecords",
-                params={"repo": r["did"], "collection": collection, "limit": 1}).json().get("records")]
-        return json_reply({"repos": [{"did": d} for d in dids]})
-
-    relay.script(f"/xrpc/{LIST_BY_COLLECTION}", by_collection)
+    """listHosts over the local PDS (and a hostile host); listReposByCollection asked of the PDS
+    (tests/support/relay_stand_in.py)."""
+    serve_relay(relay, {net.pds_url.removeprefix("http://"): net.pds_url}, also_list=[f"127.0.0.1:{hostile.port}"])
     hostile.script("/xrpc/com.atproto.sync.listRepos", json_reply({"repos": [
         {"did": "did:plc:../../etc/passwd", "head": "x", "rev": "3laaaaaaaaa22"}, {"did": 7}, "garbage"]}))
 

@@ -30,13 +30,14 @@ from tests.support.network._client import (
     post_record,
 )
 from tests.support.network._install import NetworkInstall, install, install_package, installed, package_installed
-from tests.support.network._network import LocalNetwork, NetworkStartError
+from tests.support.network._network import LocalNetwork, LocalPds, NetworkStartError
 
 __all__ = [
     "Commit",
     "Create",
     "Delete",
     "LocalNetwork",
+    "LocalPds",
     "NetworkInstall",
     "NetworkStartError",
     "PdsAccount",

@@ -11,15 +11,17 @@ from tests.support.network._network import LocalNetwork
 
 _USAGE = """usage: python -m tests.support.network COMMAND
   install   install the pinned PDS + PLC + Node 22 into .cache/pds-network (idempotent)
-  up        run a fresh network in the foreground; prints its URLs as JSON; Ctrl-C stops it"""
+  up [N]    run a fresh network (N PDSes on one PLC, default 1) in the foreground; prints its URLs
+            as JSON; Ctrl-C stops it"""
 
 
-def _up() -> int:
+def _up(pds_count: int = 1) -> int:
     done = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: done.set())
-    with LocalNetwork() as net:
+    with LocalNetwork(pds_count=pds_count) as net:
         info = {
             "pds_url": net.pds_url,
+            "pds_urls": [pds.url for pds in net.pdses],
             "plc_url": net.plc_url,
             "admin_password": net.admin_password,
             "firehose": f"{net.pds_ws_url}/xrpc/com.atproto.sync.subscribeRepos?cursor=0",
@@ -38,6 +40,9 @@ def main(argv: list[str]) -> int:
     if command == "install":
         return main_install()
     if command == "up":
-        return _up()
+        if len(argv) > 1 and not argv[1].isdigit():
+            print(_USAGE)
+            return 2
+        return _up(int(argv[1]) if len(argv) > 1 else 1)
     print(_USAGE)
     return 2
