@@ -24,7 +24,6 @@ counter and backoff included); where a snapshot goes is backfill/reconcile.py.
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
 import sys
 import time
@@ -52,7 +51,7 @@ from skyfill.storage import TERMINAL_BACKFILL, BackfillStatus, ReconcileCounts, 
 
 from .config import BackfillConfig
 from .progress import BackfillSummary, Tally, display
-from .queue_run import work_queue
+from .queue_run import chunks, hosts_of, work_queue
 from .reconcile import Reconciler, StoreReconciler
 
 __all__ = [
@@ -127,9 +126,19 @@ class Backfiller:
             await work_queue(self, tally, tick, patience=patience, total=due)
         return tally.summary(time.monotonic() - started)
 
-    async def backfill_did(self, did: str, tally: Tally, *, defer: bool) -> bool:
-        """One DID to its outcome (module docstring), counted in `tally`. True when backfilled."""
-        return await self._backfill_one(did, tally, defer=defer)
+    async def backfill_did(self, did: str, tally: Tally, *, defer: bool, raise_parked: bool = False) -> bool:
+        """One DID to its outcome (module docstring), counted in `tally`; True when backfilled."""
+        return await self._backfill_one(did, tally, defer=defer, raise_parked=raise_parked)
+
+    async def backfill_requested(self, did: str) -> str:
+        """A Kafka worker's request (publish/worker.py): 'ok' or the outcome recorded; raises
+        RateLimited, with nothing attempted or recorded, while the DID's host stays parked."""
+        tally = Tally()
+        ok = await self._backfill_one(did, tally, defer=False, raise_parked=True)
+        return "ok" if ok else next(iter(tally.failed), "retrying")
+
+    async def hosts_of(self, dids: list[str]) -> list[str]:
+        return await hosts_of(self, dids)  # each DID's PDS host, for scheduling (queue_run.py)
 
     async def defer_parked(self, did: str, host: str, retry_after: datetime, tally: Tally) -> None:
         """A DID not attempted because `host` stays parked: due again at `retry_after`."""
@@ -158,7 +167,7 @@ class Backfiller:
                 tick()
 
         ttl = self.config.identity_ttl.total_seconds()
-        for chunk in _chunks(dids, _QUEUE_CLAIM):
+        for chunk in chunks(dids, _QUEUE_CLAIM):
             # the bulk identities (`identities sync`) of the chunk in one read, not one per DID
             await asyncio.to_thread(self.store.prefetch_identities, chunk, max_age=ttl)
             for did in chunk:
@@ -171,13 +180,15 @@ class Backfiller:
 
     # -- one DID -----------------------------------------------------------------------------
 
-    async def _backfill_one(self, did: str, tally: Tally, *, defer: bool) -> bool:
+    async def _backfill_one(self, did: str, tally: Tally, *, defer: bool, raise_parked: bool = False) -> bool:
         give_up_at: float | None = None  # list mode: the end of this DID's rate-limit patience
         while True:
             try:
                 async with self._work:
                     counts = await self._attempt(did, give_up_at)
             except _Deferred as d:
+                if raise_parked:
+                    raise RateLimited(f"host {d.host} parked", retry_at=d.retry_at, did=did, host=d.host) from None
                 if defer:
                     await self._record_deferred(did, d, tally, queue_only=True)
                     return False
@@ -376,12 +387,6 @@ async def open_backfiller(
     finally:
         await resolver.aclose()
         await client.aclose()
-
-
-def _chunks(items: Iterable[str], size: int) -> Iterator[list[str]]:
-    it = iter(items)
-    while chunk := list(itertools.islice(it, size)):
-        yield chunk
 
 
 class _Outcome(Exception):

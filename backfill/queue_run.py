@@ -17,7 +17,8 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+import itertools
+from collections.abc import Callable, Iterable, Iterator
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
@@ -26,12 +27,12 @@ from skyfill.net.http import host_key
 from skyfill.errors import SkyfillError
 
 from .progress import Tally
-from .scheduler import HostScheduler
+from skyfill.net.scheduler import HostScheduler
 
 if TYPE_CHECKING:
     from .backfiller import Backfiller
 
-__all__ = ["work_queue", "UNKNOWN_HOST"]
+__all__ = ["work_queue", "hosts_of", "chunks", "UNKNOWN_HOST"]
 
 UNKNOWN_HOST = ""          # DIDs whose identity could not be resolved: their attempt records why
 log = logging.getLogger(__name__)
@@ -51,17 +52,6 @@ async def work_queue(
     room = max(_CLAIM, config.concurrency * 8)
     ttl = config.identity_ttl.total_seconds()
 
-    async def host_of(did: str, pds: str | None) -> str:
-        if pds is None:
-            try:
-                pds = (await bf.resolver.resolve(did)).pds
-            except SkyfillError:
-                return UNKNOWN_HOST  # the attempt resolves again and records the failure
-        try:
-            return host_key(pds)
-        except ValueError:
-            return UNKNOWN_HOST
-
     async def feed() -> None:
         try:
             while True:
@@ -72,7 +62,7 @@ async def work_queue(
                 unknown = [did for did, pds in rows if pds is None]
                 if unknown:
                     await asyncio.to_thread(bf.store.prefetch_identities, unknown, max_age=ttl)
-                hosts = await asyncio.gather(*(host_of(did, pds) for did, pds in rows))
+                hosts = await asyncio.gather(*(_host_of(bf, did, pds) for did, pds in rows))
                 for (did, _), host in zip(rows, hosts, strict=True):
                     sched.add(host, did)
         finally:
@@ -108,6 +98,32 @@ async def work_queue(
         with contextlib.suppress(asyncio.CancelledError):
             await watcher
         sched.export_metrics()
+
+
+async def hosts_of(bf: Backfiller, dids: list[str]) -> list[str]:
+    """The host of each DID, for scheduling: the bulk identities of all of them in one read, then
+    the resolver (cached); UNKNOWN_HOST where it fails (the attempt resolves again and records why)."""
+    ttl = bf.config.identity_ttl.total_seconds()
+    await asyncio.to_thread(bf.store.prefetch_identities, dids, max_age=ttl)
+    return list(await asyncio.gather(*(_host_of(bf, did, None) for did in dids)))
+
+
+async def _host_of(bf: Backfiller, did: str, pds: str | None) -> str:
+    if pds is None:
+        try:
+            pds = (await bf.resolver.resolve(did)).pds
+        except SkyfillError:
+            return UNKNOWN_HOST  # the attempt resolves again and records the failure
+    try:
+        return host_key(pds)
+    except ValueError:
+        return UNKNOWN_HOST
+
+
+def chunks(items: Iterable[str], size: int) -> Iterator[list[str]]:
+    it = iter(items)
+    while chunk := list(itertools.islice(it, size)):
+        yield chunk
 
 
 def _log_progress(tally: Tally, sched: HostScheduler, started: float, total: int | None) -> None:

@@ -18,7 +18,7 @@ import orjson
 import pytest
 from skyfill.backfill.backfiller import open_backfiller
 from skyfill.backfill.config import BackfillConfig
-from skyfill.backfill.scheduler import TOP_HOSTS, HostScheduler
+from skyfill.net.scheduler import TOP_HOSTS, HostScheduler
 from skyfill.net.http import host_key
 
 from skyfill import metrics
