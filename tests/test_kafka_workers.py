@@ -220,7 +220,7 @@ async def test_a_worker_killed_while_a_host_is_parked_loses_nothing(
     served.clear()
     parked.clear()  # the park is over for the restarted worker
     proc = _worker_process(db, bs, plc.url, exit_when_idle=True)
-    stdout, stderr = await asyncio.to_thread(proc.communicate, timeout=180)
+    _, stderr = await asyncio.to_thread(proc.communicate, timeout=180)
     assert proc.returncode == 0, stderr.decode()[-2000:]
     assert sorted(served) == sorted(order[3:]), "a committed request was redone, or one was lost"
     assert await backfilled(bs, out.repos, 9) == set(order)
