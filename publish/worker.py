@@ -8,7 +8,8 @@ polled requests of every partition this member owns go into per-host queues, han
 round-robin to `concurrency` tasks, at most `per_host` per host; a host parked by a 429 +
 Retry-After keeps its requests waiting (no attempt counted) while the other hosts' requests go
 on, and the member keeps polling while fewer than `room` requests wait (then it pauses its
-partitions, still polling to stay in the group).
+partitions, still polling to stay in the group: a park longer than the room absorbs stalls the
+worker until it ends, at most the limiter's max_park).
 
 Offsets: requests finish out of order, so each partition commits only up to its lowest
 unfinished request (publish/offsets.py): the cursor never passes unfinished work, a parked
