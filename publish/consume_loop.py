@@ -94,6 +94,14 @@ class ConsumeLoop:
             consumer.resume(*consumer.paused())
         return await consumer.getmany(timeout_ms=timeout_ms, max_records=max_records)
 
+    def seek(self, tp: TopicPartition, offset: int) -> None:
+        """Read `tp` again from `offset` at the next poll (a partition no longer assigned is left
+        to its new owner, who reads it from the last commit)."""
+        try:
+            self._started().seek(tp, offset)
+        except IllegalStateError:
+            pass
+
     def assigned(self) -> bool:
         """Whether the group gave this member any partition (yet)."""
         return bool(self._started().assignment())

@@ -64,5 +64,14 @@ class PartitionOffsets:
             self._next.pop(tp, None)
             self._committed.pop(tp, None)
 
+    def rewind(self) -> dict[TopicPartition, int]:
+        """Partitions with requests left unfinished (a run that stopped) -> the offset to read
+        them again from (their commit point); their tracking restarts there."""
+        out = {tp: next(iter(o)) for tp, o in self._open.items() if o}
+        for tp, point in out.items():
+            self._open[tp] = {}
+            self._next[tp] = point
+        return out
+
     def open_count(self) -> int:
         return sum(len(o) for o in self._open.values())

@@ -172,6 +172,8 @@ class BackfillWorker:
             if self._crash is not None:
                 raise self._crash  # e.g. a re-queue the broker refused: nothing more is committed
             await self._commit()
+            for tp, offset in self._offsets.rewind().items():  # polled, not started: read again by a next run
+                self._loop.seek(tp, offset)
         finally:
             for w in workers:
                 w.cancel()
