@@ -101,6 +101,23 @@ class HostScheduler(Generic[T]):
         self._changed.set()
         return out
 
+    def discard(self, drop: Callable[[T], bool]) -> int:
+        """Remove the waiting items for which `drop(item)` is true (their partition left this
+        Kafka worker, say); returns how many. Items in flight are not touched."""
+        n = 0
+        for host, counts in self._hosts.items():
+            if not counts.queued:
+                continue
+            kept = deque(item for item in counts.queued if not drop(item))
+            n += len(counts.queued) - len(kept)
+            counts.queued = kept
+            if not kept:
+                self._turns.remove(host)
+        self._buffered -= n
+        if n:
+            self._changed.set()
+        return n
+
     def waiting_parked(self) -> dict[str, float]:
         """Parked hosts that have DIDs waiting here -> the park's end (epoch seconds)."""
         parked = self._parked()

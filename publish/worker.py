@@ -129,6 +129,7 @@ class BackfillWorker:
         self._offsets = PartitionOffsets()
         self._halting = False
         self._crash: BaseException | None = None
+        self._sched: HostScheduler[_Request] | None = None
         self.processed = 0
 
     async def start(self) -> None:
@@ -162,6 +163,7 @@ class BackfillWorker:
         brings nothing and nothing is left; or after `polls` polls, once their requests are done).
         On `stop`, requests under way finish and are committed; those not started are replayed."""
         sched: HostScheduler[_Request] = HostScheduler(per_host=self._per_host, parked=self._parked)
+        self._sched = sched
         self._halting = False
         self._crash = None
         workers = [asyncio.create_task(self._work(sched)) for _ in range(self._concurrency)]
@@ -178,6 +180,7 @@ class BackfillWorker:
             for w in workers:
                 w.cancel()
             await asyncio.gather(*workers, return_exceptions=True)
+            self._sched = None
             sched.export_metrics()
         return self.processed
 
@@ -239,6 +242,8 @@ class BackfillWorker:
         replays from there; requests of theirs still under way here finish harmlessly)."""
         await self._commit(revoked)
         self._offsets.forget(revoked)
+        if self._sched is not None:  # their waiting requests: the next owner reads them again
+            self._sched.discard(lambda req: req.tp in revoked)
 
     # -- the workers -----------------------------------------------------------------------------
 
