@@ -193,7 +193,8 @@ async def run_backfill_worker(
         async with KafkaPublisher(bootstrap, records_topic=topics.records, repos_topic=topics.repos) as publisher:
             sink = StoreReconciler(store, publish=publisher.publish, snapshot=True)
             async with open_backfiller(store, config=config, sink=sink, progress=False) as backfiller:
-                worker = BackfillWorker(bootstrap, backfill_one_from(backfiller), topic=topic,
-                                        group_id=group_id, concurrency=config.concurrency)
+                worker = BackfillWorker(bootstrap, backfill_one_from(backfiller), topic=topic, group_id=group_id,
+                                        concurrency=config.concurrency, per_host=config.per_host_concurrency,
+                                        hosts_of=backfiller.hosts_of, parked_hosts=backfiller.client.parked_hosts)
                 async with worker:
                     return await worker.run(stop=stop, exit_when_idle=exit_when_idle)

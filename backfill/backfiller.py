@@ -24,13 +24,12 @@ counter and backoff included); where a snapshot goes is backfill/reconcile.py.
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
 import sys
 import time
-from collections.abc import AsyncIterator, Iterable, Iterator
-from contextlib import asynccontextmanager, contextmanager
-from datetime import UTC, datetime
+from collections.abc import AsyncIterator, Iterable, Sized
+from contextlib import asynccontextmanager
+from datetime import datetime
 from typing import Any
 
 from skyfill import metrics
@@ -51,8 +50,9 @@ from skyfill.protocol.repo import RepoSnapshot, parse_repo
 from skyfill.storage import TERMINAL_BACKFILL, BackfillStatus, ReconcileCounts, RetryPolicy, Store
 
 from .config import BackfillConfig
-from .progress import BackfillSummary, Tally, display
-from .queue_run import work_queue
+from .outcomes import record_deferred, record_failure
+from .progress import BackfillSummary, Phases, Tally, report
+from .queue_run import chunks, hosts_of, work_queue
 from .reconcile import Reconciler, StoreReconciler
 
 __all__ = [
@@ -101,11 +101,13 @@ class Backfiller:
         self.client = client
         self.sink = sink
         self.config = config
-        # a progress bar only on a terminal (never in logs or under tests)
+        # progress bars only on a terminal (never in logs or under tests); else a log line every 30 s
         self._progress = sys.stderr.isatty() if progress is None else progress
         self._work = asyncio.Semaphore(config.concurrency)
         self._retry = RetryPolicy(config.max_attempts, config.backoff_min, config.backoff_max)
         self._parked_seen: set[str] = set()
+        self._phases: Phases | None = None
+        self.phases = Phases("identities", "repos")   # the current (or last) run's phases
 
     # -- entry points ------------------------------------------------------------------------
 
@@ -113,8 +115,10 @@ class Backfiller:
         """Backfill these DIDs (terminal ones included: naming a DID is an explicit request)."""
         tally = Tally()
         started = time.monotonic()
-        with self._session(tally) as tick:
-            await self._drive(dids, tally, tick, defer=False)
+        total = len(dids) if isinstance(dids, Sized) else None
+        phases = Phases("identities", "repos", totals={"identities": total, "repos": total})
+        async with self._session(tally, phases, count_resolves=True):
+            await self._drive(dids, tally, phases, defer=False)
         return tally.summary(time.monotonic() - started)
 
     async def run_queue(self) -> BackfillSummary:
@@ -122,30 +126,51 @@ class Backfiller:
         tally = Tally()
         started = time.monotonic()
         patience = min(_HOST_PATIENCE, self.config.rate_limit_patience.total_seconds())
-        due = await asyncio.to_thread(self.store.due_count) if self._progress else None
-        with self._session(tally, due) as tick:
-            await work_queue(self, tally, tick, patience=patience, total=due)
+        due = await asyncio.to_thread(self.store.due_count)  # one pass, for the totals and ETAs
+        phases = Phases("identities", "repos", totals={"identities": due, "repos": due})
+        async with self._session(tally, phases, count_resolves=False):
+            await work_queue(self, tally, phases, patience=patience)
         return tally.summary(time.monotonic() - started)
 
-    async def backfill_did(self, did: str, tally: Tally, *, defer: bool) -> bool:
-        """One DID to its outcome (module docstring), counted in `tally`. True when backfilled."""
-        return await self._backfill_one(did, tally, defer=defer)
+    async def backfill_did(self, did: str, tally: Tally, *, defer: bool, raise_parked: bool = False) -> bool:
+        """One DID to its outcome (module docstring), counted in `tally`; True when backfilled."""
+        return await self._backfill_one(did, tally, defer=defer, raise_parked=raise_parked)
+
+    async def backfill_requested(self, did: str) -> str:
+        """A Kafka worker's request (publish/worker.py): 'ok' or the outcome recorded; raises
+        RateLimited, with nothing attempted or recorded, while the DID's host stays parked."""
+        tally = Tally()
+        ok = await self._backfill_one(did, tally, defer=False, raise_parked=True)
+        return "ok" if ok else next(iter(tally.failed), "retrying")
+
+    async def hosts_of(self, dids: list[str]) -> list[str]:
+        return await hosts_of(self, dids)  # each DID's PDS host, for scheduling (queue_run.py)
 
     async def defer_parked(self, did: str, host: str, retry_after: datetime, tally: Tally) -> None:
         """A DID not attempted because `host` stays parked: due again at `retry_after`."""
         await self._record_deferred(did, _Deferred(retry_after.timestamp(), host), tally, queue_only=True)
 
-    @contextmanager
-    def _session(self, tally: Tally, total: int | None = None) -> Iterator[Any]:
-        """One run: the hosts parked meanwhile go into `tally`; a progress bar if wanted."""
+    @asynccontextmanager
+    async def _session(self, tally: Tally, phases: Phases, *, count_resolves: bool) -> AsyncIterator[None]:
+        """One run: the hosts parked meanwhile go into `tally`; its phases shown (progress.report).
+        `count_resolves`: the identities phase counts each DID's first resolve (list mode; a
+        queue run counts the hosts it resolves before scheduling)."""
         self._parked_seen = set()
+        self.phases = phases
+        self._phases = phases if count_resolves else None
+
+        def extra() -> dict[str, Any]:
+            return {"ok": tally.ok, "failed": sum(tally.failed.values()), "hosts_parked": len(self.client.parked_hosts()),
+                    "records": tally.added + tally.updated + tally.deleted + tally.unchanged}
+
         try:
-            with display(tally, enabled=self._progress, parked_hosts=self.client.parked_hosts, total=total) as tick:
-                yield tick
+            async with report(phases, what="backfill", terminal=self._progress, extra=extra):
+                yield
         finally:
             tally.parked |= self._parked_seen
+            self._phases = None
 
-    async def _drive(self, dids: Iterable[str], tally: Tally, tick: Any, *, defer: bool) -> None:
+    async def _drive(self, dids: Iterable[str], tally: Tally, phases: Phases, *, defer: bool) -> None:
         # Bounded: at most 4x concurrency tasks exist; the producer waits for room.
         room = asyncio.Semaphore(self.config.concurrency * 4)
         tasks: set[asyncio.Task[None]] = set()
@@ -155,10 +180,10 @@ class Backfiller:
                 await self._backfill_one(did, tally, defer=defer)
             finally:
                 room.release()
-                tick()
+                phases["repos"].advance()
 
         ttl = self.config.identity_ttl.total_seconds()
-        for chunk in _chunks(dids, _QUEUE_CLAIM):
+        for chunk in chunks(dids, _QUEUE_CLAIM):
             # the bulk identities (`identities sync`) of the chunk in one read, not one per DID
             await asyncio.to_thread(self.store.prefetch_identities, chunk, max_age=ttl)
             for did in chunk:
@@ -171,13 +196,15 @@ class Backfiller:
 
     # -- one DID -----------------------------------------------------------------------------
 
-    async def _backfill_one(self, did: str, tally: Tally, *, defer: bool) -> bool:
+    async def _backfill_one(self, did: str, tally: Tally, *, defer: bool, raise_parked: bool = False) -> bool:
         give_up_at: float | None = None  # list mode: the end of this DID's rate-limit patience
         while True:
             try:
                 async with self._work:
                     counts = await self._attempt(did, give_up_at)
             except _Deferred as d:
+                if raise_parked:
+                    raise RateLimited(f"host {d.host} parked", retry_at=d.retry_at, did=did, host=d.host) from None
                 if defer:
                     await self._record_deferred(did, d, tally, queue_only=True)
                     return False
@@ -211,7 +238,11 @@ class Backfiller:
 
     async def _attempt(self, did: str, give_up_at: float | None = None) -> ReconcileCounts:
         """One try. Raises _Outcome (what to record) or _Deferred (rate limited)."""
-        identity = await self._resolve(did, fresh=False)
+        try:
+            identity = await self._resolve(did, fresh=False)
+        finally:
+            if self._phases is not None and give_up_at is None:  # the DID's first resolve of this run
+                self._phases["identities"].advance()
         await self.sink.begin(did)
         committed = False
         try:
@@ -312,41 +343,10 @@ class Backfiller:
         self._parked_seen.update(parked)
 
     async def _record_failure(self, did: str, outcome: _Outcome, tally: Tally) -> None:
-        status, error = outcome.status, outcome.message
-        try:
-            # counts the attempt; a `retrying` one past max_attempts comes back as Failed
-            status, error = await asyncio.to_thread(
-                self.store.record_backfill_failure, did, status=status, error=error, policy=self._retry
-            )
-        except SkyfillError:
-            log.exception("could not record a backfill failure", extra={"ctx": {"did": did}})
-        log.warning("backfill failed", extra={"ctx": {"did": did, "status": status.value, "error": error}})
-        tally.fail(status.value)
-        metrics.BACKFILL_REPOS.labels(outcome=status.value).inc()
+        await record_failure(self.store, did, outcome.status, outcome.message, tally, self._retry)
 
     async def _record_deferred(self, did: str, d: _Deferred, tally: Tally, *, queue_only: bool) -> None:
-        """The host stays parked past our patience: due again at the park's end.
-
-        Rate limiting is the host's state, not the DID's: no attempt is counted. Queue mode
-        writes only the queue row (the queue hands the DID out again once due); list mode has
-        no queue to come back to, so the repo row says 'retrying' until the park's end.
-        """
-        retry_after = datetime.fromtimestamp(d.retry_at, UTC)
-        error = f"rate limited: host {d.host} parked until {retry_after.isoformat(timespec='seconds')}"
-        # list mode gives up on the DID (a warning); queue mode merely reschedules it (info:
-        # a daemon round may defer thousands of DIDs of one parked host)
-        log.log(
-            logging.INFO if queue_only else logging.WARNING,
-            "backfill deferred",
-            extra={"ctx": {"did": did, "host": d.host, "retry_after": retry_after.isoformat(timespec="seconds"),
-                           "mode": "queue" if queue_only else "list"}},
-        )
-        tally.fail("deferred")
-        metrics.BACKFILL_REPOS.labels(outcome="deferred").inc()
-        try:
-            await asyncio.to_thread(self.store.defer_backfill, did, retry_after, error=None if queue_only else error)
-        except SkyfillError:
-            log.exception("could not record a deferred backfill", extra={"ctx": {"did": did}})
+        await record_deferred(self.store, did, d.retry_at, d.host, tally, queue_only=queue_only)
 
 
 @asynccontextmanager
@@ -376,12 +376,6 @@ async def open_backfiller(
     finally:
         await resolver.aclose()
         await client.aclose()
-
-
-def _chunks(items: Iterable[str], size: int) -> Iterator[list[str]]:
-    it = iter(items)
-    while chunk := list(itertools.islice(it, size)):
-        yield chunk
 
 
 class _Outcome(Exception):

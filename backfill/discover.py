@@ -34,6 +34,8 @@ from skyfill.protocol.syntax import is_nsid
 from skyfill.storage import Store
 from skyfill.storage.discovery import EnumCursor, ListedRow
 
+from .progress import Phases, report
+
 __all__ = ["DiscoverySummary", "discover", "collection_endpoint"]
 
 log = logging.getLogger(__name__)
@@ -55,6 +57,7 @@ class DiscoverySummary:
     skipped: int = 0                            # malformed entries refused by this process
     errors: dict[str, str] = field(default_factory=dict)   # host -> why its enumeration stopped
     elapsed: float = 0.0
+    enumerations: list[tuple[str, str]] = field(default_factory=list)  # (host, endpoint) of this run
 
     def to_json(self) -> dict[str, Any]:
         return {"mode": self.mode, "relay": self.relay, "fresh": self.fresh, "hosts": self.hosts,
@@ -72,8 +75,11 @@ async def discover(
     restart: bool = False,
     concurrency: int = 16,
     allow_private_hosts: bool = False,
+    progress: bool = False,
 ) -> DiscoverySummary:
-    """Enumerate into the store (see the module docstring); returns what this process did."""
+    """Enumerate into the store (see the module docstring); returns what this process did.
+    Phases (progress.report: bars if `progress`, else a log line every 30 s): "hosts", the hosts
+    listHosts named; "repos", the enumerations finished out of those of this run."""
     started = time.monotonic()
     relay = relay.strip().rstrip("/")
     for ws, http in (("wss://", "https://"), ("ws://", "http://")):  # the consumer's --relay spelling
@@ -85,24 +91,15 @@ async def discover(
         bad = [c for c in collections if not is_nsid(c)]
         if bad:
             raise ConfigError(f"--collection takes exact NSIDs (listReposByCollection has no wildcard): {bad[0]!r}")
-        summary = DiscoverySummary("collections", relay)
-        endpoints = [collection_endpoint(c) for c in dict.fromkeys(collections)]
-        summary.fresh = await asyncio.to_thread(store.begin_enumeration, endpoints, restart=restart)
-        todo = [(relay, e) for e in endpoints]
-    else:
-        summary = DiscoverySummary("relay", relay)
-        summary.fresh = await asyncio.to_thread(store.begin_enumeration, [LIST_HOSTS, LIST_REPOS], restart=restart)
-        todo = await _hosts(store, listing, relay, summary, allow_private_hosts)
-    rows = {(c.host, c.endpoint): c for c in await asyncio.to_thread(store.enum_cursors)}
-    sem = asyncio.Semaphore(max(1, concurrency))
+    summary = DiscoverySummary("collections" if collections else "relay", relay)
+    phases = Phases("hosts", "repos")
 
-    async def one(host: str, endpoint: str) -> None:
-        async with sem:
-            await _enumerate(store, listing, rows.get((host, endpoint)), host, endpoint, summary)
+    def extra() -> dict[str, Any]:
+        return {"listed": summary.listed, "pages": summary.pages, "hosts_failed": len(summary.errors)}
 
-    summary.hosts = len(todo)
-    await asyncio.gather(*(one(h, e) for h, e in todo))
-    wanted = set(todo)
+    async with report(phases, what="discover", terminal=progress, extra=extra):
+        await _run(store, listing, summary, phases, collections, restart, concurrency, allow_private_hosts)
+    wanted = set(summary.enumerations)
     summary.hosts_done = sum(
         1 for c in await asyncio.to_thread(store.enum_cursors) if c.done and (c.host, c.endpoint) in wanted)
     summary.elapsed = time.monotonic() - started
@@ -110,8 +107,36 @@ async def discover(
     return summary
 
 
+async def _run(
+    store: Store, listing: ListingClient, summary: DiscoverySummary, phases: Phases, collections: Sequence[str],
+    restart: bool, concurrency: int, allow_private_hosts: bool,
+) -> None:
+    relay = summary.relay
+    if collections:
+        endpoints = [collection_endpoint(c) for c in dict.fromkeys(collections)]
+        summary.fresh = await asyncio.to_thread(store.begin_enumeration, endpoints, restart=restart)
+        todo = [(relay, e) for e in endpoints]
+    else:
+        summary.fresh = await asyncio.to_thread(store.begin_enumeration, [LIST_HOSTS, LIST_REPOS], restart=restart)
+        todo = await _hosts(store, listing, relay, summary, allow_private_hosts, phases)
+    phases["hosts"].total = phases["hosts"].done = len(todo)  # listHosts over (or none): all known
+    phases["repos"].total = len(todo)
+    rows = {(c.host, c.endpoint): c for c in await asyncio.to_thread(store.enum_cursors)}
+    sem = asyncio.Semaphore(max(1, concurrency))
+
+    async def one(host: str, endpoint: str) -> None:
+        async with sem:
+            await _enumerate(store, listing, rows.get((host, endpoint)), host, endpoint, summary)
+        phases["repos"].advance()
+
+    summary.hosts = len(todo)
+    summary.enumerations = todo
+    await asyncio.gather(*(one(h, e) for h, e in todo))
+
+
 async def _hosts(
-    store: Store, listing: ListingClient, relay: str, summary: DiscoverySummary, allow_private: bool
+    store: Store, listing: ListingClient, relay: str, summary: DiscoverySummary, allow_private: bool,
+    phases: Phases,
 ) -> list[tuple[str, str]]:
     """The (host, listRepos) enumerations of this run: the relay's hosts (listing the rest of
     listHosts first), or the relay itself when it is a single PDS."""
@@ -145,6 +170,7 @@ async def _hosts(
             await asyncio.to_thread(store.add_enumerations, hosts, parent=(relay, LIST_HOSTS), cursor=nxt,
                                     skipped=len(page.skipped))
             summary.skipped += len(page.skipped)
+            phases["hosts"].advance(len(hosts))
             if nxt is None:
                 break
             cursor = nxt

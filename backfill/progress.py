@@ -1,15 +1,32 @@
-"""What a backfill run did: the running tally, its final `BackfillSummary`, and the terminal display."""
+"""What a run did and how far it is: a backfill's running tally and final `BackfillSummary`, and
+the phases of a run (backfill, discover, identities sync), each with its count and ETA, shown as
+progress bars on a terminal and as a log line every 30 s elsewhere (`report`)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Final
 
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 
-__all__ = ["BackfillSummary", "Tally", "display"]
+__all__ = ["BackfillSummary", "Tally", "Phase", "Phases", "report", "LOG_EVERY"]
+
+log = logging.getLogger(__name__)
+
+LOG_EVERY: Final = 30.0   # seconds between progress log lines off a terminal
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,28 +90,107 @@ class Tally:
         )
 
 
-@contextmanager
-def display(
-    tally: Tally, *, enabled: bool, parked_hosts: Callable[[], Any], total: int | None = None
-) -> Iterator[Callable[[], None]]:
-    """A progress bar on the terminal while the run goes (when `enabled`), with an ETA when the
-    `total` is known (a queue run); yields `tick()`, to call whenever a DID is done."""
-    if not enabled:
-        yield lambda: None
+@dataclass(slots=True)
+class Phase:
+    """One phase of a run (resolving identities, fetching repos, ...): its count and, when its
+    total is known, an ETA from its own rate since it began (its first step)."""
+
+    name: str
+    total: int | None = None
+    done: int = 0
+    began: float | None = None      # monotonic time of the first step
+
+    def advance(self, n: int = 1) -> None:
+        if self.began is None:
+            self.began = time.monotonic()
+        self.done += n
+
+    def rate(self, now: float) -> float:
+        if self.began is None or self.done == 0:
+            return 0.0
+        return self.done / max(1e-3, now - self.began)
+
+    def eta(self, now: float) -> float | None:
+        """Seconds left at the current rate (None: no total or no rate yet; 0 when done)."""
+        if self.total is None:
+            return None
+        left = self.total - self.done
+        if left <= 0:
+            return 0.0
+        rate = self.rate(now)
+        return left / rate if rate > 0 else None
+
+    def to_json(self, now: float) -> dict[str, Any]:
+        eta = self.eta(now)
+        return {"done": self.done, "total": self.total, "per_s": round(self.rate(now), 2),
+                "eta_s": None if eta is None else round(eta)}
+
+
+class Phases:
+    """The phases of one run, in order; `phases["repos"].advance()` as work completes."""
+
+    def __init__(self, *names: str, totals: dict[str, int | None] | None = None) -> None:
+        self._phases = {n: Phase(n, (totals or {}).get(n)) for n in names}
+
+    def __getitem__(self, name: str) -> Phase:
+        return self._phases[name]
+
+    def __iter__(self) -> Iterator[Phase]:
+        return iter(self._phases.values())
+
+    def to_json(self) -> dict[str, dict[str, Any]]:
+        now = time.monotonic()
+        return {p.name: p.to_json(now) for p in self}
+
+
+Extra = Callable[[], dict[str, Any]]
+
+
+@asynccontextmanager
+async def report(
+    phases: Phases, *, what: str, terminal: bool, extra: Extra = dict, every: float | None = None
+) -> AsyncIterator[None]:
+    """While the block runs: on a terminal, one progress bar per phase, each with its count and
+    ETA; elsewhere a log line "<what> progress" every `every` seconds with the same numbers (ctx:
+    one object per phase: done, total, per_s, eta_s; plus `extra()`, e.g. records, hosts parked).
+    `every` defaults to LOG_EVERY (read at the call)."""
+    if not terminal:
+        period = LOG_EVERY if every is None else every
+
+        async def lines() -> None:
+            while True:
+                await asyncio.sleep(period)
+                log.info("%s progress", what, extra={"ctx": {"phases": phases.to_json(), **extra()}})
+
+        task = asyncio.create_task(lines())
+        try:
+            yield
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         return
-    with Progress(
-        TextColumn("backfill"),
-        BarColumn(),
-        TextColumn("{task.completed} repos  {task.fields[records]} records  {task.fields[parked]} hosts parked"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        transient=False,
-    ) as bar:
-        task = bar.add_task("repos", total=total, records=0, parked=0)
+    with Progress(TextColumn("{task.description:<12}"), BarColumn(), MofNCompleteColumn(),
+                  TextColumn("{task.fields[extra]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+                  transient=False) as bar:
+        ids = {p.name: bar.add_task(f"{what} {p.name}", total=p.total, extra="") for p in phases}
+        last = list(ids)[-1]  # the extra numbers go on the last phase's line
 
-        def tick() -> None:
-            done = tally.ok + sum(tally.failed.values())
-            records = tally.added + tally.updated + tally.deleted + tally.unchanged
-            bar.update(task, completed=done, records=records, parked=len(parked_hosts()))
+        def refresh() -> None:
+            more = "  ".join(f"{k} {v}" for k, v in extra().items())
+            for p in phases:
+                bar.update(ids[p.name], completed=p.done, total=p.total, extra=more if p.name == last else "")
 
-        yield tick
+        async def refresher() -> None:
+            while True:
+                refresh()
+                await asyncio.sleep(0.5)
+
+        task = asyncio.create_task(refresher())
+        try:
+            yield
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            refresh()

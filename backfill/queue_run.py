@@ -17,7 +17,8 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+import itertools
+from collections.abc import Iterable, Iterator
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
@@ -25,42 +26,29 @@ from skyfill.net.http import host_key
 
 from skyfill.errors import SkyfillError
 
-from .progress import Tally
-from .scheduler import HostScheduler
+from .progress import Phases, Tally
+from skyfill.net.scheduler import HostScheduler
 
 if TYPE_CHECKING:
     from .backfiller import Backfiller
 
-__all__ = ["work_queue", "UNKNOWN_HOST"]
+__all__ = ["work_queue", "hosts_of", "chunks", "UNKNOWN_HOST"]
 
 UNKNOWN_HOST = ""          # DIDs whose identity could not be resolved: their attempt records why
 log = logging.getLogger(__name__)
 
 _CLAIM = 500
 _EXPORT_EVERY = 1.0        # seconds between per-host gauge updates and long-park checks
-_LOG_EVERY = 30.0          # seconds between progress log lines
 
 
-async def work_queue(
-    bf: Backfiller, tally: Tally, tick: Callable[[], None], *, patience: float, total: int | None = None
-) -> None:
+async def work_queue(bf: Backfiller, tally: Tally, phases: Phases, *, patience: float) -> None:
     """Claim and backfill every due DID of the queue, host-fairly (see the module docstring).
-    Off a terminal, a progress line is logged every 30 s (done, rate, ETA against `total`)."""
+    `phases`: "identities" counts the DIDs whose host is known (stored, else resolved) and
+    "repos" those finished (backfilled, failed or deferred)."""
     config = bf.config
-    sched = HostScheduler(per_host=config.per_host_concurrency, parked=bf.client.parked_hosts)
+    sched: HostScheduler[str] = HostScheduler(per_host=config.per_host_concurrency, parked=bf.client.parked_hosts)
     room = max(_CLAIM, config.concurrency * 8)
     ttl = config.identity_ttl.total_seconds()
-
-    async def host_of(did: str, pds: str | None) -> str:
-        if pds is None:
-            try:
-                pds = (await bf.resolver.resolve(did)).pds
-            except SkyfillError:
-                return UNKNOWN_HOST  # the attempt resolves again and records the failure
-        try:
-            return host_key(pds)
-        except ValueError:
-            return UNKNOWN_HOST
 
     async def feed() -> None:
         try:
@@ -72,9 +60,10 @@ async def work_queue(
                 unknown = [did for did, pds in rows if pds is None]
                 if unknown:
                     await asyncio.to_thread(bf.store.prefetch_identities, unknown, max_age=ttl)
-                hosts = await asyncio.gather(*(host_of(did, pds) for did, pds in rows))
+                hosts = await asyncio.gather(*(_host_of(bf, did, pds) for did, pds in rows))
                 for (did, _), host in zip(rows, hosts, strict=True):
                     sched.add(host, did)
+                phases["identities"].advance(len(rows))
         finally:
             sched.close()
 
@@ -86,18 +75,12 @@ async def work_queue(
                 ok = await bf.backfill_did(did, tally, defer=True)
             finally:
                 sched.release(host, ok=ok)
-                tick()
-
-    started = last_line = time.monotonic()
+                phases["repos"].advance()
 
     async def watch() -> None:
-        nonlocal last_line
         while True:
-            if time.monotonic() - last_line >= _LOG_EVERY:
-                last_line = time.monotonic()
-                _log_progress(tally, sched, started, total)
             sched.export_metrics()
-            await _defer_long_parks(bf, sched, tally, patience)
+            phases["repos"].advance(await _defer_long_parks(bf, sched, tally, patience))
             await asyncio.sleep(_EXPORT_EVERY)
 
     watcher = asyncio.create_task(watch())
@@ -110,23 +93,42 @@ async def work_queue(
         sched.export_metrics()
 
 
-def _log_progress(tally: Tally, sched: HostScheduler, started: float, total: int | None) -> None:
-    done = tally.ok + sum(tally.failed.values())
-    rate = done / max(1e-9, time.monotonic() - started)
-    ctx: dict[str, object] = {"done": done, "ok": tally.ok, "failed": done - tally.ok, "waiting": len(sched),
-                              "hosts_parked": len(sched.waiting_parked()), "repos_per_s": round(rate, 2)}
-    if total:
-        ctx["total"] = total
-        ctx["eta_s"] = round((total - done) / rate) if rate > 0 and total > done else None
-    log.info("backfill progress", extra={"ctx": ctx})
+async def hosts_of(bf: Backfiller, dids: list[str]) -> list[str]:
+    """The host of each DID, for scheduling: the bulk identities of all of them in one read, then
+    the resolver (cached); UNKNOWN_HOST where it fails (the attempt resolves again and records why)."""
+    ttl = bf.config.identity_ttl.total_seconds()
+    await asyncio.to_thread(bf.store.prefetch_identities, dids, max_age=ttl)
+    return list(await asyncio.gather(*(_host_of(bf, did, None) for did in dids)))
 
 
-async def _defer_long_parks(bf: Backfiller, sched: HostScheduler, tally: Tally, patience: float) -> None:
-    """DIDs waiting for a host parked past the patience go back to the queue (no attempt counted)."""
+async def _host_of(bf: Backfiller, did: str, pds: str | None) -> str:
+    if pds is None:
+        try:
+            pds = (await bf.resolver.resolve(did)).pds
+        except SkyfillError:
+            return UNKNOWN_HOST  # the attempt resolves again and records the failure
+    try:
+        return host_key(pds)
+    except ValueError:
+        return UNKNOWN_HOST
+
+
+def chunks(items: Iterable[str], size: int) -> Iterator[list[str]]:
+    it = iter(items)
+    while chunk := list(itertools.islice(it, size)):
+        yield chunk
+
+
+async def _defer_long_parks(bf: Backfiller, sched: HostScheduler[str], tally: Tally, patience: float) -> int:
+    """DIDs waiting for a host parked past the patience go back to the queue (no attempt counted);
+    returns how many."""
     limit = time.time() + patience
+    n = 0
     for host, until in sched.waiting_parked().items():
         if until <= limit:
             continue
         retry_after = datetime.fromtimestamp(until, UTC)
         for did in sched.drain(host):
             await bf.defer_parked(did, host, retry_after, tally)
+            n += 1
+    return n

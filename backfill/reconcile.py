@@ -136,10 +136,10 @@ class StoreReconciler:
     the diff against a local copy that may be stale relative to the topics.
 
     `collections` (NSIDs or prefixes with .*): store only those records of the repo (the others
-    the DID holds are deleted: the mirror equals getRepo restricted to them). After each commit
-    the filter used is recorded for the DID (`Store.record_backfill_filter`, "*" for none, once a
-    filtered backfill ever ran), in its own transaction: a crash between the two leaves the
-    previous filter recorded. The daemon's own reconciler (consumer/resync.py) stores every
+    the DID holds are deleted: the mirror equals getRepo restricted to them). The filter used is
+    recorded for the DID ("*" for none, once a filtered backfill ever ran) in the reconcile's own
+    transaction (`backfill_filter`): a crash cannot leave the records of one filter with the
+    record of another. The daemon's own reconciler (consumer/resync.py) stores every
     collection and records nothing: a DID it refetches after a filtered backfill stays flagged
     `filter_changed` (one backfill too many, never a hole).
     """
@@ -187,12 +187,10 @@ class StoreReconciler:
                 snapshot=self.snapshot,
                 trust_data_root=self.trusts_data_root,
                 run=self.run,
+                backfill_filter=self.filter if self.records_filter else None,
             )
 
-        counts = await asyncio.to_thread(run)
-        if self.records_filter:
-            await asyncio.to_thread(self.store.record_backfill_filter, [did], self.filter)
-        return counts
+        return await asyncio.to_thread(run)
 
     async def abort(self, did: str) -> None:
         return None

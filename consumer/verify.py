@@ -3,7 +3,8 @@
 Two parts, because one needs the network and the other must not:
 
 - Keys (`want`, `key`, `refresh`): a bounded {did: key} map in front of the Resolver, seeded in
-  bulk from the DuckDB `identities` table at start (`seed`). The read-ahead (verified.py) calls
+  bulk at start (`seed`) from the DuckDB `identities` table, then the bulk PLC table (`identities
+  sync`, storage/plc.py). The read-ahead (verified.py) calls
   `want(did)` as soon as it has parsed a frame, far ahead of applying it; every DID not in the
   map joins a batch that is resolved concurrently (`Resolver.resolve_many`, `concurrency`
   requests in flight). By the time the event reaches the head of the window its key is usually

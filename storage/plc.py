@@ -58,6 +58,13 @@ SELECT did, arg_max(struct_pack(pds, signing_key, handle, tombstone, error), cre
 ) GROUP BY did
 """
 
+# usable folded keys of DIDs without a newer (unfolded) operation: a verifier's seed
+_SEED_SQL: Final = """
+SELECT did, signing_key FROM plc_base
+WHERE NOT tombstone AND error IS NULL AND signing_key IS NOT NULL AND pds IS NOT NULL
+  AND did NOT IN (SELECT did FROM plc_log) LIMIT ?
+"""
+
 _FOLD_SQL: Final = f"""
 CREATE OR REPLACE TEMP TABLE _plc_folded AS
 SELECT did, arg_max(struct_pack(created_at, pds, signing_key, handle, tombstone, error), created_at) AS s
@@ -142,6 +149,19 @@ class PlcBulk(Caches):
         if row is not None or not did.startswith("did:plc:"):
             return row
         return self.bulk_identity(did, max_age=max_age)
+
+    def fresh_signing_keys(self, *, max_age: float, limit: int) -> dict[str, str]:
+        """The cache's keys (`identities`) first; then, while the export was read within
+        `max_age`, the bulk table's usable keys up to `limit` in all (a verifier's start-up seed).
+        Only folded rows with no newer log row are read: the rest are resolved when needed."""
+        keys = super().fresh_signing_keys(max_age=max_age, limit=limit)
+        if len(keys) >= limit or self._synced_at(max_age) is None:
+            return keys
+        for did, key in self.fetchall(_SEED_SQL, [limit]):
+            if len(keys) >= limit:
+                break
+            keys.setdefault(did, key)
+        return keys
 
     def _synced_at(self, max_age: float) -> datetime | None:
         synced = self.fetchall("SELECT max(updated_at) FROM enum_cursors WHERE endpoint = ?", [PLC_ENDPOINT])

@@ -55,8 +55,12 @@ class Reconciling(FirehoseWrites):
         snapshot: bool = False,
         trust_data_root: bool = True,
         run: str | None = None,
+        backfill_filter: str | None = None,
     ) -> ReconcileCounts:
         """Make the stored records of `did` equal the fetched repo, in one transaction.
+
+        `backfill_filter` (a canonical collections filter): recorded in `backfill_filters` in
+        the same transaction, so the filter and the records it selected are never apart.
 
         `fetched` maps (collection, rkey) -> CID for every record of the verified repo.
         `materialize(keys)` decodes only the records that are missing or changed, so an
@@ -115,6 +119,8 @@ class Reconciling(FirehoseWrites):
                             sync_state=SyncState.SYNCHRONIZED.value, desync_reason=None, desynced_at=None)
                 repos.append_head_row(con, v, did, head)
             mark_backfilled(con, v, did, rev, now, run)
+            if backfill_filter is not None:
+                con.execute("INSERT INTO backfill_filters VALUES (?, ?, ?)", [did, backfill_filter, now])
             if after is not None:
                 puts_cols, del_cols = record_columns(after)
                 self._apply_in(con, after, now, puts_cols, del_cols)

@@ -22,6 +22,7 @@ from skyfill.net.identity import Resolver
 from skyfill.net.plc import parse_export_line
 from skyfill.storage import Store
 from tests.support.faultserver import FaultServer, Reply, Seen
+from tests.support.store import SetupStore
 
 _B32 = "234567abcdefghijklmnopqrstuvwxyz"
 
@@ -141,3 +142,30 @@ def test_a_stuck_export_stops_with_an_error(tmp_path: Path, server: FaultServer)
         summary = asyncio.run(run_identities_sync(store, config=config(server.url)))
         assert summary.error is not None and "does not move" in summary.error and not summary.complete
         assert summary.refused == 1 and summary.stored == 0
+
+
+def test_a_verifier_seeds_its_keys_from_the_bulk_table_too(
+    tmp_path: Path, plc: tuple[FaultServer, list[bytes]]
+) -> None:
+    """`fresh_signing_keys` (a firehose verifier's start-up seed, through the Resolver): the
+    identity cache's keys first, then the bulk table's usable keys, up to the limit; a tombstone,
+    a DID with a newer unfolded operation, or a stale export gives none."""
+    server, lines = plc
+    lines += [op(1, at(1)), op(2, at(2)), op(3, at(3), kind="plc_tombstone"), op(4, at(4))]
+    with SetupStore(tmp_path / "seed.duckdb") as store:
+        assert asyncio.run(run_identities_sync(store, config=config(server.url))).complete
+        assert store.fresh_signing_keys(max_age=3600, limit=10) == {
+            did(n): key(n).removeprefix("did:key:") for n in (1, 2, 4)}
+        # a newer operation not folded yet: that DID is left to a resolve
+        store.save_plc_page(server.url, [parse_export_line(op(4, at(5), k=8))], after=at(5), lines=1, skipped=0,
+                            done=False)
+        assert set(store.fresh_signing_keys(max_age=3600, limit=10)) == {did(1), did(2)}
+        assert len(store.fresh_signing_keys(max_age=3600, limit=1)) == 1
+
+        async def seed() -> dict[str, str]:
+            async with Resolver(plc_url="http://127.0.0.1:9", store=store, allow_private_hosts=True) as r:
+                return await r.stored_signing_keys(10)
+
+        assert set(asyncio.run(seed())) == {did(1), did(2)}
+        store.execute_write("UPDATE enum_cursors SET updated_at = updated_at - INTERVAL 2 HOUR")
+        assert store.fresh_signing_keys(max_age=3600, limit=10) == {}  # the export is too old to trust

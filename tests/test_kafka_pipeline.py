@@ -23,6 +23,7 @@ from typing import Any
 import libipld
 import orjson
 import pytest
+from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from skyfill.app.api import backfill_from_request
 from skyfill.backfill.backfiller import StoreReconciler, open_backfiller
@@ -332,6 +333,7 @@ class Repos:
 
 
 Track = dict[str, set[str]]  # worker name -> DIDs in flight; "done" -> DIDs backfilled
+finished: dict[str, list[str]] = defaultdict(list)  # worker name -> DIDs it backfilled, in order
 
 
 @asynccontextmanager
@@ -351,6 +353,7 @@ async def worker(name: str, bs: str, tmp_path: Path, srv: FaultServer, *, group:
                     try:
                         await one(did)
                         inflight["done"].add(did)
+                        finished[name].append(did)
                     finally:
                         inflight[name].discard(did)
 
@@ -398,12 +401,31 @@ async def test_two_workers_one_killed_publish_what_one_worker_does(kafka_broker:
             with pytest.raises(asyncio.CancelledError):
                 await tasks[victim]
             await workers[victim].aclose()
+            # What the group had committed when the victim died: the survivor takes over from there.
+            reader = AIOKafkaConsumer(bootstrap_servers=bs, group_id="g", enable_auto_commit=False)
+            await reader.start()
+            try:
+                tps = [TopicPartition("two.backfill", p) for p in range(4)]
+                committed = {tp.partition: await reader.committed(tp) or 0 for tp in tps}
+            finally:
+                await reader.stop()
+            before = len(finished[survivor])
             # The request the victim died on is redone by the survivor, not lost.
             await apoll(lambda: set(dids) <= inflight["done"], timeout=90)
             stop.set()
             await asyncio.wait_for(tasks[survivor], 30)
             assert srv.count(GET_REPO) > len(dids)
-            assert workers[survivor].processed > 0 and workers[survivor].processed < len(dids) + 2
+            # The survivor redoes only requests the group had not committed: the victim's
+            # requests behind the one it died on (a partition's commit never passes an
+            # unfinished request), never one below a committed offset; each once, but for the
+            # (at most `concurrency` = 2) it had in flight when the rebalance moved their partition.
+            where = {m.key.decode(): (m.partition, m.offset)
+                     for m in await consume_all(bs, ["two.backfill"], len(dids))}
+            uncommitted = {d for d, (p, off) in where.items() if off >= committed[p]}
+            redone = finished[survivor][before:]
+            assert repos.hang_did in redone and set(redone) <= uncommitted
+            assert len(redone) <= len(uncommitted) + 2
+            assert workers[survivor].processed > 0 and workers[survivor].processed <= before + len(uncommitted) + 2
 
         async with worker("solo", bs, tmp_path, srv, group="solo", prefix="solo", inflight=inflight) as w:
             await w.run(exit_when_idle=True)

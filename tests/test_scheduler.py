@@ -18,7 +18,7 @@ import orjson
 import pytest
 from skyfill.backfill.backfiller import open_backfiller
 from skyfill.backfill.config import BackfillConfig
-from skyfill.backfill.scheduler import TOP_HOSTS, HostScheduler
+from skyfill.net.scheduler import TOP_HOSTS, HostScheduler
 from skyfill.net.http import host_key
 
 from skyfill import metrics
@@ -208,3 +208,25 @@ def test_kill_9_mid_run_then_restart_refetches_no_finished_repo(plc: FaultServer
     assert sorted(served) == sorted(set(dids) - done), "a finished repo was fetched again"
     with SetupStore(db) as store:
         assert dict(store.fetchall("SELECT state, count(*) FROM backfill_queue GROUP BY 1")) == {"done": 12}
+
+
+def test_discard_drops_waiting_items_only() -> None:
+    async def go() -> tuple[int, list[tuple[str, tuple[int, int]] | None], int]:
+        s: HostScheduler[tuple[int, int]] = HostScheduler(per_host=1, parked=dict)
+        for i in range(4):
+            s.add("a", (i % 2, i))   # (partition, offset)
+            s.add("b", (i % 2, 10 + i))
+        first = await s.take()     # in flight: not touched by discard
+        n = s.discard(lambda item: item[0] == 1)
+        s.release("a", ok=True)
+        rest = []
+        while len(s):
+            item = await s.take()
+            assert item is not None
+            rest.append(item)
+            s.release(item[0], ok=True)
+        return n, [first, *rest], len(s)
+
+    n, taken, left = asyncio.run(go())
+    assert n == 4 and left == 0
+    assert taken == [("a", (0, 0)), ("b", (0, 10)), ("a", (0, 2)), ("b", (0, 12))]
