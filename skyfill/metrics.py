@@ -89,7 +89,7 @@ BACKFILL_HOSTS_PARKED = Gauge(
     "skyfill_backfill_hosts_parked", "PDS hosts parked by rate limits", registry=REGISTRY
 )
 # per host: only the 20 hosts with most queued DIDs by name, the rest summed as host="other"
-# (backfill/scheduler.py), so the series stay bounded with thousands of hosts
+# (net/scheduler.py), so the series stay bounded with thousands of hosts
 BACKFILL_HOST_REPOS = Gauge(
     "skyfill_backfill_host_repos", "DIDs of a backfill run per PDS host, by state "
     "(queued, in_flight, parked = 1 while the host is parked, done, failed)", ["host", "state"], registry=REGISTRY
