@@ -42,7 +42,7 @@ from email.utils import parsedate_to_datetime
 from skyfill import metrics
 from skyfill.errors import ConfigError, RateLimited
 
-__all__ = ["HostLimiter", "LimiterCounters", "parse_retry_after", "parse_policy", "PACE_MARGIN"]
+__all__ = ["PACE_MARGIN", "HostLimiter", "LimiterCounters", "parse_policy", "parse_retry_after"]
 
 log = logging.getLogger(__name__)
 

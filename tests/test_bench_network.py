@@ -13,8 +13,6 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-import pytest
-
 from bench.network.run import run_pipeline
 from bench.network.sim import BSKY, REFERENCE, NetworkSpec, SimNetwork
 

@@ -22,12 +22,20 @@ import sys
 import tempfile
 import time
 from dataclasses import asdict
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from bench.harness import Row, render
+from tests.support.kafka import KafkaBroker
 
-from .projection import FULL_NETWORK, Calibration, predict_backfill, project
+from .kafka_mode import KafkaResult, run_kafka
+from .projection import (
+    FULL_NETWORK,
+    Calibration,
+    predict_backfill,
+    project,
+    project_kafka,
+)
 from .run import RunResult, run_listing, run_pipeline
 from .sim import BSKY, OPEN, NetworkSpec, SimNetwork
 
@@ -76,6 +84,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--small", type=_size, default=None, help="HOSTS:REPOS (default 8:400)")
     parser.add_argument("--large", type=_size, default=None, help="HOSTS:REPOS (default 16:800)")
     parser.add_argument("--calibrate", type=int, default=None, help="repos per calibration run (default 200)")
+    parser.add_argument("--kafka-workers", default=None,
+                        help="worker counts of the Kafka mode on the small network, e.g. 1,2 ('' = skip; "
+                             "default 1,2, none with --smoke)")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args(argv)
@@ -98,6 +109,14 @@ def main(argv: list[str] | None = None) -> int:
         for label, (hosts, repos) in (("small", small), ("large", large)):
             print(f"{label}: {hosts} hosts, {repos} repos", flush=True)
             runs[label] = _measure(work, hosts, repos, args.seed + (0 if label == "small" else 1))
+        kafka_counts = [int(n) for n in (args.kafka_workers if args.kafka_workers is not None
+                                         else ("" if smoke else "1,2")).split(",") if n]
+        kafka: dict[int, KafkaResult] = {}
+        for n in kafka_counts:
+            print(f"kafka: {n} worker(s) + sink, {small[0]} hosts, {small[1]} repos", flush=True)
+            with (SimNetwork(NetworkSpec.mixed(*small, seed=args.seed)).running() as net,
+                  KafkaBroker() as broker):
+                kafka[n] = run_kafka(net, work, broker.bootstrap, workers=n)
     cal = Calibration.fit(
         (cal_mix.records / cal_mix.repos, cal_mix.backfill_s / cal_mix.repos),
         (mean_n, cal_big.backfill_s / cal_big.repos),
@@ -126,16 +145,34 @@ def main(argv: list[str] | None = None) -> int:
                     + cal_mix.over_limit + cal_big.over_limit, "requests", 0),
         Row("network.peak_rss_mb", max(r.peak_rss_mb for r in runs.values()), "MB"),
     ]
-    projections = {n: project(cal, workers=n) for n in (1, 4)}
-    p4 = projections[4]
+    single = project(cal)
     rows += [
-        Row("network.projected_hours.host_bound", p4.host_bound_s / 3600, "h"),
-        Row("network.projected_hours.client_bound", p4.client_bound_s / 3600, "h"),
-        Row("network.projected_hours.discovery", p4.discovery_s / 3600, "h"),
-        Row("network.projected_hours.identities", p4.identities_s / 3600, "h"),
-        Row("network.projected_hours.workers_1", projections[1].total_s / 3600, "h"),
-        Row.at_most("network.projected_hours.workers_4", p4.total_s / 3600, "h", None if smoke else HOURS_TARGET),
+        Row("network.projected_hours.host_bound", single.host_bound_s / 3600, "h"),
+        Row("network.projected_hours.client_bound", single.client_bound_s / 3600, "h"),
+        Row("network.projected_hours.discovery", single.discovery_s / 3600, "h"),
+        Row("network.projected_hours.identities", single.identities_s / 3600, "h"),
+        Row("network.projected_hours.single_process", single.total_s / 3600, "h"),
     ]
+    p4 = single
+    for n, k in kafka.items():
+        rows += [
+            Row(f"network.kafka.workers_{n}.repos_per_s", k.repos_per_s, "repos/s"),
+            Row(f"network.kafka.workers_{n}.sink_records_per_s", k.sink_records_per_s, "records/s"),
+            Row.at_most(f"network.kafka.workers_{n}.over_limit_requests", k.over_limit, "requests", 0),
+            Row.at_most(f"network.kafka.workers_{n}.mirror_mismatches", k.mirror_mismatches, "DIDs", 0),
+            Row(f"network.kafka.workers_{n}.peak_rss_mb", k.peak_rss_mb, "MB"),
+        ]
+    if 1 in kafka:
+        # one worker's cost per repo (its working store + publishing), divided over 4 workers;
+        # the sink's records/s (its wall time, start-up included) bounds the mirror's side
+        k1 = kafka[1]
+        worker_s_per_repo = k1.workers_s / k1.repos
+        p4 = project_kafka(cal, worker_s_per_repo=worker_s_per_repo, sink_records_per_s=k1.sink_records_per_s,
+                           workers=4)
+        rows += [Row("network.projected_hours.kafka.workers_bound", p4.client_bound_s / 3600, "h"),
+                 Row("network.projected_hours.kafka.sink_bound", p4.sink_bound_s / 3600, "h")]
+    rows.append(Row.at_most("network.projected_hours.workers_4", p4.total_s / 3600, "h",
+                            None if smoke else HOURS_TARGET))
     if smoke:
         rows = [Row(r.name, r.value, r.unit) for r in rows]
     elapsed = time.perf_counter() - started
@@ -152,16 +189,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"formula check {label}: measured {c['measured_s']:.1f} s, predicted {c['predicted_s']:.1f} s "
               f"(host-bound {c['host_bound_s']:.1f} s, client-bound {c['client_bound_s']:.1f} s)")
     doc = {
-        "generated_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "generated_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "smoke": smoke, "seed": args.seed, "python": platform.python_version(), "machine": platform.machine(),
         "elapsed_s": round(elapsed, 1),
         "sizes": {"small": {"hosts": small[0], "repos": small[1]}, "large": {"hosts": large[0], "repos": large[1]},
                   "calibration_repos": n_cal},
-        "projection": {"assumptions": assumptions, "bound": p4.bound, "workers_4": asdict(p4), "checks": checks,
+        "projection": {"assumptions": assumptions, "bound": p4.bound, "workers_4": asdict(p4),
+                       "single_process": asdict(single), "checks": checks,
                        "calibration": asdict(cal)},
         "runs": {k: {"hosts": r.hosts, "repos": r.repos, "records": r.records, "times": asdict(r.times),
                      "over_limit": r.over_limit, "peak_rss_mb": r.peak_rss_mb, **r.details}
                  for k, r in {**runs, "calibration_mix": cal_mix, "calibration_mean": cal_big}.items()},
+        "kafka": {n: asdict(k) for n, k in kafka.items()},
         "rows": [{**asdict(r), "value": None if math.isnan(r.value) else r.value} for r in rows],
         "errors": [],
     }

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["Calibration", "Network", "Projection", "project", "predict_backfill", "FULL_NETWORK"]
+__all__ = ["FULL_NETWORK", "Calibration", "Network", "Projection", "predict_backfill", "project", "project_kafka"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,10 +65,11 @@ class Projection:
     discovery_s: float
     identities_s: float
     workers: int
+    sink_bound_s: float = 0.0   # Kafka mode: the sink writing the mirror (0: single process)
 
     @property
     def backfill_s(self) -> float:
-        return max(self.host_bound_s, self.client_bound_s)
+        return max(self.host_bound_s, self.client_bound_s, self.sink_bound_s)
 
     @property
     def total_s(self) -> float:
@@ -76,8 +77,12 @@ class Projection:
 
     @property
     def bound(self) -> str:
-        if self.host_bound_s >= self.client_bound_s:
+        if self.host_bound_s >= max(self.client_bound_s, self.sink_bound_s):
             return "hosts (their published getRepo limits)"
+        if self.sink_bound_s >= self.client_bound_s:
+            return "sink: one `skyfill sink` writing every record into the mirror"
+        if self.sink_bound_s:
+            return f"workers: each worker's per-repo cost (working store + publishing), over {self.workers} workers"
         return "client: the store's per-repo write (one DuckDB writer; more fetch workers do not divide it)"
 
 
@@ -96,3 +101,13 @@ def project(cal: Calibration, net: Network = FULL_NETWORK, *, workers: int = 1,
     discovery = max(pages / net.pace, net.repos / cal.listings_per_s)
     identities = net.plc_operations / cal.identities_per_s
     return Projection(host_bound, client, discovery, identities, workers)
+
+
+def project_kafka(cal: Calibration, *, worker_s_per_repo: float, sink_records_per_s: float, workers: int,
+                  net: Network = FULL_NETWORK) -> Projection:
+    """N Kafka workers (each its own working store: their per-repo cost divides over N) and one
+    sink (records / its records/s). Discovery and identities as in `project`."""
+    base = project(cal, net)
+    client = net.repos * worker_s_per_repo / max(1, workers)
+    sink = net.records / sink_records_per_s if sink_records_per_s > 0 else float("inf")
+    return Projection(base.host_bound_s, client, base.discovery_s, base.identities_s, workers, sink)

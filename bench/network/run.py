@@ -22,15 +22,24 @@ from pathlib import Path
 from typing import Any
 
 import duckdb
-
 from skyfill.net.ratelimit import PACE_MARGIN
 from skyfill.protocol.car import cid_to_str
 
 from .sim import SimNetwork
 
-__all__ = ["PhaseTimes", "RunResult", "run_pipeline", "run_listing", "skyfill_bin"]
+__all__ = [
+    "WINDOW",
+    "PhaseTimes",
+    "RunResult",
+    "mirror_mismatches",
+    "run_command",
+    "run_listing",
+    "run_pipeline",
+    "skyfill_bin",
+    "vm_hwm",
+]
 
-_WINDOW = ["--start", "2026-01-01", "--end", "2026-01-02", "--no-audit"]
+WINDOW = ["--start", "2026-01-01", "--end", "2026-01-02", "--no-audit"]
 
 
 def skyfill_bin() -> str:
@@ -93,7 +102,7 @@ class RunResult:
         return self.records_added / self.backfill_s if self.backfill_s > 0 else 0.0
 
 
-def _run(args: list[str], *, timeout: float, rss: bool = False) -> tuple[float, dict[str, Any], float]:
+def run_command(args: list[str], *, timeout: float, rss: bool = False) -> tuple[float, dict[str, Any], float]:
     """(seconds, the --json answer, peak RSS MB) of one skyfill command."""
     env = {**os.environ, "SKYFILL_LOG_LEVEL": "warning"}
     start = time.perf_counter()
@@ -102,7 +111,7 @@ def _run(args: list[str], *, timeout: float, rss: bool = False) -> tuple[float, 
     peak = 0
     if rss:
         while proc.poll() is None:
-            peak = max(peak, _vm_hwm(proc.pid))
+            peak = max(peak, vm_hwm(proc.pid))
             time.sleep(0.2)
     try:
         out, err = proc.communicate(timeout=timeout)
@@ -116,7 +125,7 @@ def _run(args: list[str], *, timeout: float, rss: bool = False) -> tuple[float, 
     return seconds, json.loads(out), peak / 1024
 
 
-def _vm_hwm(pid: int) -> int:
+def vm_hwm(pid: int) -> int:
     """VmHWM in KiB (0 once the process is gone)."""
     try:
         with open(f"/proc/{pid}/status") as f:
@@ -136,19 +145,19 @@ def run_pipeline(net: SimNetwork, workdir: Path, *, per_host_rps: float = 10.0, 
     times = PhaseTimes()
     net.reset_counters()
     over = 0
-    times.discover, disc, _ = _run(["discover", "--relay", net.relay_url, "--per-host-rps", str(per_host_rps),
+    times.discover, disc, _ = run_command(["discover", "--relay", net.relay_url, "--per-host-rps", str(per_host_rps),
                                     *common], timeout=timeout)
-    times.identities, ids, _ = _run(["identities", "sync", "--plc-url", net.plc_url, *common], timeout=timeout)
-    times.gaps, gaps, _ = _run(["gaps", *_WINDOW, "--enqueue", "db", *common], timeout=timeout)
+    times.identities, ids, _ = run_command(["identities", "sync", "--plc-url", net.plc_url, *common], timeout=timeout)
+    times.gaps, gaps, _ = run_command(["gaps", *WINDOW, "--enqueue", "db", *common], timeout=timeout)
     over += net.over_limit
     net.reset_counters()
-    times.backfill, bf, rss = _run(["backfill", "--from-queue", "--plc-url", net.plc_url, "--concurrency",
+    times.backfill, bf, rss = run_command(["backfill", "--from-queue", "--plc-url", net.plc_url, "--concurrency",
                                     str(concurrency), "--per-host-rps", str(per_host_rps), *common],
                                    timeout=timeout, rss=True)
     over += net.over_limit
     rates = [min(per_host_rps, PACE_MARGIN * s.rate) for s in net.host_specs]
     host_bound = max(net.repos_on(i) / rates[i] for i in range(len(rates)))
-    mismatches = _mirror_mismatches(net, db)
+    mismatches = mirror_mismatches(net, db)
     return RunResult(
         hosts=len(net.host_specs), repos=len(net.repos), records=net.total_records, times=times,
         listed=int(disc.get("listed", 0)), identities=int(ids.get("stored", 0)),
@@ -168,13 +177,13 @@ def run_listing(net: SimNetwork, workdir: Path, *, timeout: float = 900.0) -> tu
     own elapsed time: at a size where the per-run fixed costs no longer dominate."""
     db = str(workdir / f"listing-{len(net.repos)}.duckdb")
     common = ["--db", db, "--allow-private-hosts"]
-    _, disc, _ = _run(["discover", "--relay", net.relay_url, *common], timeout=timeout)
-    _, ids, _ = _run(["identities", "sync", "--plc-url", net.plc_url, *common], timeout=timeout)
+    _, disc, _ = run_command(["discover", "--relay", net.relay_url, *common], timeout=timeout)
+    _, ids, _ = run_command(["identities", "sync", "--plc-url", net.plc_url, *common], timeout=timeout)
     return (float(disc["listed"]) / max(1e-6, float(disc["elapsed"])),
             float(ids["stored"]) / max(1e-6, float(ids["elapsed"])))
 
 
-def _mirror_mismatches(net: SimNetwork, db: str) -> int:
+def mirror_mismatches(net: SimNetwork, db: str) -> int:
     """DIDs whose stored data root or live record count differs from the simulated repo."""
     with duckdb.connect(db, read_only=True) as con:
         roots = dict(con.execute("SELECT did, data_cid FROM repos").fetchall())

@@ -36,8 +36,8 @@ from typing import Any, Final
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import libipld
-
 from skyfill.protocol.car import cid_to_str, read_car
+
 from tests.support.generate import (
     GeneratedIdentity,
     did_document,
@@ -49,7 +49,7 @@ from tests.support.generate import (
 )
 from tests.support.generate.repo import car_block, car_header
 
-__all__ = ["HostSpec", "NetworkSpec", "SimNetwork", "Template", "build_templates", "draw_sizes", "BSKY", "REFERENCE", "OPEN"]
+__all__ = ["BSKY", "OPEN", "REFERENCE", "HostSpec", "NetworkSpec", "SimNetwork", "Template", "build_templates", "draw_sizes"]
 
 BSKY: Final = "bsky"
 REFERENCE: Final = "reference"
@@ -206,7 +206,7 @@ class _Handler(BaseHTTPRequestHandler):
     disable_nagle_algorithm = True
     route: Any  # (path, query, client) -> (status, headers, body)
 
-    def do_GET(self) -> None:  # noqa: N802
+    def do_GET(self) -> None:
         parts = urlsplit(self.path)
         status, headers, body = self.route(parts.path, parse_qs(parts.query), self.client_address[0])
         self.send_response(status)
@@ -472,4 +472,4 @@ class SimNetwork:
 
 def _iso(epoch: float) -> str:
     t = time.gmtime(epoch)
-    return time.strftime("%Y-%m-%dT%H:%M:%S", t) + f".{int(round(epoch * 1000)) % 1000:03d}Z"
+    return time.strftime("%Y-%m-%dT%H:%M:%S", t) + f".{round(epoch * 1000) % 1000:03d}Z"
