@@ -77,7 +77,7 @@ def run_kafka(net: SimNetwork, workdir: Path, bootstrap: str, *, workers: int, t
     mirror = workdir / f"{tag}-mirror.duckdb"
     sink_s = max(1e-3, _sink(bootstrap, mirror, f"{tag}-sink", tag, timeout) - idle_sink)
     return KafkaResult(workers, len(net.repos), net.total_records, workers_s, sink_s,
-                       net.total_records / sink_s, get_repo, over, mirror_mismatches(net, str(mirror)), peak / 1024)
+                       net.total_records / sink_s, get_repo, over, mirror_mismatches(net, str(mirror)), peak)
 
 
 def _workers(net: SimNetwork, bootstrap: str, dbs: list[Path], topic: str, tag: str,
