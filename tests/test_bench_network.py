@@ -13,6 +13,9 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import pytest
+
+from bench.network.kafka_mode import run_kafka
 from bench.network.run import run_pipeline
 from bench.network.sim import BSKY, REFERENCE, NetworkSpec, SimNetwork
 
@@ -96,3 +99,14 @@ def test_smoke_run_writes_every_row(tmp_path: Path) -> None:
     assert rows["network.peak_rss_mb"]["value"] > 0
     assert doc["projection"]["bound"] and "assumptions" in doc["projection"]
     assert "bound:" in done.stdout
+
+
+@pytest.mark.kafka
+def test_kafka_mode_two_workers_and_the_sink_mirror_every_repo_within_the_limits(kafka_broker, tmp_path: Path) -> None:
+    net = SimNetwork(NetworkSpec.mixed(2, 10, latency=0.005))
+    with net.running():
+        result = run_kafka(net, tmp_path, kafka_broker.bootstrap, workers=2)
+    assert result.over_limit == 0
+    assert result.get_repo >= 10
+    assert result.mirror_mismatches == 0
+    assert result.workers_s > 0 and result.sink_records_per_s > 0 and result.peak_rss_mb > 20
