@@ -8,7 +8,7 @@ DB     ?= data/skyfill.duckdb
 RELAY  ?= wss://bsky.network
 KAFKA  ?=
 
-.PHONY: run test bench bench-scale bench-peer-install chaos fuzz status gaps backfill demo kafka-up kafka-down network clean install
+.PHONY: run test bench bench-scale bench-network bench-peer-install chaos fuzz status gaps backfill demo kafka-up kafka-down network clean install
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -46,6 +46,13 @@ bench: $(STAMP) bench-peer-install
 # once into .cache/scale/ (<= 45 min the first time, <= 15 min after). SCALE_ARGS="--sizes 0,10m".
 bench-scale: $(STAMP)
 	$(PY) -m bench.scale $(SCALE_ARGS)
+
+# The whole network by simulation (not part of `make test`, <= 20 min): H simulated PDS hosts with
+# Bluesky's published limits, a relay and a PLC export on 127.0.0.1; the real discover -> identities
+# sync -> gaps -> backfill pipeline; rows in bench/results/network.json and the projected full-network
+# time. NETWORK_ARGS="--small 8:400 --large 16:800" or "--smoke".
+bench-network: $(STAMP)
+	$(PY) -m bench.network $(NETWORK_ARGS)
 
 # Fault trials against the local PDS (kill -9, relay and broker freezes, disk full, concurrent
 # backfills): <= 15 min, not part of `make test`. CHAOS_ARGS="--quick" or "--only kill9".
