@@ -83,7 +83,8 @@ async def run_gaps(
         out["discovery"] = discovery.to_json()
     if mode == "kafka":
         assert kafka_bootstrap is not None
-        out["enqueued"] = await enqueue_backfill(kafka_bootstrap, report.reasons_by_did)
+        out["enqueued"] = await enqueue_backfill(kafka_bootstrap, report.reasons_by_did,
+                                                 hosts=await asyncio.to_thread(store.known_pds, list(report.reasons_by_did)))
     elif mode == "db":
         out["enqueued"] = await asyncio.to_thread(store.enqueue, report.reasons_by_did)
     else:

@@ -1,4 +1,8 @@
-"""Backfill requests on `skyfill.backfill`: one message per DID, keyed by the DID.
+"""Backfill requests on `skyfill.backfill`: one message per DID, keyed by the DID's PDS host when
+the caller knows it, else by the DID.
+
+Keyed by host, every request for one host lands in one partition, so one worker paces that host:
+N workers never send N times a host's limit (a worker paces each host it sees on its own).
 
 Value: {"v": 1, "did": "...", "reasons": [...]} (schema/backfill.v1.json). A bare DID as the
 whole value is accepted too, so an operator can enqueue with any Kafka console producer.
@@ -53,8 +57,11 @@ async def enqueue_backfill(
     *,
     topic: str = BACKFILL_TOPIC,
     request_timeout_ms: int = 30_000,
+    hosts: Mapping[str, str] | None = None,
 ) -> int:
-    """Publish one request per DID (acks=all); returns how many the broker acknowledged."""
+    """Publish one request per DID (acks=all); returns how many the broker acknowledged.
+    `hosts`: each DID's PDS host, the message key where known (see the module doc)."""
+    keys = hosts or {}
     items = list(requests.items()) if isinstance(requests, Mapping) else [(d, ()) for d in requests]
     if not items:
         return 0
@@ -62,7 +69,8 @@ async def enqueue_backfill(
                                 linger_ms=5)
     try:
         await producer.start()
-        futures = [await producer.send(topic, encode_request(did, reasons), key=did.encode()) for did, reasons in items]
+        futures = [await producer.send(topic, encode_request(did, reasons), key=(keys.get(did) or did).encode())
+                   for did, reasons in items]
         for fut in futures:
             await fut
     except KafkaError as exc:

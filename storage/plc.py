@@ -58,6 +58,14 @@ SELECT did, arg_max(struct_pack(pds, signing_key, handle, tombstone, error), cre
 ) GROUP BY did
 """
 
+# the PDS endpoint known for each DID of `_want`: the identity cache, else the newest bulk operation
+_PDS_SQL: Final = f"""
+SELECT w.did, coalesce(i.pds, b.s.pds) AS pds FROM _want w
+LEFT JOIN identities i ON i.did = w.did
+LEFT JOIN ({_BATCH_SQL}) b ON b.did = w.did
+WHERE coalesce(i.pds, b.s.pds) IS NOT NULL
+"""
+
 # usable folded keys of DIDs without a newer (unfolded) operation: a verifier's seed
 _SEED_SQL: Final = """
 SELECT did, signing_key FROM plc_base
@@ -198,6 +206,14 @@ class PlcBulk(Caches):
             ahead[row["did"]] = _usable(row["did"], row["s"], synced_at)
         self._bulk_ahead = ahead
         return sum(1 for r in ahead.values() if r is not None)
+
+    def known_pds(self, dids: Sequence[str]) -> dict[str, str]:
+        """The PDS endpoint stored for each of `dids` that has one, whatever its age (the identity
+        cache, else the bulk PLC rows): no request is made. For routing, not for verifying."""
+        if not dids:
+            return {}
+        with self.read() as reader, reader.registered("_want", pa.table({"did": list(dids)})):
+            return {did: pds for did, pds in reader.fetchall(_PDS_SQL)}
 
 
 def _usable(did: str, r: dict[str, object], synced_at: datetime) -> IdentityRow | None:

@@ -39,6 +39,7 @@ from skyfill.publish import KafkaPublisher, Topics, enqueue_backfill, ensure_top
 from skyfill.publish.sink import Sink
 from skyfill.publish.worker import BackfillWorker, backfill_one_from
 from skyfill import metrics
+from skyfill.net.identity import IdentityRow
 from skyfill.storage import Change, RecordChange, Store
 from tests.support.kafka import KafkaBroker
 
@@ -453,24 +454,29 @@ def test_gaps_enqueue_kafka_publishes_requests_and_plain_enqueue_still_means_db(
     from skyfill.cli import main
 
     db = str(tmp_path / "gaps.duckdb")
-    Store(db).close()
-    dids = ["did:plc:aaaaaaaaaaaaaaaaaaaaaaaa", "did:web:x.example"]
+    dids = ["did:plc:aaaaaaaaaaaaaaaaaaaaaaaa", "did:plc:bbbbbbbbbbbbbbbbbbbbbbbb", "did:web:x.example"]
+    with Store(db) as store:  # the first two DIDs' PDS is known (identity cache): their requests are keyed by it
+        store.save_identities([IdentityRow(d, "https://pds.example", "zQ3sh", None, "{}", time.time()) for d in dids[:2]])
     base = ["gaps", "--db", db, "--start", "2025-03-10", "--end", "2025-03-10", "--no-audit", "--json",
             "--dids", ",".join(dids)]
     missing = CliRunner().invoke(main, [*base, "--enqueue", "kafka"])
     assert missing.exit_code != 0 and "--kafka-bootstrap" in missing.output
     out = CliRunner().invoke(main, [*base, "--enqueue", "kafka", "--kafka-bootstrap", kafka_broker.bootstrap])
     assert out.exit_code == 0, out.output
-    assert orjson.loads(out.output)["enqueued"] == 2
-    msgs = asyncio.run(consume_all(kafka_broker.bootstrap, ["skyfill.backfill"], 2))
+    assert orjson.loads(out.output)["enqueued"] == 3
+    msgs = asyncio.run(consume_all(kafka_broker.bootstrap, ["skyfill.backfill"], 3))
     backfill_schema = schema("backfill.v1.json")
     for m in msgs:
         backfill_schema.validate(orjson.loads(m.value))
-    assert sorted((m.key.decode(), orjson.loads(m.value)["reasons"]) for m in msgs) == [
-        (d, ["explicit"]) for d in sorted(dids)]
+    # keyed by host where known (one partition, so one worker, paces each host), else by DID
+    keys = {orjson.loads(m.value)["did"]: (m.key.decode(), m.partition, orjson.loads(m.value)["reasons"]) for m in msgs}
+    assert {d: (k, r) for d, (k, _, r) in keys.items()} == {
+        dids[0]: ("https://pds.example", ["explicit"]), dids[1]: ("https://pds.example", ["explicit"]),
+        dids[2]: (dids[2], ["explicit"])}
+    assert keys[dids[0]][1] == keys[dids[1]][1]
     # `--enqueue` alone is the DuckDB queue, as before
     db_mode = CliRunner().invoke(main, [*base, "--enqueue"])
     assert db_mode.exit_code == 0, db_mode.output
-    assert orjson.loads(db_mode.output)["enqueued"] == 2
+    assert orjson.loads(db_mode.output)["enqueued"] == 3
     with Store(db) as store:
         assert sorted(d for (d,) in store.fetchall("SELECT did FROM backfill_queue")) == sorted(dids)
