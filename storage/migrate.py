@@ -9,7 +9,8 @@
     schema_version 4   the backfill queue an append-only log (storage/queue_log.py); repos.backfill_run
     schema_version 5   record_base keeps created_at as microseconds after event_at (created_us,
                        created_raw; the view shows created_at): a record_base with a created_at
-                       column is copied into the new layout on open (the condition is the column)
+                       column is copied into the new layout on open (the condition is the column);
+                       repo_base keeps data_cid/commit_cid binary (cid_bin), converted when text
 
 A writable open creates what is missing and migrates an older file (or a `refs` column) in ONE
 transaction (a crash part-way leaves the file as it was), then (re)creates the views. A read-only
@@ -96,6 +97,7 @@ def prepare_schema(con: duckdb.DuckDBPyConnection, path: str, *, read_only: bool
         if repos.is_v1(con):
             repos.migrate_v1(con)
         else:
+            repos.migrate_text_cids(con)  # v4 and before: repo_base CIDs as text
             repos.create_repos(con)
         queue_log.create_queue(con)
         con.execute(schema_sql("views.sql"))

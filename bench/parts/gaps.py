@@ -32,7 +32,7 @@ def _did(expr: str) -> str:
 _REPOS_SQL = """
 INSERT INTO repo_base (did, rev, data_cid, commit_cid, last_seq, last_event_at, active, status, sync_state,
                    desync_reason, desynced_at, first_seen_at, backfill_status, backfilled_at, backfilled_rev)
-SELECT did, rev, 'bafyrei' || md5('d' || i), 'bafyrei' || md5('c' || i), i, last_event_at,
+SELECT did, rev, cid_bin('bafyrei' || md5('d' || i)), cid_bin('bafyrei' || md5('c' || i)), i, last_event_at,
        h % 100 <> 0, CASE WHEN h % 100 = 0 THEN 'deactivated' ELSE 'active' END,
        CASE WHEN h % 50 = 1 THEN 'desynchronized' WHEN h % 3 = 0 THEN 'unknown' ELSE 'synchronized' END,
        CASE WHEN h % 50 = 1 THEN 'since_mismatch' END,
