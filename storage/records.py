@@ -223,10 +223,11 @@ def has_created_at_column(con: duckdb.DuckDBPyConnection) -> bool:
 
 def migrate_created_offsets(con: duckdb.DuckDBPyConnection, old: str) -> int:
     """Schema version 4 -> 5: copy the renamed record_base `old` (created_at a timestamp) into the
-    new record_base (created_us after event_at, created_raw), in its order, and drop it. Call
+    new record_base (created_us after event_at, created_raw), in its order (a plain INSERT SELECT
+    keeps it and streams; an ORDER BY rowid sorted 10M rows in memory: 7 GB), and drop it. Call
     inside the migrating transaction, after the new record_base and the macros exist. Returns the
     rows copied. Conditioned on the column alone (has_created_at_column), like the CID migration."""
     copied = _count(con.execute(
-        f"INSERT INTO record_base ({BASE_COLUMNS}) SELECT {_TO_BASE} FROM {old} ORDER BY rowid"))
+        f"INSERT INTO record_base ({BASE_COLUMNS}) SELECT {_TO_BASE} FROM {old}"))
     con.execute(f"DROP TABLE {old}")
     return copied
