@@ -7,6 +7,10 @@
                        whatever the schema_version, because the condition is the column itself)
     schema_version 3   record CIDs stored binary (storage/cids.py); the view shows them as text
     schema_version 4   the backfill queue an append-only log (storage/queue_log.py); repos.backfill_run
+    schema_version 5   record_base keeps created_at as microseconds after event_at (created_us,
+                       created_raw; the view shows created_at): a record_base with a created_at
+                       column is copied into the new layout on open (the condition is the column);
+                       repo_base keeps data_cid/commit_cid binary (cid_bin), converted when text
 
 A writable open creates what is missing and migrates an older file (or a `refs` column) in ONE
 transaction (a crash part-way leaves the file as it was), then (re)creates the views. A read-only
@@ -26,13 +30,13 @@ from skyfill.errors import StorageError
 
 from . import queue_log, refs, repos
 from .cids import CID_MACROS_SQL
-from .records import migrate_records_text_cids, migrate_records_v1
+from .records import has_created_at_column, migrate_created_offsets, migrate_records_text_cids, migrate_records_v1
 
 __all__ = ["SCHEMA_VERSION", "MIGRATE_COMMAND", "prepare_schema", "schema_version", "schema_sql"]
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION: Final = 4
+SCHEMA_VERSION: Final = 5
 MIGRATE_COMMAND: Final = "skyfill migrate --db {path}"
 
 
@@ -86,9 +90,14 @@ def prepare_schema(con: duckdb.DuckDBPyConnection, path: str, *, read_only: bool
             refs.fill_from(con, "record_base")
         pairs = refs.migrate_refs_column(con) if refs.has_refs_column(con) else None
         moved += migrate_records_text_cids(con)  # v2: text CIDs (a no-op on v1 or new files)
+        if has_created_at_column(con):  # v4 and before: created_at a timestamp in record_base
+            con.execute("ALTER TABLE record_base RENAME TO record_base_v4")
+            con.execute(schema_sql("schema.sql"))  # the new record_base, with its column compression
+            moved += migrate_created_offsets(con, "record_base_v4")
         if repos.is_v1(con):
             repos.migrate_v1(con)
         else:
+            repos.migrate_text_cids(con)  # v4 and before: repo_base CIDs as text
             repos.create_repos(con)
         queue_log.create_queue(con)
         con.execute(schema_sql("views.sql"))

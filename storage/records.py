@@ -45,6 +45,9 @@ __all__ = [
     "compact_records",
     "migrate_records_v1",
     "migrate_records_text_cids",
+    "BASE_COLUMNS",
+    "has_created_at_column",
+    "migrate_created_offsets",
 ]
 
 log = logging.getLogger(__name__)
@@ -54,6 +57,10 @@ log = logging.getLogger(__name__)
 # to storage/refs.py's table, in the same transaction.
 _DERIVED = "coalesce(TRY_CAST(event_at AS TIMESTAMPTZ), tid_time(rkey), tid_time(rev))"
 _COLUMNS = "did, collection, rkey, cid, rev, record, created_at, indexed_at, event_at"
+# record_base keeps created_at as microseconds after event_at (schema.sql's created_off macros)
+BASE_COLUMNS = "did, collection, rkey, cid, rev, record, created_us, created_raw, indexed_at, event_at"
+_TO_BASE = ("did, collection, rkey, cid, rev, record, created_off(created_at, event_at), "
+            "created_raw(created_at, event_at), indexed_at, event_at")
 
 STORED_CIDS_SQL = "SELECT collection, rkey, cid FROM records WHERE did = ?"
 COUNT_STORED_SQL = "SELECT count(*) FROM records WHERE did = ?"
@@ -135,8 +142,8 @@ def compact_records(con: duckdb.DuckDBPyConnection, upto_v: int) -> RecordCompac
                 [upto_v, *(in_base or ())],
             ))
         inserted = _count(con.execute(
-            f"INSERT INTO record_base ({_COLUMNS}) "
-            f"SELECT {_COLUMNS} FROM (SELECT * FROM record_log WHERE v <= $v "
+            f"INSERT INTO record_base ({BASE_COLUMNS}) "
+            f"SELECT {_TO_BASE} FROM (SELECT * FROM record_log WHERE v <= $v "
             "QUALIFY row_number() OVER (PARTITION BY did, collection, rkey ORDER BY v DESC) = 1) n "
             "WHERE n.cid IS NOT NULL "
             "AND NOT EXISTS (SELECT 1 FROM record_purges p WHERE p.did = n.did AND p.v > n.v AND p.v <= $v) "
@@ -180,10 +187,10 @@ def migrate_records_v1(con: duckdb.DuckDBPyConnection) -> int:
     of their rev, as event_at (the backfill rule). Call inside the migrating transaction, after
     the v2 tables exist and before the views are created. Returns the rows moved."""
     moved = _count(con.execute(
-        f"INSERT INTO record_base ({_COLUMNS}) "
-        "SELECT did, collection, rkey, cid_bin(cid), rev, record, created_at, indexed_at, "
-        "coalesce(tid_time(rkey), tid_time(rev)) "
-        "FROM records ORDER BY did, collection, rkey"
+        f"INSERT INTO record_base ({BASE_COLUMNS}) SELECT {_TO_BASE} FROM ("
+        "SELECT did, collection, rkey, cid_bin(cid) AS cid, rev, record, created_at, indexed_at, "
+        "coalesce(tid_time(rkey), tid_time(rev)) AS event_at "
+        "FROM records) ORDER BY did, collection, rkey"
     ))
     con.execute("DROP TABLE records")
     return moved
@@ -207,3 +214,20 @@ def migrate_records_text_cids(con: duckdb.DuckDBPyConnection) -> int:
             converted += int(con.execute(f"SELECT count(*) FROM {table}").fetchall()[0][0])
             con.execute(f"ALTER TABLE {table} ALTER cid TYPE BLOB USING cid_bin(cid)")
     return converted
+
+
+def has_created_at_column(con: duckdb.DuckDBPyConnection) -> bool:
+    """record_base still keeps `created_at` as a timestamp (schema version 4 and before)."""
+    return _column_type(con, "record_base", "created_at") is not None
+
+
+def migrate_created_offsets(con: duckdb.DuckDBPyConnection, old: str) -> int:
+    """Schema version 4 -> 5: copy the renamed record_base `old` (created_at a timestamp) into the
+    new record_base (created_us after event_at, created_raw), in its order (a plain INSERT SELECT
+    keeps it and streams; an ORDER BY rowid sorted 10M rows in memory: 7 GB), and drop it. Call
+    inside the migrating transaction, after the new record_base and the macros exist. Returns the
+    rows copied. Conditioned on the column alone (has_created_at_column), like the CID migration."""
+    copied = _count(con.execute(
+        f"INSERT INTO record_base ({BASE_COLUMNS}) SELECT {_TO_BASE} FROM {old}"))
+    con.execute(f"DROP TABLE {old}")
+    return copied

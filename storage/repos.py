@@ -34,7 +34,7 @@ import pyarrow as pa
 __all__ = [
     "HEAD_FIELDS", "BACKFILL_FIELDS", "REPO_COLUMNS", "REPOS_DDL", "create_repos", "is_v1", "migrate_v1",
     "append_head", "append_head_row", "append_backfill", "current_rows", "point_sql", "merge_point", "resort", "current_row", "compact",
-    "count_heads_sql",
+    "count_heads_sql", "has_text_cids", "migrate_text_cids",
 ]
 
 log = logging.getLogger(__name__)
@@ -69,10 +69,24 @@ HEAD_FIELDS: Final = tuple(list(_COLUMNS)[: list(_COLUMNS).index("first_seen_at"
 BACKFILL_FIELDS: Final = tuple(c for c in _COLUMNS if c not in HEAD_FIELDS)
 _HEAD, _BACKFILL = "head", "backfill"
 _MERGED_HEAD: Final = tuple(c for c in HEAD_FIELDS if c != "first_seen_at")
+# repo_base keeps these binary (storage/cids.py's cid_bin: a dag-cbor CID's 32-byte digest, ~2 B a
+# record fewer at 10 records a DID); repo_log and the view keep the text
+_BINARY_CIDS: Final = ("data_cid", "commit_cid")
+
+
+def _from_base(columns: Iterable[str]) -> str:
+    """The select list reading `columns` from repo_base as the view shows them (CIDs as text)."""
+    return ", ".join(f"cid_text({c}) AS {c}" if c in _BINARY_CIDS else c for c in columns)
+
+
+def _to_base(columns: Iterable[str]) -> str:
+    """The select list writing `columns` (as the view shows them) into repo_base."""
+    return ", ".join(f"cid_bin({c})" if c in _BINARY_CIDS else c for c in columns)
 
 
 def _base_columns() -> str:
-    return ",\n    ".join(f"{name} {typ} {rule}".rstrip() for name, (typ, rule) in _COLUMNS.items())
+    return ",\n    ".join(f"{name} {'BLOB' if name in _BINARY_CIDS else typ} {rule}".rstrip()
+                          for name, (typ, rule) in _COLUMNS.items())
 
 
 def _log_columns() -> str:
@@ -113,7 +127,7 @@ def _merged_sql(log_where: str) -> str:
         + [f"arg_max_null({c}, fv) AS {c}" for c in BACKFILL_FIELDS]
     )
     return f"""SELECT did, {out} FROM (
-    SELECT did, 0 AS v, 0 AS hv, 0 AS fv, {cols} FROM repo_base
+    SELECT did, 0 AS v, 0 AS hv, 0 AS fv, {_from_base(_COLUMNS)} FROM repo_base
     WHERE did IN (SELECT did FROM repo_log WHERE {log_where})
     UNION ALL
     SELECT did, v, CASE WHEN part = '{_HEAD}' THEN v ELSE -1 END, CASE WHEN part = '{_BACKFILL}' THEN v ELSE -1 END,
@@ -122,7 +136,7 @@ def _merged_sql(log_where: str) -> str:
 
 
 _VIEW: Final = f"""CREATE OR REPLACE VIEW repos AS
-SELECT did, {", ".join(_COLUMNS)} FROM repo_base b WHERE b.did NOT IN (SELECT did FROM repo_log)
+SELECT did, {_from_base(_COLUMNS)} FROM repo_base b WHERE b.did NOT IN (SELECT did FROM repo_log)
 UNION ALL
 {_merged_sql("TRUE")}"""
 
@@ -136,6 +150,27 @@ def create_repos(con: duckdb.DuckDBPyConnection) -> None:
         for name in _ADDED:
             con.execute(f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {name} {_COLUMNS[name][0]}")
     con.execute(_VIEW)
+
+
+def has_text_cids(con: duckdb.DuckDBPyConnection) -> bool:
+    """repo_base keeps data_cid/commit_cid as text (schema version 4 and before)."""
+    rows = con.execute(
+        "SELECT count(*) FROM duckdb_columns() WHERE database_name = current_database() AND schema_name = 'main' "
+        "AND table_name = 'repo_base' AND column_name IN ('data_cid', 'commit_cid') AND data_type = 'VARCHAR'"
+    ).fetchall()
+    return bool(rows[0][0])
+
+
+def migrate_text_cids(con: duckdb.DuckDBPyConnection) -> int:
+    """Schema version 4 -> 5: repo_base's CID columns from text to cid_bin, when still text
+    (conditioned on the column type alone). Call inside the migrating transaction, after the
+    macros exist and before the view is re-created. Returns the rows converted."""
+    if not has_text_cids(con):
+        return 0
+    con.execute("DROP VIEW IF EXISTS repos")  # it reads the columns being altered
+    for c in _BINARY_CIDS:
+        con.execute(f"ALTER TABLE repo_base ALTER {c} TYPE BLOB USING cid_bin({c})")
+    return int(con.execute("SELECT count(*) FROM repo_base").fetchall()[0][0])
 
 
 def is_v1(con: duckdb.DuckDBPyConnection) -> bool:
@@ -154,7 +189,7 @@ def migrate_v1(con: duckdb.DuckDBPyConnection) -> int:
     con.execute("ALTER TABLE repos RENAME TO repos_v1")
     con.execute(_CREATE_TABLES)
     cols = ", ".join(c for c in REPO_COLUMNS if c not in _ADDED)
-    con.execute(f"INSERT INTO repo_base ({cols}) SELECT {cols} FROM repos_v1 ORDER BY did")
+    con.execute(f"INSERT INTO repo_base ({cols}) SELECT {_to_base(cols.split(', '))} FROM repos_v1 ORDER BY did")
     count = int(con.execute("SELECT count(*) FROM repo_base").fetchall()[0][0])
     con.execute("DROP TABLE repos_v1")
     con.execute(_VIEW)
@@ -228,7 +263,7 @@ def point_sql(columns: Sequence[str]) -> str:
     snapshot; parameters: did twice). `merge_point` makes them the view's row: two plain point
     reads, where planning the view itself costs several times the reads."""
     cols = ", ".join(columns)
-    return (f"SELECT 0 AS v, 'base' AS part, {cols} FROM repo_base WHERE did = ? "
+    return (f"SELECT 0 AS v, 'base' AS part, {_from_base(columns)} FROM repo_base WHERE did = ? "
             f"UNION ALL SELECT v, part, {cols} FROM repo_log WHERE did = ? ORDER BY v")
 
 
@@ -273,7 +308,7 @@ def compact(con: duckdb.DuckDBPyConnection, upto_v: int) -> int:
         if n:
             con.execute("DELETE FROM repo_base WHERE did IN (SELECT did FROM _repo_merged)")
             cols = ", ".join(REPO_COLUMNS)
-            con.execute(f"INSERT INTO repo_base ({cols}) SELECT {cols} FROM _repo_merged ORDER BY did")
+            con.execute(f"INSERT INTO repo_base ({cols}) SELECT {_to_base(REPO_COLUMNS)} FROM _repo_merged ORDER BY did")
             con.execute(f"DELETE FROM repo_log WHERE {where}")
     finally:
         con.execute("DROP TABLE IF EXISTS _repo_merged")

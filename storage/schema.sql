@@ -36,7 +36,10 @@ CREATE TABLE IF NOT EXISTS record_base (
     cid         BLOB NOT NULL,        -- cid_bin(CID text): a dag-cbor CID's 32-byte sha256 digest, else the text
     rev         VARCHAR,
     record      JSON USING COMPRESSION zstd,
-    created_at  TIMESTAMPTZ,          -- what the record claims (`createdAt`), as written
+    -- what the record claims (`createdAt`), as written: stored as microseconds after event_at
+    -- (created_off; ~4 B a record fewer than the timestamp), the view adds them back (created_at_from)
+    created_us  BIGINT,
+    created_raw TIMESTAMPTZ,          -- only a created_at created_off cannot express (infinite, extreme years)
     indexed_at  TIMESTAMPTZ NOT NULL, -- when this mirror stored this version
     event_at    TIMESTAMPTZ           -- when the network saw it: firehose `time`, else TID time of rkey, else of rev
 );
@@ -47,6 +50,19 @@ CREATE TABLE IF NOT EXISTS meta (
     key    VARCHAR PRIMARY KEY,
     value  VARCHAR NOT NULL
 );
+
+-- record_base keeps created_at as microseconds after event_at (event_at NULL or infinite: after the
+-- epoch): created_off(created_at, event_at) writes them, created_raw keeps what they cannot express
+-- (an infinite or far-out timestamp, bounded so the difference cannot overflow), created_at_from
+-- gives created_at back exactly: created_at_from(created_off(c, e), created_raw(c, e), e) = c.
+CREATE OR REPLACE MACRO created_off(c, e) AS CASE
+    WHEN epoch_us(c) BETWEEN -4611686018427387904 AND 4611686018427387903
+     AND coalesce(epoch_us(e), 0) BETWEEN -4611686018427387904 AND 4611686018427387903
+    THEN epoch_us(c) - coalesce(epoch_us(e), 0)
+END;
+CREATE OR REPLACE MACRO created_raw(c, e) AS CASE WHEN created_off(c, e) IS NULL THEN c END;
+CREATE OR REPLACE MACRO created_at_from(us, raw, e) AS
+    coalesce(make_timestamptz(us + coalesce(epoch_us(e), 0)), raw);
 
 -- The microseconds of a TID (13 base32-sortable chars) as a timestamp; NULL when `t` is not a TID.
 CREATE OR REPLACE MACRO tid_time(t) AS CASE

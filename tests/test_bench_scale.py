@@ -84,8 +84,10 @@ def test_built_store_holds_one_live_row_per_key_sorted_with_real_bodies(built) -
         tables = {t for (t,) in con.execute("SELECT table_name FROM duckdb_tables()").fetchall()}
         stored = "record_base" if "record_base" in tables else "records"  # the rows as written (rowid order)
         cid = "cid_text(cid)" if stored == "record_base" else "cid"  # stored binary since schema 3
+        # after event_at since schema 5
+        created = "created_at_from(created_us, created_raw, event_at)" if stored == "record_base" else "created_at"
         rows = con.execute(
-            f"SELECT did, collection, rkey, {cid}, rev, record::VARCHAR, created_at FROM {stored} ORDER BY rowid"
+            f"SELECT did, collection, rkey, {cid}, rev, record::VARCHAR, {created} FROM {stored} ORDER BY rowid"
         ).fetchall()
         if stored == "record_base":  # real-form CIDs: every one kept as its 32-byte digest
             assert con.execute("SELECT bool_and(octet_length(cid) = 32) FROM record_base").fetchall() == [(True,)]
@@ -96,6 +98,8 @@ def test_built_store_holds_one_live_row_per_key_sorted_with_real_bodies(built) -
             record = json.loads(body)
             assert record["$type"] == collection
             assert record["createdAt"][:19] == created_at.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S")
+            # as a writer parses it: the body's milliseconds
+            assert record["createdAt"][19:] == f".{created_at.microsecond // 1000:03d}Z" and created_at.microsecond % 1000 == 0
         assert len({r[3] for r in rows}) == len(rows), "CIDs are unique"
         mix = dict(con.execute("SELECT collection, count(*) FROM records GROUP BY ALL").fetchall())
         assert mix["app.bsky.feed.like"] > mix["app.bsky.graph.follow"] > mix["app.bsky.actor.profile"]

@@ -12,7 +12,7 @@ import duckdb
 import pytest
 
 from skyfill.errors import StorageError
-from skyfill.storage import Batch, RecordPut, Store
+from skyfill.storage import Batch, RecordPut, RepoRow, Store
 from skyfill.storage.cids import CID_MACROS_SQL, cid_bytes, cid_str
 from skyfill.storage.migrate import SCHEMA_VERSION
 
@@ -117,3 +117,68 @@ def test_a_v2_file_is_migrated_to_binary_cids_on_open_losing_nothing(tmp_path: P
         assert view_cids(store) == expected
     with Store(path) as store:                       # a second open changes nothing
         assert view_cids(store) == expected
+
+
+# -- repo_base keeps data_cid / commit_cid binary too (schema 5); repo_log and the view keep text ------
+
+REPO_CIDS = [dag_cbor_cid(100 + i) for i in range(6)] + [c for c in ODD_CIDS if c] + [None]
+
+
+def write_repos(store: Store, prefix: str) -> dict[str, tuple]:
+    batch = Batch()
+    expected = {}
+    for i, cid in enumerate(REPO_CIDS):
+        did = f"did:plc:{prefix}{i}"
+        commit = REPO_CIDS[(i + 1) % len(REPO_CIDS)]
+        batch.put_repo(RepoRow(did=did, rev="3kaaaaaaaaaaa", data_cid=cid, commit_cid=commit, sync_state="synchronized"))
+        expected[did] = (cid, commit)
+    store.apply(batch)
+    return expected
+
+
+def view_repo_cids(store: Store) -> dict[str, tuple]:
+    return {d: (a, b) for d, a, b in store.fetchall("SELECT did, data_cid, commit_cid FROM repos")}
+
+
+def point_repo_cids(store: Store, dids: list[str]) -> dict[str, tuple]:
+    return {did: tuple(store.fetchall("SELECT data_cid, commit_cid FROM repos WHERE did = ?", [did])[0]) for did in dids}
+
+
+def test_repo_cids_come_back_identical_through_the_repos_view(tmp_path: Path) -> None:
+    with Store(tmp_path / "r.duckdb") as store:
+        expected = write_repos(store, "a")
+        assert view_repo_cids(store) == expected
+        store.compact()
+        assert store.fetchall("SELECT count(*) FROM repo_log") == [(0,)]
+        assert store.fetchall("SELECT count(*) FROM repo_base WHERE octet_length(data_cid) = 32") == [(6,)]
+        assert view_repo_cids(store) == expected
+        expected |= write_repos(store, "b")          # base and log together
+        assert view_repo_cids(store) == expected
+        assert point_repo_cids(store, list(expected)) == expected
+    with Store(tmp_path / "r.duckdb", read_only=True) as store:
+        assert view_repo_cids(store) == expected
+
+
+def test_a_file_with_text_repo_cids_is_migrated_on_open(tmp_path: Path) -> None:
+    path = tmp_path / "v4.duckdb"
+    with Store(path) as store:
+        expected = write_repos(store, "a")
+        store.compact()
+        expected |= write_repos(store, "b")
+    con = duckdb.connect(str(path))
+    con.execute("DROP VIEW repos")
+    for c in ("data_cid", "commit_cid"):
+        con.execute(f"ALTER TABLE repo_base ALTER {c} TYPE VARCHAR USING cid_text({c})")
+    con.execute("UPDATE meta SET value = '4' WHERE key = 'schema_version'")
+    con.close()
+    with pytest.raises(StorageError, match=r"skyfill migrate --db .*v4\.duckdb"):
+        Store(path, read_only=True)
+    with Store(path) as store:
+        types = store.fetchall("SELECT DISTINCT data_type FROM duckdb_columns() WHERE table_name = 'repo_base' "
+                               "AND column_name IN ('data_cid', 'commit_cid')")
+        assert types == [("BLOB",)]
+        assert view_repo_cids(store) == expected
+        store.compact()
+        assert view_repo_cids(store) == expected
+    with Store(path, read_only=True) as store:
+        assert view_repo_cids(store) == expected

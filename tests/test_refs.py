@@ -87,6 +87,8 @@ def _main_layout_file(path: Path) -> None:
     Store(path).close()
     con = duckdb.connect(str(path))
     con.execute("DROP VIEW records; DROP TABLE ref_log; DROP TABLE ref_base")
+    con.execute("ALTER TABLE record_base DROP COLUMN created_us; ALTER TABLE record_base DROP COLUMN created_raw")
+    con.execute("ALTER TABLE record_base ADD COLUMN created_at TIMESTAMPTZ")  # as before schema 5
     con.execute("ALTER TABLE record_base ADD COLUMN refs VARCHAR[]")
     con.execute("ALTER TABLE record_log ADD COLUMN refs VARCHAR[]")
     con.execute("INSERT INTO record_base (did, collection, rkey, cid, record, indexed_at, event_at, refs) VALUES "

@@ -32,7 +32,7 @@ def _did(expr: str) -> str:
 _REPOS_SQL = """
 INSERT INTO repo_base (did, rev, data_cid, commit_cid, last_seq, last_event_at, active, status, sync_state,
                    desync_reason, desynced_at, first_seen_at, backfill_status, backfilled_at, backfilled_rev)
-SELECT did, rev, 'bafyrei' || md5('d' || i), 'bafyrei' || md5('c' || i), i, last_event_at,
+SELECT did, rev, cid_bin('bafyrei' || md5('d' || i)), cid_bin('bafyrei' || md5('c' || i)), i, last_event_at,
        h % 100 <> 0, CASE WHEN h % 100 = 0 THEN 'deactivated' ELSE 'active' END,
        CASE WHEN h % 50 = 1 THEN 'desynchronized' WHEN h % 3 = 0 THEN 'unknown' ELSE 'synchronized' END,
        CASE WHEN h % 50 = 1 THEN 'since_mismatch' END,
@@ -75,8 +75,9 @@ def build_store(path: Path, *, n_dids: int, n_records: int) -> float:
         known = n_dids
         space = n_dids + n_dids // 5  # a sixth of the referenced DIDs are not in `repos`
         con.execute(f"""
-        INSERT INTO record_base (did, collection, rkey, cid, rev, record, created_at, indexed_at, event_at)
-        SELECT *, created_at FROM (
+        INSERT INTO record_base (did, collection, rkey, cid, rev, record, created_us, created_raw, indexed_at, event_at)
+        SELECT did, collection, rkey, cid, rev, record, created_off(created_at, created_at),
+               created_raw(created_at, created_at), indexed_at, created_at FROM (
         SELECT did, collection, rkey, cid_bin('bafyrei' || md5('v' || i)), '3l' || substr(md5('w' || i), 1, 11),
                CASE collection
                  WHEN 'app.bsky.feed.like' THEN '{{"$type":"app.bsky.feed.like","subject":{{"uri":"at://' || tgt

@@ -41,6 +41,7 @@ import pyarrow as pa
 
 from skyfill.protocol.records import record_json
 from skyfill.storage import Store
+from skyfill.storage.records import BASE_COLUMNS
 from tests.support.generate import FIREHOSE_EPOCH_MICROS, RecordMaker, tid
 
 __all__ = [
@@ -56,7 +57,7 @@ __all__ = [
     "make_pool",
 ]
 
-BUILD_VERSION = 4                             # 3: canonical record CIDs, stored binary (schema 3); 4: no refs column (ref_base)
+BUILD_VERSION = 5                             # 3: canonical record CIDs, stored binary (schema 3); 4: no refs column (ref_base); 5: created_at as parsed from the body (ms), stored after event_at, repo_base CIDs binary (schema 5)
 ROOT = Path(__file__).resolve().parents[2]
 CACHE_DIR = ROOT / ".cache" / "scale"
 END_MICROS = FIREHOSE_EPOCH_MICROS            # a built store's history ends where the bench firehose begins
@@ -220,7 +221,7 @@ _REPOS_SQL = f"""
 INSERT INTO {{table}} (did, rev, data_cid, commit_cid, last_seq, last_event_at, active, status, sync_state,
                        desync_reason, desynced_at, first_seen_at, backfill_status, backfill_attempts,
                        backfilled_at, backfilled_rev)
-SELECT did, rev, {_cid('a', 'd * 2')}, {_cid('b', 'd * 2 + 1')},
+SELECT did, rev, {{wrap}}({_cid('a', 'd * 2')}), {{wrap}}({_cid('b', 'd * 2 + 1')}),
        d, {_ts('last_micros')}, TRUE, 'active',
        CASE WHEN h = 1 THEN 'desynchronized' WHEN h = 2 THEN 'unknown' ELSE 'synchronized' END,
        CASE WHEN h = 1 THEN 'since_mismatch' END,
@@ -237,7 +238,7 @@ _KEYS_SQL = f"""
 SELECT k.did, p.collection,
        concat(p.tid11, b32c(k.i // {{pool}}, 1), b32c(k.i // {{pool}}, 0)) AS rkey,
        cid_bin({_cid('p', 'k.i', '{pool}')}) AS cid, k.rev,
-       p.body AS record, {_ts('p.micros')} AS created_at, {_ts('p.micros')} AS event_at,
+       p.body AS record, {_ts('p.micros // 1000 * 1000')} AS created_at, {_ts('p.micros')} AS event_at,
        {_ts('p.micros + 2000000')} AS indexed_at
 FROM (SELECT did, rev, off + j AS i
       FROM (SELECT did, rev, off, unnest(range(c)) AS j FROM dids WHERE rank >= {{lo}} AND rank < {{hi}})) k
@@ -245,8 +246,12 @@ JOIN pool p ON p.p = k.i % {{pool}}
 ORDER BY k.did, p.collection, rkey
 """
 
-_V1_RECORDS = ("records", "did, collection, rkey, cid, rev, record, created_at, indexed_at")
-_V2_RECORDS = ("record_base", "did, collection, rkey, cid, rev, record, created_at, event_at, indexed_at")
+_V1_COLUMNS = "did, collection, rkey, cid, rev, record, created_at, indexed_at"
+_V1_RECORDS = ("records", _V1_COLUMNS, _V1_COLUMNS)
+# record_base keeps created_at as microseconds after event_at (schema 5): written as the compaction writes it
+_V2_RECORDS = ("record_base", BASE_COLUMNS,
+               "did, collection, rkey, cid, rev, record, created_off(created_at, event_at), "
+               "created_raw(created_at, event_at), indexed_at, event_at")
 # the referenced DIDs by hour (storage/refs.py) of the pool rows the records use (record i uses row i % pool)
 _V2_REFS = """
 INSERT INTO ref_base SELECT DISTINCT ref_hour(make_timestamptz(micros)) AS hour, unnest(refs) AS did
@@ -292,12 +297,12 @@ def build_store(path: Path, n_records: int, *, layout: str, pool: pa.Table, prog
         con.unregister("pool_arrow")
         con.execute(_DIDS_SQL.format(n=n_records, dids=n_dids))
         repos = "repo_base" if kinds["repos"] == "VIEW" else "repos"
-        con.execute(_REPOS_SQL.format(table=repos, pool=pool.num_rows))
+        con.execute(_REPOS_SQL.format(table=repos, pool=pool.num_rows, wrap="cid_bin" if repos == "repo_base" else ""))
         progress(f"  {n_dids:,} repos rows in {time.perf_counter() - started:.0f}s")
-        table, columns = _V2_RECORDS if kinds["records"] == "VIEW" else _V1_RECORDS
+        table, columns, select = _V2_RECORDS if kinds["records"] == "VIEW" else _V1_RECORDS
         per_chunk = max(1, CHUNK_RECORDS // RECORDS_PER_DID)
         for lo in range(0, n_dids, per_chunk):
-            con.execute(f"INSERT INTO {table} ({columns}) SELECT {columns} FROM ("
+            con.execute(f"INSERT INTO {table} ({columns}) SELECT {select} FROM ("
                         + _KEYS_SQL.format(pool=pool.num_rows, lo=lo, hi=lo + per_chunk) + ")")
             done = min(n_dids, lo + per_chunk)
             progress(f"  records of {done:,}/{n_dids:,} DIDs in {time.perf_counter() - started:.0f}s")
