@@ -7,6 +7,8 @@
                        whatever the schema_version, because the condition is the column itself)
     schema_version 3   record CIDs stored binary (storage/cids.py); the view shows them as text
     schema_version 4   the backfill queue an append-only log (storage/queue_log.py); repos.backfill_run
+    schema_version 5   repo_base and repo_log hold each DID's integer key `k` (storage/repos.py),
+                       added to an older file by `repos.create_repos` (the condition is the column)
 
 A writable open creates what is missing and migrates an older file (or a `refs` column) in ONE
 transaction (a crash part-way leaves the file as it was), then (re)creates the views. A read-only
@@ -32,7 +34,7 @@ __all__ = ["SCHEMA_VERSION", "MIGRATE_COMMAND", "prepare_schema", "schema_versio
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION: Final = 4
+SCHEMA_VERSION: Final = 5
 MIGRATE_COMMAND: Final = "skyfill migrate --db {path}"
 
 
