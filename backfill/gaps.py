@@ -49,6 +49,7 @@ from skyfill.protocol.syntax import is_did
 from skyfill.storage import CoverageEnd, Reader, Store
 from skyfill.storage.queries import DESYNCHRONIZED, not_terminal
 from skyfill.storage.refs import REFERENCED_SQL
+from skyfill.storage.repos import KEY_SQL, subset_sql
 
 from . import network
 
@@ -125,8 +126,13 @@ class GapReport:
         return out
 
 
+# Each reason reads `repos.subset_sql(<its condition on head columns>)` rather than the `repos`
+# view: the same rows, but of the logged DIDs only those that may meet the condition are merged
+# with their base rows (with a full repo_log, 230k DIDs at 100M, the view merged all of them for
+# every reason: 4-6 s). The whole condition is applied on top, as on the view.
+_DESYNC_HEAD: Final = f"{DESYNCHRONIZED} AND (desynced_at IS NULL OR desynced_at <= $end)"
 _DESYNC_SQL: Final = f"""
-SELECT did FROM repos
+SELECT did FROM ({subset_sql(_DESYNC_HEAD)})
 WHERE {DESYNCHRONIZED}
   AND (desynced_at IS NULL OR desynced_at <= $end)
   AND (backfilled_at IS NULL OR desynced_at IS NULL OR backfilled_at < desynced_at)
@@ -134,7 +140,7 @@ WHERE {DESYNCHRONIZED}
 """
 
 _NEVER_SQL: Final = f"""
-SELECT did FROM repos
+SELECT did FROM ({subset_sql("last_event_at >= $start AND active")})
 WHERE first_seen_at <= $end AND last_event_at >= $start
   AND backfilled_at IS NULL AND active AND {not_terminal()}
 """
@@ -143,22 +149,24 @@ WHERE first_seen_at <= $end AND last_event_at >= $start
 # (the record_refs macro): no JSON is parsed here and no record is read. "Seen in the window" is
 # the record's event time (when the network saw it), not its claimed createdAt, rounded outward
 # to whole hours (the table keeps hours): a superset of the DIDs referenced inside [start, end].
+# Only the `repos` rows of those DIDs are read, found by key.
 _REFERENCED_SQL: Final = f"""
-WITH dids AS ({REFERENCED_SQL})
-SELECT d.did FROM dids d LEFT JOIN repos r ON r.did = d.did
+WITH dids AS MATERIALIZED ({REFERENCED_SQL}), wanted AS MATERIALIZED (SELECT DISTINCT {KEY_SQL} AS k FROM dids)
+SELECT d.did FROM dids d LEFT JOIN ({subset_sql(keys="SELECT k FROM wanted")}) r ON r.did = d.did
 WHERE r.did IS NULL OR (r.backfilled_at IS NULL AND r.active AND {not_terminal('r')})
 """
 
 # DIDs that existed before some downtime stretch; `_gaps(gap_start, gap_end)` is registered.
 _DOWNTIME_CANDIDATES_SQL: Final = f"""
 SELECT r.did, r.rev, coalesce(i.pds, '{UNKNOWN_HOST}') AS pds
-FROM repos r LEFT JOIN identities i ON i.did = r.did
+FROM ({subset_sql("active")}) r LEFT JOIN identities i ON i.did = r.did
 WHERE r.active AND {not_terminal('r')}
   AND r.first_seen_at < (SELECT max(gap_start) FROM _gaps)
 """
 
+# $low / $high: the first gap's start - margin, the last gap's end + margin (a necessary bound)
 _DOWNTIME_NO_AUDIT_SQL: Final = f"""
-SELECT DISTINCT r.did FROM repos r JOIN _gaps g
+SELECT DISTINCT r.did FROM ({subset_sql("active AND last_event_at >= $low AND last_event_at <= $high")}) r JOIN _gaps g
   ON r.first_seen_at < g.gap_start
  AND r.last_event_at >= g.gap_start - $margin
  AND r.last_event_at <= g.gap_end + $margin
@@ -268,9 +276,9 @@ async def detect_gaps(
                 )
                 with reader.registered("_gaps", spans):
                     if audit is None:
-                        found[Reason.DOWNTIME.value] = _column(
-                            reader, _DOWNTIME_NO_AUDIT_SQL, {"margin": no_audit_margin}
-                        )
+                        found[Reason.DOWNTIME.value] = _column(reader, _DOWNTIME_NO_AUDIT_SQL, {
+                            "margin": no_audit_margin, "low": min(a for a, _ in gaps) - no_audit_margin,
+                            "high": max(b for _, b in gaps) + no_audit_margin})
                     else:
                         candidates = [(d, r, p) for d, r, p in reader.fetchall(_DOWNTIME_CANDIDATES_SQL)]
             timings[Reason.DOWNTIME.value] = loop.time() - t0

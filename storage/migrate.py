@@ -10,7 +10,9 @@
     schema_version 5   record_base keeps created_at as microseconds after event_at (created_us,
                        created_raw; the view shows created_at): a record_base with a created_at
                        column is copied into the new layout on open (the condition is the column);
-                       repo_base keeps data_cid/commit_cid binary (cid_bin), converted when text
+                       repo_base keeps data_cid/commit_cid binary (cid_bin), converted when text;
+                       repo_base and repo_log hold each DID's integer key `k` (storage/repos.py),
+                       added to an older file by `repos.create_repos` (the condition is the column)
 
 A writable open creates what is missing and migrates an older file (or a `refs` column) in ONE
 transaction (a crash part-way leaves the file as it was), then (re)creates the views. A read-only

@@ -10,6 +10,13 @@ Layout (no primary key, no UPDATE: every write is an append, see docs in DESIGN1
                 defaults and count only for a DID that has no row of that group anywhere.
     repos       the view: one row per DID, same columns and meaning as the v1 table.
 
+Both tables also hold `k`, the DID's key (`KEY_SQL`: the low 64 bits of its MD5, NOT NULL, set by
+every insert): the view and the gap reasons find a logged DID's base row and leave out logged
+DIDs from the base by `k` (a hash join on an integer; on the 32-char `did` it decoded and hashed
+all 10M base DIDs, 4-6 s with a full log). Two DIDs may share a `k`: a set taken by `k` is a
+superset, and rows are merged per `did`, so a shared key costs a row read too many, never an
+answer (see `_VIEW` and `subset_sql`).
+
 Merge rule (the view and `compact` share it): per DID and group, the log row of that group with
 the highest v wins, else the base row (version 0), else the other group's newest row (its
 defaults). `first_seen_at` is write-once: the oldest stored value (base, else the lowest v).
@@ -34,7 +41,7 @@ import pyarrow as pa
 __all__ = [
     "HEAD_FIELDS", "BACKFILL_FIELDS", "REPO_COLUMNS", "REPOS_DDL", "create_repos", "is_v1", "migrate_v1",
     "append_head", "append_head_row", "append_backfill", "current_rows", "point_sql", "merge_point", "resort", "current_row", "compact",
-    "count_heads_sql", "has_text_cids", "migrate_text_cids",
+    "count_heads_sql", "has_text_cids", "migrate_text_cids", "subset_sql", "KEY_SQL", "has_key", "add_key",
 ]
 
 log = logging.getLogger(__name__)
@@ -68,6 +75,8 @@ REPO_COLUMNS: Final = ("did", *_COLUMNS)
 HEAD_FIELDS: Final = tuple(list(_COLUMNS)[: list(_COLUMNS).index("first_seen_at") + 1])
 BACKFILL_FIELDS: Final = tuple(c for c in _COLUMNS if c not in HEAD_FIELDS)
 _HEAD, _BACKFILL = "head", "backfill"
+# the DID's key (see the module docstring): md5 is stable across DuckDB versions, unlike hash()
+KEY_SQL: Final = "md5_number_lower(did)"
 _MERGED_HEAD: Final = tuple(c for c in HEAD_FIELDS if c != "first_seen_at")
 # repo_base keeps these binary (storage/cids.py's cid_bin: a dag-cbor CID's 32-byte digest, ~2 B a
 # record fewer at 10 records a DID); repo_log and the view keep the text
@@ -102,24 +111,30 @@ CREATE SEQUENCE IF NOT EXISTS write_version;
 -- one row per DID: the state folded in by the last compaction (see storage/repos.py)
 CREATE TABLE IF NOT EXISTS repo_base (
     did VARCHAR NOT NULL,
-    {_base_columns()}
+    {_base_columns()},
+    k UBIGINT NOT NULL
 );
 -- appended by every write; `part` names the authoritative column group ('head' | 'backfill')
 CREATE TABLE IF NOT EXISTS repo_log (
     v BIGINT NOT NULL,
     part VARCHAR NOT NULL,
     did VARCHAR NOT NULL,
-    {_log_columns()}
+    {_log_columns()},
+    k UBIGINT NOT NULL
 );
 """
 
 
-def _merged_sql(log_where: str) -> str:
-    """One merged row per DID that has log rows matching `log_where` (base row included).
+def _merged_sql(keys: str, log_where: str = "TRUE") -> str:
+    """One merged row per DID of the base rows whose `k` is in `keys` (a query of `k` values) and
+    the log rows matching `log_where` (the caller makes their keys a subset of `keys`): every DID
+    whose log rows are merged must have its base row read too.
 
     One aggregate per column (not one struct per group): a query on the view that needs a few
     columns reads only those of repo_base (DuckDB drops the unused aggregates and their inputs),
-    where a struct of every column read the whole row of every base row (8 s at 10M DIDs)."""
+    where a struct of every column read the whole row of every base row (8 s at 10M DIDs).
+    Grouped by `did`, not `k`: a base row read only because its DID shares a key with a logged
+    DID is a group of its own, its base row unchanged."""
     cols = ", ".join(_COLUMNS)
     out = ", ".join(
         [f"arg_max_null({c}, hv) AS {c}" for c in _MERGED_HEAD]
@@ -128,17 +143,50 @@ def _merged_sql(log_where: str) -> str:
     )
     return f"""SELECT did, {out} FROM (
     SELECT did, 0 AS v, 0 AS hv, 0 AS fv, {_from_base(_COLUMNS)} FROM repo_base
-    WHERE did IN (SELECT did FROM repo_log WHERE {log_where})
+    WHERE k IN ({keys})
     UNION ALL
     SELECT did, v, CASE WHEN part = '{_HEAD}' THEN v ELSE -1 END, CASE WHEN part = '{_BACKFILL}' THEN v ELSE -1 END,
            {cols} FROM repo_log WHERE {log_where}
 ) GROUP BY did"""
 
 
+# Base rows whose key no log row has, and the merge of every base row whose key a log row has
+# (a base DID that only shares a key with a logged DID comes out of the merge unchanged).
 _VIEW: Final = f"""CREATE OR REPLACE VIEW repos AS
-SELECT did, {_from_base(_COLUMNS)} FROM repo_base b WHERE b.did NOT IN (SELECT did FROM repo_log)
+SELECT did, {_from_base(_COLUMNS)} FROM repo_base b WHERE b.k NOT IN (SELECT k FROM repo_log)
 UNION ALL
-{_merged_sql("TRUE")}"""
+{_merged_sql("SELECT k FROM repo_log")}"""
+
+
+def subset_sql(head_where: str = "TRUE", *, keys: str | None = None) -> str:
+    """Rows of the `repos` view (did and every column) for a superset of the DIDs whose row meets
+    `head_where`, and whose key is in `keys` when given (a query of `k` values, e.g.
+    `SELECT md5_number_lower(did) AS k FROM wanted`): the caller applies its whole condition
+    (which must imply `head_where`) and its did join on top.
+
+    `head_where` names head columns only (HEAD_FIELDS but first_seen_at, which is write-once and
+    merged from the oldest row, and but the CIDs, binary in repo_base): for a logged DID it is tested on its newest head log row, which
+    gives the view's head columns. So only the logged DIDs that may meet it are merged with their
+    base rows (with a full `repo_log`, 230k DIDs at 100M, the view merges all of them for every
+    query): those whose newest head row meets it, those without a head row (their head columns
+    are the base's or the defaults), and those whose base row meets it (by key, so a base DID that
+    only shares a key with a logged DID and meets it is merged, as its own group)."""
+    in_keys = f" AND k IN ({keys})" if keys else ""
+    candidates = f"""
+    SELECT k FROM (
+        SELECT * FROM repo_log WHERE part = '{_HEAD}'{in_keys}
+        QUALIFY row_number() OVER (PARTITION BY did ORDER BY v DESC) = 1
+    ) WHERE {head_where}
+    UNION ALL
+    SELECT k FROM repo_log WHERE part <> '{_HEAD}'{in_keys}
+        AND did NOT IN (SELECT did FROM repo_log WHERE part = '{_HEAD}')
+    UNION ALL
+    SELECT k FROM repo_base WHERE ({head_where}){in_keys} AND k IN (SELECT k FROM repo_log)"""
+    return f"""WITH _candidates AS MATERIALIZED ({candidates})
+SELECT did, {_from_base(_COLUMNS)} FROM repo_base WHERE ({head_where}){in_keys} AND k NOT IN (SELECT k FROM repo_log)
+UNION ALL
+{_merged_sql("SELECT k FROM _candidates", "k IN (SELECT k FROM _candidates)")}"""
+
 
 REPOS_DDL: Final = _CREATE_TABLES + _VIEW + ";\n"
 
@@ -149,6 +197,8 @@ def create_repos(con: duckdb.DuckDBPyConnection) -> None:
     for table in ("repo_base", "repo_log"):
         for name in _ADDED:
             con.execute(f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {name} {_COLUMNS[name][0]}")
+    if not has_key(con):
+        add_key(con)
     con.execute(_VIEW)
 
 
@@ -157,6 +207,15 @@ def has_text_cids(con: duckdb.DuckDBPyConnection) -> bool:
     rows = con.execute(
         "SELECT count(*) FROM duckdb_columns() WHERE database_name = current_database() AND schema_name = 'main' "
         "AND table_name = 'repo_base' AND column_name IN ('data_cid', 'commit_cid') AND data_type = 'VARCHAR'"
+    ).fetchall()
+    return bool(rows[0][0])
+
+
+def has_key(con: duckdb.DuckDBPyConnection) -> bool:
+    """repo_base has the `k` column (schema version 5)."""
+    rows = con.execute(
+        "SELECT count(*) FROM duckdb_columns() WHERE database_name = current_database() "
+        "AND schema_name = current_schema() AND table_name = 'repo_base' AND column_name = 'k'"
     ).fetchall()
     return bool(rows[0][0])
 
@@ -171,6 +230,23 @@ def migrate_text_cids(con: duckdb.DuckDBPyConnection) -> int:
     for c in _BINARY_CIDS:
         con.execute(f"ALTER TABLE repo_base ALTER {c} TYPE BLOB USING cid_bin({c})")
     return int(con.execute("SELECT count(*) FROM repo_base").fetchall()[0][0])
+
+
+def add_key(con: duckdb.DuckDBPyConnection) -> None:
+    """Give an older file's repo_base and repo_log their `k` column, inside the migrating
+    transaction: both are rebuilt with it (repo_base sorted by did)."""
+    started = time.monotonic()
+    con.execute("DROP VIEW IF EXISTS repos")
+    con.execute("ALTER TABLE repo_base RENAME TO repo_base_nokey")
+    con.execute("ALTER TABLE repo_log RENAME TO repo_log_nokey")
+    con.execute(_CREATE_TABLES)
+    cols = ", ".join(REPO_COLUMNS)
+    con.execute(f"INSERT INTO repo_base ({cols}, k) SELECT {cols}, {KEY_SQL} FROM repo_base_nokey ORDER BY did")
+    con.execute(f"INSERT INTO repo_log (v, part, {cols}, k) SELECT v, part, {cols}, {KEY_SQL} FROM repo_log_nokey")
+    con.execute("DROP TABLE repo_base_nokey")
+    con.execute("DROP TABLE repo_log_nokey")
+    log.info("added the DID key to repo_base and repo_log",
+             extra={"ctx": {"seconds": round(time.monotonic() - started, 3)}})
 
 
 def is_v1(con: duckdb.DuckDBPyConnection) -> bool:
@@ -189,7 +265,7 @@ def migrate_v1(con: duckdb.DuckDBPyConnection) -> int:
     con.execute("ALTER TABLE repos RENAME TO repos_v1")
     con.execute(_CREATE_TABLES)
     cols = ", ".join(c for c in REPO_COLUMNS if c not in _ADDED)
-    con.execute(f"INSERT INTO repo_base ({cols}) SELECT {_to_base(cols.split(', '))} FROM repos_v1 ORDER BY did")
+    con.execute(f"INSERT INTO repo_base ({cols}, k) SELECT {_to_base(cols.split(', '))}, {KEY_SQL} FROM repos_v1 ORDER BY did")
     count = int(con.execute("SELECT count(*) FROM repo_base").fetchall()[0][0])
     con.execute("DROP TABLE repos_v1")
     con.execute(_VIEW)
@@ -210,8 +286,8 @@ def append_head(con: duckdb.DuckDBPyConnection, v: int, table: pa.Table) -> None
     con.register("_repo_heads", table)
     try:
         con.execute(
-            f"INSERT INTO repo_log (v, part, did, {', '.join(HEAD_FIELDS)}) "
-            f"SELECT ?, '{_HEAD}', did, {select} FROM _repo_heads",
+            f"INSERT INTO repo_log (v, part, did, k, {', '.join(HEAD_FIELDS)}) "
+            f"SELECT ?, '{_HEAD}', did, {KEY_SQL}, {select} FROM _repo_heads",
             [v],
         )
     finally:
@@ -223,8 +299,8 @@ def append_head_row(con: duckdb.DuckDBPyConnection, v: int, did: str, head: Mapp
     names = ", ".join(HEAD_FIELDS)
     marks = ", ".join("?" for _ in HEAD_FIELDS)
     con.execute(
-        f"INSERT INTO repo_log (v, part, did, {names}) VALUES (?, '{_HEAD}', ?, {marks})",
-        [v, did, *(head[c] for c in HEAD_FIELDS)],
+        f"INSERT INTO repo_log (v, part, did, k, {names}) VALUES (?, '{_HEAD}', ?, md5_number_lower(?), {marks})",
+        [v, did, did, *(head[c] for c in HEAD_FIELDS)],
     )
 
 
@@ -236,8 +312,9 @@ def append_backfill(
     names = ", ".join(BACKFILL_FIELDS)
     marks = ", ".join("?" for _ in BACKFILL_FIELDS)
     con.execute(
-        f"INSERT INTO repo_log (v, part, did, first_seen_at, {names}) VALUES (?, '{_BACKFILL}', ?, ?, {marks})",
-        [v, did, first_seen_at, *(group[c] for c in BACKFILL_FIELDS)],
+        f"INSERT INTO repo_log (v, part, did, k, first_seen_at, {names}) "
+        f"VALUES (?, '{_BACKFILL}', ?, md5_number_lower(?), ?, {marks})",
+        [v, did, did, first_seen_at, *(group[c] for c in BACKFILL_FIELDS)],
     )
 
 
@@ -302,13 +379,14 @@ def compact(con: duckdb.DuckDBPyConnection, upto_v: int) -> int:
     """Fold the log rows with v <= upto_v into repo_base, in the caller's transaction (its own
     cursor: writers keep appending meanwhile). Returns the DIDs whose base row was rewritten."""
     where = f"v <= {int(upto_v)}"
-    con.execute(f"CREATE OR REPLACE TEMP TABLE _repo_merged AS {_merged_sql(where)}")
+    con.execute(f"CREATE OR REPLACE TEMP TABLE _repo_merged AS {_merged_sql(f'SELECT k FROM repo_log WHERE {where}', where)}")
     try:
         n = int(con.execute("SELECT count(*) FROM _repo_merged").fetchall()[0][0])
         if n:
             con.execute("DELETE FROM repo_base WHERE did IN (SELECT did FROM _repo_merged)")
             cols = ", ".join(REPO_COLUMNS)
-            con.execute(f"INSERT INTO repo_base ({cols}) SELECT {_to_base(REPO_COLUMNS)} FROM _repo_merged ORDER BY did")
+            con.execute(f"INSERT INTO repo_base ({cols}, k) SELECT {_to_base(REPO_COLUMNS)}, {KEY_SQL} "
+                        "FROM _repo_merged ORDER BY did")
             con.execute(f"DELETE FROM repo_log WHERE {where}")
     finally:
         con.execute("DROP TABLE IF EXISTS _repo_merged")
@@ -322,6 +400,7 @@ def resort(con: duckdb.DuckDBPyConnection) -> int:
     those row groups span every did, so each point read also scans them. Call this when they
     add up to a few row groups (122,880 rows each). Returns the rows rewritten."""
     cols = ", ".join(REPO_COLUMNS)
+    cols = f"{cols}, k"
     con.execute(f"CREATE OR REPLACE TEMP TABLE _repo_sorted AS SELECT {cols} FROM repo_base ORDER BY did")
     try:
         con.execute("DELETE FROM repo_base")

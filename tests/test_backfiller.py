@@ -93,8 +93,8 @@ async def test_reconcile_adds_updates_deletes(store: SetupStore, world: World, s
         for key, cid in [(k, truth.records[k]) for k in matching] + [(k, "bafyreistale") for k in changed] + [
             (k, "bafyreivanished") for k in vanished])
     store.execute_write(
-        "INSERT INTO repo_base (did, first_seen_at, sync_state, desynced_at) VALUES (?, ?, 'desynchronized', ?)",
-        [did, now, now])
+        "INSERT INTO repo_base (did, first_seen_at, sync_state, desynced_at, k) "
+        "VALUES (?, ?, 'desynchronized', ?, md5_number_lower(?))", [did, now, now, did])
 
     async with open_backfiller(store, config=config(srv)) as bf:
         summary = await bf.run([did])

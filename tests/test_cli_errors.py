@@ -50,9 +50,10 @@ def _truncated_to_half(path: Path) -> None:
     Store(path).close()
     con = duckdb.connect(str(path))
     con.execute(
-        "INSERT INTO repo_base (did, rev, sync_state, first_seen_at, last_event_at) SELECT 'did:plc:' || "
-        "md5(i::VARCHAR)[:24], md5(i::VARCHAR), CASE WHEN i % 3 = 0 THEN 'synchronized' ELSE 'desynchronized' "
-        "END, now(), now() FROM range(50000) t(i)"
+        "INSERT INTO repo_base (did, rev, sync_state, first_seen_at, last_event_at, k) SELECT did, rev, s, f, l, "
+        "md5_number_lower(did) FROM (SELECT 'did:plc:' || "
+        "md5(i::VARCHAR)[:24] AS did, md5(i::VARCHAR) AS rev, CASE WHEN i % 3 = 0 THEN 'synchronized' ELSE 'desynchronized' "
+        "END AS s, now() AS f, now() AS l FROM range(50000) t(i))"
     )
     con.execute("CHECKPOINT")
     # The data blocks of the tables come after a 12 KiB header; keep the first half of them.

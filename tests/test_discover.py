@@ -162,9 +162,9 @@ T0 = datetime(2026, 1, 1, tzinfo=UTC)
 def add_repo(store: SetupStore, d: str, rev: str | None, *, backfilled: bool = True,
              status: str | None = None) -> None:
     store.execute_write(
-        "INSERT INTO repo_base (did, rev, first_seen_at, last_event_at, sync_state, backfilled_at, backfill_status) "
-        "VALUES (?, ?, ?, ?, 'synchronized', ?, ?)",
-        [d, rev, T0, T0, T0 if backfilled else None, status])
+        "INSERT INTO repo_base (did, rev, first_seen_at, last_event_at, sync_state, backfilled_at, backfill_status, k) "
+        "VALUES (?, ?, ?, ?, 'synchronized', ?, ?, md5_number_lower(?))",
+        [d, rev, T0, T0, T0 if backfilled else None, status, d])
 
 
 def test_unseen_stale_and_filter_changed(tmp_path: Path) -> None:

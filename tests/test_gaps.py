@@ -38,8 +38,8 @@ def add_repo(
 ) -> None:
     store.execute_write(
         "INSERT INTO repo_base (did, rev, first_seen_at, last_event_at, sync_state, desynced_at, backfilled_at, "
-        "backfill_status, active, status) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        [did, rev, first_seen, last_event, sync_state, desynced_at, backfilled_at, backfill_status, active, status],
+        "backfill_status, active, status, k) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, md5_number_lower(?))",
+        [did, rev, first_seen, last_event, sync_state, desynced_at, backfilled_at, backfill_status, active, status, did],
     )
 
 

@@ -37,8 +37,8 @@ def seed(db: Path, rows: list[tuple[str, datetime, datetime, str | None]]) -> No
     with SetupStore(db) as store:
         for did, first, last, status in rows:
             store.execute_write(
-                "INSERT INTO repo_base (did, first_seen_at, last_event_at, backfill_status) VALUES (?, ?, ?, ?)",
-                [did, first, last, status])
+                "INSERT INTO repo_base (did, first_seen_at, last_event_at, backfill_status, k) "
+                "VALUES (?, ?, ?, ?, md5_number_lower(?))", [did, first, last, status, did])
 
 
 def day(d: int, h: int = 12) -> datetime:

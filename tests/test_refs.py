@@ -160,14 +160,15 @@ def test_the_repos_view_equals_the_struct_merge_for_mixed_base_and_log_states(st
     for part, v, did, rev, last_event_at, first_seen_at, sync_state, status in rows:
         if part == "base":
             store.execute_write("INSERT INTO repo_base (did, rev, last_event_at, first_seen_at, sync_state, "
-                                "backfill_status) VALUES (?, ?, ?, ?, ?, ?)",
-                                [did, rev, last_event_at, first_seen_at, sync_state, status])
+                                "backfill_status, k) VALUES (?, ?, ?, ?, ?, ?, md5_number_lower(?))",
+                                [did, rev, last_event_at, first_seen_at, sync_state, status, did])
         elif part == "head":                     # a writer appends only the group it owns
-            store.execute_write("INSERT INTO repo_log (v, part, did, rev, last_event_at, first_seen_at, sync_state) "
-                                "VALUES (?, ?, ?, ?, ?, ?, ?)", [v, part, did, rev, last_event_at, first_seen_at, sync_state])
+            store.execute_write("INSERT INTO repo_log (v, part, did, rev, last_event_at, first_seen_at, sync_state, k) "
+                                "VALUES (?, ?, ?, ?, ?, ?, ?, md5_number_lower(?))",
+                                [v, part, did, rev, last_event_at, first_seen_at, sync_state, did])
         else:
-            store.execute_write("INSERT INTO repo_log (v, part, did, first_seen_at, backfill_status, backfilled_at) "
-                                "VALUES (?, ?, ?, ?, ?, ?)", [v, part, did, first_seen_at, status, h(v)])
+            store.execute_write("INSERT INTO repo_log (v, part, did, first_seen_at, backfill_status, backfilled_at, k) "
+                                "VALUES (?, ?, ?, ?, ?, ?, md5_number_lower(?))", [v, part, did, first_seen_at, status, h(v), did])
     cols = ", ".join(repos.REPO_COLUMNS)
     want = store.fetchall(f"SELECT {cols} FROM ({_struct_merged()}) ORDER BY did")
     assert len(want) == len({r[2] for r in rows}) and any(r[0] != "base" for r in rows)

@@ -31,7 +31,7 @@ def _did(expr: str) -> str:
 
 _REPOS_SQL = """
 INSERT INTO repo_base (did, rev, data_cid, commit_cid, last_seq, last_event_at, active, status, sync_state,
-                   desync_reason, desynced_at, first_seen_at, backfill_status, backfilled_at, backfilled_rev)
+                   desync_reason, desynced_at, first_seen_at, backfill_status, backfilled_at, backfilled_rev, k)
 SELECT did, rev, cid_bin('bafyrei' || md5('d' || i)), cid_bin('bafyrei' || md5('c' || i)), i, last_event_at,
        h % 100 <> 0, CASE WHEN h % 100 = 0 THEN 'deactivated' ELSE 'active' END,
        CASE WHEN h % 50 = 1 THEN 'desynchronized' WHEN h % 3 = 0 THEN 'unknown' ELSE 'synchronized' END,
@@ -40,7 +40,7 @@ SELECT did, rev, cid_bin('bafyrei' || md5('d' || i)), cid_bin('bafyrei' || md5('
        first_seen_at,
        CASE WHEN h % 3 = 0 THEN NULL WHEN h % 97 = 0 THEN 'RepoTakendown' ELSE 'ok' END,
        CASE WHEN h % 3 = 0 THEN NULL ELSE first_seen_at + INTERVAL 1 HOUR END,
-       CASE WHEN h % 3 = 0 THEN NULL ELSE rev END
+       CASE WHEN h % 3 = 0 THEN NULL ELSE rev END, md5_number_lower(did)
 FROM (
     SELECT i, {did} AS did, hash(i) % 1000003 AS h, '3l' || substr(md5('r' || i), 1, 11) AS rev,
            TIMESTAMPTZ '{end}' - to_seconds((hash(i) % 2592000)::BIGINT) AS last_event_at,

@@ -57,7 +57,7 @@ __all__ = [
     "make_pool",
 ]
 
-BUILD_VERSION = 5                             # 3: canonical record CIDs, stored binary (schema 3); 4: no refs column (ref_base); 5: created_at as parsed from the body (ms), stored after event_at, repo_base CIDs binary (schema 5)
+BUILD_VERSION = 5                             # 3: canonical record CIDs, stored binary (schema 3); 4: no refs column (ref_base); 5: created_at as parsed from the body (ms), stored after event_at, repo_base CIDs binary, the DID key k (schema 5)
 ROOT = Path(__file__).resolve().parents[2]
 CACHE_DIR = ROOT / ".cache" / "scale"
 END_MICROS = FIREHOSE_EPOCH_MICROS            # a built store's history ends where the bench firehose begins
@@ -220,7 +220,7 @@ def _cid(p: str, i: str, pool: str = "{pool}") -> str:
 _REPOS_SQL = f"""
 INSERT INTO {{table}} (did, rev, data_cid, commit_cid, last_seq, last_event_at, active, status, sync_state,
                        desync_reason, desynced_at, first_seen_at, backfill_status, backfill_attempts,
-                       backfilled_at, backfilled_rev)
+                       backfilled_at, backfilled_rev{{key_column}})
 SELECT did, rev, {{wrap}}({_cid('a', 'd * 2')}), {{wrap}}({_cid('b', 'd * 2 + 1')}),
        d, {_ts('last_micros')}, TRUE, 'active',
        CASE WHEN h = 1 THEN 'desynchronized' WHEN h = 2 THEN 'unknown' ELSE 'synchronized' END,
@@ -229,7 +229,7 @@ SELECT did, rev, {{wrap}}({_cid('a', 'd * 2')}), {{wrap}}({_cid('b', 'd * 2 + 1'
        {_ts(f'{END_MICROS - SPAN_MICROS} - (hash(d * 3) % 86400000000)::BIGINT')},
        CASE WHEN h = 2 THEN NULL ELSE 'ok' END, CASE WHEN h = 2 THEN 0 ELSE 1 END,
        CASE WHEN h = 2 THEN NULL ELSE {_ts(f'{END_MICROS - SPAN_MICROS}')} END,
-       CASE WHEN h = 2 THEN NULL ELSE rev END
+       CASE WHEN h = 2 THEN NULL ELSE rev END{{key_value}}
 FROM dids JOIN pool a ON a.p = (d * 2) % {{pool}} JOIN pool b ON b.p = (d * 2 + 1) % {{pool}}
 ORDER BY did
 """
@@ -297,7 +297,10 @@ def build_store(path: Path, n_records: int, *, layout: str, pool: pa.Table, prog
         con.unregister("pool_arrow")
         con.execute(_DIDS_SQL.format(n=n_records, dids=n_dids))
         repos = "repo_base" if kinds["repos"] == "VIEW" else "repos"
-        con.execute(_REPOS_SQL.format(table=repos, pool=pool.num_rows, wrap="cid_bin" if repos == "repo_base" else ""))
+        key = repos == "repo_base"  # the v2 layout: binary CIDs and the DID key (storage/repos.py)
+        con.execute(_REPOS_SQL.format(table=repos, pool=pool.num_rows, wrap="cid_bin" if key else "",
+                                      key_column=", k" if key else "",
+                                      key_value=", md5_number_lower(did)" if key else ""))
         progress(f"  {n_dids:,} repos rows in {time.perf_counter() - started:.0f}s")
         table, columns, select = _V2_RECORDS if kinds["records"] == "VIEW" else _V1_RECORDS
         per_chunk = max(1, CHUNK_RECORDS // RECORDS_PER_DID)
