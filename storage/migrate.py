@@ -10,9 +10,9 @@
     schema_version 5   record_base keeps created_at as microseconds after event_at (created_us,
                        created_raw; the view shows created_at): a record_base with a created_at
                        column is copied into the new layout on open (the condition is the column);
-                       repo_base keeps data_cid/commit_cid binary (cid_bin), converted when text;
-                       repo_base and repo_log hold each DID's integer key `k` (storage/repos.py),
-                       added to an older file by `repos.create_repos` (the condition is the column)
+                       repo_base keeps data_cid/commit_cid binary (cid_bin) and repo_base/repo_log
+                       each DID's integer key `k`: both added by `repos.migrate_v4` in one rebuild
+                       (conditioned on those columns)
 
 A writable open creates what is missing and migrates an older file (or a `refs` column) in ONE
 transaction (a crash part-way leaves the file as it was), then (re)creates the views. A read-only
@@ -99,8 +99,7 @@ def prepare_schema(con: duckdb.DuckDBPyConnection, path: str, *, read_only: bool
         if repos.is_v1(con):
             repos.migrate_v1(con)
         else:
-            repos.migrate_text_cids(con)  # v4 and before: repo_base CIDs as text
-            repos.create_repos(con)
+            repos.create_repos(con)  # v4 and before: the DID key and binary CIDs (repos.migrate_v4)
         queue_log.create_queue(con)
         con.execute(schema_sql("views.sql"))
         con.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", [str(SCHEMA_VERSION)])

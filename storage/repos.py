@@ -10,12 +10,10 @@ Layout (no primary key, no UPDATE: every write is an append, see docs in DESIGN1
                 defaults and count only for a DID that has no row of that group anywhere.
     repos       the view: one row per DID, same columns and meaning as the v1 table.
 
-Both tables also hold `k`, the DID's key (`KEY_SQL`: the low 64 bits of its MD5, NOT NULL, set by
-every insert): the view and the gap reasons find a logged DID's base row and leave out logged
-DIDs from the base by `k` (a hash join on an integer; on the 32-char `did` it decoded and hashed
-all 10M base DIDs, 4-6 s with a full log). Two DIDs may share a `k`: a set taken by `k` is a
-superset, and rows are merged per `did`, so a shared key costs a row read too many, never an
-answer (see `_VIEW` and `subset_sql`).
+Both tables also hold `k`, the DID's key (`KEY_SQL`, the low 64 bits of its MD5, set by every
+insert): the view and the gap reasons join logged DIDs to the base by `k` (on the 32-char `did`,
+all 10M base DIDs were decoded and hashed: 4-6 s with a full log). Two DIDs may share a `k`: a
+set taken by `k` is a superset, merged per `did`, so a shared key costs a read, never an answer.
 
 Merge rule (the view and `compact` share it): per DID and group, the log row of that group with
 the highest v wins, else the base row (version 0), else the other group's newest row (its
@@ -41,7 +39,7 @@ import pyarrow as pa
 __all__ = [
     "HEAD_FIELDS", "BACKFILL_FIELDS", "REPO_COLUMNS", "REPOS_DDL", "create_repos", "is_v1", "migrate_v1",
     "append_head", "append_head_row", "append_backfill", "current_rows", "point_sql", "merge_point", "resort", "current_row", "compact",
-    "count_heads_sql", "has_text_cids", "migrate_text_cids", "subset_sql", "KEY_SQL", "has_key", "add_key",
+    "count_heads_sql", "migrate_v4", "subset_sql", "KEY_SQL",
 ]
 
 log = logging.getLogger(__name__)
@@ -167,10 +165,9 @@ def subset_sql(head_where: str = "TRUE", *, keys: str | None = None) -> str:
     `head_where` names head columns only (HEAD_FIELDS but first_seen_at, which is write-once and
     merged from the oldest row, and but the CIDs, binary in repo_base): for a logged DID it is tested on its newest head log row, which
     gives the view's head columns. So only the logged DIDs that may meet it are merged with their
-    base rows (with a full `repo_log`, 230k DIDs at 100M, the view merges all of them for every
-    query): those whose newest head row meets it, those without a head row (their head columns
-    are the base's or the defaults), and those whose base row meets it (by key, so a base DID that
-    only shares a key with a logged DID and meets it is merged, as its own group)."""
+    base rows (the view merges all of them, 230k DIDs at 100M with a full log): those whose newest
+    head row meets it, those without a head row, and those whose base row meets it (by key: a base
+    DID that only shares a key with a logged DID is merged as its own group)."""
     in_keys = f" AND k IN ({keys})" if keys else ""
     candidates = f"""
     SELECT k FROM (
@@ -197,56 +194,40 @@ def create_repos(con: duckdb.DuckDBPyConnection) -> None:
     for table in ("repo_base", "repo_log"):
         for name in _ADDED:
             con.execute(f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {name} {_COLUMNS[name][0]}")
-    if not has_key(con):
-        add_key(con)
+    migrate_v4(con)
     con.execute(_VIEW)
 
 
-def has_text_cids(con: duckdb.DuckDBPyConnection) -> bool:
-    """repo_base keeps data_cid/commit_cid as text (schema version 4 and before)."""
+def _has_column(con: duckdb.DuckDBPyConnection, column: str, data_type: str | None = None) -> bool:
     rows = con.execute(
-        "SELECT count(*) FROM duckdb_columns() WHERE database_name = current_database() AND schema_name = 'main' "
-        "AND table_name = 'repo_base' AND column_name IN ('data_cid', 'commit_cid') AND data_type = 'VARCHAR'"
+        "SELECT data_type FROM duckdb_columns() WHERE database_name = current_database() "
+        "AND schema_name = current_schema() AND table_name = 'repo_base' AND column_name = ?", [column]
     ).fetchall()
-    return bool(rows[0][0])
+    return bool(rows) and data_type in (None, rows[0][0])
 
 
-def has_key(con: duckdb.DuckDBPyConnection) -> bool:
-    """repo_base has the `k` column (schema version 5)."""
-    rows = con.execute(
-        "SELECT count(*) FROM duckdb_columns() WHERE database_name = current_database() "
-        "AND schema_name = current_schema() AND table_name = 'repo_base' AND column_name = 'k'"
-    ).fetchall()
-    return bool(rows[0][0])
-
-
-def migrate_text_cids(con: duckdb.DuckDBPyConnection) -> int:
-    """Schema version 4 -> 5: repo_base's CID columns from text to cid_bin, when still text
-    (conditioned on the column type alone). Call inside the migrating transaction, after the
-    macros exist and before the view is re-created. Returns the rows converted."""
-    if not has_text_cids(con):
+def migrate_v4(con: duckdb.DuckDBPyConnection) -> int:
+    """Schema version 4 -> 5, inside the migrating transaction, conditioned on the columns: a
+    repo_base without the DID key `k` or with text CIDs is rebuilt with the key (sorted by did)
+    and binary CIDs (cid_bin), and repo_log given the key. Returns the base rows rewritten."""
+    text_cids = _has_column(con, "data_cid", "VARCHAR")
+    if _has_column(con, "k") and not text_cids:
         return 0
-    con.execute("DROP VIEW IF EXISTS repos")  # it reads the columns being altered
-    for c in _BINARY_CIDS:
-        con.execute(f"ALTER TABLE repo_base ALTER {c} TYPE BLOB USING cid_bin({c})")
-    return int(con.execute("SELECT count(*) FROM repo_base").fetchall()[0][0])
-
-
-def add_key(con: duckdb.DuckDBPyConnection) -> None:
-    """Give an older file's repo_base and repo_log their `k` column, inside the migrating
-    transaction: both are rebuilt with it (repo_base sorted by did)."""
     started = time.monotonic()
     con.execute("DROP VIEW IF EXISTS repos")
-    con.execute("ALTER TABLE repo_base RENAME TO repo_base_nokey")
-    con.execute("ALTER TABLE repo_log RENAME TO repo_log_nokey")
+    con.execute("ALTER TABLE repo_base RENAME TO repo_base_v4")
+    con.execute("ALTER TABLE repo_log RENAME TO repo_log_v4")
     con.execute(_CREATE_TABLES)
     cols = ", ".join(REPO_COLUMNS)
-    con.execute(f"INSERT INTO repo_base ({cols}, k) SELECT {cols}, {KEY_SQL} FROM repo_base_nokey ORDER BY did")
-    con.execute(f"INSERT INTO repo_log (v, part, {cols}, k) SELECT v, part, {cols}, {KEY_SQL} FROM repo_log_nokey")
-    con.execute("DROP TABLE repo_base_nokey")
-    con.execute("DROP TABLE repo_log_nokey")
-    log.info("added the DID key to repo_base and repo_log",
-             extra={"ctx": {"seconds": round(time.monotonic() - started, 3)}})
+    select = _to_base(REPO_COLUMNS) if text_cids else cols
+    con.execute(f"INSERT INTO repo_base ({cols}, k) SELECT {select}, {KEY_SQL} FROM repo_base_v4 ORDER BY did")
+    con.execute(f"INSERT INTO repo_log (v, part, {cols}, k) SELECT v, part, {cols}, {KEY_SQL} FROM repo_log_v4")
+    con.execute("DROP TABLE repo_base_v4")
+    con.execute("DROP TABLE repo_log_v4")
+    n = int(con.execute("SELECT count(*) FROM repo_base").fetchall()[0][0])
+    log.info("repos: the DID key added%s", ", CIDs made binary" if text_cids else "",
+             extra={"ctx": {"rows": n, "seconds": round(time.monotonic() - started, 3)}})
+    return n
 
 
 def is_v1(con: duckdb.DuckDBPyConnection) -> bool:
@@ -359,10 +340,8 @@ def merge_point(columns: Sequence[str], rows: Sequence[tuple[Any, ...]]) -> tupl
 
 def count_heads_sql(condition: str) -> str:
     """`SELECT count(*) FROM repos WHERE <condition>` for a condition on head columns that a new
-    DID's defaults do not meet (e.g. sync_state = 'desynchronized'), without the view's merge of
-    every DID: base rows of DIDs without a head log row, plus each DID's newest head log row.
-    Through the view this reads every column of the base for the logged DIDs (13 s at 10M DIDs
-    with 5,000 log rows); here the base's `did` column only for the rows meeting `condition`."""
+    DID's defaults do not meet (e.g. sync_state = 'desynchronized'): base rows of DIDs without a
+    head log row, plus each DID's newest head log row (the view's merge: 13 s at 10M DIDs)."""
     return f"""SELECT (
     SELECT count(*) FROM repo_base b ANTI JOIN (SELECT did FROM repo_log WHERE part = '{_HEAD}') h ON h.did = b.did
     WHERE {condition}
@@ -399,8 +378,7 @@ def resort(con: duckdb.DuckDBPyConnection) -> int:
     `compact` appends the rows it rewrites at the end of the base, sorted among themselves only:
     those row groups span every did, so each point read also scans them. Call this when they
     add up to a few row groups (122,880 rows each). Returns the rows rewritten."""
-    cols = ", ".join(REPO_COLUMNS)
-    cols = f"{cols}, k"
+    cols = ", ".join((*REPO_COLUMNS, "k"))
     con.execute(f"CREATE OR REPLACE TEMP TABLE _repo_sorted AS SELECT {cols} FROM repo_base ORDER BY did")
     try:
         con.execute("DELETE FROM repo_base")
