@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import secrets
 import threading
 from collections.abc import Callable, Sequence
@@ -18,13 +19,22 @@ from typing import Any, Protocol
 
 import libipld
 
+from skyfill.errors import SkyfillError
 from skyfill.protocol.repo import RepoSnapshot, materialize
 from skyfill.protocol.syntax import collection_matcher
 from skyfill.storage import Publish, ReconcileCounts, RecordColumns, Store, thread_emitter
 from skyfill.storage.discovery import ALL_COLLECTIONS, canonical_filter
-from skyfill.storage.reconcile import RECONCILE_CHUNK
+from skyfill.storage.reconcile import RECONCILE_CHUNK, ReconcileItem
 
-__all__ = ["Reconciler", "StoreReconciler", "premade", "new_run_id"]
+__all__ = ["Reconciler", "StoreReconciler", "premade", "new_run_id", "BATCH_MAX_REPOS", "BATCH_MAX_RECORDS"]
+
+log = logging.getLogger(__name__)
+
+# Group commit (StoreReconciler): at most this many repos per transaction, and only repos of at
+# most this many records (a bigger one pays its transaction's fixed cost over its records anyway,
+# and keeps `premade`'s decoding ahead of the writes).
+BATCH_MAX_REPOS = 64
+BATCH_MAX_RECORDS = 2_000
 
 
 def new_run_id() -> str:
@@ -162,6 +172,10 @@ class StoreReconciler:
         # publishing a snapshot needs every record: never skip the MST walk; a filtered store
         # holds a part of the MST, so an equal root proves nothing about it
         self.trusts_data_root = not (snapshot and publish is not None) and self.want is None
+        # group commit: snapshots waiting for the writer, and the writer task (one at a time)
+        self.max_batch = BATCH_MAX_REPOS
+        self._pending: list[tuple[ReconcileItem, asyncio.Future[ReconcileCounts]]] = []
+        self._writer: asyncio.Task[None] | None = None
 
     async def begin(self, did: str) -> None:
         return None
@@ -174,6 +188,14 @@ class StoreReconciler:
         if want is not None:
             snapshot = dataclasses.replace(
                 snapshot, walked={key: cid for key, cid in snapshot.records.items() if want(key[0])})
+
+        if emit is None and (snapshot.walked is None or len(snapshot.walked) <= BATCH_MAX_RECORDS):
+            return await self._batched(ReconcileItem(
+                did, rev=snapshot.rev, data_cid=snapshot.data_cid, commit_cid=snapshot.commit_cid,
+                fetched=lambda: snapshot.records,
+                # not `premade`: a failed batch is retried one by one, and premade consumes the blocks
+                materialize=lambda keys: materialize(snapshot, keys),
+                trust_data_root=self.trusts_data_root, run=self.run))
 
         def run() -> ReconcileCounts:
             return self.store.reconcile(
@@ -194,3 +216,77 @@ class StoreReconciler:
 
     async def abort(self, did: str) -> None:
         return None
+
+    # -- group commit ------------------------------------------------------------------------
+
+    async def _batched(self, item: ReconcileItem) -> ReconcileCounts:
+        """Reconcile `item` in the next batch; returns once that batch COMMITTED (or raises its error).
+
+        Group commit: while the writer stores one batch, the snapshots finished meanwhile wait;
+        the next batch takes them all (up to `max_batch`, DIDs distinct), in one transaction
+        (`Store.reconcile_many`). Under load, batches grow to the number of repos finished per
+        transaction; alone, a repo is written at once. A failed batch is retried one item per
+        transaction, so one bad repo fails alone, as it would unbatched.
+        """
+        future: asyncio.Future[ReconcileCounts] = asyncio.get_running_loop().create_future()
+        self._pending.append((item, future))
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.create_task(self._write_batches())
+        return await future
+
+    async def _write_batches(self) -> None:
+        while self._pending:
+            batch: list[tuple[ReconcileItem, asyncio.Future[ReconcileCounts]]] = []
+            rest: list[tuple[ReconcileItem, asyncio.Future[ReconcileCounts]]] = []
+            dids: set[str] = set()
+            for entry in self._pending:
+                if entry[1].done():  # its caller was cancelled: nothing waits for it
+                    continue
+                if len(batch) < self.max_batch and entry[0].did not in dids:
+                    batch.append(entry)
+                    dids.add(entry[0].did)
+                else:
+                    rest.append(entry)
+            self._pending = rest
+            if not batch:
+                continue
+            try:
+                await self._write(batch)
+            except BaseException as exc:  # cancelled, or a bug: nobody may wait forever
+                for _, future in batch + self._pending:
+                    if not future.done():
+                        future.set_exception(exc if isinstance(exc, Exception) else SkyfillError(repr(exc)))
+                self._pending = []
+                raise
+
+    async def _write(self, batch: list[tuple[ReconcileItem, asyncio.Future[ReconcileCounts]]]) -> None:
+        items = [item for item, _ in batch]
+        try:
+            counts = await asyncio.to_thread(self.store.reconcile_many, items)
+        except Exception as exc:
+            if len(batch) == 1:
+                _settle(batch[0][1], error=exc)
+                return
+            log.warning("batched reconcile failed; retrying its repos one by one",
+                        extra={"ctx": {"repos": len(batch), "error": repr(exc)}})
+            for item, future in batch:
+                await self._write([(item, future)])
+            return
+        error: Exception | None = None
+        if self.records_filter:
+            try:
+                await asyncio.to_thread(self.store.record_backfill_filter, [i.did for i in items], self.filter)
+            except Exception as exc:  # as unbatched: the commit stands, the caller hears the error
+                error = exc
+        for (_, future), n in zip(batch, counts, strict=True):
+            _settle(future, result=n, error=error)
+
+
+def _settle(future: asyncio.Future[ReconcileCounts], *, result: ReconcileCounts | None = None,
+            error: BaseException | None = None) -> None:
+    if future.done():
+        return
+    if error is not None:
+        future.set_exception(error)
+    elif result is not None:
+        future.set_result(result)

@@ -7,8 +7,8 @@ effects captured meanwhile (`after`) and publishing inside the transaction (`emi
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from datetime import datetime
 
 import duckdb
@@ -25,7 +25,7 @@ from .queue import mark_backfilled
 from .records import COUNT_STORED_SQL, STORED_CIDS_SQL, append_deletes, append_puts, next_version
 from .states import BackfillStatus, SyncState
 
-__all__ = ["Reconciling", "ReconcileCounts", "RECONCILE_CHUNK"]
+__all__ = ["Reconciling", "ReconcileCounts", "ReconcileItem", "RECONCILE_CHUNK"]
 
 # reconcile writes (and asks `materialize` for) at most this many records at a time
 RECONCILE_CHUNK = 50_000
@@ -36,6 +36,52 @@ class ReconcileCounts:
     updated: int
     deleted: int
     unchanged: int
+
+
+# puts of fewer rows than this are gathered over a `reconcile_many` batch into one append
+_DEFER_ROWS = 5_000
+
+
+@dataclass(slots=True)
+class ReconcileItem:
+    """The arguments of one `Store.reconcile` (see there), for `Store.reconcile_many`."""
+
+    did: str
+    rev: str | None
+    data_cid: str
+    commit_cid: str
+    fetched: Mapping[tuple[str, str], str] | Callable[[], Mapping[tuple[str, str], str]]
+    materialize: Callable[[list[tuple[str, str]]], RecordColumns]
+    after: Batch | None = None
+    emit: Callable[[list[Change]], None] | None = None
+    snapshot: bool = False
+    trust_data_root: bool = True
+    run: str | None = None
+
+
+@dataclass(slots=True)
+class _Puts:
+    """Record puts of one transaction: small ones gathered and appended as one table."""
+
+    now: datetime
+    tables: list[pa.Table] = field(default_factory=list)
+    rows: int = 0
+
+    def add(self, con: duckdb.DuckDBPyConnection, v: int, table: pa.Table, *, defer: bool) -> None:
+        if not defer or table.num_rows >= _DEFER_ROWS:
+            append_puts(con, v, table, self.now)
+            return
+        self.tables.append(table)
+        self.rows += table.num_rows
+        if self.rows >= RECONCILE_CHUNK:
+            self.flush(con)
+
+    def flush(self, con: duckdb.DuckDBPyConnection) -> None:
+        """Append the gathered puts under a new version (their DIDs are distinct: no key repeats)."""
+        if self.tables:
+            table = pa.concat_tables(self.tables)
+            self.tables, self.rows = [], 0
+            append_puts(con, next_version(con), table, self.now)
 
 
 class Reconciling(FirehoseWrites):
@@ -85,7 +131,45 @@ class Reconciling(FirehoseWrites):
         Callers whose stored records may differ from the repo under an equal root (a firehose
         that drops collections) must pass trust_data_root=False.
         """
+        item = ReconcileItem(did, rev=rev, data_cid=data_cid, commit_cid=commit_cid, fetched=fetched,
+                             materialize=materialize, after=after, emit=emit, snapshot=snapshot,
+                             trust_data_root=trust_data_root, run=run)
+        return self.reconcile_many([item])[0]
+
+    def reconcile_many(self, items: Sequence[ReconcileItem]) -> list[ReconcileCounts]:
+        """`reconcile` of several DIDs in ONE transaction: all are stored, or (on any error) none.
+
+        Each item is reconciled exactly as `reconcile` would, one after the other; the per-
+        transaction costs (BEGIN/COMMIT, the write version) are paid once, and the record
+        appends of small repos are gathered into one append per `RECONCILE_CHUNK` rows. The
+        DIDs must be distinct. A caller that must not lose the others to one bad item retries
+        them one by one after a failure (backfill/reconcile.py does).
+        """
+        if len({item.did for item in items}) != len(items):
+            raise ValueError("reconcile_many: a DID appears twice")
         now = now_utc()
+
+        def body(con: duckdb.DuckDBPyConnection) -> list[ReconcileCounts]:
+            puts = _Puts(now)
+            out = [self._reconcile_in(con, item, now, puts) for item in items]
+            puts.flush(con)
+            return out
+
+        counts: list[ReconcileCounts] = self._txn(body)
+        self._note_appended(sum(c.added + c.updated + c.deleted + 2 for c in counts)
+                            + sum(len(i.after.records) + len(i.after.repos) for i in items if i.after))
+        return counts
+
+    def _reconcile_in(
+        self, con: duckdb.DuckDBPyConnection, item: ReconcileItem, now: datetime, puts: _Puts
+    ) -> ReconcileCounts:
+        """One item's reconcile inside the open transaction (see `reconcile`)."""
+        did, rev, data_cid, commit_cid = item.did, item.rev, item.data_cid, item.commit_cid
+        fetched, materialize, after, emit = item.fetched, item.materialize, item.after, item.emit
+        snapshot, trust_data_root, run = item.snapshot, item.trust_data_root, item.run
+        self._txn_version = None  # each item its own write version, as in its own transaction
+        if after is not None:
+            puts.flush(con)  # nothing deferred may land after (newer than) `after`'s effects
 
         def body(con: duckdb.DuckDBPyConnection) -> ReconcileCounts:
             if not _holds(con, did):  # a DID new to the store: nothing stored to read or compare
@@ -163,7 +247,7 @@ class Reconciling(FirehoseWrites):
                     },
                     schema=RECORD_SCHEMA,
                 )
-                append_puts(con, v, table, now)
+                puts.add(con, v, table, defer=after is None)
                 del table
                 if emit is not None and every is None:
                     kept.append(cols)
@@ -179,10 +263,8 @@ class Reconciling(FirehoseWrites):
                 unchanged=len(fetched) - len(changed),
             )
 
-        counts: ReconcileCounts = self._txn(body)
-        self._note_appended(counts.added + counts.updated + counts.deleted + 2
-                            + (len(after.records) + len(after.repos) if after else 0))
-        return counts
+        return body(con)
+
 
     def trusted_root(self, did: str) -> str | None:
         """The stored data root under which `reconcile` would skip the diff (None: it would not).
