@@ -195,7 +195,8 @@ class StoreReconciler:
                 fetched=lambda: snapshot.records,
                 # not `premade`: a failed batch is retried one by one, and premade consumes the blocks
                 materialize=lambda keys: materialize(snapshot, keys),
-                trust_data_root=self.trusts_data_root, run=self.run))
+                trust_data_root=self.trusts_data_root, run=self.run,
+                backfill_filter=self.filter if self.records_filter else None))
 
         def run() -> ReconcileCounts:
             return self.store.reconcile(
@@ -272,14 +273,8 @@ class StoreReconciler:
             for item, future in batch:
                 await self._write([(item, future)])
             return
-        error: Exception | None = None
-        if self.records_filter:
-            try:
-                await asyncio.to_thread(self.store.record_backfill_filter, [i.did for i in items], self.filter)
-            except Exception as exc:  # as unbatched: the commit stands, the caller hears the error
-                error = exc
         for (_, future), n in zip(batch, counts, strict=True):
-            _settle(future, result=n, error=error)
+            _settle(future, result=n)
 
 
 def _settle(future: asyncio.Future[ReconcileCounts], *, result: ReconcileCounts | None = None,

@@ -57,6 +57,7 @@ class ReconcileItem:
     snapshot: bool = False
     trust_data_root: bool = True
     run: str | None = None
+    backfill_filter: str | None = None
 
 
 @dataclass(slots=True)
@@ -133,7 +134,7 @@ class Reconciling(FirehoseWrites):
         """
         item = ReconcileItem(did, rev=rev, data_cid=data_cid, commit_cid=commit_cid, fetched=fetched,
                              materialize=materialize, after=after, emit=emit, snapshot=snapshot,
-                             trust_data_root=trust_data_root, run=run)
+                             trust_data_root=trust_data_root, run=run, backfill_filter=backfill_filter)
         return self.reconcile_many([item])[0]
 
     def reconcile_many(self, items: Sequence[ReconcileItem]) -> list[ReconcileCounts]:
@@ -167,6 +168,7 @@ class Reconciling(FirehoseWrites):
         did, rev, data_cid, commit_cid = item.did, item.rev, item.data_cid, item.commit_cid
         fetched, materialize, after, emit = item.fetched, item.materialize, item.after, item.emit
         snapshot, trust_data_root, run = item.snapshot, item.trust_data_root, item.run
+        backfill_filter = item.backfill_filter
         self._txn_version = None  # each item its own write version, as in its own transaction
         if after is not None:
             puts.flush(con)  # nothing deferred may land after (newer than) `after`'s effects
