@@ -28,6 +28,7 @@ from pathlib import Path
 from bench.harness import Row, render
 from tests.support.kafka import KafkaBroker
 
+from .calibrate import calibration_run
 from .kafka_mode import KafkaResult, run_kafka
 from .projection import (
     FULL_NETWORK,
@@ -37,7 +38,7 @@ from .projection import (
     project_kafka,
 )
 from .run import RunResult, run_listing, run_pipeline
-from .sim import BSKY, OPEN, NetworkSpec, SimNetwork
+from .sim import BSKY, NetworkSpec, SimNetwork
 
 DEFAULT_OUT = Path(__file__).resolve().parents[1] / "results" / "network.json"
 NETWORK_MEAN_RECORDS = 375          # 15B records / 40M repos
@@ -48,12 +49,6 @@ HOURS_TARGET = 12.0
 def _size(text: str) -> tuple[int, int]:
     hosts, repos = text.split(":")
     return int(hosts), int(repos)
-
-
-def _calibrate(workdir: Path, repos: int, fixed: int | None, seed: int) -> RunResult:
-    spec = NetworkSpec((OPEN,), repos, seed=seed, fixed_records=fixed)
-    with SimNetwork(spec).running() as net:
-        return run_pipeline(net, workdir)
 
 
 def _measure(workdir: Path, hosts: int, repos: int, seed: int) -> RunResult:
@@ -99,8 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench-network-") as tmp:
         work = Path(tmp)
         print(f"calibration: {n_cal} repos of the size mix, {max(5, n_cal // 5)} of {mean_n} records", flush=True)
-        cal_mix = _calibrate(work, n_cal, None, args.seed)
-        cal_big = _calibrate(work, max(5, n_cal // 5), mean_n, args.seed + 7)
+        cal_mix = calibration_run(work, n_cal, None, args.seed)
+        cal_big = calibration_run(work, max(5, n_cal // 5), mean_n, args.seed + 7)
         n_list = 500 if smoke else 20_000
         print(f"listing calibration: discover + identities sync of {n_list} repos", flush=True)
         with SimNetwork(NetworkSpec((BSKY,) * 4, n_list, seed=args.seed + 9, fixed_records=1)).running() as net:
