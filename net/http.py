@@ -169,8 +169,6 @@ class SafeHttp:
                 async with slot:
                     with trusting(target, trusted_origin):
                         result = await self._send(target.url, host, max_bytes=max_bytes, headers=headers)
-                    if limiter is not None:  # inside the slot: the host's next request sees its limits
-                        limiter.observe(host, result.status, result.headers)
                 location = result.headers.get("location")
                 if result.status in REDIRECT_STATUSES and location:
                     next_hop = _redirect_target(target.url, location, host)
@@ -178,6 +176,8 @@ class SafeHttp:
                 metrics.BACKFILL_REQUESTS.labels(result=_failure_class(exc)).inc()
                 raise
             metrics.BACKFILL_REQUESTS.labels(result=_status_class(result.status)).inc()
+            if limiter is not None:
+                limiter.observe(host, result.status, result.headers)
             if next_hop is None:
                 return result
             hop = next_hop

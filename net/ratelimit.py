@@ -23,9 +23,6 @@ bucket runs at PACE_MARGIN x limit / window if that is lower than `per_host_rps`
 limit, a few milliseconds of jitter put an 11th request into a 10-per-second window (measured
 by bench/network: 7 requests over the limit in 150 at 10/s). A malformed policy is ignored.
 
-A host that has not answered yet gets one request at a time: its limits are learnt from that
-answer (observed inside the slot) before a second request goes out.
-
 Times: parks are epoch seconds (they come from headers and are shown to users); the token
 bucket runs on the monotonic clock.
 """
@@ -39,7 +36,7 @@ import re
 import time
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 
 from skyfill import metrics
@@ -72,8 +69,6 @@ class _Host:
     parked_until: float = 0.0   # epoch seconds
     limit: int | None = None    # last RateLimit-Limit seen, for display
     rate: float | None = None   # requests/s from the host's RateLimit-Policy (None: per_host_rps)
-    answered: bool = False      # an answer was observed (its limits, if it published any, are known)
-    probe: asyncio.Lock = field(default_factory=asyncio.Lock)  # held by the one request to an unanswered host
 
 
 def parse_retry_after(value: str, *, now: float) -> float | None:
@@ -179,24 +174,6 @@ class HostLimiter:
         `deadline` (epoch seconds): if the host stays parked past it, raise RateLimited.
         """
         state = self._host(host)
-        # Until a host has answered, its limits are unknown: one request at a time (the caller
-        # observes the answer inside the slot), so a host publishing 10/s never sees the
-        # default pace's first window run over it.
-        probing = not state.answered
-        if probing:
-            await state.probe.acquire()
-            if state.answered:
-                state.probe.release()
-                probing = False
-        try:
-            async with self._paced(state, host, deadline):
-                yield
-        finally:
-            if probing:
-                state.probe.release()
-
-    @asynccontextmanager
-    async def _paced(self, state: _Host, host: str, deadline: float | None) -> AsyncIterator[None]:
         while True:
             await self._wait_unparked(state, host, deadline)
             await state.sem.acquire()
@@ -234,7 +211,6 @@ class HostLimiter:
         """Read an answer's rate-limit signals (lower-case header names). Returns the park end."""
         now = time.time()
         state = self._host(host)
-        state.answered = True
         h = {k.lower(): v for k, v in headers.items()}
         limit = _int(h.get("ratelimit-limit"))
         if limit is not None:
