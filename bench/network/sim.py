@@ -54,6 +54,9 @@ __all__ = ["BSKY", "OPEN", "REFERENCE", "HostSpec", "NetworkSpec", "SimNetwork",
 BSKY: Final = "bsky"
 REFERENCE: Final = "reference"
 OPEN: Final = "open"           # no limit at all: the calibration of the client's own speed
+# 10 getRepo/s counted over 5 s windows: the same rate, with a pacing margin (5% of the window:
+# 263 ms) that a loaded test machine's scheduling jitter does not eat (1 s windows leave 53 ms)
+BSKY_5S: Final = "bsky-5s"
 GET_REPO: Final = "/xrpc/com.atproto.sync.getRepo"
 LIST_REPOS: Final = "/xrpc/com.atproto.sync.listRepos"
 LIST_HOSTS: Final = "/xrpc/com.atproto.sync.listHosts"
@@ -76,6 +79,8 @@ class HostSpec:
             return cls(BSKY, 10, 1.0, frozenset({GET_REPO}))
         if kind == REFERENCE:
             return cls(REFERENCE, 3000, 300.0, frozenset({GET_REPO, LIST_REPOS, GET_LATEST}))
+        if kind == BSKY_5S:
+            return cls(BSKY_5S, 50, 5.0, frozenset({GET_REPO}))
         if kind == OPEN:
             return cls(OPEN, 10**9, 1.0, frozenset())
         raise ValueError(kind)
