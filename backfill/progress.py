@@ -8,7 +8,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -147,6 +147,18 @@ Extra = Callable[[], dict[str, Any]]
 
 
 @asynccontextmanager
+async def _repeating(loop: Callable[[], Awaitable[None]]) -> AsyncIterator[None]:
+    """Run `loop()` as a task while the block runs; cancel and await it after."""
+    task = asyncio.create_task(loop())
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+@asynccontextmanager
 async def report(
     phases: Phases, *, what: str, terminal: bool, extra: Extra = dict, every: float | None = None
 ) -> AsyncIterator[None]:
@@ -162,13 +174,8 @@ async def report(
                 await asyncio.sleep(period)
                 log.info("%s progress", what, extra={"ctx": {"phases": phases.to_json(), **extra()}})
 
-        task = asyncio.create_task(lines())
-        try:
+        async with _repeating(lines):
             yield
-        finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
         return
     with Progress(TextColumn("{task.description:<12}"), BarColumn(), MofNCompleteColumn(),
                   TextColumn("{task.fields[extra]}"), TimeElapsedColumn(), TimeRemainingColumn(),
@@ -186,11 +193,8 @@ async def report(
                 refresh()
                 await asyncio.sleep(0.5)
 
-        task = asyncio.create_task(refresher())
         try:
-            yield
+            async with _repeating(refresher):
+                yield
         finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
             refresh()
