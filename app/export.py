@@ -15,18 +15,17 @@ write in 9 s: the rest is the cost of one file per (collection, day).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import shutil
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
+from skyfill.backfill.progress import Phases, report
 from skyfill.errors import ConfigError
 from skyfill.protocol.syntax import is_nsid
 from skyfill.storage import Reader, Store
@@ -105,9 +104,11 @@ def _copy(reader: Reader, target: Path, collection: str, where: str, params: lis
 def export_parquet(
     store: Store, directory: str | Path, *, collections: Sequence[str] = (), since: datetime | None = None,
     overwrite: bool = False, on_collection: Callable[[str, int], None] | None = None,
+    phases: Phases | None = None,
 ) -> ExportSummary:
     """Write the live records of `collections` (all when empty) whose export time is at or after
     `since` under `directory`, one collection at a time; `on_collection(collection, rows)` after each.
+    `phases` (`Phases("collections", "rows")`, optional) get their totals and advance as it goes.
     Sets DuckDB's preserve_insertion_order and enable_progress_bar off on `store` (`run_export`
     opens a store of its own for this)."""
     started = time.monotonic()
@@ -119,12 +120,19 @@ def export_parquet(
         todo = [(c, n) for c, n in counts if is_nsid(c)]
         skipped = [c for c, _ in counts if not is_nsid(c)]
         _prepare(directory, [c for c, _ in todo], overwrite)
+        if phases is not None:
+            phases["collections"].total = len(todo)
+            phases["rows"].total = sum(int(n) for _, n in todo)
         reader.fetchall("SET preserve_insertion_order = false")
         reader.fetchall("SET enable_progress_bar = false")  # DuckDB's own bar would garble ours
         written: dict[str, int] = {}
         for collection, _ in todo:
             rows = _copy(reader, directory / f"collection={collection}", collection, where, params)
             written[collection] = rows
+            log.debug("exported collection", extra={"ctx": {"collection": collection, "rows": rows}})
+            if phases is not None:
+                phases["collections"].advance()
+                phases["rows"].advance(rows)
             if on_collection is not None:
                 on_collection(collection, rows)
     files = sum(1 for c in written for _ in (directory / f"collection={c}").glob("date=*/*.parquet"))
@@ -134,38 +142,24 @@ def export_parquet(
     return ExportSummary(str(directory), sum(written.values()), files, time.monotonic() - started, written, skipped)
 
 
-@contextmanager
-def _display(store: Store, collections: Sequence[str], since: datetime | None,
-             enabled: bool) -> Iterator[Callable[[str, int], None]]:
-    """A progress bar (rows, advanced per collection) when `enabled`, else one log line per collection."""
-    if not enabled:
-        def log_line(collection: str, rows: int) -> None:
-            log.info("exported collection", extra={"ctx": {"collection": collection, "rows": rows}})
-
-        yield log_line
-        return
-    where, params = _where(collections, since)
-    total = int(store.fetchall(f"SELECT count(*) FROM records{where}", params)[0][0])
-    with Progress(TextColumn("export"), BarColumn(), MofNCompleteColumn(), TextColumn("rows  {task.fields[at]}"),
-                  TimeElapsedColumn(), transient=False) as bar:
-        task = bar.add_task("rows", total=total, at="")
-
-        def advance(collection: str, rows: int) -> None:
-            bar.update(task, advance=rows, at=collection)
-
-        yield advance
-
-
 def run_export(
     db: str, directory: str | Path, *, collections: Sequence[str] = (), since: datetime | None = None,
     overwrite: bool = False, progress: bool = False, memory_limit: str = DEFAULT_MEMORY_LIMIT,
 ) -> ExportSummary:
     """`skyfill export --parquet`: open `db` read-only (a running daemon holds it: stop it first or
-    export a copy) and export, with a progress bar on a terminal."""
+    export a copy) and export, with progress bars (collections, rows) on a terminal, else a
+    progress log line every `--progress-every` seconds (backfill/progress.py's `report`)."""
     for collection in collections:
         if not is_nsid(collection):
             raise ConfigError(f"not a collection NSID: {collection!r}")
+    phases = Phases("collections", "rows")
+
+    async def run(store: Store) -> ExportSummary:
+        async with report(phases, what="export", terminal=progress):
+            return await asyncio.to_thread(export_parquet, store, directory, collections=collections, since=since,
+                                           overwrite=overwrite, phases=phases)
+
     with Store(db, read_only=True, memory_limit=memory_limit) as store:
-        with _display(store, collections, since, progress) as on_collection:
-            return export_parquet(store, directory, collections=collections, since=since, overwrite=overwrite,
-                                  on_collection=on_collection)
+        summary = asyncio.run(run(store))
+    log.info("export finished", extra={"ctx": summary.to_json() | {"phases": phases.to_json()}})
+    return summary

@@ -43,6 +43,7 @@ from skyfill.errors import (
     TerminalFetchError,
     UnsafeHostError,
 )
+from skyfill.net.http import host_key
 from skyfill.net.identity import ResolvedIdentity, Resolver
 from skyfill.net.pds import PdsClient
 from skyfill.protocol.crypto import PublicKey, parse_public_key
@@ -201,7 +202,7 @@ class Backfiller:
         while True:
             try:
                 async with self._work:
-                    counts = await self._attempt(did, give_up_at)
+                    counts, host = await self._attempt(did, give_up_at)
             except _Deferred as d:
                 if raise_parked:
                     raise RateLimited(f"host {d.host} parked", retry_at=d.retry_at, did=did, host=d.host) from None
@@ -225,6 +226,9 @@ class Backfiller:
                 log.exception("backfill crashed", extra={"ctx": {"did": did}})
                 await self._record_failure(did, _Outcome(BackfillStatus.RETRYING, f"internal: {exc!r}"), tally)
                 return False
+            # success: debug only (a network backfill has millions); failures are warnings
+            log.debug("backfilled", extra={"ctx": {"did": did, "host": host, "added": counts.added,
+                                                   "updated": counts.updated, "deleted": counts.deleted}})
             tally.ok += 1
             tally.added += counts.added
             tally.updated += counts.updated
@@ -236,13 +240,15 @@ class Backfiller:
                     metrics.BACKFILL_RECORDS.labels(change=change).inc(n)
             return True
 
-    async def _attempt(self, did: str, give_up_at: float | None = None) -> ReconcileCounts:
-        """One try. Raises _Outcome (what to record) or _Deferred (rate limited)."""
+    async def _attempt(self, did: str, give_up_at: float | None = None) -> tuple[ReconcileCounts, str]:
+        """One try: the counts and the PDS host. Raises _Outcome (what to record; its host set once
+        the DID is resolved) or _Deferred (rate limited)."""
         try:
             identity = await self._resolve(did, fresh=False)
         finally:
             if self._phases is not None and give_up_at is None:  # the DID's first resolve of this run
                 self._phases["identities"].advance()
+        host = host_key(identity.pds)
         await self.sink.begin(did)
         committed = False
         try:
@@ -252,7 +258,10 @@ class Backfiller:
             except SkyfillError as exc:
                 raise _Outcome(BackfillStatus.RETRYING, f"storing failed: {exc}") from exc
             committed = True
-            return counts
+            return counts, host
+        except _Outcome as o:
+            o.host = o.host or host
+            raise
         finally:
             if not committed:
                 await self.sink.abort(did)
@@ -343,7 +352,7 @@ class Backfiller:
         self._parked_seen.update(parked)
 
     async def _record_failure(self, did: str, outcome: _Outcome, tally: Tally) -> None:
-        await record_failure(self.store, did, outcome.status, outcome.message, tally, self._retry)
+        await record_failure(self.store, did, outcome.status, outcome.message, tally, self._retry, host=outcome.host)
 
     async def _record_deferred(self, did: str, d: _Deferred, tally: Tally, *, queue_only: bool) -> None:
         await record_deferred(self.store, did, d.retry_at, d.host, tally, queue_only=queue_only)
@@ -383,6 +392,7 @@ class _Outcome(Exception):
         super().__init__(message)
         self.status = status
         self.message = message
+        self.host: str | None = None   # the DID's PDS host, once resolved
 
 
 assert BackfillStatus.RETRYING not in TERMINAL_BACKFILL

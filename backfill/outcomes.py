@@ -18,8 +18,10 @@ log = logging.getLogger("skyfill.backfill.backfiller")
 
 
 async def record_failure(
-    store: Store, did: str, status: BackfillStatus, error: str, tally: Tally, policy: RetryPolicy
+    store: Store, did: str, status: BackfillStatus, error: str, tally: Tally, policy: RetryPolicy,
+    *, host: str | None = None,
 ) -> None:
+    """The one line of a failed repo (warning): did, host (None before the DID resolved), status, error."""
     try:
         # counts the attempt; a `retrying` one past max_attempts comes back as Failed
         status, error = await asyncio.to_thread(
@@ -27,7 +29,7 @@ async def record_failure(
         )
     except SkyfillError:
         log.exception("could not record a backfill failure", extra={"ctx": {"did": did}})
-    log.warning("backfill failed", extra={"ctx": {"did": did, "status": status.value, "error": error}})
+    log.warning("backfill failed", extra={"ctx": {"did": did, "host": host, "status": status.value, "error": error}})
     tally.fail(status.value)
     metrics.BACKFILL_REPOS.labels(outcome=status.value).inc()
 

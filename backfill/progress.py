@@ -11,7 +11,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any
 
 from rich.progress import (
     BarColumn,
@@ -22,11 +22,17 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-__all__ = ["BackfillSummary", "Tally", "Phase", "Phases", "report", "LOG_EVERY"]
+__all__ = ["BackfillSummary", "Tally", "Phase", "Phases", "report", "LOG_EVERY", "set_log_every"]
 
 log = logging.getLogger(__name__)
 
-LOG_EVERY: Final = 30.0   # seconds between progress log lines off a terminal
+LOG_EVERY = 30.0   # seconds between progress log lines off a terminal (`skyfill --progress-every`)
+
+
+def set_log_every(seconds: float) -> None:
+    """How often `report` logs progress off a terminal, for the runs started from now on."""
+    global LOG_EVERY
+    LOG_EVERY = seconds
 
 
 @dataclass(frozen=True, slots=True)

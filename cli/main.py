@@ -12,10 +12,11 @@ import click
 import duckdb
 
 from skyfill._logging import configure_logging
+from skyfill.backfill.progress import LOG_EVERY, set_log_every
 from skyfill.errors import SkyfillError
 
 from . import backfill, consume, export, kafka, maintenance, network
-from .options import LOG_LEVELS, one_line, option
+from .options import LOG_LEVELS, FiniteFloatRange, one_line, option
 
 __all__ = ["main"]
 
@@ -45,11 +46,15 @@ class _Group(click.Group):
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @option("--log-level", default="INFO", show_default=True, type=click.Choice(LOG_LEVELS, case_sensitive=False),
-        help="Least severe log level shown.")
+        help="Least severe log level shown. DEBUG adds one line per HTTP request and per repo backfilled.")
 @option("--log-json", is_flag=True, help="Structured JSON log lines (default when not on a terminal).")
-def main(log_level: str, log_json: bool) -> None:
+@option("--progress-every", default=LOG_EVERY, show_default=True, type=FiniteFloatRange(min=0.1), metavar="SECONDS",
+        help="Seconds between progress log lines of backfill, discover, identities sync and export when not on "
+             "a terminal (on a terminal they show progress bars).")
+def main(log_level: str, log_json: bool, progress_every: float) -> None:
     """skyfill: a complete, correct, up-to-date copy of AT Protocol data in DuckDB."""
     configure_logging(level=log_level, json_lines=log_json)
+    set_log_every(progress_every)
 
 
 for _module in (consume, backfill, kafka, maintenance, export, network):

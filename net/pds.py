@@ -176,7 +176,8 @@ class PdsClient:
                     f"gave up after {failures} attempts: {reason}", did=did, host=host_key(url)
                 )
             delay = self._backoff(failures)
-            log.info("retrying", extra={"ctx": {"url": url, "did": did, "failures": failures, "reason": reason}})
+            # per request: debug (the repo's outcome line says how it ended)
+            log.debug("retrying", extra={"ctx": {"url": url, "did": did, "failures": failures, "reason": reason}})
             if time.time() + delay > deadline:
                 raise RetryableFetchError(f"deadline passed: {reason}", did=did, host=host_key(url))
             await asyncio.sleep(delay)

@@ -202,8 +202,11 @@ class HostLimiter:
     def park(self, host: str, until: float) -> None:
         """Park `host` until `until` (epoch seconds), capped at `max_park` from now."""
         state = self._host(host)
-        until = min(until, time.time() + self._max_park)
+        now = time.time()
+        until = min(until, now + self._max_park)
         if until > state.parked_until:
+            if state.parked_until <= now:  # a new park (an extension is not logged again)
+                log.info("host parked", extra={"ctx": {"host": host, "seconds": round(until - now, 1)}})
             state.parked_until = until
             self._parks += 1
 

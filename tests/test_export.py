@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,9 @@ import orjson
 import pyarrow.dataset as ds
 import pytest
 
+from skyfill.app import export as export_module
 from skyfill.app.export import EXPORT_TIME_SQL, export_parquet
+from skyfill.backfill import progress
 from skyfill.errors import ConfigError
 from skyfill.storage import Store
 
@@ -135,3 +138,39 @@ def test_cli_export(store: Store, tmp_path: Path) -> None:
     assert again.returncode == 1 and "--overwrite" in again.stderr
     bad = _skyfill("export", "--parquet", str(out), "--db", db, "--since", "soon")
     assert bad.returncode == 2 and "--since" in bad.stderr
+
+
+def test_export_off_a_terminal_logs_json_progress_lines(store: Store, tmp_path: Path) -> None:
+    db = store.path
+    store.close()
+    done = _skyfill("--progress-every", "0.1", "export", "--parquet", str(tmp_path / "p"), "--db", db)
+    assert done.returncode == 0, done.stderr
+    lines = [orjson.loads(line) for line in done.stderr.splitlines()]  # stderr is a pipe: JSON lines
+    assert all({"ts", "level", "logger", "msg"} <= set(line) for line in lines), lines
+    finished = [line for line in lines if line["msg"] == "export finished"]
+    assert len(finished) == 1, lines
+    phases = finished[0]["phases"]
+    assert phases["rows"]["done"] == phases["rows"]["total"] == finished[0]["rows"] == 701
+    assert phases["collections"]["done"] == phases["collections"]["total"] == len(finished[0]["collections"])
+
+
+def test_export_progress_lines_come_periodically_while_it_runs(store: Store, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch,
+                                                               caplog: pytest.LogCaptureFixture) -> None:
+    db = store.path
+    store.close()
+    monkeypatch.setattr(progress, "LOG_EVERY", 0.02)
+    copy = export_module._copy
+
+    def slow_copy(*args: Any) -> int:
+        time.sleep(0.1)  # each collection's COPY takes a while: lines come in between
+        return copy(*args)
+
+    monkeypatch.setattr(export_module, "_copy", slow_copy)
+    with caplog.at_level("INFO", logger="skyfill.backfill.progress"):
+        summary = export_module.run_export(db, tmp_path / "p", progress=False)
+    lines = [r for r in caplog.records if r.getMessage() == "export progress"]
+    assert len(lines) >= 2, caplog.records
+    rows = [r.ctx["phases"]["rows"] for r in lines]  # type: ignore[attr-defined]
+    assert all(r["total"] == summary.rows for r in rows if r["total"] is not None)
+    assert [r["done"] for r in rows] == sorted(r["done"] for r in rows) and rows[0]["done"] < summary.rows
