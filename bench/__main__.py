@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from .harness import Context, Sizes, discover, render, run_parts, write_results
+from .progress import HEARTBEAT_EVERY, say, set_every
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "latest.json"
 
@@ -19,7 +20,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON results file")
     parser.add_argument("--list", action="store_true", help="list the parts and exit")
+    parser.add_argument("--progress-every", type=float, default=HEARTBEAT_EVERY, metavar="SECONDS",
+                        help="seconds between the 'running' lines inside a part (stderr)")
     args = parser.parse_args(argv)
+    set_every(args.progress_every)
     if args.list:
         print("\n".join(parts))
         return 0
@@ -28,6 +32,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown part(s): {', '.join(unknown)}; known: {', '.join(parts)}")
     names = args.parts or list(parts)
     ctx = Context(sizes=Sizes.for_run(smoke=args.smoke), seed=args.seed)
+    say(f"bench: {len(names)} part(s): {', '.join(names)}" + (" (smoke)" if args.smoke else ""))
     rows, errors = run_parts(names, ctx)
     render(rows, title="skyfill bench" + (" (smoke)" if args.smoke else ""))
     write_results(args.out, rows, ctx, errors)

@@ -21,6 +21,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, TypeVar
 
+from .progress import running
+
 __all__ = [
     "Row",
     "Sizes",
@@ -125,7 +127,8 @@ def run_parts(names: Sequence[str], ctx: Context) -> tuple[list[Row], list[str]]
     errors: list[str] = []
     for name in names:
         try:
-            rows.extend(registry[name](ctx))
+            with running(name):  # start/done lines and a heartbeat on stderr (bench/progress.py)
+                rows.extend(registry[name](ctx))
         except Exception as exc:  # report and continue: one broken part must not hide the rest
             errors.append(f"{name}: {type(exc).__name__}: {exc}\n{traceback.format_exc()}")
             rows.append(Row(f"{name}.error", math.nan, "", None, False))

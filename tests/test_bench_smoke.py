@@ -103,13 +103,23 @@ def test_bench_smoke_runs_and_writes_results(tmp_path: Path) -> None:
     parts = [p for p in PARTS if p not in IN_PROCESS]
     assert {"gen", "floor", "sdk", "gaps"} <= set(parts)
     proc = subprocess.run(
-        [sys.executable, "-m", "bench", "--smoke", "--seed", "7", "--out", str(out), *parts],
+        [sys.executable, "-m", "bench", "--smoke", "--seed", "7", "--out", str(out), "--progress-every", "0.2", *parts],
         cwd=ROOT,
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,  # one stream: the progress lines (stderr) come before the table (stdout)
         text=True,
         timeout=300,
     )
-    assert proc.returncode == 0, proc.stderr
+    assert proc.returncode == 0, proc.stdout
+    # progress as it goes: a start and a done line per part, a heartbeat inside the longer ones,
+    # all before the results table
+    lines = proc.stdout.splitlines()
+    table = next(i for i, line in enumerate(lines) if "skyfill bench (smoke)" in line)
+    for name in parts:
+        start = next(i for i, line in enumerate(lines) if line.endswith(f"] part {name}: start"))
+        done = next(i for i, line in enumerate(lines) if f"] part {name}: done in " in line)
+        assert start < done < table, (name, lines)
+    assert any(" part gaps: running " in line and "gaps: " in line.split(";")[-1] for line in lines[:table]), lines
     doc = json.loads(out.read_text())
     assert doc["smoke"] is True and doc["errors"] == []
     names = {row["name"] for row in doc["rows"]}

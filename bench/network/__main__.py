@@ -26,6 +26,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from bench.harness import Row, render
+from bench.progress import HEARTBEAT_EVERY, running, set_every
 from tests.support.kafka import KafkaBroker
 
 from .calibrate import calibration_run
@@ -84,7 +85,10 @@ def main(argv: list[str] | None = None) -> int:
                              "default 1,2, none with --smoke)")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--progress-every", type=float, default=HEARTBEAT_EVERY, metavar="SECONDS",
+                        help="seconds between the 'running' lines inside a step (stderr)")
     args = parser.parse_args(argv)
+    set_every(args.progress_every)
     smoke = args.smoke
     small = args.small or ((2, 12) if smoke else (8, 400))
     large = args.large or ((3, 24) if smoke else (16, 800))
@@ -93,23 +97,23 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="bench-network-") as tmp:
         work = Path(tmp)
-        print(f"calibration: {n_cal} repos of the size mix, {max(5, n_cal // 5)} of {mean_n} records", flush=True)
-        cal_mix = calibration_run(work, n_cal, None, args.seed)
-        cal_big = calibration_run(work, max(5, n_cal // 5), mean_n, args.seed + 7)
+        with running(f"calibration: {n_cal} repos of the size mix, {max(5, n_cal // 5)} of {mean_n} records"):
+            cal_mix = calibration_run(work, n_cal, None, args.seed)
+            cal_big = calibration_run(work, max(5, n_cal // 5), mean_n, args.seed + 7)
         n_list = 500 if smoke else 20_000
-        print(f"listing calibration: discover + identities sync of {n_list} repos", flush=True)
-        with SimNetwork(NetworkSpec((BSKY,) * 4, n_list, seed=args.seed + 9, fixed_records=1)).running() as net:
+        with (running(f"listing calibration: discover + identities sync of {n_list} repos"),
+              SimNetwork(NetworkSpec((BSKY,) * 4, n_list, seed=args.seed + 9, fixed_records=1)).running() as net):
             listings_per_s, identities_per_s = run_listing(net, work)
         runs: dict[str, RunResult] = {}
         for label, (hosts, repos) in (("small", small), ("large", large)):
-            print(f"{label}: {hosts} hosts, {repos} repos", flush=True)
-            runs[label] = _measure(work, hosts, repos, args.seed + (0 if label == "small" else 1))
+            with running(f"{label}: {hosts} hosts, {repos} repos"):
+                runs[label] = _measure(work, hosts, repos, args.seed + (0 if label == "small" else 1))
         kafka_counts = [int(n) for n in (args.kafka_workers if args.kafka_workers is not None
                                          else ("" if smoke else "1,2")).split(",") if n]
         kafka: dict[int, KafkaResult] = {}
         for n in kafka_counts:
-            print(f"kafka: {n} worker(s) + sink, {small[0]} hosts, {small[1]} repos", flush=True)
-            with (SimNetwork(NetworkSpec.mixed(*small, seed=args.seed)).running() as net,
+            with (running(f"kafka: {n} worker(s) + sink, {small[0]} hosts, {small[1]} repos"),
+                  SimNetwork(NetworkSpec.mixed(*small, seed=args.seed)).running() as net,
                   KafkaBroker() as broker):
                 kafka[n] = run_kafka(net, work, broker.bootstrap, workers=n)
     cal = Calibration.fit(

@@ -22,6 +22,8 @@ from pathlib import Path
 from typing import Any
 
 import duckdb
+
+from bench.progress import step
 from skyfill.net.ratelimit import PACE_MARGIN
 from skyfill.protocol.car import cid_to_str
 
@@ -105,6 +107,7 @@ class RunResult:
 def run_command(args: list[str], *, timeout: float, rss: bool = False) -> tuple[float, dict[str, Any], float]:
     """(seconds, the --json answer, peak RSS MB) of one skyfill command."""
     env = {**os.environ, "SKYFILL_LOG_LEVEL": "warning"}
+    step("skyfill " + " ".join(a for a in args[:2] if not a.startswith("-")))  # the heartbeat names it
     start = time.perf_counter()
     proc = subprocess.Popen([skyfill_bin(), "--log-level", "warning", *args, "--json"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.harness import Context, Row, part
+from bench.progress import step
 
 from ._workers import repo_spec, run_json, spawn
 
@@ -138,19 +139,24 @@ def backfill(ctx: Context) -> list[Row]:
     ) as info:
         url, dids = info["url"], info["dids"]
         db = Path(tmp) / "backfill.duckdb"
+        step(f"backfill: fresh, {len(dids)} repos, {total:,} records")
         fresh_s, fresh = _backfill(db, url, dids, concurrency)
+        step("backfill: unchanged re-run")
         rerun_s, rerun = _backfill(db, url, dids, concurrency)
         if fresh.records_added != total or rerun.records_unchanged != total:
             raise AssertionError(f"expected {total} records: fresh {fresh.to_json()}, re-run {rerun.to_json()}")
         subset = _original_subset(info, smoke)
         sub_records = sum(info["records"][d] for d in subset)
+        step(f"backfill: the original way, {len(subset)} repos, {sub_records:,} records")
         t0 = time.perf_counter()
         stored, inserting = original_way(Path(tmp) / "original.duckdb", url, subset)
         original_s = time.perf_counter() - t0
         if stored != sub_records:
             raise AssertionError(f"original way stored {stored} of {sub_records} records")
         # skyfill on the same subset, fresh, for a like-for-like ratio
+        step("backfill: skyfill on the same subset")
         same_s, _ = _backfill(Path(tmp) / "same.duckdb", url, subset, concurrency)
+        step("backfill: the largest repo alone (peak RSS)")
         largest = max(dids, key=lambda d: info["records"][d])
         one = run_json("backfill", str(Path(tmp) / "one.duckdb"), url, "1", largest)
         car_bytes = info["car_bytes"][largest]

@@ -19,6 +19,7 @@ from pathlib import Path
 import duckdb
 
 from bench.harness import Context, Row, part
+from bench.progress import step
 
 PER_REASON_TARGET_S = 1.0
 END = datetime(2025, 6, 30, tzinfo=UTC)
@@ -158,8 +159,11 @@ def gaps(ctx: Context) -> list[Row]:
     n_dids, n_records, big = (2_000, 20_000, 20_000) if smoke else (1_000_000, 10_000_000, 10_000_000)
     with tempfile.TemporaryDirectory(prefix="skyfill-bench-") as tmp:
         path = Path(tmp) / "gaps.duckdb"
+        step(f"gaps: building a store of {n_dids:,} DIDs and {n_records:,} records")
         build_s = build_store(path, n_dids=n_dids, n_records=n_records)
+        step("gaps: timing each gap reason")
         rows = _rows("gaps", path, build_s, n_dids, n_records, smoke)
+        step(f"gaps: adding repos rows up to {big:,} DIDs, then timing each reason again")
         extend_s = add_repos(path, lo=n_dids, hi=big)
         rows += _rows("gaps10m", path, extend_s, big, n_records, smoke)
     return rows

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from tests.support.generate import World
 from bench.harness import Context, Row, part, timed_rate
+from bench.progress import step
 
 from ._workers import read_frames, run_json, spawn, write_frames
 
@@ -113,26 +114,32 @@ def ingest(ctx: Context) -> list[Row]:
     with tempfile.TemporaryDirectory(prefix="skyfill-bench-") as tmp:
         path = Path(tmp) / "frames.bin"
         world = World(ctx.seed, n_dids=ctx.sizes.n_dids, retain_blocks=False)
+        step(f"ingest: generating {n:,} frames")
         count, size = write_frames(path, world.frames(n))
         last_seq = world.last_seq
         with spawn("firehose", str(path)) as relay:
+            step(f"ingest: the daemon consumes {count:,} frames (1/4: default settings)")
             result = run_json("consume", str(Path(tmp) / "ingest.duckdb"), relay["url"], str(last_seq))
+            step("ingest: 2/4 and 3/4: 20,000-event transactions, then a 100MB DuckDB buffer pool")
             # two knobs, each in a fresh run: bigger DuckDB transactions; a capped DuckDB buffer pool
             big = run_json("consume", str(Path(tmp) / "big.duckdb"), relay["url"], str(last_seq), "20000")
             capped = run_json("consume", str(Path(tmp) / "capped.duckdb"), relay["url"], str(last_seq),
                               "5000", "100MB")
             # --verify: every commit's signature and proof checked, keys resolved from a PLC process
             with spawn("plc", str(ctx.seed), str(ctx.sizes.n_dids)) as plc:
+                step("ingest: 4/4: --verify (signatures and proofs)")
                 checked = run_json("consume", str(Path(tmp) / "verified.duckdb"), relay["url"], str(last_seq),
                                    "--verify", plc["url"])
         cold_path = Path(tmp) / "cold.bin"
         n_cold, _ = write_frames(cold_path, read_frames(path, cold_frames(ctx)))
         cold_seq = _last_seq(cold_path)
         with spawn("firehose", str(cold_path)) as relay, spawn("plc", str(ctx.seed), str(ctx.sizes.n_dids)) as plc:
+            step(f"ingest: cold start, {n_cold:,} frames, plain then verified")
             cold = run_json("consume", str(Path(tmp) / "cold.duckdb"), relay["url"], str(cold_seq))
             cold_checked = run_json("consume", str(Path(tmp) / "cold-verified.duckdb"), relay["url"], str(cold_seq),
                                     "--verify", plc["url"])
         prefix = list(read_frames(path, min(n, ctx.sizes.frames)))
+    step("ingest: the SDK path, signature and inversion costs in-process")
     rate = count / result["seconds"]
     sdk_rate = sdk_frames_rate(prefix)
     verify_s = verify_seconds_per_frame(ctx, prefix)

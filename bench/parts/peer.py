@@ -26,6 +26,7 @@ import libipld
 
 from tests.support.generate import World
 from bench.harness import Context, Row, part
+from bench.progress import step
 from bench.peer import PeerInstall, installed
 
 from ._workers import read_frames, run_json, spawn, write_frames
@@ -104,9 +105,11 @@ def peer(ctx: Context) -> list[Row]:
         last_seq = world.last_seq
         want = expected_events(read_frames(path))
         with spawn("firehose", str(path)) as relay, spawn("plc", str(ctx.seed), str(ctx.sizes.n_dids)) as plc:
+            step(f"peer: skyfill consumes {count:,} frames, plain then verified")
             sky = run_json("consume", str(Path(tmp) / "plain.duckdb"), relay["url"], str(last_seq))
             sky_verified = run_json("consume", str(Path(tmp) / "verified.duckdb"), relay["url"], str(last_seq),
                                     "--verify", plc["url"])
+            step("peer: the @atproto/sync peer, plain then verified")
             plain = run_peer(install, relay["url"], plc["url"], last_seq, verify=False)
             verified = run_peer(install, relay["url"], plc["url"], last_seq, verify=True)
     rejected = {k: v for k, v in sky_verified["counts"].items() if k.startswith("error:")}

@@ -20,6 +20,7 @@ from typing import Any
 import libipld
 
 from bench.harness import Context, Row, part
+from bench.progress import step
 
 from ._shared import frames, repo, walk_records
 
@@ -179,4 +180,7 @@ def _in_order(cols: Any) -> Any:
 
 @part("profile", order=70)
 def profile(ctx: Context) -> list[Row]:
-    return _ingest(ctx) + _backfill(ctx)
+    step("profile: ingest stages")
+    rows = _ingest(ctx)
+    step("profile: backfill stages")
+    return rows + _backfill(ctx)

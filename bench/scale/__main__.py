@@ -14,7 +14,6 @@ import argparse
 import math
 import sys
 import tempfile
-import time
 import traceback
 from collections.abc import Callable
 from functools import partial
@@ -23,6 +22,7 @@ from pathlib import Path
 import duckdb
 
 from bench.harness import Context, Row, Sizes, render, write_results
+from bench.progress import HEARTBEAT_EVERY, running, set_every, step
 from skyfill.storage import Store
 
 from .build import CACHE_DIR, ensure_store, label
@@ -74,18 +74,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--cache", type=Path, default=CACHE_DIR, help="where built stores are kept")
     parser.add_argument("--build-only", action="store_true", help="build (or keep) the cached stores, measure nothing")
+    parser.add_argument("--progress-every", type=float, default=HEARTBEAT_EVERY, metavar="SECONDS",
+                        help="seconds between the 'running' lines while a size is measured (stderr)")
     args = parser.parse_args(argv)
     sizes = [parse_size(s) for s in (args.sizes or (SMOKE_SIZES if args.smoke else DEFAULT_SIZES)).split(",")]
-    started = time.perf_counter()
-
-    def say(msg: str) -> None:
-        print(f"[{time.perf_counter() - started:7.1f}s] {msg}", flush=True)
-
+    say = step  # progress lines on stderr, [elapsed] first; the heartbeat names the latest (bench/progress.py)
+    set_every(args.progress_every)
     pool = {"pool_size": SMOKE_POOL} if args.smoke else {}
     if args.build_only:
         for n in sizes:
             if n:
-                built = ensure_store(n, cache_dir=args.cache, progress=say, **pool)
+                with running(f"build {label(n)}"):
+                    built = ensure_store(n, cache_dir=args.cache, progress=say, **pool)
                 say(f"{built.path}: {built.records:,} records, {built.path.stat().st_size / 1e9:.2f} GB, "
                     + ("cached" if built.cached else f"built in {built.seconds:.0f}s"))
         return 0
@@ -98,16 +98,17 @@ def main(argv: list[str] | None = None) -> int:
         for n in sizes:
             result = SizeResult(label(n), n)
             try:
-                cached = None
-                if n:
-                    built = ensure_store(n, cache_dir=args.cache, progress=say, **pool)
-                    result.build_seconds = built.seconds
-                    cached = built.path
-                    say(f"[{result.label}] store {'cached' if built.cached else 'built'}: {built.path}")
-                extra: Callable[[Path], list[Row]] | None = None
-                if n and n == jsonbench_at:
-                    extra = partial(_jsonbench_rows, smoke=args.smoke, say=say)
-                results.append(measure_size(result, cached, srv, say, extra))
+                with running(f"size {result.label}"):
+                    cached = None
+                    if n:
+                        built = ensure_store(n, cache_dir=args.cache, progress=say, **pool)
+                        result.build_seconds = built.seconds
+                        cached = built.path
+                        say(f"[{result.label}] store {'cached' if built.cached else 'built'}: {built.path}")
+                    extra: Callable[[Path], list[Row]] | None = None
+                    if n and n == jsonbench_at:
+                        extra = partial(_jsonbench_rows, smoke=args.smoke, say=say)
+                    results.append(measure_size(result, cached, srv, say, extra))
             except Exception as exc:  # report and go on with the other sizes
                 errors.append(f"size {result.label}: {type(exc).__name__}: {exc}\n{traceback.format_exc()}")
                 rows.append(Row(f"scale.{result.label}.error", math.nan, "", None, False))

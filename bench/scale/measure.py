@@ -138,13 +138,16 @@ def measure_size(result: SizeResult, cached: Path | None, srv: Servers, say: _Sa
         else:
             result.copy_seconds = copy_store(cached, db)
             say(f"[{result.label}] copied the store in {result.copy_seconds:.0f}s (not measured)")
+        say(f"[{result.label}] gaps: timing each reason")
         t0 = time.perf_counter()
         result.gaps, result.gap_counts = gap_timings(db)
         say(f"[{result.label}] gaps: " + ", ".join(f"{k} {v:.2f}s" for k, v in result.gaps.items())
             + f" ({time.perf_counter() - t0:.0f}s)")
+        say(f"[{result.label}] ingest: the daemon consumes {srv.frames:,} frames")
         result.ingest = run_json("consume", str(db), srv.relay, str(srv.last_seq), timeout=3600)
         say(f"[{result.label}] ingest: {srv.frames / result.ingest['seconds']:,.0f} frames/s, "
             f"peak RSS {result.ingest['peak_rss'] / 1e6:.0f} MB ({result.ingest['seconds']:.1f}s)")
+        say(f"[{result.label}] backfill: {len(srv.dids):,} repos, {srv.records:,} records")
         result.backfill = run_json("backfill", str(db), srv.pds, "4", *srv.dids, timeout=3600)
         summary = result.backfill["summary"]
         if summary["repos_failed"] or summary["records"]["added"] != srv.records:
@@ -152,6 +155,7 @@ def measure_size(result: SizeResult, cached: Path | None, srv: Servers, say: _Sa
         say(f"[{result.label}] backfill: {srv.records / result.backfill['seconds']:,.0f} records/s "
             f"({result.backfill['seconds']:.1f}s)")
         if extra is not None:
+            say(f"[{result.label}] extra measurements (JSONBench)")
             result.extra = extra(db)
     return result
 
