@@ -56,14 +56,7 @@ from .progress import BackfillSummary, Phases, Tally, report
 from .queue_run import chunks, hosts_of, work_queue
 from .reconcile import Reconciler, StoreReconciler
 
-__all__ = [
-    "Backfiller",
-    "BackfillSummary",
-    "Reconciler",
-    "StoreReconciler",
-    "recover_queue",
-    "open_backfiller",
-]
+__all__ = ["Backfiller", "BackfillSummary", "Reconciler", "StoreReconciler", "recover_queue", "open_backfiller"]
 
 log = logging.getLogger(__name__)
 
@@ -164,12 +157,15 @@ class Backfiller:
             return {"ok": tally.ok, "failed": sum(tally.failed.values()), "hosts_parked": len(self.client.parked_hosts()),
                     "records": tally.added + tally.updated + tally.deleted + tally.unchanged}
 
+        started = time.monotonic()
         try:
             async with report(phases, what="backfill", terminal=self._progress, extra=extra):
                 yield
         finally:
             tally.parked |= self._parked_seen
             self._phases = None
+            if tally.ok or tally.failed:  # a daemon round that found nothing due stays quiet
+                log.info("backfill finished", extra={"ctx": tally.summary(time.monotonic() - started).to_json()})
 
     async def _drive(self, dids: Iterable[str], tally: Tally, phases: Phases, *, defer: bool) -> None:
         # Bounded: at most 4x concurrency tasks exist; the producer waits for room.

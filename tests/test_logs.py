@@ -76,6 +76,8 @@ def test_backfill_logs_are_json_one_line_per_repo_outcome_and_no_http_lines_at_i
     progress = [line for line in lines if line["msg"] == "backfill progress"]
     assert progress, lines
     assert {"repos", "identities"} <= set(progress[-1]["phases"]) and "records" in progress[-1]
+    [finished] = [line for line in lines if line["msg"] == "backfill finished"]
+    assert finished["repos_ok"] == 3 and finished["failed"] == {"RepoNotFound": 1}
 
 
 def test_debug_level_shows_the_http_requests_and_each_repo(tmp_path: Path) -> None:
