@@ -206,7 +206,8 @@ class CommitVerifier:
             ):
                 self._settle(did, result)
         except Exception as exc:  # noqa: BLE001 - a resolver bug must not leave the daemon waiting
-            log.error("key resolution failed", extra={"ctx": {"error": repr(exc), "dids": len(batch)}})
+            log.error("key resolution failed", extra={"ctx": {"error": repr(exc), "dids": len(batch),
+                                                              "first": batch[:3]}})
             for did in batch:
                 if did in self._pending:
                     self._settle(did, IdentityError(f"key resolution failed: {exc!r}", did=did))
