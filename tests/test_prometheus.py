@@ -36,6 +36,7 @@ from .support.wait import free_port, poll
 
 DEPLOY = ROOT / "deploy"
 RULES = DEPLOY / "prometheus" / "skyfill-rules.yml"
+RULE_TESTS = DEPLOY / "prometheus" / "skyfill-rules.test.yml"
 CONFIG = DEPLOY / "prometheus" / "prometheus.yml"
 DASHBOARD = DEPLOY / "grafana" / "skyfill.json"
 ALERTS = {"SkyfillDown", "SkyfillFirehoseLagHigh", "SkyfillCursorNotAdvancing", "SkyfillDesynchronizedGrowing",
@@ -102,6 +103,15 @@ def test_promtool_accepts_the_shipped_rules_and_config() -> None:
     config = subprocess.run([promtool, "check", "config", str(CONFIG)], capture_output=True, text=True)
     assert config.returncode == 0, config.stdout + config.stderr
     assert set(re.findall(r"alert: (\w+)", RULES.read_text())) == ALERTS
+
+
+def test_the_shipped_rules_pass_their_unit_tests_at_their_real_durations() -> None:
+    """deploy/prometheus/skyfill-rules.test.yml: each alert fires at its threshold after its `for:`, and
+    not on its look-alikes (a disconnected relay, accounts gone, a daemon without Kafka, ...)."""
+    result = subprocess.run([_binary("promtool"), "test", "rules", str(RULE_TESTS)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    tested = set(re.findall(r"alertname: (\w+)\n\s+exp_alerts:\n\s+- exp_labels", RULE_TESTS.read_text()))
+    assert tested == ALERTS
 
 
 def test_the_dashboard_is_a_grafana_model_on_a_prometheus_variable() -> None:
