@@ -217,14 +217,14 @@ def _commits(frames: list[bytes], did: str) -> int:
 @pytest.fixture
 def plc_pds_and_frames() -> Iterator[tuple[FaultServer, list[bytes]]]:
     """A local PLC + PDS serving a generated world's DID documents and its repos as they were before its
-    firehose, and 12,000 frames of that firehose without the second commit of one DID (the victim): the
+    firehose, and 6,000 frames of that firehose without the second commit of one DID (the victim): the
     daemon marks the victim desynchronized, and its backfill fails (its repo is over --max-car-bytes 1024),
     so it stays desynchronized."""
     world = World(31, n_dids=8, initial_records=(20, 20))
     assert min(len(world.repo_car(did)) for did in world.dids) > 1024
     with FaultServer() as srv:
         serve_firehose_world(srv, world)
-        frames = list(world.frames(12_000))
+        frames = list(world.frames(6_000))
         victim = max(world.dids, key=lambda d: _commits(frames[:400], d))
         assert _commits(frames[:400], victim) >= 3
         yield srv, break_chain(frames, victim)
