@@ -270,9 +270,10 @@ def test_prometheus_scrapes_the_daemon_every_panel_has_data_and_the_alerts_fire(
                 raise AssertionError(f"{exc}; empty: {empty}") from None
             prometheus.wait_firing("SkyfillFirehoseLagHigh", "SkyfillDesynchronizedGrowing", "SkyfillBackfillFailing")
             active = prometheus.alerts()
-            # while events flow and the daemon is up, these do not fire
+            # while events flow and the daemon is up, these do not fire (pending: a loaded machine may
+            # pause the daemon for a moment)
             for name in ("SkyfillCursorNotAdvancing", "SkyfillKafkaDisconnected", "SkyfillDown"):
-                assert name not in active, active
+                assert active.get(name) != "firing", active
             assert prometheus.query('up{job="skyfill"} == 1')
 
             # 2. the relay freezes (the WebSocket stays open): the stored cursor stops
