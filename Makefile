@@ -31,11 +31,18 @@ network: $(STAMP)
 bench-peer-install: network
 	$(PY) -m bench.peer install
 
+# Prometheus and promtool (Debian package) for tests/test_prometheus.py: only the binaries are used;
+# the package's own service is not needed (the test runs its own Prometheus on a free port).
+.PHONY: prometheus
+prometheus:
+	command -v prometheus >/dev/null && command -v promtool >/dev/null || { apt-get update -q && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends prometheus; }
+
 # Every test, on TEST_WORKERS pytest-xdist workers: most tests wait on subprocesses and sockets,
 # so more workers than cores pays. Each worker starts its own local PDS network and hands out
 # ports from its own block (tests/support/wait.py). TEST_WORKERS=0 runs in one process.
 TEST_WORKERS ?= 4
-test: $(STAMP) network bench-peer-install
+test: $(STAMP) network bench-peer-install prometheus
 	$(PY) -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist load
 
 bench: $(STAMP) bench-peer-install

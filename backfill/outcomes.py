@@ -16,6 +16,12 @@ __all__ = ["record_failure", "record_deferred"]
 
 log = logging.getLogger("skyfill.backfill.backfiller")
 
+# Every outcome's series exists from the start, at 0: increase() over a series born at 1 sees no
+# increase, so the first failures would never reach the backfill-failure alert
+# (deploy/prometheus/skyfill-rules.yml), and the dashboard would show nothing instead of 0.
+for _status in (*BackfillStatus, "deferred"):
+    metrics.BACKFILL_REPOS.labels(outcome=str(_status))
+
 
 async def record_failure(
     store: Store, did: str, status: BackfillStatus, error: str, tally: Tally, policy: RetryPolicy,

@@ -13,6 +13,11 @@ __all__ = ["EventCounters"]
 
 _TYPE_NAMES: dict[type, str] = {Commit: "commit", Sync: "sync", Identity: "identity", Account: "account"}
 
+# Every type's series exists from the start, at 0: a rate() over a series that is born at its first
+# event misses that event, and a dashboard panel shows nothing instead of 0.
+for _name in _TYPE_NAMES.values():
+    metrics.FIREHOSE_EVENTS.labels(_name)
+
 
 class EventCounters:
     def __init__(self) -> None:

@@ -108,6 +108,7 @@ class KafkaPublisher:
         """Connect (waiting out an unreachable broker) and negotiate idempotence."""
         if self._producer is not None:
             raise PublishError("publisher already started")
+        metrics.KAFKA_PUBLISHING.set(1)
         want = self._idempotence is not False
         attempt = 0
         while True:
@@ -144,6 +145,7 @@ class KafkaPublisher:
 
     async def aclose(self) -> None:
         producer, self._producer = self._producer, None
+        metrics.KAFKA_PUBLISHING.set(0)
         if producer is not None:
             await producer.stop()
 

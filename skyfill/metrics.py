@@ -13,7 +13,7 @@ __all__ = ["REGISTRY", "serve", "FIREHOSE_EVENTS", "FIREHOSE_ERRORS", "FIREHOSE_
            "STORE_HEALTHY", "STORAGE_ERRORS", "STORAGE_COMMITTED_SEQ", "STORE_COMPACTIONS", "STORE_COMPACTION_SECONDS",
            "STORE_RECONCILE_READS",
            "BACKFILL_REPOS", "BACKFILL_RECORDS", "BACKFILL_HOSTS_PARKED", "BACKFILL_HOST_REPOS", "BACKFILL_REQUESTS",
-           "KAFKA_CONNECTED", "KAFKA_PUBLISH_RETRIES", "KAFKA_PUBLISHED", "KAFKA_SINK_MESSAGES",
+           "KAFKA_CONNECTED", "KAFKA_PUBLISHING", "KAFKA_PUBLISH_RETRIES", "KAFKA_PUBLISHED", "KAFKA_SINK_MESSAGES",
            "KAFKA_WORKER_REQUESTS"]
 
 REGISTRY = CollectorRegistry(auto_describe=True)
@@ -100,6 +100,11 @@ BACKFILL_REQUESTS = Counter(
 
 KAFKA_CONNECTED = Gauge(
     "skyfill_kafka_connected", "1 while the publisher's last send was acknowledged by the broker", registry=REGISTRY
+)
+# skyfill_kafka_connected is 0 in a daemon that does not publish too: alerts join on this one
+KAFKA_PUBLISHING = Gauge(
+    "skyfill_kafka_publishing", "1 while this daemon publishes to Kafka (consume --kafka-bootstrap), from its "
+    "start (also while the broker is not reachable yet) to its stop", registry=REGISTRY
 )
 KAFKA_PUBLISH_RETRIES = Counter(
     "skyfill_kafka_publish_retries_total", "Kafka sends retried after a broker error or timeout", registry=REGISTRY

@@ -150,6 +150,7 @@ async def test_frozen_broker_pauses_publish_without_loss_or_cursor_overrun(
         assert publisher.held_messages == len(batches[1])  # one batch in memory, not two
         assert store.load_cursor("relay") == batches[0][-1].seq  # cursor did not pass unacked events
         assert metrics.KAFKA_CONNECTED._value.get() == 0
+        assert metrics.KAFKA_PUBLISHING._value.get() == 1  # what SkyfillKafkaDisconnected joins on
         assert metrics.KAFKA_PUBLISH_RETRIES._value.get() > retries_before
         kafka_broker.thaw()
         async with asyncio.timeout(60):
@@ -162,6 +163,7 @@ async def test_frozen_broker_pauses_publish_without_loss_or_cursor_overrun(
         kafka_broker.thaw()
         await publisher.aclose()
         store.close()
+    assert metrics.KAFKA_PUBLISHING._value.get() == 0
 
     sent = [encode_change(c, publisher.topics).value for b in batches for c in b]
     msgs = await consume_all(bs, ["f.records"], len(sent))
