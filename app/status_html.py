@@ -33,10 +33,11 @@ padding:14px 24px;background:#1d2330;color:#fff}header h1{font-size:18px;margin:
 header form{margin-left:auto;display:flex;gap:6px;align-items:center}header input{width:190px;padding:3px 6px;
 border-radius:4px;border:1px solid #556;background:#2a3142;color:#fff}header button{padding:3px 10px;
 border-radius:4px;border:0;background:#3b6fd8;color:#fff}main{padding:16px 24px;display:grid;gap:16px;
-max-width:1040px}section{background:var(--card);border:1px solid var(--line);border-radius:8px;padding:14px 16px}
+max-width:1100px;margin:0 auto}section{background:var(--card);border:1px solid var(--line);border-radius:8px;padding:14px 16px}
 h2{font-size:15px;margin:0 0 10px}.tiles{display:grid;grid-template-columns:repeat(auto-fill,minmax(150px,1fr));
 gap:10px}.tile{background:var(--card);border:1px solid var(--line);border-radius:8px;padding:10px 12px}
-.tile .v{font-size:22px;font-weight:600;font-variant-numeric:tabular-nums}.tile .k{color:var(--mute);font-size:12px}
+.tile .v{font-size:22px;font-weight:600;font-variant-numeric:tabular-nums}.tile .k{color:var(--mute);font-size:12px;
+overflow-wrap:anywhere}
 .good{color:var(--ok)}.bad{color:var(--bad)}.mute{color:var(--mute)}table{border-collapse:collapse;width:100%}
 td,th{padding:4px 8px;border-bottom:1px solid var(--line);text-align:left;font-variant-numeric:tabular-nums}
 td.n,th.n{text-align:right}.bar{height:10px;background:var(--line);border-radius:5px;overflow:hidden;
@@ -88,7 +89,7 @@ class _Axis:
         return _PAD_L + max(0.0, min(1.0, f)) * (_W - _PAD_L - _PAD_R)
 
     def ticks(self, y: float, height: float) -> str:
-        fmt = "%H:%M" if self.span <= 2 * 86400 else "%m-%d %H:%M"
+        fmt = "%H:%M:%S" if self.span < 3600 else "%H:%M" if self.span <= 2 * 86400 else "%m-%d %H:%M"
         out = []
         for i in range(7):
             ts = self.since + timedelta(seconds=self.span * i / 6)
@@ -100,7 +101,7 @@ class _Axis:
 
 
 def _line_chart(page: StatusPage, values: Sequence[tuple[datetime, float | None]], *, ident: str, unit: str,
-                color: str, steps: bool) -> str:
+                color: str, mode: str) -> str:
     axis, h, top = _Axis(page.since, page.until), 150, 10
     base = top + h
     pts = [(ts, v) for ts, v in values if v is not None]
@@ -113,10 +114,13 @@ def _line_chart(page: StatusPage, values: Sequence[tuple[datetime, float | None]
         body.append(f'<text x="{_W / 2}" y="{top + h / 2:.0f}" text-anchor="middle">no samples in this window</text>')
     else:
         coords = [(axis.x(ts), base - v / peak * h) for ts, v in pts]
-        if steps:  # per-run averages: one flat segment per run
+        if mode == "steps":  # per-run averages: one flat segment per run
             segs = [f"M{coords[i][0]:.1f},{coords[i][1]:.1f}L{coords[i + 1][0]:.1f},{coords[i + 1][1]:.1f}"
                     for i in range(0, len(coords) - 1, 2)]
             body.append(f'<path d="{" ".join(segs)}" stroke="{color}" stroke-width="3" fill="none"/>')
+        elif mode == "dots":  # one value per run, at its end
+            body += [f'<circle cx="{x:.1f}" cy="{y:.1f}" r="4" fill="{color}"><title>{_rate(v)} {escape(unit)} at '
+                     f'{_t(ts)}</title></circle>' for (x, y), (ts, v) in zip(coords, pts, strict=True)]
         else:
             line = " ".join(f"{x:.1f},{y:.1f}" for x, y in coords)
             body.append(f'<polyline points="{line}" stroke="{color}" stroke-width="1.6" fill="none"/>')
@@ -127,16 +131,20 @@ def _line_chart(page: StatusPage, values: Sequence[tuple[datetime, float | None]
 def _ingest(page: StatusPage) -> str:
     steps = page.history_kind == "runs"
     rates = [(p.at, p.rate) for p in page.history]
-    lags = [(p.at, p.lag) for p in page.history]
+    # per run: the lag it stopped at, at its end (the start points carry none)
+    lags = [(p.at, p.lag) for i, p in enumerate(page.history) if not steps or i % 2]
     last = page.history[-1] if page.history else None
     note = ("Sampled by this daemon every 10 s (kept 24 h; a restart starts over)." if not steps else
             "No daemon holds this file: one average per consumer run (seq/s between its first and last "
             "event) and the lag it stopped at, from the coverage rows.")
     now = (f'<p>Now: <b id="rate-now">{_rate(last.rate)}</b> events/s, lag <b>{_n(None if last.lag is None else round(last.lag, 1))} s</b></p>'
            if last is not None and not steps else "")
+    rate_chart = _line_chart(page, rates, ident="chart-rate", unit="events/s", color="#3b6fd8",
+                             mode="steps" if steps else "line")
+    lag_chart = _line_chart(page, lags, ident="chart-lag", unit="lag s", color="#e0892b",
+                            mode="dots" if steps else "line")
     return (f'<section id="ingest"><h2>Ingest rate and lag</h2><p class="mute">{note}</p>{now}'
-            f'{_line_chart(page, rates, ident="chart-rate", unit="events/s", color="#3b6fd8", steps=steps)}'
-            f'{_line_chart(page, lags, ident="chart-lag", unit="lag s", color="#e0892b", steps=steps)}</section>')
+            f'{rate_chart}{lag_chart}</section>')
 
 
 def _coverage(page: StatusPage) -> str:
@@ -247,13 +255,14 @@ def _records(page: StatusPage) -> str:
 def render(page: StatusPage, *, refresh: int | None = None) -> str:
     """The page as HTML; `refresh`: seconds after which the browser reloads it (the daemon's page)."""
     r = page.report
-    cursor = ", ".join(f"{c['source']} {c['seq']:,}" for c in r["cursors"]) or "none"
+    cursor = " / ".join(f"{c['seq']:,}" for c in r["cursors"]) or "none"
+    sources = ", ".join(c["source"] for c in r["cursors"]) or "no firehose cursor stored"
     lag = r["lag_seconds"]
     running = r["consumer_running"]
     desync = r["repos"]["by_sync_state"].get("desynchronized", 0)
     tiles = "".join([
         _tile("consumer", "running" if running else "stopped", "consumer", "good" if running else "bad"),
-        _tile("stored cursor (seq)", escape(cursor), "cursor"),
+        _tile(f"stored cursor (seq) of {sources}", escape(cursor), "cursor"),
         _tile("lag", "–" if lag is None else _dur(lag), "lag", "bad" if lag is not None and lag > 300 else ""),
         _tile("repos", _n(r["repos"]["total"]), "repos-total"),
         _tile("records", _n(r["records"]["total"]), "records-total"),

@@ -5,7 +5,8 @@
                 the queue per host
     downtime    the window's stretches no consumer run covered (`backfill.gaps.downtime_spans`)
     to_repair   `detect_gaps` for the window without a PDS audit: DIDs per reason a backfill still
-                needs (downtime DIDs by the no-audit margin rule)
+                needs. Downtime DIDs by the no-audit margin rule, less those a backfill reconciled
+                after the window's last downtime stretch ended (that rule looks at event times only)
     history     ingest rate and lag over time: the daemon's ring (`live.IngestHistory`, every 10 s
                 for 24 h) when a daemon renders the page, else one average per consumer run from
                 the coverage rows (seq/s between its first and last event; the lag it stopped at)
@@ -26,11 +27,11 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, Final
 
 from skyfill.backfill.config import parse_when
-from skyfill.backfill.gaps import detect_gaps, downtime_spans
+from skyfill.backfill.gaps import GapReport, Reason, detect_gaps, downtime_spans
 from skyfill.errors import ConfigError
 from skyfill.storage import Store
 from skyfill.storage.status import status_report
-from skyfill.storage.timeline import Timeline, timeline_report
+from skyfill.storage.timeline import Timeline, backfilled_since, timeline_report
 
 from .live import IngestHistory, Point, backfill_hosts
 
@@ -109,12 +110,25 @@ def _runs_history(timeline: Timeline, now: datetime) -> list[HistoryPoint]:
         rate = (span.last_seq - span.first_seq) / seconds if seconds > 0 else 0.0
         ended = now if span.running else (span.stopped_at or b)
         lag = max(0.0, (ended - b).total_seconds())
-        out += [HistoryPoint(a, rate, 0.0), HistoryPoint(b, rate, lag)]
+        out += [HistoryPoint(a, rate, None), HistoryPoint(b, rate, lag)]
     return out
 
 
 def _live_history(points: list[Point]) -> list[HistoryPoint]:
     return [HistoryPoint(p.at, p.stored_per_s, p.lag) for p in points]
+
+
+def _still_to_repair(store: Store, gaps: GapReport) -> dict[str, int]:
+    """DIDs per reason (and "total"), less the downtime DIDs backfilled after the last downtime stretch."""
+    counts = dict(gaps.counts)
+    downtime = [did for did, reasons in gaps.reasons_by_did.items() if Reason.DOWNTIME.value in reasons]
+    if not gaps.downtime or not downtime:
+        return {**counts, "total": gaps.total}
+    with store.read() as reader:
+        repaired = backfilled_since(reader, downtime, max(b for _, b in gaps.downtime))
+    counts[Reason.DOWNTIME.value] -= len(repaired)
+    gone = sum(1 for did in repaired if gaps.reasons_by_did[did] == (Reason.DOWNTIME.value,))
+    return {**counts, "total": gaps.total - gone}
 
 
 async def build_page(store: Store, *, since: datetime, until: datetime, source: str,
@@ -130,11 +144,12 @@ async def build_page(store: Store, *, since: datetime, until: datetime, source: 
     spans = [(s.first_event_at, s.last_event_at, s.running) for s in timeline.spans]
     downtime = tuple(downtime_spans(spans, start=since, end=until, now=now))
     gaps = await detect_gaps(store, start=since, end=until, audit=None, now=now)
+    to_repair = await asyncio.to_thread(_still_to_repair, store, gaps)
     live_hosts, parked = backfill_hosts() if history is not None else ([], [])
     return StatusPage(
         generated_at=now, since=since, until=until, source=source, report=report, timeline=timeline,
         downtime=downtime,
-        to_repair={k: v for k, v in gaps.counts.items() if v}, to_repair_total=gaps.total,
+        to_repair={k: v for k, v in to_repair.items() if k != "total" and v}, to_repair_total=to_repair["total"],
         history=tuple(_live_history(history.points(since, until)) if history is not None
                       else _runs_history(timeline, now)),
         history_kind="live" if history is not None else "runs",

@@ -17,9 +17,13 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol
 
+import pyarrow as pa
+
+from .base import Reader
+from .repos import KEY_SQL, subset_sql
 from .states import BackfillStatus, CoverageEnd, QueueState
 
-__all__ = ["CoverageSpan", "Timeline", "timeline_report"]
+__all__ = ["CoverageSpan", "Timeline", "timeline_report", "backfilled_since"]
 
 
 class _Reads(Protocol):
@@ -142,3 +146,19 @@ def timeline_report(reader: _Reads, *, since: datetime, until: datetime, buckets
         retrying=reader.fetchall(_RETRYING_SQL)[0][0],
         bucket_seconds=step,
     )
+
+
+_BACKFILLED_SQL = f"""
+WITH wanted AS MATERIALIZED (SELECT DISTINCT {KEY_SQL} AS k FROM _dids)
+SELECT r.did FROM ({subset_sql(keys="SELECT k FROM wanted")}) r JOIN _dids d ON d.did = r.did
+WHERE r.backfilled_at >= ? AND r.backfill_status = '{BackfillStatus.OK.value}'
+"""
+
+
+def backfilled_since(reader: Reader, dids: Iterable[str], since: datetime) -> set[str]:
+    """Those of `dids` whose repo a backfill reconciled (ok) at or after `since`, found by key."""
+    table = pa.table({"did": pa.array(list(dids), pa.string())})
+    if not table.num_rows:
+        return set()
+    with reader.registered("_dids", table):
+        return {did for (did,) in reader.fetchall(_BACKFILLED_SQL, [since])}

@@ -12,22 +12,36 @@ tests/artifacts/ (gitignored).
 from __future__ import annotations
 
 import asyncio
+import json
 import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import httpx
 import pytest
 
+from skyfill.app.daemon_client import call_daemon
 from skyfill.app.live import IngestHistory, backfill_hosts
 from skyfill.app.status_html import render
 from skyfill.app.status_page import build_page, page_window
 from skyfill.app.status_server import StatusServer
+from skyfill.backfill.gaps import detect_gaps
 from skyfill.errors import ConfigError
 from skyfill.storage.timeline import timeline_report
+from tests.support.chromium import ARTIFACTS, Chromium, Visit
+from tests.support.daemon import ROOT, announced, reap, spawn_consume, stored_cursor
+from tests.support.network import LocalNetwork, PdsAccount, PdsClient, post_record
+from tests.support.oracle import commit_seq, head_seq
 from tests.support.store import SetupStore
+from tests.support.wait import free_port, poll
 
 T0 = datetime(2025, 3, 10, tzinfo=UTC)
+POST = "app.bsky.feed.post"
 
 
 def h(hours: float) -> datetime:
@@ -117,8 +131,8 @@ async def test_page_model_downtime_repairs_and_history_from_runs(fabricated: Set
     assert page.history_kind == "runs" and page.hosts_kind == "queue"
     # one step per run: seq/s between its first and last event, and the lag it stopped at
     assert [(p.at, round(p.rate, 4), p.lag) for p in page.history[:4]] == [
-        (h(-2), round(800 / (8 * 3600), 4), 0.0), (h(6), round(800 / (8 * 3600), 4), 0.0),
-        (h(9), round(1100 / (11 * 3600), 4), 0.0), (h(20), round(1100 / (11 * 3600), 4), 1800.0)]
+        (h(-2), round(800 / (8 * 3600), 4), None), (h(6), round(800 / (8 * 3600), 4), 0.0),
+        (h(9), round(1100 / (11 * 3600), 4), None), (h(20), round(1100 / (11 * 3600), 4), 1800.0)]
     assert page.history[-1].lag == 0.0  # the running run: now - its last event (23 - 23)
     assert page.to_repair.get("desynchronized") == 1  # did:plc:broken, never repaired
     html = render(page)
@@ -127,6 +141,17 @@ async def test_page_model_downtime_repairs_and_history_from_runs(fabricated: Set
                         ("desynchronized", "1"), ("consumer", "running"), ("covered", "78.3%")):
         assert re.search(rf'id="{ident}">{re.escape(text)}<', html), (ident, text)
     assert "<script" not in html and "http://" not in html and "https://b.example" in html
+
+
+async def test_still_to_repair_leaves_out_downtime_dids_backfilled_after_the_downtime(fabricated: SetupStore) -> None:
+    # the no-audit rule flags every active DID seen near a downtime stretch, backfilled since or not
+    add_repo(fabricated, "did:plc:late", backfilled_at=h(22.5), backfill_status="ok")
+    gaps = await detect_gaps(fabricated, start=h(0), end=h(24), audit=None, now=h(23))
+    assert gaps.counts["downtime"] == 6 and "did:plc:late" in gaps.reasons_by_did
+    page = await build_page(fabricated, since=h(0), until=h(24), source="x", now=h(23))
+    assert page.to_repair["downtime"] == 5  # did:plc:late: reconciled after the last stretch ended (22 h)
+    assert page.to_repair_total == gaps.total - 1
+    assert re.search(r'id="to-repair">5<', render(page))
 
 
 async def test_page_of_an_empty_store_renders(store: SetupStore) -> None:
@@ -188,3 +213,113 @@ async def test_server_serves_page_metrics_and_refuses_the_rest(fabricated: Setup
     finally:
         await server.aclose()
     await asyncio.sleep(0)
+
+
+# -- the page in a real Chromium, served by a daemon after a run against the local reference PDS ----------
+
+
+def _spawn(db: Path, net: LocalNetwork, port: int, *extra: str) -> subprocess.Popen[bytes]:
+    return spawn_consume(db, net.pds_url, "--flush-interval", "0.05", "--batch-events", "50", "--metrics-port",
+                         str(port), "--plc-url", net.plc_url, "--allow-private-hosts", *extra,
+                         stderr=subprocess.DEVNULL)
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(30) == 0
+
+
+def _visit(browser: Chromium, url: str, name: str) -> Visit:
+    visit = browser.open(url, screenshot=ARTIFACTS / name)
+    print(f"status page screenshot: {visit.screenshot}")
+    assert visit.errors == [], visit.errors
+    assert "<script" not in visit.html
+    return visit
+
+
+def test_chromium_renders_the_daemons_page_after_a_downtime_and_a_backfill(
+    pds_network: LocalNetwork, pds_client: PdsClient, make_account: Callable[..., PdsAccount], tmp_path: Path
+) -> None:
+    c = pds_client
+    db = tmp_path / "page.duckdb"
+    port = free_port()
+    start = head_seq(c)
+    proc = _spawn(db, pds_network, port, "--cursor", str(start))
+    try:
+        info = announced(db, proc)
+        users = [make_account(f"page{i}") for i in range(5)]
+        for i, u in enumerate(users):
+            last = c.create_record(u, POST, post_record(f"first {i}"))
+        poll(lambda: stored_cursor(info) >= commit_seq(c, users[-1].did, last.commit.rev, since=start),
+             timeout=60, what="the first run's writes stored")
+        _stop(proc)
+        stopped = datetime.now(UTC)
+        # downtime: three accounts write while no consumer runs (longer than the 5 s a gap must last)
+        for u in users[:3]:
+            c.create_record(u, POST, post_record("written while we were down"))
+        while datetime.now(UTC) - stopped < timedelta(seconds=7):
+            time.sleep(0.2)
+        restart = head_seq(c)
+        proc = _spawn(db, pds_network, port, "--cursor", str(restart), "--backfill")
+        info = announced(db, proc)
+        alive = c.create_record(users[3], POST, post_record("after the restart"))
+        poll(lambda: stored_cursor(info) >= commit_seq(c, users[3].did, alive.commit.rev, since=restart),
+             timeout=60, what="the second run's write stored")
+        # the window starts at the first run's first event: its only downtime is the outage
+        began = datetime.fromisoformat(min(
+            row["first_event_at"] for row in call_daemon(info, "/status", timeout=10)["coverage"]))
+        report = call_daemon(info, "/gaps", {"start": began.isoformat(), "end": datetime.now(UTC).isoformat(),
+                                             "enqueue": True, "audit": True})
+        assert len(report["downtime"]) == 1 and report["counts"]["downtime"] == 3, report
+        # the daemon's own repair loop (--backfill) takes the queue
+        poll(lambda: call_daemon(info, "/status", timeout=10)["backfill_queue"].get("done", 0) >= report["total"],
+             timeout=90, what="the queued backfills done")
+        status = call_daemon(info, "/status", timeout=10)
+        url = f"http://127.0.0.1:{port}/?since={began.strftime('%Y-%m-%dT%H:%M:%S.%fZ')}"
+        # the ring samples every 10 s: wait until it holds a rate (two samples)
+        poll(lambda: 'id="rate-now"' in httpx.get(url, timeout=30).text, timeout=40, what="two ingest samples")
+        assert "skyfill_firehose_events_total" in httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+
+        with Chromium() as browser:
+            live = _visit(browser, url, "status-page-daemon.png")
+            t = live.texts
+            assert t["consumer"] == "running"
+            assert t["downtime-count"] == "1"
+            assert int(t["repaired-ok"].replace(",", "")) >= 3
+            assert t["to-repair"] == "0"  # every DID was reconciled after the outage
+            assert t["records-total"] == f"{status['records']['total']:,}"
+            assert t["repos-total"] == f"{status['repos']['total']:,}"
+            assert t["cursor"] == f"{status['cursors'][0]['seq']:,}"
+            assert "downtime" in t["coverage"] and "events/s" in t["ingest"]
+            assert live.html.count('class="span"') == 2 and live.html.count('class="downtime"') == 1
+            assert "Sampled by this daemon" in t["ingest"]
+
+            # `skyfill status --html` while the daemon runs: its page, through the admin API
+            through = tmp_path / "through.html"
+            _cli("status", "--db", str(db), "--html", str(through), "--since", began.isoformat())
+            assert 'id="downtime-count">1<' in through.read_text()
+            # one more event after the backfills, so the stopped run's coverage reaches past them
+            tail = c.create_record(users[4], POST, post_record("before the stop"))
+            poll(lambda: stored_cursor(info) >= commit_seq(c, users[4].did, tail.commit.rev, since=restart),
+                 timeout=60, what="the last write stored")
+            _stop(proc)
+
+            # ... and from the file, no daemon: the same page, history from the coverage rows
+            # (until the stopped run's last event: after it, the file covers nothing)
+            ended = json.loads(_cli("status", "--db", str(db), "--json"))["coverage"][0]["last_event_at"]
+            offline = tmp_path / "offline.html"
+            _cli("status", "--db", str(db), "--html", str(offline), "--since", began.isoformat(), "--until", ended)
+            page = _visit(browser, offline.as_uri(), "status-page-file.png")
+            assert page.texts["consumer"] == "stopped" and page.texts["downtime-count"] == "1"
+            assert page.texts["records-total"] == f"{status['records']['total'] + 1:,}"
+            assert page.texts["repaired-ok"] == t["repaired-ok"] and page.texts["to-repair"] == "0"
+            assert "one average per consumer run" in page.texts["ingest"]
+    finally:
+        reap(proc)
+
+
+def _cli(*args: str) -> str:
+    done = subprocess.run([sys.executable, "-m", "skyfill", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
