@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Mapping
 from dataclasses import replace
 
 from skyfill.backfill.backfiller import recover_queue
@@ -39,7 +38,7 @@ from .jobs import backfill_queue_once
 from .live import IngestHistory
 from .routes import AdminRoutes
 from .settings import Settings
-from .status_html import page_html
+from .status_html import CachedPages
 from .status_server import StatusServer
 
 __all__ = ["Application", "serve", "EXIT_OK", "EXIT_FUTURE_CURSOR", "EXIT_FATAL"]
@@ -80,8 +79,9 @@ class Application:
             )
             self.reconciler = DaemonReconciler(self.daemon)
             self.history = IngestHistory()
+            self.pages = CachedPages(self.store, source=f"daemon on {settings.db}", history=self.history)
             self.routes = AdminRoutes(self.store, reconciler=self.reconciler, config=settings.backfill,
-                                      page=self.status_page)
+                                      page=self.pages)
             self.admin = AdminServer(db=settings.db, routes=self.routes.table(), port=settings.admin_port)
         except BaseException:
             self._close_store()
@@ -91,11 +91,6 @@ class Application:
     def admin_url(self) -> str:
         """`http://127.0.0.1:PORT` of the admin API once `run()` started it ("" before)."""
         return self.admin.url
-
-    async def status_page(self, query: Mapping[str, str]) -> str:
-        """The status page for the window `query` names (since, until), with this daemon's history."""
-        return await page_html(self.store, query, source=f"daemon on {self.settings.db}", history=self.history,
-                               refresh=30)
 
     def stop(self) -> None:
         """Ask the daemon to stop: it drains (stores what it processed) and `run()` returns 0."""
@@ -107,7 +102,7 @@ class Application:
         async with contextlib.AsyncExitStack() as stack:
             stack.callback(self._close_store)
             if settings.metrics_port is not None:
-                server = StatusServer(port=settings.metrics_port, page=self.status_page)
+                server = StatusServer(port=settings.metrics_port, page=self.pages)
                 await server.start()  # ConfigError naming --metrics-port when the port is taken
                 stack.push_async_callback(server.aclose)
             if self.publisher is not None:

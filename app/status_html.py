@@ -8,6 +8,8 @@ Numbers an operator (or a test) looks for carry ids: #consumer, #cursor, #lag, #
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime, timedelta
 from html import escape
@@ -18,7 +20,7 @@ from skyfill.storage import Store
 from .live import IngestHistory
 from .status_page import StatusPage, build_page, page_window
 
-__all__ = ["render", "page_html"]
+__all__ = ["render", "page_html", "CachedPages"]
 
 _W: Final = 960
 _PAD_L: Final = 56
@@ -36,7 +38,7 @@ border-radius:4px;border:0;background:#3b6fd8;color:#fff}main{padding:16px 24px;
 max-width:1100px;margin:0 auto}section{background:var(--card);border:1px solid var(--line);border-radius:8px;padding:14px 16px}
 h2{font-size:15px;margin:0 0 10px}.tiles{display:grid;grid-template-columns:repeat(auto-fill,minmax(150px,1fr));
 gap:10px}.tile{background:var(--card);border:1px solid var(--line);border-radius:8px;padding:10px 12px}
-.tile .v{font-size:22px;font-weight:600;font-variant-numeric:tabular-nums}.tile .k{color:var(--mute);font-size:12px;
+.tile .v{font-size:22px;font-weight:600;font-variant-numeric:tabular-nums}.tile .v.long{font-size:17px}.tile .k{color:var(--mute);font-size:12px;
 overflow-wrap:anywhere}
 .good{color:var(--ok)}.bad{color:var(--bad)}.mute{color:var(--mute)}table{border-collapse:collapse;width:100%}
 td,th{padding:4px 8px;border-bottom:1px solid var(--line);text-align:left;font-variant-numeric:tabular-nums}
@@ -74,6 +76,7 @@ def _rate(value: float) -> str:
 
 
 def _tile(key: str, value: str, ident: str, cls: str = "") -> str:
+    cls += " long" if len(value) > 10 else ""
     return f'<div class="tile"><div class="v {cls}" id="{ident}">{value}</div><div class="k">{escape(key)}</div></div>'
 
 
@@ -281,7 +284,8 @@ def render(page: StatusPage, *, refresh: int | None = None) -> str:
         f'<!doctype html><html lang="en"><head><meta charset="utf-8">{meta}'
         '<meta name="viewport" content="width=device-width,initial-scale=1"><link rel="icon" href="data:,">'
         f'<title>skyfill status</title><style>{_CSS}</style></head><body><header><h1>skyfill status</h1>'
-        f'<span class="meta">{escape(page.source)} · generated {_t(page.generated_at)}</span>'
+        f'<span class="meta">{escape(page.source)} · generated {_t(page.generated_at)} '
+        f'in {page.build_seconds:.1f} s</span>'
         f'<form method="get" action=""><label>since <input name="since" value="{since}"></label>'
         f'<label>until <input name="until" value="{until}"></label><button>show</button></form></header>'
         f'<main><div class="tiles">{tiles}</div>{_coverage(page)}{_ingest(page)}{_repos(page)}{_backfill(page)}'
@@ -294,3 +298,27 @@ async def page_html(store: Store, query: Mapping[str, str], *, source: str, hist
     """The page for the window `query` names (`since`, `until`; status_page.page_window), rendered."""
     since, until = page_window(query)
     return render(await build_page(store, since=since, until=until, source=source, history=history), refresh=refresh)
+
+
+class CachedPages:
+    """`page_html` for a daemon: one page built at a time, and a page reused for `ttl` seconds for
+    the same query (at 10^7 records a page reads for seconds: a few open tabs reloading every
+    `refresh` seconds must not keep the daemon's cores busy)."""
+
+    def __init__(self, store: Store, *, source: str, history: IngestHistory | None, ttl: float = 15.0,
+                 refresh: int | None = 30) -> None:
+        self.store, self.source, self.history = store, source, history
+        self.ttl, self.refresh = ttl, refresh
+        self._lock = asyncio.Lock()
+        self._pages: dict[tuple[tuple[str, str], ...], tuple[float, str]] = {}
+
+    async def __call__(self, query: Mapping[str, str]) -> str:
+        key = tuple(sorted(query.items()))
+        async with self._lock:
+            now = time.monotonic()
+            self._pages = {k: v for k, v in self._pages.items() if now - v[0] < self.ttl}
+            if key not in self._pages:
+                html = await page_html(self.store, query, source=self.source, history=self.history,
+                                       refresh=self.refresh)
+                self._pages[key] = (time.monotonic(), html)
+            return self._pages[key][1]

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -65,6 +66,7 @@ class StatusPage:
     hosts: tuple[tuple[str, dict[str, int]], ...]
     hosts_kind: str                               # "live" (this backfill) | "queue" (the stored queue)
     parked: tuple[str, ...]
+    build_seconds: float = 0.0                    # how long the reads took
 
     @property
     def downtime_seconds(self) -> float:
@@ -135,6 +137,7 @@ async def build_page(store: Store, *, since: datetime, until: datetime, source: 
                      history: IngestHistory | None = None, now: datetime | None = None) -> StatusPage:
     """Read the model for [since, until] from `store`; `history`: the daemon's ring (None: from a file)."""
     now = now or datetime.now(UTC)
+    started = time.perf_counter()
 
     def read() -> tuple[dict[str, Any], Timeline]:
         with store.read() as reader:
@@ -156,4 +159,5 @@ async def build_page(store: Store, *, since: datetime, until: datetime, source: 
         hosts=tuple(live_hosts) if live_hosts else timeline.queue_by_host,
         hosts_kind="live" if live_hosts else "queue",
         parked=tuple(parked),
+        build_seconds=time.perf_counter() - started,
     )

@@ -27,7 +27,7 @@ import pytest
 
 from skyfill.app.daemon_client import call_daemon
 from skyfill.app.live import IngestHistory, backfill_hosts
-from skyfill.app.status_html import render
+from skyfill.app.status_html import CachedPages, render
 from skyfill.app.status_page import build_page, page_window
 from skyfill.app.status_server import StatusServer
 from skyfill.backfill.gaps import detect_gaps
@@ -188,6 +188,16 @@ def test_history_ring_rates_and_window() -> None:
     assert isinstance(hosts, list) and isinstance(parked, list)
 
 
+async def test_cached_pages_reuse_a_page_per_query_for_the_ttl(fabricated: SetupStore) -> None:
+    pages = CachedPages(fabricated, source="cached", history=None, ttl=60, refresh=None)
+    one = await pages({"since": "2025-03-10", "until": "2025-03-11"})
+    assert await pages({"until": "2025-03-11", "since": "2025-03-10"}) is one  # same query, any order
+    other = await pages({"since": "2025-03-10", "until": "2025-03-10T12:00:00"})
+    assert other != one and 'id="downtime-count">1<' in other
+    pages.ttl = 0
+    assert await pages({"since": "2025-03-10", "until": "2025-03-11"}) is not one
+
+
 async def test_server_serves_page_metrics_and_refuses_the_rest(fabricated: SetupStore) -> None:
     async def page(query: dict[str, str]) -> str:
         since, until = page_window(query, now=h(23))
@@ -277,7 +287,8 @@ def test_chromium_renders_the_daemons_page_after_a_downtime_and_a_backfill(
         status = call_daemon(info, "/status", timeout=10)
         url = f"http://127.0.0.1:{port}/?since={began.strftime('%Y-%m-%dT%H:%M:%S.%fZ')}"
         # the ring samples every 10 s: wait until it holds a rate (two samples)
-        poll(lambda: 'id="rate-now"' in httpx.get(url, timeout=30).text, timeout=40, what="two ingest samples")
+        # (a page is reused for 15 s: up to 10 + 15 s)
+        poll(lambda: 'id="rate-now"' in httpx.get(url, timeout=30).text, timeout=60, what="two ingest samples")
         assert "skyfill_firehose_events_total" in httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
 
         with Chromium() as browser:
