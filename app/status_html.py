@@ -140,8 +140,11 @@ def _ingest(page: StatusPage) -> str:
     note = ("Sampled by this daemon every 10 s (kept 24 h; a restart starts over)." if not steps else
             "No daemon holds this file: one average per consumer run (seq/s between its first and last "
             "event) and the lag it stopped at, from the coverage rows.")
-    now = (f'<p>Now: <b id="rate-now">{_rate(last.rate)}</b> events/s, lag <b>{_n(None if last.lag is None else round(last.lag, 1))} s</b></p>'
-           if last is not None and not steps else "")
+    now = ""
+    if last is not None and not steps:
+        lag = "–" if last.lag is None else f"{last.lag:.1f}"
+        now = f'<p>Now: <b id="rate-now">{_rate(last.rate)}</b> events/s, lag <b>{lag} s</b></p>'
+
     rate_chart = _line_chart(page, rates, ident="chart-rate", unit="events/s", color="#3b6fd8",
                              mode="steps" if steps else "line")
     lag_chart = _line_chart(page, lags, ident="chart-lag", unit="lag s", color="#e0892b",
@@ -179,7 +182,8 @@ def _coverage(page: StatusPage) -> str:
         if failed:
             body.append(f'<rect x="{x0:.1f}" y="{104 - h_ok - h_bad:.1f}" width="{w:.1f}" height="{h_bad:.1f}" '
                         f'fill="#e0892b"><title>{failed} backfills failed from {_t(at)}</title></rect>')
-    svg = f'<svg id="coverage-chart" viewBox="0 0 {_W} 140" width="100%" role="img" aria-label="coverage">{"".join(body)}</svg>'
+    svg = (f'<svg id="coverage-chart" viewBox="0 0 {_W} 140" width="100%" role="img" aria-label="coverage">'
+           f'{"".join(body)}</svg>')
     legend = ('<p class="legend"><span><i class="sw" style="background:#2e9d5b"></i>consumer runs</span>'
               '<span><i class="sw" style="background:#d64545"></i>downtime (no run covered it)</span>'
               '<span><i class="sw" style="background:#3b6fd8"></i>repos backfilled</span>'
@@ -276,7 +280,8 @@ def render(page: StatusPage, *, refresh: int | None = None) -> str:
         _tile("repos backfilled in window", _n(page.timeline.repaired_ok), "repaired-ok"),
         _tile("backfills failed in window", _n(page.timeline.repaired_failed), "repaired-failed",
               "bad" if page.timeline.repaired_failed else ""),
-        _tile("DIDs still to backfill", _n(page.to_repair_total), "to-repair", "good" if not page.to_repair_total else ""),
+        _tile("DIDs still to backfill", _n(page.to_repair_total), "to-repair",
+              "good" if not page.to_repair_total else ""),
     ])
     since, until = page.since.strftime("%Y-%m-%dT%H:%M:%SZ"), page.until.strftime("%Y-%m-%dT%H:%M:%SZ")
     meta = f'<meta http-equiv="refresh" content="{int(refresh)}">' if refresh else ""

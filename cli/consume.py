@@ -45,7 +45,8 @@ def _check_relay(ctx: click.Context, param: click.Parameter, value: str) -> str:
         help="Relay or PDS host, or a full ws:// / wss:// subscribeRepos URL.")
 @option("--cursor", type=click.IntRange(0, 2**63 - 1), default=None, help="Start from this seq instead of the stored cursor.")
 @option("--collections", default="", help="Comma-separated NSIDs to store (app.bsky.feed.* wildcards). Default: all.")
-@option("--metrics-port", type=click.IntRange(1, 65535), default=None, help="Serve Prometheus metrics on 127.0.0.1:PORT.")
+@option("--metrics-port", type=click.IntRange(1, 65535), default=None,
+        help="Serve the status page (/) and Prometheus metrics (/metrics) on 127.0.0.1:PORT.")
 @option("--admin-port", type=click.IntRange(0, 65535), default=default("admin_port"), show_default=True,
         help="Admin API port on 127.0.0.1 (0 = any free port).")
 @option("--strict-cursor", is_flag=True, help="Exit instead of restarting from the live head on FutureCursor.")

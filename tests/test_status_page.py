@@ -225,6 +225,23 @@ async def test_server_serves_page_metrics_and_refuses_the_rest(fabricated: Setup
     await asyncio.sleep(0)
 
 
+def test_cli_status_html_writes_the_page_from_the_file(fabricated: SetupStore, tmp_path: Path) -> None:
+    db = fabricated.path
+    fabricated.close()
+    out = tmp_path / "page.html"
+    assert _cli("status", "--db", db, "--html", str(out), "--since", "2025-03-10", "--until",
+                "2025-03-10T23:00:00Z").strip() == str(out)
+    html = out.read_text()
+    assert 'id="downtime-count">2<' in html and 'id="consumer">running<' in html and "<script" not in html
+    bad = subprocess.run([sys.executable, "-m", "skyfill", "status", "--db", db, "--since", "6h"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "--since/--until go with --html" in bad.stderr
+    late = subprocess.run([sys.executable, "-m", "skyfill", "status", "--db", db, "--html", str(out), "--since",
+                           "2025-03-11", "--until", "2025-03-10T12:00:00Z"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=60)
+    assert late.returncode == 1 and "is not after since" in late.stderr
+
+
 # -- the page in a real Chromium, served by a daemon after a run against the local reference PDS ----------
 
 
