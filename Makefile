@@ -42,8 +42,14 @@ prometheus:
 # so more workers than cores pays. Each worker starts its own local PDS network and hands out
 # ports from its own block (tests/support/wait.py). TEST_WORKERS=0 runs in one process.
 TEST_WORKERS ?= 4
-test: $(STAMP) network bench-peer-install prometheus
+test: $(STAMP) network bench-peer-install prometheus chromium
 	$(PY) -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist load
+
+# The headless browser tests/test_status_page.py renders the status page in (Debian package), when absent.
+.PHONY: chromium
+chromium:
+	command -v chromium >/dev/null || apt-get install -y --no-install-recommends chromium || \
+		(apt-get update && apt-get install -y --no-install-recommends chromium)
 
 bench: $(STAMP) bench-peer-install
 	$(PY) -m bench

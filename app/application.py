@@ -7,7 +7,8 @@
       ├── KafkaPublisher (--kafka-bootstrap): each batch acknowledged before it is stored
       ├── background repair loop (--backfill): `jobs.backfill_queue_once` every few seconds
       ├── AdminServer + AdminRoutes: `skyfill status|gaps|backfill|enqueue` from other processes
-      └── Prometheus metrics (--metrics-port)
+      ├── IngestHistory: the daemon's own metrics sampled every 10 s for 24 h (the status page's history)
+      └── StatusServer (--metrics-port): the status page at `/`, Prometheus metrics at `/metrics`
 
 Every backfill the daemon runs (its own loop, the admin API's) uses `settings.backfill`, the
 BackfillConfig the user gave. `run()` starts the parts, runs the daemon until it stops (SIGINT/
@@ -22,12 +23,11 @@ import contextlib
 import logging
 from dataclasses import replace
 
-from skyfill import metrics
 from skyfill.backfill.backfiller import recover_queue
 from skyfill.consumer.daemon import Daemon
 from skyfill.consumer.resync import DaemonReconciler
 from skyfill.consumer.verify import CommitVerifier
-from skyfill.errors import ConfigError, FutureCursorError, SkyfillError
+from skyfill.errors import FutureCursorError, SkyfillError
 from skyfill.net.identity import Resolver
 from skyfill.net.pds import PdsClient
 from skyfill.publish import KafkaPublisher
@@ -35,8 +35,11 @@ from skyfill.storage import Store
 
 from .admin import AdminServer
 from .jobs import backfill_queue_once
+from .live import IngestHistory
 from .routes import AdminRoutes
 from .settings import Settings
+from .status_html import CachedPages
+from .status_server import StatusServer
 
 __all__ = ["Application", "serve", "EXIT_OK", "EXIT_FUTURE_CURSOR", "EXIT_FATAL"]
 
@@ -75,7 +78,10 @@ class Application:
                 publish=self.publisher.publish if self.publisher is not None else None, verifier=self.verifier,
             )
             self.reconciler = DaemonReconciler(self.daemon)
-            self.routes = AdminRoutes(self.store, reconciler=self.reconciler, config=settings.backfill)
+            self.history = IngestHistory()
+            self.pages = CachedPages(self.store, source=f"daemon on {settings.db}", history=self.history)
+            self.routes = AdminRoutes(self.store, reconciler=self.reconciler, config=settings.backfill,
+                                      page=self.pages)
             self.admin = AdminServer(db=settings.db, routes=self.routes.table(), port=settings.admin_port)
         except BaseException:
             self._close_store()
@@ -96,11 +102,9 @@ class Application:
         async with contextlib.AsyncExitStack() as stack:
             stack.callback(self._close_store)
             if settings.metrics_port is not None:
-                try:
-                    metrics.serve(settings.metrics_port)
-                except OSError as exc:
-                    raise ConfigError(f"--metrics-port: cannot listen on 127.0.0.1:{settings.metrics_port}: "
-                                      f"{exc.strerror or exc}") from exc
+                server = StatusServer(port=settings.metrics_port, page=self.pages)
+                await server.start()  # ConfigError naming --metrics-port when the port is taken
+                stack.push_async_callback(server.aclose)
             if self.publisher is not None:
                 await self.publisher.start()
                 stack.push_async_callback(self.publisher.aclose)
@@ -110,7 +114,9 @@ class Application:
                 stack.push_async_callback(self.verifier.aclose)
             await self.admin.start()
             stack.push_async_callback(self.admin.aclose)
-            background = [asyncio.create_task(self._backfill_forever())] if settings.run_backfill else []
+            background = [asyncio.create_task(self.history.run())]
+            if settings.run_backfill:
+                background.append(asyncio.create_task(self._backfill_forever()))
             try:
                 await self.daemon.run(install_signal_handlers=install_signal_handlers)
                 code = EXIT_OK

@@ -22,8 +22,9 @@ from skyfill.storage.status import status_report
 from .daemon_client import call_daemon, find_daemon, remove_announcement
 from .jobs import run_backfill, run_gaps
 from .network import run_discover, run_identities_sync
+from .status_html import page_html
 
-__all__ = ["open_store", "status", "gaps", "backfill", "migrate", "compact", "discover", "identities_sync"]
+__all__ = ["open_store", "status", "status_html", "gaps", "backfill", "migrate", "compact", "discover", "identities_sync"]
 
 
 def open_store(db: str) -> Store:
@@ -46,6 +47,21 @@ def status(db: str) -> dict[str, Any]:
         remove_announcement(db)  # we hold the file: an announcement beside it is stale
         try:
             return status_report(store)
+        except StorageError as exc:
+            raise StorageError(f"cannot read {db}: {exc}") from exc.__cause__
+
+
+def status_html(db: str, *, since: str | None = None, until: str | None = None) -> str:
+    """The status page (status_html.py) for [since, until] (default: the last 24 h): from the running
+    daemon when one holds `db` (with its ingest history), else from the file."""
+    query = {k: v for k, v in (("since", since), ("until", until)) if v}
+    daemon = find_daemon(db)
+    if daemon is not None:
+        return str(call_daemon(daemon, "/status/page", query, timeout=60)["html"])
+    with Store(db, read_only=True) as store:
+        remove_announcement(db)
+        try:
+            return asyncio.run(page_html(store, query, source=db))
         except StorageError as exc:
             raise StorageError(f"cannot read {db}: {exc}") from exc.__cause__
 

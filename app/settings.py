@@ -51,7 +51,7 @@ class Settings:
     backfill_interval: float = 5.0      # seconds between two rounds of that loop
     verify: bool = False                # check every #commit's signature and MST proof
     kafka_bootstrap: str | None = None  # publish every change to this broker before storing it
-    metrics_port: int | None = None     # Prometheus metrics on 127.0.0.1:PORT
+    metrics_port: int | None = None     # status page (/) and Prometheus metrics (/metrics) on 127.0.0.1:PORT
     admin_port: int = 0                 # admin API on 127.0.0.1:PORT (0: any free port)
     # DuckDB's buffer pool cap. Nothing needs to stay resident any more (no primary-key index), so
     # a small pool keeps the daemon's RSS flat at any store size; big joins spill to disk. Any scan

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import sys
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 import click
@@ -44,7 +45,8 @@ def _check_relay(ctx: click.Context, param: click.Parameter, value: str) -> str:
         help="Relay or PDS host, or a full ws:// / wss:// subscribeRepos URL.")
 @option("--cursor", type=click.IntRange(0, 2**63 - 1), default=None, help="Start from this seq instead of the stored cursor.")
 @option("--collections", default="", help="Comma-separated NSIDs to store (app.bsky.feed.* wildcards). Default: all.")
-@option("--metrics-port", type=click.IntRange(1, 65535), default=None, help="Serve Prometheus metrics on 127.0.0.1:PORT.")
+@option("--metrics-port", type=click.IntRange(1, 65535), default=None,
+        help="Serve the status page (/) and Prometheus metrics (/metrics) on 127.0.0.1:PORT.")
 @option("--admin-port", type=click.IntRange(0, 65535), default=default("admin_port"), show_default=True,
         help="Admin API port on 127.0.0.1 (0 = any free port).")
 @option("--strict-cursor", is_flag=True, help="Exit instead of restarting from the live head on FutureCursor.")
@@ -84,14 +86,31 @@ def consume(**options: Any) -> None:
 @click.command()
 @db_option
 @json_option
-def status(db: str, as_json: bool) -> None:
-    """Cursor, lag, repos by sync state and status, records by collection."""
+@option("--html", "html_file", type=click.Path(dir_okay=False, writable=True), default=None,
+        help="Write the status page (coverage timeline, ingest, repos, backfill: one offline HTML file) to FILE.")
+@option("--since", default=None, help="With --html: the window's start (ISO 8601, a date, or a span before "
+        "now like 6h, 7d). Default: 24 h before --until.")
+@option("--until", default=None, help="With --html: the window's end (ISO 8601, a date, or now). Default: now.")
+def status(db: str, as_json: bool, html_file: str | None, since: str | None, until: str | None) -> None:
+    """Cursor, lag, repos by sync state and status, records by collection; --html FILE: the status page."""
+    if html_file is None and (since or until):
+        raise click.UsageError("--since/--until go with --html FILE")
     try:
-        report = commands.status(db)
+        if html_file is not None:
+            html = commands.status_html(db, since=since, until=until)
+        else:
+            report = commands.status(db)
     except DatabaseLocked as exc:
         raise click.ClickException(f"{one_line(exc)} (and no live daemon announced next to it)") from exc
     except SkyfillError as exc:
         raise click.ClickException(one_line(exc)) from exc
+    if html_file is not None:
+        try:
+            Path(html_file).write_text(html, encoding="utf-8")
+        except OSError as exc:
+            raise click.ClickException(f"cannot write {html_file}: {exc.strerror or exc}") from exc
+        click.echo(html_file)
+        return
     if as_json:
         click.echo(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode())
     else:

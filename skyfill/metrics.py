@@ -1,13 +1,14 @@
 """Every Prometheus metric of skyfill, on one registry. Named skyfill_<subsystem>_<thing>[_total].
 
-Bumped where things happen; served by `skyfill consume --metrics-port`.
+Bumped where things happen; served at /metrics by `skyfill consume --metrics-port` (app/status_server.py,
+beside the status page).
 """
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-__all__ = ["REGISTRY", "serve", "FIREHOSE_EVENTS", "FIREHOSE_ERRORS", "FIREHOSE_UNVERIFIABLE", "FIREHOSE_VERDICTS",
+__all__ = ["REGISTRY", "FIREHOSE_EVENTS", "FIREHOSE_ERRORS", "FIREHOSE_UNVERIFIABLE", "FIREHOSE_VERDICTS",
            "FIREHOSE_LAST_SEQ", "FIREHOSE_LAG", "FIREHOSE_CONNECTED", "FIREHOSE_RECONNECTS",
            "DESYNCHRONIZED", "DESYNCHRONIZED_DIDS", "BATCH_WRITE_SECONDS", "BATCH_EVENTS",
            "STORE_HEALTHY", "STORAGE_ERRORS", "STORAGE_COMMITTED_SEQ", "STORE_COMPACTIONS", "STORE_COMPACTION_SECONDS",
@@ -119,11 +120,6 @@ KAFKA_WORKER_REQUESTS = Counter(
     "skyfill_kafka_worker_requests_total", "Backfill requests a worker handled, by result", ["result"],
     registry=REGISTRY,
 )
-
-
-def serve(port: int, *, addr: str = "127.0.0.1") -> None:
-    """Serve /metrics on `addr:port` from a background thread."""
-    start_http_server(port, addr=addr, registry=REGISTRY)
 
 
 BACKFILL_RATE_LIMIT_HEADERS = Counter(
