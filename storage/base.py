@@ -22,6 +22,7 @@ import pyarrow as pa
 
 from skyfill.errors import DatabaseLocked, StorageError
 
+from .file_version import newer_file_error
 from .migrate import prepare_schema
 
 __all__ = ["StoreBase", "Reader", "failure_kind", "storage_errors", "now_utc", "CHECKPOINT_THRESHOLD"]
@@ -107,7 +108,7 @@ class StoreBase:
         except duckdb.Error as exc:
             if isinstance(exc, duckdb.IOException) and "lock" in str(exc).lower():
                 raise DatabaseLocked(f"{self.path} is held by another process: {exc}") from exc
-            raise StorageError(f"cannot open {self.path}: {exc}") from exc
+            raise newer_file_error(self.path, exc) or StorageError(f"cannot open {self.path}: {exc}") from exc
         self._lock = threading.RLock()
         self._txn_version: int | None = None
         self.read_only = read_only
