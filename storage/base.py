@@ -36,37 +36,46 @@ def now_utc() -> datetime:
     return datetime.now(UTC)
 
 
+def _message(exc: duckdb.Error, path: str | None) -> str:
+    """DuckDB's message; an I/O error (a corrupt or truncated file) also names the file."""
+    text = str(exc)
+    if path and isinstance(exc, duckdb.IOException) and path not in text:
+        return f"{path}: {text}"
+    return text
+
+
 @contextmanager
-def storage_errors() -> Iterator[None]:
+def storage_errors(path: str | None = None) -> Iterator[None]:
     """A DuckDB failure of a read leaves a public Store method as StorageError, like a write's."""
     try:
         yield
     except duckdb.Error as exc:
-        raise StorageError(str(exc)) from exc
+        raise StorageError(_message(exc, path)) from exc
 
 
 class Reader:
     """A read cursor of its own, outside the write lock (see `StoreBase.read`)."""
 
-    def __init__(self, cursor: duckdb.DuckDBPyConnection) -> None:
+    def __init__(self, cursor: duckdb.DuckDBPyConnection, path: str | None = None) -> None:
         self._cur = cursor
+        self._path = path
 
     def fetchall(self, sql: str, params: Iterable[Any] = ()) -> list[tuple[Any, ...]]:
-        with storage_errors():
+        with storage_errors(self._path):
             return self._cur.execute(sql, list(params)).fetchall()
 
     def fetch_arrow(self, sql: str, params: Mapping[str, Any] | Sequence[Any] | None = None) -> pa.Table:
         """The result as an Arrow table (named `$name` parameters as a mapping)."""
-        with storage_errors():
+        with storage_errors(self._path):
             return self._cur.sql(sql, params=params).to_arrow_table()
 
     def arrow_batches(self, sql: str, rows: int = 1 << 20) -> Iterator[pa.RecordBatch]:
         """The result as Arrow record batches of up to `rows` rows, streamed: a big result is
         never materialised whole on the Python side."""
-        with storage_errors():
+        with storage_errors(self._path):
             reader = self._cur.sql(sql).to_arrow_reader(rows)
         while True:
-            with storage_errors():
+            with storage_errors(self._path):
                 try:
                     batch = reader.read_next_batch()
                 except StopIteration:
@@ -76,12 +85,12 @@ class Reader:
     @contextmanager
     def registered(self, name: str, table: pa.Table) -> Iterator[None]:
         """`table` is queryable as `name` on this cursor inside the block."""
-        with storage_errors():
+        with storage_errors(self._path):
             self._cur.register(name, table)
         try:
             yield
         finally:
-            with storage_errors():
+            with storage_errors(self._path):
                 self._cur.unregister(name)
 
 
@@ -140,7 +149,7 @@ class StoreBase:
         return self._txn_version
 
     def close(self) -> None:
-        with self._lock, storage_errors():
+        with self._lock, storage_errors(self.path):
             self._conn.close()
 
     def __enter__(self) -> StoreBase:
@@ -157,7 +166,7 @@ class StoreBase:
             try:
                 con.execute("BEGIN TRANSACTION")
             except duckdb.Error as exc:
-                raise StorageError(str(exc)) from exc
+                raise StorageError(_message(exc, self.path)) from exc
             self._txn_version = None
             try:
                 result = body(con)
@@ -165,7 +174,7 @@ class StoreBase:
             except BaseException as exc:
                 _rollback(con)
                 if isinstance(exc, duckdb.Error):
-                    raise StorageError(str(exc)) from exc
+                    raise StorageError(_message(exc, self.path)) from exc
                 raise
             finally:
                 self._txn_version = None
@@ -190,7 +199,7 @@ class StoreBase:
 
     def fetchall(self, sql: str, params: Iterable[Any] = ()) -> list[tuple[Any, ...]]:
         """A read under the write lock (it sees no half-done transaction of this process)."""
-        with self._lock, storage_errors():
+        with self._lock, storage_errors(self.path):
             return self._conn.execute(sql, list(params)).fetchall()
 
     @contextmanager
@@ -200,7 +209,7 @@ class StoreBase:
         with storage_errors():
             cur = self._conn.cursor()
         try:
-            yield Reader(cur)
+            yield Reader(cur, self.path)
         finally:
             try:
                 cur.close()

@@ -80,7 +80,7 @@ class Compacting(StoreBase):
         spread over one run of row groups per compaction and `WHERE did = ?` reads more of them
         as compactions accumulate. `full` also rewrites the whole base in key order (minutes
         at 10^8 records, twice the base's disk space meanwhile; writers are not held up)."""
-        with self._compact_lock, storage_errors():
+        with self._compact_lock, storage_errors(self.path):
             cur = self._conn.cursor()
             try:
                 return self._compact_on(cur, full=full)
