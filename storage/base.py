@@ -31,6 +31,11 @@ __all__ = ["StoreBase", "Reader", "failure_kind", "storage_errors", "now_utc", "
 # for fewer checkpoints: 64 MB measured ~4x less COMMIT time than 16 MB for ~35 MB more memory.
 CHECKPOINT_THRESHOLD = "64MB"
 
+# A new file is written in DuckDB 1.5's storage format: under the default (v1.0.0, for old readers)
+# DuckDB 1.5 stores the `record` column, declared USING COMPRESSION zstd, uncompressed and strings
+# without DICT_FSST: 334 B/record instead of 150 at 1M records. An existing file keeps its format.
+_CONFIG = {"storage_compatibility_version": "v1.5.0"}
+
 
 def now_utc() -> datetime:
     return datetime.now(UTC)
@@ -113,7 +118,7 @@ class StoreBase:
         if self.path != ":memory:" and not read_only:
             _check_writable_dir(Path(self.path).parent)
         try:
-            self._conn = duckdb.connect(self.path, read_only=read_only)
+            self._conn = duckdb.connect(self.path, read_only=read_only, config=_CONFIG)
         except duckdb.Error as exc:
             if isinstance(exc, duckdb.IOException) and "lock" in str(exc).lower():
                 raise DatabaseLocked(f"{self.path} is held by another process: {exc}") from exc
@@ -190,7 +195,7 @@ class StoreBase:
             except duckdb.Error:
                 pass  # closing an invalidated database may complain; it is released either way
             try:
-                self._conn = duckdb.connect(self.path)
+                self._conn = duckdb.connect(self.path, config=_CONFIG)
                 self._conn.execute(f"SET checkpoint_threshold = '{CHECKPOINT_THRESHOLD}'")
             except duckdb.Error as exc:
                 raise StorageError(f"cannot reopen {self.path}: {exc}") from exc
