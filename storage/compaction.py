@@ -26,7 +26,6 @@ from skyfill.errors import StorageError
 
 from .base import StoreBase, storage_errors
 from . import queue_log, refs, repos
-from .migrate import schema_sql
 from .records import RecordCompaction, compact_records
 
 __all__ = ["Compacting", "Compaction", "COMPACT_AFTER_ROWS"]
@@ -81,7 +80,7 @@ class Compacting(StoreBase):
         spread over one run of row groups per compaction and `WHERE did = ?` reads more of them
         as compactions accumulate. `full` also rewrites the whole base in key order (minutes
         at 10^8 records, twice the base's disk space meanwhile; writers are not held up)."""
-        with self._compact_lock, storage_errors():
+        with self._compact_lock, storage_errors(self.path):
             cur = self._conn.cursor()
             try:
                 return self._compact_on(cur, full=full)
@@ -100,11 +99,12 @@ class Compacting(StoreBase):
             if full:
                 repos.resort(cur)
                 refs.resort(cur)
-                # the table is re-created from schema.sql so it keeps its column compression
-                cur.execute("ALTER TABLE record_base RENAME TO record_base_unsorted")
-                cur.execute(schema_sql())
-                cur.execute("INSERT INTO record_base SELECT * FROM record_base_unsorted ORDER BY did, collection, rkey")
-                cur.execute("DROP TABLE record_base_unsorted")
+                cur.execute("CREATE OR REPLACE TEMP TABLE _record_sorted AS SELECT * FROM record_base")
+                try:
+                    cur.execute("DELETE FROM record_base")
+                    cur.execute("INSERT INTO record_base SELECT * FROM _record_sorted ORDER BY did, collection, rkey")
+                finally:
+                    cur.execute("DROP TABLE IF EXISTS _record_sorted")
             cur.execute("COMMIT")
         except BaseException:
             try:

@@ -135,11 +135,13 @@ def compact_records(con: duckdb.DuckDBPyConnection, upto_v: int) -> RecordCompac
     if log_rows:
         in_base = _logged_dids_in_base(con, upto_v)
         if in_base is None or in_base:
-            only = f" AND b.did IN ({', '.join('?' for _ in in_base)})" if in_base else ""
+            # Named parameters: DuckDB 1.5 numbers the `?` of a USING subquery after the WHERE's.
+            dids = {f"d{i}": did for i, did in enumerate(in_base or ())}
+            only = f" AND b.did IN ({', '.join('$' + name for name in dids)})" if dids else ""
             deleted += _count(con.execute(
-                "DELETE FROM record_base b USING (SELECT DISTINCT did, collection, rkey FROM record_log WHERE v <= ?) l "
+                "DELETE FROM record_base b USING (SELECT DISTINCT did, collection, rkey FROM record_log WHERE v <= $v) l "
                 "WHERE b.did = l.did AND b.collection = l.collection AND b.rkey = l.rkey" + only,
-                [upto_v, *(in_base or ())],
+                {"v": upto_v, **dids},
             ))
         inserted = _count(con.execute(
             f"INSERT INTO record_base ({BASE_COLUMNS}) "
