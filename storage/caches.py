@@ -18,6 +18,7 @@ import pyarrow as pa
 from skyfill.net.identity import IdentityRow
 
 from .base import StoreBase
+from .lake import run_ddl
 
 __all__ = ["Caches"]
 
@@ -72,8 +73,8 @@ class Caches(StoreBase):
         """The Kafka sink's own tables, if missing."""
 
         def body(con: duckdb.DuckDBPyConnection) -> None:
-            con.execute(_TOMBSTONES_DDL)
-            con.execute(_SNAPSHOTS_DDL)
+            run_ddl(con, _TOMBSTONES_DDL)
+            run_ddl(con, _SNAPSHOTS_DDL)
 
         self._txn(body)
 

@@ -33,6 +33,7 @@ import pyarrow as pa
 
 from . import refs
 from .cids import cid_bytes
+from .lake import next_value
 
 __all__ = [
     "next_version",
@@ -68,7 +69,7 @@ COUNT_STORED_SQL = "SELECT count(*) FROM records WHERE did = ?"
 
 def next_version(con: duckdb.DuckDBPyConnection) -> int:
     """A new write version, taken inside the writing transaction."""
-    return int(con.execute("SELECT nextval('write_version')").fetchall()[0][0])
+    return next_value(con, "write_version")[0]
 
 
 def append_puts(con: duckdb.DuckDBPyConnection, v: int, table: pa.Table, now: datetime) -> None:
@@ -135,11 +136,12 @@ def compact_records(con: duckdb.DuckDBPyConnection, upto_v: int) -> RecordCompac
     if log_rows:
         in_base = _logged_dids_in_base(con, upto_v)
         if in_base is None or in_base:
-            only = f" AND b.did IN ({', '.join('?' for _ in in_base)})" if in_base else ""
+            # named parameters: DuckLake binds a DELETE's WHERE before its USING (positional ones swap)
+            only = f" AND b.did IN ({', '.join(f'$d{i}' for i in range(len(in_base)))})" if in_base else ""
             deleted += _count(con.execute(
-                "DELETE FROM record_base b USING (SELECT DISTINCT did, collection, rkey FROM record_log WHERE v <= ?) l "
+                "DELETE FROM record_base b USING (SELECT DISTINCT did, collection, rkey FROM record_log WHERE v <= $v) l "
                 "WHERE b.did = l.did AND b.collection = l.collection AND b.rkey = l.rkey" + only,
-                [upto_v, *(in_base or ())],
+                {"v": upto_v, **{f"d{i}": did for i, did in enumerate(in_base or ())}},
             ))
         inserted = _count(con.execute(
             f"INSERT INTO record_base ({BASE_COLUMNS}) "
