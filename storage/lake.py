@@ -42,7 +42,7 @@ import duckdb
 from skyfill.errors import StorageError
 
 __all__ = ["LAKE_PREFIX", "LAKE_ALIAS", "is_lake", "lake_db", "LakeTarget", "parse_lake", "connect_lake", "use_lake",
-           "on_lake", "lake_ddl", "run_ddl", "next_value", "is_conflict"]
+           "on_lake", "lake_ddl", "run_ddl", "next_value", "is_conflict", "replace_rows"]
 
 LAKE_PREFIX: Final = "ducklake:"
 LAKE_ALIAS: Final = "skyfill_lake"
@@ -121,7 +121,7 @@ def connect_lake(db: str, *, read_only: bool = False) -> duckdb.DuckDBPyConnecti
     """An in-memory DuckDB with the lake `db` attached and in use (and its Postgres for sequences)."""
     target = parse_lake(db)
     con = duckdb.connect(":memory:", config={"autoinstall_known_extensions": False,
-                                             "autoload_known_extensions": False})
+                                             "autoload_known_extensions": False, "enable_progress_bar": False})
     try:
         con.execute(f"LOAD {_quote(str(_wheel_extension('duckdb_extension_ducklake', 'ducklake.duckdb_extension')))}")
         con.execute(f"LOAD {_quote(str(_postgres_extension()))}")
@@ -212,6 +212,18 @@ def next_value(con: duckdb.DuckDBPyConnection, name: str, count: int = 1) -> lis
         f"SELECT * FROM postgres_query('{_PG_ALIAS}', "
         f"'SELECT nextval(''skyfill.{name}'') FROM generate_series(1, {int(count)})')").fetchall()
     return sorted(int(r[0]) for r in rows)
+
+
+def replace_rows(con: duckdb.DuckDBPyConnection, table: str, keys: tuple[str, ...], source: str) -> None:
+    """The lake's upsert: the rows of `source` (a relation with `table`'s columns) replace the rows of
+    `table` with the same `keys` (DELETE + INSERT in the caller's transaction)."""
+    match = " AND ".join(f"{table}.{k} = _new.{k}" for k in keys)
+    con.execute(f"CREATE OR REPLACE TEMP TABLE _replacing AS SELECT * FROM {source}")
+    try:
+        con.execute(f"DELETE FROM {table} USING _replacing _new WHERE {match}")
+        con.execute(f"INSERT INTO {table} SELECT * FROM _replacing")
+    finally:
+        con.execute("DROP TABLE IF EXISTS _replacing")
 
 
 def is_conflict(exc: BaseException) -> bool:

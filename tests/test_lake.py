@@ -22,9 +22,11 @@ import duckdb
 import pytest
 
 from skyfill.errors import StorageError
+from skyfill.net.identity import IdentityRow
 from skyfill.protocol.repo import RepoSnapshot, materialize, parse_repo
 from skyfill.storage import Batch, RecordPut, RepoRow, Store
 from skyfill.storage import repos as repos_module
+from skyfill.storage.discovery import ListedRow
 from skyfill.storage.lake import lake_ddl, lake_db
 from skyfill.storage.states import CoverageEnd
 from tests.support.postgres import PostgresCluster, lake_url
@@ -241,3 +243,27 @@ def test_a_plain_duckdb_client_reads_the_same_records(lake: str, tmp_path: Path)
     theirs = con.execute(RECORDS.replace("FROM records", "FROM mirror.records")).fetchall()
     con.close()
     assert theirs == mine and len(mine) == 11
+
+
+def test_the_small_keyed_tables_mean_the_same_on_the_lake(pair: tuple[Store, Store]) -> None:
+    """identities, the sink's marks and the enumeration cursors: upserts on the file, DELETE+INSERT
+    or UPDATE+INSERT on the lake."""
+    from_now = 1_900_000_000.0
+    for store in pair:
+        store.create_sink_tables()
+        store.save_identities([IdentityRow("did:plc:i1", "https://a", "zKey1", "a.test", "{}", from_now, None),
+                               IdentityRow("did:plc:i2", None, None, None, None, from_now, "gone")])
+        store.save_identities([IdentityRow("did:plc:i1", "https://b", "zKey2", "b.test", "{}", from_now + 1, None)])
+        store.write_sink_marks({("did:plc:i1", POST, "1"): "3kaaaaaaaaaa2"}, {"did:plc:i1": "3kbbbbbbbbbb2"})
+        store.write_sink_marks({("did:plc:i1", POST, "1"): "3kcccccccccc2"}, {"did:plc:i1": "3kaaaaaaaaaa2"})
+        store.add_enumerations([("https://pds.one", "listRepos")], parent=("relay", "listHosts"), cursor="c1", skipped=0)
+        store.save_listing("https://pds.one", "listRepos", [ListedRow("did:plc:l1", "h", "r", True, "active")],
+                           cursor="c2", skipped=1)
+        store.save_listing("https://pds.one", "listRepos", [], cursor=None, skipped=0)
+        store.enumeration_failed("https://pds.one", "listReposByCollection:x", "boom")
+    same(*pair, "SELECT did, pds, signing_key, handle, error FROM identities ORDER BY did")
+    assert same(*pair, "SELECT * FROM sink_tombstones") == [("did:plc:i1", POST, "1", "3kcccccccccc2")]
+    assert same(*pair, "SELECT * FROM sink_snapshots") == [("did:plc:i1", "3kbbbbbbbbbb2")]
+    rows = same(*pair, "SELECT host, endpoint, cursor, done, pages, items, skipped, error FROM enum_cursors ORDER BY ALL")
+    assert ("https://pds.one", "listRepos", None, True, 2, 1, 1, None) in rows and len(rows) == 3
+    same(*pair, "SELECT did, host, endpoint, head FROM listed_repos")
