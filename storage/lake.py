@@ -121,7 +121,7 @@ def connect_lake(db: str, *, read_only: bool = False) -> duckdb.DuckDBPyConnecti
     """An in-memory DuckDB with the lake `db` attached and in use (and its Postgres for sequences)."""
     target = parse_lake(db)
     con = duckdb.connect(":memory:", config={"autoinstall_known_extensions": False,
-                                             "autoload_known_extensions": False, "enable_progress_bar": False})
+                                             "autoload_known_extensions": False})
     try:
         con.execute(f"LOAD {_quote(str(_wheel_extension('duckdb_extension_ducklake', 'ducklake.duckdb_extension')))}")
         con.execute(f"LOAD {_quote(str(_postgres_extension()))}")
@@ -151,6 +151,7 @@ def connect_lake(db: str, *, read_only: bool = False) -> duckdb.DuckDBPyConnecti
 def use_lake(con: duckdb.DuckDBPyConnection) -> duckdb.DuckDBPyConnection:
     """Make the lake the default catalog of `con` (a cursor starts in the in-memory one)."""
     con.execute(f"USE {LAKE_ALIAS}")
+    con.execute("SET enable_progress_bar = false")  # a per-connection setting; catalog round trips are slow
     return con
 
 

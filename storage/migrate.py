@@ -89,6 +89,9 @@ def prepare_schema(con: duckdb.DuckDBPyConnection, path: str, *, read_only: bool
     started = time.perf_counter()
     con.execute("BEGIN TRANSACTION")
     try:
+        if version is None and on_lake(con):
+            # the lake's Parquet files: ZSTD, as the file's `record` column (snappy by default)
+            con.execute("CALL set_option('parquet_compression', 'zstd')")
         run_ddl(con, schema_sql("schema.sql"))
         run_ddl(con, refs.REFS_DDL)
         run_ddl(con, CID_MACROS_SQL)
