@@ -229,6 +229,6 @@ def replace_rows(con: duckdb.DuckDBPyConnection, table: str, keys: tuple[str, ..
 
 def is_conflict(exc: BaseException) -> bool:
     """A DuckLake/DuckDB transaction conflict: the transaction can be retried from the start."""
-    text = str(exc)
-    return isinstance(exc, duckdb.TransactionException) or "Transaction conflict" in text or \
-        "conflict" in text.lower() and "ducklake" in text.lower()
+    # DuckLake: "Failed to commit DuckLake transaction. Transaction conflict - attempting to delete from
+    # table ... but another transaction has inserted into it"; DuckDB's own: "Conflict on tuple deletion"
+    return isinstance(exc, duckdb.Error) and "conflict" in str(exc).lower()
