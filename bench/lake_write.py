@@ -3,7 +3,7 @@
     python -m bench.lake_write 100000            # starts a throwaway PostgreSQL (tests/support/postgres.py)
     python -m bench.lake_write 100000 --batch 5000
 
-Writes `n` generated records (post-like JSON, 20 records a DID) through `Store.apply` in batches of
+Writes `n` generated records (the bench mix of tests/support/generate, 20 records a DID) through `Store.apply` in batches of
 `--batch` records, each batch one transaction with its cursor, then one compaction; prints one JSON
 line per target: records/s of the writes, the compaction's seconds, and the bytes on disk per record
 (the file; the lake's Parquet files, its catalog not counted). Issue 13's `lake.vs_file`, at smoke size.
@@ -13,37 +13,37 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+import libipld
+
+from skyfill.protocol.records import record_json
 from skyfill.storage import Batch, RecordPut, Store
 from skyfill.storage.lake import lake_db
+from tests.support.generate.records import RecordMaker, iso_time, tid
 from tests.support.postgres import PostgresCluster, lake_url
 
-_B32 = "234567abcdefghijklmnopqrstuvwxyz"
-
-
-def _tid(n: int) -> str:
-    out = ""
-    for _ in range(13):
-        out = _B32[n % 32] + out
-        n //= 32
-    return "3" + out[1:]
-
-
 def _batches(n: int, per: int) -> list[Batch]:
+    """`n` records of the bench mix (tests/support/generate's RecordMaker), 20 a DID, in batches of `per`."""
+    rng = random.Random(13)
+    dids = [f"did:plc:{rng.randbytes(12).hex()[:24]}" for _ in range(n // 20 + 1)]
+    maker = RecordMaker(rng, peers=dids)
     out = []
+    micros = 1_700_000_000_000_000
     for start in range(0, n, per):
         b = Batch()
         for i in range(start, min(n, start + per)):
-            did = f"did:plc:{i // 20:024d}"
-            rkey = _tid(1_700_000_000_000_000 * 1024 + i * 1024)
-            record = json.dumps({"$type": "app.bsky.feed.post", "text": f"post number {i} " + "x" * (i % 80),
-                                 "createdAt": "2024-05-01T12:00:00.000Z", "langs": ["en"]})
-            b.put_record(did, "app.bsky.feed.post", rkey, RecordPut(f"bafkreibench{i}", rkey, record,
-                                                                    "2024-05-01T12:00:00.000Z", None))
+            micros += rng.randrange(1, 5_000_000)
+            collection = maker.collection()
+            block, cid = maker.encode(collection, micros)
+            record, created = record_json(block)
+            rkey = tid(micros, rng.randrange(1024))
+            b.put_record(dids[i // 20], collection, rkey,
+                         RecordPut(libipld.encode_cid(cid), rkey, record, created, iso_time(micros)))
         b.cursor = ("bench", start)
         out.append(b)
     return out
