@@ -9,6 +9,7 @@ client that knows nothing of skyfill reads the same `records`.
 from __future__ import annotations
 
 import dataclasses
+import json
 import importlib.util
 import secrets
 import subprocess
@@ -267,3 +268,21 @@ def test_the_small_keyed_tables_mean_the_same_on_the_lake(pair: tuple[Store, Sto
     rows = same(*pair, "SELECT host, endpoint, cursor, done, pages, items, skipped, error FROM enum_cursors ORDER BY ALL")
     assert ("https://pds.one", "listRepos", None, True, 2, 1, 1, None) in rows and len(rows) == 3
     same(*pair, "SELECT did, host, endpoint, head FROM listed_repos")
+
+
+def test_the_cli_takes_a_lake_and_its_data_path(lake: str) -> None:
+    with Store(lake) as store:
+        b = Batch()
+        put(b, "did:plc:cli", POST, "3kaaaaaaaaaa2", cid(1))
+        b.cursor = ("relay", 3)
+        store.apply(b)
+    catalog, data_path = lake.split(";data_path=")
+    done = subprocess.run([sys.executable, "-m", "skyfill", "status", "--json", "--db", catalog, "--data-path", data_path],
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(done.stdout)
+    assert report["records"]["total"] == 1
+    assert [(c["source"], c["seq"]) for c in report["cursors"]] == [("relay", 3)]
+    wrong = subprocess.run([sys.executable, "-m", "skyfill", "status", "--db", "x.duckdb", "--data-path", data_path],
+                           capture_output=True, text=True, timeout=300, check=False)
+    assert wrong.returncode != 0 and "only for a DuckLake" in wrong.stderr
