@@ -8,7 +8,7 @@ DB     ?= data/skyfill.duckdb
 RELAY  ?= wss://bsky.network
 KAFKA  ?=
 
-.PHONY: run test bench bench-scale bench-network bench-peer-install chaos fuzz status gaps backfill demo kafka-up kafka-down network clean install
+.PHONY: run test bench bench-scale bench-network bench-peer-install chaos fuzz status gaps backfill demo kafka-up kafka-down network clean install postgres-install lake-up lake-down
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -42,7 +42,7 @@ prometheus:
 # so more workers than cores pays. Each worker starts its own local PDS network and hands out
 # ports from its own block (tests/support/wait.py). TEST_WORKERS=0 runs in one process.
 TEST_WORKERS ?= 4
-test: $(STAMP) network bench-peer-install prometheus chromium
+test: $(STAMP) network bench-peer-install prometheus chromium postgres-install
 	$(PY) -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist load
 
 # The headless browser tests/test_status_page.py renders the status page in (Debian package), when absent.
@@ -94,6 +94,20 @@ kafka-up: $(STAMP)
 
 kafka-down: $(STAMP)
 	$(PY) -m tests.support.kafka down
+
+# PostgreSQL, the catalog of a DuckLake store (--db ducklake:postgres:...): the lake tests start a
+# throwaway cluster (tests/support/postgres.py); installed from the Debian packages when absent.
+postgres-install:
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null 2>&1 || \
+		{ apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q postgresql; }
+
+# A local PostgreSQL for a lake under .cache/lake (prints the --db and --data-path to use); lake-down
+# stops it and keeps its data.
+lake-up: $(STAMP) postgres-install
+	$(PY) -m tests.support.postgres up
+
+lake-down: $(STAMP)
+	$(PY) -m tests.support.postgres down
 
 clean:
 	rm -rf $(VENV) .cache

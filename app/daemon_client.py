@@ -17,6 +17,7 @@ the file with `remove_announcement`.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import secrets
 import socket
@@ -28,6 +29,7 @@ import httpx
 import orjson
 
 from skyfill.errors import DaemonError
+from skyfill.storage.lake import is_lake, parse_lake
 
 __all__ = [
     "Announcement",
@@ -53,6 +55,10 @@ class Announcement(TypedDict):
 
 
 def announce_path(db: str | Path) -> Path:
+    if is_lake(str(db)):  # a lake is no file: the announcement goes in its data path (else here)
+        target = parse_lake(str(db))
+        name = hashlib.sha256(target.catalog.encode()).hexdigest()[:16]
+        return Path(target.data_path or ".") / f"skyfill-{name}.daemon.json"
     return Path(str(db) + ".daemon.json")
 
 

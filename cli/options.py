@@ -5,15 +5,17 @@ environment."""
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import click
 from click.core import ParameterSource
 
 from skyfill.app.settings import DEFAULT_DB
 from skyfill.backfill.config import BackfillConfig
+from skyfill.storage.lake import is_lake, lake_db
 
 __all__ = [
     "option",
@@ -43,7 +45,23 @@ def option(*decls: str, **kwargs: Any) -> Callable[[F], F]:
     return click.option(*decls, **kwargs)
 
 
-db_option = option("--db", default=DEFAULT_DB, show_default=True, help="DuckDB file.")
+_db = option("--db", default=DEFAULT_DB, show_default=True,
+             help="DuckDB file, or a DuckLake: ducklake:<catalog>, e.g. 'ducklake:postgres:dbname=mirror "
+                  "host=127.0.0.1 user=skyfill' (then --data-path on its first use).")
+_data_path = option("--data-path", type=click.Path(file_okay=False), default=None,
+                    help="Where a DuckLake (--db ducklake:...) keeps its Parquet files (required to create one).")
+
+
+def db_option(f: F) -> F:
+    """`--db` and `--data-path`, handed to the command as one `db` string (storage/lake.py's lake_db)."""
+
+    @functools.wraps(f)
+    def command(*args: Any, db: str, data_path: str | None, **kwargs: Any) -> Any:
+        if data_path is not None and not is_lake(db):
+            raise click.BadParameter("only for a DuckLake (--db ducklake:...)", param_hint="--data-path")
+        return f(*args, db=lake_db(db, data_path) if is_lake(db) else db, **kwargs)
+
+    return cast(F, _db(_data_path(command)))
 json_option = option("--json", "as_json", is_flag=True, help="Machine-readable JSON output.")
 
 

@@ -12,7 +12,7 @@ __all__ = ["REGISTRY", "FIREHOSE_EVENTS", "FIREHOSE_ERRORS", "FIREHOSE_UNVERIFIA
            "FIREHOSE_LAST_SEQ", "FIREHOSE_LAG", "FIREHOSE_CONNECTED", "FIREHOSE_RECONNECTS",
            "DESYNCHRONIZED", "DESYNCHRONIZED_DIDS", "BATCH_WRITE_SECONDS", "BATCH_EVENTS",
            "STORE_HEALTHY", "STORAGE_ERRORS", "STORAGE_COMMITTED_SEQ", "STORE_COMPACTIONS", "STORE_COMPACTION_SECONDS",
-           "STORE_RECONCILE_READS",
+           "STORE_RECONCILE_READS", "STORE_TXN_RETRIES",
            "BACKFILL_REPOS", "BACKFILL_RECORDS", "BACKFILL_HOSTS_PARKED", "BACKFILL_HOST_REPOS", "BACKFILL_REQUESTS",
            "KAFKA_CONNECTED", "KAFKA_PUBLISHING", "KAFKA_PUBLISH_RETRIES", "KAFKA_PUBLISHED", "KAFKA_SINK_MESSAGES",
            "KAFKA_WORKER_REQUESTS"]
@@ -66,6 +66,11 @@ STORAGE_ERRORS = Counter(
 STORE_COMPACTIONS = Counter(
     "skyfill_store_compactions_total", "Compactions of the version logs into the bases, by outcome (ok|failed)",
     ["outcome"], registry=REGISTRY,
+)
+# the lake (storage/lake.py): a transaction that lost a conflict to another writer, run again
+STORE_TXN_RETRIES = Counter(
+    "skyfill_store_txn_retries_total", "Store transactions run again after a DuckLake transaction conflict",
+    registry=REGISTRY,
 )
 STORE_RECONCILE_READS = Counter(
     "skyfill_store_reconcile_reads_total",

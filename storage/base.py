@@ -9,8 +9,10 @@ cursor of its own). Every DuckDB failure leaves a public method as StorageError.
 
 from __future__ import annotations
 
+import random
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -20,16 +22,21 @@ from typing import Any
 import duckdb
 import pyarrow as pa
 
+from skyfill import metrics
 from skyfill.errors import DatabaseLocked, StorageError
 
 from .file_version import newer_file_error
+from .lake import connect_lake, is_conflict, is_lake, next_value, use_lake
 from .migrate import prepare_schema
 
-__all__ = ["StoreBase", "Reader", "failure_kind", "storage_errors", "now_utc", "CHECKPOINT_THRESHOLD"]
+__all__ = ["StoreBase", "Reader", "failure_kind", "storage_errors", "now_utc", "CHECKPOINT_THRESHOLD", "CONFLICT_RETRIES",
+           "conflict_pause"]
 
 # Uncheckpointed rows stay in memory (DuckDB IN_MEMORY_TABLE ~ WAL size), so this trades RSS
 # for fewer checkpoints: 64 MB measured ~4x less COMMIT time than 16 MB for ~35 MB more memory.
 CHECKPOINT_THRESHOLD = "64MB"
+# A lake transaction that lost a conflict to another writer is run again this many times at most.
+CONFLICT_RETRIES = 8
 
 # A new file is written in DuckDB 1.5's storage format: under the default (v1.0.0, for old readers)
 # DuckDB 1.5 stores the `record` column, declared USING COMPRESSION zstd, uncompressed and strings
@@ -115,10 +122,11 @@ class StoreBase:
 
     def __init__(self, path: str | Path, *, read_only: bool = False, memory_limit: str | None = None) -> None:
         self.path = str(path)
-        if self.path != ":memory:" and not read_only:
+        self.lake = is_lake(self.path)  # DuckLake (storage/lake.py), else a DuckDB file
+        if self.path != ":memory:" and not read_only and not self.lake:
             _check_writable_dir(Path(self.path).parent)
         try:
-            self._conn = duckdb.connect(self.path, read_only=read_only, config=_CONFIG)
+            self._conn = self._connect(read_only=read_only)
         except duckdb.Error as exc:
             if isinstance(exc, duckdb.IOException) and "lock" in str(exc).lower():
                 raise DatabaseLocked(f"{self.path} is held by another process: {exc}") from exc
@@ -127,8 +135,8 @@ class StoreBase:
         self._txn_version: int | None = None
         self.read_only = read_only
         try:
-            prepare_schema(self._conn, self.path, read_only=read_only)
-            if not read_only:
+            self._prepare(read_only)
+            if not read_only and not self.lake:
                 # DuckDB checkpoints when the WAL passes 16 MB by default, and a checkpoint's cost grows
                 # with the table: on 200k firehose frames COMMIT was over half of Store.apply. Durability
                 # is unchanged (every COMMIT still syncs the WAL); a crash means a longer WAL replay.
@@ -146,11 +154,33 @@ class StoreBase:
                 raise StorageError(f"cannot open {self.path}: {exc}") from exc
             raise
 
+    def _connect(self, *, read_only: bool) -> duckdb.DuckDBPyConnection:
+        if self.lake:
+            return connect_lake(self.path, read_only=read_only)
+        return duckdb.connect(self.path, read_only=read_only, config=_CONFIG)
+
+    def _prepare(self, read_only: bool) -> None:
+        """Create or migrate the schema; on a lake, again when another writer's schema commit won."""
+        for attempt in range(CONFLICT_RETRIES + 1):
+            try:
+                prepare_schema(self._conn, self.path, read_only=read_only)
+                return
+            except duckdb.Error as exc:
+                if not (self.lake and is_conflict(exc)) or attempt == CONFLICT_RETRIES:
+                    raise
+                metrics.STORE_TXN_RETRIES.inc()
+                time.sleep(conflict_pause(attempt))
+
+    def _cursor(self) -> duckdb.DuckDBPyConnection:
+        """A cursor of its own on the store's database (on a lake: with the lake in use)."""
+        cur = self._conn.cursor()
+        return use_lake(cur) if self.lake else cur
+
     def _version(self, con: duckdb.DuckDBPyConnection) -> int:
         """The write version of the open transaction: one `write_version` value per transaction,
         taken on first use; every log row the transaction appends carries it."""
         if self._txn_version is None:
-            self._txn_version = int(con.execute("SELECT nextval('write_version')").fetchall()[0][0])
+            self._txn_version = next_value(con, "write_version")[0]
         return self._txn_version
 
     def close(self) -> None:
@@ -165,25 +195,39 @@ class StoreBase:
 
     def _txn(self, body: Callable[[duckdb.DuckDBPyConnection], Any]) -> Any:
         """Run `body` in one transaction. Every DuckDB failure, COMMIT's included (a full disk
-        fails there: the WAL is written at COMMIT), leaves as StorageError with nothing stored."""
+        fails there: the WAL is written at COMMIT), leaves as StorageError with nothing stored.
+        On a lake, a transaction that lost a conflict to another writer is run again from the
+        start (`body` must only depend on its arguments), at most CONFLICT_RETRIES times."""
         with self._lock:
-            con = self._conn
-            try:
-                con.execute("BEGIN TRANSACTION")
-            except duckdb.Error as exc:
+            attempt = 0
+            while True:
+                try:
+                    return self._txn_once(body)
+                except StorageError as exc:
+                    if not (self.lake and is_conflict(exc.__cause__ or exc)) or attempt >= CONFLICT_RETRIES:
+                        raise
+                metrics.STORE_TXN_RETRIES.inc()
+                time.sleep(conflict_pause(attempt))
+                attempt += 1
+
+    def _txn_once(self, body: Callable[[duckdb.DuckDBPyConnection], Any]) -> Any:
+        con = self._conn
+        try:
+            con.execute("BEGIN TRANSACTION")
+        except duckdb.Error as exc:
+            raise StorageError(_message(exc, self.path)) from exc
+        self._txn_version = None
+        try:
+            result = body(con)
+            con.execute("COMMIT")
+        except BaseException as exc:
+            _rollback(con)
+            if isinstance(exc, duckdb.Error):
                 raise StorageError(_message(exc, self.path)) from exc
+            raise
+        finally:
             self._txn_version = None
-            try:
-                result = body(con)
-                con.execute("COMMIT")
-            except BaseException as exc:
-                _rollback(con)
-                if isinstance(exc, duckdb.Error):
-                    raise StorageError(_message(exc, self.path)) from exc
-                raise
-            finally:
-                self._txn_version = None
-            return result
+        return result
 
     def reconnect(self) -> None:
         """Replace a connection DuckDB invalidated after a fatal error (the only way to write again
@@ -195,8 +239,9 @@ class StoreBase:
             except duckdb.Error:
                 pass  # closing an invalidated database may complain; it is released either way
             try:
-                self._conn = duckdb.connect(self.path, config=_CONFIG)
-                self._conn.execute(f"SET checkpoint_threshold = '{CHECKPOINT_THRESHOLD}'")
+                self._conn = self._connect(read_only=False)
+                if not self.lake:
+                    self._conn.execute(f"SET checkpoint_threshold = '{CHECKPOINT_THRESHOLD}'")
             except duckdb.Error as exc:
                 raise StorageError(f"cannot reopen {self.path}: {exc}") from exc
 
@@ -211,8 +256,8 @@ class StoreBase:
     def read(self) -> Iterator[Reader]:
         """A read cursor of its own, outside the write lock: long analytic reads (gap detection,
         status) and reads from other threads do not wait for the writer, nor make it wait."""
-        with storage_errors():
-            cur = self._conn.cursor()
+        with storage_errors(self.path):
+            cur = self._cursor()
         try:
             yield Reader(cur, self.path)
         finally:
@@ -220,6 +265,11 @@ class StoreBase:
                 cur.close()
             except duckdb.Error:
                 pass  # the database was invalidated meanwhile; the cursor is gone either way
+
+
+def conflict_pause(attempt: int) -> float:
+    """Seconds to wait before retrying a conflicted transaction: growing, jittered."""
+    return min(1.0, 0.01 * 2 ** attempt) * (0.5 + random.random())
 
 
 def _rollback(con: duckdb.DuckDBPyConnection) -> None:

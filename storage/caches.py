@@ -18,6 +18,7 @@ import pyarrow as pa
 from skyfill.net.identity import IdentityRow
 
 from .base import StoreBase
+from .lake import replace_rows, run_ddl
 
 __all__ = ["Caches"]
 
@@ -66,14 +67,30 @@ class Caches(StoreBase):
         for r in rows:
             params += [r.did, r.pds, r.signing_key, r.handle, r.doc, datetime.fromtimestamp(r.resolved_at, UTC), r.error]
         values = ", ".join(["(?, ?, ?, ?, ?::JSON, ?, ?)"] * len(rows))
-        self._txn(lambda con: con.execute(_UPSERT_IDENTITIES.format(values=values), params))
+        if not self.lake:
+            self._txn(lambda con: con.execute(_UPSERT_IDENTITIES.format(values=values), params))
+            return
+        # the lake has no primary key: the newest row of a DID replaces it (storage/lake.py)
+        newest = {r.did: i for i, r in enumerate(rows)}
+        params = [p for i in sorted(newest.values()) for p in params[7 * i: 7 * i + 7]]
+        values = ", ".join(["(?, ?, ?, ?, ?::JSON, ?, ?)"] * len(newest))
+
+        def body(con: duckdb.DuckDBPyConnection) -> None:
+            con.execute("CREATE OR REPLACE TEMP TABLE _identities AS SELECT * FROM (VALUES " + values +
+                        ") t(did, pds, signing_key, handle, doc, resolved_at, error)", params)
+            try:
+                replace_rows(con, "identities", ("did",), "_identities")
+            finally:
+                con.execute("DROP TABLE IF EXISTS _identities")
+
+        self._txn(body)
 
     def create_sink_tables(self) -> None:
         """The Kafka sink's own tables, if missing."""
 
         def body(con: duckdb.DuckDBPyConnection) -> None:
-            con.execute(_TOMBSTONES_DDL)
-            con.execute(_SNAPSHOTS_DDL)
+            run_ddl(con, _TOMBSTONES_DDL)
+            run_ddl(con, _SNAPSHOTS_DDL)
 
         self._txn(body)
 
@@ -107,7 +124,13 @@ class Caches(StoreBase):
             for sql, name, table in tables:
                 con.register(name, table)
                 try:
-                    con.execute(sql)
+                    if not self.lake:
+                        con.execute(sql)
+                    elif name == "_t":  # the lake: DELETE + INSERT, no primary key (storage/lake.py)
+                        replace_rows(con, "sink_tombstones", ("did", "collection", "rkey"), "_t")
+                    else:
+                        replace_rows(con, "sink_snapshots", ("did",), "(SELECT s.did, greatest(s.rev, "
+                                     "coalesce(o.rev, s.rev)) AS rev FROM _s s LEFT JOIN sink_snapshots o USING (did))")
                 finally:
                     con.unregister(name)
 

@@ -24,7 +24,8 @@ import duckdb
 from skyfill import metrics
 from skyfill.errors import StorageError
 
-from .base import StoreBase, storage_errors
+from .base import CONFLICT_RETRIES, StoreBase, conflict_pause, storage_errors
+from .lake import is_conflict
 from . import queue_log, refs, repos
 from .records import RecordCompaction, compact_records
 
@@ -80,12 +81,33 @@ class Compacting(StoreBase):
         spread over one run of row groups per compaction and `WHERE did = ?` reads more of them
         as compactions accumulate. `full` also rewrites the whole base in key order (minutes
         at 10^8 records, twice the base's disk space meanwhile; writers are not held up)."""
+        if self.lake:
+            return self._compact_lake(full=full)
         with self._compact_lock, storage_errors(self.path):
-            cur = self._conn.cursor()
+            cur = self._cursor()
             try:
                 return self._compact_on(cur, full=full)
             finally:
                 cur.close()
+
+    def _compact_lake(self, *, full: bool) -> Compaction:
+        """On a lake a compaction's DELETE from a log conflicts with any insert into it committed
+        meanwhile, so it runs under the write lock (this process's writer waits) and is retried
+        when another process's insert won (bounded: it is tried again after the next appends)."""
+        attempt = 0
+        while True:
+            with self._compact_lock, self._lock, storage_errors():
+                cur = self._cursor()
+                try:
+                    return self._compact_on(cur, full=full)
+                except duckdb.Error as exc:
+                    if not is_conflict(exc) or attempt >= CONFLICT_RETRIES:
+                        raise
+                finally:
+                    cur.close()
+            metrics.STORE_TXN_RETRIES.inc()
+            time.sleep(conflict_pause(attempt))
+            attempt += 1
 
     def _compact_on(self, cur: duckdb.DuckDBPyConnection, *, full: bool) -> Compaction:
         started = time.perf_counter()

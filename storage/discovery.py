@@ -21,6 +21,7 @@ import duckdb
 import pyarrow as pa
 
 from .base import StoreBase, now_utc
+from .lake import next_value
 
 __all__ = ["Discovery", "EnumCursor", "ListedRow", "canonical_filter", "advance_cursor", "ALL_COLLECTIONS"]
 
@@ -62,6 +63,12 @@ def canonical_filter(patterns: Iterable[str] | None) -> str:
     return ALL_COLLECTIONS if not items or ALL_COLLECTIONS in items else ",".join(items)
 
 
+# enum_cursors has one row per (host, endpoint): an UPDATE, then this inserts the row when missing
+# (no ON CONFLICT: the same statements on a DuckDB file and on a lake, which has no primary keys)
+_INSERT_MISSING = ("INSERT INTO enum_cursors ({columns}) SELECT {values} "
+                   "WHERE NOT EXISTS (SELECT 1 FROM enum_cursors WHERE host = ? AND endpoint = ?)")
+
+
 class Discovery(StoreBase):
     """Store methods of discovery (skyfill.backfill.discover) and of the backfill filter record."""
 
@@ -98,8 +105,8 @@ class Discovery(StoreBase):
 
         def body(con: duckdb.DuckDBPyConnection) -> None:
             for host, endpoint in rows:
-                con.execute("INSERT INTO enum_cursors (host, endpoint, updated_at) VALUES (?, ?, ?) "
-                            "ON CONFLICT (host, endpoint) DO NOTHING", [host, endpoint, now])
+                con.execute(_INSERT_MISSING.format(columns="host, endpoint, updated_at", values="?, ?, ?"),
+                            [host, endpoint, now, host, endpoint])
             advance_cursor(con, parent, cursor, len(rows), skipped, now)
 
         self._txn(body)
@@ -117,10 +124,12 @@ class Discovery(StoreBase):
 
         def body(con: duckdb.DuckDBPyConnection) -> None:
             if rows:
-                con.register("_listed_page", table)
+                # the listing numbers are taken first (a lake has no sequences: storage/lake.py)
+                page = table.append_column("n", pa.array(next_value(con, "listing_seq", len(rows)), pa.int64()))
+                con.register("_listed_page", page)
                 try:
                     con.execute(
-                        "INSERT INTO listed_repos SELECT nextval('listing_seq'), did, ?, ?, head, rev, active, status, ? "
+                        "INSERT INTO listed_repos SELECT n, did, ?, ?, head, rev, active, status, ? "
                         "FROM _listed_page", [host, endpoint, now])
                 finally:
                     con.unregister("_listed_page")
@@ -130,10 +139,15 @@ class Discovery(StoreBase):
 
     def enumeration_failed(self, host: str, endpoint: str, error: str) -> None:
         """Record why (host, endpoint) stopped; its cursor stays where the last stored page left it."""
-        self._txn(lambda con: con.execute(
-            "INSERT INTO enum_cursors (host, endpoint, error, updated_at) VALUES (?, ?, ?, ?) "
-            "ON CONFLICT (host, endpoint) DO UPDATE SET error = excluded.error, updated_at = excluded.updated_at",
-            [host, endpoint, error[:500], now_utc()]))
+        now = now_utc()
+
+        def body(con: duckdb.DuckDBPyConnection) -> None:
+            con.execute("UPDATE enum_cursors SET error = ?, updated_at = ? WHERE host = ? AND endpoint = ?",
+                        [error[:500], now, host, endpoint])
+            con.execute(_INSERT_MISSING.format(columns="host, endpoint, error, updated_at", values="?, ?, ?, ?"),
+                        [host, endpoint, error[:500], now, host, endpoint])
+
+        self._txn(body)
 
     def has_backfill_filters(self) -> bool:
         """Whether any backfill ever recorded a filter (none: every DID was backfilled whole)."""
@@ -163,10 +177,12 @@ def advance_cursor(
     """Move (host, endpoint)'s cursor past a page of `items` rows (inside the page's transaction).
     `done` defaults to "no next cursor"."""
     host, endpoint = key
+    finished = cursor is None if done is None else done
     con.execute(
-        "INSERT INTO enum_cursors (host, endpoint, cursor, done, pages, items, skipped, error, updated_at) "
-        "VALUES (?, ?, ?, ?, 1, ?, ?, NULL, ?) ON CONFLICT (host, endpoint) DO UPDATE SET "
-        "cursor = excluded.cursor, done = excluded.done, pages = enum_cursors.pages + 1, "
-        "items = enum_cursors.items + excluded.items, skipped = enum_cursors.skipped + excluded.skipped, "
-        "error = NULL, updated_at = excluded.updated_at",
-        [host, endpoint, cursor, cursor is None if done is None else done, items, skipped, now])
+        "UPDATE enum_cursors SET cursor = ?, done = ?, pages = pages + 1, items = items + ?, skipped = skipped + ?, "
+        "error = NULL, updated_at = ? WHERE host = ? AND endpoint = ?",
+        [cursor, finished, items, skipped, now, host, endpoint])
+    con.execute(
+        _INSERT_MISSING.format(columns="host, endpoint, cursor, done, pages, items, skipped, error, updated_at",
+                               values="?, ?, ?, ?, 1, ?, ?, NULL, ?"),
+        [host, endpoint, cursor, finished, items, skipped, now, host, endpoint])

@@ -19,6 +19,7 @@ from . import repos
 from .base import now_utc
 from .batch import Batch, RepoRow
 from .compaction import Compacting
+from .lake import next_value
 from .queries import COUNT_DESYNCHRONIZED_SQL
 from .records import append_deletes, append_purges, append_puts, next_version
 from .states import CoverageEnd
@@ -130,11 +131,16 @@ class FirehoseWrites(Compacting):
             self._upsert_repos(con, batch.repos.values())
         if batch.cursor is not None:
             source, seq = batch.cursor
-            con.execute(
-                "INSERT INTO cursors VALUES (?, ?, ?) ON CONFLICT (source) DO UPDATE "
-                "SET seq = excluded.seq, updated_at = excluded.updated_at",
-                [source, seq, now],
-            )
+            if self.lake:
+                # no primary key on the lake, and a DELETE conflicts with every other writer's insert
+                # into the table: appended, the newest row of a source wins (load_cursor, status)
+                con.execute("INSERT INTO cursors VALUES (?, ?, ?)", [source, seq, now])
+            else:
+                con.execute(
+                    "INSERT INTO cursors VALUES (?, ?, ?) ON CONFLICT (source) DO UPDATE "
+                    "SET seq = excluded.seq, updated_at = excluded.updated_at",
+                    [source, seq, now],
+                )
         if batch.coverage is not None:
             c = batch.coverage
             con.execute(
@@ -158,7 +164,7 @@ class FirehoseWrites(Compacting):
     # -- cursor, coverage, per-DID state at start-up ---------------------------------------
 
     def load_cursor(self, source: str) -> int | None:
-        rows = self.fetchall("SELECT seq FROM cursors WHERE source = ?", [source])
+        rows = self.fetchall("SELECT seq FROM cursors WHERE source = ? ORDER BY updated_at DESC LIMIT 1", [source])
         return rows[0][0] if rows else None
 
     def start_coverage(self, source: str) -> int:
@@ -170,10 +176,9 @@ class FirehoseWrites(Compacting):
                 "WHERE source = ? AND ended = ?",
                 [CoverageEnd.CRASHED.value, source, CoverageEnd.RUNNING.value],
             )
-            row = con.execute(
-                "INSERT INTO coverage (source, started_at) VALUES (?, ?) RETURNING id", [source, now_utc()]
-            ).fetchall()
-            return int(row[0][0])
+            span = next_value(con, "coverage_id")[0]  # the lake has no sequences: taken first (storage/lake.py)
+            con.execute("INSERT INTO coverage (id, source, started_at) VALUES (?, ?, ?)", [span, source, now_utc()])
+            return span
 
         return int(self._txn(body))
 

@@ -32,6 +32,7 @@ from skyfill.errors import StorageError
 
 from . import queue_log, refs, repos
 from .cids import CID_MACROS_SQL
+from .lake import on_lake, run_ddl
 from .records import has_created_at_column, migrate_created_offsets, migrate_records_text_cids, migrate_records_v1
 
 __all__ = ["SCHEMA_VERSION", "MIGRATE_COMMAND", "prepare_schema", "schema_version", "schema_sql"]
@@ -81,12 +82,19 @@ def prepare_schema(con: duckdb.DuckDBPyConnection, path: str, *, read_only: bool
             raise StorageError(f"{path} keeps referenced DIDs per record (the `refs` column) and this open is "
                                f"read-only: migrate it first with `{MIGRATE_COMMAND.format(path=path)}`")
         return
+    if version == SCHEMA_VERSION and on_lake(con):
+        # every DDL statement on a lake is a catalog transaction in PostgreSQL (seconds in all),
+        # and concurrent writers opening at once would conflict on re-creating the same views
+        return
     started = time.perf_counter()
     con.execute("BEGIN TRANSACTION")
     try:
-        con.execute(schema_sql("schema.sql"))
-        con.execute(refs.REFS_DDL)
-        con.execute(CID_MACROS_SQL)
+        if version is None and on_lake(con):
+            # the lake's Parquet files: ZSTD, as the file's `record` column (snappy by default)
+            con.execute("CALL set_option('parquet_compression', 'zstd')")
+        run_ddl(con, schema_sql("schema.sql"))
+        run_ddl(con, refs.REFS_DDL)
+        run_ddl(con, CID_MACROS_SQL)
         moved = migrate_records_v1(con) if version == 1 else 0
         if version == 1:
             refs.fill_from(con, "record_base")
@@ -94,18 +102,25 @@ def prepare_schema(con: duckdb.DuckDBPyConnection, path: str, *, read_only: bool
         moved += migrate_records_text_cids(con)  # v2: text CIDs (a no-op on v1 or new files)
         if has_created_at_column(con):  # v4 and before: created_at a timestamp in record_base
             con.execute("ALTER TABLE record_base RENAME TO record_base_v4")
-            con.execute(schema_sql("schema.sql"))  # the new record_base, with its column compression
+            run_ddl(con, schema_sql("schema.sql"))  # the new record_base, with its column compression
             moved += migrate_created_offsets(con, "record_base_v4")
         if repos.is_v1(con):
             repos.migrate_v1(con)
         else:
             repos.create_repos(con)  # v4 and before: the DID key and binary CIDs (repos.migrate_v4)
         queue_log.create_queue(con)
-        con.execute(schema_sql("views.sql"))
-        con.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", [str(SCHEMA_VERSION)])
+        run_ddl(con, schema_sql("views.sql"))
+        if on_lake(con):  # no primary key on the lake (storage/lake.py)
+            con.execute("DELETE FROM meta WHERE key = 'schema_version'")
+            con.execute("INSERT INTO meta VALUES ('schema_version', ?)", [str(SCHEMA_VERSION)])
+        else:
+            con.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", [str(SCHEMA_VERSION)])
         con.execute("COMMIT")
     except BaseException:
-        con.execute("ROLLBACK")
+        try:
+            con.execute("ROLLBACK")
+        except duckdb.Error:
+            pass  # a failed COMMIT already ended the transaction
         raise
     if version is not None and version < SCHEMA_VERSION:
         log.info("migrated the database to schema version %d", SCHEMA_VERSION,

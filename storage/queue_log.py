@@ -24,6 +24,8 @@ from typing import Any, Final
 import duckdb
 import pyarrow as pa
 
+from .lake import run_ddl
+
 __all__ = ["QUEUE_COLUMNS", "QUEUE_DDL", "create_queue", "append", "current", "load_pending", "in_state", "compact"]
 
 QUEUE_COLUMNS: Final = ("did", "reasons", "enqueued_at", "state", "retry_after", "error", "updated_at", "host")
@@ -82,13 +84,13 @@ def create_queue(con: duckdb.DuckDBPyConnection) -> int:
     moved = 0
     if _is_old_table(con):
         con.execute("ALTER TABLE backfill_queue RENAME TO backfill_queue_v1")
-        con.execute(QUEUE_DDL)
+        run_ddl(con, QUEUE_DDL)
         con.execute(f"INSERT INTO queue_base ({_COLS}) SELECT did, reasons, enqueued_at, state, retry_after, "
                     "error, updated_at, NULL FROM backfill_queue_v1 ORDER BY did")
         moved = int(con.execute("SELECT count(*) FROM queue_base").fetchall()[0][0])
         con.execute("DROP TABLE backfill_queue_v1")
     else:
-        con.execute(QUEUE_DDL)
+        run_ddl(con, QUEUE_DDL)
     return moved
 
 

@@ -33,6 +33,7 @@ import pyarrow as pa
 
 from . import refs
 from .cids import cid_bytes
+from .lake import next_value
 
 __all__ = [
     "next_version",
@@ -68,7 +69,7 @@ COUNT_STORED_SQL = "SELECT count(*) FROM records WHERE did = ?"
 
 def next_version(con: duckdb.DuckDBPyConnection) -> int:
     """A new write version, taken inside the writing transaction."""
-    return int(con.execute("SELECT nextval('write_version')").fetchall()[0][0])
+    return next_value(con, "write_version")[0]
 
 
 def append_puts(con: duckdb.DuckDBPyConnection, v: int, table: pa.Table, now: datetime) -> None:

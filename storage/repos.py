@@ -36,6 +36,8 @@ from typing import Any, Final
 import duckdb
 import pyarrow as pa
 
+from .lake import run_ddl
+
 __all__ = [
     "HEAD_FIELDS", "BACKFILL_FIELDS", "REPO_COLUMNS", "REPOS_DDL", "create_repos", "is_v1", "migrate_v1",
     "append_head", "append_head_row", "append_backfill", "current_rows", "point_sql", "merge_point", "resort", "current_row", "compact",
@@ -190,7 +192,7 @@ REPOS_DDL: Final = _CREATE_TABLES + _VIEW + ";\n"
 
 def create_repos(con: duckdb.DuckDBPyConnection) -> None:
     """The v2 tables and the `repos` view, if missing (the view is re-created: always current)."""
-    con.execute(_CREATE_TABLES)
+    run_ddl(con, _CREATE_TABLES)
     for table in ("repo_base", "repo_log"):
         for name in _ADDED:
             con.execute(f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {name} {_COLUMNS[name][0]}")
@@ -217,7 +219,7 @@ def migrate_v4(con: duckdb.DuckDBPyConnection) -> int:
     con.execute("DROP VIEW IF EXISTS repos")
     con.execute("ALTER TABLE repo_base RENAME TO repo_base_v4")
     con.execute("ALTER TABLE repo_log RENAME TO repo_log_v4")
-    con.execute(_CREATE_TABLES)
+    run_ddl(con, _CREATE_TABLES)
     cols = ", ".join(REPO_COLUMNS)
     select = _to_base(REPO_COLUMNS) if text_cids else cols
     con.execute(f"INSERT INTO repo_base ({cols}, k) SELECT {select}, {KEY_SQL} FROM repo_base_v4 ORDER BY did")
@@ -244,7 +246,7 @@ def migrate_v1(con: duckdb.DuckDBPyConnection) -> int:
     holds the transaction. Returns the rows copied."""
     started = time.monotonic()
     con.execute("ALTER TABLE repos RENAME TO repos_v1")
-    con.execute(_CREATE_TABLES)
+    run_ddl(con, _CREATE_TABLES)
     cols = ", ".join(c for c in REPO_COLUMNS if c not in _ADDED)
     con.execute(f"INSERT INTO repo_base ({cols}, k) SELECT {_to_base(cols.split(', '))}, {KEY_SQL} FROM repos_v1 ORDER BY did")
     count = int(con.execute("SELECT count(*) FROM repo_base").fetchall()[0][0])

@@ -26,7 +26,8 @@ def status_report(reader: _Reads) -> dict[str, Any]:
 
     cursors = [
         {"source": s, "seq": q, "updated_at": u.isoformat() if u else None}
-        for s, q, u in rows("SELECT source, seq, updated_at FROM cursors ORDER BY source")
+        for s, q, u in rows("SELECT source, arg_max(seq, updated_at), max(updated_at) FROM cursors GROUP BY source "
+                                  "ORDER BY source")
     ]
     last = rows(
         "SELECT source, last_event_at, ended, started_at, stopped_at, first_seq, last_seq "

@@ -11,6 +11,7 @@ import pytest
 from tests.support.faultserver import FaultServer
 from tests.support.kafka import KafkaBroker
 from tests.support.network import LocalNetwork, PdsAccount, PdsClient
+from tests.support.postgres import PostgresCluster
 
 
 @pytest.fixture
@@ -18,6 +19,14 @@ def kafka_broker() -> Iterator[KafkaBroker]:
     """A fresh Tansu broker (in-memory log) on a free loopback port, stopped after the test."""
     with KafkaBroker() as broker:
         yield broker
+
+
+@pytest.fixture(scope="session")
+def postgres_cluster() -> Iterator[PostgresCluster]:
+    """One throwaway PostgreSQL (the catalog of DuckLake stores) for the session; tests take a fresh
+    database each (`pg.create_database`)."""
+    with PostgresCluster() as cluster:
+        yield cluster
 
 
 # -- the local reference PDS + PLC (tests/support/network) ---------------------------------------
@@ -33,6 +42,8 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.pds)
         if "kafka_broker" in fixtures:
             item.add_marker(pytest.mark.kafka)
+        if "postgres_cluster" in fixtures:
+            item.add_marker(pytest.mark.lake)
         if item.path.name.startswith("test_bench_"):
             item.add_marker(pytest.mark.bench)
     # Longest first: under pytest-xdist (`--dist load` hands the first tests out round-robin)
