@@ -19,7 +19,7 @@ then synthesises the keys around them:
 
 Rows go straight into the store's tables with INSERT ... SELECT, sorted by (did, collection, rkey),
 in chunks of DIDs so no sort holds the whole table. A store is cached under .cache/scale/<label>.duckdb
-and rebuilt only when it is missing or was built by another BUILD_VERSION or layout.
+and rebuilt only when it is missing or was built by another BUILD_VERSION, layout or DuckDB version.
 """
 
 from __future__ import annotations
@@ -329,12 +329,14 @@ def label(n_records: int) -> str:
 def ensure_store(n_records: int, *, cache_dir: Path = CACHE_DIR,
                  pool_size: int = POOL_SIZE, progress: _Progress = print) -> Built:
     """The cached store of n_records records in the layout `Store` creates, built first when
-    missing or stale (another BUILD_VERSION or layout)."""
+    missing or stale (another BUILD_VERSION, layout or DuckDB version)."""
     layout = current_layout()
     n_dids = max(1, n_records // RECORDS_PER_DID)
     path = cache_dir / f"{label(n_records)}.duckdb"
     meta_path = path.with_suffix(".json")
-    want = {"version": BUILD_VERSION, "layout": layout, "records": n_records, "pool": pool_size}
+    # the DuckDB that wrote it: a file of another version may not open (2.x files do not on 1.5)
+    want = {"version": BUILD_VERSION, "layout": layout, "records": n_records, "pool": pool_size,
+            "duckdb": duckdb.__version__}
     if path.exists() and meta_path.exists():
         meta = json.loads(meta_path.read_text())
         if {k: meta.get(k) for k in want} == want:
