@@ -75,7 +75,9 @@ def _cid_text_sql() -> str:
     # chars 0-5 are always 'afyrei', chars 6-57 are the 52 after 'bafyrei'. The hex text and the 15
     # groups are computed once per row (bound by one-element lambdas): spelled out per char they
     # were 52 hex() calls and casts a row, twice as slow.
-    groups = ", ".join(f"('0x' || substr(h, {5 * g + 1}, 5))::INTEGER" for g in range(15))
+    # TRY_CAST: DuckDB 1.5 evaluates the lambda for rows the CASE sends elsewhere (other CIDs), whose
+    # shorter hex leaves empty groups ('0x' alone does not cast)
+    groups = ", ".join(f"TRY_CAST('0x' || substr(h, {5 * g + 1}, 5) AS INTEGER)" for g in range(15))
     chars = []
     for c in range(6, 58):
         g, j = divmod(c, 4)
