@@ -26,6 +26,7 @@ from typing import Any
 
 import orjson
 
+from ._http import LoopbackServer, Reply
 from .daemon_client import remove_announcement, write_announcement
 from skyfill.errors import ConfigError, SkyfillError
 
@@ -38,15 +39,10 @@ log = logging.getLogger(__name__)
 Handler = Callable[[Any], Awaitable[Any]]
 
 MAX_BODY = 1 << 20
-MAX_HEAD = 16 * 1024
 MAX_CONNECTIONS = 32
 HEAD_TIMEOUT = 10.0
 BODY_TIMEOUT = 10.0
-LINGER = 2.0
-
-_REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found", 408: "Request Timeout",
-            411: "Length Required", 413: "Payload Too Large", 431: "Request Header Fields Too Large",
-            500: "Internal Server Error", 503: "Service Unavailable"}
+_JSON = "application/json"
 
 
 class _Reply(Exception):
@@ -66,28 +62,20 @@ class AdminServer:
             raise ConfigError(f"admin port must be 0..65535, not {port}")
         self._db = db
         self._routes = routes
-        self._port = port
         self._token = secrets.token_urlsafe(24)
         self._expected = f"Bearer {self._token}".encode()
-        self._max_connections = max_connections
         self._head_timeout = head_timeout
         self._body_timeout = body_timeout
-        self._active = 0
-        self._server: asyncio.base_events.Server | None = None
+        self._http = LoopbackServer(answer=self._read, busy=_json_reply(503, {"error": "too many connections"}),
+                                    port=port, max_connections=max_connections, write_timeout=head_timeout)
         self.url = ""
 
     async def start(self) -> None:
-        try:
-            self._server = await asyncio.start_server(self._serve, "127.0.0.1", self._port, limit=MAX_HEAD)
-        except OSError as exc:
-            raise ConfigError(f"admin API: cannot listen on 127.0.0.1:{self._port}: {exc.strerror or exc}") from exc
-        port = self._server.sockets[0].getsockname()[1]
-        self.url = f"http://127.0.0.1:{port}"
+        self.url = await self._http.start("admin API")
         try:
             write_announcement(self._db, url=self.url, token=self._token)
         except SkyfillError:
-            self._server.close()
-            await self._server.wait_closed()
+            await self._http.aclose()
             raise
         log.info("admin API listening", extra={"ctx": {"url": self.url}})
 
@@ -96,36 +84,11 @@ class AdminServer:
             remove_announcement(self._db)
         except SkyfillError as exc:
             log.warning("admin API: %s", exc)
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
+        await self._http.aclose()
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self._active += 1
-        try:
-            if self._active > self._max_connections:
-                status, payload = 503, {"error": "too many connections"}
-            else:
-                status, payload = await self._answer(reader)
-            if status == 0:
-                return  # the peer went away before sending a request: nothing to answer
-            data = orjson.dumps(payload, default=str)
-            writer.write(
-                f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}\r\nContent-Type: application/json\r\n"
-                f"Content-Length: {len(data)}\r\nConnection: close\r\n\r\n".encode() + data
-            )
-            await asyncio.wait_for(writer.drain(), timeout=self._head_timeout)
-            # Lingering close: a reply sent before the request was read (401, 503, 413 ...) would be
-            # lost to the TCP reset that closing over unread bytes causes. Say we are done, then
-            # discard what the client still sends, for a short while.
-            if writer.can_write_eof():
-                writer.write_eof()
-            await asyncio.wait_for(_discard(reader), timeout=LINGER)
-        except (OSError, asyncio.TimeoutError):
-            pass  # the client left or stopped reading: nothing more to do for it
-        finally:
-            self._active -= 1
-            writer.close()
+    async def _read(self, reader: asyncio.StreamReader) -> Reply | None:
+        status, payload = await self._answer(reader)
+        return None if status == 0 else _json_reply(status, payload)
 
     async def _answer(self, reader: asyncio.StreamReader) -> tuple[int, Any]:
         try:
@@ -197,13 +160,8 @@ class AdminServer:
             raise _Reply(400, "body is not JSON") from None
 
 
-async def _discard(reader: asyncio.StreamReader) -> None:
-    left = MAX_BODY
-    while left > 0:
-        chunk = await reader.read(min(left, 65536))
-        if not chunk:
-            return
-        left -= len(chunk)
+def _json_reply(status: int, payload: Any) -> Reply:
+    return Reply(status, _JSON, orjson.dumps(payload, default=str))
 
 
 def _one_line(exc: BaseException) -> str:

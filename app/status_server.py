@@ -22,6 +22,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from skyfill import metrics
 from skyfill.errors import ConfigError, SkyfillError
 
+from ._http import LoopbackServer, Reply
+
 __all__ = ["StatusServer", "PageFn"]
 
 log = logging.getLogger(__name__)
@@ -29,58 +31,34 @@ log = logging.getLogger(__name__)
 # the query (since, until) -> the page's HTML
 PageFn = Callable[[Mapping[str, str]], Awaitable[str]]
 
-MAX_HEAD: Final = 16 * 1024
 MAX_CONNECTIONS: Final = 16
 HEAD_TIMEOUT: Final = 10.0
-_REASONS: Final = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
-                   500: "Internal Server Error", 503: "Service Unavailable"}
 _TEXT: Final = "text/plain; charset=utf-8"
 _HTML: Final = "text/html; charset=utf-8"
 
 
 class StatusServer:
     def __init__(self, *, port: int, page: PageFn, host: str = "127.0.0.1") -> None:
-        self._host, self._port = host, port
         self._page = page
-        self._server: asyncio.base_events.Server | None = None
-        self._active = 0
+        self._http = LoopbackServer(answer=self._read, busy=Reply(503, _TEXT, b"too many connections\n", no_store=True),
+                                    host=host, port=port, max_connections=MAX_CONNECTIONS, write_timeout=HEAD_TIMEOUT)
         self.url = ""
 
     async def start(self) -> None:
         """Listen; ConfigError naming --metrics-port when the port cannot be had."""
-        try:
-            self._server = await asyncio.start_server(self._serve, self._host, self._port, limit=MAX_HEAD)
-        except OSError as exc:
-            raise ConfigError(f"--metrics-port: cannot listen on {self._host}:{self._port}: "
-                              f"{exc.strerror or exc}") from exc
-        self.url = f"http://{self._host}:{self._server.sockets[0].getsockname()[1]}"
+        self.url = await self._http.start("--metrics-port")
         log.info("status page and metrics listening", extra={"ctx": {"url": self.url}})
 
     async def aclose(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
+        await self._http.aclose()
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self._active += 1
+    async def _read(self, reader: asyncio.StreamReader) -> Reply | None:
         try:
-            if self._active > MAX_CONNECTIONS:
-                status, ctype, body = 503, _TEXT, b"too many connections\n"
-            else:
-                try:
-                    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout=HEAD_TIMEOUT)
-                except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, asyncio.TimeoutError):
-                    return
-                status, ctype, body = await self._answer(head.decode("latin-1").split("\r\n", 1)[0])
-            writer.write(f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}\r\nContent-Type: {ctype}\r\n"
-                         f"Content-Length: {len(body)}\r\nCache-Control: no-store\r\nConnection: close\r\n\r\n"
-                         .encode() + body)
-            await asyncio.wait_for(writer.drain(), timeout=HEAD_TIMEOUT)
-        except (OSError, asyncio.TimeoutError):
-            pass  # the client left
-        finally:
-            self._active -= 1
-            writer.close()
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout=HEAD_TIMEOUT)
+        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, asyncio.TimeoutError):
+            return None
+        status, ctype, body = await self._answer(head.decode("latin-1").split("\r\n", 1)[0])
+        return Reply(status, ctype, body, no_store=True)
 
     async def _answer(self, request_line: str) -> tuple[int, str, bytes]:
         parts = request_line.split(" ")
