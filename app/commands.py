@@ -9,6 +9,7 @@ those go to a running daemon, whose own settings fill in the rest.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any, Literal
@@ -72,15 +73,22 @@ def migrate(db: str) -> dict[str, Any]:
         return {"db": db, "schema_version": schema_version_of(store)}
 
 
-def compact(db: str, *, full: bool = False) -> dict[str, Any]:
+def compact(db: str, *, full: bool = False, retention_seconds: float = 86400.0) -> dict[str, Any]:
     """Fold the version logs into the bases now (a running daemon does it on its own); `full`
-    also rewrites the base in key order (see `Store.compact`)."""
+    also rewrites the base in key order (see `Store.compact`). On a lake, then DuckLake's file
+    upkeep with `retention_seconds` (`Store.upkeep_lake`)."""
     with open_store(db) as store:
-        result = store.compact(full=full).records
-    if result is None:
-        return {"db": db, "log_rows": 0, "purges": 0, "seconds": 0.0}
-    return {"db": db, "log_rows": result.log_rows, "purges": result.purges, "base_deleted": result.base_deleted,
-            "base_inserted": result.base_inserted, "seconds": round(result.seconds, 3)}
+        compaction = store.compact(full=full)
+        upkeep = store.upkeep_lake(retention_seconds=retention_seconds) if store.lake else None
+    result = compaction.records
+    report: dict[str, Any] = {"db": db, "log_rows": 0, "purges": 0, "seconds": 0.0} if result is None else {
+        "db": db, "log_rows": result.log_rows, "purges": result.purges, "base_deleted": result.base_deleted,
+        "base_inserted": result.base_inserted, "seconds": round(result.seconds, 3)}
+    if store.lake:
+        report["pruned"] = compaction.pruned
+    if upkeep is not None:
+        report.update(dataclasses.asdict(upkeep))
+    return report
 
 
 def gaps(

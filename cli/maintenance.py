@@ -8,7 +8,7 @@ import orjson
 from skyfill.app import commands
 from skyfill.errors import DatabaseLocked, SkyfillError
 
-from .options import db_option, one_line, option
+from .options import FiniteFloatRange, db_option, one_line, option
 
 __all__ = ["COMMANDS", "migrate", "compact"]
 
@@ -35,13 +35,19 @@ def migrate(db: str) -> None:
 @option("--full", is_flag=True,
         help="Also rewrite the whole base in (did, collection, rkey) order: per-DID reads stay fast "
              "after many compactions. Minutes at 10^8 records; twice the base's disk space meanwhile.")
-def compact(db: str, full: bool) -> None:
+@option("--retention", type=FiniteFloatRange(0), default=86400.0, show_default=True,
+        help="On a DuckLake: snapshots older than this many seconds are expired, and their files, the "
+             "files merged away and orphaned files (a killed writer's) older than it are deleted. "
+             "Keep it above the longest write transaction: a running writer's files are orphans until it commits.")
+def compact(db: str, full: bool, retention: float) -> None:
     """Fold the record log into the deduplicated base now.
 
     Writes only ever append; a compaction folds what they appended, in the background, every
-    250,000 rows. Run this after a large backfill, before copying the file or querying it hard."""
+    250,000 rows. Run this after a large backfill, before copying the file or querying it hard.
+    On a DuckLake it takes the lake's compaction lease (writers hold their commits meanwhile), then
+    merges small Parquet files, expires old snapshots and deletes unreferenced files."""
     try:
-        report = commands.compact(db, full=full)
+        report = commands.compact(db, full=full, retention_seconds=retention)
     except DatabaseLocked as exc:
         raise click.ClickException(f"{one_line(exc)} (the running daemon compacts on its own)") from exc
     except SkyfillError as exc:

@@ -277,7 +277,7 @@ class Sink:
             if dids:
                 with reader.registered("_sn", pa.table({"did": dids})):
                     snapshots.update(reader.fetchall(
-                        "SELECT did, rev FROM sink_snapshots WHERE did IN (SELECT did FROM _sn)"))
+                        "SELECT did, max(rev) FROM sink_snapshots WHERE did IN (SELECT did FROM _sn) GROUP BY did"))
             if keys:
                 ks = list(keys)
                 with reader.registered("_k", pa.table(
@@ -287,7 +287,8 @@ class Sink:
                     for did, col, rkey, rev, live_hit, trev, tomb_hit in reader.fetchall(
                         "SELECT k.did, k.collection, k.rkey, r.rev, r.did IS NOT NULL, t.rev, t.did IS NOT NULL "
                         "FROM _k k LEFT JOIN records r USING (did, collection, rkey) "
-                        "LEFT JOIN sink_tombstones t USING (did, collection, rkey)"
+                        "LEFT JOIN (SELECT did, collection, rkey, max(rev) AS rev FROM sink_tombstones "
+                        "WHERE did IN (SELECT did FROM _k) GROUP BY ALL) t USING (did, collection, rkey)"
                     ):
                         if live_hit:
                             live[(did, col, rkey)] = rev

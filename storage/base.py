@@ -26,17 +26,20 @@ from skyfill import metrics
 from skyfill.errors import DatabaseLocked, StorageError
 
 from .file_version import newer_file_error
-from .lake import connect_lake, is_conflict, is_lake, next_value, use_lake
+from .lake import connect_lake, has_postgres, is_conflict, is_lake, next_value, use_lake
+from .lease import wait_free
 from .migrate import prepare_schema
 
 __all__ = ["StoreBase", "Reader", "failure_kind", "storage_errors", "now_utc", "CHECKPOINT_THRESHOLD", "CONFLICT_RETRIES",
-           "conflict_pause"]
+           "conflict_pause", "COMPACTION_LEASE"]
 
 # Uncheckpointed rows stay in memory (DuckDB IN_MEMORY_TABLE ~ WAL size), so this trades RSS
 # for fewer checkpoints: 64 MB measured ~4x less COMMIT time than 16 MB for ~35 MB more memory.
 CHECKPOINT_THRESHOLD = "64MB"
 # A lake transaction that lost a conflict to another writer is run again this many times at most.
 CONFLICT_RETRIES = 8
+# The lake's compaction lease (storage/lease.py): a lake transaction's COMMIT waits while it is held.
+COMPACTION_LEASE = "compaction"
 
 # A new file is written in DuckDB 1.5's storage format: under the default (v1.0.0, for old readers)
 # DuckDB 1.5 stores the `record` column, declared USING COMPRESSION zstd, uncompressed and strings
@@ -134,6 +137,7 @@ class StoreBase:
         self._lock = threading.RLock()
         self._txn_version: int | None = None
         self.read_only = read_only
+        self._lease_cur: duckdb.DuckDBPyConnection | None = None
         try:
             self._prepare(read_only)
             if not read_only and not self.lake:
@@ -219,6 +223,7 @@ class StoreBase:
         self._txn_version = None
         try:
             result = body(con)
+            self._wait_for_compactor()
             con.execute("COMMIT")
         except BaseException as exc:
             _rollback(con)
@@ -228,6 +233,18 @@ class StoreBase:
         finally:
             self._txn_version = None
         return result
+
+    def _wait_for_compactor(self) -> None:
+        """On a lake with a PostgreSQL catalog, hold this commit while a compactor holds the lease
+        (storage/lease.py): its DELETEs would lose to our inserts. Checked on a cursor of its own,
+        outside this transaction, whose Postgres reads would see a snapshot from its start."""
+        if not self.lake:
+            return
+        if self._lease_cur is None:
+            if not has_postgres(self._conn):
+                return
+            self._lease_cur = self._conn.cursor()
+        wait_free(self._lease_cur, COMPACTION_LEASE)
 
     def reconnect(self) -> None:
         """Replace a connection DuckDB invalidated after a fatal error (the only way to write again
@@ -240,6 +257,7 @@ class StoreBase:
                 pass  # closing an invalidated database may complain; it is released either way
             try:
                 self._conn = self._connect(read_only=False)
+                self._lease_cur = None
                 if not self.lake:
                     self._conn.execute(f"SET checkpoint_threshold = '{CHECKPOINT_THRESHOLD}'")
             except duckdb.Error as exc:

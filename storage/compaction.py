@@ -9,6 +9,14 @@ appending meanwhile (they never delete, and only compaction does, so the two nev
 and it folds only versions committed when it started (v <= upto_v). A failed compaction changes
 nothing (one transaction): it is logged, counted, and retried after the next
 `COMPACT_AFTER_ROWS` appends. `compact()` runs one in the caller's thread.
+
+On a lake (storage/lake.py) many processes append, and DuckLake fails a DELETE at COMMIT when another
+transaction inserted into the table meanwhile. So a lake compaction first takes the lake's compaction
+lease (storage/lease.py): one compactor in the whole lake, and every writer holds its next commit
+while the lease is held (at most until it expires: a killed compactor stalls nobody for longer). A
+background compaction that finds the lease taken skips (another process compacts the same logs); an
+explicit `compact()` waits for it. A lake compaction also prunes the rows that newer ones superseded
+in the small keyed tables writers append to (`_PRUNE`: cursors, identities, the sink's marks).
 """
 
 from __future__ import annotations
@@ -24,12 +32,14 @@ import duckdb
 from skyfill import metrics
 from skyfill.errors import StorageError
 
-from .base import CONFLICT_RETRIES, StoreBase, conflict_pause, storage_errors
-from .lake import is_conflict
+from .base import CONFLICT_RETRIES, COMPACTION_LEASE, StoreBase, conflict_pause, storage_errors
+from .lake import is_conflict, on_lake
+from .lake_files import LakeUpkeep, upkeep
+from .lease import SETTLE, Lease
 from . import queue_log, refs, repos
 from .records import RecordCompaction, compact_records
 
-__all__ = ["Compacting", "Compaction", "COMPACT_AFTER_ROWS"]
+__all__ = ["Compacting", "Compaction", "COMPACT_AFTER_ROWS", "LEASE_SECONDS", "LakeUpkeep"]
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +47,17 @@ log = logging.getLogger(__name__)
 # anti-join the log: at 250k rows that costs a few ms per query; a compaction of a 100M-record
 # base costs seconds of CPU, so this keeps it to a small share of a busy firehose's time.
 COMPACT_AFTER_ROWS: Final = 250_000
+
+# The compaction lease's term; a live compactor renews it every third of it (storage/lease.py).
+LEASE_SECONDS: Final = 30.0
+
+# The lake's small keyed tables (appended: storage/lake.py `upsert`) -> (key columns, what "newest" is)
+_PRUNE: Final = {
+    "cursors": ("source", "updated_at"),
+    "identities": ("did", "resolved_at"),
+    "sink_tombstones": ("did, collection, rkey", "rev"),
+    "sink_snapshots": ("did", "rev"),
+}
 
 _LOG_MAX_V = """
 SELECT coalesce(max(v), 0) FROM (
@@ -57,6 +78,8 @@ class Compaction:
     records: RecordCompaction | None   # None: nothing to fold
     repos: int = 0                     # DIDs whose repo_base row was rewritten
     queue: int = 0                     # DIDs whose queue_base row was rewritten
+    pruned: int = 0                    # superseded rows of the lake's small keyed tables removed
+    skipped: bool = False              # the lake's lease was held by another compactor: nothing done
 
 
 class Compacting(StoreBase):
@@ -66,6 +89,7 @@ class Compacting(StoreBase):
         super().__init__(*args, **kwargs)
         self._compact_lock = threading.Lock()
         self._compactor: threading.Thread | None = None
+        self.lease_seconds = LEASE_SECONDS
         # what earlier processes left in the logs counts too: a file written by many short
         # processes (backfills, sinks) is compacted by the first write past the threshold
         self._appended = 0 if self.read_only else int(self.fetchall(_LOG_ROWS)[0][0])
@@ -90,13 +114,49 @@ class Compacting(StoreBase):
             finally:
                 cur.close()
 
-    def _compact_lake(self, *, full: bool) -> Compaction:
-        """On a lake a compaction's DELETE from a log conflicts with any insert into it committed
-        meanwhile, so it runs under the write lock (this process's writer waits) and is retried
-        when another process's insert won (bounded: it is tried again after the next appends)."""
+    def _compact_lake(self, *, full: bool, wait: bool = True) -> Compaction:
+        """Under the lake's compaction lease (module docstring); a compaction that still lost a conflict
+        (a commit that slipped past its lease check) is run again, now with every writer held."""
+        with self._compact_lock:
+            if not Lease.supported(self._conn):  # a DuckDB/SQLite catalog: one writer process, this one
+                with self._lock:
+                    return self._compact_retrying(full=full)
+            with storage_errors(self.path):
+                lease = Lease(self._conn, COMPACTION_LEASE, seconds=self.lease_seconds)
+                if not lease.acquire(timeout=None if wait else 0):
+                    log.info("compaction skipped: another process holds the lake's compaction lease")
+                    return Compaction(records=None, skipped=True)
+            try:
+                time.sleep(SETTLE)
+                return self._compact_retrying(full=full)
+            finally:
+                with storage_errors(self.path):
+                    lease.release()
+
+    def upkeep_lake(self, *, retention_seconds: float) -> LakeUpkeep:
+        """DuckLake's file upkeep (storage/lake_files.py) under the compaction lease: merging files
+        rewrites them, which conflicts with appends like a compaction's DELETEs."""
+        if not self.lake:
+            raise StorageError(f"{self.path} is not a lake: file upkeep is DuckLake's")
+        with self._compact_lock, storage_errors(self.path):
+            lease = Lease(self._conn, COMPACTION_LEASE, seconds=self.lease_seconds) if Lease.supported(self._conn) else None
+            if lease is not None:
+                lease.acquire()
+            try:
+                time.sleep(SETTLE if lease is not None else 0)
+                cur = self._cursor()
+                try:
+                    return upkeep(cur, retention_seconds=retention_seconds)
+                finally:
+                    cur.close()
+            finally:
+                if lease is not None:
+                    lease.release()
+
+    def _compact_retrying(self, *, full: bool) -> Compaction:
         attempt = 0
         while True:
-            with self._compact_lock, self._lock, storage_errors():
+            with storage_errors(self.path):
                 cur = self._cursor()
                 try:
                     return self._compact_on(cur, full=full)
@@ -118,6 +178,7 @@ class Compacting(StoreBase):
             repo_rows = repos.compact(cur, upto) if upto else 0
             ref_pairs = refs.compact(cur, upto) if upto else 0
             queue_rows = queue_log.compact(cur, upto) if upto else 0
+            pruned = _prune(cur) if on_lake(cur) else 0  # a file's primary keys keep one row per key
             if full:
                 repos.resort(cur)
                 refs.resort(cur)
@@ -134,15 +195,16 @@ class Compacting(StoreBase):
             except duckdb.Error:
                 pass  # a failed COMMIT already ended the transaction
             raise
-        if result is not None and result.log_rows + result.purges + repo_rows + queue_rows:
+        if (result is not None and result.log_rows + result.purges + repo_rows + queue_rows) or pruned:
             metrics.STORE_COMPACTIONS.labels("ok").inc()
             metrics.STORE_COMPACTION_SECONDS.observe(time.perf_counter() - started)
-            log.info("compacted the version logs", extra={"ctx": {
+            folded = {} if result is None else {
                 "log_rows": result.log_rows, "purges": result.purges, "base_deleted": result.base_deleted,
-                "base_inserted": result.base_inserted, "repos": repo_rows, "ref_pairs": ref_pairs, "queue": queue_rows,
-                "full": full,
-                "seconds": round(time.perf_counter() - started, 3)}})
-        return Compaction(records=result, repos=repo_rows, queue=queue_rows)
+                "base_inserted": result.base_inserted}
+            log.info("compacted the version logs", extra={"ctx": {
+                **folded, "repos": repo_rows, "ref_pairs": ref_pairs, "queue": queue_rows, "pruned": pruned,
+                "full": full, "seconds": round(time.perf_counter() - started, 3)}})
+        return Compaction(records=result, repos=repo_rows, queue=queue_rows, pruned=pruned)
 
     def _note_appended(self, rows: int) -> None:
         """Count appended log rows; start a background compaction past the threshold."""
@@ -157,7 +219,10 @@ class Compacting(StoreBase):
 
     def _compact_in_background(self) -> None:
         try:
-            self.compact()
+            if self.lake:
+                self._compact_lake(full=False, wait=False)
+            else:
+                self.compact()
         except StorageError as exc:
             metrics.STORE_COMPACTIONS.labels("failed").inc()
             log.error("compaction failed; the logs are kept and it is retried later",
@@ -168,3 +233,28 @@ class Compacting(StoreBase):
         worker = self._compactor
         if worker is not None:
             worker.join()
+
+
+def _prune(cur: duckdb.DuckDBPyConnection) -> int:
+    """Keep only each key's newest row in the lake's small keyed tables; the rows removed."""
+    present = {name for (name,) in cur.execute(
+        "SELECT table_name FROM duckdb_tables() WHERE database_name = current_database()").fetchall()}
+    removed = 0
+    for table, (keys, newest) in _PRUNE.items():
+        if table not in present:
+            continue  # the sink's tables exist once a sink has started
+        cur.execute(f"CREATE OR REPLACE TEMP TABLE _prune_keep AS SELECT * FROM {table} SEMI JOIN "
+                    f"(SELECT {keys} FROM {table} GROUP BY ALL HAVING count(*) > 1) USING ({keys}) "
+                    f"QUALIFY row_number() OVER (PARTITION BY {keys} ORDER BY {newest} DESC NULLS LAST) = 1")
+        try:
+            kept = int(cur.execute("SELECT count(*) FROM _prune_keep").fetchall()[0][0])
+            if not kept:
+                continue
+            total = int(cur.execute(f"SELECT count(*) FROM {table}").fetchall()[0][0])
+            match = " AND ".join(f"{table}.{k} = _k.{k}" for k in keys.split(", "))
+            cur.execute(f"DELETE FROM {table} USING _prune_keep _k WHERE {match}")
+            cur.execute(f"INSERT INTO {table} SELECT * FROM _prune_keep")
+            removed += total - int(cur.execute(f"SELECT count(*) FROM {table}").fetchall()[0][0])
+        finally:
+            cur.execute("DROP TABLE IF EXISTS _prune_keep")
+    return removed

@@ -17,8 +17,10 @@ JSON, lists, DELETE, UPDATE, ALTER) it takes. So:
                every writer of the lake and increase in the order writers take them; a writer takes
                its transaction's version `v` before it writes, so for one key the newer write has the
                higher v as long as one writer at a time owns a key (the sinks own DIDs by partition)
-    upserts    the few small keyed tables (cursors, meta, identities, the sink's marks, enum_cursors)
-               are DELETE + INSERT on the lake, ON CONFLICT on the file (`on_lake` switches)
+    upserts    the few small keyed tables (cursors, identities, the sink's marks) are appended on the
+               lake, ON CONFLICT on the file (`upsert`, the one switch); readers take each key's
+               newest row, and the compactor (holding the lake's lease, storage/lease.py) prunes the
+               older ones. Writers never DELETE on the lake: only the compactor does
 A catalog other than PostgreSQL (a DuckDB or SQLite file: one writer) takes versions from the clock
 (`_clock_value`: microseconds, strictly increasing in the process).
 
@@ -42,13 +44,17 @@ import duckdb
 from skyfill.errors import StorageError
 
 __all__ = ["LAKE_PREFIX", "LAKE_ALIAS", "is_lake", "lake_db", "LakeTarget", "parse_lake", "connect_lake", "use_lake",
-           "on_lake", "lake_ddl", "run_ddl", "next_value", "is_conflict", "replace_rows"]
+           "on_lake", "lake_ddl", "run_ddl", "next_value", "is_conflict", "upsert", "has_postgres", "postgres_query",
+           "postgres_execute", "quote"]
 
 LAKE_PREFIX: Final = "ducklake:"
 LAKE_ALIAS: Final = "skyfill_lake"
 _PG_ALIAS: Final = "skyfill_pg"
 _DATA_PATH_SEP: Final = ";data_path="
 _SEQUENCES: Final = ("write_version", "coverage_id", "listing_seq")
+# the compaction lease (storage/lease.py): one row per lease
+_LEASES_DDL: Final = ("CREATE TABLE IF NOT EXISTS skyfill.leases (name TEXT PRIMARY KEY, holder TEXT NOT NULL, "
+                      "expires_at TIMESTAMPTZ NOT NULL);")
 
 
 def is_lake(db: str) -> bool:
@@ -113,7 +119,7 @@ def _postgres_extension() -> Path:
     return link
 
 
-def _quote(text: str) -> str:
+def quote(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
 
 
@@ -123,24 +129,24 @@ def connect_lake(db: str, *, read_only: bool = False) -> duckdb.DuckDBPyConnecti
     con = duckdb.connect(":memory:", config={"autoinstall_known_extensions": False,
                                              "autoload_known_extensions": False})
     try:
-        con.execute(f"LOAD {_quote(str(_wheel_extension('duckdb_extension_ducklake', 'ducklake.duckdb_extension')))}")
-        con.execute(f"LOAD {_quote(str(_postgres_extension()))}")
+        con.execute(f"LOAD {quote(str(_wheel_extension('duckdb_extension_ducklake', 'ducklake.duckdb_extension')))}")
+        con.execute(f"LOAD {quote(str(_postgres_extension()))}")
         options = []
         if target.data_path is not None:
             if not read_only:
                 Path(target.data_path).mkdir(parents=True, exist_ok=True)
-            options.append(f"DATA_PATH {_quote(str(target.data_path))}")
+            options.append(f"DATA_PATH {quote(str(target.data_path))}")
         if read_only:
             options.append("READ_ONLY")
-        attach = f"ATTACH {_quote(LAKE_PREFIX + target.catalog)} AS {LAKE_ALIAS}"
+        attach = f"ATTACH {quote(LAKE_PREFIX + target.catalog)} AS {LAKE_ALIAS}"
         con.execute(attach + (f" ({', '.join(options)})" if options else ""))
         dsn = target.postgres_dsn
         if dsn is not None:
-            con.execute(f"ATTACH {_quote(dsn)} AS {_PG_ALIAS} (TYPE postgres)")
+            con.execute(f"ATTACH {quote(dsn)} AS {_PG_ALIAS} (TYPE postgres)")
             if not read_only:
                 ddl = "CREATE SCHEMA IF NOT EXISTS skyfill; " + " ".join(
-                    f"CREATE SEQUENCE IF NOT EXISTS skyfill.{name};" for name in _SEQUENCES)
-                con.execute(f"CALL postgres_execute('{_PG_ALIAS}', {_quote(ddl)})")
+                    f"CREATE SEQUENCE IF NOT EXISTS skyfill.{name};" for name in _SEQUENCES) + _LEASES_DDL
+                postgres_execute(con, ddl)
         use_lake(con)
     except BaseException:
         con.close()
@@ -196,7 +202,7 @@ def _clock_value() -> int:
         return _clock_last[0]
 
 
-def _has_postgres(con: duckdb.DuckDBPyConnection) -> bool:
+def has_postgres(con: duckdb.DuckDBPyConnection) -> bool:
     return bool(con.execute("SELECT 1 FROM duckdb_databases() WHERE database_name = ?", [_PG_ALIAS]).fetchall())
 
 
@@ -207,24 +213,29 @@ def next_value(con: duckdb.DuckDBPyConnection, name: str, count: int = 1) -> lis
         return [int(r[0]) for r in rows]
     if name not in _SEQUENCES:
         raise StorageError(f"no sequence {name!r}")
-    if not _has_postgres(con):
+    if not has_postgres(con):
         return [_clock_value() for _ in range(count)]
-    rows = con.execute(
-        f"SELECT * FROM postgres_query('{_PG_ALIAS}', "
-        f"'SELECT nextval(''skyfill.{name}'') FROM generate_series(1, {int(count)})')").fetchall()
+    rows = postgres_query(con, f"SELECT nextval('skyfill.{name}') FROM generate_series(1, {int(count)})")
     return sorted(int(r[0]) for r in rows)
 
 
-def replace_rows(con: duckdb.DuckDBPyConnection, table: str, keys: tuple[str, ...], source: str) -> None:
-    """The lake's upsert: the rows of `source` (a relation with `table`'s columns) replace the rows of
-    `table` with the same `keys` (DELETE + INSERT in the caller's transaction)."""
-    match = " AND ".join(f"{table}.{k} = _new.{k}" for k in keys)
-    con.execute(f"CREATE OR REPLACE TEMP TABLE _replacing AS SELECT * FROM {source}")
-    try:
-        con.execute(f"DELETE FROM {table} USING _replacing _new WHERE {match}")
-        con.execute(f"INSERT INTO {table} SELECT * FROM _replacing")
-    finally:
-        con.execute("DROP TABLE IF EXISTS _replacing")
+def postgres_query(con: duckdb.DuckDBPyConnection, sql: str) -> list[tuple[object, ...]]:
+    """The rows of `sql` run in the catalog's PostgreSQL (inside a DuckDB transaction: its snapshot)."""
+    return con.execute(f"SELECT * FROM postgres_query('{_PG_ALIAS}', {quote(sql)})").fetchall()
+
+
+def postgres_execute(con: duckdb.DuckDBPyConnection, sql: str) -> None:
+    """Run `sql` (no result) in the catalog's PostgreSQL."""
+    con.execute(f"CALL postgres_execute('{_PG_ALIAS}', {quote(sql)})")
+
+
+def upsert(con: duckdb.DuckDBPyConnection, insert: str, on_conflict: str, params: list[object] | None = None) -> None:
+    """Write keyed rows, newest wins: `insert` (INSERT INTO t ... ) `on_conflict` (ON CONFLICT (keys)
+    DO UPDATE ...) on a file, which has the primary key; on the lake `insert` alone, appended, and the
+    readers take each key's newest row (by the table's time or rev column) until the compactor prunes
+    the older ones (storage/compaction.py `prune`). Never a DELETE: on the lake a DELETE conflicts with
+    every insert another writer commits into the table meanwhile (storage/lease.py)."""
+    con.execute(insert if on_lake(con) else f"{insert} {on_conflict}", params)
 
 
 def is_conflict(exc: BaseException) -> bool:

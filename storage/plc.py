@@ -61,7 +61,8 @@ SELECT did, arg_max(struct_pack(pds, signing_key, handle, tombstone, error), cre
 # the PDS endpoint known for each DID of `_want`: the identity cache, else the newest bulk operation
 _PDS_SQL: Final = f"""
 SELECT w.did, coalesce(i.pds, b.s.pds) AS pds FROM _want w
-LEFT JOIN identities i ON i.did = w.did
+LEFT JOIN (SELECT did, pds FROM identities WHERE did IN (SELECT did FROM _want)
+           QUALIFY row_number() OVER (PARTITION BY did ORDER BY resolved_at DESC) = 1) i ON i.did = w.did
 LEFT JOIN ({_BATCH_SQL}) b ON b.did = w.did
 WHERE coalesce(i.pds, b.s.pds) IS NOT NULL
 """

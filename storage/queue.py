@@ -268,8 +268,9 @@ def _hosts(con: duckdb.DuckDBPyConnection, dids: list[str]) -> dict[str, str]:
     """The PDS endpoint the identity cache holds for each of `dids` that has one."""
     con.register("_queue_hosts", pa.table({"did": dids}))
     try:
-        rows = con.execute("SELECT did, pds FROM identities WHERE pds IS NOT NULL AND did IN "
-                           "(SELECT did FROM _queue_hosts)").fetchall()
+        rows = con.execute("SELECT did, pds FROM (SELECT did, pds FROM identities WHERE did IN (SELECT did FROM "
+                           "_queue_hosts) QUALIFY row_number() OVER (PARTITION BY did ORDER BY resolved_at DESC) = 1) "
+                           "WHERE pds IS NOT NULL").fetchall()  # a DID's newest row (a lake appends: caches.py)
     finally:
         con.unregister("_queue_hosts")
     return {did: pds for did, pds in rows}

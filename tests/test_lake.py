@@ -247,8 +247,8 @@ def test_a_plain_duckdb_client_reads_the_same_records(lake: str, tmp_path: Path)
 
 
 def test_the_small_keyed_tables_mean_the_same_on_the_lake(pair: tuple[Store, Store]) -> None:
-    """identities, the sink's marks and the enumeration cursors: upserts on the file, DELETE+INSERT
-    or UPDATE+INSERT on the lake."""
+    """identities, the sink's marks and the enumeration cursors: upserts on the file; on the lake the
+    keyed tables are appended, read newest-wins, and a compaction prunes the superseded rows."""
     from_now = 1_900_000_000.0
     for store in pair:
         store.create_sink_tables()
@@ -262,6 +262,11 @@ def test_the_small_keyed_tables_mean_the_same_on_the_lake(pair: tuple[Store, Sto
                            cursor="c2", skipped=1)
         store.save_listing("https://pds.one", "listRepos", [], cursor=None, skipped=0)
         store.enumeration_failed("https://pds.one", "listReposByCollection:x", "boom")
+    file, lake = pair
+    assert file.load_identity("did:plc:i1", max_age=1e10) == lake.load_identity("did:plc:i1", max_age=1e10)
+    assert lake.load_identity("did:plc:i1", max_age=1e10).pds == "https://b"  # type: ignore[union-attr]
+    assert lake.fetchall("SELECT count(*) FROM identities")[0][0] == 3  # appended, not replaced
+    assert lake.compact().pruned == 3  # an identity, a tombstone, a snapshot mark
     same(*pair, "SELECT did, pds, signing_key, handle, error FROM identities ORDER BY did")
     assert same(*pair, "SELECT * FROM sink_tombstones") == [("did:plc:i1", POST, "1", "3kcccccccccc2")]
     assert same(*pair, "SELECT * FROM sink_snapshots") == [("did:plc:i1", "3kbbbbbbbbbb2")]
