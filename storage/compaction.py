@@ -24,8 +24,9 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 import duckdb
 
@@ -42,6 +43,8 @@ from .records import RecordCompaction, compact_records
 __all__ = ["Compacting", "Compaction", "COMPACT_AFTER_ROWS", "LEASE_SECONDS", "LakeUpkeep"]
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 # Rows appended (record versions, deletions, purges) after which a compaction starts. The views
 # anti-join the log: at 250k rows that costs a few ms per query; a compaction of a 100M-record
@@ -115,51 +118,49 @@ class Compacting(StoreBase):
                 cur.close()
 
     def _compact_lake(self, *, full: bool, wait: bool = True) -> Compaction:
-        """Under the lake's compaction lease (module docstring); a compaction that still lost a conflict
-        (a commit that slipped past its lease check) is run again, now with every writer held."""
-        with self._compact_lock:
-            if not Lease.supported(self._conn):  # a DuckDB/SQLite catalog: one writer process, this one
-                with self._lock:
-                    return self._compact_retrying(full=full)
-            with storage_errors(self.path):
-                lease = Lease(self._conn, COMPACTION_LEASE, seconds=self.lease_seconds)
-                if not lease.acquire(timeout=None if wait else 0):
-                    log.info("compaction skipped: another process holds the lake's compaction lease")
-                    return Compaction(records=None, skipped=True)
-            try:
-                time.sleep(SETTLE)
-                return self._compact_retrying(full=full)
-            finally:
-                with storage_errors(self.path):
-                    lease.release()
+        """A compaction under the lake's compaction lease (module docstring); None: skipped."""
+        done = self._leased(lambda cur: self._compact_on(cur, full=full), wait=wait)
+        if done is None:
+            log.info("compaction skipped: another process holds the lake's compaction lease")
+            return Compaction(records=None, skipped=True)
+        return done
 
     def upkeep_lake(self, *, retention_seconds: float) -> LakeUpkeep:
         """DuckLake's file upkeep (storage/lake_files.py) under the compaction lease: merging files
         rewrites them, which conflicts with appends like a compaction's DELETEs."""
         if not self.lake:
             raise StorageError(f"{self.path} is not a lake: file upkeep is DuckLake's")
-        with self._compact_lock, storage_errors(self.path):
-            lease = Lease(self._conn, COMPACTION_LEASE, seconds=self.lease_seconds) if Lease.supported(self._conn) else None
-            if lease is not None:
-                lease.acquire()
+        done = self._leased(lambda cur: upkeep(cur, retention_seconds=retention_seconds), wait=True)
+        if done is None:  # not reached: it waits for the lease
+            raise StorageError("the lake's compaction lease was not taken")
+        return done
+
+    def _leased(self, work: Callable[[duckdb.DuckDBPyConnection], T], *, wait: bool) -> T | None:
+        """`work` on a cursor of its own, holding the lake's compaction lease (None: it was taken and
+        not `wait`). Work that still lost a conflict (a commit that slipped past its lease check)
+        is run again, now with every writer held."""
+        with self._compact_lock:
+            if not Lease.supported(self._conn):  # a DuckDB/SQLite catalog: one writer process, this one
+                with self._lock:
+                    return self._retrying(work)
+            with storage_errors(self.path):
+                lease = Lease(self._conn, COMPACTION_LEASE, seconds=self.lease_seconds)
+                if not lease.acquire(timeout=None if wait else 0):
+                    return None
             try:
-                time.sleep(SETTLE if lease is not None else 0)
-                cur = self._cursor()
-                try:
-                    return upkeep(cur, retention_seconds=retention_seconds)
-                finally:
-                    cur.close()
+                time.sleep(SETTLE)
+                return self._retrying(work)
             finally:
-                if lease is not None:
+                with storage_errors(self.path):
                     lease.release()
 
-    def _compact_retrying(self, *, full: bool) -> Compaction:
+    def _retrying(self, work: Callable[[duckdb.DuckDBPyConnection], T]) -> T:
         attempt = 0
         while True:
             with storage_errors(self.path):
                 cur = self._cursor()
                 try:
-                    return self._compact_on(cur, full=full)
+                    return work(cur)
                 except duckdb.Error as exc:
                     if not is_conflict(exc) or attempt >= CONFLICT_RETRIES:
                         raise
