@@ -137,9 +137,13 @@ class StoreBase:
         self._lock = threading.RLock()
         self._txn_version: int | None = None
         self.read_only = read_only
+        # a lake with a PostgreSQL catalog has the compaction lease (storage/lease.py); read once, at
+        # open: the compactor's thread must not run queries on the writer's connection
+        self.leased = False
         self._lease_cur: duckdb.DuckDBPyConnection | None = None
         try:
             self._prepare(read_only)
+            self.leased = self.lake and has_postgres(self._conn)
             if not read_only and not self.lake:
                 # DuckDB checkpoints when the WAL passes 16 MB by default, and a checkpoint's cost grows
                 # with the table: on 200k firehose frames COMMIT was over half of Store.apply. Durability
@@ -238,11 +242,9 @@ class StoreBase:
         """On a lake with a PostgreSQL catalog, hold this commit while a compactor holds the lease
         (storage/lease.py): its DELETEs would lose to our inserts. Checked on a cursor of its own,
         outside this transaction, whose Postgres reads would see a snapshot from its start."""
-        if not self.lake:
+        if not self.leased:
             return
         if self._lease_cur is None:
-            if not has_postgres(self._conn):
-                return
             self._lease_cur = self._conn.cursor()
         wait_free(self._lease_cur, COMPACTION_LEASE)
 

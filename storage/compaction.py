@@ -140,7 +140,7 @@ class Compacting(StoreBase):
         not `wait`). Work that still lost a conflict (a commit that slipped past its lease check)
         is run again, now with every writer held."""
         with self._compact_lock:
-            if not Lease.supported(self._conn):  # a DuckDB/SQLite catalog: one writer process, this one
+            if not self.leased:  # a DuckDB/SQLite catalog: one writer process, this one
                 with self._lock:
                     return self._retrying(work)
             with storage_errors(self.path):

@@ -20,7 +20,7 @@ A commit that slipped past its check into the compaction's window makes the comp
 is retried at once, and now every writer waits.
 
 Times are PostgreSQL's `clock_timestamp()`, so the writers' clocks do not matter. Only a lake with a
-PostgreSQL catalog has a lease; a DuckDB or SQLite catalog has one writer process (`supported`).
+PostgreSQL catalog has a lease; a DuckDB or SQLite catalog has one writer process (`StoreBase.leased`).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from typing import Final
 
 import duckdb
 
-from .lake import has_postgres, postgres_execute, postgres_query, quote
+from .lake import postgres_execute, postgres_query, quote
 
 __all__ = ["Lease", "SETTLE", "lease_remaining", "wait_free"]
 
@@ -61,10 +61,6 @@ class Lease:
         self.holder = f"{uuid.uuid4().hex}"
         self._renewer: threading.Thread | None = None
         self._stop = threading.Event()
-
-    @staticmethod
-    def supported(con: duckdb.DuckDBPyConnection) -> bool:
-        return has_postgres(con)
 
     def try_acquire(self) -> bool:
         """Take the lease if it is free or expired (or already ours); True when we hold it."""
