@@ -84,7 +84,7 @@ def fold_ops(commit: Commit, batch: Batch, want: Callable[[str], bool] | None) -
         if want is not None and not want(op.collection):
             continue
         if op.action == "delete":
-            batch.delete_record(did, op.collection, op.rkey)
+            batch.delete_record(did, op.collection, op.rkey, rev)
         elif op.record is not None and op.cid is not None:
             batch.put_record(did, op.collection, op.rkey, RecordPut(op.cid, rev, op.record, op.created_at, commit.time))
         # else: a create/update without its body (tooBig): the backfill brings it.

@@ -96,7 +96,7 @@ class _Fold:
             self.stats.skipped += 1
             return
         if m["op"] == "delete":
-            self.batch.delete_record(*key)
+            self.batch.delete_record(*key, rev=rev)
             self.live.pop(key, None)
             self.tombs[key] = self.new_tombs[key] = rev
         else:
@@ -153,7 +153,7 @@ class _Fold:
         # poll's puts; the snapshot's records at `rev` that come later in the poll put back
         # what they rewrite.
         for key in [k for k, r in self.live.items() if k[0] == did and (r is None or r < rev)]:
-            self.batch.delete_record(*key)
+            self.batch.delete_record(*key, rev=rev)
             del self.live[key]
 
 

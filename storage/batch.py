@@ -125,12 +125,20 @@ class Batch:
     events: int = 0                              # events folded into this batch
     # Unreduced change log in event order, kept only when something publishes it (Kafka).
     changes: list[Change] | None = None
+    # The rev of each delete in `records` (the commit that removed the key): on a lake, where two
+    # writers of one DID may commit in either order, the newest rev of a key wins (storage/records.py).
+    delete_revs: dict[RecordKey, str] = field(default_factory=dict)
 
     def put_record(self, did: str, collection: str, rkey: str, put: RecordPut) -> None:
         self.records[(did, collection, rkey)] = put
 
-    def delete_record(self, did: str, collection: str, rkey: str) -> None:
-        self.records[(did, collection, rkey)] = None
+    def delete_record(self, did: str, collection: str, rkey: str, rev: str | None = None) -> None:
+        key = (did, collection, rkey)
+        self.records[key] = None
+        if rev is not None:
+            self.delete_revs[key] = rev
+        else:
+            self.delete_revs.pop(key, None)
 
     def purge_did(self, did: str) -> None:
         for key in [k for k in self.records if k[0] == did]:

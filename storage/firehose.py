@@ -24,7 +24,7 @@ from .queries import COUNT_DESYNCHRONIZED_SQL
 from .records import append_deletes, append_purges, append_puts, next_version
 from .states import CoverageEnd
 
-__all__ = ["FirehoseWrites", "RECORD_SCHEMA", "KEY_SCHEMA", "REPO_SCHEMA", "REPO_FIELDS", "record_columns"]
+__all__ = ["FirehoseWrites", "RECORD_SCHEMA", "KEY_SCHEMA", "DELETE_SCHEMA", "REPO_SCHEMA", "REPO_FIELDS", "record_columns"]
 
 _TS = pa.timestamp("us", tz="UTC")
 
@@ -41,6 +41,8 @@ RECORD_SCHEMA = pa.schema(
     ]
 )
 KEY_SCHEMA = pa.schema([("did", pa.string()), ("collection", pa.string()), ("rkey", pa.string())])
+# a deletion: the key and the rev of the commit that removed it (None: unknown, see storage/records.py)
+DELETE_SCHEMA = KEY_SCHEMA.append(pa.field("rev", pa.string()))
 REPO_SCHEMA = pa.schema(
     [
         ("did", pa.string()),
@@ -77,6 +79,8 @@ def record_columns(batch: Batch) -> tuple[dict[str, list[Any]], dict[str, list[A
     puts["created_at"] = [p.created_at for p in put_rows]
     puts["event_at"] = [p.event_at for p in put_rows]
     dels: dict[str, list[Any]] = dict(zip(("did", "collection", "rkey"), _transpose(del_keys), strict=True))
+    revs = batch.delete_revs
+    dels["rev"] = [revs.get(key) for key in del_keys]
     return puts, dels
 
 
@@ -124,7 +128,7 @@ class FirehoseWrites(Compacting):
         if batch.purged_dids:
             append_purges(con, v, sorted(batch.purged_dids))
         if del_cols["did"]:
-            append_deletes(con, v, arrow_table(del_cols, KEY_SCHEMA), now)
+            append_deletes(con, v, arrow_table(del_cols, DELETE_SCHEMA), now)
         if puts_cols["did"]:
             append_puts(con, v, arrow_table(puts_cols, RECORD_SCHEMA), now)
         if batch.repos:

@@ -20,7 +20,7 @@ from skyfill.protocol.columns import RecordColumns
 from . import repos
 from .base import now_utc
 from .batch import Batch, Change, RecordChange, RepoChange
-from .firehose import KEY_SCHEMA, RECORD_SCHEMA, FirehoseWrites, record_columns
+from .firehose import DELETE_SCHEMA, RECORD_SCHEMA, FirehoseWrites, record_columns
 from .queue import mark_backfilled
 from .records import COUNT_STORED_SQL, STORED_CIDS_SQL, append_deletes, append_puts, next_version
 from .states import BackfillStatus, SyncState
@@ -226,8 +226,9 @@ class Reconciling(FirehoseWrites):
             v = next_version(con)
             if gone:
                 dels = pa.table(
-                    {"did": [did] * len(gone), "collection": [k[0] for k in gone], "rkey": [k[1] for k in gone]},
-                    schema=KEY_SCHEMA,
+                    {"did": [did] * len(gone), "collection": [k[0] for k in gone], "rkey": [k[1] for k in gone],
+                     "rev": [rev] * len(gone)},
+                    schema=DELETE_SCHEMA,
                 )
                 append_deletes(con, v, dels, now)
             kept: list[RecordColumns] = []

@@ -10,12 +10,22 @@ Why: a table with a primary key re-writes itself and its index at the COMMIT of 
                    purged, plus the newest log row per key when it is live and not purged since
 
 `v` comes from the `write_version` sequence, one value per reduced batch: a batch holds one
-write per key (storage/batch.py), so within a key the highest v is the newest. Base rows are
-older than every log row. Worked example, one key, then a compaction with upto_v = 7:
+write per key (storage/batch.py). Within a key the newest version is the one with the newest
+`rev` (the repo revision, a TID: it only grows), then the highest v; a deletion carries the rev
+of the commit that removed the key. Why not v alone: on a lake two processes writing one DID (a
+backfill beside the daemon, two backfills, a sink and a worker) take v in one order and may
+COMMIT in the other, and a backfill of an older repo rev must not win over a newer commit that
+committed first. On one DuckDB file, written one transaction at a time, revs of a key grow with
+v, so this is v order. A version without a rev (legacy, or a producer that did not say) takes
+the rev of the version of its key before it (`_r` in NEWEST_SQL): it wins over that one by v.
+The base row of a key wins over its newest log version only when its rev is strictly newer
+(on a file, base rows are older than every log row). Worked example, one key, then a compaction
+with upto_v = 7:
 
-    log (v=5, put X) (v=7, delete) (v=9, put Y)   -> view shows Y (newest, live)
+    log (v=5, put X @r1) (v=7, delete @r2) (v=9, put Y @r3)   -> view shows Y (newest, live)
     compaction takes v <= 7: base row of the key deleted, newest of v<=7 is a delete (nothing
     inserted), log rows v<=7 deleted -> log (v=9, put Y), view still shows Y.
+    On a lake (v=11, put Z @r0) committing late -> the view still shows Y: r3 > r0.
 
 Compaction runs on its own cursor and transaction; writers only append, and only compaction
 deletes, so the two never touch the same rows and never conflict.
@@ -41,6 +51,7 @@ __all__ = [
     "append_deletes",
     "append_purges",
     "STORED_CIDS_SQL",
+    "NEWEST_SQL",
     "COUNT_STORED_SQL",
     "RecordCompaction",
     "compact_records",
@@ -64,6 +75,15 @@ _TO_BASE = ("did, collection, rkey, cid, rev, record, created_off(created_at, ev
             "created_raw(created_at, event_at), indexed_at, event_at")
 
 STORED_CIDS_SQL = "SELECT collection, rkey, cid FROM records WHERE did = ?"
+
+# The newest version of each key among the log rows matching {where}, by (rev, v): `_r` is the
+# row's rev, or when it has none the newest rev before it (see the module docstring). The same
+# rule as the `records` view (storage/views.sql).
+NEWEST_SQL = """SELECT * FROM (
+    SELECT *, coalesce(rev, max(rev) OVER (PARTITION BY did, collection, rkey ORDER BY v
+                                           ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING)) AS _r
+    FROM record_log WHERE {where}
+) QUALIFY row_number() OVER (PARTITION BY did, collection, rkey ORDER BY _r DESC NULLS LAST, v DESC) = 1"""
 COUNT_STORED_SQL = "SELECT count(*) FROM records WHERE did = ?"
 
 
@@ -92,12 +112,14 @@ def append_puts(con: duckdb.DuckDBPyConnection, v: int, table: pa.Table, now: da
 
 
 def append_deletes(con: duckdb.DuckDBPyConnection, v: int, keys: pa.Table, now: datetime) -> None:
-    """Append deletions of the (did, collection, rkey) keys of `keys`."""
+    """Append deletions of the (did, collection, rkey) keys of `keys`, at the rev of its `rev`
+    column (the commit that removed the key; without the column, or null: unknown)."""
+    rev = "rev" if "rev" in keys.schema.names else "NULL"
     con.register("_dels", keys)
     try:
         con.execute(
-            "INSERT INTO record_log (v, did, collection, rkey, indexed_at) "
-            "SELECT ?, did, collection, rkey, ? FROM _dels",
+            "INSERT INTO record_log (v, did, collection, rkey, rev, indexed_at) "
+            f"SELECT ?, did, collection, rkey, {rev}, ? FROM _dels",
             [v, now],
         )
     finally:
@@ -134,25 +156,36 @@ def compact_records(con: duckdb.DuckDBPyConnection, upto_v: int) -> RecordCompac
             "DELETE FROM record_base WHERE did IN (SELECT did FROM record_purges WHERE v <= ?)", [upto_v]))
     inserted = 0
     if log_rows:
-        in_base = _logged_dids_in_base(con, upto_v)
-        if in_base is None or in_base:
+        # the newest version of each logged key by (rev, v): NEWEST_SQL, the view's rule
+        con.execute(f"CREATE OR REPLACE TEMP TABLE _newest AS SELECT v, did, collection, rkey, _r FROM ({NEWEST_SQL.format(where='v <= $v')})",
+                    {"v": upto_v})
+        try:
+            in_base = _logged_dids_in_base(con, upto_v)
             # Named parameters: DuckDB 1.5 numbers the `?` of a USING subquery after the WHERE's.
             dids = {f"d{i}": did for i, did in enumerate(in_base or ())}
-            only = f" AND b.did IN ({', '.join('$' + name for name in dids)})" if dids else ""
-            deleted += _count(con.execute(
-                "DELETE FROM record_base b USING (SELECT DISTINCT did, collection, rkey FROM record_log WHERE v <= $v) l "
-                "WHERE b.did = l.did AND b.collection = l.collection AND b.rkey = l.rkey" + only,
+            only = f"b.did IN ({', '.join('$' + name for name in dids)})" if dids else "b.did IN (SELECT did FROM _newest)"
+            kept = "TRUE"
+            if in_base is None or in_base:
+                # a base row stays only when its rev is strictly newer than its key's newest version
+                deleted += _count(con.execute(
+                    "DELETE FROM record_base b USING _newest l "
+                    "WHERE b.did = l.did AND b.collection = l.collection AND b.rkey = l.rkey "
+                    f"AND NOT coalesce(b.rev > l._r, false) AND {only}",
+                    dids,
+                ))
+                kept = (f"NOT EXISTS (SELECT 1 FROM record_base b WHERE {only} AND b.did = n.did "
+                        "AND b.collection = n.collection AND b.rkey = n.rkey)")
+            inserted = _count(con.execute(
+                f"INSERT INTO record_base ({BASE_COLUMNS}) "
+                f"SELECT {_TO_BASE} FROM (SELECT r.* FROM record_log r SEMI JOIN _newest n "
+                "ON r.v = n.v AND r.did = n.did AND r.collection = n.collection AND r.rkey = n.rkey) n "
+                "WHERE n.cid IS NOT NULL "
+                "AND NOT EXISTS (SELECT 1 FROM record_purges p WHERE p.did = n.did AND p.v > n.v AND p.v <= $v) "
+                f"AND {kept} ORDER BY did, collection, rkey",
                 {"v": upto_v, **dids},
             ))
-        inserted = _count(con.execute(
-            f"INSERT INTO record_base ({BASE_COLUMNS}) "
-            f"SELECT {_TO_BASE} FROM (SELECT * FROM record_log WHERE v <= $v "
-            "QUALIFY row_number() OVER (PARTITION BY did, collection, rkey ORDER BY v DESC) = 1) n "
-            "WHERE n.cid IS NOT NULL "
-            "AND NOT EXISTS (SELECT 1 FROM record_purges p WHERE p.did = n.did AND p.v > n.v AND p.v <= $v) "
-            "ORDER BY did, collection, rkey",
-            {"v": upto_v},
-        ))
+        finally:
+            con.execute("DROP TABLE IF EXISTS _newest")
         con.execute("DELETE FROM record_log WHERE v <= ?", [upto_v])
     if purges:
         con.execute("DELETE FROM record_purges WHERE v <= ?", [upto_v])

@@ -17,7 +17,10 @@ set taken by `k` is a superset, merged per `did`, so a shared key costs a read, 
 
 Merge rule (the view and `compact` share it): per DID and group, the log row of that group with
 the highest v wins, else the base row (version 0), else the other group's newest row (its
-defaults). `first_seen_at` is write-once: the oldest stored value (base, else the lowest v).
+defaults); but the repo's version (`REV_FIELDS`) comes from the head row (log or base) with the
+newest rev, then the highest v (a row without a rev never wins it): on a lake two writers of one
+DID may commit in the other order than they took v, and the newest rev must win (records.py).
+`first_seen_at` is write-once: the oldest stored value (base, else the lowest v).
 A transaction writes at most one row per (did, part): versions are one per transaction.
 
 `compact(con, upto_v)` folds log rows with v <= upto_v into the base; it only deletes base rows
@@ -41,7 +44,7 @@ from .lake import run_ddl
 __all__ = [
     "HEAD_FIELDS", "BACKFILL_FIELDS", "REPO_COLUMNS", "REPOS_DDL", "create_repos", "is_v1", "migrate_v1",
     "append_head", "append_head_row", "append_backfill", "current_rows", "point_sql", "merge_point", "resort", "current_row", "compact",
-    "count_heads_sql", "migrate_v4", "subset_sql", "KEY_SQL",
+    "count_heads_sql", "migrate_v4", "subset_sql", "KEY_SQL", "REV_FIELDS",
 ]
 
 log = logging.getLogger(__name__)
@@ -78,6 +81,8 @@ _HEAD, _BACKFILL = "head", "backfill"
 # the DID's key (see the module docstring): md5 is stable across DuckDB versions, unlike hash()
 KEY_SQL: Final = "md5_number_lower(did)"
 _MERGED_HEAD: Final = tuple(c for c in HEAD_FIELDS if c != "first_seen_at")
+# the head columns that name the repo's version: merged by (rev, v), the others by v (module docstring)
+REV_FIELDS: Final = ("rev", "data_cid", "commit_cid")
 # repo_base keeps these binary (storage/cids.py's cid_bin: a dag-cbor CID's 32-byte digest, ~2 B a
 # record fewer at 10 records a DID); repo_log and the view keep the text
 _BINARY_CIDS: Final = ("data_cid", "commit_cid")
@@ -137,17 +142,18 @@ def _merged_sql(keys: str, log_where: str = "TRUE") -> str:
     DID is a group of its own, its base row unchanged."""
     cols = ", ".join(_COLUMNS)
     out = ", ".join(
-        [f"arg_max_null({c}, hv) AS {c}" for c in _MERGED_HEAD]
+        [f"arg_max_null({c}, {'rv' if c in REV_FIELDS else 'hv'}) AS {c}" for c in _MERGED_HEAD]
         + ["arg_min(first_seen_at, v) AS first_seen_at"]
         + [f"arg_max_null({c}, fv) AS {c}" for c in BACKFILL_FIELDS]
     )
     return f"""SELECT did, {out} FROM (
+    SELECT *, struct_pack(r := CASE WHEN hv >= 0 THEN coalesce(rev, '') ELSE '' END, v := hv) AS rv FROM (
     SELECT did, 0 AS v, 0 AS hv, 0 AS fv, {_from_base(_COLUMNS)} FROM repo_base
     WHERE k IN ({keys})
     UNION ALL
     SELECT did, v, CASE WHEN part = '{_HEAD}' THEN v ELSE -1 END, CASE WHEN part = '{_BACKFILL}' THEN v ELSE -1 END,
            {cols} FROM repo_log WHERE {log_where}
-) GROUP BY did"""
+)) GROUP BY did"""
 
 
 # Base rows whose key no log row has, and the merge of every base row whose key a log row has
@@ -331,9 +337,13 @@ def merge_point(columns: Sequence[str], rows: Sequence[tuple[Any, ...]]) -> tupl
     """The view's values of `columns` (head columns only) from `point_sql`'s rows, or None."""
     if not rows:
         return None
-    base = rows[0][2:] if rows[0][1] == "base" else None
-    heads = [row[2:] for row in rows if row[1] == _HEAD]
-    values = list(heads[-1] if heads else base if base is not None else rows[-1][2:])
+    heads = [row[2:] for row in rows if row[1] in (_HEAD, "base")]
+    values = list(heads[-1] if heads else rows[-1][2:])
+    if "rev" in columns and heads:  # the repo's version: the newest rev, then the newest v
+        at = [list(columns).index(c) for c in REV_FIELDS if c in columns]
+        newest = max(enumerate(heads), key=lambda row: (row[1][at[0]] or "", row[0]))[1]
+        for i in at:
+            values[i] = newest[i]
     if "first_seen_at" in columns:  # write-once: the oldest stored value (the base's, else the lowest v)
         at = list(columns).index("first_seen_at")
         values[at] = rows[0][2:][at]

@@ -123,11 +123,12 @@ def test_a_file_with_the_refs_column_is_migrated_on_open(tmp_path: Path) -> None
 
 
 # The view's merge as it was before the per-column aggregates (one struct per column group),
-# kept here as the oracle the new view must equal.
+# kept here as the oracle the new view must equal; the repo's version (repos.REV_FIELDS) from
+# the head row with the newest rev, then v (a row without a rev never gives it).
 def _struct_merged() -> str:
     cols = ", ".join(repos.REPO_COLUMNS[1:])
     head = [c for c in repos.HEAD_FIELDS if c != "first_seen_at"]
-    out = ", ".join([f"h.{c} AS {c}" for c in head] + ["first_seen_at"]
+    out = ", ".join([f"{'r' if c in repos.REV_FIELDS else 'h'}.{c} AS {c}" for c in head] + ["first_seen_at"]
                     + [f"f.{c} AS {c}" for c in repos.BACKFILL_FIELDS])
     return f"""
 SELECT did, {cols} FROM repo_base b WHERE b.did NOT IN (SELECT did FROM repo_log)
@@ -135,12 +136,15 @@ UNION ALL
 SELECT did, {out} FROM (
     SELECT did, arg_max(struct_pack({", ".join(f"{c} := {c}" for c in head)}), hv) AS h,
            arg_max(struct_pack({", ".join(f"{c} := {c}" for c in repos.BACKFILL_FIELDS)}), fv) AS f,
+           arg_max(struct_pack({", ".join(f"{c} := {c}" for c in repos.REV_FIELDS)}), rv) AS r,
            arg_min(first_seen_at, v) AS first_seen_at
     FROM (
-        SELECT did, 0 AS v, 0 AS hv, 0 AS fv, {cols} FROM repo_base WHERE did IN (SELECT did FROM repo_log)
+        SELECT did, 0 AS v, 0 AS hv, 0 AS fv, {cols}, struct_pack(r := coalesce(rev, ''), v := 0) AS rv
+    FROM repo_base WHERE did IN (SELECT did FROM repo_log)
         UNION ALL
         SELECT did, v, CASE WHEN part = 'head' THEN v ELSE -1 END, CASE WHEN part = 'backfill' THEN v ELSE -1 END,
-               {cols} FROM repo_log
+               {cols}, struct_pack(r := CASE WHEN part = 'head' THEN coalesce(rev, '') ELSE '' END,
+                  v := CASE WHEN part = 'head' THEN v ELSE -1 END) AS rv FROM repo_log
     ) GROUP BY did
 )"""
 

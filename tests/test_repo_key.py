@@ -30,19 +30,22 @@ def h(hours: int) -> datetime:
 
 
 # The view as it was before the key: base rows of DIDs without a log row, the merge of every
-# logged DID, both by `did` (the oracle the keyed reads must equal).
+# logged DID, both by `did` (the oracle the keyed reads must equal); the repo's version
+# (repos.REV_FIELDS) from the head row with the newest rev, then v.
 def _by_did() -> str:
     cols = ", ".join(repos.REPO_COLUMNS[1:])
-    out = ", ".join([f"arg_max_null({c}, hv) AS {c}" for c in _HEAD] + ["arg_min(first_seen_at, v) AS first_seen_at"]
+    out = ", ".join([f"arg_max_null({c}, {'rv' if c in repos.REV_FIELDS else 'hv'}) AS {c}" for c in _HEAD] + ["arg_min(first_seen_at, v) AS first_seen_at"]
                     + [f"arg_max_null({c}, fv) AS {c}" for c in repos.BACKFILL_FIELDS])
     return f"""
 SELECT did, {cols} FROM repo_base WHERE did NOT IN (SELECT did FROM repo_log)
 UNION ALL
 SELECT did, {out} FROM (
-    SELECT did, 0 AS v, 0 AS hv, 0 AS fv, {cols} FROM repo_base WHERE did IN (SELECT did FROM repo_log)
+    SELECT did, 0 AS v, 0 AS hv, 0 AS fv, {cols}, struct_pack(r := coalesce(rev, ''), v := 0) AS rv
+    FROM repo_base WHERE did IN (SELECT did FROM repo_log)
     UNION ALL
     SELECT did, v, CASE WHEN part = 'head' THEN v ELSE -1 END, CASE WHEN part = 'backfill' THEN v ELSE -1 END,
-           {cols} FROM repo_log
+           {cols}, struct_pack(r := CASE WHEN part = 'head' THEN coalesce(rev, '') ELSE '' END,
+                  v := CASE WHEN part = 'head' THEN v ELSE -1 END) AS rv FROM repo_log
 ) GROUP BY did"""
 
 

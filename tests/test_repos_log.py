@@ -205,7 +205,7 @@ def _v1_file(path: Path) -> list[tuple[Any, ...]]:
     con.execute(
         "INSERT INTO repos (did, rev, data_cid, last_seq, last_event_at, handle, active, status, sync_state, "
         "desync_reason, first_seen_at, backfill_status, backfill_attempts, backfilled_rev) "
-        "SELECT 'did:plc:' || md5(i::VARCHAR)[:24], '3l' || i, 'bafy' || i, i, TIMESTAMPTZ '2026-01-01' + i * "
+        "SELECT 'did:plc:' || md5(i::VARCHAR)[:24], '3l' || lpad(i::VARCHAR, 11, '0'), 'bafy' || i, i, TIMESTAMPTZ '2026-01-01' + i * "
         "INTERVAL 1 SECOND, CASE WHEN i % 2 = 0 THEN 'h' || i END, i % 5 <> 0, CASE WHEN i % 5 = 0 THEN "
         "'deactivated' ELSE 'active' END, CASE WHEN i % 3 = 0 THEN 'desynchronized' ELSE 'synchronized' END, "
         "CASE WHEN i % 3 = 0 THEN 'since_mismatch' END, TIMESTAMPTZ '2025-01-01' + i * INTERVAL 1 MINUTE, "
