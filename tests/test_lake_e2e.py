@@ -255,7 +255,9 @@ def test_daemon_two_sinks_and_two_workers_write_one_lake_equal_to_get_repo(
         mine = store.fetchall(RECORDS)
         counts = {"repos": store.fetchall("SELECT count(*) FROM repos")[0][0],
                   "records": store.fetchall("SELECT count(*) FROM records")[0][0],
-                  "collections": dict(store.fetchall("SELECT collection, count(*) FROM records GROUP BY 1"))}
+                  "collections": dict(store.fetchall("SELECT collection, count(*) FROM records GROUP BY 1")),
+                  "backfilled": store.fetchall("SELECT count(*) FROM repos WHERE backfill_status = 'ok' "
+                                               "AND backfilled_at IS NOT NULL")[0][0]}
 
     # `skyfill export` from the lake: the same rows, in Parquet
     exported = tmp_path / "export"
@@ -286,6 +288,12 @@ def test_daemon_two_sinks_and_two_workers_write_one_lake_equal_to_get_repo(
             assert [(c_["source"], c_["seq"]) for c_ in status["cursors"]] == cursors and cursors[0][1] >= target
         finally:
             plain.close()
+
+        # the sinks recorded the workers' backfills in the lake's repo rows: gaps no longer asks for them
+        after = json.loads(procs.run("gaps", *lake.flags, "--start", since.isoformat(), "--end",
+                                     (datetime.now(UTC) + timedelta(minutes=5)).isoformat(), "--no-audit", "--json"))
+        assert {d for d, reasons in after["dids"].items() if "never_backfilled" in reasons} & set(dids) == set()
+        assert counts["backfilled"] == len(dids)
 
         # `skyfill backfill` straight into a second lake (no Kafka, no daemon) ends equal too
         direct = Lake(postgres_cluster, tmp_path)
