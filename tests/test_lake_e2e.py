@@ -261,8 +261,7 @@ def test_daemon_two_sinks_and_two_workers_write_one_lake_equal_to_get_repo(
 
     # `skyfill export` from the lake: the same rows, in Parquet
     exported = tmp_path / "export"
-    procs_env = {"SKYFILL_PLC_URL": pds_network.plc_url, "SKYFILL_ALLOW_PRIVATE_HOSTS": "1"}
-    with processes(tmp_path, procs_env) as procs:
+    with processes(tmp_path, env) as procs:
         procs.run("export", *lake.flags, "--parquet", str(exported))
         table = pq.read_table(exported, partitioning="hive")
         rows = sorted(zip(table["did"].to_pylist(), [str(x) for x in table["collection"].to_pylist()],
@@ -295,10 +294,16 @@ def test_daemon_two_sinks_and_two_workers_write_one_lake_equal_to_get_repo(
         assert {d for d, reasons in after["dids"].items() if "never_backfilled" in reasons} & set(dids) == set()
         assert counts["backfilled"] == len(dids)
 
-        # `skyfill backfill` straight into a second lake (no Kafka, no daemon) ends equal too
-        direct = Lake(postgres_cluster, tmp_path)
+        # `skyfill backfill` straight into a second lake (no Kafka, no daemon) ends equal too, and so does a
+        # worker whose working store is a lake (a new group: the same requests again), at the same time
+        direct, solo = Lake(postgres_cluster, tmp_path), Lake(postgres_cluster, tmp_path)
+        Store(solo.db).close()
+        worker = procs.spawn("solo", "backfill-worker", *solo.flags, "--group-id", "solo", "--exit-when-idle")
         summary = json.loads(procs.run("backfill", *direct.flags, "--dids", ",".join(dids), "--json"))
         assert summary["repos_ok"] == len(dids), summary
-    with Store(direct.db, read_only=True) as store:
-        assert mirror_diff(store, c, dids) == []
-        assert store.fetchall("SELECT count(*) FROM repos WHERE backfill_status = 'ok'")[0][0] == len(dids)
+        assert worker.wait(300) == 0, procs.log("solo").read_text()[-4000:]
+        assert int(procs.output("solo").split()[1]) >= len(dids)  # "backfilled N requested repos"
+    for backfilled in (direct, solo):
+        with Store(backfilled.db, read_only=True) as store:
+            assert mirror_diff(store, c, dids) == []
+            assert store.fetchall("SELECT count(*) FROM repos WHERE backfill_status = 'ok'")[0][0] == len(dids)
