@@ -309,8 +309,9 @@ async def test_the_sink_records_backfills_and_an_older_replay_moves_nothing_back
         mirror.enqueue({did: ["never_backfilled"]})
         async with Sink(mirror, bs, group_id="marks", max_poll_records=1, session_timeout_ms=FAST) as sink:
             await sink.run(exit_when_idle=True)
-        assert mirror.fetchall("SELECT rev, backfill_status, strftime(backfilled_at AT TIME ZONE 'UTC', '%Y-%m-%d'), "
-                               "backfilled_rev, backfill_run FROM repos") == [(_tid(3), "ok", "2024-05-02", _tid(2), "run-2")]
+        marks = mirror.fetchall("SELECT rev, backfill_status, strftime(backfilled_at AT TIME ZONE 'UTC', '%Y-%m-%d'), "
+                                "backfilled_rev, backfill_run FROM repos")
+        assert marks == [(_tid(3), "ok", "2024-05-02", _tid(2), "run-2")]
         assert mirror.fetchall("SELECT state FROM backfill_queue") == [("done",)]
 
 
