@@ -1,6 +1,9 @@
 """The ad-hoc commands (`skyfill status|gaps|backfill`): through a running daemon when one holds
 the database (DuckDB lets one process write a file), on the file itself otherwise.
 
+A lake (`--db ducklake:...`) has many writers and readers: `status` reads it directly even while a
+daemon writes it, and opening it proves nothing about a daemon's announcement (so it stays).
+
 Each takes configs already built from the user's options. `daemon_options` are the backfill
 options the user set explicitly (a flat mapping, `skyfill.backfill.config.OPTIONS` names): only
 those go to a running daemon, whose own settings fill in the rest.
@@ -18,6 +21,7 @@ from skyfill.backfill.backfiller import BackfillSummary
 from skyfill.backfill.config import BackfillConfig
 from skyfill.errors import ConfigError, SkyfillError, StorageError
 from skyfill.storage import Store, schema_version_of
+from skyfill.storage.lake import is_lake
 from skyfill.storage.status import status_report
 
 from .daemon_client import call_daemon, find_daemon, remove_announcement
@@ -31,6 +35,8 @@ __all__ = ["open_store", "status", "status_html", "gaps", "backfill", "migrate",
 def open_store(db: str) -> Store:
     """Open `db` for writing; holding it proves any daemon announcement beside it stale."""
     store = Store(db)
+    if is_lake(db):  # any number of processes open a lake: a daemon may well be writing it
+        return store
     try:
         remove_announcement(db)
     except SkyfillError:
@@ -41,11 +47,12 @@ def open_store(db: str) -> Store:
 
 def status(db: str) -> dict[str, Any]:
     """Cursor, lag, repos by state, records by collection (`storage.status.status_report`)."""
-    daemon = find_daemon(db)
+    daemon = None if is_lake(db) else find_daemon(db)
     if daemon is not None:
         return call_daemon(daemon, "/status", timeout=30)
     with Store(db, read_only=True) as store:
-        remove_announcement(db)  # we hold the file: an announcement beside it is stale
+        if not is_lake(db):
+            remove_announcement(db)  # we hold the file: an announcement beside it is stale
         try:
             return status_report(store)
         except StorageError as exc:

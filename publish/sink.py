@@ -16,6 +16,9 @@ is idempotent by (did, collection, rkey, rev):
   skipped (`sink_snapshots`). The snapshot's own records at R, and anything newer, stay. The
   two topics are not ordered, so the repo message may be applied before or after its records:
   either way the result is the repo at R plus newer changes.
+- a repo message `kind: "backfill"` (a backfill completed elsewhere, at its `time`, in its `run`)
+  records the DID as backfilled in the mirror's repo row, unless the row already holds a later
+  backfill: so `skyfill gaps` on a sink's mirror knows what the workers did.
 Worked example, one DID, records topic read as  c1(rev 1) u2(rev 2) d3(rev 3) u2(rev 2, a replay):
     c1 -> put rev 1;  u2 -> put rev 2;  d3 -> delete, tombstone rev 3;  u2 -> 2 < 3, skipped.
 """
@@ -26,6 +29,7 @@ import asyncio
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 import orjson
@@ -76,7 +80,9 @@ class _Fold:
     tombs: dict[RecordKey, str | None]         # rev of the delete that removed the key
     repos: dict[str, _RepoSeen]
     snapshots: dict[str, str]                  # did -> rev of the newest snapshot applied
+    backfilled_at: dict[str, datetime]         # did -> the stored (or this poll's) backfilled_at
     batch: Batch = field(default_factory=Batch)
+    new_backfills: dict[str, tuple[str | None, datetime, str | None]] = field(default_factory=dict)
     new_snapshots: dict[str, str] = field(default_factory=dict)
     new_tombs: dict[RecordKey, str | None] = field(default_factory=dict)
     stats: SinkStats = field(default_factory=SinkStats)
@@ -117,6 +123,8 @@ class _Fold:
 
     def repo(self, m: dict[str, Any]) -> None:
         did, rev, seq = m["did"], m.get("rev"), m.get("seq")
+        if m.get("kind") == "backfill":
+            self._backfilled(did, rev, m.get("time"), m.get("run"))
         if m.get("snapshot") and m.get("kind") == "backfill" and rev is not None:
             self._snapshot(did, rev)
         seen = self.repos.get(did)
@@ -143,6 +151,18 @@ class _Fold:
         self.repos[did] = _RepoSeen(rev, keep_seq, keep_at, m["status"])
         self.stats.applied += 1
 
+
+    def _backfilled(self, did: str, rev: str | None, time: Any, run: Any) -> None:
+        """Record the backfill that ended at `time`, unless a later one is recorded (a replay of an
+        older message never moves backfilled_at back)."""
+        try:
+            at = datetime.fromisoformat(time)
+        except (TypeError, ValueError):
+            return  # no usable time: the backfill cannot be ordered against the stored one
+        if at.tzinfo is None or not (did not in self.backfilled_at or self.backfilled_at[did] < at):
+            return
+        self.backfilled_at[did] = at
+        self.new_backfills[did] = (rev, at, run if isinstance(run, str) else None)
 
     def _snapshot(self, did: str, rev: str) -> None:
         """The repo at `rev` is exactly the snapshot's records: drop what is older and not in it."""
@@ -250,6 +270,7 @@ class Sink:
         # marks likewise only ever make older messages skip.
         self.store.write_sink_marks(fold.new_tombs, fold.new_snapshots)
         self.store.apply(fold.batch)
+        self.store.record_backfills(fold.new_backfills)  # after the rows they describe
         fold.stats.invalid = invalid
         self.stats.applied += fold.stats.applied
         self.stats.skipped += fold.stats.skipped
@@ -266,6 +287,7 @@ class Sink:
         live: dict[RecordKey, str | None] = {}
         tombs: dict[RecordKey, str | None] = {}
         seen: dict[str, _RepoSeen] = {}
+        backfilled_at: dict[str, datetime] = {}
         snapshots: dict[str, str] = {}
         with self.store.read() as reader:
             if snapshot_dids:
@@ -296,12 +318,14 @@ class Sink:
                             tombs[(did, col, rkey)] = trev
             if dids:
                 with reader.registered("_d", pa.table({"did": dids})):
-                    for did, rev, seq, at, status in reader.fetchall(
+                    for did, rev, seq, at, status, backfilled in reader.fetchall(
                         "SELECT did, rev, last_seq, strftime(last_event_at AT TIME ZONE 'UTC', "
-                        "'%Y-%m-%dT%H:%M:%S.%fZ'), status FROM repos WHERE did IN (SELECT did FROM _d)"
+                        "'%Y-%m-%dT%H:%M:%S.%fZ'), status, backfilled_at FROM repos WHERE did IN (SELECT did FROM _d)"
                     ):
                         seen[did] = _RepoSeen(rev, seq, at, status)
-        return _Fold(live=live, tombs=tombs, repos=seen, snapshots=snapshots)
+                        if backfilled is not None:
+                            backfilled_at[did] = backfilled
+        return _Fold(live=live, tombs=tombs, repos=seen, snapshots=snapshots, backfilled_at=backfilled_at)
 
 
 def _has_key(m: dict[str, Any]) -> bool:

@@ -240,6 +240,26 @@ class BackfillQueue(StoreBase):
         self._note_appended(2)
         return result
 
+    def record_backfills(self, done: Mapping[str, tuple[str | None, datetime, str | None]]) -> None:
+        """Backfills another process completed, did -> (rev, when, run): what `skyfill sink` reads from
+        the repo messages `kind: backfill` (a worker's snapshot). Each repo row records ok as the local
+        reconcile's `mark_backfilled` does, and a queued DID is done; one transaction."""
+        if not done:
+            return
+
+        def body(con: duckdb.DuckDBPyConnection) -> None:
+            v = self._version(con)
+            for did, (rev, at, run) in done.items():
+                group = {"backfill_status": BackfillStatus.OK.value, "backfill_error": None, "backfill_attempts": 0,
+                         "backfill_retry_after": None, "backfilled_at": at, "backfilled_rev": rev, "backfill_run": run}
+                repos.append_backfill(con, v, did, group, first_seen_at=at)
+            queued = queue_log.current(con, list(done))
+            queue_log.append(con, v, [row | {"state": QueueState.DONE.value, "error": None, "updated_at": done[did][1]}
+                                      for did, row in queued.items()])
+
+        self._txn(body)
+        self._note_appended(2 * len(done))
+
     def defer_backfill(self, did: str, retry_after: datetime, *, error: str | None = None) -> None:
         """pending again at `retry_after` (the host's rate-limit park ends), no attempt counted.
 

@@ -8,6 +8,7 @@ in flight per partition. The idempotent path is exercised only against a real Ka
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -290,6 +291,28 @@ async def test_sink_mirror_equals_a_store_fed_directly(kafka_broker: KafkaBroker
         await sink3.run(exit_when_idle=True)
     assert _state(mirror) == want
     mirror.close()
+
+
+async def test_the_sink_records_backfills_and_an_older_replay_moves_nothing_back(
+    kafka_broker: KafkaBroker, tmp_path: Path
+) -> None:
+    """A repo message kind backfill (a worker's snapshot) marks the DID backfilled in the sink's mirror,
+    so `skyfill gaps` there knows; a replayed older one, read later, does not move the mark back."""
+    bs, did = kafka_broker.bootstrap, _did(77)
+    later = dataclasses.replace(repo(did, 2, seq=None, kind="backfill", source="backfill"),
+                                time="2024-05-02T12:00:00.000Z", snapshot=True, run="run-2")
+    older = dataclasses.replace(later, rev=_tid(1), time="2024-05-01T12:00:00.000Z", run="run-1")
+    async with KafkaPublisher(bs, create_partitions=1) as publisher:
+        for change in (later, older, repo(did, 3, seq=9)):  # three polls (max_poll_records=1), in this order
+            await publisher.publish([change])
+    with Store(tmp_path / "mirror.duckdb") as mirror:
+        mirror.enqueue({did: ["never_backfilled"]})
+        async with Sink(mirror, bs, group_id="marks", max_poll_records=1, session_timeout_ms=FAST) as sink:
+            await sink.run(exit_when_idle=True)
+        marks = mirror.fetchall("SELECT rev, backfill_status, strftime(backfilled_at AT TIME ZONE 'UTC', '%Y-%m-%d'), "
+                                "backfilled_rev, backfill_run FROM repos")
+        assert marks == [(_tid(3), "ok", "2024-05-02", _tid(2), "run-2")]
+        assert mirror.fetchall("SELECT state FROM backfill_queue") == [("done",)]
 
 
 # -- backfill workers -----------------------------------------------------------------------------
