@@ -135,7 +135,7 @@ def frozen_when(proc: subprocess.Popen[bytes], window: Callable[[], bool], more:
 def test_a_lake_writer_killed_mid_commit_loses_nothing_and_applies_nothing_twice(
     postgres_cluster: PostgresCluster, tmp_path: Path
 ) -> None:
-    frames = world_frames(31, 12, 2400)
+    frames = world_frames(31, 12, 1500)
     lake = Lake(postgres_cluster, tmp_path)
     log = tmp_path / "consume.log"
     published = CHUNK
