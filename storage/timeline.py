@@ -6,7 +6,7 @@
                 queue rows done in the window by the reason they were enqueued for
     queue       the backfill queue by host and state (the `host` the queue recorded at enqueue)
 
-All of it reads `coverage`, the `repos` view and the `backfill_queue` view once each; times are
+It reads `coverage` and the `repos` view once each, the `backfill_queue` view three times; times are
 aware UTC datetimes.
 """
 
@@ -72,11 +72,20 @@ ORDER BY id
 # (both floats the caller computed, formatted in: no user text reaches the SQL)
 _BUCKET = "to_timestamp({s0!r} + floor((epoch({col}) - {s0!r}) / {step!r}) * {step!r})"
 
+# One read of the `repos` view for the window's repairs AND the retrying count: on a lake every read of
+# the view folds repo_log (many small Parquet files under a busy writer) again. A row outside the
+# window (a retrying repo) has no bucket (NULL) and counts only as retrying.
 _REPAIRED_SQL = f"""
-SELECT {{bucket_backfilled}} AS b,
-       count(*) FILTER (WHERE backfill_status = '{BackfillStatus.OK.value}'),
-       count(*) FILTER (WHERE backfill_status IS DISTINCT FROM '{BackfillStatus.OK.value}')
-FROM repos WHERE backfilled_at >= ? AND backfilled_at <= ?
+SELECT CASE WHEN in_window THEN {{bucket_backfilled}} END AS b,
+       count(*) FILTER (WHERE in_window AND ok),
+       count(*) FILTER (WHERE in_window AND NOT ok),
+       count(*) FILTER (WHERE retrying)
+FROM (
+    SELECT backfilled_at, coalesce(backfilled_at >= ? AND backfilled_at <= ?, false) AS in_window,
+           coalesce(backfill_status = '{BackfillStatus.OK.value}', false) AS ok,
+           coalesce(backfill_status = '{BackfillStatus.RETRYING.value}', false) AS retrying
+    FROM repos WHERE (backfilled_at >= ? AND backfilled_at <= ?) OR backfill_status = '{BackfillStatus.RETRYING.value}'
+)
 GROUP BY 1 ORDER BY 1
 """
 
@@ -97,10 +106,6 @@ _QUEUE_BY_HOST_SQL = """
 SELECT coalesce(host, '(unknown)') AS h, state, count(*) FROM backfill_queue GROUP BY 1, 2
 """
 
-_RETRYING_SQL = f"""
-SELECT count(*) FROM repos WHERE backfill_status = '{BackfillStatus.RETRYING.value}'
-"""
-
 
 def timeline_report(reader: _Reads, *, since: datetime, until: datetime, buckets: int = 48,
                     max_hosts: int = 20) -> Timeline:
@@ -116,7 +121,11 @@ def timeline_report(reader: _Reads, *, since: datetime, until: datetime, buckets
     bucket = {"bucket_backfilled": _BUCKET.format(s0=s0, step=step, col="backfilled_at"),
               "bucket_updated": _BUCKET.format(s0=s0, step=step, col="updated_at")}
     per_bucket: dict[datetime, list[int]] = {}
-    for b, ok, failed in reader.fetchall(_REPAIRED_SQL.format(**bucket), window):
+    retrying = 0
+    for b, ok, failed, retry in reader.fetchall(_REPAIRED_SQL.format(**bucket), window + window):
+        retrying += retry
+        if b is None:
+            continue
         counts = per_bucket.setdefault(b, [0, 0])
         counts[0] += ok
         counts[1] += failed
@@ -143,7 +152,7 @@ def timeline_report(reader: _Reads, *, since: datetime, until: datetime, buckets
         repaired_failed=sum(failed for _, _, failed in buckets_out),
         repaired_by_reason=dict(reader.fetchall(_BY_REASON_SQL, window)),
         queue_by_host=tuple(shown),
-        retrying=reader.fetchall(_RETRYING_SQL)[0][0],
+        retrying=retrying,
         bucket_seconds=step,
     )
 

@@ -113,6 +113,16 @@ def test_timeline_counts_spans_repairs_and_queue_hosts(fabricated: SetupStore) -
     assert [s.first_event_at for s in timeline_report(fabricated, since=h(7), until=h(8)).spans] == []
 
 
+def test_timeline_counts_retrying_repos_in_and_out_of_the_window(fabricated: SetupStore) -> None:
+    """One read of `repos` gives both the window's repairs and every retrying repo (storage/timeline.py)."""
+    add_repo(fabricated, "did:plc:retry-out", backfill_status="retrying")  # never backfilled: no bucket
+    add_repo(fabricated, "did:plc:retry-in", backfilled_at=h(10.5), backfill_status="retrying")
+    t = timeline_report(fabricated, since=h(0), until=h(24), buckets=24)
+    assert t.retrying == 2
+    assert (t.repaired_ok, t.repaired_failed) == (3, 2)
+    assert [(b, ok, bad) for b, ok, bad in t.repaired_buckets] == [(h(9), 2, 0), (h(10), 0, 2), (h(21), 1, 0)]
+
+
 def test_timeline_lumps_hosts_past_the_limit(store: SetupStore) -> None:
     for i in range(5):
         add_queued(store, f"did:plc:q{i}", reasons=["explicit"], state="pending", updated=h(1), host=f"https://h{i}")
