@@ -83,7 +83,7 @@ def mark_backfilled(con: duckdb.DuckDBPyConnection, v: int, did: str, rev: str |
     exists). The repo row records when (`backfilled_at`) and in which backfill `run`."""
     group = {"backfill_status": BackfillStatus.OK.value, "backfill_error": None, "backfill_attempts": 0,
              "backfill_retry_after": None, "backfilled_at": now, "backfilled_rev": rev, "backfill_run": run}
-    repos.append_backfill(con, v, did, group, first_seen_at=now)
+    repos.append_backfills(con, v, [{"did": did, "first_seen_at": now, **group}])
     _transition(con, v, did, now, state=QueueState.DONE.value, error=None)
 
 
@@ -230,7 +230,7 @@ class BackfillQueue(StoreBase):
             stored = message[:_MAX_ERROR]
             group.update(backfill_status=final.value, backfill_error=stored, backfill_attempts=attempts,
                          backfill_retry_after=retry_after)
-            repos.append_backfill(con, self._version(con), did, group, first_seen_at=now)
+            repos.append_backfills(con, self._version(con), [{"did": did, "first_seen_at": now, **group}])
             _transition(con, self._version(con), did, now, self._claimed.pop(did, None),
                         retry_after=retry_after, error=stored,
                         state=_PENDING if retry_after is not None else QueueState.FAILED.value)
@@ -249,10 +249,11 @@ class BackfillQueue(StoreBase):
 
         def body(con: duckdb.DuckDBPyConnection) -> None:
             v = self._version(con)
-            for did, (rev, at, run) in done.items():
-                group = {"backfill_status": BackfillStatus.OK.value, "backfill_error": None, "backfill_attempts": 0,
-                         "backfill_retry_after": None, "backfilled_at": at, "backfilled_rev": rev, "backfill_run": run}
-                repos.append_backfill(con, v, did, group, first_seen_at=at)
+            repos.append_backfills(con, v, [
+                {"did": did, "first_seen_at": at, "backfill_status": BackfillStatus.OK.value, "backfill_error": None,
+                 "backfill_attempts": 0, "backfill_retry_after": None, "backfilled_at": at, "backfilled_rev": rev,
+                 "backfill_run": run}
+                for did, (rev, at, run) in done.items()])
             queued = queue_log.current(con, list(done))
             queue_log.append(con, v, [row | {"state": QueueState.DONE.value, "error": None, "updated_at": done[did][1]}
                                       for did, row in queued.items()])
@@ -274,7 +275,7 @@ class BackfillQueue(StoreBase):
                 group = _backfill_group(con, did)
                 group.update(backfill_status=BackfillStatus.RETRYING.value, backfill_error=error,
                              backfill_retry_after=retry_after)
-                repos.append_backfill(con, self._version(con), did, group, first_seen_at=now)
+                repos.append_backfills(con, self._version(con), [{"did": did, "first_seen_at": now, **group}])
 
         self._txn(body)
         self._note_appended(2)

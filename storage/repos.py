@@ -15,17 +15,15 @@ insert): the view and the gap reasons join logged DIDs to the base by `k` (on th
 all 10M base DIDs were decoded and hashed: 4-6 s with a full log). Two DIDs may share a `k`: a
 set taken by `k` is a superset, merged per `did`, so a shared key costs a read, never an answer.
 
-Merge rule (the view and `compact` share it): per DID and group, the log row of that group with
-the highest v wins, else the base row (version 0), else the other group's newest row (its
-defaults); but the repo's version (`REV_FIELDS`) comes from the head row (log or base) with the
-newest rev, then the highest v (a row without a rev never wins it): on a lake two writers of one
-DID may commit in the other order than they took v, and the newest rev must win (records.py).
-`first_seen_at` is write-once: the oldest stored value (base, else the lowest v).
-A transaction writes at most one row per (did, part): versions are one per transaction.
+Merge rule (the view and `compact` share it): per DID and group, the log row of that group with the
+highest v wins, else the base row (version 0), else the other group's newest row (its defaults); but
+the repo's version (`REV_FIELDS`) comes from the head row (log or base) with the newest rev, then the
+highest v (a row without a rev never wins it): on a lake two writers of one DID may commit in the
+other order than they took v, and the newest rev must win (records.py). `first_seen_at` is
+write-once: the oldest stored value. A transaction writes at most one row per (did, part).
 
-`compact(con, upto_v)` folds log rows with v <= upto_v into the base; it only deletes base rows
-it replaces and log rows it folded, and writers only append, so it runs on its own cursor and
-transaction while writers go on. `migrate_v1(con)` turns a v1 file's `repos` table into this.
+`compact(con, upto_v)` folds log rows with v <= upto_v into the base, deleting only base rows it
+replaces and log rows it folded: it runs on its own cursor and transaction while writers append.
 """
 
 from __future__ import annotations
@@ -43,7 +41,7 @@ from .lake import run_ddl
 
 __all__ = [
     "HEAD_FIELDS", "BACKFILL_FIELDS", "REPO_COLUMNS", "REPOS_DDL", "create_repos", "is_v1", "migrate_v1",
-    "append_head", "append_head_row", "append_backfill", "current_rows", "point_sql", "merge_point", "resort", "current_row", "compact",
+    "append_head", "append_head_row", "append_backfills", "current_rows", "point_sql", "merge_point", "resort", "current_row", "compact",
     "count_heads_sql", "migrate_v4", "subset_sql", "KEY_SQL", "REV_FIELDS",
 ]
 
@@ -83,8 +81,7 @@ KEY_SQL: Final = "md5_number_lower(did)"
 _MERGED_HEAD: Final = tuple(c for c in HEAD_FIELDS if c != "first_seen_at")
 # the head columns that name the repo's version: merged by (rev, v), the others by v (module docstring)
 REV_FIELDS: Final = ("rev", "data_cid", "commit_cid")
-# repo_base keeps these binary (storage/cids.py's cid_bin: a dag-cbor CID's 32-byte digest, ~2 B a
-# record fewer at 10 records a DID); repo_log and the view keep the text
+# repo_base keeps these binary (storage/cids.py's cid_bin: ~2 B a record fewer); the log and the view: text
 _BINARY_CIDS: Final = ("data_cid", "commit_cid")
 
 
@@ -230,8 +227,7 @@ def migrate_v4(con: duckdb.DuckDBPyConnection) -> int:
     select = _to_base(REPO_COLUMNS) if text_cids else cols
     con.execute(f"INSERT INTO repo_base ({cols}, k) SELECT {select}, {KEY_SQL} FROM repo_base_v4 ORDER BY did")
     con.execute(f"INSERT INTO repo_log (v, part, {cols}, k) SELECT v, part, {cols}, {KEY_SQL} FROM repo_log_v4")
-    con.execute("DROP TABLE repo_base_v4")
-    con.execute("DROP TABLE repo_log_v4")
+    con.execute("DROP TABLE repo_base_v4; DROP TABLE repo_log_v4")
     n = int(con.execute("SELECT count(*) FROM repo_base").fetchall()[0][0])
     log.info("repos: the DID key added%s", ", CIDs made binary" if text_cids else "",
              extra={"ctx": {"rows": n, "seconds": round(time.monotonic() - started, 3)}})
@@ -258,8 +254,7 @@ def migrate_v1(con: duckdb.DuckDBPyConnection) -> int:
     count = int(con.execute("SELECT count(*) FROM repo_base").fetchall()[0][0])
     con.execute("DROP TABLE repos_v1")
     con.execute(_VIEW)
-    log.info("migrated repos to the v2 layout",
-             extra={"ctx": {"rows": count, "seconds": round(time.monotonic() - started, 3)}})
+    log.info("migrated repos to the v2 layout", extra={"ctx": {"rows": count, "seconds": round(time.monotonic() - started, 3)}})
     return count
 
 
@@ -293,18 +288,23 @@ def append_head_row(con: duckdb.DuckDBPyConnection, v: int, did: str, head: Mapp
     )
 
 
-def append_backfill(
-    con: duckdb.DuckDBPyConnection, v: int, did: str, group: Mapping[str, Any], *, first_seen_at: datetime
-) -> None:
-    """Append one DID's backfill group (`group` holds every BACKFILL_FIELDS column).
-    `first_seen_at` counts only when the DID has no row yet (it is write-once)."""
-    names = ", ".join(BACKFILL_FIELDS)
-    marks = ", ".join("?" for _ in BACKFILL_FIELDS)
-    con.execute(
-        f"INSERT INTO repo_log (v, part, did, k, first_seen_at, {names}) "
-        f"VALUES (?, '{_BACKFILL}', ?, md5_number_lower(?), ?, {marks})",
-        [v, did, did, first_seen_at, *(group[c] for c in BACKFILL_FIELDS)],
-    )
+def append_backfills(con: duckdb.DuckDBPyConnection, v: int, rows: Sequence[Mapping[str, Any]]) -> None:
+    """Append backfill groups, one statement: each row holds `did`, `first_seen_at` and every
+    BACKFILL_FIELDS column."""
+    if not rows:
+        return
+    names = ("did", "first_seen_at", *BACKFILL_FIELDS)
+    table = pa.table({c: [r[c] for r in rows] for c in names})
+    select = ", ".join(f"CAST({c} AS {_COLUMNS[c][0]})" if c in _COLUMNS else c for c in names)
+    con.register("_repo_backfills", table)
+    try:
+        con.execute(
+            f"INSERT INTO repo_log (v, part, k, {', '.join(names)}) "
+            f"SELECT ?, '{_BACKFILL}', {KEY_SQL}, {select} FROM _repo_backfills",
+            [v],
+        )
+    finally:
+        con.unregister("_repo_backfills")
 
 
 # -- reads -----------------------------------------------------------------------------------------
