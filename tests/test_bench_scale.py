@@ -57,7 +57,7 @@ def test_smoke_run_reports_every_row_for_every_size(tmp_path) -> None:
     assert rows["scale.ingest.peak_rss_mb.20k"]["unit"] == "MB"
     assert 0 < rows["scale.bytes_per_record.20k"]["value"] < 10_000
     # the lake part: one and two real `skyfill sink` processes into one DuckLake, one into a file
-    lake = ["lake.sink.records_per_s.1", "lake.sink.records_per_s.2", "lake.vs_file", "lake.bytes_per_record",
+    lake = ["lake.sink.records_per_s.1", "lake.sink.records_per_s.2", "lake.vs_file", "lake.vs_file.cpu", "lake.bytes_per_record",
             "lake.catalog_mb", "lake.retries.2", "lake.cpu_s.1.sink1", "lake.cpu_s.2.sink1", "lake.cpu_s.2.sink2",
             "lake.cpu_s.1.postgres", "lake.cpu_s.2.postgres", "lake.cpu_s.file.sink1",
             "lake.projected_records_per_s_per_machine"]

@@ -356,6 +356,8 @@ def lake_rows(r: LakeResult, *, cores: int | None = None) -> list[Row]:
         Row("lake.sink.startup_s.2", two.startup_s, "s"),
         Row("lake.file.records_per_s", rate["file"], "records/s"),
         Row("lake.vs_file", rate["lake.1"] / rate["file"], "x"),
+        # the same ratio in records per sink CPU second: the one that survives a shared machine's load
+        Row("lake.vs_file.cpu", (r.records / sum(one.cpu_s)) / (r.records / sum(file.cpu_s)), "x"),
         Row("lake.bytes_per_record", r.compacted_bytes / live, "B"),
         Row("lake.bytes_per_record.uncompacted", r.parquet_bytes / live, "B"),
         Row("lake.bytes_per_record.on_disk", r.disk_bytes / live, "B"),
