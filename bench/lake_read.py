@@ -23,6 +23,8 @@ from skyfill.storage import Store
 from skyfill.storage.lake import lake_db
 from tests.support.postgres import PostgresCluster, lake_url
 
+__all__ = ["main"]
+
 PER_POLL = 2_500
 JOIN = "SELECT count(r.rev) FROM _k k LEFT JOIN records r USING (did, collection, rkey)"
 BY_DID = ("SELECT count(r.rev) FROM _k k LEFT JOIN (SELECT * FROM records WHERE did IN (SELECT did FROM _k)) r "
