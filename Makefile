@@ -57,6 +57,8 @@ bench: $(STAMP) bench-peer-install
 # The mirror at network scale (not part of `make test`): ingest, backfill, bytes/record and gap
 # detection into stores already holding 0, 10M and 100M records, side by side. Builds the stores
 # once into .cache/scale/ (<= 45 min the first time, <= 15 min after). SCALE_ARGS="--sizes 0,10m".
+# Then the lake rows: 1 and 2 `skyfill sink` processes into one DuckLake vs 1 into a file, 1M records
+# (--lake-records N; --lake-only for those rows alone; needs PostgreSQL, see postgres-install).
 bench-scale: $(STAMP)
 	$(PY) -m bench.scale $(SCALE_ARGS)
 

@@ -18,10 +18,10 @@ import duckdb
 import pytest
 
 from bench.scale import __main__ as scale_main
-from bench.scale import build
+from bench.scale import build, lake
 from skyfill.backfill.gaps import Reason
 from skyfill.errors import StorageError
-from skyfill.storage import Store
+from skyfill.storage import RecordChange, RepoChange, Store
 from skyfill.storage.migrate import SCHEMA_VERSION
 
 # each reason's query is timed on its own, except the three over discovery listings: one pass (`network`)
@@ -56,9 +56,41 @@ def test_smoke_run_reports_every_row_for_every_size(tmp_path) -> None:
     assert not missing, f"missing rows {missing}; have {sorted(rows)}"
     assert rows["scale.ingest.peak_rss_mb.20k"]["unit"] == "MB"
     assert 0 < rows["scale.bytes_per_record.20k"]["value"] < 10_000
+    # the lake part: one and two real `skyfill sink` processes into one DuckLake, one into a file
+    lake = ["lake.sink.records_per_s.1", "lake.sink.records_per_s.2", "lake.vs_file", "lake.vs_file.cpu", "lake.bytes_per_record",
+            "lake.catalog_mb", "lake.retries.2", "lake.cpu_s.1.sink1", "lake.cpu_s.2.sink1", "lake.cpu_s.2.sink2",
+            "lake.cpu_s.1.postgres", "lake.cpu_s.2.postgres", "lake.cpu_s.file.sink1",
+            "lake.projected_records_per_s_per_machine"]
+    assert not [name for name in lake if name not in rows], sorted(n for n in rows if n.startswith("lake."))
+    assert all(rows[name]["value"] > 0 for name in lake if name != "lake.retries.2"), [rows[n] for n in lake]
+    assert rows["lake.vs_file"]["value"] == pytest.approx(
+        rows["lake.sink.records_per_s.1"]["value"] / rows["lake.file.records_per_s"]["value"])
+    assert 0 < rows["lake.bytes_per_record"]["value"] < 10_000
     # the cached store is reused by a second run (no rebuild)
     assert (tmp_path / "cache" / "20k.duckdb").exists()
     assert json.loads((tmp_path / "cache" / "20k.json").read_text())["version"] == build.BUILD_VERSION
+
+
+def test_lake_messages_are_firehose_commits_keyed_by_did() -> None:
+    """The lake runs' data: each record change is followed by its DID's repo message at the same
+    rev; a delete only removes a record the DID created earlier and still holds."""
+    chunks = list(lake.changes(12_000))
+    flat = [c for chunk in chunks for c in chunk]
+    assert len(chunks) > 1 and len(flat) == 24_000
+    held: set[tuple[str, str, str]] = set()
+    deletes = 0
+    for change, repo in zip(flat[::2], flat[1::2]):
+        assert isinstance(change, RecordChange) and isinstance(repo, RepoChange)
+        assert (repo.did, repo.rev, repo.seq, repo.kind) == (change.did, change.rev, change.seq, "commit")
+        key = (change.did, change.collection, change.rkey)
+        if change.op == "delete":
+            assert key in held and change.record is None
+            held.remove(key)
+            deletes += 1
+        else:
+            assert key not in held and json.loads(change.record)["$type"] == change.collection
+            held.add(key)
+    assert 0.03 < deletes / 12_000 < 0.07
 
 
 def test_sizes_parse() -> None:

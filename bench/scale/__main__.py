@@ -4,6 +4,8 @@ For each size (records already in the store: 0 = an empty file), in one run and 
 the daemon ingesting the same firehose frames, a fresh backfill of the same generated repos,
 bytes per live record and `detect_gaps` per reason (see measure.py); the JSONBench queries at
 10M (bench/scale/jsonbench.py). Stores are built once (build.py) and cached under .cache/scale/.
+Then the lake rows (bench/scale/lake.py): one and two `skyfill sink` processes into one DuckLake
+(PostgreSQL catalog) and one into a DuckDB file, the same `--lake-records` pre-published records.
 `--smoke` runs everything at tiny sizes in a couple of minutes (tests/test_bench_scale.py);
 `--build-only` builds the cached stores and stops.
 """
@@ -16,6 +18,7 @@ import sys
 import tempfile
 import traceback
 from collections.abc import Callable
+from contextlib import ExitStack
 from functools import partial
 from pathlib import Path
 
@@ -29,6 +32,7 @@ from .build import CACHE_DIR, ensure_store, label
 from .measure import Plan, SizeResult, measure_size, rows_for, servers
 
 from . import jsonbench
+from .lake import lake_rows, measure_lake
 
 DEFAULT_OUT = Path(__file__).resolve().parents[1] / "results" / "scale.json"
 DEFAULT_SIZES = "0,10m,100m"
@@ -37,6 +41,8 @@ JSONBENCH_SIZE = 10_000_000
 JSONBENCH_Q_TARGET_S = 0.5
 JSONBENCH_SPEEDUP_TARGET = 5.0
 SMOKE_POOL = 5_000
+DEFAULT_LAKE_RECORDS = "1m"
+SMOKE_LAKE_RECORDS = "5k"
 
 
 def parse_size(text: str) -> int:
@@ -73,11 +79,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON results file")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--cache", type=Path, default=CACHE_DIR, help="where built stores are kept")
+    parser.add_argument("--lake-records", help=f"records the sinks write into the lake and the file "
+                        f"(default {DEFAULT_LAKE_RECORDS}, smoke {SMOKE_LAKE_RECORDS}; 0: no lake rows)")
+    parser.add_argument("--lake-only", action="store_true", help="only the lake rows (no sizes, no servers)")
     parser.add_argument("--build-only", action="store_true", help="build (or keep) the cached stores, measure nothing")
     parser.add_argument("--progress-every", type=float, default=HEARTBEAT_EVERY, metavar="SECONDS",
                         help="seconds between the 'running' lines while a size is measured (stderr)")
     args = parser.parse_args(argv)
-    sizes = [parse_size(s) for s in (args.sizes or (SMOKE_SIZES if args.smoke else DEFAULT_SIZES)).split(",")]
+    sizes = [] if args.lake_only else [
+        parse_size(s) for s in (args.sizes or (SMOKE_SIZES if args.smoke else DEFAULT_SIZES)).split(",")]
     say = step  # progress lines on stderr, [elapsed] first; the heartbeat names the latest (bench/progress.py)
     set_every(args.progress_every)
     pool = {"pool_size": SMOKE_POOL} if args.smoke else {}
@@ -90,12 +100,14 @@ def main(argv: list[str] | None = None) -> int:
                     + ("cached" if built.cached else f"built in {built.seconds:.0f}s"))
         return 0
     plan = Plan.for_run(smoke=args.smoke, seed=args.seed)
-    jsonbench_at = min(sizes, key=lambda n: abs(n - (sizes[-1] if args.smoke else JSONBENCH_SIZE)))
+    jsonbench_at = min(sizes, key=lambda n: abs(n - (sizes[-1] if args.smoke else JSONBENCH_SIZE)), default=0)
     results: list[SizeResult] = []
     errors: list[str] = []
     rows: list[Row] = []
-    with tempfile.TemporaryDirectory(prefix="skyfill-scale-") as tmp, servers(plan, Path(tmp), say) as srv:
+    with tempfile.TemporaryDirectory(prefix="skyfill-scale-") as tmp, ExitStack() as stack:
+        srv = stack.enter_context(servers(plan, Path(tmp), say)) if sizes else None
         for n in sizes:
+            assert srv is not None
             result = SizeResult(label(n), n)
             try:
                 with running(f"size {result.label}"):
@@ -113,7 +125,17 @@ def main(argv: list[str] | None = None) -> int:
                 errors.append(f"size {result.label}: {type(exc).__name__}: {exc}\n{traceback.format_exc()}")
                 rows.append(Row(f"scale.{result.label}.error", math.nan, "", None, False))
                 say(f"[{result.label}] FAILED: {type(exc).__name__}: {exc}")
-        rows = rows_for(results, srv, smoke=args.smoke) + rows
+        if srv is not None:
+            rows = rows_for(results, srv, smoke=args.smoke) + rows
+    lake_n = parse_size(args.lake_records or (SMOKE_LAKE_RECORDS if args.smoke else DEFAULT_LAKE_RECORDS))
+    if lake_n:
+        try:
+            with running(f"lake {label(lake_n)}"):
+                rows += lake_rows(measure_lake(lake_n, say))
+        except Exception as exc:  # report and keep the other rows
+            errors.append(f"lake: {type(exc).__name__}: {exc}\n{traceback.format_exc()}")
+            rows.append(Row("lake.error", math.nan, "", None, False))
+            say(f"[lake] FAILED: {type(exc).__name__}: {exc}")
     say("done")
     ctx = Context(sizes=Sizes.for_run(smoke=args.smoke), seed=args.seed)
     render(rows, title="skyfill bench-scale" + (" (smoke)" if args.smoke else ""))
