@@ -170,7 +170,7 @@ def compact_records(con: duckdb.DuckDBPyConnection, upto_v: int) -> RecordCompac
                 deleted += _count(con.execute(
                     "DELETE FROM record_base b USING _newest l "
                     "WHERE b.did = l.did AND b.collection = l.collection AND b.rkey = l.rkey "
-                    f"AND NOT coalesce(b.rev > l._r, false) AND {only}",
+                    f"AND coalesce(l._r, chr(1114111)) >= coalesce(b.rev, '') AND {only}",
                     dids,
                 ))
                 kept = (f"NOT EXISTS (SELECT 1 FROM record_base b WHERE {only} AND b.did = n.did "
