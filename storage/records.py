@@ -18,8 +18,8 @@ COMMIT in the other, and a backfill of an older repo rev must not win over a new
 committed first. On one DuckDB file, written one transaction at a time, revs of a key grow with
 v, so this is v order. A version without a rev (legacy, or a producer that did not say) takes
 the rev of the version of its key before it (`_r` in NEWEST_SQL): it wins over that one by v.
-The base row of a key wins over its newest log version only when its rev is strictly newer
-(on a file, base rows are older than every log row). Worked example, one key, then a compaction
+The base row of a key wins over its log versions only when its rev is strictly newer than all
+of theirs (on a file, base rows are older than every log row). Worked example, one key, then a compaction
 with upto_v = 7:
 
     log (v=5, put X @r1) (v=7, delete @r2) (v=9, put Y @r3)   -> view shows Y (newest, live)
@@ -77,11 +77,12 @@ _TO_BASE = ("did, collection, rkey, cid, rev, record, created_off(created_at, ev
 STORED_CIDS_SQL = "SELECT collection, rkey, cid FROM records WHERE did = ?"
 
 # The newest version of each key among the log rows matching {where}, by (rev, v): `_r` is the
-# row's rev, or when it has none the newest rev before it (see the module docstring). The same
-# rule as the `records` view (storage/views.sql).
+# row's rev, or when it has none the newest rev before it (see the module docstring); `_m` the
+# key's newest log rev (no rev: newest of all), which a base row must beat to stay (storage/views.sql).
 NEWEST_SQL = """SELECT * FROM (
     SELECT *, coalesce(rev, max(rev) OVER (PARTITION BY did, collection, rkey ORDER BY v
-                                           ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING)) AS _r
+                                           ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING)) AS _r,
+           max(coalesce(rev, chr(1114111))) OVER (PARTITION BY did, collection, rkey) AS _m
     FROM record_log WHERE {where}
 ) QUALIFY row_number() OVER (PARTITION BY did, collection, rkey ORDER BY _r DESC NULLS LAST, v DESC) = 1"""
 COUNT_STORED_SQL = "SELECT count(*) FROM records WHERE did = ?"
@@ -157,7 +158,7 @@ def compact_records(con: duckdb.DuckDBPyConnection, upto_v: int) -> RecordCompac
     inserted = 0
     if log_rows:
         # the newest version of each logged key by (rev, v): NEWEST_SQL, the view's rule
-        con.execute(f"CREATE OR REPLACE TEMP TABLE _newest AS SELECT v, did, collection, rkey, _r FROM ({NEWEST_SQL.format(where='v <= $v')})",
+        con.execute(f"CREATE OR REPLACE TEMP TABLE _newest AS SELECT v, did, collection, rkey, _m FROM ({NEWEST_SQL.format(where='v <= $v')})",
                     {"v": upto_v})
         try:
             in_base = _logged_dids_in_base(con, upto_v)
@@ -170,7 +171,7 @@ def compact_records(con: duckdb.DuckDBPyConnection, upto_v: int) -> RecordCompac
                 deleted += _count(con.execute(
                     "DELETE FROM record_base b USING _newest l "
                     "WHERE b.did = l.did AND b.collection = l.collection AND b.rkey = l.rkey "
-                    f"AND NOT coalesce(b.rev > l._r, false) AND {only}",
+                    f"AND l._m >= coalesce(b.rev, '') AND {only}",
                     dids,
                 ))
                 kept = (f"NOT EXISTS (SELECT 1 FROM record_base b WHERE {only} AND b.did = n.did "

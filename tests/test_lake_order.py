@@ -211,3 +211,31 @@ def test_a_key_born_and_gone_between_two_concurrent_reconciles(stores: tuple[Sto
     interleave(lambda pause: reconcile(a, R1, {"k1": 11, "k2": 2, "k3": 3, "k5": 5, "k7": 7}, pause=pause),
                lambda: reconcile(b, R2, {"k1": 21, "k2": 2, "k3": 3, "k5": 5}))
     check_and_compact(b, {"k1": cid(21), "k2": cid(2), "k3": cid(3), "k5": cid(5)}, R2)
+
+
+def test_on_a_file_the_same_rule_is_v_order_and_the_newest_rev_wins(tmp_path: Path) -> None:
+    """The file store, one transaction at a time: versions without a rev keep v order (they take
+    the rev before them), before and after a compaction; a backfill of an older rev run after a
+    newer commit leaves the newer keys and repo version alone."""
+    with Store(tmp_path / "f.duckdb") as store:
+        seed(store)
+        steps: list[tuple[str, str | None, int | None]] = [  # (rkey, rev, record n or None: delete)
+            ("k1", R2, 21), ("k1", None, None),             # a delete without rev after R2: gone
+            ("k6", None, 6), ("k6", R1, 16), ("k6", None, 26),  # NULL, then R1, then NULL again: v order
+        ]
+        for i, (rkey, rev, n) in enumerate(steps):
+            batch = Batch()
+            if n is None:
+                batch.delete_record(DID, POST, rkey, rev=rev)
+            else:
+                batch.put_record(DID, POST, rkey, RecordPut(cid(n), rev, record(n), None, None))
+            store.apply(batch)
+            if i == 3:
+                store.compact()
+        want = {"k2": cid(2), "k3": cid(3), "k5": cid(5), "k6": cid(26)}
+        assert state(store) == want
+        store.compact()
+        assert state(store) == want
+        store.apply(firehose(R2, {"k2": 22}))
+        reconcile(store, R1, {"k2": 12, "k3": 13, "k5": 5, "k6": 26})  # older than the stored R2
+        check_and_compact(store, {"k2": cid(22), "k3": cid(13), "k5": cid(5), "k6": cid(26)}, R2)
