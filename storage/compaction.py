@@ -26,6 +26,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any, Final, TypeVar
 
 import duckdb
@@ -33,14 +34,14 @@ import duckdb
 from skyfill import metrics
 from skyfill.errors import StorageError
 
-from .base import CONFLICT_RETRIES, COMPACTION_LEASE, StoreBase, conflict_pause, storage_errors
+from .base import CONFLICT_RETRIES, COMPACTION_LEASE, StoreBase, conflict_pause, now_utc, storage_errors
 from .lake import is_conflict, on_lake
 from .lake_files import LakeUpkeep, upkeep
 from .lease import SETTLE, Lease
 from . import queue_log, refs, repos
 from .records import RecordCompaction, compact_records
 
-__all__ = ["Compacting", "Compaction", "COMPACT_AFTER_ROWS", "LEASE_SECONDS", "LakeUpkeep"]
+__all__ = ["Compacting", "Compaction", "COMPACT_AFTER_ROWS", "DELETES_KEPT", "LEASE_SECONDS", "LakeUpkeep"]
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +51,10 @@ T = TypeVar("T")
 # anti-join the log: at 250k rows that costs a few ms per query; a compaction of a 100M-record
 # base costs seconds of CPU, so this keeps it to a small share of a busy firehose's time.
 COMPACT_AFTER_ROWS: Final = 250_000
+
+# On a lake a compaction keeps the deletion rows of this last while in the log (records.py
+# `compact_records`): longer than any writer's transaction, its wait for a compaction's lease included.
+DELETES_KEPT: Final = timedelta(minutes=15)
 
 # The compaction lease's term; a live compactor renews it every third of it (storage/lease.py).
 LEASE_SECONDS: Final = 30.0
@@ -175,7 +180,8 @@ class Compacting(StoreBase):
         cur.execute("BEGIN TRANSACTION")
         try:
             upto = int(cur.execute(_LOG_MAX_V).fetchall()[0][0])
-            result = compact_records(cur, upto) if upto else None
+            keep = now_utc() - DELETES_KEPT if on_lake(cur) else None  # a file has no writer in flight
+            result = compact_records(cur, upto, keep_deletes_since=keep) if upto else None
             repo_rows = repos.compact(cur, upto) if upto else 0
             ref_pairs = refs.compact(cur, upto) if upto else 0
             queue_rows = queue_log.compact(cur, upto) if upto else 0

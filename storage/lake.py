@@ -15,8 +15,8 @@ JSON, lists, DELETE, UPDATE, ALTER) it takes. So:
     sequences  `next_value(con, name)`: a PostgreSQL sequence in schema `skyfill` of the catalog's
                database (attached as `skyfill_pg`), else DuckDB's `nextval`. Values are unique across
                every writer of the lake and increase in the order writers take them; a writer takes
-               its transaction's version `v` before it writes, so for one key the newer write has the
-               higher v as long as one writer at a time owns a key (the sinks own DIDs by partition)
+               its transaction's version `v` before it writes and may commit after a writer that took
+               a later one, so one key's versions are ordered by the repo's rev, then v (records.py)
     upserts    the few small keyed tables (cursors, identities, the sink's marks) are appended on the
                lake, ON CONFLICT on the file (`upsert`, the one switch); readers take each key's
                newest row, and the compactor (holding the lake's lease, storage/lease.py) prunes the

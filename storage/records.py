@@ -146,8 +146,13 @@ class RecordCompaction:
     seconds: float
 
 
-def compact_records(con: duckdb.DuckDBPyConnection, upto_v: int) -> RecordCompaction:
-    """Fold every log and purge row with v <= upto_v into the base. Call inside a transaction."""
+def compact_records(con: duckdb.DuckDBPyConnection, upto_v: int, *,
+                    keep_deletes_since: datetime | None = None) -> RecordCompaction:
+    """Fold every log and purge row with v <= upto_v into the base. Call inside a transaction.
+
+    `keep_deletes_since` (a lake): deletion rows with a rev written since then are folded but stay in the log,
+    so an older put of the key from a transaction still in flight (it began before the delete and
+    commits after this compaction) still loses to the delete by rev; a later compaction drops them."""
     started = time.perf_counter()
     log_rows = int(con.execute("SELECT count(*) FROM record_log WHERE v <= ?", [upto_v]).fetchall()[0][0])
     purges = int(con.execute("SELECT count(*) FROM record_purges WHERE v <= ?", [upto_v]).fetchall()[0][0])
@@ -187,7 +192,12 @@ def compact_records(con: duckdb.DuckDBPyConnection, upto_v: int) -> RecordCompac
             ))
         finally:
             con.execute("DROP TABLE IF EXISTS _newest")
-        con.execute("DELETE FROM record_log WHERE v <= ?", [upto_v])
+        if keep_deletes_since is None:
+            con.execute("DELETE FROM record_log WHERE v <= ?", [upto_v])
+        else:
+            # a deletion without a rev cannot be ordered against that put anyway, and would hide newer base rows
+            con.execute("DELETE FROM record_log WHERE v <= ? AND (cid IS NOT NULL OR rev IS NULL OR indexed_at < ?)",
+                        [upto_v, keep_deletes_since])
     if purges:
         con.execute("DELETE FROM record_purges WHERE v <= ?", [upto_v])
     return RecordCompaction(upto_v=upto_v, log_rows=log_rows, purges=purges, base_deleted=deleted,

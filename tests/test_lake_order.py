@@ -15,6 +15,7 @@ from __future__ import annotations
 import secrets
 import threading
 from collections.abc import Callable, Iterator, Mapping
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ import pytest
 
 from skyfill.protocol.columns import RecordColumns
 from skyfill.storage import Batch, RecordPut, RepoRow, Store
+from skyfill.storage import compaction
 from skyfill.storage.lake import lake_db
 from tests.support.postgres import PostgresCluster, lake_url
 
@@ -159,9 +161,6 @@ def test_an_older_backfill_folded_under_a_newer_compacted_commit(stores: tuple[S
     check_and_compact(b, {"k1": cid(21), "k2": cid(2), "k3": cid(23), "k5": cid(15)}, R2)
 
 
-@pytest.mark.xfail(strict=True, reason="compaction drops a tombstone once folded, so an older put of the key that "
-                   "commits after the compaction comes back: needs the compaction to keep tombstones until no "
-                   "writer that started before them is in flight (see _notes/order.md)")
 def test_an_older_put_committed_after_a_newer_delete_was_compacted(stores: tuple[Store, Store]) -> None:
     a, b = stores
     seed(a)
@@ -172,6 +171,23 @@ def test_an_older_put_committed_after_a_newer_delete_was_compacted(stores: tuple
 
     interleave(lambda pause: reconcile(a, R1, {"k1": 1, "k2": 12, "k3": 3, "k5": 5}, pause=pause), b_then_compact)
     check_and_compact(b, {"k1": cid(1), "k3": cid(3), "k5": cid(5)}, R2)
+
+
+def test_a_compaction_drops_the_deletes_it_kept_once_they_are_old(
+    stores: tuple[Store, Store], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The deletion rows a lake compaction keeps (for writers still in flight) go once older than
+    DELETES_KEPT; the records stay as they were."""
+    a, b = stores
+    seed(a)
+    b.apply(firehose(R2, {}, deletes=("k2",)))
+    b.compact()
+    assert b.fetchall("SELECT count(*) FROM record_log WHERE cid IS NULL") == [(1,)]
+    assert b.fetchall("SELECT count(*) FROM record_log WHERE cid IS NOT NULL") == [(0,)]
+    monkeypatch.setattr(compaction, "DELETES_KEPT", timedelta(0))
+    b.compact()
+    assert b.fetchall("SELECT count(*) FROM record_log") == [(0,)]
+    assert state(b) == {"k1": cid(1), "k3": cid(3), "k5": cid(5)}
 
 
 def test_two_reconciles_of_different_revs_end_at_the_newer(stores: tuple[Store, Store]) -> None:
