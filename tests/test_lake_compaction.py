@@ -126,7 +126,7 @@ def test_compactions_complete_while_two_writers_append_and_the_views_equal_a_fil
 
 
 _HOLDER = """
-import sys, time
+import sys
 from skyfill.storage import Store
 from skyfill.storage.base import COMPACTION_LEASE
 from skyfill.storage.lease import Lease
@@ -134,14 +134,15 @@ store = Store(sys.argv[1])
 lease = Lease(store._conn, COMPACTION_LEASE, seconds=float(sys.argv[2]))
 assert lease.acquire(timeout=60)
 print("held", flush=True)
-time.sleep(600)
+sys.stdin.read()  # holds the lease until killed (the test never writes to stdin)
 """
 
 
 def test_a_compactor_killed_holding_the_lease_stalls_writers_only_until_it_expires(lake: str) -> None:
     with Store(lake) as writer:
         term = 6.0
-        holder = subprocess.Popen([sys.executable, "-c", _HOLDER, lake, str(term)], stdout=subprocess.PIPE, text=True)
+        holder = subprocess.Popen([sys.executable, "-c", _HOLDER, lake, str(term)], stdin=subprocess.PIPE,
+                                  stdout=subprocess.PIPE, text=True)
         try:
             assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
         finally:
